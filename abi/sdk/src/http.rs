@@ -1,0 +1,176 @@
+//! A small, synchronous view of `wasi:http/incoming-handler`.
+//!
+//! [`Handler::handle`] gets the whole request (body read up to
+//! [`MAX_BODY_BYTES`]) and returns the whole response. Functions that stream
+//! can implement the raw `wasi:http` export through [`crate::wasi`] instead.
+
+use std::io::{Read as _, Write as _};
+
+use wasip2::http::types::{
+    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
+
+/// Request bodies larger than this are cut off at this size.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// An incoming HTTP request, read whole.
+#[derive(Debug, Clone)]
+pub struct Request {
+    method: String,
+    path_with_query: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    /// The method, e.g. `GET`.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The path without the query, e.g. `/hello`.
+    pub fn path(&self) -> &str {
+        self.path_with_query.split_once('?').map_or(self.path_with_query.as_str(), |(path, _)| path)
+    }
+
+    /// The raw query string without `?`, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.path_with_query.split_once('?').map(|(_, query)| query)
+    }
+
+    /// The value of query parameter `name` (no percent-decoding).
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query()?
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value)
+    }
+
+    /// The first value of header `name` (case-insensitive), if it is UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+    }
+
+    /// The request body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    fn read(request: IncomingRequest) -> Request {
+        let method = match request.method() {
+            Method::Get => "GET".to_string(),
+            Method::Head => "HEAD".to_string(),
+            Method::Post => "POST".to_string(),
+            Method::Put => "PUT".to_string(),
+            Method::Delete => "DELETE".to_string(),
+            Method::Connect => "CONNECT".to_string(),
+            Method::Options => "OPTIONS".to_string(),
+            Method::Trace => "TRACE".to_string(),
+            Method::Patch => "PATCH".to_string(),
+            Method::Other(other) => other,
+        };
+        let path_with_query = request.path_with_query().unwrap_or_else(|| "/".to_string());
+        let headers = request.headers().entries();
+        let mut body = Vec::new();
+        if let Ok(incoming) = request.consume() {
+            if let Ok(stream) = incoming.stream() {
+                // A body that fails midway is handed over as far as it came.
+                let _ = stream.take(MAX_BODY_BYTES as u64).read_to_end(&mut body);
+            }
+            let _ = IncomingBody::finish(incoming);
+        }
+        Request { method, path_with_query, headers, body }
+    }
+}
+
+/// An HTTP response, sent whole.
+#[derive(Debug, Clone)]
+pub struct Response {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    /// A response with the given status and body and no headers.
+    pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Response {
+        Response { status, headers: Vec::new(), body: body.into() }
+    }
+
+    /// A `text/plain; charset=utf-8` response.
+    pub fn text(status: u16, body: impl Into<String>) -> Response {
+        Response::new(status, body.into()).with_header("content-type", "text/plain; charset=utf-8")
+    }
+
+    /// An `application/json` response from already-serialized JSON.
+    pub fn json(status: u16, body: impl Into<String>) -> Response {
+        Response::new(status, body.into()).with_header("content-type", "application/json")
+    }
+
+    /// Add a header.
+    pub fn with_header(mut self, name: &str, value: impl AsRef<[u8]>) -> Response {
+        self.headers.push((name.to_string(), value.as_ref().to_vec()));
+        self
+    }
+
+    fn send(self, out: ResponseOutparam) {
+        let headers = Fields::new();
+        for (name, value) in &self.headers {
+            // A header the host refuses (forbidden or malformed) is dropped,
+            // not fatal: the rest of the response still goes out.
+            let _ = headers.append(name, value);
+        }
+        let response = OutgoingResponse::new(headers);
+        let _ = response.set_status_code(self.status);
+        let Ok(body) = response.body() else {
+            ResponseOutparam::set(out, Ok(response));
+            return;
+        };
+        ResponseOutparam::set(out, Ok(response));
+        if let Ok(mut stream) = body.write() {
+            // `write_all` goes through `blocking-write-and-flush` in chunks of
+            // at most 4 KiB, the largest write WASI promises to accept.
+            for chunk in self.body.chunks(4096) {
+                if stream.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = stream.flush();
+        }
+        let _ = OutgoingBody::finish(body, None);
+    }
+}
+
+/// An HTTP function: one call per request.
+pub trait Handler {
+    /// Answer one request.
+    fn handle(request: Request) -> Response;
+}
+
+#[doc(hidden)]
+pub fn __dispatch<H: Handler>(request: IncomingRequest, out: ResponseOutparam) {
+    H::handle(Request::read(request)).send(out);
+}
+
+/// Export a type's [`Handler`] as this component's `wasi:http/incoming-handler`.
+#[macro_export]
+macro_rules! export_http {
+    ($ty:ident) => {
+        const _: () = {
+            struct __ShoalHttp;
+            impl $crate::wasi::exports::http::incoming_handler::Guest for __ShoalHttp {
+                fn handle(
+                    request: $crate::wasi::http::types::IncomingRequest,
+                    out: $crate::wasi::http::types::ResponseOutparam,
+                ) {
+                    $crate::http::__dispatch::<$ty>(request, out)
+                }
+            }
+    $crate::wasi::http::proxy::export!(__ShoalHttp with_types_in $crate::wasi);
+        };
+    };
+}

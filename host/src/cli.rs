@@ -1,0 +1,353 @@
+//! The `shoal` command line: `serve` runs a host; `deploy`, `undeploy`,
+//! `ls`, `invoke` and `usage` talk to a running host's admin socket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::admin::Client;
+use crate::engine::EngineOptions;
+use crate::host::{Host, HostConfig};
+use crate::logs::TracingSink;
+use crate::manifest::{FunctionSpec, Manifest};
+use crate::registry::DeployItem;
+
+/// Shoal: many sandboxed WebAssembly functions in one host process.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about, long_about = None)]
+struct Cli {
+    /// The host's admin socket [default: <state-dir>/admin.sock].
+    #[arg(long, global = true, env = "SHOAL_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
+
+    /// Where the host keeps functions, compiled code and the usage ledger
+    /// [default: $XDG_STATE_HOME/shoal or ~/.local/state/shoal].
+    #[arg(long, global = true, env = "SHOAL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the host, deploying the functions of a manifest (a shoal.toml, or
+    /// a folder holding one) on top of those it already had.
+    Serve {
+        /// shoal.toml, or a folder with one.
+        manifest: Option<PathBuf>,
+        /// Address of the HTTP trigger.
+        #[arg(long, default_value = "127.0.0.1:8080", env = "SHOAL_LISTEN")]
+        listen: SocketAddr,
+        /// Do not meter fuel (functions may then not set fuel_per_request).
+        #[arg(long)]
+        no_fuel: bool,
+        /// Instances alive at once, across all functions.
+        #[arg(long, default_value_t = 1000)]
+        max_instances: u32,
+        /// Seconds that shutdown, undeploy and updates wait for requests to finish.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Deploy (or update) the functions of a manifest on a running host.
+    Deploy {
+        /// shoal.toml, or a folder with one.
+        manifest: PathBuf,
+    },
+    /// Remove a function from a running host (its instances run `destroy`).
+    Undeploy {
+        /// The function's name.
+        name: String,
+    },
+    /// List deployed functions, their versions and instances.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call a function through the admin API and print its response body.
+    Invoke {
+        /// The function's name.
+        name: String,
+        /// Path (and query) of the request the function sees.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Request body.
+        #[arg(long, short = 'd', conflicts_with = "data_file")]
+        data: Option<String>,
+        /// Read the request body from a file.
+        #[arg(long)]
+        data_file: Option<PathBuf>,
+        /// Also print the status and headers (to stderr).
+        #[arg(long, short = 'i')]
+        include: bool,
+    },
+    /// Print usage totals per function from the host's ledger.
+    Usage {
+        /// Only this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only requests since this time: RFC 3339 (2026-11-23T10:00:00Z) or an age (90s, 15m, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Run the CLI; errors are printed as `shoal: error: ...` with their causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("shoal: error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("shoal: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    let admin_socket = cli.admin_socket.clone().unwrap_or_else(|| state_dir.join("admin.sock"));
+    let client = Client::new(&admin_socket);
+    match cli.command {
+        Command::Serve { manifest, listen, no_fuel, max_instances, drain_timeout, log_format } => {
+            init_tracing(log_format);
+            let config = HostConfig {
+                listen,
+                admin_socket: Some(admin_socket),
+                state_dir: Some(state_dir),
+                engine: EngineOptions { fuel: !no_fuel, max_instances, cache_dir: None },
+                log_sink: Arc::new(TracingSink),
+                drain_timeout: Duration::from_secs(drain_timeout),
+            };
+            serve(manifest.as_deref(), config).await
+        }
+        Command::Deploy { manifest } => {
+            let items = load_manifest(&manifest)?;
+            let reports =
+                client.deploy(items.into_iter().map(|item| (item.spec, item.wasm.to_vec())).collect()).await?;
+            for report in reports {
+                println!("deployed {} version {} ({})", report.function, report.version, report.source);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Undeploy { name } => {
+            let info = client.undeploy(&name).await?;
+            println!("undeployed {} ({} version(s))", info.name, info.versions.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ls { json } => {
+            let functions = client.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&functions)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  ROUTES",
+                "NAME", "VERSION", "WEIGHT", "LIVE", "IDLE", "BUSY"
+            );
+            for function in functions {
+                for version in &function.versions {
+                    println!(
+                        "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  {}",
+                        function.name,
+                        version.version,
+                        version.weight,
+                        version.stats.live,
+                        version.stats.idle,
+                        version.stats.busy,
+                        function.routes.join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Invoke { name, path, data, data_file, include } => {
+            let body = match (data, data_file) {
+                (Some(data), _) => data.into_bytes(),
+                (None, Some(file)) => {
+                    std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
+                }
+                (None, None) => Vec::new(),
+            };
+            let response = client.invoke(&name, &path, body).await?;
+            // Function responses carry a request id; the admin API's own
+            // errors (unknown function...) do not.
+            if !response.headers.contains_key(crate::dispatch::REQUEST_ID_HEADER) {
+                let message = serde_json::from_slice::<serde_json::Value>(&response.body)
+                    .ok()
+                    .and_then(|value| value.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&response.body).into_owned());
+                anyhow::bail!("{message}");
+            }
+            if include {
+                eprintln!("{}", response.status);
+                for (name, value) in &response.headers {
+                    eprintln!("{name}: {}", value.to_str().unwrap_or("<binary>"));
+                }
+            }
+            use std::io::Write as _;
+            std::io::stdout().write_all(&response.body)?;
+            Ok(if response.status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Usage { function, since, json } => {
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let summaries = client.usage(function.as_deref(), since).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summaries)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11} {:>14} {:>12}",
+                "FUNCTION", "REQUESTS", "ERRORS", "COLD", "BILLED_MS", "CPU_MS", "FUEL", "GB_SECONDS"
+            );
+            for s in summaries {
+                println!(
+                    "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11.1} {:>14} {:>12.6}",
+                    s.function,
+                    s.requests,
+                    s.errors,
+                    s.cold_starts,
+                    s.billed_ms,
+                    s.cpu_us as f64 / 1000.0,
+                    s.fuel,
+                    s.gb_seconds
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<ExitCode> {
+    // Check the manifest before anything starts: a typo fails fast.
+    let items = manifest.map(load_manifest).transpose()?;
+    let listen = config.listen;
+    let running = Host::start(config).await.context("cannot start the host")?;
+    if let Some(items) = items {
+        let reports = running.host().registry().deploy(items).await;
+        if let Err(err) = reports {
+            running.shutdown().await;
+            return Err(err).context("cannot deploy the manifest");
+        }
+    }
+    let addr = running.http_addr();
+    let functions = running.host().registry().list().await;
+    println!("shoal: serving {} function(s) on http://{addr} (requested {listen})", functions.len());
+    for function in &functions {
+        for route in &function.routes {
+            let (host, path) = match route.find('/') {
+                Some(0) | None => (None, route.as_str()),
+                Some(at) => (Some(&route[..at]), &route[at..]),
+            };
+            match host {
+                Some(host) => println!("  {:<20} curl -H 'Host: {host}' http://{addr}{path}", function.name),
+                None => println!("  {:<20} curl http://{addr}{path}", function.name),
+            }
+        }
+    }
+    println!("  {:<20} curl http://{addr}/metrics", "metrics");
+    if let Some(socket) = running.admin_socket() {
+        println!("  {:<20} shoal --admin-socket {} ls", "admin", socket.display());
+    }
+    println!("shoal: stop with Ctrl-C (SIGINT) or SIGTERM");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parse, validate and read the wasm of every function of a manifest.
+pub fn load_manifest(path: &Path) -> anyhow::Result<Vec<DeployItem>> {
+    let specs: Vec<FunctionSpec> = Manifest::load(path)?.resolve()?;
+    specs
+        .into_iter()
+        .map(|spec| {
+            let wasm = std::fs::read(&spec.wasm)
+                .with_context(|| format!("function {:?}: cannot read its wasm {}", spec.name, spec.wasm.display()))?;
+            Ok(DeployItem { spec, wasm: wasm.into() })
+        })
+        .collect()
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("shoal");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/shoal"),
+        None => PathBuf::from("/var/lib/shoal"),
+    }
+}
+
+fn parse_since(text: &str) -> anyhow::Result<u64> {
+    let at = match humantime::parse_duration(text) {
+        Ok(age) => SystemTime::now().checked_sub(age).unwrap_or(UNIX_EPOCH),
+        Err(_) => humantime::parse_rfc3339_weak(text)
+            .map_err(|_| anyhow::anyhow!("--since {text:?}: expected an age (15m, 2h) or an RFC 3339 time"))?,
+    };
+    Ok(at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cranelift=warn,wasmtime=warn"));
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_ages_and_timestamps() {
+        assert_eq!(parse_since("2026-01-01T00:00:00Z").unwrap(), 1_767_225_600_000);
+        let hour_ago = parse_since("1h").unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        assert!(now - hour_ago >= 3_600_000 && now - hour_ago < 3_660_000);
+        assert!(parse_since("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

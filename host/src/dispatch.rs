@@ -1,0 +1,288 @@
+//! One request through one function: acquire an instance, call its handler
+//! under the function's limits, meter it, answer.
+//!
+//! The handler runs in its own task, which owns the instance for the whole
+//! call: the response head is returned as soon as the guest sets it, while
+//! the guest may still be writing the body. When the call ends, the task
+//! writes the [`UsageRecord`] to the ledger and returns the instance to its
+//! pool; the response body's end is held back until then (see
+//! [`GatedBody`]), so a client that has read a whole response knows its
+//! usage record is already written.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+use tracing::Instrument as _;
+
+use crate::instance::ResponseResult;
+use crate::limits::Outcome;
+use crate::metering::{Ledger, UsageRecord};
+use crate::metrics::Metrics;
+use crate::pool::{AcquireError, FunctionPool};
+
+/// Errors inside response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response the host sends.
+pub type ShoalBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The header carrying the request id, generated or propagated.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The header naming the failure kind on error responses made by the host.
+pub const ERROR_KIND_HEADER: &str = "x-shoal-error";
+
+/// Runs requests and records their usage.
+pub struct Dispatcher {
+    ledger: Option<Arc<Ledger>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Dispatcher {
+    /// A dispatcher writing usage to `ledger` (if any) and `metrics`.
+    pub fn new(ledger: Option<Arc<Ledger>>, metrics: Arc<Metrics>) -> Dispatcher {
+        Dispatcher { ledger, metrics }
+    }
+
+    /// Serve `request` with a version from `pool`.
+    pub async fn dispatch<B>(
+        &self,
+        pool: Arc<FunctionPool>,
+        request: hyper::Request<B>,
+        request_id: Arc<str>,
+    ) -> Response<ShoalBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let function = pool.function().name().to_string();
+        let span = tracing::info_span!("request", function = %function, request_id = %request_id);
+        let mut response = self.dispatch_inner(pool, request, request_id.clone()).instrument(span).await;
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
+
+    async fn dispatch_inner<B>(
+        &self,
+        pool: Arc<FunctionPool>,
+        request: hyper::Request<B>,
+        request_id: Arc<str>,
+    ) -> Response<ShoalBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let function = pool.function().name().to_string();
+        let lease = match pool.acquire().await {
+            Ok(lease) => lease,
+            Err(AcquireError::Overloaded { retry_after }) => {
+                self.metrics.observe_refused(&function, Outcome::Overloaded);
+                tracing::warn!("overloaded: no concurrency slot within queue_timeout");
+                let mut response = error_response(
+                    Outcome::Overloaded,
+                    &format!(
+                        "function {function:?} is at its max_concurrency of {}; retry later",
+                        pool.function().spec().limits.max_concurrency
+                    ),
+                );
+                let seconds = retry_after.as_secs().max(1).to_string();
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_str(&seconds).expect("invariant: digits"));
+                return response;
+            }
+            Err(AcquireError::Start(error)) => {
+                let record = UsageRecord::new(
+                    &request_id,
+                    None,
+                    &function,
+                    pool.function().version(),
+                    SystemTime::now(),
+                    &Default::default(),
+                    true,
+                    None,
+                    error.outcome,
+                    error.outcome.status().as_u16(),
+                );
+                self.record(&record);
+                return error_response(
+                    error.outcome,
+                    &format!("function {function:?} could not start an instance: {}", error.message),
+                );
+            }
+        };
+
+        let (head_tx, head_rx) = oneshot::channel::<ResponseResult>();
+        let head_slot = Arc::new(Mutex::new(Some(head_tx)));
+        let status = Arc::new(AtomicU16::new(0));
+        let respond = {
+            let head_slot = head_slot.clone();
+            let status = status.clone();
+            move |result: ResponseResult| {
+                if let Ok(response) = &result {
+                    status.store(response.status().as_u16(), Ordering::Release);
+                }
+                if let Some(tx) = lock(&head_slot).take() {
+                    let _ = tx.send(result);
+                }
+            }
+        };
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let ledger = self.ledger.clone();
+        let metrics = self.metrics.clone();
+        let started = SystemTime::now();
+        let task = tokio::spawn(
+            async move {
+                let mut lease = lease;
+                let (stats, result) = lease.instance.handle(request, request_id.clone(), respond).await;
+                // Handler returned without calling `response-outparam.set`:
+                // drop the sender so the waiting side sees it.
+                let unanswered = lock(&head_slot).take().is_some();
+                let outcome = match &result {
+                    Ok(()) if unanswered => Outcome::NoResponse,
+                    Ok(()) => Outcome::Ok,
+                    Err(error) => error.outcome,
+                };
+                let status = match status.load(Ordering::Acquire) {
+                    0 => outcome.status().as_u16(),
+                    status => status,
+                };
+                let record = UsageRecord::new(
+                    &request_id,
+                    None,
+                    pool.function().name(),
+                    pool.function().version(),
+                    started,
+                    &stats,
+                    lease.cold,
+                    lease.init,
+                    outcome,
+                    status,
+                );
+                write_record(ledger.as_deref(), &metrics, &record);
+                match &result {
+                    Ok(()) => tracing::debug!(wall_us = record.wall_us, cold = record.cold, "request served"),
+                    Err(error) => tracing::warn!(error.type = %error.outcome, error = %error.message, "request failed"),
+                }
+                pool.release(lease.instance, result.is_ok());
+                let _ = done_tx.send(());
+                result.map_err(|error| (outcome, error.message))
+            }
+            .in_current_span(),
+        );
+
+        match head_rx.await {
+            Ok(Ok(response)) => response.map(|body| GatedBody::new(body, done_rx).boxed_unsync()),
+            Ok(Err(code)) => {
+                error_response(Outcome::Trap, &format!("function {function:?} answered with an error: {code:?}"))
+            }
+            Err(_) => match task.await {
+                Ok(Err((outcome, message))) => error_response(outcome, &format!("function {function:?} {message}")),
+                Ok(Ok(())) => error_response(
+                    Outcome::NoResponse,
+                    &format!("function {function:?} returned without setting a response"),
+                ),
+                Err(join_error) => error_response(Outcome::HostError, &format!("request task failed: {join_error}")),
+            },
+        }
+    }
+
+    fn record(&self, record: &UsageRecord) {
+        write_record(self.ledger.as_deref(), &self.metrics, record);
+    }
+}
+
+fn write_record(ledger: Option<&Ledger>, metrics: &Metrics, record: &UsageRecord) {
+    if let Some(ledger) = ledger
+        && let Err(err) = ledger.append(record)
+    {
+        metrics.ledger_error();
+        tracing::error!(error = %err, path = %ledger.path().display(), "cannot write usage record");
+    }
+    metrics.observe(record);
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// A plain-text response made by the host, naming what failed.
+pub fn error_response(outcome: Outcome, message: &str) -> Response<ShoalBody> {
+    text_response(outcome.status(), format!("shoal: {message}\n"), Some(outcome.as_str()))
+}
+
+/// A plain-text response.
+pub fn text_response(status: StatusCode, text: String, error_kind: Option<&str>) -> Response<ShoalBody> {
+    let mut response = Response::new(full_body(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Some(kind) = error_kind.and_then(|kind| HeaderValue::from_str(kind).ok()) {
+        response.headers_mut().insert(ERROR_KIND_HEADER, kind);
+    }
+    response
+}
+
+/// A body holding `bytes`.
+pub fn full_body(bytes: impl Into<Bytes>) -> ShoalBody {
+    http_body_util::Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    /// A response body whose end waits for the usage record to be written.
+    pub struct GatedBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        done: oneshot::Receiver<()>,
+        finished: bool,
+    }
+}
+
+impl<B> GatedBody<B> {
+    fn new(inner: B, done: oneshot::Receiver<()>) -> GatedBody<B> {
+        GatedBody { inner, done, finished: false }
+    }
+}
+
+impl<B> Body for GatedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if !*this.finished {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(None) => *this.finished = true,
+                Poll::Ready(Some(frame)) => return Poll::Ready(Some(frame.map_err(Into::into))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // The guest's body is complete; end it once the record is written
+        // (or the task is gone, which also resolves the channel).
+        this.done.poll(cx).map(|_| None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,214 @@
+//! The one [`wasmtime::Engine`] of a host process, its epoch clock, and the
+//! on-disk cache of compiled components.
+//!
+//! The engine uses the pooling instance allocator (instances come from
+//! pre-reserved slots, so instantiation costs microseconds), copy-on-write
+//! memory images, and epoch interruption: a background thread advances the
+//! epoch every [`EPOCH_TICK`], and each store's deadline callback uses it to
+//! enforce wall-clock limits and to yield a busy guest back to the scheduler.
+//! Fuel is on engine-wide unless disabled in [`EngineOptions`]; a function
+//! without a fuel limit simply gets an unbounded budget, so every request's
+//! fuel is still metered.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::manifest::MAX_MEMORY_BYTES;
+
+/// How often the epoch advances.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Knobs for the engine, from the host's command line.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Meter fuel for every request (and allow `fuel_per_request` limits).
+    pub fuel: bool,
+    /// Instances alive at once across all functions (pool slots).
+    pub max_instances: u32,
+    /// Where compiled code is cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { fuel: true, max_instances: 1000, cache_dir: None }
+    }
+}
+
+/// The process's engine plus what goes with it.
+#[derive(Clone)]
+pub struct WasmEngine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: Engine,
+    fuel: bool,
+    cache_dir: Option<PathBuf>,
+    compat_hash: String,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Where a component came from on [`WasmEngine::load`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompileSource {
+    /// Compiled now (and written to the cache if there is one).
+    Compiled,
+    /// Loaded from the on-disk cache.
+    Cache,
+}
+
+impl WasmEngine {
+    /// Build the engine and start its epoch clock.
+    pub fn new(options: &EngineOptions) -> anyhow::Result<WasmEngine> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(options.max_instances)
+            .total_core_instances(options.max_instances * 4)
+            .total_memories(options.max_instances * 2)
+            .total_tables(options.max_instances * 4)
+            .total_stacks(options.max_instances)
+            .max_memory_size(MAX_MEMORY_BYTES as usize)
+            // Return freed pages to the OS at once: an idle function costs nothing.
+            .linear_memory_keep_resident(0)
+            .table_keep_resident(0)
+            .max_unused_warm_slots(options.max_instances.min(100));
+
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(options.fuel)
+            .memory_init_cow(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+
+        let mut hasher = HashToSha256(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat_hash = hex(&hasher.0.finalize()[..8]);
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let weak = engine.weak();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new().name("shoal-epoch".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+
+        if let Some(dir) = &options.cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|err| anyhow::anyhow!("cannot create cache dir {}: {err}", dir.display()))?;
+        }
+        Ok(WasmEngine {
+            inner: Arc::new(EngineInner {
+                engine,
+                fuel: options.fuel,
+                cache_dir: options.cache_dir.clone(),
+                compat_hash,
+                ticker_stop,
+            }),
+        })
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// Whether fuel is metered.
+    pub fn fuel_enabled(&self) -> bool {
+        self.inner.fuel
+    }
+
+    /// Compile `wasm` (whose sha256 is `digest`), or load it from the cache.
+    ///
+    /// The cache key is the wasm's digest plus the engine's compatibility
+    /// hash, so a different wasmtime or engine setting never loads stale code.
+    pub fn load(&self, wasm: &[u8], digest: &str) -> anyhow::Result<(Component, CompileSource)> {
+        let cached = self.cache_path(digest);
+        if let Some(path) = &cached
+            && path.is_file()
+        {
+            // SAFETY: the file was written by `Component::serialize` of this
+            // same engine configuration (its name carries the engine's
+            // compatibility hash) into a directory owned by the host, and is
+            // renamed into place only once complete. wasmtime still checks
+            // the header and refuses a mismatched artifact.
+            match unsafe { Component::deserialize_file(self.engine(), path) } {
+                Ok(component) => return Ok((component, CompileSource::Cache)),
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "discarding unusable cache entry");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let component = Component::new(self.engine(), wasm).map_err(anyhow::Error::from)?;
+        if let Some(path) = cached
+            && let Err(err) = write_atomically(&path, &component.serialize()?)
+        {
+            tracing::warn!(path = %path.display(), error = %err, "cannot write compile cache entry");
+        }
+        Ok((component, CompileSource::Compiled))
+    }
+
+    fn cache_path(&self, digest: &str) -> Option<PathBuf> {
+        let dir = self.inner.cache_dir.as_ref()?;
+        Some(dir.join(format!("{digest}-{}.cwasm", self.inner.compat_hash)))
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sha256 of `bytes`, in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Write `bytes` to `path` so that readers see either nothing or all of it.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Feeds `Hash` output into sha256: `precompile_compatibility_hash` only
+/// offers `Hash`, and std's hashers are not stable across builds.
+struct HashToSha256(Sha256);
+
+impl Hasher for HashToSha256 {
+    fn finish(&self) -> u64 {
+        // Only the sha256 state is used; `finish` is never consulted.
+        0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}

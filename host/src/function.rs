@@ -1,0 +1,147 @@
+//! Turning a deployed spec and its wasm into something ready to instantiate.
+//!
+//! [`Runtime`] holds the engine and the one [`Linker`] of the process (WASI
+//! 0.2 and `wasi:http`), built once. [`Runtime::prepare`] checks the wasm,
+//! compiles it (or loads it from the cache), links it into an
+//! [`InstancePre`], finds the HTTP handler and the optional lifecycle hooks,
+//! and instantiates it once on trial, so a bad function is refused at deploy
+//! time with a message naming it, never at its first request.
+
+use std::sync::Arc;
+
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime_wasi_http::p2::bindings::ProxyIndices;
+
+use crate::Error;
+use crate::engine::{CompileSource, WasmEngine};
+use crate::instance::{GuestState, LifecycleIndices};
+use crate::logs::LogSink;
+use crate::manifest::FunctionSpec;
+
+/// The engine and linker shared by every function of a host.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: WasmEngine,
+    linker: Arc<Linker<GuestState>>,
+}
+
+impl Runtime {
+    /// Link WASI 0.2 and `wasi:http` once for all functions.
+    pub fn new(engine: WasmEngine) -> anyhow::Result<Runtime> {
+        let mut linker = Linker::new(engine.engine());
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        Ok(Runtime { engine, linker: Arc::new(linker) })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &WasmEngine {
+        &self.engine
+    }
+
+    /// Validate, compile (or load from cache), link and trial-instantiate
+    /// one version of a function. `spec.version` must be set.
+    pub async fn prepare(
+        &self,
+        spec: FunctionSpec,
+        wasm: Arc<[u8]>,
+        digest: String,
+        log_sink: Arc<dyn LogSink>,
+    ) -> Result<(CompiledFunction, CompileSource), Error> {
+        let function = spec.name.clone();
+        if spec.limits.fuel_per_request.is_some() && !self.engine.fuel_enabled() {
+            return Err(Error::LimitUnsupported {
+                function,
+                reason: "limits.fuel_per_request is set but this host runs with fuel metering off (--no-fuel)"
+                    .to_string(),
+            });
+        }
+        if !wasmparser::Parser::is_component(&wasm) {
+            if wasmparser::Parser::is_core_wasm(&wasm) {
+                return Err(Error::NotAComponent { function });
+            }
+            return Err(Error::InvalidWasm {
+                function,
+                reason: "not a WebAssembly binary (bad magic number or version)".to_string(),
+            });
+        }
+
+        // Compiling takes milliseconds to seconds of CPU: keep it off the
+        // threads that serve requests.
+        let engine = self.engine.clone();
+        let (component, source) = {
+            let digest = digest.clone();
+            let wasm = wasm.clone();
+            tokio::task::spawn_blocking(move || engine.load(&wasm, &digest))
+                .await
+                .map_err(|err| anyhow::anyhow!("compile task failed: {err}"))?
+                .map_err(|err| Error::InvalidWasm { function: function.clone(), reason: format!("{err:#}") })?
+        };
+
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|err| Error::Link { function: function.clone(), reason: format!("{err:#}") })?;
+        let handler = ProxyIndices::new(&pre).map_err(|_| Error::MissingHandler { function: function.clone() })?;
+        let lifecycle = LifecycleIndices::new(&pre).ok();
+
+        let compiled = CompiledFunction {
+            inner: Arc::new(CompiledInner { spec, digest, component, pre, handler, lifecycle, log_sink }),
+            engine: self.engine.clone(),
+        };
+        compiled.trial_instantiate().await?;
+        Ok((compiled, source))
+    }
+}
+
+/// One version of a function, compiled and linked, ready to instantiate.
+#[derive(Clone)]
+pub struct CompiledFunction {
+    pub(crate) inner: Arc<CompiledInner>,
+    pub(crate) engine: WasmEngine,
+}
+
+pub(crate) struct CompiledInner {
+    pub(crate) spec: FunctionSpec,
+    pub(crate) digest: String,
+    #[allow(dead_code, reason = "kept alive with the pre-instance; useful for introspection")]
+    pub(crate) component: Component,
+    pub(crate) pre: InstancePre<GuestState>,
+    pub(crate) handler: ProxyIndices,
+    pub(crate) lifecycle: Option<LifecycleIndices>,
+    pub(crate) log_sink: Arc<dyn LogSink>,
+}
+
+impl CompiledFunction {
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.inner.spec.name
+    }
+
+    /// The version label.
+    pub fn version(&self) -> &str {
+        self.inner.spec.version.as_deref().unwrap_or("")
+    }
+
+    /// The spec it was deployed with.
+    pub fn spec(&self) -> &FunctionSpec {
+        &self.inner.spec
+    }
+
+    /// The wasm's sha256.
+    pub fn digest(&self) -> &str {
+        &self.inner.digest
+    }
+
+    /// Whether the component exports `shoal:runtime/lifecycle`.
+    pub fn has_lifecycle(&self) -> bool {
+        self.inner.lifecycle.is_some()
+    }
+
+    async fn trial_instantiate(&self) -> Result<(), Error> {
+        crate::instance::Instance::instantiate(self)
+            .await
+            .map(drop)
+            .map_err(|err| Error::InstantiateFailed { function: self.name().to_string(), reason: err.message })
+    }
+}

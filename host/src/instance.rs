@@ -1,0 +1,396 @@
+//! One live instance of a function: its own [`Store`], its handler, its
+//! optional lifecycle hooks, and every guest call made under the function's
+//! limits and metered.
+//!
+//! Every call into the guest — `start`, `handle`, `destroy` — goes through
+//! the same steps: open a metering window (memory peak, fuel budget, wall
+//! deadline), run the call with its CPU time measured on whichever thread
+//! polls it, and close the window into [`CallStats`]. A failed call yields an
+//! [`InstanceError`] whose [`Outcome`] names the limit or the failure, and
+//! the caller must then drop the instance: its state can no longer be
+//! trusted.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::Proxy;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::function::CompiledFunction;
+use crate::limits::{DeadlineExceeded, MemoryMeter, Outcome};
+use crate::logs::{InstanceLog, Stream};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../abi/wit",
+        world: "shoal:runtime/hooks",
+        exports: { default: async },
+    });
+}
+
+pub(crate) use bindings::{Hooks, HooksIndices as LifecycleIndices};
+
+/// Fuel given to calls without a fuel limit: effectively unbounded, but
+/// still metered.
+const UNLIMITED_FUEL: u64 = i64::MAX as u64;
+
+/// The answer to `response-outparam.set`, handed to the HTTP side.
+pub type ResponseResult = Result<hyper::Response<HyperOutgoingBody>, ErrorCode>;
+
+/// A guest call that failed, and why.
+#[derive(Debug, Clone)]
+pub struct InstanceError {
+    /// Which limit or failure.
+    pub outcome: Outcome,
+    /// A human-readable account (trap message, the limit's value...).
+    pub message: String,
+}
+
+/// What one guest call cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallStats {
+    /// Wall-clock time of the call.
+    pub wall: Duration,
+    /// CPU time spent polling the call (guest code plus host calls it made).
+    pub cpu: Duration,
+    /// Fuel consumed, when fuel is metered.
+    pub fuel: Option<u64>,
+    /// Peak linear memory during the call, in bytes.
+    pub peak_memory: u64,
+}
+
+/// The data of an instance's store.
+pub struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    outbound: DenyOutbound,
+    memory: MemoryMeter,
+    deadline: Instant,
+    log: Arc<InstanceLog>,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
+/// Outbound HTTP is denied until a function is granted hosts to call.
+struct DenyOutbound;
+
+impl WasiHttpHooks for DenyOutbound {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                )>,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// A live instance of one function version.
+pub struct Instance {
+    store: Store<GuestState>,
+    proxy: Proxy,
+    hooks: Option<Hooks>,
+    function: CompiledFunction,
+    started: bool,
+    /// When the instance last finished a request (or was created).
+    pub(crate) last_used: Instant,
+}
+
+impl Instance {
+    /// Instantiate without running `start`.
+    pub(crate) async fn instantiate(function: &CompiledFunction) -> Result<Instance, InstanceError> {
+        let inner = &function.inner;
+        let spec = &inner.spec;
+        let log = InstanceLog::new(
+            Arc::from(spec.name.as_str()),
+            Arc::from(spec.version.as_deref().unwrap_or("")),
+            inner.log_sink.clone(),
+        );
+        let wasi = WasiCtx::builder()
+            .stdout(log.output(Stream::Stdout))
+            .stderr(log.output(Stream::Stderr))
+            .args(&[spec.name.as_str()])
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = GuestState {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            outbound: DenyOutbound,
+            memory: MemoryMeter::new(spec.limits.memory_bytes),
+            deadline: Instant::now() + spec.limits.start_timeout,
+            log,
+        };
+        let mut store = Store::new(function.engine.engine(), state);
+        store.limiter(|state| &mut state.memory);
+        store.epoch_deadline_callback(|context| {
+            if Instant::now() >= context.data().deadline {
+                Err(wasmtime::Error::new(DeadlineExceeded))
+            } else {
+                // Hand the thread back to the scheduler once per tick, so a
+                // guest that computes for long never starves its neighbours.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
+        if function.engine.fuel_enabled() {
+            store.set_fuel(UNLIMITED_FUEL).map_err(host_error)?;
+        }
+
+        let instance = tokio::time::timeout(spec.limits.start_timeout, inner.pre.instantiate_async(&mut store))
+            .await
+            .map_err(|_| InstanceError {
+                outcome: Outcome::StartFailed,
+                message: format!("instantiation took longer than {:?}", spec.limits.start_timeout),
+            })?
+            .map_err(|err| {
+                let outcome = Outcome::classify(&err, &store.data().memory, false);
+                let outcome = if outcome == Outcome::Trap { Outcome::StartFailed } else { outcome };
+                InstanceError { outcome, message: format!("instantiation failed: {}", describe(&err)) }
+            })?;
+        let proxy = inner.handler.load(&mut store, &instance).map_err(host_error)?;
+        let hooks = match &inner.lifecycle {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
+            None => None,
+        };
+        Ok(Instance { store, proxy, hooks, function: function.clone(), started: false, last_used: Instant::now() })
+    }
+
+    /// Instantiate and run the `start` hook (if exported).
+    pub async fn create(function: &CompiledFunction) -> Result<(Instance, CallStats), InstanceError> {
+        let mut instance = Instance::instantiate(function).await?;
+        let stats = instance.start().await?;
+        Ok((instance, stats))
+    }
+
+    async fn start(&mut self) -> Result<CallStats, InstanceError> {
+        let Some(hooks) = &self.hooks else {
+            self.started = true;
+            return Ok(CallStats::default());
+        };
+        let timeout = self.function.spec().limits.start_timeout;
+        let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
+        let call = hooks.shoal_runtime_lifecycle().call_start(&mut self.store);
+        let (cpu, result) = run_metered(timeout, call).await;
+        let (stats, result) = window.close(&mut self.store, cpu, result);
+        let start_error = |message: String| InstanceError { outcome: Outcome::StartFailed, message };
+        match result {
+            Ok(Ok(())) => {
+                self.started = true;
+                Ok(stats)
+            }
+            Ok(Err(message)) => Err(start_error(format!("start hook returned an error: {message}"))),
+            Err(error) if error.outcome == Outcome::Timeout => {
+                Err(start_error(format!("start hook ran past its start_timeout of {timeout:?}")))
+            }
+            Err(error) => Err(start_error(format!("start hook failed ({}): {}", error.outcome, error.message))),
+        }
+    }
+
+    /// Serve one HTTP request. `respond` receives the response head (and the
+    /// body stream) as soon as the guest sets it; the call may go on writing
+    /// the body after that.
+    pub async fn handle<B>(
+        &mut self,
+        request: hyper::Request<B>,
+        request_id: Arc<str>,
+        respond: impl FnOnce(ResponseResult) + Send + Sync + 'static,
+    ) -> (CallStats, Result<(), InstanceError>)
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let limits = &self.function.inner.spec.limits;
+        self.store.data().log.set_request(Some(request_id));
+        let resources = {
+            let mut http = self.store.data_mut().http();
+            http.new_incoming_request(Scheme::Http, request)
+                .and_then(|req| Ok((req, http.new_response_outparam_from_callback(respond)?)))
+        };
+        let (req, out) = match resources {
+            Ok(resources) => resources,
+            Err(err) => {
+                self.store.data().log.set_request(None);
+                return (
+                    CallStats::default(),
+                    Err(InstanceError { outcome: Outcome::HostError, message: format!("{err:#}") }),
+                );
+            }
+        };
+        let window =
+            Window::open(&mut self.store, limits.timeout, limits.fuel_per_request, self.function.engine.fuel_enabled());
+        let call = self.proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
+        let (cpu, result) = run_metered(limits.timeout, call).await;
+        let (stats, result) = window.close(&mut self.store, cpu, result);
+        self.store.data().log.set_request(None);
+        let result = result.map_err(|mut error| {
+            error.message = match error.outcome {
+                Outcome::Timeout => format!("ran past its timeout of {} ms", limits.timeout.as_millis()),
+                Outcome::FuelExhausted => {
+                    format!("used up its fuel_per_request of {}", limits.fuel_per_request.unwrap_or(UNLIMITED_FUEL))
+                }
+                Outcome::MemoryLimit => {
+                    format!("tried to grow its memory past memory_mb = {}", limits.memory_bytes >> 20)
+                }
+                _ => error.message,
+            };
+            error
+        });
+        self.last_used = Instant::now();
+        (stats, result)
+    }
+
+    /// Run the `destroy` hook (if exported and `start` succeeded), then drop
+    /// the instance.
+    pub async fn destroy(mut self) -> Result<CallStats, InstanceError> {
+        let Some(hooks) = self.hooks.take().filter(|_| self.started) else {
+            return Ok(CallStats::default());
+        };
+        let timeout = self.function.spec().limits.destroy_timeout;
+        let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
+        let call = hooks.shoal_runtime_lifecycle().call_destroy(&mut self.store);
+        let (cpu, result) = run_metered(timeout, call).await;
+        let (stats, result) = window.close(&mut self.store, cpu, result);
+        result.map(|()| stats).map_err(|error| InstanceError {
+            message: format!("destroy hook failed ({}): {}", error.outcome, error.message),
+            ..error
+        })
+    }
+
+    /// Linear memory held now, in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.store.data().memory.current()
+    }
+}
+
+/// One metering window over a guest call.
+struct Window {
+    start: Instant,
+    fuel_given: Option<u64>,
+}
+
+impl Window {
+    fn open(store: &mut Store<GuestState>, timeout: Duration, fuel: Option<u64>, fuel_enabled: bool) -> Window {
+        let start = Instant::now();
+        let data = store.data_mut();
+        data.memory.reset_window();
+        data.deadline = start + timeout;
+        store.set_epoch_deadline(1);
+        let fuel_given = fuel_enabled.then(|| fuel.unwrap_or(UNLIMITED_FUEL));
+        if let Some(fuel) = fuel_given {
+            // Cannot fail: fuel is enabled on this engine.
+            let _ = store.set_fuel(fuel);
+        }
+        Window { start, fuel_given }
+    }
+
+    fn close<R>(
+        self,
+        store: &mut Store<GuestState>,
+        cpu: Duration,
+        result: Option<wasmtime::Result<R>>,
+    ) -> (CallStats, Result<R, InstanceError>) {
+        let wall = self.start.elapsed();
+        let fuel = self.fuel_given.map(|given| given.saturating_sub(store.get_fuel().unwrap_or(0)));
+        let data = store.data();
+        let stats = CallStats { wall, cpu, fuel, peak_memory: data.memory.peak() };
+        let result = match result {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(err)) => {
+                let deadline_passed = Instant::now() >= data.deadline;
+                let outcome = Outcome::classify(&err, &data.memory, deadline_passed);
+                Err(InstanceError { outcome, message: describe(&err) })
+            }
+            // Cut off by the async timeout: the guest was blocked in a host
+            // call (sleeping, waiting on I/O) when its time ran out.
+            None => Err(InstanceError { outcome: Outcome::Timeout, message: "timed out".to_string() }),
+        };
+        (stats, result)
+    }
+}
+
+/// Run `call` with a wall-clock limit (a little past `timeout`, as a
+/// backstop for guests blocked in host calls, which epochs cannot
+/// interrupt), measuring CPU time. `None`: the limit cut the call off.
+async fn run_metered<R>(
+    timeout: Duration,
+    call: impl Future<Output = wasmtime::Result<R>>,
+) -> (Duration, Option<wasmtime::Result<R>>) {
+    let mut timed = std::pin::pin!(CpuTimed { inner: call, cpu: Duration::ZERO });
+    let result = tokio::time::timeout(timeout + Duration::from_millis(20), timed.as_mut()).await.ok();
+    (timed.cpu, result)
+}
+
+pin_project_lite::pin_project! {
+    /// Adds up the thread CPU time spent in each poll of `inner`: with
+    /// async calls, the guest runs inside `poll`, on whichever worker thread
+    /// polls it, so this is the guest's CPU time (plus its host calls).
+    struct CpuTimed<F> {
+        #[pin]
+        inner: F,
+        cpu: Duration,
+    }
+}
+
+impl<F: Future> Future for CpuTimed<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let before = thread_cpu_time();
+        let poll = this.inner.poll(cx);
+        *this.cpu += thread_cpu_time().saturating_sub(before);
+        poll
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from).unwrap_or_default()
+}
+
+fn host_error(err: impl std::fmt::Display) -> InstanceError {
+    InstanceError { outcome: Outcome::HostError, message: err.to_string() }
+}
+
+/// A one-line account of a guest call's error: the trap (without the wasm
+/// backtrace) or the error chain.
+fn describe(err: &wasmtime::Error) -> String {
+    if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+        return trap.to_string();
+    }
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+    }
+    text.lines().next().unwrap_or("").to_string()
+}

@@ -1,0 +1,202 @@
+//! Enforcing a function's limits on one instance, and naming the limit a
+//! request breached.
+//!
+//! - **Memory**: [`MemoryMeter`] is the store's `ResourceLimiter`; it refuses
+//!   growth past `memory_bytes` and records the peak for metering.
+//! - **Wall-clock time**: the store's epoch deadline callback (see
+//!   [`crate::instance`]) checks the request's deadline on every epoch tick
+//!   and traps with [`DeadlineExceeded`]; a guest blocked in a host call is
+//!   cut off by an async timeout instead.
+//! - **Fuel**: wasmtime traps with `Trap::OutOfFuel`.
+//! - **Concurrency**: a semaphore in [`crate::pool`].
+//!
+//! [`Outcome::classify`] turns the error of a failed call into the outcome a
+//! user sees, using typed causes (`downcast_ref`) rather than message text.
+
+use serde::{Deserialize, Serialize};
+use wasmtime::{ResourceLimiter, Trap};
+
+/// Tables may hold at most this many elements.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Counts an instance's linear memory against its limit.
+#[derive(Debug)]
+pub struct MemoryMeter {
+    limit: u64,
+    current: u64,
+    peak: u64,
+    refused: Option<u64>,
+}
+
+impl MemoryMeter {
+    /// A meter allowing `limit` bytes of linear memory in total.
+    pub fn new(limit: u64) -> MemoryMeter {
+        MemoryMeter { limit, current: 0, peak: 0, refused: None }
+    }
+
+    /// Start a new metering window (one request): the peak restarts from
+    /// the memory the instance holds now.
+    pub fn reset_window(&mut self) {
+        self.peak = self.current;
+        self.refused = None;
+    }
+
+    /// Bytes of linear memory held now.
+    pub fn current(&self) -> u64 {
+        self.current
+    }
+
+    /// Largest total since the window started.
+    pub fn peak(&self) -> u64 {
+        self.peak
+    }
+
+    /// The size a refused growth asked for, if growth was refused.
+    pub fn refused(&self) -> Option<u64> {
+        self.refused
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+impl ResourceLimiter for MemoryMeter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let after = self.current - current as u64 + desired as u64;
+        if after > self.limit {
+            self.refused = Some(after);
+            return Ok(false);
+        }
+        self.current = after;
+        self.peak = self.peak.max(after);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// The typed cause raised from the epoch callback when a request (or hook)
+/// runs past its deadline.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("deadline exceeded")]
+pub struct DeadlineExceeded;
+
+/// How a request ended, as recorded in usage records and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The guest produced a response.
+    Ok,
+    /// The request ran past `timeout_ms`.
+    Timeout,
+    /// The request burned its `fuel_per_request`.
+    FuelExhausted,
+    /// The guest tried to grow its memory past `memory_mb`.
+    MemoryLimit,
+    /// The guest trapped (panic, `unreachable`, out-of-bounds access...).
+    Trap,
+    /// A new instance's `start` hook failed, trapped or timed out.
+    StartFailed,
+    /// The handler returned without setting a response.
+    NoResponse,
+    /// No concurrency slot (or instance slot) freed up in time.
+    Overloaded,
+    /// The host failed (a bug, or a resource it could not get).
+    HostError,
+}
+
+impl Outcome {
+    /// A short, stable name (also the `kind` label in metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Timeout => "timeout",
+            Outcome::FuelExhausted => "fuel_exhausted",
+            Outcome::MemoryLimit => "memory_limit",
+            Outcome::Trap => "trap",
+            Outcome::StartFailed => "start_failed",
+            Outcome::NoResponse => "no_response",
+            Outcome::Overloaded => "overloaded",
+            Outcome::HostError => "host_error",
+        }
+    }
+
+    /// The HTTP status a client gets for this outcome (when the guest
+    /// produced no response of its own).
+    pub fn status(self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            Outcome::Ok => StatusCode::OK,
+            Outcome::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Outcome::FuelExhausted | Outcome::MemoryLimit | Outcome::Overloaded | Outcome::StartFailed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Outcome::Trap | Outcome::NoResponse | Outcome::HostError => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Name the limit or failure behind `error`, raised by a guest call on a
+    /// store whose memory meter is `memory` and whose deadline passed iff
+    /// `deadline_passed`.
+    pub fn classify(error: &wasmtime::Error, memory: &MemoryMeter, deadline_passed: bool) -> Outcome {
+        if error.chain().any(|cause| cause.downcast_ref::<DeadlineExceeded>().is_some()) || deadline_passed {
+            return Outcome::Timeout;
+        }
+        if let Some(trap) = error.downcast_ref::<Trap>() {
+            if *trap == Trap::OutOfFuel {
+                return Outcome::FuelExhausted;
+            }
+            // A refused memory.grow surfaces as the guest's own abort (Rust's
+            // allocation-failure handler) or as a failed allocation trap.
+            if memory.refused().is_some() {
+                return Outcome::MemoryLimit;
+            }
+            return Outcome::Trap;
+        }
+        if memory.refused().is_some() {
+            return Outcome::MemoryLimit;
+        }
+        Outcome::Trap
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_meter_refuses_growth_past_the_limit_and_tracks_the_peak() {
+        let mut meter = MemoryMeter::new(10 << 20);
+        assert!(meter.memory_growing(0, 2 << 20, None).unwrap());
+        assert!(meter.memory_growing(2 << 20, 8 << 20, None).unwrap());
+        assert!(!meter.memory_growing(8 << 20, 11 << 20, None).unwrap());
+        assert_eq!(meter.refused(), Some(11 << 20));
+        assert_eq!(meter.peak(), 8 << 20);
+        meter.reset_window();
+        assert_eq!((meter.peak(), meter.refused()), (8 << 20, None));
+    }
+
+    #[test]
+    fn errors_are_classified_by_their_typed_cause() {
+        let meter = MemoryMeter::new(1);
+        let fuel = wasmtime::Error::from(Trap::OutOfFuel);
+        assert_eq!(Outcome::classify(&fuel, &meter, false), Outcome::FuelExhausted);
+        let deadline = wasmtime::Error::new(DeadlineExceeded).context("while handling");
+        assert_eq!(Outcome::classify(&deadline, &meter, false), Outcome::Timeout);
+        let trap = wasmtime::Error::from(Trap::UnreachableCodeReached);
+        assert_eq!(Outcome::classify(&trap, &meter, false), Outcome::Trap);
+        let mut refused = MemoryMeter::new(1);
+        assert!(!refused.memory_growing(0, 2, None).unwrap());
+        assert_eq!(Outcome::classify(&trap, &refused, false), Outcome::MemoryLimit);
+    }
+}

@@ -1,0 +1,291 @@
+//! Where guests' stdout and stderr go.
+//!
+//! Each instance's stdio is line-buffered and every complete line is handed
+//! to the function's [`LogSink`] together with the function, version, stream
+//! and the id of the request being served, so a log line can always be traced
+//! to the request that wrote it. The default sink, [`TracingSink`], emits a
+//! `tracing` event per line; the Kubernetes path gives each container a sink
+//! that writes to its stdio FIFOs.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// A guest line longer than this is split, so a guest that never writes a
+/// newline cannot grow host memory.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Which of the guest's output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The guest's stdout.
+    Stdout,
+    /// The guest's stderr.
+    Stderr,
+}
+
+impl Stream {
+    /// `"stdout"` or `"stderr"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// One line a guest wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestLine<'a> {
+    /// The function that wrote it.
+    pub function: &'a str,
+    /// Its version.
+    pub version: &'a str,
+    /// stdout or stderr.
+    pub stream: Stream,
+    /// The request being served, or `None` in `start`/`destroy`.
+    pub request_id: Option<&'a str>,
+    /// The text, without the newline (lossily decoded as UTF-8).
+    pub text: &'a str,
+}
+
+/// Receives guests' output lines.
+pub trait LogSink: Send + Sync {
+    /// Called once per complete line (and for a trailing partial line when
+    /// the instance is dropped).
+    fn line(&self, line: GuestLine<'_>);
+}
+
+/// Emits each guest line as a `tracing` event on target `shoal::guest`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TracingSink;
+
+impl LogSink for TracingSink {
+    fn line(&self, line: GuestLine<'_>) {
+        tracing::info!(
+            target: "shoal::guest",
+            function = line.function,
+            version = line.version,
+            stream = line.stream.as_str(),
+            request_id = line.request_id.unwrap_or("-"),
+            "{}",
+            line.text
+        );
+    }
+}
+
+/// One instance's logging context: whose output this is and which request
+/// it is serving right now.
+pub struct InstanceLog {
+    function: Arc<str>,
+    version: Arc<str>,
+    sink: Arc<dyn LogSink>,
+    request_id: Mutex<Option<Arc<str>>>,
+}
+
+impl InstanceLog {
+    /// A context for one instance of `function`/`version`.
+    pub fn new(function: Arc<str>, version: Arc<str>, sink: Arc<dyn LogSink>) -> Arc<InstanceLog> {
+        Arc::new(InstanceLog { function, version, sink, request_id: Mutex::new(None) })
+    }
+
+    /// Tag the following lines with `request_id` (or with none).
+    pub fn set_request(&self, request_id: Option<Arc<str>>) {
+        *self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()) = request_id;
+    }
+
+    /// A stdout or stderr for the guest's WASI context.
+    pub fn output(self: &Arc<Self>, stream: Stream) -> GuestOutput {
+        GuestOutput { shared: Arc::new(OutputShared { log: self.clone(), stream, pending: Mutex::new(Vec::new()) }) }
+    }
+
+    fn emit(&self, stream: Stream, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        let request_id = self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+        self.sink.line(GuestLine {
+            function: &self.function,
+            version: &self.version,
+            stream,
+            request_id: request_id.as_deref(),
+            text,
+        });
+    }
+}
+
+struct OutputShared {
+    log: Arc<InstanceLog>,
+    stream: Stream,
+    pending: Mutex<Vec<u8>>,
+}
+
+impl OutputShared {
+    fn write(&self, mut bytes: &[u8]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|poison| poison.into_inner());
+        while let Some(newline) = bytes.iter().position(|&b| b == b'\n') {
+            if pending.is_empty() {
+                self.log.emit(self.stream, &bytes[..newline]);
+            } else {
+                pending.extend_from_slice(&bytes[..newline]);
+                self.log.emit(self.stream, &pending);
+                pending.clear();
+            }
+            bytes = &bytes[newline + 1..];
+        }
+        pending.extend_from_slice(bytes);
+        while pending.len() >= MAX_LINE_BYTES {
+            let rest = pending.split_off(MAX_LINE_BYTES);
+            self.log.emit(self.stream, &pending);
+            *pending = rest;
+        }
+    }
+}
+
+impl Drop for OutputShared {
+    fn drop(&mut self) {
+        let pending = std::mem::take(self.pending.get_mut().unwrap_or_else(|poison| poison.into_inner()));
+        if !pending.is_empty() {
+            self.log.emit(self.stream, &pending);
+        }
+    }
+}
+
+/// A guest's stdout or stderr, feeding its [`InstanceLog`].
+#[derive(Clone)]
+pub struct GuestOutput {
+    shared: Arc<OutputShared>,
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.shared.write(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.shared.write(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Keeps every line in memory; for tests and `shoal invoke`-style tools.
+#[derive(Default)]
+pub struct MemorySink {
+    lines: Mutex<Vec<OwnedLine>>,
+}
+
+/// A [`GuestLine`] that owns its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedLine {
+    /// The function that wrote it.
+    pub function: String,
+    /// stdout or stderr.
+    pub stream: Stream,
+    /// The request it belongs to, if any.
+    pub request_id: Option<String>,
+    /// The text.
+    pub text: String,
+}
+
+impl MemorySink {
+    /// All lines so far.
+    pub fn lines(&self) -> Vec<OwnedLine> {
+        self.lines.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+}
+
+impl LogSink for MemorySink {
+    fn line(&self, line: GuestLine<'_>) {
+        self.lines.lock().unwrap_or_else(|poison| poison.into_inner()).push(OwnedLine {
+            function: line.function.to_string(),
+            stream: line.stream,
+            request_id: line.request_id.map(str::to_string),
+            text: line.text.to_string(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_split_into_lines_tagged_with_the_request() {
+        let sink = Arc::new(MemorySink::default());
+        let log = InstanceLog::new("f".into(), "1".into(), sink.clone());
+        let out = log.output(Stream::Stdout);
+        log.set_request(Some("req-1".into()));
+        out.shared.write(b"hel");
+        out.shared.write(b"lo\nwor");
+        log.set_request(None);
+        out.shared.write(b"ld\n");
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2);
+        assert_eq!((lines[0].text.as_str(), lines[0].request_id.as_deref()), ("hello", Some("req-1")));
+        assert_eq!((lines[1].text.as_str(), lines[1].request_id.as_deref()), ("world", None));
+    }
+
+    #[test]
+    fn a_line_without_newline_is_split_at_the_cap_and_flushed_on_drop() {
+        let sink = Arc::new(MemorySink::default());
+        let log = InstanceLog::new("f".into(), "1".into(), sink.clone());
+        let out = log.output(Stream::Stderr);
+        out.shared.write(&vec![b'x'; MAX_LINE_BYTES + 10]);
+        assert_eq!(sink.lines().len(), 1);
+        drop(out);
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1].text.len(), 10);
+    }
+}

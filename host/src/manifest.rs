@@ -1,0 +1,434 @@
+//! `shoal.toml`: the functions to deploy, their routes, versions and limits.
+//!
+//! Parsing happens in two stages, as in ripgrep's config: [`Manifest::parse`]
+//! reads the TOML into raw structs (unknown fields are errors, so a typo in
+//! a limit is never silently ignored), then [`Manifest::resolve`] checks
+//! every value and fills in defaults, producing [`FunctionSpec`]s that the
+//! registry can deploy as they are.
+//!
+//! ```
+//! let toml = r#"
+//!     [[function]]
+//!     name = "hello"
+//!     wasm = "hello.wasm"
+//!     routes = ["/hello"]
+//!     [function.limits]
+//!     timeout_ms = 500
+//! "#;
+//! let manifest = shoal::manifest::Manifest::parse(toml, "shoal.toml".as_ref()).unwrap();
+//! let specs = manifest.resolve().unwrap();
+//! assert_eq!(specs[0].limits.timeout.as_millis(), 500);
+//! assert_eq!(specs[0].limits.max_concurrency, 100);
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Paths the host answers itself; no function route may claim them.
+pub const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// A manifest that failed to parse or validate, with the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ManifestError {
+    /// The manifest file (or `<request>` when sent over the admin API).
+    pub file: String,
+    /// What is wrong, naming the function and field.
+    pub message: String,
+}
+
+/// A parsed, not yet validated `shoal.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    #[serde(default, rename = "function")]
+    functions: Vec<RawFunction>,
+    #[serde(skip)]
+    file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    name: String,
+    wasm: PathBuf,
+    version: Option<String>,
+    #[serde(default)]
+    routes: Vec<String>,
+    weight: Option<u32>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    fuel_per_request: Option<u64>,
+    timeout_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    max_concurrency: Option<u32>,
+    queue_timeout_ms: Option<u64>,
+    idle_timeout_s: Option<u64>,
+    start_timeout_ms: Option<u64>,
+    destroy_timeout_ms: Option<u64>,
+}
+
+/// One deployable version of a function, validated and with defaults filled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// The function's name: `[a-z0-9-]`, 1 to 63 characters.
+    pub name: String,
+    /// The version label; `None` until the wasm is read, then defaults to the
+    /// first 12 hex digits of the wasm's sha256.
+    pub version: Option<String>,
+    /// Where the wasm is, as given (resolved against the manifest's folder).
+    pub wasm: PathBuf,
+    /// HTTP routes: `/prefix` or `host/prefix`.
+    pub routes: Vec<Route>,
+    /// Share of the function's traffic this version gets, relative to the
+    /// weights of the function's other versions.
+    pub weight: u32,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// Where HTTP requests for a function come from: an optional `Host` and a
+/// path prefix, matched on `/` boundaries (`/hello` matches `/hello/x`,
+/// not `/hellothere`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Route {
+    /// Match only requests for this host (case-insensitive, port ignored).
+    pub host: Option<String>,
+    /// Path prefix, starting with `/`.
+    pub prefix: String,
+}
+
+impl Route {
+    /// Parse `"/prefix"` or `"host/prefix"`.
+    pub fn parse(text: &str) -> Result<Route, String> {
+        let (host, prefix) = match text.find('/') {
+            Some(0) => (None, text),
+            Some(at) => (Some(text[..at].to_ascii_lowercase()), &text[at..]),
+            None => return Err(format!("route {text:?} has no path; write \"/{text}\" or \"{text}/\"")),
+        };
+        if prefix.contains(['?', '#', ' ']) {
+            return Err(format!("route {text:?}: a route is a path prefix, without query or spaces"));
+        }
+        let prefix = if prefix.len() > 1 { prefix.trim_end_matches('/') } else { prefix };
+        let prefix = if prefix.is_empty() { "/" } else { prefix };
+        Ok(Route { host, prefix: prefix.to_string() })
+    }
+
+    /// Whether this route serves `path` on `host`.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(want) = &self.host {
+            let Some(host) = host else { return false };
+            let host = host.rsplit_once(':').map_or(host, |(name, _port)| name);
+            if !host.eq_ignore_ascii_case(want) {
+                return false;
+            }
+        }
+        self.prefix == "/"
+            || path == self.prefix
+            || path.strip_prefix(self.prefix.as_str()).is_some_and(|rest| rest.starts_with('/'))
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            Some(host) => write!(f, "{host}{}", self.prefix),
+            None => f.write_str(&self.prefix),
+        }
+    }
+}
+
+/// Per-function resource limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) one request may burn; `None`: unlimited.
+    pub fuel_per_request: Option<u64>,
+    /// Wall-clock time one request may take.
+    #[serde(with = "humantime_serde_ms")]
+    pub timeout: Duration,
+    /// Linear memory one instance may hold, in bytes.
+    pub memory_bytes: u64,
+    /// Requests served at once; the rest wait up to `queue_timeout`.
+    pub max_concurrency: u32,
+    /// How long a request waits for a free slot before a 503.
+    #[serde(with = "humantime_serde_ms")]
+    pub queue_timeout: Duration,
+    /// An instance idle this long is destroyed (scale to zero).
+    #[serde(with = "humantime_serde_ms")]
+    pub idle_timeout: Duration,
+    /// Time limit for the `start` hook.
+    #[serde(with = "humantime_serde_ms")]
+    pub start_timeout: Duration,
+    /// Time limit for the `destroy` hook.
+    #[serde(with = "humantime_serde_ms")]
+    pub destroy_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel_per_request: None,
+            timeout: Duration::from_secs(10),
+            memory_bytes: 64 << 20,
+            max_concurrency: 100,
+            queue_timeout: Duration::from_millis(1000),
+            idle_timeout: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(5),
+            destroy_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Largest linear memory a function may ask for; the engine's pool reserves
+/// address space for this much per memory slot.
+pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
+
+/// Durations are kept in the registry file as whole milliseconds.
+mod humantime_serde_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
+
+impl Manifest {
+    /// Read and parse a manifest file, or `shoal.toml` inside a folder.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let file = if path.is_dir() { path.join("shoal.toml") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|err| ManifestError {
+            file: file.display().to_string(),
+            message: format!("cannot read manifest: {err}"),
+        })?;
+        Manifest::parse(&text, &file)
+    }
+
+    /// Parse manifest text; `file` names it in errors and anchors relative
+    /// `wasm` paths.
+    pub fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> {
+        let mut manifest: Manifest = toml::from_str(text).map_err(|err| ManifestError {
+            file: file.display().to_string(),
+            message: format!("invalid manifest: {}", err.to_string().trim_end()),
+        })?;
+        manifest.file = file.to_path_buf();
+        Ok(manifest)
+    }
+
+    /// Validate every function and fill in defaults.
+    pub fn resolve(&self) -> Result<Vec<FunctionSpec>, ManifestError> {
+        let error = |message: String| ManifestError { file: self.file.display().to_string(), message };
+        if self.functions.is_empty() {
+            return Err(error("no [[function]] entries".to_string()));
+        }
+        let base = self.file.parent().unwrap_or(Path::new("."));
+        let mut specs = Vec::with_capacity(self.functions.len());
+        for raw in &self.functions {
+            let spec = raw.resolve(base).map_err(|message| error(format!("function {:?}: {message}", raw.name)))?;
+            specs.push(spec);
+        }
+        check_versions(&specs).map_err(error)?;
+        Ok(specs)
+    }
+}
+
+impl RawFunction {
+    fn resolve(&self, base: &Path) -> Result<FunctionSpec, String> {
+        validate_name(&self.name)?;
+        if let Some(version) = &self.version {
+            validate_version(version)?;
+        }
+        let mut routes = Vec::new();
+        for text in &self.routes {
+            let route = Route::parse(text)?;
+            if RESERVED_PATHS.contains(&route.prefix.as_str()) {
+                return Err(format!("route {text:?} is reserved for the host"));
+            }
+            routes.push(route);
+        }
+        let wasm = if self.wasm.is_absolute() { self.wasm.clone() } else { base.join(&self.wasm) };
+        Ok(FunctionSpec {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            wasm,
+            routes,
+            weight: self.weight.unwrap_or(100),
+            limits: self.limits.resolve()?,
+        })
+    }
+}
+
+impl RawLimits {
+    fn resolve(&self) -> Result<Limits, String> {
+        let defaults = Limits::default();
+        let ms = |value: Option<u64>, field: &str, default: Duration| match value {
+            Some(0) => Err(format!("limits.{field} must be greater than 0")),
+            Some(ms) => Ok(Duration::from_millis(ms)),
+            None => Ok(default),
+        };
+        let memory_bytes = match self.memory_mb {
+            Some(0) => return Err("limits.memory_mb must be greater than 0".to_string()),
+            Some(mb) if mb << 20 > MAX_MEMORY_BYTES => {
+                return Err(format!(
+                    "limits.memory_mb = {mb} is over the host's maximum of {} MiB",
+                    MAX_MEMORY_BYTES >> 20
+                ));
+            }
+            Some(mb) => mb << 20,
+            None => defaults.memory_bytes,
+        };
+        if self.fuel_per_request == Some(0) {
+            return Err("limits.fuel_per_request must be greater than 0 (omit it for no limit)".into());
+        }
+        if self.max_concurrency == Some(0) {
+            return Err("limits.max_concurrency must be greater than 0".to_string());
+        }
+        Ok(Limits {
+            fuel_per_request: self.fuel_per_request,
+            timeout: ms(self.timeout_ms, "timeout_ms", defaults.timeout)?,
+            memory_bytes,
+            max_concurrency: self.max_concurrency.unwrap_or(defaults.max_concurrency),
+            queue_timeout: match self.queue_timeout_ms {
+                Some(ms) => Duration::from_millis(ms),
+                None => defaults.queue_timeout,
+            },
+            idle_timeout: match self.idle_timeout_s {
+                Some(0) => return Err("limits.idle_timeout_s must be greater than 0".to_string()),
+                Some(s) => Duration::from_secs(s),
+                None => defaults.idle_timeout,
+            },
+            start_timeout: ms(self.start_timeout_ms, "start_timeout_ms", defaults.start_timeout)?,
+            destroy_timeout: ms(self.destroy_timeout_ms, "destroy_timeout_ms", defaults.destroy_timeout)?,
+        })
+    }
+}
+
+/// Check a function name: lowercase letters, digits and `-`, 1 to 63 long,
+/// starting with a letter (so it is also a valid DNS label and metric label).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid name {name:?}: use 1-63 lowercase letters, digits and '-', starting with a letter"))
+    }
+}
+
+fn validate_version(version: &str) -> Result<(), String> {
+    let ok = !version.is_empty()
+        && version.len() <= 64
+        && version.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok { Ok(()) } else { Err(format!("invalid version {version:?}: use 1-64 of [A-Za-z0-9._-]")) }
+}
+
+/// Entries sharing a name are versions of one function: they must carry
+/// distinct explicit versions and declare the same routes.
+pub fn check_versions(specs: &[FunctionSpec]) -> Result<(), String> {
+    let mut by_name: BTreeMap<&str, Vec<&FunctionSpec>> = BTreeMap::new();
+    for spec in specs {
+        by_name.entry(&spec.name).or_default().push(spec);
+    }
+    for (name, versions) in by_name {
+        if versions.len() == 1 {
+            continue;
+        }
+        let mut seen = BTreeSet::new();
+        for spec in &versions {
+            let Some(version) = &spec.version else {
+                return Err(format!(
+                    "function {name:?} is listed {} times: each entry needs its own `version`",
+                    versions.len()
+                ));
+            };
+            if !seen.insert(version) {
+                return Err(format!("function {name:?} lists version {version:?} twice"));
+            }
+            if spec.routes != versions[0].routes {
+                return Err(format!("versions of function {name:?} declare different routes"));
+            }
+        }
+        if versions.iter().all(|spec| spec.weight == 0) {
+            return Err(format!("function {name:?}: all versions have weight 0"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(text: &str) -> Result<Vec<FunctionSpec>, ManifestError> {
+        Manifest::parse(text, Path::new("/m/shoal.toml"))?.resolve()
+    }
+
+    #[test]
+    fn relative_wasm_paths_resolve_against_the_manifest_folder() {
+        let specs = resolve("[[function]]\nname = \"a\"\nwasm = \"x/a.wasm\"\n").unwrap();
+        assert_eq!(specs[0].wasm, Path::new("/m/x/a.wasm"));
+        assert_eq!(specs[0].limits, Limits::default());
+    }
+
+    #[test]
+    fn unknown_limit_fields_are_rejected_with_the_field_name() {
+        let err =
+            resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.limits]\ntimeout = 5\n").unwrap_err();
+        assert!(err.to_string().contains("timeout"), "{err}");
+        assert!(err.to_string().starts_with("/m/shoal.toml"), "{err}");
+    }
+
+    #[test]
+    fn invalid_names_and_zero_limits_name_the_function_and_field() {
+        let err = resolve("[[function]]\nname = \"Bad_Name\"\nwasm = \"a.wasm\"\n").unwrap_err();
+        assert!(err.message.contains("Bad_Name"), "{err}");
+        let err = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.limits]\nmax_concurrency = 0\n")
+            .unwrap_err();
+        assert!(err.message.contains("function \"a\"") && err.message.contains("max_concurrency"), "{err}");
+    }
+
+    #[test]
+    fn reserved_paths_cannot_be_routes() {
+        let err = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\nroutes = [\"/metrics\"]\n").unwrap_err();
+        assert!(err.message.contains("reserved"), "{err}");
+    }
+
+    #[test]
+    fn two_entries_of_one_function_need_versions() {
+        let text = "[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[[function]]\nname = \"a\"\nwasm = \"b.wasm\"\n";
+        let err = resolve(text).unwrap_err();
+        assert!(err.message.contains("own `version`"), "{err}");
+        let text = "[[function]]\nname = \"a\"\nversion = \"1\"\nweight = 90\nwasm = \"a.wasm\"\n\
+                    [[function]]\nname = \"a\"\nversion = \"2\"\nweight = 10\nwasm = \"b.wasm\"\n";
+        assert_eq!(resolve(text).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn routes_match_on_segment_boundaries_and_hosts() {
+        let route = Route::parse("/hello").unwrap();
+        assert!(route.matches(None, "/hello"));
+        assert!(route.matches(None, "/hello/world"));
+        assert!(!route.matches(None, "/helloworld"));
+        let route = Route::parse("api.example.com/v1/").unwrap();
+        assert_eq!(route.prefix, "/v1");
+        assert!(route.matches(Some("API.example.com:8080"), "/v1/x"));
+        assert!(!route.matches(Some("other"), "/v1/x"));
+        assert!(!route.matches(None, "/v1/x"));
+        assert!(Route::parse("/").unwrap().matches(None, "/anything"));
+    }
+}

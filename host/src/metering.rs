@@ -1,0 +1,275 @@
+//! Per-request usage records and the durable ledger they are billed from.
+//!
+//! Every request that reached a function produces one [`UsageRecord`]. The
+//! [`Ledger`] appends it as one JSON line with a single `write(2)` on a file
+//! opened `O_APPEND`, *before* the response's end reaches the client: once a
+//! client has seen a request complete, its record is in the kernel and
+//! survives `kill -9` of the host. A background task `fsync`s the ledger
+//! every [`SYNC_INTERVAL`] (and on shutdown) for power loss; an `fsync` per
+//! request would cost more than the requests themselves.
+//!
+//! Billing follows Lambda's unit: wall time is rounded up to whole
+//! milliseconds (`billed_ms`), and memory-time is the peak linear memory
+//! times `billed_ms`. A function with no requests accrues nothing, whatever
+//! it has deployed: idle instances are not billed and scale to zero.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::instance::CallStats;
+use crate::limits::Outcome;
+
+/// How often the ledger is flushed to disk.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What one request used: the unit of billing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// The request's id (the `x-request-id` the client saw).
+    pub request_id: String,
+    /// The calling request, for nested calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The function.
+    pub function: String,
+    /// The version that served it.
+    pub version: String,
+    /// When the request reached the function, in ms since the Unix epoch.
+    pub start_unix_ms: u64,
+    /// Wall time of the handler call, in µs.
+    pub wall_us: u64,
+    /// CPU time of the handler call, in µs.
+    pub cpu_us: u64,
+    /// Fuel consumed (when the host meters fuel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    /// Peak linear memory during the request, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Wall time rounded up to whole milliseconds.
+    pub billed_ms: u64,
+    /// `peak_memory_bytes × billed_ms`.
+    pub memory_byte_ms: u64,
+    /// Whether the request needed a new instance.
+    pub cold: bool,
+    /// Time to instantiate and run `start` for a cold request, in µs (not billed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_us: Option<u64>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The HTTP status the client got.
+    pub status: u16,
+}
+
+impl UsageRecord {
+    /// Build a record from the stats of a handler call.
+    #[allow(clippy::too_many_arguments, reason = "a plain constructor of a flat record")]
+    pub fn new(
+        request_id: &str,
+        parent_id: Option<&str>,
+        function: &str,
+        version: &str,
+        started: SystemTime,
+        stats: &CallStats,
+        cold: bool,
+        init: Option<Duration>,
+        outcome: Outcome,
+        status: u16,
+    ) -> UsageRecord {
+        let billed_ms = (stats.wall.as_micros() as u64).div_ceil(1000);
+        UsageRecord {
+            request_id: request_id.to_string(),
+            parent_id: parent_id.map(str::to_string),
+            function: function.to_string(),
+            version: version.to_string(),
+            start_unix_ms: started.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+            wall_us: stats.wall.as_micros() as u64,
+            cpu_us: stats.cpu.as_micros() as u64,
+            fuel: stats.fuel,
+            peak_memory_bytes: stats.peak_memory,
+            billed_ms,
+            memory_byte_ms: stats.peak_memory.saturating_mul(billed_ms),
+            cold,
+            init_us: init.map(|d| d.as_micros() as u64),
+            outcome,
+            status,
+        }
+    }
+}
+
+/// The append-only file of usage records.
+pub struct Ledger {
+    path: PathBuf,
+    file: Mutex<File>,
+    dirty: AtomicBool,
+}
+
+impl Ledger {
+    /// Open (or create) the ledger at `path`. A torn last line, left by a
+    /// crash in the middle of a write, is fenced off with a newline so later
+    /// records stay readable; readers skip it.
+    pub fn open(path: &Path) -> std::io::Result<Ledger> {
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+        let len = file.metadata()?.len();
+        if len > 0 {
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::Start(len - 1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n")?;
+            }
+        }
+        Ok(Ledger { path: path.to_path_buf(), file: Mutex::new(file), dirty: AtomicBool::new(false) })
+    }
+
+    /// Where the ledger lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append one record (one `write(2)`).
+    pub fn append(&self, record: &UsageRecord) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let file = self.file.lock().unwrap_or_else(|poison| poison.into_inner());
+        (&*file).write_all(&line)?;
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// `fsync` if anything was appended since the last sync.
+    pub fn sync(&self) -> std::io::Result<()> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            let file = self.file.lock().unwrap_or_else(|poison| poison.into_inner()).try_clone()?;
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Every readable record, oldest first (skipping torn or foreign lines).
+    pub fn read(path: &Path) -> std::io::Result<Vec<UsageRecord>> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        let mut records = Vec::new();
+        for line in BufReader::new(file).split(b'\n') {
+            let line = line?;
+            if let Ok(record) = serde_json::from_slice::<UsageRecord>(&line) {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Totals per function over the records matching `function` and `since`.
+    pub fn summarize(&self, function: Option<&str>, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageSummary>> {
+        let mut totals: BTreeMap<String, UsageSummary> = BTreeMap::new();
+        for record in Ledger::read(&self.path)? {
+            if function.is_some_and(|f| f != record.function) || since_unix_ms.is_some_and(|t| record.start_unix_ms < t)
+            {
+                continue;
+            }
+            totals
+                .entry(record.function.clone())
+                .or_insert_with(|| UsageSummary { function: record.function.clone(), ..UsageSummary::default() })
+                .add(&record);
+        }
+        Ok(totals.into_values().collect())
+    }
+}
+
+/// A function's usage added up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageSummary {
+    /// The function.
+    pub function: String,
+    /// Requests served (any outcome).
+    pub requests: u64,
+    /// Requests that did not end `ok`.
+    pub errors: u64,
+    /// Requests that needed a new instance.
+    pub cold_starts: u64,
+    /// Sum of billed milliseconds.
+    pub billed_ms: u64,
+    /// Sum of CPU time, µs.
+    pub cpu_us: u64,
+    /// Sum of fuel.
+    pub fuel: u64,
+    /// Sum of memory-time, in GB-seconds (10^9 bytes × s).
+    pub gb_seconds: f64,
+}
+
+impl UsageSummary {
+    fn add(&mut self, record: &UsageRecord) {
+        self.requests += 1;
+        self.errors += u64::from(record.outcome != Outcome::Ok);
+        self.cold_starts += u64::from(record.cold);
+        self.billed_ms += record.billed_ms;
+        self.cpu_us += record.cpu_us;
+        self.fuel += record.fuel.unwrap_or(0);
+        self.gb_seconds += record.memory_byte_ms as f64 / 1e9 / 1e3;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(function: &str, start_unix_ms: u64, outcome: Outcome) -> UsageRecord {
+        let stats = CallStats {
+            wall: Duration::from_micros(1500),
+            cpu: Duration::from_micros(700),
+            fuel: Some(1000),
+            peak_memory: 2 << 20,
+        };
+        let mut record = UsageRecord::new("r", None, function, "1", UNIX_EPOCH, &stats, false, None, outcome, 200);
+        record.start_unix_ms = start_unix_ms;
+        record
+    }
+
+    #[test]
+    fn wall_time_is_billed_in_whole_milliseconds_times_peak_memory() {
+        let record = record("f", 0, Outcome::Ok);
+        assert_eq!(record.billed_ms, 2);
+        assert_eq!(record.memory_byte_ms, 2 * (2 << 20));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_and_later_records_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            ledger.append(&record("a", 1, Outcome::Ok)).unwrap();
+        }
+        // A crash in the middle of a write leaves half a line.
+        OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"request_id\":\"tor").unwrap();
+        let ledger = Ledger::open(&path).unwrap();
+        ledger.append(&record("b", 2, Outcome::Trap)).unwrap();
+        let records = Ledger::read(&path).unwrap();
+        assert_eq!(records.iter().map(|r| r.function.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn summaries_filter_by_function_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("usage.jsonl")).unwrap();
+        for (function, at, outcome) in [("a", 10, Outcome::Ok), ("a", 20, Outcome::Timeout), ("b", 30, Outcome::Ok)] {
+            ledger.append(&record(function, at, outcome)).unwrap();
+        }
+        let all = ledger.summarize(None, None).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].requests, all[0].errors, all[0].fuel), (2, 1, 2000));
+        let recent_a = ledger.summarize(Some("a"), Some(15)).unwrap();
+        assert_eq!(recent_a.len(), 1);
+        assert_eq!(recent_a[0].requests, 1);
+    }
+}

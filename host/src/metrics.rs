@@ -1,0 +1,145 @@
+//! Prometheus metrics, served at `/metrics`.
+//!
+//! All series are labelled by `function`; errors also by `kind` (the
+//! [`Outcome`] name). Counters add up what the usage records say, so
+//! `/metrics` and `shoal usage` agree.
+
+use prometheus::{
+    CounterVec, Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::limits::Outcome;
+use crate::metering::UsageRecord;
+
+/// The host's metric families.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    duration: HistogramVec,
+    cold_starts: IntCounterVec,
+    instances: IntGaugeVec,
+    fuel: IntCounterVec,
+    cpu_seconds: CounterVec,
+    memory_gb_seconds: CounterVec,
+    ledger_errors: IntCounter,
+}
+
+impl Metrics {
+    /// Register every family in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let function = &["function"];
+        let requests =
+            IntCounterVec::new(Opts::new("shoal_requests_total", "Requests that reached a function"), function)
+                .expect("invariant: static metric definition");
+        let errors = IntCounterVec::new(
+            Opts::new("shoal_request_errors_total", "Requests that did not end ok, by kind"),
+            &["function", "kind"],
+        )
+        .expect("invariant: static metric definition");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("shoal_request_duration_seconds", "Handler wall time").buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            function,
+        )
+        .expect("invariant: static metric definition");
+        let cold_starts =
+            IntCounterVec::new(Opts::new("shoal_cold_starts_total", "Requests that needed a new instance"), function)
+                .expect("invariant: static metric definition");
+        let instances = IntGaugeVec::new(Opts::new("shoal_instances", "Live instances"), &["function", "version"])
+            .expect("invariant: static metric definition");
+        let fuel = IntCounterVec::new(Opts::new("shoal_fuel_consumed_total", "Fuel consumed by requests"), function)
+            .expect("invariant: static metric definition");
+        let cpu_seconds = CounterVec::new(Opts::new("shoal_cpu_seconds_total", "CPU time of requests"), function)
+            .expect("invariant: static metric definition");
+        let memory_gb_seconds = CounterVec::new(
+            Opts::new("shoal_memory_gb_seconds_total", "Peak memory × billed time of requests (GB-s)"),
+            function,
+        )
+        .expect("invariant: static metric definition");
+        let ledger_errors =
+            IntCounter::new("shoal_ledger_write_errors_total", "Usage records that could not be written")
+                .expect("invariant: static metric definition");
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(duration.clone()),
+            Box::new(cold_starts.clone()),
+            Box::new(instances.clone()),
+            Box::new(fuel.clone()),
+            Box::new(cpu_seconds.clone()),
+            Box::new(memory_gb_seconds.clone()),
+            Box::new(ledger_errors.clone()),
+        ] {
+            registry.register(collector).expect("invariant: metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            errors,
+            duration,
+            cold_starts,
+            instances,
+            fuel,
+            cpu_seconds,
+            memory_gb_seconds,
+            ledger_errors,
+        }
+    }
+
+    /// Count one request from its usage record.
+    pub fn observe(&self, record: &UsageRecord) {
+        let function = [record.function.as_str()];
+        self.requests.with_label_values(&function).inc();
+        if record.outcome != Outcome::Ok {
+            self.errors.with_label_values(&[record.function.as_str(), record.outcome.as_str()]).inc();
+        }
+        self.duration.with_label_values(&function).observe(record.wall_us as f64 / 1e6);
+        if record.cold {
+            self.cold_starts.with_label_values(&function).inc();
+        }
+        if let Some(fuel) = record.fuel {
+            self.fuel.with_label_values(&function).inc_by(fuel);
+        }
+        self.cpu_seconds.with_label_values(&function).inc_by(record.cpu_us as f64 / 1e6);
+        self.memory_gb_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e12);
+    }
+
+    /// Count a request refused before reaching an instance (overload).
+    pub fn observe_refused(&self, function: &str, outcome: Outcome) {
+        self.requests.with_label_values(&[function]).inc();
+        self.errors.with_label_values(&[function, outcome.as_str()]).inc();
+    }
+
+    /// Set a function version's live instance count.
+    pub fn set_instances(&self, function: &str, version: &str, live: usize) {
+        self.instances.with_label_values(&[function, version]).set(live as i64);
+    }
+
+    /// Forget a function version's instance gauge (after it is gone).
+    pub fn forget_instances(&self, function: &str, version: &str) {
+        let _ = self.instances.remove_label_values(&[function, version]);
+    }
+
+    /// Count a usage record that could not be written.
+    pub fn ledger_error(&self) {
+        self.ledger_errors.inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,213 @@
+//! The instances of one function version: created on demand, reused warm,
+//! destroyed when idle, drained when the version is replaced.
+//!
+//! Lifecycle of an instance:
+//! `acquire` (no idle instance: instantiate + `start`) → serve → `release`
+//! (back to the idle list, most recent first) → … → idle past
+//! `idle_timeout` (or drain, or shutdown): `destroy` → dropped, its memory
+//! slot decommitted. An instance whose call failed is dropped at once,
+//! without `destroy`.
+//!
+//! Concurrency is bounded by a semaphore of `max_concurrency` permits. A
+//! request waits for a permit at most `queue_timeout`, then gets
+//! [`AcquireError::Overloaded`] (503 with `Retry-After`): the wait queue is
+//! bounded by time, never unbounded. No lock is held across a guest call.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::function::CompiledFunction;
+use crate::instance::{Instance, InstanceError};
+use crate::metrics::Metrics;
+
+/// Instances of one function version.
+pub struct FunctionPool {
+    function: CompiledFunction,
+    idle: Mutex<Vec<Instance>>,
+    slots: Arc<Semaphore>,
+    live: AtomicUsize,
+    busy: AtomicUsize,
+    draining: AtomicBool,
+    changed: Notify,
+    metrics: Arc<Metrics>,
+}
+
+/// An instance checked out of its pool for one request.
+pub struct Lease {
+    /// The instance.
+    pub instance: Instance,
+    /// Whether it was created for this request.
+    pub cold: bool,
+    /// Time spent instantiating and running `start` (cold leases only).
+    pub init: Option<Duration>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Why no instance could be had.
+#[derive(Debug, Clone)]
+pub enum AcquireError {
+    /// Every concurrency slot stayed busy for `queue_timeout`.
+    Overloaded {
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
+    /// A new instance failed to instantiate or start.
+    Start(InstanceError),
+}
+
+/// A snapshot of a pool's counters.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct PoolStats {
+    /// Instances alive (idle or busy).
+    pub live: usize,
+    /// Instances waiting for work.
+    pub idle: usize,
+    /// Requests being served.
+    pub busy: usize,
+}
+
+impl FunctionPool {
+    /// An empty pool (zero instances) for `function`.
+    pub fn new(function: CompiledFunction, metrics: Arc<Metrics>) -> Arc<FunctionPool> {
+        let permits = function.spec().limits.max_concurrency as usize;
+        Arc::new(FunctionPool {
+            function,
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(permits)),
+            live: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            changed: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// The function version this pool runs.
+    pub fn function(&self) -> &CompiledFunction {
+        &self.function
+    }
+
+    /// Counters right now.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            live: self.live.load(Ordering::Acquire),
+            idle: self.lock_idle().len(),
+            busy: self.busy.load(Ordering::Acquire),
+        }
+    }
+
+    /// Take an idle instance, or create one, within the concurrency limit.
+    pub async fn acquire(&self) -> Result<Lease, AcquireError> {
+        let limits = &self.function.spec().limits;
+        let permit = match tokio::time::timeout(limits.queue_timeout, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            // Timed out, or the semaphore was closed (cannot happen: it never is).
+            _ => {
+                let retry_after = limits.queue_timeout.max(Duration::from_secs(1));
+                return Err(AcquireError::Overloaded { retry_after });
+            }
+        };
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let warm = self.lock_idle().pop();
+        if let Some(instance) = warm {
+            return Ok(Lease { instance, cold: false, init: None, _permit: permit });
+        }
+        let started = Instant::now();
+        match Instance::create(&self.function).await {
+            Ok((instance, _stats)) => {
+                self.add_live(1);
+                Ok(Lease { instance, cold: true, init: Some(started.elapsed()), _permit: permit })
+            }
+            Err(error) => {
+                self.busy.fetch_sub(1, Ordering::AcqRel);
+                self.changed.notify_waiters();
+                tracing::warn!(function = self.function.name(), error = %error.message, "instance failed to start");
+                Err(AcquireError::Start(error))
+            }
+        }
+    }
+
+    /// Return an instance after a request. A `healthy` instance goes back to
+    /// the idle list (or is destroyed if the pool drains); an unhealthy one
+    /// is dropped without `destroy`.
+    pub fn release(self: &Arc<Self>, instance: Instance, healthy: bool) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        if !healthy {
+            drop(instance);
+            self.add_live(-1);
+        } else if self.draining.load(Ordering::Acquire) {
+            self.destroy_later(instance);
+        } else {
+            self.lock_idle().push(instance);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Destroy instances idle longer than the function's `idle_timeout`;
+    /// returns how many.
+    pub fn reap_idle(self: &Arc<Self>, now: Instant) -> usize {
+        let idle_timeout = self.function.spec().limits.idle_timeout;
+        let expired: Vec<Instance> = {
+            let mut idle = self.lock_idle();
+            // Oldest first: the list is in release order.
+            let keep_from = idle
+                .iter()
+                .position(|instance| now.duration_since(instance.last_used) < idle_timeout)
+                .unwrap_or(idle.len());
+            idle.drain(..keep_from).collect()
+        };
+        let count = expired.len();
+        for instance in expired {
+            self.destroy_later(instance);
+        }
+        count
+    }
+
+    /// Stop reusing instances: destroy the idle ones now and the busy ones
+    /// as they finish, and wait (up to `timeout`) until none is left.
+    /// Returns whether the pool emptied in time.
+    pub async fn drain(self: &Arc<Self>, timeout: Duration) -> bool {
+        self.draining.store(true, Ordering::Release);
+        let idle: Vec<Instance> = std::mem::take(&mut *self.lock_idle());
+        for instance in idle {
+            self.destroy_later(instance);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if self.live.load(Ordering::Acquire) == 0 && self.busy.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    fn destroy_later(self: &Arc<Self>, instance: Instance) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = instance.destroy().await {
+                tracing::warn!(function = pool.function.name(), error = %error.message, "destroy hook failed");
+            }
+            pool.add_live(-1);
+            pool.changed.notify_waiters();
+        });
+    }
+
+    fn add_live(&self, delta: isize) {
+        let live = if delta >= 0 {
+            self.live.fetch_add(delta as usize, Ordering::AcqRel) + delta as usize
+        } else {
+            self.live.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel) - delta.unsigned_abs()
+        };
+        self.metrics.set_instances(self.function.name(), self.function.version(), live);
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
+        self.idle.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}

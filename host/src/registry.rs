@@ -1,0 +1,454 @@
+//! Deployed functions: their versions, traffic weights and routes, kept on
+//! disk so a restarted host serves the same functions.
+//!
+//! Changes (deploy, undeploy) are serialized by one async mutex and applied
+//! atomically: everything in a deploy is compiled and checked first, the new
+//! state is written to disk, and only then is the route table swapped.
+//! Requests read the table through a short `RwLock` read of an `Arc`, so no
+//! lock is held across a request, and a request that already picked a
+//! version finishes on it while new requests go to the new one; the old
+//! version's pool drains in the background and runs `destroy` on its
+//! instances.
+//!
+//! On disk (under the state directory): `registry.json` (the specs) and
+//! `wasm/<sha256>.wasm` (the modules), both written atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::engine::{CompileSource, sha256_hex, write_atomically};
+use crate::function::Runtime;
+use crate::logs::LogSink;
+use crate::manifest::{FunctionSpec, Limits, Route, check_versions};
+use crate::metrics::Metrics;
+use crate::pool::{FunctionPool, PoolStats};
+
+/// One version to deploy: its spec and its wasm.
+#[derive(Clone)]
+pub struct DeployItem {
+    /// The validated spec.
+    pub spec: FunctionSpec,
+    /// The wasm bytes.
+    pub wasm: Arc<[u8]>,
+}
+
+/// What a deploy did for one version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployReport {
+    /// The function.
+    pub function: String,
+    /// The version.
+    pub version: String,
+    /// The wasm's sha256.
+    pub digest: String,
+    /// `compiled`, `cache` (compiled code reused from disk) or `unchanged`
+    /// (already deployed as is; warm instances kept).
+    pub source: String,
+}
+
+/// A deployed function as `shoal ls` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    /// The name.
+    pub name: String,
+    /// Its routes.
+    pub routes: Vec<String>,
+    /// Its versions with their weights and instance counts.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// One deployed version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// The version label.
+    pub version: String,
+    /// The wasm's sha256.
+    pub digest: String,
+    /// Traffic weight.
+    pub weight: u32,
+    /// Whether it exports lifecycle hooks.
+    pub lifecycle: bool,
+    /// Instance counters.
+    pub stats: PoolStats,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+#[derive(Clone)]
+struct Deployed {
+    versions: Vec<Arc<FunctionPool>>,
+}
+
+impl Deployed {
+    fn routes(&self) -> &[Route] {
+        self.versions.first().map_or(&[], |pool| &pool.function().spec().routes)
+    }
+}
+
+/// Where requests for one function go: its versions and their weights.
+pub struct Target {
+    name: String,
+    versions: Vec<(Arc<FunctionPool>, u64)>,
+    total_weight: u64,
+}
+
+impl Target {
+    fn new(name: &str, deployed: &Deployed) -> Target {
+        let mut total_weight = 0;
+        let versions = deployed
+            .versions
+            .iter()
+            .filter(|pool| pool.function().spec().weight > 0)
+            .map(|pool| {
+                total_weight += u64::from(pool.function().spec().weight);
+                (pool.clone(), total_weight)
+            })
+            .collect();
+        Target { name: name.to_string(), versions, total_weight }
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Choose a version, at random in proportion to the weights.
+    pub fn pick(&self) -> &Arc<FunctionPool> {
+        let ticket = rand::random_range(0..self.total_weight.max(1));
+        let index = self.versions.partition_point(|(_, upto)| *upto <= ticket);
+        &self.versions[index.min(self.versions.len() - 1)].0
+    }
+}
+
+/// Routes and names resolved to targets; immutable, swapped whole.
+#[derive(Default)]
+struct RouteTable {
+    routes: HashMap<(Option<String>, String), Arc<Target>>,
+    by_name: HashMap<String, Arc<Target>>,
+}
+
+impl RouteTable {
+    fn build(functions: &BTreeMap<String, Deployed>) -> RouteTable {
+        let mut table = RouteTable::default();
+        for (name, deployed) in functions {
+            let target = Arc::new(Target::new(name, deployed));
+            for route in deployed.routes() {
+                table.routes.insert((route.host.clone(), route.prefix.clone()), target.clone());
+            }
+            table.by_name.insert(name.clone(), target);
+        }
+        table
+    }
+
+    /// The most specific route for `path`: a route naming the host beats
+    /// one that does not; a longer prefix beats a shorter one.
+    fn lookup(&self, host: Option<&str>, path: &str) -> Option<Arc<Target>> {
+        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _port)| name).to_ascii_lowercase());
+        let mut prefix = path;
+        loop {
+            let candidate = if prefix.is_empty() { "/" } else { prefix };
+            if let Some(host) = &host
+                && let Some(target) = self.routes.get(&(Some(host.clone()), candidate.to_string()))
+            {
+                return Some(target.clone());
+            }
+            if let Some(target) = self.routes.get(&(None, candidate.to_string())) {
+                return Some(target.clone());
+            }
+            if prefix.is_empty() {
+                return None;
+            }
+            prefix = &prefix[..prefix.rfind('/').unwrap_or(0)];
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedRegistry {
+    functions: Vec<PersistedVersion>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedVersion {
+    spec: FunctionSpec,
+    digest: String,
+}
+
+/// The deployed functions of a host.
+pub struct Registry {
+    runtime: Runtime,
+    metrics: Arc<Metrics>,
+    log_sink: Arc<dyn LogSink>,
+    state_dir: Option<PathBuf>,
+    drain_timeout: Duration,
+    functions: tokio::sync::Mutex<BTreeMap<String, Deployed>>,
+    table: RwLock<Arc<RouteTable>>,
+}
+
+impl Registry {
+    /// An empty registry; `state_dir` (if any) is where it persists.
+    pub fn new(
+        runtime: Runtime,
+        metrics: Arc<Metrics>,
+        log_sink: Arc<dyn LogSink>,
+        state_dir: Option<PathBuf>,
+        drain_timeout: Duration,
+    ) -> Result<Registry, Error> {
+        if let Some(dir) = &state_dir {
+            std::fs::create_dir_all(dir.join("wasm")).map_err(Error::io(dir.join("wasm")))?;
+        }
+        Ok(Registry {
+            runtime,
+            metrics,
+            log_sink,
+            state_dir,
+            drain_timeout,
+            functions: tokio::sync::Mutex::new(BTreeMap::new()),
+            table: RwLock::new(Arc::new(RouteTable::default())),
+        })
+    }
+
+    /// Redeploy what the state directory holds. A function that no longer
+    /// loads is reported and skipped; the others are served.
+    pub async fn restore(&self) -> Result<Vec<DeployReport>, Error> {
+        let Some(dir) = &self.state_dir else { return Ok(Vec::new()) };
+        let path = dir.join("registry.json");
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(Error::io(&path)(err)),
+        };
+        let persisted: PersistedRegistry =
+            serde_json::from_slice(&text).map_err(|err| anyhow::anyhow!("{} is corrupt: {err}", path.display()))?;
+        let mut items = Vec::new();
+        for version in persisted.functions {
+            let blob = dir.join("wasm").join(format!("{}.wasm", version.digest));
+            match std::fs::read(&blob) {
+                Ok(wasm) => items.push(DeployItem { spec: version.spec, wasm: wasm.into() }),
+                Err(err) => {
+                    tracing::error!(function = %version.spec.name, path = %blob.display(), error = %err,
+                        "cannot restore function: its wasm is missing");
+                }
+            }
+        }
+        let mut reports = Vec::new();
+        let mut by_name: BTreeMap<String, Vec<DeployItem>> = BTreeMap::new();
+        for item in items {
+            by_name.entry(item.spec.name.clone()).or_default().push(item);
+        }
+        for (name, items) in by_name {
+            match self.deploy(items).await {
+                Ok(mut report) => reports.append(&mut report),
+                Err(err) => tracing::error!(function = %name, error = %err, "cannot restore function"),
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Deploy versions. For each function named, its set of versions
+    /// becomes exactly the versions given: a version already deployed
+    /// unchanged keeps its warm instances; versions no longer listed drain.
+    /// All or nothing: on error, nothing changed.
+    pub async fn deploy(&self, items: Vec<DeployItem>) -> Result<Vec<DeployReport>, Error> {
+        let mut specs: Vec<FunctionSpec> = items.iter().map(|item| item.spec.clone()).collect();
+        check_versions(&specs)
+            .map_err(|message| crate::manifest::ManifestError { file: "<deploy>".into(), message })?;
+
+        let mut functions = self.functions.lock().await;
+        let mut next = functions.clone();
+        let mut reports = Vec::new();
+        let mut new_versions: BTreeMap<String, Vec<Arc<FunctionPool>>> = BTreeMap::new();
+        let mut blobs = Vec::new();
+        for (item, spec) in items.iter().zip(specs.iter_mut()) {
+            let digest = sha256_hex(&item.wasm);
+            let version = spec.version.clone().unwrap_or_else(|| default_version(&digest, &spec.limits));
+            spec.version = Some(version.clone());
+            let existing = functions.get(&spec.name).and_then(|deployed| {
+                deployed
+                    .versions
+                    .iter()
+                    .find(|pool| pool.function().spec() == spec && pool.function().digest() == digest)
+            });
+            let (pool, source) = match existing {
+                Some(pool) => (pool.clone(), "unchanged"),
+                None => {
+                    let (compiled, source) = self
+                        .runtime
+                        .prepare(spec.clone(), item.wasm.clone(), digest.clone(), self.log_sink.clone())
+                        .await?;
+                    let source = match source {
+                        CompileSource::Compiled => "compiled",
+                        CompileSource::Cache => "cache",
+                    };
+                    blobs.push((digest.clone(), item.wasm.clone()));
+                    (FunctionPool::new(compiled, self.metrics.clone()), source)
+                }
+            };
+            new_versions.entry(spec.name.clone()).or_default().push(pool);
+            reports.push(DeployReport { function: spec.name.clone(), version, digest, source: source.to_string() });
+        }
+        for (name, versions) in new_versions {
+            next.insert(name, Deployed { versions });
+        }
+        check_routes(&next)?;
+        self.persist(&next, &blobs)?;
+
+        let retired = retired_pools(&functions, &next);
+        *functions = next;
+        self.swap_table(&functions);
+        drop(functions);
+        for pool in retired {
+            let timeout = self.drain_timeout;
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                pool.drain(timeout).await;
+                metrics.forget_instances(pool.function().name(), pool.function().version());
+            });
+        }
+        Ok(reports)
+    }
+
+    /// Remove a function. Waits (up to the drain timeout) for its instances
+    /// to finish their requests and run `destroy`.
+    pub async fn undeploy(&self, name: &str) -> Result<FunctionInfo, Error> {
+        let mut functions = self.functions.lock().await;
+        let Some(deployed) = functions.get(name).cloned() else {
+            return Err(Error::UnknownFunction { name: name.to_string() });
+        };
+        let mut next = functions.clone();
+        next.remove(name);
+        self.persist(&next, &[])?;
+        *functions = next;
+        self.swap_table(&functions);
+        drop(functions);
+        let info = info(name, &deployed);
+        for pool in &deployed.versions {
+            pool.drain(self.drain_timeout).await;
+            self.metrics.forget_instances(name, pool.function().version());
+        }
+        Ok(info)
+    }
+
+    /// Every deployed function.
+    pub async fn list(&self) -> Vec<FunctionInfo> {
+        let functions = self.functions.lock().await;
+        functions.iter().map(|(name, deployed)| info(name, deployed)).collect()
+    }
+
+    /// The target serving `path` on `host`, if any.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<Arc<Target>> {
+        self.current_table().lookup(host, path)
+    }
+
+    /// The target for a function by name.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Target>> {
+        self.current_table().by_name.get(name).cloned()
+    }
+
+    /// Every pool (for the idle reaper).
+    pub fn pools(&self) -> Vec<Arc<FunctionPool>> {
+        let table = self.current_table();
+        table.by_name.values().flat_map(|target| target.versions.iter().map(|(pool, _)| pool.clone())).collect()
+    }
+
+    /// Drain every function (host shutdown): requests finish, `destroy`
+    /// runs. Nothing is removed from disk.
+    pub async fn drain_all(&self, timeout: Duration) {
+        let functions = self.functions.lock().await;
+        let drains = functions.values().flat_map(|deployed| deployed.versions.iter()).map(|pool| pool.drain(timeout));
+        futures_util::future::join_all(drains).await;
+    }
+
+    fn current_table(&self) -> Arc<RouteTable> {
+        self.table.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    fn swap_table(&self, functions: &BTreeMap<String, Deployed>) {
+        let table = Arc::new(RouteTable::build(functions));
+        *self.table.write().unwrap_or_else(|poison| poison.into_inner()) = table;
+    }
+
+    fn persist(&self, functions: &BTreeMap<String, Deployed>, blobs: &[(String, Arc<[u8]>)]) -> Result<(), Error> {
+        let Some(dir) = &self.state_dir else { return Ok(()) };
+        for (digest, wasm) in blobs {
+            let path = dir.join("wasm").join(format!("{digest}.wasm"));
+            if !path.exists() {
+                write_atomically(&path, wasm).map_err(Error::io(&path))?;
+            }
+        }
+        let persisted = PersistedRegistry {
+            functions: functions
+                .values()
+                .flat_map(|deployed| deployed.versions.iter())
+                .map(|pool| PersistedVersion {
+                    spec: pool.function().spec().clone(),
+                    digest: pool.function().digest().to_string(),
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&persisted).map_err(anyhow::Error::from)?;
+        let path = dir.join("registry.json");
+        write_atomically(&path, &json).map_err(Error::io(&path))
+    }
+}
+
+/// The default version label: the wasm's digest and the limits, hashed, so
+/// changing either makes a new version.
+fn default_version(digest: &str, limits: &Limits) -> String {
+    let limits = serde_json::to_string(limits).unwrap_or_default();
+    sha256_hex(format!("{digest}\n{limits}").as_bytes())[..12].to_string()
+}
+
+fn check_routes(functions: &BTreeMap<String, Deployed>) -> Result<(), Error> {
+    let mut owners: HashMap<&Route, &str> = HashMap::new();
+    for (name, deployed) in functions {
+        for route in deployed.routes() {
+            if let Some(owner) = owners.insert(route, name) {
+                return Err(Error::RouteConflict {
+                    route: route.to_string(),
+                    function: name.clone(),
+                    owner: owner.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn retired_pools(before: &BTreeMap<String, Deployed>, after: &BTreeMap<String, Deployed>) -> Vec<Arc<FunctionPool>> {
+    before
+        .iter()
+        .flat_map(|(name, deployed)| deployed.versions.iter().map(move |pool| (name, pool)))
+        .filter(|(name, pool)| {
+            !after.get(*name).is_some_and(|deployed| deployed.versions.iter().any(|kept| Arc::ptr_eq(kept, pool)))
+        })
+        .map(|(_, pool)| pool.clone())
+        .collect()
+}
+
+fn info(name: &str, deployed: &Deployed) -> FunctionInfo {
+    FunctionInfo {
+        name: name.to_string(),
+        routes: deployed.routes().iter().map(Route::to_string).collect(),
+        versions: deployed
+            .versions
+            .iter()
+            .map(|pool| {
+                let function = pool.function();
+                VersionInfo {
+                    version: function.version().to_string(),
+                    digest: function.digest().to_string(),
+                    weight: function.spec().weight,
+                    lifecycle: function.has_lifecycle(),
+                    stats: pool.stats(),
+                    limits: function.spec().limits.clone(),
+                }
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,3 @@
+//! What makes functions run: HTTP requests (and, later, messages).
+
+pub mod http;
