@@ -145,25 +145,31 @@ impl RouteTable {
         table
     }
 
-    /// The most specific route for `path`: a route naming the host beats
-    /// one that does not; a longer prefix beats a shorter one.
+    /// The route for `path` on `host`: routes naming the request's host are
+    /// tried first (as virtual hosts), then host-less ones; within each, the
+    /// longest matching prefix wins.
     fn lookup(&self, host: Option<&str>, path: &str) -> Option<Arc<Target>> {
         let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _port)| name).to_ascii_lowercase());
-        let mut prefix = path;
+        if host.is_some()
+            && let Some(target) = self.longest_prefix(host.clone(), path)
+        {
+            return Some(target);
+        }
+        self.longest_prefix(None, path)
+    }
+
+    fn longest_prefix(&self, host: Option<String>, path: &str) -> Option<Arc<Target>> {
+        let mut key = (host, path.to_string());
         loop {
-            let candidate = if prefix.is_empty() { "/" } else { prefix };
-            if let Some(host) = &host
-                && let Some(target) = self.routes.get(&(Some(host.clone()), candidate.to_string()))
-            {
+            if key.1.is_empty() {
+                key.1.push('/');
+                return self.routes.get(&key).cloned();
+            }
+            if let Some(target) = self.routes.get(&key) {
                 return Some(target.clone());
             }
-            if let Some(target) = self.routes.get(&(None, candidate.to_string())) {
-                return Some(target.clone());
-            }
-            if prefix.is_empty() {
-                return None;
-            }
-            prefix = &prefix[..prefix.rfind('/').unwrap_or(0)];
+            let cut = key.1.rfind('/').unwrap_or(0);
+            key.1.truncate(cut);
         }
     }
 }

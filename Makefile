@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make run    serve the example functions on 127.0.0.1:8080
+#   make test   lint and run the whole test suite
+# Both install what they need on a fresh machine (wasm targets, ...).
+
+CARGO ?= cargo
+FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
+
+.PHONY: run test setup functions lint unit-and-integration
+
+setup:
+	rustup target add wasm32-wasip2 wasm32-wasip1
+	rustup component add rustfmt clippy
+
+functions: setup
+	cd functions && $(CARGO) build --release --target wasm32-wasip2
+
+run: functions
+	$(CARGO) run --release --bin shoal -- serve functions/shoal.toml
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	cd functions && $(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	cd functions && $(CARGO) clippy --release --target wasm32-wasip2 -- -D warnings
+
+unit-and-integration: functions
+	$(CARGO) test --workspace
+
+test: lint unit-and-integration

@@ -1,0 +1,126 @@
+//! Bad input gets a clear error naming what and where; the host keeps
+//! running and nothing already deployed is lost.
+
+use std::path::Path;
+
+use crate::support::{HostProcess, guest, manifest_entry, shoal_bin, write_manifest};
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Deploy a one-function manifest whose wasm is `wasm`; return stderr.
+fn deploy_wasm(host: &HostProcess, dir: &Path, name: &str, wasm: &Path) -> String {
+    let manifest = write_manifest(dir, &format!("[[function]]\nname = \"{name}\"\nwasm = \"{}\"\n", wasm.display()));
+    let output = host.cli(&["deploy", manifest.to_str().unwrap()]);
+    assert!(!output.status.success(), "deploy of {name} should fail");
+    stderr_of(&output)
+}
+
+#[tokio::test]
+async fn each_bad_input_is_refused_with_a_clear_error_and_the_host_keeps_serving() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_manifest(state.path(), &manifest_entry("hello", "hello", "/hello"));
+    let host = HostProcess::spawn(state.path(), Some(&good));
+
+    // A manifest that does not exist.
+    let missing = host.cli(&["deploy", "/no/such/shoal.toml"]);
+    assert!(stderr_of(&missing).contains("/no/such/shoal.toml: cannot read manifest"), "{}", stderr_of(&missing));
+
+    // An invalid manifest: the file, the line and the field.
+    let typo = write_manifest(dir.path(), "[[function]]\nname = \"x\"\nwsam = \"x.wasm\"\n");
+    let err = stderr_of(&host.cli(&["deploy", typo.to_str().unwrap()]));
+    assert!(err.contains("shoal.toml") && err.contains("line 3") && err.contains("unknown field `wsam`"), "{err}");
+
+    // A wasm file that does not exist.
+    let err = deploy_wasm(&host, dir.path(), "ghost", Path::new("/no/such.wasm"));
+    assert!(err.contains("function \"ghost\": cannot read its wasm /no/such.wasm"), "{err}");
+
+    // Bytes that are not wasm.
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asn not wasm at all").unwrap();
+    let err = deploy_wasm(&host, dir.path(), "garbage", &garbage);
+    assert!(err.contains("function \"garbage\": invalid wasm"), "{err}");
+
+    // A truncated component: right header, broken body.
+    let truncated = dir.path().join("truncated.wasm");
+    let bytes = std::fs::read(guest("hello")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = deploy_wasm(&host, dir.path(), "truncated", &truncated);
+    assert!(err.contains("function \"truncated\": invalid wasm"), "{err}");
+
+    // A core module where a component is needed.
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, wat::parse_str("(module (func (export \"_start\")))").unwrap()).unwrap();
+    let err = deploy_wasm(&host, dir.path(), "core", &core);
+    assert!(err.contains("core wasm module, not a component") && err.contains("wasm32-wasip2"), "{err}");
+
+    // A component without the HTTP handler export.
+    let err = deploy_wasm(&host, dir.path(), "command", &guest("cli-hello"));
+    assert!(err.contains("function \"command\"") && err.contains("wasi:http/incoming-handler"), "{err}");
+
+    // Unknown functions.
+    let err = stderr_of(&host.cli(&["undeploy", "nope"]));
+    assert!(err.contains("no function named \"nope\""), "{err}");
+    let invoke = host.cli(&["invoke", "nope"]);
+    assert!(!invoke.status.success() && invoke.stdout.is_empty());
+    assert!(stderr_of(&invoke).contains("no function named \"nope\""), "{}", stderr_of(&invoke));
+
+    // Through all of that, the host kept serving what it had, and only that.
+    let body = reqwest::get(host.url("/hello")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "hello, world\n");
+    let ls = host.cli(&["ls", "--json"]);
+    let functions: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    let names: Vec<&str> = functions.as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["hello"]);
+}
+
+#[tokio::test]
+async fn serve_with_an_invalid_manifest_exits_with_the_error_before_serving() {
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), "[[function]]\nname = \"Bad Name\"\nwasm = \"x.wasm\"\n");
+    let output = std::process::Command::new(shoal_bin())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = stderr_of(&output);
+    assert!(err.contains("shoal.toml") && err.contains("invalid name \"Bad Name\""), "{err}");
+}
+
+#[tokio::test]
+async fn the_cli_invokes_lists_and_reports_usage() {
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("hello", "hello", "/hello"));
+    let host = HostProcess::spawn(state.path(), Some(&manifest));
+    let invoke = host.cli(&["invoke", "hello", "--path", "/hello?name=cli"]);
+    assert!(invoke.status.success(), "{}", stderr_of(&invoke));
+    assert_eq!(String::from_utf8_lossy(&invoke.stdout), "hello, cli\n");
+    let ls = String::from_utf8_lossy(&host.cli(&["ls"]).stdout).into_owned();
+    assert!(ls.lines().any(|l| l.starts_with("hello") && l.ends_with("/hello")), "{ls}");
+    let usage =
+        String::from_utf8_lossy(&host.cli(&["usage", "--function", "hello", "--since", "1h"]).stdout).into_owned();
+    let row = usage.lines().find(|l| l.starts_with("hello")).unwrap_or_else(|| panic!("{usage}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("1"), "one request: {row}");
+    let none =
+        String::from_utf8_lossy(&host.cli(&["usage", "--since", "2000-01-01T00:00:00Z", "--function", "x"]).stdout)
+            .into_owned();
+    assert_eq!(none.lines().count(), 1, "only the header: {none}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_runs_destroy_and_exits_zero() {
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("lifecycle", "lifecycle", "/lc"));
+    let mut host = HostProcess::spawn(state.path(), Some(&manifest));
+    reqwest::get(host.url("/lc")).await.unwrap().text().await.unwrap();
+    let status = host.terminate();
+    assert!(status.success(), "{status:?}");
+    let log = host.log();
+    assert!(log.contains("lifecycle: destroy after 1 requests"), "{log}");
+    assert!(!host.state_dir.join("admin.sock").exists(), "the admin socket is removed");
+}

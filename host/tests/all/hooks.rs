@@ -1,0 +1,69 @@
+//! `start` runs once per instance before its first request; `destroy` runs
+//! before the instance is dropped.
+
+use crate::support::{TestHost, spec};
+
+fn texts(host: &TestHost) -> Vec<String> {
+    host.lines_of("lifecycle").into_iter().map(|line| line.text).collect()
+}
+
+#[tokio::test]
+async fn start_runs_once_before_the_first_request_and_the_instance_is_reused() {
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("lifecycle", "lifecycle", "/lc")]).await;
+    assert!(texts(&host).is_empty(), "no instance (and no start) before the first request");
+
+    let first = host.get("/lc").await;
+    let second = host.get("/lc").await;
+    assert_eq!(first.body, r#"{"started":true,"served":1}"#);
+    assert_eq!(second.body, r#"{"started":true,"served":2}"#, "the warm instance served the second request");
+    assert_eq!(texts(&host), ["lifecycle: start", "lifecycle: request 1", "lifecycle: request 2"]);
+}
+
+#[tokio::test]
+async fn destroy_runs_when_the_function_is_undeployed() {
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("lifecycle", "lifecycle", "/lc")]).await;
+    host.get("/lc").await;
+    host.running.host().registry().undeploy("lifecycle").await.unwrap();
+    assert_eq!(texts(&host), ["lifecycle: start", "lifecycle: request 1", "lifecycle: destroy after 1 requests"]);
+    assert_eq!(host.get("/lc").await.status, 404);
+}
+
+#[tokio::test]
+async fn destroy_runs_on_host_shutdown() {
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("lifecycle", "lifecycle", "/lc")]).await;
+    host.get("/lc").await;
+    host.get("/lc").await;
+    let logs = host.logs.clone();
+    host.running.shutdown().await;
+    let lines: Vec<String> = logs.lines().into_iter().map(|line| line.text).collect();
+    assert_eq!(lines.last().map(String::as_str), Some("lifecycle: destroy after 2 requests"));
+}
+
+#[tokio::test]
+async fn start_and_request_lines_carry_the_request_id_and_destroy_lines_none() {
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("lifecycle", "lifecycle", "/lc")]).await;
+    let reply = host.client.get(host.url("/lc")).header("x-request-id", "trace-me-42").send().await.unwrap();
+    assert_eq!(reply.headers()["x-request-id"], "trace-me-42");
+    host.running.host().registry().undeploy("lifecycle").await.unwrap();
+    let lines = host.lines_of("lifecycle");
+    let request_line = lines.iter().find(|line| line.text == "lifecycle: request 1").unwrap();
+    assert_eq!(request_line.request_id.as_deref(), Some("trace-me-42"));
+    let destroy_line = lines.iter().find(|line| line.text.starts_with("lifecycle: destroy")).unwrap();
+    assert_eq!(destroy_line.request_id, None);
+}
+
+#[tokio::test]
+async fn a_trap_in_start_answers_503_naming_the_hook_and_other_functions_keep_serving() {
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("trap-start", "trap-start", "/trap"), spec("hello", "hello", "/hello")]).await;
+    let reply = host.get("/trap").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.error_kind(), Some("start_failed"));
+    assert!(reply.body.contains("trap-start") && reply.body.contains("start hook"), "{}", reply.body);
+    assert_eq!(host.live_instances("trap-start").await, 0, "a failed instance is not kept");
+    assert_eq!(host.get("/hello").await.body, "hello, world\n");
+}

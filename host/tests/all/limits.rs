@@ -1,0 +1,114 @@
+//! Each limit, breached: the client gets a clear status and body naming
+//! the limit and the function, and the instance is discarded.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{TestHost, spec};
+
+#[tokio::test]
+async fn a_request_past_its_timeout_gets_504_naming_the_limit() {
+    let host = TestHost::start().await;
+    let mut spin = spec("spin", "spin", "/spin");
+    spin.limits.timeout = Duration::from_millis(200);
+    host.deploy(vec![spin]).await;
+
+    let started = Instant::now();
+    let reply = host.get("/spin").await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.error_kind(), Some("timeout"));
+    assert!(reply.body.contains("\"spin\"") && reply.body.contains("timeout of 200 ms"), "{}", reply.body);
+    assert!(started.elapsed() < Duration::from_secs(5), "the loop was cut off");
+    assert_eq!(host.live_instances("spin").await, 0, "the interrupted instance is discarded");
+}
+
+#[tokio::test]
+async fn a_guest_blocked_in_a_host_call_is_cut_off_at_its_timeout() {
+    let host = TestHost::start().await;
+    let mut slow = spec("slow", "slow", "/slow");
+    slow.limits.timeout = Duration::from_millis(200);
+    host.deploy(vec![slow]).await;
+    let reply = host.get("/slow?ms=10000").await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.error_kind(), Some("timeout"));
+}
+
+#[tokio::test]
+async fn a_request_that_burns_its_fuel_gets_503_naming_the_limit() {
+    let host = TestHost::start().await;
+    let mut fib = spec("fib", "fib", "/fib");
+    fib.limits.fuel_per_request = Some(5_000_000);
+    host.deploy(vec![fib]).await;
+
+    let small = host.get("/fib?n=10").await;
+    assert_eq!((small.status, small.body.as_str()), (200, "fib(10) = 55\n"));
+    let big = host.get("/fib?n=40").await;
+    assert_eq!(big.status, 503);
+    assert_eq!(big.error_kind(), Some("fuel_exhausted"));
+    assert!(big.body.contains("fuel_per_request of 5000000"), "{}", big.body);
+    // The next request runs on a fresh instance and succeeds.
+    assert_eq!(host.get("/fib?n=10").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_guest_growing_past_its_memory_limit_gets_503_naming_the_limit() {
+    let host = TestHost::start().await;
+    let mut bomb = spec("membomb", "membomb", "/bomb");
+    bomb.limits.memory_bytes = 16 << 20;
+    host.deploy(vec![bomb]).await;
+    let reply = host.get("/bomb").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.error_kind(), Some("memory_limit"));
+    assert!(reply.body.contains("memory_mb = 16"), "{}", reply.body);
+    assert_eq!(host.live_instances("membomb").await, 0);
+}
+
+#[tokio::test]
+async fn a_panicking_handler_gets_500_and_its_instance_is_discarded() {
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("panic", "panic", "/panic")]).await;
+    let reply = host.get("/panic").await;
+    assert_eq!(reply.status, 500);
+    assert_eq!(reply.error_kind(), Some("trap"));
+    assert!(reply.body.contains("\"panic\""), "{}", reply.body);
+    assert_eq!(host.live_instances("panic").await, 0);
+    let stderr: Vec<String> = host.lines_of("panic").into_iter().map(|line| line.text).collect();
+    assert!(stderr.iter().any(|line| line.contains("panic requested by /panic")), "{stderr:?}");
+}
+
+#[tokio::test]
+async fn requests_past_max_concurrency_wait_briefly_then_get_503_with_retry_after() {
+    let host = TestHost::start().await;
+    let mut slow = spec("slow", "slow", "/slow");
+    slow.limits.max_concurrency = 1;
+    slow.limits.queue_timeout = Duration::from_millis(100);
+    host.deploy(vec![slow]).await;
+
+    let busy = tokio::spawn({
+        let client = host.client.clone();
+        let url = host.url("/slow?ms=1500");
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    });
+    // Let the first request take the only slot.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host.running.host().registry().list().await[0].versions[0].stats.busy == 0 {
+        assert!(Instant::now() < deadline, "first request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = host.get("/slow?ms=1").await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.error_kind(), Some("overloaded"));
+    assert!(refused.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+    assert!(refused.body.contains("max_concurrency of 1"), "{}", refused.body);
+    assert_eq!(busy.await.unwrap(), 200, "the request holding the slot completes");
+}
+
+#[tokio::test]
+async fn a_queued_request_is_served_when_a_slot_frees_within_queue_timeout() {
+    let host = TestHost::start().await;
+    let mut slow = spec("slow", "slow", "/slow");
+    slow.limits.max_concurrency = 1;
+    slow.limits.queue_timeout = Duration::from_secs(10);
+    host.deploy(vec![slow]).await;
+    let (a, b) = tokio::join!(host.get("/slow?ms=200"), host.get("/slow?ms=200"));
+    assert_eq!((a.status, b.status), (200, 200));
+}

@@ -1,0 +1,61 @@
+//! A restarted host serves the same functions, without compiling again.
+
+use crate::support::{HostProcess, TestHost, manifest_entry, spec, write_manifest};
+
+#[tokio::test]
+async fn a_restarted_host_serves_the_same_functions_from_its_state_dir() {
+    let host = TestHost::start_persistent().await;
+    let state = host.state.as_ref().unwrap().path().to_path_buf();
+    let mut v = spec("lifecycle", "lifecycle", "/lc");
+    v.version = Some("v7".into());
+    host.deploy(vec![spec("hello", "hello", "/hello"), v]).await;
+    let TestHost { running, state: state_guard, .. } = host;
+    running.shutdown().await;
+
+    let restarted = TestHost::start_with(Some(state.clone())).await;
+    assert_eq!(restarted.get("/hello?name=again").await.body, "hello, again\n");
+    let functions = restarted.running.host().registry().list().await;
+    let names: Vec<(&str, &str)> =
+        functions.iter().map(|f| (f.name.as_str(), f.versions[0].version.as_str())).collect();
+    assert!(names.contains(&("lifecycle", "v7")), "{names:?}");
+    drop(state_guard);
+}
+
+#[tokio::test]
+async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
+    // Two hosts, one cache: the second host finds the first one's code.
+    let cache = tempfile::tempdir().unwrap();
+    let options = shoal::engine::EngineOptions { fuel: true, max_instances: 8, cache_dir: Some(cache.path().into()) };
+    let config = shoal::host::HostConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        engine: options,
+        ..shoal::host::HostConfig::new()
+    };
+    let first = shoal::host::Host::start(config.clone()).await.unwrap();
+    let report =
+        first.host().registry().deploy(vec![crate::support::item(spec("hello", "hello", "/h"))]).await.unwrap();
+    assert_eq!(report[0].source, "compiled");
+    let again = first.host().registry().deploy(vec![crate::support::item(spec("hello", "hello", "/h"))]).await.unwrap();
+    assert_eq!(again[0].source, "unchanged", "same wasm and limits: nothing to do");
+    first.shutdown().await;
+
+    let second = shoal::host::Host::start(config).await.unwrap();
+    let report = second.host().registry().deploy(vec![crate::support::item(spec("hi", "hello", "/h"))]).await.unwrap();
+    assert_eq!(report[0].source, "cache");
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn functions_deployed_with_the_cli_survive_a_kill_9_of_the_host() {
+    let state = tempfile::tempdir().unwrap();
+    let mut host = HostProcess::spawn(state.path(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(dir.path(), &manifest_entry("hello", "hello", "/hello"));
+    let out = host.cli(&["deploy", manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    host.kill9();
+
+    let host = HostProcess::spawn(state.path(), None);
+    let body = reqwest::get(host.url("/hello")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "hello, world\n");
+}

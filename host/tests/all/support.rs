@@ -1,0 +1,265 @@
+//! Shared fixtures: guests built once, hosts on loopback, small clients.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use shoal::engine::EngineOptions;
+use shoal::host::{Host, HostConfig, RunningHost};
+use shoal::logs::{MemorySink, OwnedLine};
+use shoal::manifest::{FunctionSpec, Limits, Route};
+use shoal::registry::{DeployItem, DeployReport};
+
+/// The repository's `functions/` folder.
+pub fn functions_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions")
+}
+
+/// The path of a built guest, building all guests once per test process.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = functions_dir();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = std::process::Command::new(cargo)
+            .current_dir(&dir)
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .arg(dir.join("target"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the guests in functions/ failed");
+    });
+    // Libraries' files use `_` for `-`; binaries keep the crate name.
+    let release = functions_dir().join("target/wasm32-wasip2/release");
+    let path = [name.replace('-', "_"), name.to_string()]
+        .into_iter()
+        .map(|stem| release.join(format!("{stem}.wasm")))
+        .find(|path| path.is_file());
+    path.unwrap_or_else(|| panic!("no guest {name} in {}", release.display()))
+}
+
+/// A spec for guest `wasm` deployed as `name` on `route`.
+pub fn spec(name: &str, wasm: &str, route: &str) -> FunctionSpec {
+    FunctionSpec {
+        name: name.to_string(),
+        version: None,
+        wasm: guest(wasm),
+        routes: vec![Route::parse(route).expect("valid route")],
+        weight: 100,
+        limits: Limits::default(),
+    }
+}
+
+/// A deploy item read from the spec's wasm.
+pub fn item(spec: FunctionSpec) -> DeployItem {
+    let wasm = std::fs::read(&spec.wasm).expect("guest readable");
+    DeployItem { spec, wasm: wasm.into() }
+}
+
+/// A host on a free loopback port, with guest output captured.
+pub struct TestHost {
+    pub running: RunningHost,
+    pub logs: Arc<MemorySink>,
+    pub client: reqwest::Client,
+    pub state: Option<tempfile::TempDir>,
+}
+
+/// A compile cache shared by all tests of this process (keeps them fast).
+fn shared_cache() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("shoal-test-cache");
+    std::fs::create_dir_all(&dir).expect("cache dir");
+    dir
+}
+
+impl TestHost {
+    /// A host with no state directory.
+    pub async fn start() -> TestHost {
+        TestHost::start_with(None).await
+    }
+
+    /// A host persisting into a fresh state directory.
+    pub async fn start_persistent() -> TestHost {
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut host = TestHost::start_with(Some(state.path().to_path_buf())).await;
+        host.state = Some(state);
+        host
+    }
+
+    pub async fn start_with(state_dir: Option<PathBuf>) -> TestHost {
+        let logs = Arc::new(MemorySink::default());
+        let config = HostConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_socket: state_dir.as_ref().map(|dir| dir.join("admin.sock")),
+            state_dir,
+            engine: EngineOptions { fuel: true, max_instances: 64, cache_dir: Some(shared_cache()) },
+            log_sink: logs.clone(),
+            drain_timeout: Duration::from_secs(10),
+        };
+        let running = Host::start(config).await.expect("host starts");
+        TestHost { running, logs, client: reqwest::Client::new(), state: None }
+    }
+
+    pub async fn deploy(&self, specs: Vec<FunctionSpec>) -> Vec<DeployReport> {
+        self.try_deploy(specs).await.expect("deploy succeeds")
+    }
+
+    pub async fn try_deploy(&self, specs: Vec<FunctionSpec>) -> Result<Vec<DeployReport>, shoal::Error> {
+        self.running.host().registry().deploy(specs.into_iter().map(item).collect()).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.http_addr())
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        let response = self.client.get(self.url(path)).send().await.expect("request reaches the host");
+        Reply::read(response).await
+    }
+
+    /// Live instances of every version of `function`.
+    pub async fn live_instances(&self, function: &str) -> usize {
+        let functions = self.running.host().registry().list().await;
+        functions.iter().filter(|f| f.name == function).flat_map(|f| f.versions.iter()).map(|v| v.stats.live).sum()
+    }
+
+    /// Lines `function` wrote, in order.
+    pub fn lines_of(&self, function: &str) -> Vec<OwnedLine> {
+        self.logs.lines().into_iter().filter(|line| line.function == function).collect()
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub async fn read(response: reqwest::Response) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.text().await.expect("body readable");
+        Reply { status, headers, body }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn error_kind(&self) -> Option<&str> {
+        self.header("x-shoal-error")
+    }
+}
+
+/// Poll `condition` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `shoal serve` process (the real binary).
+pub struct HostProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub state_dir: PathBuf,
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// The `shoal` binary.
+pub fn shoal_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_shoal")
+}
+
+/// Write a manifest with `body` into `dir` and return its path.
+pub fn write_manifest(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("shoal.toml");
+    std::fs::write(&path, body).expect("manifest written");
+    path
+}
+
+/// A `[[function]]` entry for guest `wasm` deployed as `name` on `route`.
+pub fn manifest_entry(name: &str, wasm: &str, route: &str) -> String {
+    format!("[[function]]\nname = \"{name}\"\nwasm = \"{}\"\nroutes = [\"{route}\"]\n", guest(wasm).display())
+}
+
+impl HostProcess {
+    /// Start `shoal serve [manifest]` on a free port with `state_dir`, and
+    /// wait until it prints its address.
+    pub fn spawn(state_dir: &Path, manifest: Option<&Path>) -> HostProcess {
+        use std::io::BufRead as _;
+        let mut command = std::process::Command::new(shoal_bin());
+        command.arg("--state-dir").arg(state_dir).arg("serve").args(["--listen", "127.0.0.1:0"]);
+        if let Some(manifest) = manifest {
+            command.arg(manifest);
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(state_dir.join("host.log")).expect("log file"))
+            .spawn()
+            .expect("shoal serve starts");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            let read = stdout.read_line(&mut line).expect("stdout readable");
+            assert!(read > 0, "shoal serve exited before serving: {:?}", child.wait());
+            if let Some(rest) = line.split("on http://").nth(1) {
+                break rest.split_whitespace().next().expect("address").to_string();
+            }
+        };
+        HostProcess { child, addr, state_dir: state_dir.to_path_buf(), _stdout: stdout }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// What the host wrote to stderr (its log) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("host.log")).unwrap_or_default()
+    }
+
+    /// Run a `shoal` CLI command against this host's admin socket.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(shoal_bin())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(args)
+            .output()
+            .expect("shoal runs")
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGTERM)
+            .expect("signal");
+        self.child.wait().expect("reaped")
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
