@@ -23,8 +23,10 @@ lint: setup
 	cd functions && $(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	cd functions && $(CARGO) clippy --release --target wasm32-wasip2 -- -D warnings
+	cd abi/sdk && $(CARGO) fmt -- --check && $(CARGO) clippy --target wasm32-wasip2 -- -D warnings
 
 unit-and-integration: functions
 	$(CARGO) test --workspace
+	cd abi/sdk && $(CARGO) test --doc
 
 test: lint unit-and-integration

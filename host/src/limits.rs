@@ -143,6 +143,10 @@ impl Outcome {
     /// store whose memory meter is `memory` and whose deadline passed iff
     /// `deadline_passed`.
     pub fn classify(error: &wasmtime::Error, memory: &MemoryMeter, deadline_passed: bool) -> Outcome {
+        // Every instance slot of the engine's pool is taken.
+        if error.chain().any(|cause| cause.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()) {
+            return Outcome::Overloaded;
+        }
         if error.chain().any(|cause| cause.downcast_ref::<DeadlineExceeded>().is_some()) || deadline_passed {
             return Outcome::Timeout;
         }

@@ -179,7 +179,7 @@ struct PersistedRegistry {
     functions: Vec<PersistedVersion>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct PersistedVersion {
     spec: FunctionSpec,
     digest: String,
@@ -194,6 +194,10 @@ pub struct Registry {
     drain_timeout: Duration,
     functions: tokio::sync::Mutex<BTreeMap<String, Deployed>>,
     table: RwLock<Arc<RouteTable>>,
+    /// Persisted versions that failed to load at startup: kept on disk (so
+    /// nothing deployed is lost) until a deploy of the same name replaces
+    /// them or they are undeployed.
+    unrestored: std::sync::Mutex<Vec<PersistedVersion>>,
 }
 
 impl Registry {
@@ -216,6 +220,7 @@ impl Registry {
             drain_timeout,
             functions: tokio::sync::Mutex::new(BTreeMap::new()),
             table: RwLock::new(Arc::new(RouteTable::default())),
+            unrestored: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -231,26 +236,36 @@ impl Registry {
         };
         let persisted: PersistedRegistry =
             serde_json::from_slice(&text).map_err(|err| anyhow::anyhow!("{} is corrupt: {err}", path.display()))?;
-        let mut items = Vec::new();
+        let mut by_name: BTreeMap<String, Vec<PersistedVersion>> = BTreeMap::new();
         for version in persisted.functions {
-            let blob = dir.join("wasm").join(format!("{}.wasm", version.digest));
-            match std::fs::read(&blob) {
-                Ok(wasm) => items.push(DeployItem { spec: version.spec, wasm: wasm.into() }),
-                Err(err) => {
-                    tracing::error!(function = %version.spec.name, path = %blob.display(), error = %err,
-                        "cannot restore function: its wasm is missing");
-                }
-            }
+            by_name.entry(version.spec.name.clone()).or_default().push(version);
         }
         let mut reports = Vec::new();
-        let mut by_name: BTreeMap<String, Vec<DeployItem>> = BTreeMap::new();
-        for item in items {
-            by_name.entry(item.spec.name.clone()).or_default().push(item);
-        }
-        for (name, items) in by_name {
-            match self.deploy(items).await {
+        for (name, versions) in by_name {
+            let mut items = Vec::new();
+            for version in &versions {
+                let blob = dir.join("wasm").join(format!("{}.wasm", version.digest));
+                match std::fs::read(&blob) {
+                    Ok(wasm) => items.push(DeployItem { spec: version.spec.clone(), wasm: wasm.into() }),
+                    Err(err) => {
+                        tracing::error!(function = %name, path = %blob.display(), error = %err,
+                            "cannot restore function: its wasm is unreadable");
+                        break;
+                    }
+                }
+            }
+            let result = if items.len() == versions.len() {
+                self.deploy_versions(items, false).await
+            } else {
+                Err(Error::Internal(anyhow::anyhow!("wasm missing")))
+            };
+            match result {
                 Ok(mut report) => reports.append(&mut report),
-                Err(err) => tracing::error!(function = %name, error = %err, "cannot restore function"),
+                Err(err) => {
+                    tracing::error!(function = %name, error = %err,
+                        "cannot restore function; it stays on disk and can be redeployed");
+                    self.lock_unrestored().extend(versions);
+                }
             }
         }
         Ok(reports)
@@ -261,6 +276,10 @@ impl Registry {
     /// unchanged keeps its warm instances; versions no longer listed drain.
     /// All or nothing: on error, nothing changed.
     pub async fn deploy(&self, items: Vec<DeployItem>) -> Result<Vec<DeployReport>, Error> {
+        self.deploy_versions(items, true).await
+    }
+
+    async fn deploy_versions(&self, items: Vec<DeployItem>, persist: bool) -> Result<Vec<DeployReport>, Error> {
         let mut specs: Vec<FunctionSpec> = items.iter().map(|item| item.spec.clone()).collect();
         check_versions(&specs)
             .map_err(|message| crate::manifest::ManifestError { file: "<deploy>".into(), message })?;
@@ -302,7 +321,10 @@ impl Registry {
             next.insert(name, Deployed { versions });
         }
         check_routes(&next)?;
-        self.persist(&next, &blobs)?;
+        if persist {
+            self.lock_unrestored().retain(|version| !next.contains_key(&version.spec.name));
+            self.persist(&next, &blobs)?;
+        }
 
         let retired = retired_pools(&functions, &next);
         *functions = next;
@@ -324,6 +346,16 @@ impl Registry {
     pub async fn undeploy(&self, name: &str) -> Result<FunctionInfo, Error> {
         let mut functions = self.functions.lock().await;
         let Some(deployed) = functions.get(name).cloned() else {
+            let had = {
+                let mut unrestored = self.lock_unrestored();
+                let before = unrestored.len();
+                unrestored.retain(|version| version.spec.name != name);
+                before != unrestored.len()
+            };
+            if had {
+                self.persist(&functions, &[])?;
+                return Ok(FunctionInfo { name: name.to_string(), routes: Vec::new(), versions: Vec::new() });
+            }
             return Err(Error::UnknownFunction { name: name.to_string() });
         };
         let mut next = functions.clone();
@@ -370,6 +402,10 @@ impl Registry {
         futures_util::future::join_all(drains).await;
     }
 
+    fn lock_unrestored(&self) -> std::sync::MutexGuard<'_, Vec<PersistedVersion>> {
+        self.unrestored.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
     fn current_table(&self) -> Arc<RouteTable> {
         self.table.read().unwrap_or_else(|poison| poison.into_inner()).clone()
     }
@@ -395,6 +431,7 @@ impl Registry {
                     spec: pool.function().spec().clone(),
                     digest: pool.function().digest().to_string(),
                 })
+                .chain(self.lock_unrestored().iter().cloned())
                 .collect(),
         };
         let json = serde_json::to_vec_pretty(&persisted).map_err(anyhow::Error::from)?;

@@ -112,3 +112,31 @@ async fn a_queued_request_is_served_when_a_slot_frees_within_queue_timeout() {
     let (a, b) = tokio::join!(host.get("/slow?ms=200"), host.get("/slow?ms=200"));
     assert_eq!((a.status, b.status), (200, 200));
 }
+
+#[tokio::test]
+async fn a_start_hook_past_its_start_timeout_is_cut_off_with_503() {
+    let host = TestHost::start().await;
+    let mut slow_start = spec("slow-start", "slow-start", "/ss");
+    slow_start.limits.start_timeout = Duration::from_millis(200);
+    host.deploy(vec![slow_start]).await;
+    let reply = host.get("/ss").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.error_kind(), Some("start_failed"));
+    assert!(reply.body.contains("start_timeout"), "{}", reply.body);
+    assert_eq!(host.live_instances("slow-start").await, 0);
+}
+
+#[tokio::test]
+async fn a_destroy_hook_past_its_destroy_timeout_is_cut_off_and_the_host_goes_on() {
+    let host = TestHost::start().await;
+    let mut slow_destroy = spec("slow-destroy", "slow-destroy", "/sd");
+    slow_destroy.limits.destroy_timeout = Duration::from_millis(200);
+    host.deploy(vec![slow_destroy, spec("hello", "hello", "/hello")]).await;
+    assert_eq!(host.get("/sd").await.status, 200);
+    let started = Instant::now();
+    host.running.host().registry().undeploy("slow-destroy").await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "undeploy waited {:?}", started.elapsed());
+    let lines: Vec<String> = host.lines_of("slow-destroy").into_iter().map(|l| l.text).collect();
+    assert_eq!(lines, ["slow-destroy: start", "slow-destroy: destroy begins"]);
+    assert_eq!(host.get("/hello").await.status, 200);
+}

@@ -59,3 +59,28 @@ async fn functions_deployed_with_the_cli_survive_a_kill_9_of_the_host() {
     let body = reqwest::get(host.url("/hello")).await.unwrap().text().await.unwrap();
     assert_eq!(body, "hello, world\n");
 }
+
+#[tokio::test]
+async fn a_function_that_no_longer_loads_is_kept_on_disk_while_the_others_serve() {
+    let host = TestHost::start_persistent().await;
+    let state = host.state.as_ref().unwrap().path().to_path_buf();
+    let reports = host.deploy(vec![spec("hello", "hello", "/hello"), spec("lifecycle", "lifecycle", "/lc")]).await;
+    let TestHost { running, state: state_guard, .. } = host;
+    running.shutdown().await;
+    // Damage the stored wasm of one function.
+    let digest = &reports.iter().find(|r| r.function == "lifecycle").unwrap().digest;
+    std::fs::write(state.join("wasm").join(format!("{digest}.wasm")), b"damaged").unwrap();
+
+    let restarted = TestHost::start_with(Some(state.clone())).await;
+    assert_eq!(restarted.get("/hello").await.status, 200);
+    assert_eq!(restarted.get("/lc").await.status, 404);
+    // Another deploy does not drop the damaged function from disk.
+    restarted.deploy(vec![spec("other", "hello", "/other")]).await;
+    let registry = std::fs::read_to_string(state.join("registry.json")).unwrap();
+    assert!(registry.contains("\"lifecycle\""), "{registry}");
+    // Undeploying it removes it for good.
+    restarted.running.host().registry().undeploy("lifecycle").await.unwrap();
+    let registry = std::fs::read_to_string(state.join("registry.json")).unwrap();
+    assert!(!registry.contains("\"lifecycle\""), "{registry}");
+    drop(state_guard);
+}

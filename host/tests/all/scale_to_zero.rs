@@ -57,3 +57,44 @@ async fn a_busy_function_is_not_reclaimed_while_requests_keep_it_warm() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test]
+async fn memory_of_a_function_scaled_to_zero_goes_back_to_the_os() {
+    use crate::support::{HostProcess, write_manifest};
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        state.path(),
+        &format!(
+            "[[function]]\nname = \"hoard\"\nwasm = \"{}\"\nroutes = [\"/hoard\"]\n\
+             [function.limits]\nmemory_mb = 256\nidle_timeout_s = 1\n",
+            crate::support::guest("hoard").display()
+        ),
+    );
+    let host = HostProcess::spawn(state.path(), Some(&manifest));
+    let pid = host.child.id();
+    let body = reqwest::get(host.url("/hoard?mb=128")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "holding 128 MiB\n");
+    let holding = rss_bytes(pid);
+
+    let ls = || {
+        let out = host.cli(&["ls", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0]["versions"][0]["stats"]["live"].as_u64()
+    };
+    assert_eq!(ls(), Some(1));
+    let scaled = eventually(Duration::from_secs(10), || async { ls() == Some(0) }).await;
+    assert!(scaled, "hoard never scaled to zero");
+    let released = eventually(Duration::from_secs(5), || async { rss_bytes(pid) + (96 << 20) < holding }).await;
+    assert!(released, "RSS {} MiB while holding, {} MiB after scale to zero", holding >> 20, rss_bytes(pid) >> 20);
+}
