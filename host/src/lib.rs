@@ -32,6 +32,7 @@
 //! the `shoal` CLI talks to.
 
 pub mod admin;
+pub mod backends;
 pub mod cli;
 pub mod dispatch;
 pub mod engine;

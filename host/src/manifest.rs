@@ -61,6 +61,27 @@ struct RawFunction {
     weight: Option<u32>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    grants: RawGrants,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrants {
+    #[serde(default)]
+    keyvalue: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    invoke: Vec<String>,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: Vec<String>,
+    #[serde(default)]
+    outbound_http: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -74,6 +95,11 @@ struct RawLimits {
     idle_timeout_s: Option<u64>,
     start_timeout_ms: Option<u64>,
     destroy_timeout_ms: Option<u64>,
+    kv_max_key_bytes: Option<usize>,
+    kv_max_value_bytes: Option<usize>,
+    message_max_bytes: Option<usize>,
+    abi_calls_per_second: Option<u32>,
+    publish_per_second: Option<u32>,
 }
 
 /// One deployable version of a function, validated and with defaults filled.
@@ -93,6 +119,77 @@ pub struct FunctionSpec {
     pub weight: u32,
     /// Resource limits.
     pub limits: Limits,
+    /// What the function may touch through the Runtime ABI.
+    #[serde(default)]
+    pub grants: Grants,
+}
+
+/// Capabilities granted to a function. Everything not listed is denied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grants {
+    /// Key-value access: bucket and key pattern.
+    pub keyvalue: Vec<KeyGrant>,
+    /// Topics it may publish to.
+    pub publish: BTreeSet<String>,
+    /// Topics whose messages it receives.
+    pub subscribe: BTreeSet<String>,
+    /// Functions it may invoke.
+    pub invoke: BTreeSet<String>,
+    /// Configuration values it is given (and may read).
+    pub config: BTreeMap<String, String>,
+    /// Secrets it may read.
+    pub secrets: BTreeSet<String>,
+    /// Outbound HTTP authorities (`host:port`) it may call.
+    pub outbound_http: BTreeSet<String>,
+}
+
+/// `bucket:pattern`: a pattern ending in `*` grants every key with that
+/// prefix; any other pattern grants exactly that key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KeyGrant {
+    /// The bucket.
+    pub bucket: String,
+    /// The key, or the prefix when `prefix` is set.
+    pub key: String,
+    /// Whether `key` is a prefix.
+    pub prefix: bool,
+}
+
+impl KeyGrant {
+    /// Parse `bucket:pattern`.
+    pub fn parse(text: &str) -> Result<KeyGrant, String> {
+        let (bucket, pattern) = text
+            .split_once(':')
+            .ok_or_else(|| format!("grants.keyvalue entry {text:?}: write \"bucket:key\" or \"bucket:prefix*\""))?;
+        if bucket.is_empty() {
+            return Err(format!("grants.keyvalue entry {text:?} names no bucket"));
+        }
+        let (key, prefix) = match pattern.strip_suffix('*') {
+            Some(prefix) => (prefix, true),
+            None => (pattern, false),
+        };
+        if key.contains('*') {
+            return Err(format!("grants.keyvalue entry {text:?}: `*` may only end the pattern"));
+        }
+        Ok(KeyGrant { bucket: bucket.to_string(), key: key.to_string(), prefix })
+    }
+
+    /// Whether this grant covers `key` in `bucket`.
+    pub fn allows(&self, bucket: &str, key: &str) -> bool {
+        self.bucket == bucket && if self.prefix { key.starts_with(&self.key) } else { key == self.key }
+    }
+}
+
+impl Grants {
+    /// Whether any grant names `bucket`.
+    pub fn opens_bucket(&self, bucket: &str) -> bool {
+        self.keyvalue.iter().any(|grant| grant.bucket == bucket)
+    }
+
+    /// Whether `key` in `bucket` is granted.
+    pub fn allows_key(&self, bucket: &str, key: &str) -> bool {
+        self.keyvalue.iter().any(|grant| grant.allows(bucket, key))
+    }
 }
 
 /// Where HTTP requests for a function come from: an optional `Host` and a
@@ -170,6 +267,39 @@ pub struct Limits {
     /// Time limit for the `destroy` hook.
     #[serde(with = "humantime_serde_ms")]
     pub destroy_timeout: Duration,
+    /// Longest key-value key.
+    #[serde(default = "defaults::kv_max_key_bytes")]
+    pub kv_max_key_bytes: usize,
+    /// Largest key-value value.
+    #[serde(default = "defaults::kv_max_value_bytes")]
+    pub kv_max_value_bytes: usize,
+    /// Largest published message (and invoke request/response body).
+    #[serde(default = "defaults::message_max_bytes")]
+    pub message_max_bytes: usize,
+    /// Runtime ABI calls per second, across the function's instances.
+    #[serde(default = "defaults::abi_calls_per_second")]
+    pub abi_calls_per_second: u32,
+    /// Messages published per second, across the function's instances.
+    #[serde(default = "defaults::publish_per_second")]
+    pub publish_per_second: u32,
+}
+
+mod defaults {
+    pub fn kv_max_key_bytes() -> usize {
+        1024
+    }
+    pub fn kv_max_value_bytes() -> usize {
+        1 << 20
+    }
+    pub fn message_max_bytes() -> usize {
+        256 << 10
+    }
+    pub fn abi_calls_per_second() -> u32 {
+        100_000
+    }
+    pub fn publish_per_second() -> u32 {
+        1_000
+    }
 }
 
 impl Default for Limits {
@@ -183,6 +313,11 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(5),
             destroy_timeout: Duration::from_secs(2),
+            kv_max_key_bytes: defaults::kv_max_key_bytes(),
+            kv_max_value_bytes: defaults::kv_max_value_bytes(),
+            message_max_bytes: defaults::message_max_bytes(),
+            abi_calls_per_second: defaults::abi_calls_per_second(),
+            publish_per_second: defaults::publish_per_second(),
         }
     }
 }
@@ -267,6 +402,45 @@ impl RawFunction {
             routes,
             weight: self.weight.unwrap_or(100),
             limits: self.limits.resolve()?,
+            grants: self.grants.resolve()?,
+        })
+    }
+}
+
+impl RawGrants {
+    fn resolve(&self) -> Result<Grants, String> {
+        let names = |field: &str, values: &[String]| -> Result<BTreeSet<String>, String> {
+            values
+                .iter()
+                .map(|value| {
+                    if value.is_empty() || value.len() > 255 || value.contains(char::is_whitespace) {
+                        Err(format!("grants.{field}: invalid entry {value:?}"))
+                    } else {
+                        Ok(value.clone())
+                    }
+                })
+                .collect()
+        };
+        let invoke = names("invoke", &self.invoke)?;
+        for name in &invoke {
+            validate_name(name).map_err(|err| format!("grants.invoke: {err}"))?;
+        }
+        let outbound_http = names("outbound_http", &self.outbound_http)?;
+        for authority in &outbound_http {
+            let valid =
+                authority.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(format!("grants.outbound_http: {authority:?} must be host:port"));
+            }
+        }
+        Ok(Grants {
+            keyvalue: self.keyvalue.iter().map(|text| KeyGrant::parse(text)).collect::<Result<_, _>>()?,
+            publish: names("publish", &self.publish)?,
+            subscribe: names("subscribe", &self.subscribe)?,
+            invoke,
+            config: self.config.clone(),
+            secrets: names("secrets", &self.secrets)?,
+            outbound_http,
         })
     }
 }
@@ -312,7 +486,24 @@ impl RawLimits {
             },
             start_timeout: ms(self.start_timeout_ms, "start_timeout_ms", defaults.start_timeout)?,
             destroy_timeout: ms(self.destroy_timeout_ms, "destroy_timeout_ms", defaults.destroy_timeout)?,
+            kv_max_key_bytes: positive(self.kv_max_key_bytes, "kv_max_key_bytes", defaults.kv_max_key_bytes)?,
+            kv_max_value_bytes: positive(self.kv_max_value_bytes, "kv_max_value_bytes", defaults.kv_max_value_bytes)?,
+            message_max_bytes: positive(self.message_max_bytes, "message_max_bytes", defaults.message_max_bytes)?,
+            abi_calls_per_second: positive(
+                self.abi_calls_per_second,
+                "abi_calls_per_second",
+                defaults.abi_calls_per_second,
+            )?,
+            publish_per_second: positive(self.publish_per_second, "publish_per_second", defaults.publish_per_second)?,
         })
+    }
+}
+
+fn positive<N: Copy + PartialEq + Default>(value: Option<N>, field: &str, default: N) -> Result<N, String> {
+    match value {
+        Some(value) if value == N::default() => Err(format!("limits.{field} must be greater than 0")),
+        Some(value) => Ok(value),
+        None => Ok(default),
     }
 }
 
@@ -416,6 +607,27 @@ mod tests {
         let text = "[[function]]\nname = \"a\"\nversion = \"1\"\nweight = 90\nwasm = \"a.wasm\"\n\
                     [[function]]\nname = \"a\"\nversion = \"2\"\nweight = 10\nwasm = \"b.wasm\"\n";
         assert_eq!(resolve(text).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn grants_resolve_and_check_keys_by_bucket_and_pattern() {
+        let text = "[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.grants]\n\
+                    keyvalue = [\"default:hello/*\", \"cache:exact\"]\noutbound_http = [\"127.0.0.1:9000\"]\n\
+                    config = { greeting = \"hi\" }\n";
+        let grants = resolve(text).unwrap().remove(0).grants;
+        assert!(grants.allows_key("default", "hello/x"));
+        assert!(!grants.allows_key("default", "other"));
+        assert!(grants.allows_key("cache", "exact") && !grants.allows_key("cache", "exact2"));
+        assert!(grants.opens_bucket("cache") && !grants.opens_bucket("secret"));
+        assert_eq!(grants.config["greeting"], "hi");
+        let err =
+            resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.grants]\nkeyvalue = [\"nobucket\"]\n")
+                .unwrap_err();
+        assert!(err.message.contains("grants.keyvalue"), "{err}");
+        let err =
+            resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.grants]\noutbound_http = [\"x\"]\n")
+                .unwrap_err();
+        assert!(err.message.contains("host:port"), "{err}");
     }
 
     #[test]

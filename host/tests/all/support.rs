@@ -47,6 +47,7 @@ pub fn spec(name: &str, wasm: &str, route: &str) -> FunctionSpec {
         routes: vec![Route::parse(route).expect("valid route")],
         weight: 100,
         limits: Limits::default(),
+        grants: Default::default(),
     }
 }
 

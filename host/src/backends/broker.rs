@@ -1,0 +1,170 @@
+//! The in-process broker: a bounded queue per (topic, subscriber group).
+//!
+//! Publishing copies the message into the queue of every group subscribed
+//! to the topic (a topic nobody subscribes to accepts and drops it). A
+//! delivery leaves the queue when handed out; a `nack` puts it back after a
+//! back-off, with `attempt` counted up, so delivery is at least once while
+//! the host runs. A full queue refuses publishes (the publisher gets an
+//! error value) instead of growing host memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::{BackendError, Broker, Delivery, Subscription};
+
+/// Messages a group may have waiting before publishes to its topic fail.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
+
+/// First redelivery delay; doubles per attempt up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest redelivery delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The delay before redelivery attempt `attempt + 1`.
+pub fn backoff(attempt: u32) -> Duration {
+    FIRST_BACKOFF.saturating_mul(1 << attempt.min(16).saturating_sub(1)).min(MAX_BACKOFF)
+}
+
+#[derive(Default)]
+struct GroupQueue {
+    queue: Mutex<VecDeque<Delivery>>,
+    ready: Notify,
+}
+
+impl GroupQueue {
+    fn push(&self, delivery: Delivery) {
+        self.queue.lock().unwrap_or_else(|poison| poison.into_inner()).push_back(delivery);
+        self.ready.notify_one();
+    }
+
+    fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|poison| poison.into_inner()).len()
+    }
+}
+
+/// Topics and their subscriber groups, in memory.
+pub struct LocalBroker {
+    topics: Mutex<HashMap<String, HashMap<String, Arc<GroupQueue>>>>,
+    capacity: usize,
+}
+
+impl LocalBroker {
+    /// A broker whose group queues hold at most `capacity` messages.
+    pub fn new(capacity: usize) -> LocalBroker {
+        LocalBroker { topics: Mutex::new(HashMap::new()), capacity }
+    }
+
+    fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Arc<GroupQueue>>>> {
+        self.topics.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl Default for LocalBroker {
+    fn default() -> Self {
+        LocalBroker::new(DEFAULT_QUEUE_CAPACITY)
+    }
+}
+
+#[async_trait]
+impl Broker for LocalBroker {
+    async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<String, BackendError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let groups: Vec<Arc<GroupQueue>> =
+            self.topics().get(topic).map(|groups| groups.values().cloned().collect()).unwrap_or_default();
+        if groups.iter().any(|group| group.len() >= self.capacity) {
+            return Err(BackendError::Full(format!(
+                "topic {topic:?} has {} undelivered messages for a subscriber; try again later",
+                self.capacity
+            )));
+        }
+        for group in groups {
+            group.push(Delivery { id: id.clone(), topic: topic.to_string(), payload: payload.clone(), attempt: 1 });
+        }
+        Ok(id)
+    }
+
+    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>, BackendError> {
+        let queue = self.topics().entry(topic.to_string()).or_default().entry(group.to_string()).or_default().clone();
+        Ok(Box::new(LocalSubscription { queue }))
+    }
+
+    async fn unsubscribe(&self, topic: &str, group: &str) {
+        if let Some(groups) = self.topics().get_mut(topic) {
+            groups.remove(group);
+        }
+    }
+}
+
+struct LocalSubscription {
+    queue: Arc<GroupQueue>,
+}
+
+#[async_trait]
+impl Subscription for LocalSubscription {
+    async fn next(&mut self) -> Result<Delivery, BackendError> {
+        loop {
+            let notified = self.queue.ready.notified();
+            if let Some(delivery) = self.queue.queue.lock().unwrap_or_else(|poison| poison.into_inner()).pop_front() {
+                return Ok(delivery);
+            }
+            notified.await;
+        }
+    }
+
+    async fn ack(&mut self, _delivery: &Delivery) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    async fn nack(&mut self, delivery: &Delivery) -> Result<(), BackendError> {
+        let queue = self.queue.clone();
+        let mut again = delivery.clone();
+        again.attempt += 1;
+        let delay = backoff(delivery.attempt);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            queue.push(again);
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_group_gets_each_message_and_a_nack_redelivers_it() {
+        let broker = LocalBroker::new(10);
+        let mut a = broker.subscribe("t", "a").await.unwrap();
+        let mut b = broker.subscribe("t", "b").await.unwrap();
+        let id = broker.publish("t", b"m".to_vec()).await.unwrap();
+        let first = a.next().await.unwrap();
+        assert_eq!((first.id.as_str(), first.attempt), (id.as_str(), 1));
+        assert_eq!(b.next().await.unwrap().payload, b"m");
+        a.nack(&first).await.unwrap();
+        let again = a.next().await.unwrap();
+        assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_publishes() {
+        let broker = LocalBroker::new(2);
+        let _sub = broker.subscribe("t", "g").await.unwrap();
+        broker.publish("t", vec![1]).await.unwrap();
+        broker.publish("t", vec![2]).await.unwrap();
+        assert!(matches!(broker.publish("t", vec![3]).await, Err(BackendError::Full(_))));
+        // Nobody subscribes to `u`: accepted and dropped.
+        broker.publish("u", vec![1]).await.unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(1), FIRST_BACKOFF);
+        assert_eq!(backoff(2), FIRST_BACKOFF * 2);
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+}

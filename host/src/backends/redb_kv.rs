@@ -1,0 +1,181 @@
+//! Key-value in one redb file: one table per bucket, each write its own
+//! durable transaction (redb's default `Durability::Immediate`), so an
+//! acknowledged write survives `kill -9` and power loss.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+
+use super::{BackendError, KeyValue, kv_number};
+
+/// The embedded key-value store.
+#[derive(Clone)]
+pub struct RedbKeyValue {
+    db: Arc<Database>,
+}
+
+fn table(bucket: &str) -> String {
+    format!("kv/{bucket}")
+}
+
+impl RedbKeyValue {
+    /// Open (or create) the store at `path`.
+    pub fn open(path: &Path) -> Result<RedbKeyValue, BackendError> {
+        let db = Database::create(path)
+            .map_err(|err| BackendError::Failed(format!("cannot open key-value store {}: {err}", path.display())))?;
+        Ok(RedbKeyValue { db: Arc::new(db) })
+    }
+
+    /// Run blocking redb work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || work(&db)).await.map_err(BackendError::failed)?
+    }
+
+    fn write<T>(
+        db: &Database,
+        bucket: &str,
+        work: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let name = table(bucket);
+        let txn = db.begin_write().map_err(BackendError::failed)?;
+        let result = {
+            let mut table = txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)).map_err(BackendError::failed)?;
+            work(&mut table)?
+        };
+        txn.commit().map_err(BackendError::failed)?;
+        Ok(result)
+    }
+
+    fn read<T>(
+        db: &Database,
+        bucket: &str,
+        work: impl FnOnce(&redb::ReadOnlyTable<&str, &[u8]>) -> Result<T, BackendError>,
+        missing: T,
+    ) -> Result<T, BackendError> {
+        let name = table(bucket);
+        let txn = db.begin_read().map_err(BackendError::failed)?;
+        match txn.open_table(TableDefinition::<&str, &[u8]>::new(&name)) {
+            Ok(table) => work(&table),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(missing),
+            Err(err) => Err(BackendError::failed(err)),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyValue for RedbKeyValue {
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.blocking(move |db| {
+            Self::read(
+                db,
+                &bucket,
+                |table| Ok(table.get(key.as_str()).map_err(BackendError::failed)?.map(|v| v.value().to_vec())),
+                None,
+            )
+        })
+        .await
+    }
+
+    async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.blocking(move |db| {
+            Self::write(db, &bucket, |table| {
+                table.insert(key.as_str(), value.as_slice()).map_err(BackendError::failed)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> Result<(), BackendError> {
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.blocking(move |db| {
+            Self::write(db, &bucket, |table| {
+                table.remove(key.as_str()).map_err(BackendError::failed)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn exists(&self, bucket: &str, key: &str) -> Result<bool, BackendError> {
+        Ok(self.get(bucket, key).await?.is_some())
+    }
+
+    async fn keys_with_prefix(&self, bucket: &str, prefix: &str, limit: usize) -> Result<Vec<String>, BackendError> {
+        let (bucket, prefix) = (bucket.to_string(), prefix.to_string());
+        self.blocking(move |db| {
+            Self::read(
+                db,
+                &bucket,
+                |table| {
+                    let mut keys = Vec::new();
+                    for entry in table.range(prefix.as_str()..).map_err(BackendError::failed)? {
+                        let (key, _) = entry.map_err(BackendError::failed)?;
+                        let key = key.value();
+                        if !key.starts_with(prefix.as_str()) || keys.len() >= limit {
+                            break;
+                        }
+                        keys.push(key.to_string());
+                    }
+                    Ok(keys)
+                },
+                Vec::new(),
+            )
+        })
+        .await
+    }
+
+    async fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, BackendError> {
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        self.blocking(move |db| {
+            // One write transaction at a time: the read-modify-write is atomic.
+            Self::write(db, &bucket, |table| {
+                let current = match table.get(key.as_str()).map_err(BackendError::failed)? {
+                    Some(value) => kv_number(value.value())?,
+                    None => 0,
+                };
+                let next = current
+                    .checked_add(delta)
+                    .ok_or_else(|| BackendError::Invalid("increment overflows a u64".to_string()))?;
+                table.insert(key.as_str(), next.to_string().as_bytes()).map_err(BackendError::failed)?;
+                Ok(next)
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn values_counters_and_prefix_listing_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.redb");
+        {
+            let kv = RedbKeyValue::open(&path).unwrap();
+            kv.set("b", "a/1", b"one".to_vec()).await.unwrap();
+            kv.set("b", "a/2", b"two".to_vec()).await.unwrap();
+            kv.set("b", "b/1", b"x".to_vec()).await.unwrap();
+            assert_eq!(kv.increment("b", "n", 5).await.unwrap(), 5);
+            assert_eq!(kv.increment("b", "n", 2).await.unwrap(), 7);
+            assert!(matches!(kv.increment("b", "a/1", 1).await, Err(BackendError::Invalid(_))));
+        }
+        let kv = RedbKeyValue::open(&path).unwrap();
+        assert_eq!(kv.get("b", "a/1").await.unwrap().as_deref(), Some(&b"one"[..]));
+        assert_eq!(kv.get("b", "n").await.unwrap().as_deref(), Some(&b"7"[..]));
+        assert_eq!(kv.keys_with_prefix("b", "a/", 10).await.unwrap(), ["a/1", "a/2"]);
+        assert_eq!(kv.get("nobucket", "k").await.unwrap(), None);
+        kv.delete("b", "a/1").await.unwrap();
+        assert!(!kv.exists("b", "a/1").await.unwrap());
+    }
+}

@@ -1,0 +1,244 @@
+//! Redis as the shared backend for key-value and pubsub, so several hosts
+//! see the same state and messages.
+//!
+//! Key-value: `shoal:kv:{bucket}:{key}` string keys; counters are decimal
+//! strings (`INCRBY`), as in the embedded store. Pubsub: one stream per
+//! topic (`shoal:topic:{topic}`, capped near [`STREAM_MAX_LEN`] entries) and
+//! one consumer group per subscribing function. A message is acknowledged
+//! (`XACK`) only after its handler succeeds; a message not acknowledged —
+//! nacked, or held by a host that died — is claimed again (`XAUTOCLAIM`)
+//! once it has been idle for the back-off, so delivery is at least once
+//! across hosts and host crashes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::AsyncCommands as _;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+
+use super::broker::backoff;
+use super::{BackendError, Broker, Delivery, KeyValue, Subscription};
+
+/// Streams are trimmed to about this many entries.
+pub const STREAM_MAX_LEN: usize = 100_000;
+
+/// How long one blocking read waits before checking for redeliveries.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+
+/// A Redis server, as key-value store and broker.
+#[derive(Clone)]
+pub struct Redis {
+    client: redis::Client,
+    conn: ConnectionManager,
+    consumer: String,
+}
+
+fn failed(err: redis::RedisError) -> BackendError {
+    BackendError::Failed(format!("redis: {err}"))
+}
+
+impl Redis {
+    /// Connect to `url` (e.g. `redis://127.0.0.1:6379`).
+    pub async fn connect(url: &str) -> Result<Redis, BackendError> {
+        let client =
+            redis::Client::open(url).map_err(|err| BackendError::Failed(format!("redis url {url:?}: {err}")))?;
+        let conn = client
+            .get_connection_manager()
+            .await
+            .map_err(|err| BackendError::Failed(format!("cannot connect to redis at {url}: {err}")))?;
+        Ok(Redis { client, conn, consumer: format!("host-{}", uuid::Uuid::new_v4()) })
+    }
+
+    fn key(bucket: &str, key: &str) -> String {
+        format!("shoal:kv:{bucket}:{key}")
+    }
+
+    fn stream(topic: &str) -> String {
+        format!("shoal:topic:{topic}")
+    }
+}
+
+/// Escape Redis glob characters so a prefix matches literally.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[async_trait]
+impl KeyValue for Redis {
+    async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
+        self.conn.clone().get(Self::key(bucket, key)).await.map_err(failed)
+    }
+
+    async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
+        self.conn.clone().set(Self::key(bucket, key), value).await.map_err(failed)
+    }
+
+    async fn delete(&self, bucket: &str, key: &str) -> Result<(), BackendError> {
+        self.conn.clone().del(Self::key(bucket, key)).await.map_err(failed)
+    }
+
+    async fn exists(&self, bucket: &str, key: &str) -> Result<bool, BackendError> {
+        self.conn.clone().exists(Self::key(bucket, key)).await.map_err(failed)
+    }
+
+    async fn keys_with_prefix(&self, bucket: &str, prefix: &str, limit: usize) -> Result<Vec<String>, BackendError> {
+        let namespace = Self::key(bucket, "");
+        let pattern = format!("{}*", glob_escape(&Self::key(bucket, prefix)));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(failed)?;
+            keys.extend(batch.into_iter().filter_map(|key| key.strip_prefix(&namespace).map(str::to_string)));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.truncate(limit);
+        Ok(keys)
+    }
+
+    async fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, BackendError> {
+        let delta = i64::try_from(delta).map_err(|_| BackendError::Invalid("increment delta too large".into()))?;
+        let value: Result<i64, _> = self.conn.clone().incr(Self::key(bucket, key), delta).await;
+        match value {
+            Ok(value) => Ok(value as u64),
+            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
+                Err(BackendError::Invalid("the value at this key is not a decimal number".to_string()))
+            }
+            Err(err) => Err(failed(err)),
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for Redis {
+    async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<String, BackendError> {
+        let id: String = self
+            .conn
+            .clone()
+            .xadd_maxlen(
+                Self::stream(topic),
+                redis::streams::StreamMaxlen::Approx(STREAM_MAX_LEN),
+                "*",
+                &[("p", payload)],
+            )
+            .await
+            .map_err(failed)?;
+        Ok(id)
+    }
+
+    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>, BackendError> {
+        let stream = Self::stream(topic);
+        let created: Result<(), redis::RedisError> =
+            self.conn.clone().xgroup_create_mkstream(&stream, group, "$").await;
+        if let Err(err) = created
+            && err.code() != Some("BUSYGROUP")
+        {
+            return Err(failed(err));
+        }
+        // Blocking reads get a connection of their own.
+        let conn = self.client.get_multiplexed_async_connection().await.map_err(failed)?;
+        Ok(Box::new(RedisSubscription {
+            conn,
+            stream,
+            topic: topic.to_string(),
+            group: group.to_string(),
+            consumer: self.consumer.clone(),
+            attempts: HashMap::new(),
+        }))
+    }
+
+    async fn unsubscribe(&self, topic: &str, group: &str) {
+        let _: Result<(), _> = self.conn.clone().xgroup_destroy(Self::stream(topic), group).await;
+    }
+}
+
+struct RedisSubscription {
+    conn: MultiplexedConnection,
+    stream: String,
+    topic: String,
+    group: String,
+    consumer: String,
+    attempts: HashMap<String, u32>,
+}
+
+impl RedisSubscription {
+    fn delivery(&self, entry: &redis::streams::StreamId, attempt: u32) -> Delivery {
+        let payload: Vec<u8> = entry.get("p").unwrap_or_default();
+        Delivery { id: entry.id.clone(), topic: self.topic.clone(), payload, attempt }
+    }
+}
+
+#[async_trait]
+impl Subscription for RedisSubscription {
+    async fn next(&mut self) -> Result<Delivery, BackendError> {
+        loop {
+            // Messages left unacknowledged (nacked here, or held by a host
+            // that died) come back once idle for the back-off.
+            let min_idle = backoff(1).as_millis() as usize;
+            let claimed: StreamAutoClaimReply = self
+                .conn
+                .xautoclaim_options(
+                    &self.stream,
+                    &self.group,
+                    &self.consumer,
+                    min_idle,
+                    "0-0",
+                    StreamAutoClaimOptions::default().count(1),
+                )
+                .await
+                .map_err(failed)?;
+            if let Some(entry) = claimed.claimed.first() {
+                let attempt = self.attempts.get(&entry.id).copied().unwrap_or(1) + 1;
+                let ready = entry
+                    .milliseconds_elapsed_from_delivery
+                    .is_none_or(|idle| idle as u128 >= backoff(attempt - 1).as_millis());
+                if ready {
+                    self.attempts.insert(entry.id.clone(), attempt);
+                    return Ok(self.delivery(entry, attempt));
+                }
+            }
+            let options = StreamReadOptions::default()
+                .group(&self.group, &self.consumer)
+                .count(1)
+                .block(READ_BLOCK.as_millis() as usize);
+            let read: Option<StreamReadReply> =
+                self.conn.xread_options(&[&self.stream], &[">"], &options).await.map_err(failed)?;
+            if let Some(entry) = read.as_ref().and_then(|reply| reply.keys.first()).and_then(|key| key.ids.first()) {
+                return Ok(self.delivery(entry, 1));
+            }
+        }
+    }
+
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), BackendError> {
+        self.attempts.remove(&delivery.id);
+        let _: i64 = self.conn.xack(&self.stream, &self.group, &[&delivery.id]).await.map_err(failed)?;
+        Ok(())
+    }
+
+    async fn nack(&mut self, delivery: &Delivery) -> Result<(), BackendError> {
+        // Left pending: XAUTOCLAIM hands it out again after the back-off.
+        self.attempts.insert(delivery.id.clone(), delivery.attempt);
+        Ok(())
+    }
+}
