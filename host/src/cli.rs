@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::admin::Client;
 use crate::engine::EngineOptions;
-use crate::host::{Host, HostConfig};
+use crate::host::{Backend, Host, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
 use crate::registry::DeployItem;
@@ -56,6 +56,17 @@ enum Command {
         /// Log format on stderr.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Keep key-value state in Redis (shared by hosts) instead of the
+        /// embedded store: redis://host:port.
+        #[arg(long, env = "SHOAL_KV_REDIS")]
+        kv_redis: Option<String>,
+        /// Carry pubsub messages through Redis streams (shared by hosts)
+        /// instead of the in-process broker: redis://host:port.
+        #[arg(long, env = "SHOAL_PUBSUB_REDIS")]
+        pubsub_redis: Option<String>,
+        /// A folder with one file per secret (also read: SHOAL_SECRET_<NAME>).
+        #[arg(long, env = "SHOAL_SECRETS_DIR")]
+        secrets_dir: Option<PathBuf>,
     },
     /// Deploy (or update) the functions of a manifest on a running host.
     Deploy {
@@ -134,7 +145,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let admin_socket = cli.admin_socket.clone().unwrap_or_else(|| state_dir.join("admin.sock"));
     let client = Client::new(&admin_socket);
     match cli.command {
-        Command::Serve { manifest, listen, no_fuel, max_instances, drain_timeout, log_format } => {
+        Command::Serve {
+            manifest,
+            listen,
+            no_fuel,
+            max_instances,
+            drain_timeout,
+            log_format,
+            kv_redis,
+            pubsub_redis,
+            secrets_dir,
+        } => {
+            let backend = |url: Option<String>| url.map_or(Backend::Embedded, |url| Backend::Redis { url });
             init_tracing(log_format);
             let config = HostConfig {
                 listen,
@@ -143,6 +165,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine: EngineOptions { fuel: !no_fuel, max_instances, cache_dir: None },
                 log_sink: Arc::new(TracingSink),
                 drain_timeout: Duration::from_secs(drain_timeout),
+                keyvalue: backend(kv_redis),
+                pubsub: backend(pubsub_redis),
+                secrets_dir,
             };
             serve(manifest.as_deref(), config).await
         }

@@ -24,6 +24,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tracing::Instrument as _;
 
+use crate::abi::bindings::exports::shoal::runtime::events::Message;
+use crate::backends::Delivery;
 use crate::instance::ResponseResult;
 use crate::limits::Outcome;
 use crate::metering::{Ledger, UsageRecord};
@@ -42,6 +44,17 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The header naming the failure kind on error responses made by the host.
 pub const ERROR_KIND_HEADER: &str = "x-shoal-error";
 
+/// Who a request is: its id, and for a nested call, its parent and depth.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    /// The request id (`x-request-id`; nested calls: `<parent>/<n>`).
+    pub id: Arc<str>,
+    /// The calling request, for nested calls.
+    pub parent_id: Option<Arc<str>>,
+    /// 0 for a request from a trigger; one more per nested call.
+    pub depth: u32,
+}
+
 /// Runs requests and records their usage.
 pub struct Dispatcher {
     ledger: Option<Arc<Ledger>>,
@@ -54,7 +67,7 @@ impl Dispatcher {
         Dispatcher { ledger, metrics }
     }
 
-    /// Serve `request` with a version from `pool`.
+    /// Serve `request` (from a trigger) with a version from `pool`.
     pub async fn dispatch<B>(
         &self,
         pool: Arc<FunctionPool>,
@@ -65,26 +78,127 @@ impl Dispatcher {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let function = pool.function().name().to_string();
-        let span = tracing::info_span!("request", function = %function, request_id = %request_id);
-        let mut response = self.dispatch_inner(pool, request, request_id.clone()).instrument(span).await;
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, value);
-        }
-        response
+        self.dispatch_with(pool, request, RequestMeta { id: request_id, parent_id: None, depth: 0 }).await
     }
 
-    async fn dispatch_inner<B>(
+    /// Serve `request` with a version from `pool`, as the request `meta`
+    /// (a nested call names its parent and depth).
+    pub async fn dispatch_with<B>(
         &self,
         pool: Arc<FunctionPool>,
         request: hyper::Request<B>,
-        request_id: Arc<str>,
+        meta: RequestMeta,
     ) -> Response<ShoalBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let function = pool.function().name().to_string();
+        let span = tracing::info_span!(
+            "request",
+            function = %function,
+            request_id = %meta.id,
+            parent_id = meta.parent_id.as_deref().unwrap_or("-")
+        );
+        let request_id = meta.id.clone();
+        let mut response = self.dispatch_inner(pool, request, meta).instrument(span).await;
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
+
+    /// Deliver a message to a subscriber function. `Ok` when its handler
+    /// accepted the message; otherwise the outcome and why, and the message
+    /// should be delivered again.
+    pub async fn deliver(&self, pool: Arc<FunctionPool>, delivery: &Delivery) -> Result<(), (Outcome, String)> {
+        let request_id: Arc<str> = Arc::from(format!("msg-{}-{}", delivery.id, delivery.attempt));
+        let function = pool.function().name().to_string();
+        let span = tracing::info_span!(
+            "message",
+            function = %function,
+            request_id = %request_id,
+            messaging.destination.name = %delivery.topic
+        );
+        let lease = match pool.acquire().instrument(span.clone()).await {
+            Ok(lease) => lease,
+            Err(AcquireError::Overloaded { .. }) => {
+                self.metrics.observe_refused(&function, Outcome::Overloaded);
+                return Err((Outcome::Overloaded, "no concurrency slot".to_string()));
+            }
+            Err(AcquireError::Start(error)) => {
+                let record = UsageRecord::new(
+                    &request_id,
+                    None,
+                    &function,
+                    pool.function().version(),
+                    SystemTime::now(),
+                    &Default::default(),
+                    true,
+                    None,
+                    error.outcome,
+                    0,
+                );
+                self.record(&record);
+                return Err((error.outcome, error.message));
+            }
+        };
+        let message = Message {
+            topic: delivery.topic.clone(),
+            id: delivery.id.clone(),
+            attempt: delivery.attempt,
+            payload: delivery.payload.clone(),
+        };
+        let ledger = self.ledger.clone();
+        let metrics = self.metrics.clone();
+        // Its own task: the call finishes (and the instance goes back to its
+        // pool) even if whoever waits for it goes away.
+        let task = tokio::spawn(
+            async move {
+                let mut lease = lease;
+                let started = SystemTime::now();
+                let (stats, result) = lease.instance.deliver(message, request_id.clone()).await;
+                let (outcome, verdict) = match &result {
+                    Ok(Ok(())) => (Outcome::Ok, Ok(())),
+                    Ok(Err(reason)) => (Outcome::Declined, Err((Outcome::Declined, reason.clone()))),
+                    Err(error) => (error.outcome, Err((error.outcome, error.message.clone()))),
+                };
+                let record = UsageRecord::new(
+                    &request_id,
+                    None,
+                    pool.function().name(),
+                    pool.function().version(),
+                    started,
+                    &stats,
+                    lease.cold,
+                    lease.init,
+                    outcome,
+                    0,
+                );
+                write_record(ledger.as_deref(), &metrics, &record);
+                if let Err((outcome, reason)) = &verdict {
+                    tracing::warn!(error.type = %outcome, error = %reason, "message not handled");
+                }
+                pool.release(lease.instance, result.is_ok());
+                verdict
+            }
+            .instrument(span),
+        );
+        task.await.unwrap_or_else(|err| Err((Outcome::HostError, format!("delivery task failed: {err}"))))
+    }
+
+    async fn dispatch_inner<B>(
+        &self,
+        pool: Arc<FunctionPool>,
+        request: hyper::Request<B>,
+        meta: RequestMeta,
+    ) -> Response<ShoalBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let function = pool.function().name().to_string();
+        let RequestMeta { id: request_id, parent_id, depth } = meta;
         let lease = match pool.acquire().await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { retry_after }) => {
@@ -106,7 +220,7 @@ impl Dispatcher {
             Err(AcquireError::Start(error)) => {
                 let record = UsageRecord::new(
                     &request_id,
-                    None,
+                    parent_id.as_deref(),
                     &function,
                     pool.function().version(),
                     SystemTime::now(),
@@ -146,7 +260,7 @@ impl Dispatcher {
         let task = tokio::spawn(
             async move {
                 let mut lease = lease;
-                let (stats, result) = lease.instance.handle(request, request_id.clone(), respond).await;
+                let (stats, result) = lease.instance.handle(request, request_id.clone(), depth, respond).await;
                 // Handler returned without calling `response-outparam.set`:
                 // drop the sender so the waiting side sees it.
                 let unanswered = lock(&head_slot).take().is_some();
@@ -161,7 +275,7 @@ impl Dispatcher {
                 };
                 let record = UsageRecord::new(
                     &request_id,
-                    None,
+                    parent_id.as_deref(),
                     pool.function().name(),
                     pool.function().version(),
                     started,

@@ -13,8 +13,9 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
 
 use crate::Error;
+use crate::abi::{FunctionCaps, Services};
 use crate::engine::{CompileSource, WasmEngine};
-use crate::instance::{GuestState, LifecycleIndices};
+use crate::instance::{EventsIndices, GuestState, LifecycleIndices};
 use crate::logs::LogSink;
 use crate::manifest::FunctionSpec;
 
@@ -23,15 +24,22 @@ use crate::manifest::FunctionSpec;
 pub struct Runtime {
     engine: WasmEngine,
     linker: Arc<Linker<GuestState>>,
+    services: Arc<Services>,
 }
 
 impl Runtime {
-    /// Link WASI 0.2 and `wasi:http` once for all functions.
-    pub fn new(engine: WasmEngine) -> anyhow::Result<Runtime> {
+    /// Link WASI 0.2, `wasi:http` and the Runtime ABI once for all functions.
+    pub fn new(engine: WasmEngine, services: Arc<Services>) -> anyhow::Result<Runtime> {
         let mut linker = Linker::new(engine.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        Ok(Runtime { engine, linker: Arc::new(linker) })
+        crate::abi::add_to_linker(&mut linker)?;
+        Ok(Runtime { engine, linker: Arc::new(linker), services })
+    }
+
+    /// The backends functions reach.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
     }
 
     /// The engine.
@@ -84,9 +92,22 @@ impl Runtime {
             .map_err(|err| Error::Link { function: function.clone(), reason: format!("{err:#}") })?;
         let handler = ProxyIndices::new(&pre).map_err(|_| Error::MissingHandler { function: function.clone() })?;
         let lifecycle = LifecycleIndices::new(&pre).ok();
+        let events = EventsIndices::new(&pre).ok();
+        let caps = FunctionCaps::new(&spec);
 
         let compiled = CompiledFunction {
-            inner: Arc::new(CompiledInner { spec, digest, component, pre, handler, lifecycle, log_sink }),
+            inner: Arc::new(CompiledInner {
+                spec,
+                digest,
+                component,
+                pre,
+                handler,
+                lifecycle,
+                events,
+                log_sink,
+                caps,
+                services: self.services.clone(),
+            }),
             engine: self.engine.clone(),
         };
         compiled.trial_instantiate().await?;
@@ -109,7 +130,10 @@ pub(crate) struct CompiledInner {
     pub(crate) pre: InstancePre<GuestState>,
     pub(crate) handler: ProxyIndices,
     pub(crate) lifecycle: Option<LifecycleIndices>,
+    pub(crate) events: Option<EventsIndices>,
     pub(crate) log_sink: Arc<dyn LogSink>,
+    pub(crate) caps: Arc<FunctionCaps>,
+    pub(crate) services: Arc<Services>,
 }
 
 impl CompiledFunction {
@@ -136,6 +160,11 @@ impl CompiledFunction {
     /// Whether the component exports `shoal:runtime/lifecycle`.
     pub fn has_lifecycle(&self) -> bool {
         self.inner.lifecycle.is_some()
+    }
+
+    /// Whether the component exports `shoal:runtime/events` (receives messages).
+    pub fn has_events(&self) -> bool {
+        self.inner.events.is_some()
     }
 
     async fn trial_instantiate(&self) -> Result<(), Error> {

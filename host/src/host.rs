@@ -17,6 +17,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::Error;
+use crate::abi::Services;
+use crate::backends::broker::LocalBroker;
+use crate::backends::redb_kv::RedbKeyValue;
+use crate::backends::redis::Redis;
+use crate::backends::secrets::SecretStore;
+use crate::backends::{Broker, KeyValue};
 use crate::dispatch::Dispatcher;
 use crate::engine::{EngineOptions, WasmEngine};
 use crate::function::Runtime;
@@ -44,6 +50,27 @@ pub struct HostConfig {
     pub log_sink: Arc<dyn LogSink>,
     /// How long undeploy, updates and shutdown wait for requests to finish.
     pub drain_timeout: Duration,
+    /// The key-value backend of the Runtime ABI.
+    pub keyvalue: Backend,
+    /// The pubsub backend of the Runtime ABI.
+    pub pubsub: Backend,
+    /// A folder of secrets (one file per secret); the environment
+    /// (`SHOAL_SECRET_<NAME>`) is consulted too.
+    pub secrets_dir: Option<PathBuf>,
+}
+
+/// Where a Runtime ABI service keeps its data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// In the host: redb in the state directory for key-value, the
+    /// in-process broker for pubsub.
+    #[default]
+    Embedded,
+    /// A Redis server, shared by every host pointed at it.
+    Redis {
+        /// `redis://host:port`.
+        url: String,
+    },
 }
 
 impl HostConfig {
@@ -56,6 +83,9 @@ impl HostConfig {
             engine: EngineOptions::default(),
             log_sink: Arc::new(TracingSink),
             drain_timeout: Duration::from_secs(30),
+            keyvalue: Backend::Embedded,
+            pubsub: Backend::Embedded,
+            secrets_dir: None,
         }
     }
 }
@@ -73,6 +103,8 @@ pub struct Host {
     metrics: Arc<Metrics>,
     ledger: Option<Arc<Ledger>>,
     ready: AtomicBool,
+    /// Holds the embedded key-value file of a host without a state directory.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl Host {
@@ -111,8 +143,9 @@ impl Host {
             }
         }
         let engine = WasmEngine::new(&engine_options)?;
-        let runtime = Runtime::new(engine)?;
         let metrics = Arc::new(Metrics::new());
+        let (services, scratch) = build_services(&config, metrics.clone()).await?;
+        let runtime = Runtime::new(engine, services.clone())?;
         let ledger = match &config.state_dir {
             Some(dir) => {
                 let path = dir.join("usage.jsonl");
@@ -133,7 +166,9 @@ impl Host {
             metrics,
             ledger,
             ready: AtomicBool::new(false),
+            _scratch: scratch,
         });
+        services.attach(&host);
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -156,6 +191,7 @@ impl Host {
             tasks.spawn(crate::admin::serve(listener, host.clone(), shutdown_rx.clone()));
         }
         tasks.spawn(reap_idle(host.clone(), shutdown_rx.clone()));
+        tasks.spawn(crate::trigger::events::serve(host.clone(), services.broker.clone(), shutdown_rx.clone()));
         if host.ledger.is_some() {
             tasks.spawn(sync_ledger(host.clone(), shutdown_rx.clone()));
         }
@@ -169,6 +205,34 @@ impl Host {
             drain_timeout: config.drain_timeout,
         })
     }
+}
+
+async fn build_services(
+    config: &HostConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<Services>, Option<tempfile::TempDir>), Error> {
+    let mut scratch = None;
+    let kv: Arc<dyn KeyValue> = match &config.keyvalue {
+        Backend::Embedded => {
+            let dir = match &config.state_dir {
+                Some(dir) => dir.clone(),
+                None => {
+                    let dir = tempfile::tempdir().map_err(anyhow::Error::from)?;
+                    let path = dir.path().to_path_buf();
+                    scratch = Some(dir);
+                    path
+                }
+            };
+            Arc::new(RedbKeyValue::open(&dir.join("kv.redb")).map_err(|err| Error::Internal(err.into()))?)
+        }
+        Backend::Redis { url } => Arc::new(Redis::connect(url).await.map_err(|err| Error::Internal(err.into()))?),
+    };
+    let broker: Arc<dyn Broker> = match &config.pubsub {
+        Backend::Embedded => Arc::new(LocalBroker::default()),
+        Backend::Redis { url } => Arc::new(Redis::connect(url).await.map_err(|err| Error::Internal(err.into()))?),
+    };
+    let secrets = SecretStore::new(config.secrets_dir.clone());
+    Ok((Services::new(kv, broker, secrets, metrics), scratch))
 }
 
 fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> {

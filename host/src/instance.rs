@@ -28,15 +28,11 @@ use crate::function::CompiledFunction;
 use crate::limits::{DeadlineExceeded, MemoryMeter, Outcome};
 use crate::logs::{InstanceLog, Stream};
 
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../abi/wit",
-        world: "shoal:runtime/hooks",
-        exports: { default: async },
-    });
-}
+use crate::abi::AbiState;
+use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
 
-pub(crate) use bindings::{Hooks, HooksIndices as LifecycleIndices};
+pub(crate) use events::GuestIndices as EventsIndices;
+pub(crate) use lifecycle::GuestIndices as LifecycleIndices;
 
 /// Fuel given to calls without a fuel limit: effectively unbounded, but
 /// still metered.
@@ -71,11 +67,12 @@ pub struct CallStats {
 pub struct GuestState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
-    table: ResourceTable,
-    outbound: DenyOutbound,
+    pub(crate) table: ResourceTable,
+    outbound: OutboundHttp,
     memory: MemoryMeter,
     deadline: Instant,
-    log: Arc<InstanceLog>,
+    pub(crate) log: Arc<InstanceLog>,
+    pub(crate) abi: AbiState,
 }
 
 impl WasiView for GuestState {
@@ -90,24 +87,53 @@ impl WasiHttpView for GuestState {
     }
 }
 
-/// Outbound HTTP is denied until a function is granted hosts to call.
-struct DenyOutbound;
+/// Outbound HTTP (`wasi:http/outgoing-handler`): only to the authorities
+/// (`host:port`) in the function's `outbound_http` grant.
+struct OutboundHttp {
+    caps: Arc<crate::abi::FunctionCaps>,
+    services: Arc<crate::abi::Services>,
+    log: Arc<InstanceLog>,
+}
 
-impl WasiHttpHooks for DenyOutbound {
+type SendFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<wasmtime_wasi_http::WasiBody>,
+                Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for OutboundHttp {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(
-                    http::Response<wasmtime_wasi_http::WasiBody>,
-                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                )>,
-            > + Send,
-    > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    ) -> SendFuture {
+        let authority = request.uri().authority().map(|authority| {
+            let port =
+                authority.port_u16().unwrap_or(if request.uri().scheme_str() == Some("https") { 443 } else { 80 });
+            format!("{}:{port}", authority.host())
+        });
+        let allowed = authority.as_ref().is_some_and(|authority| self.caps.grants.outbound_http.contains(authority));
+        if !allowed {
+            let function = &*self.caps.name;
+            let target = authority.unwrap_or_else(|| "<no authority>".to_string());
+            tracing::warn!(
+                function,
+                capability = "http.outgoing",
+                request_id = self.log.request_id().as_deref().unwrap_or("-"),
+                "denied: outbound HTTP to {target}"
+            );
+            self.services.metrics.abi_denied(function, "http.outgoing");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt as _;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((response.map(|body| body.boxed_unsync()), Box::new(io) as Box<dyn Future<Output = _> + Send>))
+        })
     }
 }
 
@@ -115,7 +141,8 @@ impl WasiHttpHooks for DenyOutbound {
 pub struct Instance {
     store: Store<GuestState>,
     proxy: Proxy,
-    hooks: Option<Hooks>,
+    hooks: Option<lifecycle::Guest>,
+    events: Option<events::Guest>,
     function: CompiledFunction,
     started: bool,
     /// When the instance last finished a request (or was created).
@@ -144,10 +171,11 @@ impl Instance {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            outbound: DenyOutbound,
+            outbound: OutboundHttp { caps: inner.caps.clone(), services: inner.services.clone(), log: log.clone() },
             memory: MemoryMeter::new(spec.limits.memory_bytes),
             deadline: Instant::now() + spec.limits.start_timeout,
             log,
+            abi: AbiState { caps: inner.caps.clone(), services: inner.services.clone(), depth: 0, invokes: 0 },
         };
         let mut store = Store::new(function.engine.engine(), state);
         store.limiter(|state| &mut state.memory);
@@ -181,7 +209,19 @@ impl Instance {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
             None => None,
         };
-        Ok(Instance { store, proxy, hooks, function: function.clone(), started: false, last_used: Instant::now() })
+        let events = match &inner.events {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
+            None => None,
+        };
+        Ok(Instance {
+            store,
+            proxy,
+            hooks,
+            events,
+            function: function.clone(),
+            started: false,
+            last_used: Instant::now(),
+        })
     }
 
     /// Instantiate and run the `start` hook (if exported).
@@ -198,7 +238,7 @@ impl Instance {
         };
         let timeout = self.function.spec().limits.start_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
-        let call = hooks.shoal_runtime_lifecycle().call_start(&mut self.store);
+        let call = hooks.call_start(&mut self.store);
         let (cpu, result) = run_metered(timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         let start_error = |message: String| InstanceError { outcome: Outcome::StartFailed, message };
@@ -222,6 +262,7 @@ impl Instance {
         &mut self,
         request: hyper::Request<B>,
         request_id: Arc<str>,
+        depth: u32,
         respond: impl FnOnce(ResponseResult) + Send + Sync + 'static,
     ) -> (CallStats, Result<(), InstanceError>)
     where
@@ -229,7 +270,7 @@ impl Instance {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let limits = &self.function.inner.spec.limits;
-        self.store.data().log.set_request(Some(request_id));
+        begin_request(&mut self.store, request_id, depth);
         let resources = {
             let mut http = self.store.data_mut().http();
             http.new_incoming_request(Scheme::Http, request)
@@ -251,6 +292,37 @@ impl Instance {
         let (cpu, result) = run_metered(limits.timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data().log.set_request(None);
+        (stats, self.explain(result))
+    }
+
+    /// Deliver one message to the function's `events.handle` export.
+    /// `Ok(Err(reason))`: the guest declined it.
+    pub async fn deliver(
+        &mut self,
+        message: events::Message,
+        request_id: Arc<str>,
+    ) -> (CallStats, Result<Result<(), String>, InstanceError>) {
+        let Some(events) = &self.events else {
+            let error = InstanceError {
+                outcome: Outcome::HostError,
+                message: "the function does not export shoal:runtime/events".to_string(),
+            };
+            return (CallStats::default(), Err(error));
+        };
+        let limits = &self.function.inner.spec.limits;
+        begin_request(&mut self.store, request_id, 0);
+        let window =
+            Window::open(&mut self.store, limits.timeout, limits.fuel_per_request, self.function.engine.fuel_enabled());
+        let call = events.call_handle(&mut self.store, &message);
+        let (cpu, result) = run_metered(limits.timeout, call).await;
+        let (stats, result) = window.close(&mut self.store, cpu, result);
+        self.store.data().log.set_request(None);
+        (stats, self.explain(result))
+    }
+
+    /// Name the limit behind a failed call in the error's message.
+    fn explain<R>(&mut self, result: Result<R, InstanceError>) -> Result<R, InstanceError> {
+        let limits = &self.function.inner.spec.limits;
         let result = result.map_err(|mut error| {
             error.message = match error.outcome {
                 Outcome::Timeout => format!("ran past its timeout of {} ms", limits.timeout.as_millis()),
@@ -265,7 +337,7 @@ impl Instance {
             error
         });
         self.last_used = Instant::now();
-        (stats, result)
+        result
     }
 
     /// Run the `destroy` hook (if exported and `start` succeeded), then drop
@@ -276,7 +348,7 @@ impl Instance {
         };
         let timeout = self.function.spec().limits.destroy_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
-        let call = hooks.shoal_runtime_lifecycle().call_destroy(&mut self.store);
+        let call = hooks.call_destroy(&mut self.store);
         let (cpu, result) = run_metered(timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         result.map(|()| stats).map_err(|error| InstanceError {
@@ -289,6 +361,14 @@ impl Instance {
     pub fn memory_bytes(&self) -> u64 {
         self.store.data().memory.current()
     }
+}
+
+/// Tag the instance's logs and ABI calls with the request it now serves.
+fn begin_request(store: &mut Store<GuestState>, request_id: Arc<str>, depth: u32) {
+    let data = store.data_mut();
+    data.log.set_request(Some(request_id));
+    data.abi.depth = depth;
+    data.abi.invokes = 0;
 }
 
 /// One metering window over a guest call.

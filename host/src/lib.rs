@@ -31,6 +31,7 @@
 //! and [`metrics`] record what it used. [`admin`] is the control API that
 //! the `shoal` CLI talks to.
 
+pub mod abi;
 pub mod admin;
 pub mod backends;
 pub mod cli;

@@ -107,6 +107,9 @@ pub enum Outcome {
     Overloaded,
     /// The host failed (a bug, or a resource it could not get).
     HostError,
+    /// A subscriber's handler returned an error for a message (it will be
+    /// delivered again).
+    Declined,
 }
 
 impl Outcome {
@@ -122,6 +125,7 @@ impl Outcome {
             Outcome::NoResponse => "no_response",
             Outcome::Overloaded => "overloaded",
             Outcome::HostError => "host_error",
+            Outcome::Declined => "declined",
         }
     }
 
@@ -135,7 +139,9 @@ impl Outcome {
             Outcome::FuelExhausted | Outcome::MemoryLimit | Outcome::Overloaded | Outcome::StartFailed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Outcome::Trap | Outcome::NoResponse | Outcome::HostError => StatusCode::INTERNAL_SERVER_ERROR,
+            Outcome::Trap | Outcome::NoResponse | Outcome::HostError | Outcome::Declined => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 

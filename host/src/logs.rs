@@ -96,6 +96,11 @@ impl InstanceLog {
         *self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()) = request_id;
     }
 
+    /// The request being served, if any.
+    pub fn request_id(&self) -> Option<Arc<str>> {
+        self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
     /// A stdout or stderr for the guest's WASI context.
     pub fn output(self: &Arc<Self>, stream: Stream) -> GuestOutput {
         GuestOutput { shared: Arc::new(OutputShared { log: self.clone(), stream, pending: Mutex::new(Vec::new()) }) }

@@ -24,6 +24,9 @@ pub struct Metrics {
     cpu_seconds: CounterVec,
     memory_gb_seconds: CounterVec,
     ledger_errors: IntCounter,
+    abi_denied: IntCounterVec,
+    abi_limited: IntCounterVec,
+    deliveries: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,6 +66,21 @@ impl Metrics {
         let ledger_errors =
             IntCounter::new("shoal_ledger_write_errors_total", "Usage records that could not be written")
                 .expect("invariant: static metric definition");
+        let abi_denied = IntCounterVec::new(
+            Opts::new("shoal_abi_denied_total", "Runtime ABI calls refused for lack of a grant"),
+            &["function", "capability"],
+        )
+        .expect("invariant: static metric definition");
+        let abi_limited = IntCounterVec::new(
+            Opts::new("shoal_abi_limited_total", "Runtime ABI calls refused by a size or rate limit"),
+            &["function", "capability"],
+        )
+        .expect("invariant: static metric definition");
+        let deliveries = IntCounterVec::new(
+            Opts::new("shoal_messages_delivered_total", "Message deliveries to subscribers, by result"),
+            &["function", "topic", "result"],
+        )
+        .expect("invariant: static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -73,6 +91,9 @@ impl Metrics {
             Box::new(cpu_seconds.clone()),
             Box::new(memory_gb_seconds.clone()),
             Box::new(ledger_errors.clone()),
+            Box::new(abi_denied.clone()),
+            Box::new(abi_limited.clone()),
+            Box::new(deliveries.clone()),
         ] {
             registry.register(collector).expect("invariant: metric names are unique");
         }
@@ -87,7 +108,25 @@ impl Metrics {
             cpu_seconds,
             memory_gb_seconds,
             ledger_errors,
+            abi_denied,
+            abi_limited,
+            deliveries,
         }
+    }
+
+    /// Count a call refused for lack of a grant.
+    pub fn abi_denied(&self, function: &str, capability: &str) {
+        self.abi_denied.with_label_values(&[function, capability]).inc();
+    }
+
+    /// Count a call refused by a size or rate limit.
+    pub fn abi_limited(&self, function: &str, capability: &str) {
+        self.abi_limited.with_label_values(&[function, capability]).inc();
+    }
+
+    /// Count a message delivery (`result`: `acked`, `retried` or `dropped`).
+    pub fn delivery(&self, function: &str, topic: &str, result: &str) {
+        self.deliveries.with_label_values(&[function, topic, result]).inc();
     }
 
     /// Count one request from its usage record.

@@ -198,6 +198,8 @@ pub struct Registry {
     /// nothing deployed is lost) until a deploy of the same name replaces
     /// them or they are undeployed.
     unrestored: std::sync::Mutex<Vec<PersistedVersion>>,
+    /// Bumped on every change of the deployed set (the event trigger watches it).
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -221,6 +223,7 @@ impl Registry {
             functions: tokio::sync::Mutex::new(BTreeMap::new()),
             table: RwLock::new(Arc::new(RouteTable::default())),
             unrestored: std::sync::Mutex::new(Vec::new()),
+            generation: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -413,6 +416,30 @@ impl Registry {
     fn swap_table(&self, functions: &BTreeMap<String, Deployed>) {
         let table = Arc::new(RouteTable::build(functions));
         *self.table.write().unwrap_or_else(|poison| poison.into_inner()) = table;
+        self.generation.send_modify(|generation| *generation += 1);
+    }
+
+    /// A receiver that changes whenever functions are deployed or removed.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// `(function, topic)` for every subscription of the deployed
+    /// functions: their `subscribe` grants, when some version exports
+    /// `shoal:runtime/events`.
+    pub fn subscriptions(&self) -> Vec<(String, String)> {
+        let table = self.current_table();
+        let mut subscriptions = Vec::new();
+        for (name, target) in &table.by_name {
+            let Some((pool, _)) = target.versions.iter().find(|(pool, _)| pool.function().has_events()) else {
+                continue;
+            };
+            for topic in &pool.function().spec().grants.subscribe {
+                subscriptions.push((name.clone(), topic.clone()));
+            }
+        }
+        subscriptions.sort();
+        subscriptions
     }
 
     fn persist(&self, functions: &BTreeMap<String, Deployed>, blobs: &[(String, Arc<[u8]>)]) -> Result<(), Error> {

@@ -1,3 +1,4 @@
 //! What makes functions run: HTTP requests (and, later, messages).
 
+pub mod events;
 pub mod http;

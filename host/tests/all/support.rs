@@ -95,6 +95,7 @@ impl TestHost {
             engine: EngineOptions { fuel: true, max_instances: 64, cache_dir: Some(shared_cache()) },
             log_sink: logs.clone(),
             drain_timeout: Duration::from_secs(10),
+            ..HostConfig::new()
         };
         let running = Host::start(config).await.expect("host starts");
         TestHost { running, logs, client: reqwest::Client::new(), state: None }

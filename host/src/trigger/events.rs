@@ -1,0 +1,103 @@
+//! The message trigger: delivers published messages to subscribing
+//! functions, at least once.
+//!
+//! One delivery loop runs per (function, topic) subscription — a function
+//! subscribes by being granted `subscribe` to the topic and exporting
+//! `shoal:runtime/events`. The loops follow the registry: deploying or
+//! undeploying a function starts or stops its loops. Each message is handed
+//! to a version of the function picked by weight, under the function's
+//! limits, and metered like a request. A handler that returns an error,
+//! traps or breaches a limit leaves the message unacknowledged, and the
+//! broker delivers it again after a back-off; after [`MAX_ATTEMPTS`] the
+//! message is dropped with an error log, so one poison message cannot
+//! block a topic forever.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backends::Broker;
+use crate::host::Host;
+
+/// Deliveries of one message before it is dropped.
+pub const MAX_ATTEMPTS: u32 = 20;
+
+/// Keep the delivery loops in step with the deployed functions until
+/// `shutdown` turns true.
+pub async fn serve(host: Arc<Host>, broker: Arc<dyn Broker>, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = host.registry().changes();
+    let mut loops: HashMap<(String, String), JoinHandle<()>> = HashMap::new();
+    loop {
+        let wanted = host.registry().subscriptions();
+        loops.retain(|key, task| {
+            let keep = wanted.contains(key) && !task.is_finished();
+            if !keep {
+                task.abort();
+                let (broker, (function, topic)) = (broker.clone(), key.clone());
+                if !wanted.contains(key) {
+                    tokio::spawn(async move { broker.unsubscribe(&topic, &function).await });
+                }
+            }
+            keep
+        });
+        for key in wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(key) {
+                let (function, topic) = slot.key().clone();
+                slot.insert(tokio::spawn(deliver_loop(host.clone(), broker.clone(), function, topic)));
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = shutdown.changed() => break,
+        }
+    }
+    for task in loops.into_values() {
+        task.abort();
+    }
+}
+
+async fn deliver_loop(host: Arc<Host>, broker: Arc<dyn Broker>, function: String, topic: String) {
+    let mut subscription = match broker.subscribe(&topic, &function).await {
+        Ok(subscription) => subscription,
+        Err(err) => {
+            tracing::error!(function, topic, error = %err, "cannot subscribe; retrying on the next change");
+            return;
+        }
+    };
+    tracing::info!(function, topic, "subscribed");
+    loop {
+        let delivery = match subscription.next().await {
+            Ok(delivery) => delivery,
+            Err(err) => {
+                tracing::warn!(function, topic, error = %err, "broker read failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Some(target) = host.registry().by_name(&function) else { return };
+        let metrics = host.metrics();
+        match host.dispatcher().deliver(target.pick().clone(), &delivery).await {
+            Ok(()) => {
+                metrics.delivery(&function, &topic, "acked");
+                if let Err(err) = subscription.ack(&delivery).await {
+                    tracing::warn!(function, topic, error = %err, "ack failed; the message may come again");
+                }
+            }
+            Err(_) if delivery.attempt >= MAX_ATTEMPTS => {
+                metrics.delivery(&function, &topic, "dropped");
+                tracing::error!(function, topic, message_id = %delivery.id, attempts = delivery.attempt,
+                    "message dropped after repeated failures");
+                let _ = subscription.ack(&delivery).await;
+            }
+            Err(_) => {
+                metrics.delivery(&function, &topic, "retried");
+                if let Err(err) = subscription.nack(&delivery).await {
+                    tracing::warn!(function, topic, error = %err, "nack failed");
+                }
+            }
+        }
+    }
+}
