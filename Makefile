@@ -4,13 +4,19 @@
 # Both install what they need on a fresh machine (wasm targets, ...).
 
 CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup functions lint unit-and-integration
+.PHONY: run test setup test-deps functions lint unit-and-integration
 
 setup:
 	rustup target add wasm32-wasip2 wasm32-wasip1
 	rustup component add rustfmt clippy
+
+# The Redis backend's tests run a real redis-server (Debian package).
+test-deps:
+	command -v redis-server >/dev/null || { $(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y redis-server; }
 
 functions: setup
 	cd functions && $(CARGO) build --release --target wasm32-wasip2
@@ -25,7 +31,7 @@ lint: setup
 	cd functions && $(CARGO) clippy --release --target wasm32-wasip2 -- -D warnings
 	cd abi/sdk && $(CARGO) fmt -- --check && $(CARGO) clippy --target wasm32-wasip2 -- -D warnings
 
-unit-and-integration: functions
+unit-and-integration: functions test-deps
 	$(CARGO) test --workspace
 	cd abi/sdk && $(CARGO) test --doc
 

@@ -174,3 +174,59 @@ macro_rules! export_http {
         };
     };
 }
+
+/// Outbound HTTP through `wasi:http/outgoing-handler`: allowed only to the
+/// `host:port` authorities in the function's `grants.outbound_http`.
+///
+/// `url` is `http://host:port/path?query`. Returns the status and body, or
+/// a description of the failure (`HttpRequestDenied` when not granted).
+pub fn fetch(method: &str, url: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{OutgoingRequest, Scheme};
+
+    let (scheme, rest) = match url.split_once("://") {
+        Some(("http", rest)) => (Scheme::Http, rest),
+        Some(("https", rest)) => (Scheme::Https, rest),
+        _ => return Err(format!("unsupported URL {url:?}: use http:// or https://")),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    };
+    let request = OutgoingRequest::new(Fields::new());
+    let method = match method {
+        "GET" => Method::Get,
+        "POST" => Method::Post,
+        "PUT" => Method::Put,
+        "DELETE" => Method::Delete,
+        other => Method::Other(other.to_string()),
+    };
+    request.set_method(&method).map_err(|()| "invalid method".to_string())?;
+    request.set_scheme(Some(&scheme)).map_err(|()| "invalid scheme".to_string())?;
+    request.set_authority(Some(authority)).map_err(|()| format!("invalid authority {authority:?}"))?;
+    request.set_path_with_query(Some(path)).map_err(|()| format!("invalid path {path:?}"))?;
+    let outgoing = request.body().map_err(|()| "request body unavailable".to_string())?;
+    {
+        let mut stream = outgoing.write().map_err(|()| "request body unwritable".to_string())?;
+        for chunk in body.chunks(4096) {
+            stream.write_all(chunk).map_err(|err| err.to_string())?;
+        }
+    }
+    OutgoingBody::finish(outgoing, None).map_err(|err| format!("{err:?}"))?;
+    let future = outgoing_handler::handle(request, None).map_err(|err| format!("{err:?}"))?;
+    future.subscribe().block();
+    let response = match future.get() {
+        Some(Ok(Ok(response))) => response,
+        Some(Ok(Err(code))) => return Err(format!("{code:?}")),
+        Some(Err(())) | None => return Err("no response".to_string()),
+    };
+    let status = response.status();
+    let mut bytes = Vec::new();
+    if let Ok(incoming) = response.consume() {
+        if let Ok(stream) = incoming.stream() {
+            let _ = stream.take(MAX_BODY_BYTES as u64).read_to_end(&mut bytes);
+        }
+        let _ = IncomingBody::finish(incoming);
+    }
+    Ok((status, bytes))
+}

@@ -33,7 +33,13 @@
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`.
 
+pub mod config;
+pub mod events;
 pub mod http;
+pub mod invoke;
+pub mod kv;
+pub mod pubsub;
+pub mod secrets;
 
 /// Raw WASI 0.2 bindings (`wasi:http`, `wasi:io`, `wasi:clocks`, ...), for
 /// what the small helpers here do not cover.
@@ -49,6 +55,29 @@ pub mod bindings {
         default_bindings_module: "shoal_sdk::bindings",
     });
 }
+
+#[doc(hidden)]
+pub mod imports {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "imports",
+        generate_all,
+    });
+}
+
+#[doc(hidden)]
+pub mod subscriber_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "subscriber",
+        pub_export_macro: true,
+        export_macro_name: "__export_subscriber",
+        default_bindings_module: "shoal_sdk::subscriber_bindings",
+    });
+}
+
+/// Why a Runtime ABI call was refused or failed (Shoal's own interfaces).
+pub use imports::shoal::runtime::types::Error;
 
 /// The optional `shoal:runtime/lifecycle` hooks.
 ///

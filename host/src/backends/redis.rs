@@ -156,8 +156,12 @@ impl Broker for Redis {
         {
             return Err(failed(err));
         }
-        // Blocking reads get a connection of their own.
-        let conn = self.client.get_multiplexed_async_connection().await.map_err(failed)?;
+        // Blocking reads get a connection of their own, whose response
+        // timeout outlasts the block: a read the client gave up on would
+        // still hand the message to this consumer on the server.
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(READ_BLOCK + Duration::from_secs(5)));
+        let conn = self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(failed)?;
         Ok(Box::new(RedisSubscription {
             conn,
             stream,

@@ -7,12 +7,17 @@
 mod support;
 
 mod bad_input;
+mod grants;
 mod hooks;
 mod http_trigger;
+mod invoke;
 mod isolation;
+mod keyvalue;
 mod ledger;
 mod limits;
 mod metering;
 mod persistence;
+mod pubsub;
+mod redis_backend;
 mod scale_to_zero;
 mod versions;

@@ -87,6 +87,15 @@ impl TestHost {
     }
 
     pub async fn start_with(state_dir: Option<PathBuf>) -> TestHost {
+        TestHost::start_full(state_dir, |_| {}).await
+    }
+
+    /// A host without state, its config adjusted by `configure`.
+    pub async fn start_configured(configure: impl FnOnce(&mut HostConfig)) -> TestHost {
+        TestHost::start_full(None, configure).await
+    }
+
+    pub async fn start_full(state_dir: Option<PathBuf>, configure: impl FnOnce(&mut HostConfig)) -> TestHost {
         let logs = Arc::new(MemorySink::default());
         let config = HostConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -97,6 +106,8 @@ impl TestHost {
             drain_timeout: Duration::from_secs(10),
             ..HostConfig::new()
         };
+        let mut config = config;
+        configure(&mut config);
         let running = Host::start(config).await.expect("host starts");
         TestHost { running, logs, client: reqwest::Client::new(), state: None }
     }
@@ -260,6 +271,41 @@ impl HostProcess {
 }
 
 impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real `redis-server` on a free loopback port, stopped on drop.
+pub struct RedisServer {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (the README's test command installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let ready = eventually(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert!(ready, "redis-server did not come up on port {port}");
+        RedisServer { child, url, _dir: dir }
+    }
+}
+
+impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
