@@ -52,7 +52,8 @@ pub enum Error {
     /// The component does not export `wasi:http/incoming-handler`.
     #[error(
         "function {function:?}: the component does not export `wasi:http/incoming-handler` \
-         (an HTTP function targets the `wasi:http/proxy` world)"
+         (an HTTP function targets the `wasi:http/proxy` world; a function without routes may \
+         instead only receive messages through `shoal:runtime/events`)"
     )]
     MissingHandler {
         /// The function being deployed.

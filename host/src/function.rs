@@ -90,9 +90,13 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|err| Error::Link { function: function.clone(), reason: format!("{err:#}") })?;
-        let handler = ProxyIndices::new(&pre).map_err(|_| Error::MissingHandler { function: function.clone() })?;
+        let handler = ProxyIndices::new(&pre).ok();
         let lifecycle = LifecycleIndices::new(&pre).ok();
         let events = EventsIndices::new(&pre).ok();
+        // A function serves HTTP, receives messages, or both.
+        if handler.is_none() && (events.is_none() || !spec.routes.is_empty()) {
+            return Err(Error::MissingHandler { function });
+        }
         let caps = FunctionCaps::new(&spec);
 
         let compiled = CompiledFunction {
@@ -128,7 +132,7 @@ pub(crate) struct CompiledInner {
     #[allow(dead_code, reason = "kept alive with the pre-instance; useful for introspection")]
     pub(crate) component: Component,
     pub(crate) pre: InstancePre<GuestState>,
-    pub(crate) handler: ProxyIndices,
+    pub(crate) handler: Option<ProxyIndices>,
     pub(crate) lifecycle: Option<LifecycleIndices>,
     pub(crate) events: Option<EventsIndices>,
     pub(crate) log_sink: Arc<dyn LogSink>,

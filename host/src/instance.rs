@@ -140,7 +140,7 @@ impl WasiHttpHooks for OutboundHttp {
 /// A live instance of one function version.
 pub struct Instance {
     store: Store<GuestState>,
-    proxy: Proxy,
+    proxy: Option<Proxy>,
     hooks: Option<lifecycle::Guest>,
     events: Option<events::Guest>,
     function: CompiledFunction,
@@ -204,7 +204,10 @@ impl Instance {
                 let outcome = if outcome == Outcome::Trap { Outcome::StartFailed } else { outcome };
                 InstanceError { outcome, message: format!("instantiation failed: {}", describe(&err)) }
             })?;
-        let proxy = inner.handler.load(&mut store, &instance).map_err(host_error)?;
+        let proxy = match &inner.handler {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
+            None => None,
+        };
         let hooks = match &inner.lifecycle {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
             None => None,
@@ -269,6 +272,13 @@ impl Instance {
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        let Some(proxy) = &self.proxy else {
+            let error = InstanceError {
+                outcome: Outcome::NoResponse,
+                message: "has no HTTP handler (it only receives messages)".to_string(),
+            };
+            return (CallStats::default(), Err(error));
+        };
         let limits = &self.function.inner.spec.limits;
         begin_request(&mut self.store, request_id, depth);
         let resources = {
@@ -288,7 +298,7 @@ impl Instance {
         };
         let window =
             Window::open(&mut self.store, limits.timeout, limits.fuel_per_request, self.function.engine.fuel_enabled());
-        let call = self.proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
+        let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
         let (cpu, result) = run_metered(limits.timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data().log.set_request(None);

@@ -1,23 +1,48 @@
-//! The guest side of Shoal: write a function's HTTP handler and lifecycle hooks.
+//! The guest side of Shoal: write a function's HTTP handler, lifecycle
+//! hooks and message handler, and reach the host's capabilities — state,
+//! configuration, secrets, pubsub, other functions, outbound HTTP — through
+//! small calls. Every call is checked against what the manifest granted;
+//! a refusal is an ordinary `Err` value, never a crash.
 //!
 //! A Shoal HTTP function is a WASI 0.2 component that exports the standard
 //! `wasi:http/incoming-handler`, so the same `.wasm` runs under
 //! `wasmtime serve` too. It may also export `shoal:runtime/lifecycle`
 //! (`start` runs once per instance before its first request, `destroy` before
-//! the instance is dropped).
+//! the instance is dropped) and `shoal:runtime/events` (message delivery).
+//!
+//! A complete function: it counts visits in key-value state, greets with a
+//! configured greeting, publishes an event per visit, and logs each event
+//! it receives back.
 //!
 //! ```no_run
-//! use shoal_sdk::http::{Request, Response};
+//! use shoal_sdk::events::{Message, Subscriber};
+//! use shoal_sdk::http::{Handler, Request, Response};
 //!
-//! struct Hello;
+//! struct Greeter;
 //!
-//! impl shoal_sdk::http::Handler for Hello {
+//! impl Handler for Greeter {
 //!     fn handle(request: Request) -> Response {
-//!         Response::text(200, format!("hello from {}\n", request.path()))
+//!         let name = request.query_param("name").unwrap_or("world");
+//!         let greeting = shoal_sdk::config::get("greeting").ok().flatten().unwrap_or_else(|| "hello".into());
+//!         let visits = match shoal_sdk::kv::open("default").and_then(|b| b.increment("greeter/visits", 1)) {
+//!             Ok(visits) => visits,
+//!             Err(err) => return Response::text(503, format!("state unavailable: {err}\n")),
+//!         };
+//!         if let Err(err) = shoal_sdk::pubsub::publish("visits", name.as_bytes()) {
+//!             eprintln!("not published: {err}");
+//!         }
+//!         Response::text(200, format!("{greeting}, {name} (visit {visits})\n"))
 //!     }
 //! }
 //!
-//! impl shoal_sdk::Lifecycle for Hello {
+//! impl Subscriber for Greeter {
+//!     fn on_message(message: Message) -> Result<(), String> {
+//!         println!("visit by {}", String::from_utf8_lossy(&message.payload));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! impl shoal_sdk::Lifecycle for Greeter {
 //!     fn start() -> Result<(), String> {
 //!         println!("instance starting");
 //!         Ok(())
@@ -27,8 +52,23 @@
 //!     }
 //! }
 //!
-//! shoal_sdk::export_http!(Hello);
-//! shoal_sdk::export_lifecycle!(Hello);
+//! shoal_sdk::export_http!(Greeter);
+//! shoal_sdk::export_subscriber!(Greeter);
+//! shoal_sdk::export_lifecycle!(Greeter);
+//! ```
+//!
+//! with, in `shoal.toml`:
+//!
+//! ```toml
+//! [[function]]
+//! name = "greeter"
+//! wasm = "greeter.wasm"
+//! routes = ["/greet"]
+//! [function.grants]
+//! keyvalue = ["default:greeter/*"]
+//! config = { greeting = "ahoy" }
+//! publish = ["visits"]
+//! subscribe = ["visits"]
 //! ```
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`.

@@ -124,3 +124,21 @@ async fn sigterm_drains_runs_destroy_and_exits_zero() {
     assert!(log.contains("lifecycle: destroy after 1 requests"), "{log}");
     assert!(!host.state_dir.join("admin.sock").exists(), "the admin socket is removed");
 }
+
+#[tokio::test]
+async fn each_denied_call_is_logged_with_function_capability_and_request_id() {
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("intruder", "intruder", "/intruder"));
+    let host = HostProcess::spawn(state.path(), Some(&manifest));
+    let response =
+        reqwest::Client::new().get(host.url("/intruder")).header("x-request-id", "intrusion-1").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let log = host.log();
+    for capability in ["keyvalue.open", "pubsub.publish", "invoke.call", "config.get", "secrets.get", "http.outgoing"] {
+        let line = log
+            .lines()
+            .find(|line| line.contains("denied:") && line.contains(&format!("capability=\"{capability}\"")))
+            .unwrap_or_else(|| panic!("no denial logged for {capability} in\n{log}"));
+        assert!(line.contains("function=\"intruder\"") && line.contains("request_id=\"intrusion-1\""), "{line}");
+    }
+}

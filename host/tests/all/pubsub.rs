@@ -107,3 +107,22 @@ async fn oversized_messages_are_refused() {
     assert_eq!(reply.status, 429);
     assert!(reply.body.contains("message_max_bytes = 100"), "{}", reply.body);
 }
+
+#[tokio::test]
+async fn a_function_without_an_http_handler_can_subscribe_but_cannot_take_routes() {
+    let host = TestHost::start().await;
+    let mut audit = spec("audit", "audit", "/audit");
+    audit.grants.subscribe = BTreeSet::from(["orders".to_string()]);
+    let refused = host.try_deploy(vec![audit.clone()]).await;
+    assert!(matches!(refused, Err(shoal::Error::MissingHandler { .. })), "{refused:?}");
+
+    audit.routes.clear();
+    host.deploy(vec![audit, publisher("orders")]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(publish(&host, "orders", "order-7").await.status, 202);
+    let logged = eventually(Duration::from_secs(10), || async {
+        host.lines_of("audit").iter().any(|line| line.text == "audit: orders order-7")
+    })
+    .await;
+    assert!(logged, "{:?}", host.lines_of("audit"));
+}
