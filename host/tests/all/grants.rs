@@ -106,3 +106,20 @@ async fn outbound_http_reaches_granted_authorities_only() {
     assert_eq!(other_port.status, 502);
     assert!(other_port.body.contains("HttpRequestDenied"), "{}", other_port.body);
 }
+
+#[tokio::test]
+async fn secrets_can_come_from_the_hosts_environment() {
+    use crate::support::{HostProcess, guest, write_manifest};
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        state.path(),
+        &format!(
+            "[[function]]\nname = \"settings\"\nwasm = \"{}\"\nroutes = [\"/settings\"]\n\
+             [function.grants]\nsecrets = [\"api-token\"]\n",
+            guest("settings").display()
+        ),
+    );
+    let host = HostProcess::spawn_with_env(state.path(), Some(&manifest), &[("SHOAL_SECRET_API_TOKEN", "from-env")]);
+    let body = reqwest::get(host.url("/settings/secret?name=api-token")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "from-env");
+}

@@ -64,3 +64,14 @@ async fn a_cycle_of_invokes_ends_at_the_depth_limit_instead_of_hanging() {
     assert_eq!(records.len(), 9, "the request and 8 nested calls");
     assert!(records.iter().all(|r| r.outcome == Outcome::Ok));
 }
+
+#[tokio::test]
+async fn the_request_id_travels_into_the_callees_log_lines() {
+    let host = TestHost::start().await;
+    host.deploy(vec![invoker(&["lifecycle"]), spec("lifecycle", "lifecycle", "/lc")]).await;
+    let reply = host.client.get(host.url("/invoker/call?fn=lifecycle")).header("x-request-id", "trace-7");
+    assert_eq!(reply.send().await.unwrap().status(), 200);
+    let lines = host.lines_of("lifecycle");
+    let request_line = lines.iter().find(|line| line.text == "lifecycle: request 1").unwrap();
+    assert_eq!(request_line.request_id.as_deref(), Some("trace-7/1"));
+}

@@ -213,8 +213,14 @@ impl HostProcess {
     /// Start `shoal serve [manifest]` on a free port with `state_dir`, and
     /// wait until it prints its address.
     pub fn spawn(state_dir: &Path, manifest: Option<&Path>) -> HostProcess {
+        HostProcess::spawn_with_env(state_dir, manifest, &[])
+    }
+
+    /// [`HostProcess::spawn`] with extra environment variables.
+    pub fn spawn_with_env(state_dir: &Path, manifest: Option<&Path>, env: &[(&str, &str)]) -> HostProcess {
         use std::io::BufRead as _;
         let mut command = std::process::Command::new(shoal_bin());
+        command.envs(env.iter().copied());
         command.arg("--state-dir").arg(state_dir).arg("serve").args(["--listen", "127.0.0.1:0"]);
         if let Some(manifest) = manifest {
             command.arg(manifest);
