@@ -127,19 +127,7 @@ impl Dispatcher {
                 return Err((Outcome::Overloaded, "no concurrency slot".to_string()));
             }
             Err(AcquireError::Start(error)) => {
-                let record = UsageRecord::new(
-                    &request_id,
-                    None,
-                    &function,
-                    pool.function().version(),
-                    SystemTime::now(),
-                    &Default::default(),
-                    true,
-                    None,
-                    error.outcome,
-                    0,
-                );
-                self.record(&record);
+                self.record_start_failure(&pool, &request_id, None, &error, 0);
                 return Err((error.outcome, error.message));
             }
         };
@@ -218,19 +206,8 @@ impl Dispatcher {
                 return response;
             }
             Err(AcquireError::Start(error)) => {
-                let record = UsageRecord::new(
-                    &request_id,
-                    parent_id.as_deref(),
-                    &function,
-                    pool.function().version(),
-                    SystemTime::now(),
-                    &Default::default(),
-                    true,
-                    None,
-                    error.outcome,
-                    error.outcome.status().as_u16(),
-                );
-                self.record(&record);
+                let status = error.outcome.status().as_u16();
+                self.record_start_failure(&pool, &request_id, parent_id.as_deref(), &error, status);
                 return error_response(
                     error.outcome,
                     &format!("function {function:?} could not start an instance: {}", error.message),
@@ -313,8 +290,30 @@ impl Dispatcher {
         }
     }
 
-    fn record(&self, record: &UsageRecord) {
-        write_record(self.ledger.as_deref(), &self.metrics, record);
+    /// Record a request that failed because no instance could start: it
+    /// counts as a cold request that used nothing.
+    fn record_start_failure(
+        &self,
+        pool: &FunctionPool,
+        request_id: &str,
+        parent_id: Option<&str>,
+        error: &crate::instance::InstanceError,
+        status: u16,
+    ) {
+        let function = pool.function();
+        let record = UsageRecord::new(
+            request_id,
+            parent_id,
+            function.name(),
+            function.version(),
+            SystemTime::now(),
+            &Default::default(),
+            true,
+            None,
+            error.outcome,
+            status,
+        );
+        write_record(self.ledger.as_deref(), &self.metrics, &record);
     }
 }
 
