@@ -200,6 +200,11 @@ pub struct Registry {
     unrestored: std::sync::Mutex<Vec<PersistedVersion>>,
     /// Bumped on every change of the deployed set (the event trigger watches it).
     generation: tokio::sync::watch::Sender<u64>,
+    /// The generation whose subscriptions the event trigger has attached.
+    applied: tokio::sync::watch::Sender<u64>,
+    /// Whether an event trigger follows this registry (then deploys wait
+    /// for it, so a message published right after a deploy is not missed).
+    trigger_attached: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -224,6 +229,8 @@ impl Registry {
             table: RwLock::new(Arc::new(RouteTable::default())),
             unrestored: std::sync::Mutex::new(Vec::new()),
             generation: tokio::sync::watch::channel(0).0,
+            applied: tokio::sync::watch::channel(0).0,
+            trigger_attached: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -331,8 +338,9 @@ impl Registry {
 
         let retired = retired_pools(&functions, &next);
         *functions = next;
-        self.swap_table(&functions);
+        let generation = self.swap_table(&functions);
         drop(functions);
+        self.wait_applied(generation).await;
         for pool in retired {
             let timeout = self.drain_timeout;
             let metrics = self.metrics.clone();
@@ -365,8 +373,9 @@ impl Registry {
         next.remove(name);
         self.persist(&next, &[])?;
         *functions = next;
-        self.swap_table(&functions);
+        let generation = self.swap_table(&functions);
         drop(functions);
+        self.wait_applied(generation).await;
         let info = info(name, &deployed);
         for pool in &deployed.versions {
             pool.drain(self.drain_timeout).await;
@@ -413,15 +422,36 @@ impl Registry {
         self.table.read().unwrap_or_else(|poison| poison.into_inner()).clone()
     }
 
-    fn swap_table(&self, functions: &BTreeMap<String, Deployed>) {
+    fn swap_table(&self, functions: &BTreeMap<String, Deployed>) -> u64 {
         let table = Arc::new(RouteTable::build(functions));
         *self.table.write().unwrap_or_else(|poison| poison.into_inner()) = table;
         self.generation.send_modify(|generation| *generation += 1);
+        *self.generation.borrow()
     }
 
-    /// A receiver that changes whenever functions are deployed or removed.
+    /// A receiver that changes whenever functions are deployed or removed;
+    /// the caller becomes the event trigger that [`Registry::mark_applied`]
+    /// reports to.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trigger_attached.store(true, std::sync::atomic::Ordering::Release);
         self.generation.subscribe()
+    }
+
+    /// The event trigger has attached the subscriptions of `generation`.
+    pub fn mark_applied(&self, generation: u64) {
+        self.applied.send_modify(|applied| *applied = (*applied).max(generation));
+    }
+
+    /// Wait (bounded) until the event trigger caught up with `generation`.
+    async fn wait_applied(&self, generation: u64) {
+        if !self.trigger_attached.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let mut applied = self.applied.subscribe();
+        let caught_up = applied.wait_for(|applied| *applied >= generation);
+        if tokio::time::timeout(Duration::from_secs(5), caught_up).await.is_err() {
+            tracing::warn!(generation, "the event trigger is slow to attach subscriptions");
+        }
     }
 
     /// `(function, topic)` for every subscription of the deployed

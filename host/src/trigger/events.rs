@@ -6,7 +6,9 @@
 //! `shoal:runtime/events`. The loops follow the registry: deploying or
 //! undeploying a function starts or stops its loops. Each message is handed
 //! to a version of the function picked by weight, under the function's
-//! limits, and metered like a request. A handler that returns an error,
+//! limits, and metered like a request. A deploy returns only once the
+//! subscriptions it creates are attached, so a message published right
+//! after it is not missed. A handler that returns an error,
 //! traps or breaches a limit leaves the message unacknowledged, and the
 //! broker delivers it again after a back-off; after [`MAX_ATTEMPTS`] the
 //! message is dropped with an error log, so one poison message cannot
@@ -19,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backends::Broker;
+use crate::backends::{Broker, Subscription};
 use crate::host::Host;
 
 /// Deliveries of one message before it is dropped.
@@ -31,6 +33,7 @@ pub async fn serve(host: Arc<Host>, broker: Arc<dyn Broker>, mut shutdown: watch
     let mut changes = host.registry().changes();
     let mut loops: HashMap<(String, String), JoinHandle<()>> = HashMap::new();
     loop {
+        let generation = *changes.borrow_and_update();
         let wanted = host.registry().subscriptions();
         loops.retain(|key, task| {
             let keep = wanted.contains(key) && !task.is_finished();
@@ -46,9 +49,20 @@ pub async fn serve(host: Arc<Host>, broker: Arc<dyn Broker>, mut shutdown: watch
         for key in wanted {
             if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(key) {
                 let (function, topic) = slot.key().clone();
-                slot.insert(tokio::spawn(deliver_loop(host.clone(), broker.clone(), function, topic)));
+                // Subscribe before reporting the generation applied: a
+                // message published once `deploy` returns is not missed.
+                match broker.subscribe(&topic, &function).await {
+                    Ok(subscription) => {
+                        tracing::info!(function, topic, "subscribed");
+                        slot.insert(tokio::spawn(deliver_loop(host.clone(), subscription, function, topic)));
+                    }
+                    Err(err) => {
+                        tracing::error!(function, topic, error = %err, "cannot subscribe; retrying on the next change");
+                    }
+                }
             }
         }
+        host.registry().mark_applied(generation);
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { break },
             _ = shutdown.changed() => break,
@@ -59,15 +73,7 @@ pub async fn serve(host: Arc<Host>, broker: Arc<dyn Broker>, mut shutdown: watch
     }
 }
 
-async fn deliver_loop(host: Arc<Host>, broker: Arc<dyn Broker>, function: String, topic: String) {
-    let mut subscription = match broker.subscribe(&topic, &function).await {
-        Ok(subscription) => subscription,
-        Err(err) => {
-            tracing::error!(function, topic, error = %err, "cannot subscribe; retrying on the next change");
-            return;
-        }
-    };
-    tracing::info!(function, topic, "subscribed");
+async fn deliver_loop(host: Arc<Host>, mut subscription: Box<dyn Subscription>, function: String, topic: String) {
     loop {
         let delivery = match subscription.next().await {
             Ok(delivery) => delivery,

@@ -37,8 +37,6 @@ pub async fn inbox_shows(host: &TestHost, want: &str) -> bool {
 async fn a_published_message_reaches_the_subscriber() {
     let host = TestHost::start().await;
     host.deploy(vec![publisher("orders"), subscriber("orders")]).await;
-    // The subscription starts with the deploy; give it a moment to attach.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let reply = publish(&host, "orders", "order-1").await;
     assert_eq!(reply.status, 202, "{}", reply.body);
     assert!(
@@ -58,7 +56,6 @@ async fn a_published_message_reaches_the_subscriber() {
 async fn a_message_the_handler_refuses_is_delivered_again() {
     let host = TestHost::start().await;
     host.deploy(vec![publisher("orders"), subscriber("orders")]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(publish(&host, "orders", "fail-once please").await.status, 202);
     assert!(inbox_shows(&host, "deliveries=2").await, "{}", host.get("/inbox").await.body);
     let body = host.get("/inbox").await.body;
@@ -76,7 +73,6 @@ async fn publishing_or_subscribing_needs_a_grant() {
     let host = TestHost::start().await;
     // The publisher may publish to `orders` only; the subscriber listens to `audit` only.
     host.deploy(vec![publisher("orders"), subscriber("audit")]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let denied = publish(&host, "audit", "x").await;
     assert_eq!(denied.status, 403, "{}", denied.body);
     assert!(denied.body.starts_with("published 0, then Error::Denied"), "{}", denied.body);
@@ -118,7 +114,6 @@ async fn a_function_without_an_http_handler_can_subscribe_but_cannot_take_routes
 
     audit.routes.clear();
     host.deploy(vec![audit, publisher("orders")]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(publish(&host, "orders", "order-7").await.status, 202);
     let logged = eventually(Duration::from_secs(10), || async {
         host.lines_of("audit").iter().any(|line| line.text == "audit: orders order-7")

@@ -1,8 +1,6 @@
 //! The Redis backend, against a real `redis-server`: the same key-value
 //! behaviour as the embedded store, and state and messages shared by hosts.
 
-use std::time::Duration;
-
 use shoal::host::Backend;
 
 use crate::keyvalue::{key_value_behaves, kv_spec};
@@ -43,7 +41,6 @@ async fn a_message_published_on_one_host_reaches_a_subscriber_on_another() {
     let (a, b) = (host_on(&redis).await, host_on(&redis).await);
     b.deploy(vec![subscriber("orders")]).await;
     a.deploy(vec![publisher("orders")]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(publish(&a, "orders", "cross-host").await.status, 202);
     assert!(inbox_shows(&b, "deliveries=1").await, "{}", b.get("/inbox").await.body);
     assert!(b.get("/inbox").await.body.lines().any(|line| line.ends_with("=cross-host")));
@@ -54,7 +51,6 @@ async fn redis_redelivers_a_message_the_handler_refused() {
     let redis = RedisServer::start().await;
     let host = host_on(&redis).await;
     host.deploy(vec![publisher("orders"), subscriber("orders")]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(publish(&host, "orders", "fail-once").await.status, 202);
     assert!(inbox_shows(&host, "deliveries=2").await, "{}", host.get("/inbox").await.body);
     assert!(host.get("/inbox").await.body.lines().any(|line| line.ends_with("=fail-once")));
