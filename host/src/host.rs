@@ -191,7 +191,10 @@ impl Host {
             tasks.spawn(crate::admin::serve(listener, host.clone(), shutdown_rx.clone()));
         }
         tasks.spawn(reap_idle(host.clone(), shutdown_rx.clone()));
-        tasks.spawn(crate::trigger::events::serve(host.clone(), services.broker.clone(), shutdown_rx.clone()));
+        // Registered here, not in the task: a deploy right after `start`
+        // already waits for its subscriptions.
+        let changes = host.registry.changes();
+        tasks.spawn(crate::trigger::events::serve(host.clone(), services.broker.clone(), changes, shutdown_rx.clone()));
         if host.ledger.is_some() {
             tasks.spawn(sync_ledger(host.clone(), shutdown_rx.clone()));
         }

@@ -29,8 +29,13 @@ pub const MAX_ATTEMPTS: u32 = 20;
 
 /// Keep the delivery loops in step with the deployed functions until
 /// `shutdown` turns true.
-pub async fn serve(host: Arc<Host>, broker: Arc<dyn Broker>, mut shutdown: watch::Receiver<bool>) {
-    let mut changes = host.registry().changes();
+/// `changes` comes from [`crate::registry::Registry::changes`].
+pub async fn serve(
+    host: Arc<Host>,
+    broker: Arc<dyn Broker>,
+    mut changes: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut loops: HashMap<(String, String), JoinHandle<()>> = HashMap::new();
     loop {
         let generation = *changes.borrow_and_update();
