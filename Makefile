@@ -2,12 +2,13 @@
 #   make run    serve the example functions on 127.0.0.1:8080
 #   make test   lint and run the whole test suite
 # Both install what they need on a fresh machine (wasm targets, ...).
+# Benchmarks (not part of the tests): make bench
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup test-deps functions lint unit-and-integration
+.PHONY: run test setup test-deps functions lint unit-and-integration bench
 
 setup:
 	rustup target add wasm32-wasip2 wasm32-wasip1
@@ -30,9 +31,16 @@ lint: setup
 	$(CARGO) clippy --all-targets -- -D warnings
 	cd functions && $(CARGO) clippy --release --target wasm32-wasip2 -- -D warnings
 	cd abi/sdk && $(CARGO) fmt -- --check && $(CARGO) clippy --target wasm32-wasip2 -- -D warnings
+	cd benches && $(CARGO) fmt --all -- --check && $(CARGO) clippy --all-targets -- -D warnings
 
 unit-and-integration: functions test-deps
 	$(CARGO) test --workspace
 	cd abi/sdk && $(CARGO) test --doc
+	cd benches && $(CARGO) test
 
 test: lint unit-and-integration
+
+# Benchmarks against native hyper and `wasmtime serve`; writes
+# bench-results/latest.{md,json}. BENCH_ARGS passes options (see --help).
+bench: functions
+	cd benches && $(CARGO) run --release -p shoal-bench -- $(BENCH_ARGS)
