@@ -193,8 +193,8 @@ impl Grants {
 }
 
 /// Where HTTP requests for a function come from: an optional `Host` and a
-/// path prefix, matched on `/` boundaries (`/hello` matches `/hello/x`,
-/// not `/hellothere`).
+/// path prefix (matched by the registry on `/` boundaries: `/hello` serves
+/// `/hello/x`, not `/hellothere`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Route {
     /// Match only requests for this host (case-insensitive, port ignored).
@@ -217,20 +217,6 @@ impl Route {
         let prefix = if prefix.len() > 1 { prefix.trim_end_matches('/') } else { prefix };
         let prefix = if prefix.is_empty() { "/" } else { prefix };
         Ok(Route { host, prefix: prefix.to_string() })
-    }
-
-    /// Whether this route serves `path` on `host`.
-    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
-        if let Some(want) = &self.host {
-            let Some(host) = host else { return false };
-            let host = host.rsplit_once(':').map_or(host, |(name, _port)| name);
-            if !host.eq_ignore_ascii_case(want) {
-                return false;
-            }
-        }
-        self.prefix == "/"
-            || path == self.prefix
-            || path.strip_prefix(self.prefix.as_str()).is_some_and(|rest| rest.starts_with('/'))
     }
 }
 
@@ -631,16 +617,11 @@ mod tests {
     }
 
     #[test]
-    fn routes_match_on_segment_boundaries_and_hosts() {
-        let route = Route::parse("/hello").unwrap();
-        assert!(route.matches(None, "/hello"));
-        assert!(route.matches(None, "/hello/world"));
-        assert!(!route.matches(None, "/helloworld"));
+    fn routes_parse_into_host_and_prefix() {
         let route = Route::parse("api.example.com/v1/").unwrap();
-        assert_eq!(route.prefix, "/v1");
-        assert!(route.matches(Some("API.example.com:8080"), "/v1/x"));
-        assert!(!route.matches(Some("other"), "/v1/x"));
-        assert!(!route.matches(None, "/v1/x"));
-        assert!(Route::parse("/").unwrap().matches(None, "/anything"));
+        assert_eq!((route.host.as_deref(), route.prefix.as_str()), (Some("api.example.com"), "/v1"));
+        assert_eq!(Route::parse("/").unwrap().prefix, "/");
+        assert!(Route::parse("nohost").is_err());
+        assert!(Route::parse("/a?b").is_err());
     }
 }

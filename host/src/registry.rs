@@ -125,10 +125,56 @@ impl Target {
     }
 }
 
+/// Routes resolved to values: the one place where Shoal's routing rules
+/// live. Routes naming the request's host are tried first (as virtual
+/// hosts; the request's port is ignored, names compare case-insensitively),
+/// then host-less ones; within each, the longest prefix wins, and prefixes
+/// match whole path segments (`/hello` serves `/hello/x`, not `/helloworld`).
+struct RouteMap<T> {
+    routes: HashMap<(Option<String>, String), T>,
+}
+
+impl<T> Default for RouteMap<T> {
+    fn default() -> Self {
+        RouteMap { routes: HashMap::new() }
+    }
+}
+
+impl<T> RouteMap<T> {
+    fn insert(&mut self, route: &Route, value: T) {
+        self.routes.insert((route.host.clone(), route.prefix.clone()), value);
+    }
+
+    fn lookup(&self, host: Option<&str>, path: &str) -> Option<&T> {
+        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _port)| name).to_ascii_lowercase());
+        if host.is_some()
+            && let Some(value) = self.longest_prefix(host.clone(), path)
+        {
+            return Some(value);
+        }
+        self.longest_prefix(None, path)
+    }
+
+    fn longest_prefix(&self, host: Option<String>, path: &str) -> Option<&T> {
+        let mut key = (host, path.to_string());
+        loop {
+            if key.1.is_empty() {
+                key.1.push('/');
+                return self.routes.get(&key);
+            }
+            if let Some(value) = self.routes.get(&key) {
+                return Some(value);
+            }
+            let cut = key.1.rfind('/').unwrap_or(0);
+            key.1.truncate(cut);
+        }
+    }
+}
+
 /// Routes and names resolved to targets; immutable, swapped whole.
 #[derive(Default)]
 struct RouteTable {
-    routes: HashMap<(Option<String>, String), Arc<Target>>,
+    routes: RouteMap<Arc<Target>>,
     by_name: HashMap<String, Arc<Target>>,
 }
 
@@ -138,39 +184,15 @@ impl RouteTable {
         for (name, deployed) in functions {
             let target = Arc::new(Target::new(name, deployed));
             for route in deployed.routes() {
-                table.routes.insert((route.host.clone(), route.prefix.clone()), target.clone());
+                table.routes.insert(route, target.clone());
             }
             table.by_name.insert(name.clone(), target);
         }
         table
     }
 
-    /// The route for `path` on `host`: routes naming the request's host are
-    /// tried first (as virtual hosts), then host-less ones; within each, the
-    /// longest matching prefix wins.
     fn lookup(&self, host: Option<&str>, path: &str) -> Option<Arc<Target>> {
-        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _port)| name).to_ascii_lowercase());
-        if host.is_some()
-            && let Some(target) = self.longest_prefix(host.clone(), path)
-        {
-            return Some(target);
-        }
-        self.longest_prefix(None, path)
-    }
-
-    fn longest_prefix(&self, host: Option<String>, path: &str) -> Option<Arc<Target>> {
-        let mut key = (host, path.to_string());
-        loop {
-            if key.1.is_empty() {
-                key.1.push('/');
-                return self.routes.get(&key).cloned();
-            }
-            if let Some(target) = self.routes.get(&key) {
-                return Some(target.clone());
-            }
-            let cut = key.1.rfind('/').unwrap_or(0);
-            key.1.truncate(cut);
-        }
+        self.routes.lookup(host, path).cloned()
     }
 }
 
@@ -550,5 +572,38 @@ fn info(name: &str, deployed: &Deployed) -> FunctionInfo {
                 }
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(routes: &[&str]) -> RouteMap<String> {
+        let mut map = RouteMap::default();
+        for text in routes {
+            map.insert(&Route::parse(text).unwrap(), text.to_string());
+        }
+        map
+    }
+
+    #[test]
+    fn routes_match_on_segment_boundaries_and_hosts() {
+        let hello = map(&["/hello"]);
+        assert!(hello.lookup(None, "/hello").is_some());
+        assert!(hello.lookup(None, "/hello/world").is_some());
+        assert!(hello.lookup(None, "/helloworld").is_none());
+        let api = map(&["api.example.com/v1/"]);
+        assert!(api.lookup(Some("API.example.com:8080"), "/v1/x").is_some());
+        assert!(api.lookup(Some("other"), "/v1/x").is_none());
+        assert!(api.lookup(None, "/v1/x").is_none());
+        assert!(map(&["/"]).lookup(None, "/anything").is_some());
+    }
+
+    #[test]
+    fn a_host_route_wins_over_a_longer_host_less_prefix() {
+        let routes = map(&["/hello/deeper", "api.example/"]);
+        assert_eq!(routes.lookup(Some("api.example"), "/hello/deeper/x").map(String::as_str), Some("api.example/"));
+        assert_eq!(routes.lookup(None, "/hello/deeper/x").map(String::as_str), Some("/hello/deeper"));
     }
 }
