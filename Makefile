@@ -10,14 +10,23 @@ FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
 .PHONY: run test setup test-deps functions lint unit-and-integration bench
 
+APT_INSTALL := $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y
+
+# Building the host needs protoc: containerd's and the CRI's gRPC code is
+# generated at build time.
 setup:
 	rustup target add wasm32-wasip2 wasm32-wasip1
 	rustup component add rustfmt clippy
+	command -v protoc >/dev/null || { $(APT_INSTALL) protobuf-compiler; }
 
-# The Redis backend's tests run a real redis-server (Debian package).
+# Real servers the tests run (Debian packages): redis-server for the Redis
+# backend; containerd, runc, the CNI plugins and docker-registry for the
+# Kubernetes path.
+TEST_PACKAGES := redis-server containerd runc containernetworking-plugins docker-registry
 test-deps:
-	command -v redis-server >/dev/null || { $(SUDO) apt-get update && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y redis-server; }
+	@for tool in redis-server containerd runc /usr/lib/cni/bridge docker-registry; do \
+		command -v $$tool >/dev/null || [ -x $$tool ] || missing=1; done; \
+	[ -z "$$missing" ] || { $(APT_INSTALL) $(TEST_PACKAGES); }
 
 functions: setup
 	cd functions && $(CARGO) build --release --target wasm32-wasip2
@@ -32,8 +41,11 @@ lint: setup
 	cd functions && $(CARGO) clippy --release --target wasm32-wasip2 -- -D warnings
 	cd abi/sdk && $(CARGO) fmt -- --check && $(CARGO) clippy --target wasm32-wasip2 -- -D warnings
 	cd benches && $(CARGO) fmt --all -- --check && $(CARGO) clippy --all-targets -- -D warnings
+	sh -n k8s/installer/install.sh
 
 unit-and-integration: functions test-deps
+	$(CARGO) build --workspace --bins
+	cd functions && $(CARGO) build --release --target wasm32-wasip1 -p cli-hello
 	$(CARGO) test --workspace
 	cd abi/sdk && $(CARGO) test --doc
 	cd benches && $(CARGO) test

@@ -68,6 +68,37 @@ enum Command {
         #[arg(long, env = "SHOAL_SECRETS_DIR")]
         secrets_dir: Option<PathBuf>,
     },
+    /// Serve containerd as the node's wasm runtime (started by
+    /// containerd-shim-shoal-v1; rarely run by hand).
+    Node {
+        /// The ttrpc socket containerd connects to.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The containerd namespace served.
+        #[arg(long, default_value = "k8s.io")]
+        namespace: String,
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        containerd: PathBuf,
+        /// containerd's ttrpc socket (task events) [default: <containerd>.ttrpc].
+        #[arg(long)]
+        ttrpc_address: Option<String>,
+        /// Do not meter fuel.
+        #[arg(long)]
+        no_fuel: bool,
+        /// Instances alive at once, across all containers.
+        #[arg(long, default_value_t = 1000)]
+        max_instances: u32,
+        /// Seconds SIGTERM waits for a container's requests and destroy().
+        #[arg(long, default_value_t = 30)]
+        drain_timeout: u64,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Build and push wasm-in-OCI images.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Deploy (or update) the functions of a manifest on a running host.
     Deploy {
         /// shoal.toml, or a folder with one.
@@ -113,6 +144,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Make an OCI image layout tarball holding a .wasm, for
+    /// `ctr images import` or `shoal image push`.
+    Build {
+        /// The .wasm file (a component, or a wasm32-wasip1 command module).
+        wasm: PathBuf,
+        /// The image's name, e.g. localhost:5000/hello:1.
+        #[arg(long, short = 't')]
+        tag: String,
+        /// Where to write the tarball [default: <wasm file stem>.oci.tar].
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+        /// A config label, KEY=VALUE (repeatable): shoal.dev/limits.<field>,
+        /// shoal.dev/grants.<capability>, shoal.dev/config.<key>.
+        #[arg(long = "label", short = 'l', value_parser = parse_pair)]
+        labels: Vec<(String, String)>,
+        /// An environment variable of the image, NAME=VALUE (repeatable),
+        /// e.g. SHOAL_HTTP_PORT=8080.
+        #[arg(long = "env", short = 'e', value_parser = parse_pair)]
+        env: Vec<(String, String)>,
+    },
+    /// Push an image tarball made by `shoal image build` to its registry.
+    /// Credentials: SHOAL_REGISTRY_USER and SHOAL_REGISTRY_PASSWORD.
+    Push {
+        /// The tarball.
+        layout: PathBuf,
+        /// Push under this name instead of the one it was built with.
+        #[arg(long)]
+        to: Option<String>,
+        /// Plain HTTP (a registry on loopback without TLS).
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .ok_or_else(|| format!("{text:?}: write KEY=VALUE"))
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -168,8 +242,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 keyvalue: backend(kv_redis),
                 pubsub: backend(pubsub_redis),
                 secrets_dir,
+                persist_functions: true,
             };
             serve(manifest.as_deref(), config).await
+        }
+        Command::Node {
+            socket,
+            namespace,
+            containerd,
+            ttrpc_address,
+            no_fuel,
+            max_instances,
+            drain_timeout,
+            log_format,
+        } => {
+            init_tracing(log_format);
+            let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
+            let config = crate::node::NodeConfig {
+                socket,
+                namespace,
+                containerd,
+                ttrpc_address,
+                state_dir: cli.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/shoal/node")),
+                engine: EngineOptions { fuel: !no_fuel, max_instances, cache_dir: None },
+                drain_timeout: Duration::from_secs(drain_timeout),
+            };
+            crate::node::run(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image(ImageCommand::Build { wasm, tag, output, labels, env }) => {
+            let spec = crate::image::ImageSpec {
+                reference: tag,
+                wasm: wasm.clone(),
+                labels: labels.into_iter().collect(),
+                env: env.into_iter().map(|(name, value)| format!("{name}={value}")).collect(),
+            };
+            let image = crate::image::Image::build(&spec)?;
+            let output = output.unwrap_or_else(|| {
+                let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+                PathBuf::from(format!("{stem}.oci.tar"))
+            });
+            image.write_layout(&output)?;
+            println!("built {} ({}) -> {}", image.reference, image.index.digest, output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image(ImageCommand::Push { layout, to, insecure }) => {
+            let image = crate::image::Image::read_layout(&layout)?;
+            let name = to.clone().unwrap_or_else(|| image.reference.clone());
+            eprintln!("pushing {name} ...");
+            let digest = image.push(to.as_deref(), insecure).await?;
+            println!("pushed {name}@{digest}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Deploy { manifest } => {
             let items = load_manifest(&manifest)?;

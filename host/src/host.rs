@@ -57,6 +57,10 @@ pub struct HostConfig {
     /// A folder of secrets (one file per secret); the environment
     /// (`SHOAL_SECRET_<NAME>`) is consulted too.
     pub secrets_dir: Option<PathBuf>,
+    /// Whether deployed functions are kept in the state directory and
+    /// restored at start. The node host says no: containerd owns its
+    /// containers, and a restarted host must not revive them.
+    pub persist_functions: bool,
 }
 
 /// Where a Runtime ABI service keeps its data.
@@ -86,6 +90,7 @@ impl HostConfig {
             keyvalue: Backend::Embedded,
             pubsub: Backend::Embedded,
             secrets_dir: None,
+            persist_functions: true,
         }
     }
 }
@@ -157,7 +162,7 @@ impl Host {
             runtime,
             metrics.clone(),
             config.log_sink.clone(),
-            config.state_dir.clone(),
+            config.state_dir.clone().filter(|_| config.persist_functions),
             config.drain_timeout,
         )?;
         let host = Arc::new(Host {

@@ -147,6 +147,11 @@ impl Metrics {
         self.memory_gb_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e12);
     }
 
+    /// CPU seconds metered for `function` so far.
+    pub fn cpu_seconds(&self, function: &str) -> f64 {
+        self.cpu_seconds.with_label_values(&[function]).get()
+    }
+
     /// Count a request refused before reaching an instance (overload).
     pub fn observe_refused(&self, function: &str, outcome: Outcome) {
         self.requests.with_label_values(&[function]).inc();

@@ -31,6 +31,9 @@ pub struct FunctionPool {
     live: AtomicUsize,
     busy: AtomicUsize,
     draining: AtomicBool,
+    discarded: AtomicBool,
+    /// Linear memory of the last instance released (an estimate for busy ones).
+    last_memory: std::sync::atomic::AtomicU64,
     changed: Notify,
     metrics: Arc<Metrics>,
 }
@@ -80,6 +83,8 @@ impl FunctionPool {
             live: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            discarded: AtomicBool::new(false),
+            last_memory: std::sync::atomic::AtomicU64::new(0),
             changed: Notify::new(),
             metrics,
         })
@@ -97,6 +102,13 @@ impl FunctionPool {
             idle: self.lock_idle().len(),
             busy: self.busy.load(Ordering::Acquire),
         }
+    }
+
+    /// Linear memory held by this pool's instances: exact for idle ones,
+    /// the last released instance's size for each busy one.
+    pub fn resident_bytes(&self) -> u64 {
+        let idle: u64 = self.lock_idle().iter().map(Instance::memory_bytes).sum();
+        idle + self.busy.load(Ordering::Acquire) as u64 * self.last_memory.load(Ordering::Relaxed)
     }
 
     /// Take an idle instance, or create one, within the concurrency limit.
@@ -135,7 +147,8 @@ impl FunctionPool {
     /// is dropped without `destroy`.
     pub fn release(self: &Arc<Self>, instance: Instance, healthy: bool) {
         self.busy.fetch_sub(1, Ordering::AcqRel);
-        if !healthy {
+        self.last_memory.store(instance.memory_bytes(), Ordering::Relaxed);
+        if !healthy || self.discarded.load(Ordering::Acquire) {
             drop(instance);
             self.add_live(-1);
         } else if self.draining.load(Ordering::Acquire) {
@@ -185,6 +198,17 @@ impl FunctionPool {
                 return false;
             }
         }
+    }
+
+    /// Stop at once (SIGKILL): idle instances are dropped without
+    /// `destroy`, and so are busy ones when their request ends.
+    pub fn discard(&self) {
+        self.discarded.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::Release);
+        let idle: Vec<Instance> = std::mem::take(&mut *self.lock_idle());
+        self.add_live(-(idle.len() as isize));
+        drop(idle);
+        self.changed.notify_waiters();
     }
 
     fn destroy_later(self: &Arc<Self>, instance: Instance) {

@@ -118,6 +118,11 @@ impl Target {
     }
 
     /// Choose a version, at random in proportion to the weights.
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<FunctionPool>> {
+        self.versions.iter().map(|(pool, _)| pool)
+    }
+
+    /// A version, picked by weight.
     pub fn pick(&self) -> &Arc<FunctionPool> {
         let ticket = rand::random_range(0..self.total_weight.max(1));
         let index = self.versions.partition_point(|(_, upto)| *upto <= ticket);
@@ -406,6 +411,23 @@ impl Registry {
         Ok(info)
     }
 
+    /// Remove a function at once (a container killed with SIGKILL): no
+    /// draining, no `destroy`.
+    pub async fn kill(&self, name: &str) -> Result<(), Error> {
+        let mut functions = self.functions.lock().await;
+        let Some(deployed) = functions.remove(name) else {
+            return Err(Error::UnknownFunction { name: name.to_string() });
+        };
+        self.persist(&functions, &[])?;
+        self.swap_table(&functions);
+        drop(functions);
+        for pool in &deployed.versions {
+            pool.discard();
+            self.metrics.forget_instances(name, pool.function().version());
+        }
+        Ok(())
+    }
+
     /// Every deployed function.
     pub async fn list(&self) -> Vec<FunctionInfo> {
         let functions = self.functions.lock().await;
@@ -415,6 +437,11 @@ impl Registry {
     /// The target serving `path` on `host`, if any.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<Arc<Target>> {
         self.current_table().lookup(host, path)
+    }
+
+    /// The engine functions are compiled with.
+    pub fn engine(&self) -> &crate::engine::WasmEngine {
+        self.runtime.engine()
     }
 
     /// The target for a function by name.

@@ -17,11 +17,34 @@ use tokio::sync::watch;
 use crate::dispatch::{REQUEST_ID_HEADER, ShoalBody, text_response};
 use crate::host::Host;
 
+/// Which functions a listener serves.
+#[derive(Debug, Clone)]
+pub enum Routing {
+    /// Every deployed function, by host and path (`shoal serve`).
+    Table,
+    /// One function gets every request (a container's own port).
+    Function(Arc<str>),
+}
+
 /// Accept connections until `shutdown` turns true, then let open
 /// connections finish their requests.
-pub async fn serve(listener: TcpListener, host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: watch::Receiver<bool>) {
+    serve_routed(listener, host, Routing::Table, shutdown).await
+}
+
+/// [`serve`] with a choice of routing. Connections live in a `JoinSet`
+/// owned by this future, so aborting it (a container killed with
+/// SIGKILL) ends every open connection at once.
+pub async fn serve_routed(
+    listener: TcpListener,
+    host: Arc<Host>,
+    routing: Routing,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
@@ -34,14 +57,22 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, mut shutdown: watch::
                 };
                 let _ = stream.set_nodelay(true);
                 let host = host.clone();
+                let routing = routing.clone();
                 let service = hyper::service::service_fn(move |request| {
                     let host = host.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&host, request).await) }
+                    let routing = routing.clone();
+                    async move {
+                        let response = match &routing {
+                            Routing::Table => handle(&host, request).await,
+                            Routing::Function(name) => handle_function(&host, name, request).await,
+                        };
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(err) = connection.await {
                         tracing::debug!(error = %err, "connection ended with an error");
                     }
@@ -52,6 +83,19 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, mut shutdown: watch::
     }
     drop(listener);
     graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
+}
+
+async fn handle_function(host: &Host, name: &str, request: Request<Incoming>) -> Response<ShoalBody> {
+    let Some(target) = host.registry().by_name(name) else {
+        return text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("shoal: {name} is not running\n"),
+            Some("no_route"),
+        );
+    };
+    let request_id = request_id(&request);
+    host.dispatcher().dispatch(target.pick().clone(), request, request_id).await
 }
 
 async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> {

@@ -4,15 +4,18 @@
 // Test code may unwrap: a panic is how a test reports failure.
 #![allow(clippy::unwrap_used)]
 
+mod cluster;
 mod support;
 
 mod bad_input;
 mod grants;
 mod hooks;
 mod http_trigger;
+mod installer;
 mod invoke;
 mod isolation;
 mod keyvalue;
+mod kubernetes;
 mod ledger;
 mod limits;
 mod metering;

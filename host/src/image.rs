@@ -1,0 +1,311 @@
+//! wasm-in-OCI images: `shoal image build` and `shoal image push`.
+//!
+//! An image is an OCI image layout (as a tarball) holding one plain tar
+//! layer with the `.wasm` in it, and a config whose `Entrypoint` names
+//! that file and whose `Labels` carry `shoal.dev/...` grants and limits.
+//! A plain tar layer is what every containerd unpacks (1.6 refuses the
+//! wasm artifact media types), so the same image runs through `ctr run`,
+//! the CRI and a registry.
+//!
+//! The image's index lists the one manifest for `linux/amd64` and
+//! `linux/arm64`: wasm runs anywhere, and containerd picks manifests by
+//! the node's platform.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+use crate::engine::sha256_hex;
+
+const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+/// The platforms an image is listed for.
+pub const PLATFORMS: [&str; 2] = ["amd64", "arm64"];
+
+/// What goes into an image.
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    /// The image's name, e.g. `localhost:5000/hello:1`.
+    pub reference: String,
+    /// The `.wasm` file.
+    pub wasm: PathBuf,
+    /// Config labels (`shoal.dev/...` grants and limits, or any other).
+    pub labels: BTreeMap<String, String>,
+    /// Environment variables of the image config (`NAME=value`).
+    pub env: Vec<String>,
+}
+
+/// A blob of the layout.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// The media type it is referenced with.
+    pub media_type: &'static str,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl Blob {
+    fn new(media_type: &'static str, bytes: Vec<u8>) -> Blob {
+        Blob { digest: format!("sha256:{}", sha256_hex(&bytes)), media_type, bytes }
+    }
+
+    fn descriptor(&self) -> Value {
+        json!({ "mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len() })
+    }
+}
+
+/// An image in memory: the blobs from the layer up to the index.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Its name.
+    pub reference: String,
+    /// The layer holding the wasm.
+    pub layer: Blob,
+    /// The image config.
+    pub config: Blob,
+    /// The image manifest.
+    pub manifest: Blob,
+    /// The image index listing the manifest per platform.
+    pub index: Blob,
+}
+
+impl Image {
+    /// Build the image for `spec`.
+    pub fn build(spec: &ImageSpec) -> anyhow::Result<Image> {
+        let wasm = std::fs::read(&spec.wasm).with_context(|| format!("cannot read {}", spec.wasm.display()))?;
+        let kind = if wasmparser::Parser::is_component(&wasm) {
+            "wasip2"
+        } else if wasmparser::Parser::is_core_wasm(&wasm) {
+            "wasip1"
+        } else {
+            bail!("{} is not a WebAssembly binary (bad magic number or version)", spec.wasm.display());
+        };
+        let file_name = spec
+            .wasm
+            .file_name()
+            .and_then(|name| name.to_str())
+            .filter(|name| !name.is_empty())
+            .context("the wasm path has no file name")?
+            .to_string();
+        for key in spec.labels.keys() {
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                bail!("invalid label name {key:?}");
+            }
+        }
+        validate_reference(&spec.reference)?;
+
+        let layer = Blob::new(LAYER, layer_tar(&file_name, &wasm)?);
+        let entrypoint = format!("/{file_name}");
+        let config = json!({
+            "architecture": "wasm",
+            "os": kind,
+            "config": {
+                "Entrypoint": [entrypoint],
+                "Env": spec.env,
+                "Labels": spec.labels,
+            },
+            "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
+            "history": [{ "created_by": format!("shoal image build {file_name}") }],
+        });
+        let config = Blob::new(CONFIG, serde_json::to_vec(&config)?);
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": config.descriptor(),
+            "layers": [layer.descriptor()],
+        });
+        let manifest = Blob::new(MANIFEST, serde_json::to_vec(&manifest)?);
+        let entries: Vec<Value> = PLATFORMS
+            .iter()
+            .map(|arch| {
+                let mut descriptor = manifest.descriptor();
+                descriptor["platform"] = json!({ "architecture": arch, "os": "linux" });
+                descriptor
+            })
+            .collect();
+        let index = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": entries });
+        let index = Blob::new(INDEX, serde_json::to_vec(&index)?);
+        Ok(Image { reference: spec.reference.clone(), layer, config, manifest, index })
+    }
+
+    /// Write the OCI image layout as a tarball (what `ctr images import`
+    /// reads).
+    pub fn write_layout(&self, path: &Path) -> anyhow::Result<()> {
+        let mut top = self.index.descriptor();
+        top["annotations"] = json!({
+            "org.opencontainers.image.ref.name": self.reference,
+            "io.containerd.image.name": self.reference,
+        });
+        let index_json = serde_json::to_vec(&json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": [top] }))?;
+        let mut builder = tar::Builder::new(Vec::new());
+        append(&mut builder, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        append(&mut builder, "index.json", &index_json)?;
+        for blob in [&self.layer, &self.config, &self.manifest, &self.index] {
+            let hex = blob.digest.trim_start_matches("sha256:");
+            append(&mut builder, &format!("blobs/sha256/{hex}"), &blob.bytes)?;
+        }
+        let bytes = builder.into_inner()?;
+        crate::engine::write_atomically(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Read an image layout tarball written by [`Image::write_layout`]
+    /// (one image: its index, one manifest, one layer).
+    pub fn read_layout(path: &Path) -> anyhow::Result<Image> {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut blobs = BTreeMap::new();
+        let mut index_json = None;
+        let mut archive = tar::Archive::new(file);
+        for entry in archive.entries().with_context(|| format!("{} is not a tar archive", path.display()))? {
+            let mut entry = entry.with_context(|| format!("{} is a damaged tar archive", path.display()))?;
+            let name = entry.path()?.to_string_lossy().trim_start_matches("./").to_string();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes)?;
+            if name == "index.json" {
+                index_json = Some(bytes);
+            } else if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+                if sha256_hex(&bytes) != hex {
+                    bail!("{}: blob {hex} does not match its digest", path.display());
+                }
+                blobs.insert(format!("sha256:{hex}"), bytes);
+            }
+        }
+        let bad = |what: &str| anyhow::anyhow!("{}: not a Shoal image layout: {what}", path.display());
+        let top: Value = serde_json::from_slice(&index_json.ok_or_else(|| bad("no index.json"))?)?;
+        let entry = top["manifests"].get(0).ok_or_else(|| bad("index.json lists no image"))?;
+        let reference = entry["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap_or("").to_string();
+        let take = |digest: &Value, media_type: &'static str| -> anyhow::Result<Blob> {
+            let digest = digest.as_str().ok_or_else(|| bad("a descriptor has no digest"))?;
+            let bytes = blobs.get(digest).cloned().ok_or_else(|| bad(&format!("blob {digest} is missing")))?;
+            Ok(Blob { digest: digest.to_string(), media_type, bytes })
+        };
+        let index = take(&entry["digest"], INDEX)?;
+        let index_value: Value = serde_json::from_slice(&index.bytes)?;
+        let manifest = take(&index_value["manifests"][0]["digest"], MANIFEST)?;
+        let manifest_value: Value = serde_json::from_slice(&manifest.bytes)?;
+        let config = take(&manifest_value["config"]["digest"], CONFIG)?;
+        let layer = take(&manifest_value["layers"][0]["digest"], LAYER)?;
+        Ok(Image { reference, layer, config, manifest, index })
+    }
+
+    /// Push the image to its registry (`reference` overrides the name it
+    /// was built with). `insecure`: plain HTTP, for a registry on loopback.
+    pub async fn push(&self, reference: Option<&str>, insecure: bool) -> anyhow::Result<String> {
+        use oci_client::client::{ClientConfig, ClientProtocol};
+        use oci_client::secrets::RegistryAuth;
+        use oci_client::{Client, Reference, RegistryOperation};
+
+        // reqwest is built without a default TLS provider; pick ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let name = reference.unwrap_or(&self.reference);
+        let target: Reference = name.parse().with_context(|| format!("invalid image name {name:?}"))?;
+        let protocol = if insecure {
+            ClientProtocol::HttpsExcept(vec![target.registry().to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        let client = Client::new(ClientConfig { protocol, ..Default::default() });
+        let auth = match (std::env::var("SHOAL_REGISTRY_USER"), std::env::var("SHOAL_REGISTRY_PASSWORD")) {
+            (Ok(user), Ok(password)) => RegistryAuth::Basic(user, password),
+            _ => RegistryAuth::Anonymous,
+        };
+        client
+            .auth(&target, &auth, RegistryOperation::Push)
+            .await
+            .with_context(|| format!("cannot authenticate to {}", target.registry()))?;
+        for blob in [&self.layer, &self.config] {
+            client
+                .push_blob(&target, blob.bytes.clone(), &blob.digest)
+                .await
+                .with_context(|| format!("cannot push blob {} to {name}", blob.digest))?;
+        }
+        let by_digest = target.clone_with_digest(self.manifest.digest.clone());
+        client
+            .push_manifest_raw(&by_digest, self.manifest.bytes.clone(), MANIFEST.parse()?)
+            .await
+            .with_context(|| format!("cannot push the manifest to {name}"))?;
+        client
+            .push_manifest_raw(&target, self.index.bytes.clone(), INDEX.parse()?)
+            .await
+            .with_context(|| format!("cannot push the index to {name}"))?;
+        Ok(self.index.digest.clone())
+    }
+}
+
+fn validate_reference(reference: &str) -> anyhow::Result<()> {
+    reference
+        .parse::<oci_client::Reference>()
+        .map(|_| ())
+        .with_context(|| format!("invalid image name {reference:?} (e.g. localhost:5000/hello:1)"))
+}
+
+fn layer_tar(file_name: &str, wasm: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(wasm.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    builder.append_data(&mut header, file_name, wasm)?;
+    Ok(builder.into_inner()?)
+}
+
+fn append(builder: &mut tar::Builder<Vec<u8>>, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(bytes.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    builder.append_data(&mut header, name, bytes)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wasm_file(dir: &Path) -> PathBuf {
+        let path = dir.join("tiny.wasm");
+        std::fs::write(&path, wat::parse_str("(module (func (export \"_start\")))").unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_built_layout_reads_back_with_matching_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ImageSpec {
+            reference: "localhost:5000/tiny:1".into(),
+            wasm: wasm_file(dir.path()),
+            labels: [("shoal.dev/limits.timeout_ms".to_string(), "100".to_string())].into(),
+            env: vec!["SHOAL_HTTP_PORT=9000".into()],
+        };
+        let image = Image::build(&spec).unwrap();
+        let out = dir.path().join("tiny.tar");
+        image.write_layout(&out).unwrap();
+        let back = Image::read_layout(&out).unwrap();
+        assert_eq!(back.reference, "localhost:5000/tiny:1");
+        assert_eq!(back.index.digest, image.index.digest);
+        let config: Value = serde_json::from_slice(&back.config.bytes).unwrap();
+        assert_eq!(config["config"]["Entrypoint"][0], "/tiny.wasm");
+        assert_eq!(config["config"]["Labels"]["shoal.dev/limits.timeout_ms"], "100");
+        assert_eq!(config["os"], "wasip1");
+        assert_eq!(config["rootfs"]["diff_ids"][0], json!(image.layer.digest));
+    }
+
+    #[test]
+    fn building_from_a_file_that_is_not_wasm_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.wasm");
+        std::fs::write(&path, b"hello").unwrap();
+        let spec =
+            ImageSpec { reference: "localhost/x:1".into(), wasm: path, labels: BTreeMap::new(), env: Vec::new() };
+        let err = Image::build(&spec).unwrap_err().to_string();
+        assert!(err.contains("not a WebAssembly binary"), "{err}");
+    }
+}

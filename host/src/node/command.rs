@@ -1,0 +1,197 @@
+//! Containers whose wasm is a program, not a function: a component
+//! exporting `wasi:cli/run`, or a classic `wasm32-wasip1` module with
+//! `_start` (images made for other wasm runtimes). It runs once, like a
+//! process: args and environment from the spec, the rootfs as a read-only
+//! `/`, output to the container's FIFOs, and its exit code is the task's.
+//!
+//! Commands get WASI only, not the Runtime ABI: a program that needs state
+//! or messages is written as a function.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
+use wasmtime::{Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::engine::WasmEngine;
+use crate::logs::{InstanceLog, Stream};
+
+/// The exit status of a command that trapped (as a process that aborted:
+/// 128 + SIGABRT).
+pub const TRAPPED: i32 = 134;
+
+/// A compiled program, ready to run.
+#[derive(Clone)]
+pub enum Program {
+    /// A `wasi:cli/run` component.
+    Component(CommandPre<CommandState>),
+    /// A WASI 0.1 module exporting `_start`.
+    Module(wasmtime::InstancePre<P1State>),
+}
+
+/// Store data of a component command.
+pub struct CommandState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+}
+
+impl WasiView for CommandState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Store data of a WASI 0.1 command.
+pub struct P1State {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+/// What the program is run with.
+pub struct Invocation<'a> {
+    /// `argv`, `args[0]` being the program's path.
+    pub args: &'a [String],
+    /// The environment.
+    pub env: &'a [(String, String)],
+    /// Mounted read-only at `/`, when present.
+    pub rootfs: Option<&'a Path>,
+    /// Linear memory cap in bytes.
+    pub memory_limit: Option<u64>,
+    /// Where its output lines go.
+    pub log: Arc<InstanceLog>,
+}
+
+/// Whether `wasm` is a program (rather than a function component).
+pub fn is_program(engine: &WasmEngine, wasm: &[u8]) -> bool {
+    if wasmparser::Parser::is_core_wasm(wasm) {
+        return true;
+    }
+    // A component is a program when it exports wasi:cli/run and not the
+    // HTTP handler.
+    let Ok(component) = Component::new(engine.engine(), wasm) else { return false };
+    let ty = component.component_type();
+    let names: Vec<String> = ty.exports(engine.engine()).map(|(name, _)| name.to_string()).collect();
+    let exports = |prefix: &str| names.iter().any(|name| name.starts_with(prefix));
+    exports("wasi:cli/run@") && !exports("wasi:http/incoming-handler@")
+}
+
+/// Compile and link a program (CPU-heavy: call off the async threads).
+pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, String> {
+    if wasmparser::Parser::is_core_wasm(wasm) {
+        let module = Module::new(engine.engine(), wasm).map_err(|err| format!("invalid wasm module: {err:#}"))?;
+        if module.get_export("_start").is_none() {
+            return Err("the module exports no `_start`: it is not a WASI command".to_string());
+        }
+        let mut linker: Linker<P1State> = Linker::new(engine.engine());
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state| &mut state.wasi)
+            .map_err(|err| format!("cannot link WASI 0.1: {err:#}"))?;
+        let pre = linker.instantiate_pre(&module).map_err(|err| format!("cannot link the module: {err:#}"))?;
+        return Ok(Program::Module(pre));
+    }
+    let component = Component::new(engine.engine(), wasm).map_err(|err| format!("invalid component: {err:#}"))?;
+    let mut linker: ComponentLinker<CommandState> = ComponentLinker::new(engine.engine());
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|err| format!("cannot link WASI 0.2: {err:#}"))?;
+    let pre = linker.instantiate_pre(&component).map_err(|err| format!("cannot link the component: {err:#}"))?;
+    let pre = CommandPre::new(pre).map_err(|err| format!("the component exports no wasi:cli/run: {err:#}"))?;
+    Ok(Program::Component(pre))
+}
+
+/// Run the program to its end; returns its exit status, and why it
+/// trapped if it did.
+pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<'_>) -> (i32, Option<String>) {
+    let result = match build_context(&invocation) {
+        Err(err) => Err(err),
+        Ok(mut builder) => {
+            let limits = limits(invocation.memory_limit);
+            match program {
+                Program::Component(pre) => {
+                    let state = CommandState { wasi: builder.build(), table: ResourceTable::new(), limits };
+                    let mut store = store(engine, state);
+                    match pre.instantiate_async(&mut store).await {
+                        Ok(command) => match command.wasi_cli_run().call_run(&mut store).await {
+                            Ok(Ok(())) => Ok(0),
+                            Ok(Err(())) => Ok(1),
+                            Err(err) => Err(err),
+                        },
+                        Err(err) => Err(err),
+                    }
+                }
+                Program::Module(pre) => {
+                    let state = P1State { wasi: builder.build_p1(), limits };
+                    let mut store = store(engine, state);
+                    async {
+                        let instance = pre.instantiate_async(&mut store).await?;
+                        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                        start.call_async(&mut store, ()).await
+                    }
+                    .await
+                    .map(|()| 0)
+                }
+            }
+        }
+    };
+    // The store (and so the guest's stdio) is dropped by now: trailing
+    // partial lines are already written.
+    match result {
+        Ok(code) => (code, None),
+        Err(err) => match err.downcast_ref::<I32Exit>() {
+            Some(exit) => (exit.0, None),
+            None => (TRAPPED, Some(format!("{err:#}"))),
+        },
+    }
+}
+
+fn build_context(invocation: &Invocation<'_>) -> wasmtime::Result<WasiCtxBuilder> {
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .args(invocation.args)
+        .envs(invocation.env)
+        .stdout(invocation.log.output(Stream::Stdout))
+        .stderr(invocation.log.output(Stream::Stderr))
+        .allow_tcp(false)
+        .allow_udp(false);
+    if let Some(rootfs) = invocation.rootfs.filter(|rootfs| rootfs.is_dir()) {
+        builder.preopened_dir(rootfs, "/", FsPerms::ReadOnly)?;
+    }
+    Ok(builder)
+}
+
+fn limits(memory_limit: Option<u64>) -> StoreLimits {
+    let mut limits = StoreLimitsBuilder::new();
+    if let Some(bytes) = memory_limit {
+        limits = limits.memory_size(usize::try_from(bytes).unwrap_or(usize::MAX));
+    }
+    limits.build()
+}
+
+trait HasLimits {
+    fn limits(&mut self) -> &mut StoreLimits;
+}
+
+impl HasLimits for CommandState {
+    fn limits(&mut self) -> &mut StoreLimits {
+        &mut self.limits
+    }
+}
+
+impl HasLimits for P1State {
+    fn limits(&mut self) -> &mut StoreLimits {
+        &mut self.limits
+    }
+}
+
+fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T) -> Store<T> {
+    let mut store = Store::new(engine.engine(), state);
+    store.limiter(|state| state.limits());
+    // A program runs as long as it likes, but yields at every epoch tick
+    // so it never holds a host thread, and can be stopped by dropping it.
+    store.epoch_deadline_async_yield_and_update(1);
+    if engine.fuel_enabled() {
+        let _ = store.set_fuel(u64::MAX);
+    }
+    store
+}

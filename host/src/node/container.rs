@@ -1,0 +1,323 @@
+//! What a container is, read from its OCI bundle: the pod sandbox, an HTTP
+//! function or a command; its wasm, network namespace, port, grants and
+//! limits.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use crate::manifest::{FunctionSpec, Manifest};
+
+/// Labels and annotations under this prefix carry grants and limits.
+pub const ANNOTATION_PREFIX: &str = "shoal.dev/";
+
+/// The CRI's annotations (containerd 1.6 and later).
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+
+/// The environment variable naming an HTTP function's port.
+pub const PORT_ENV: &str = "SHOAL_HTTP_PORT";
+const DEFAULT_PORT: u16 = 8080;
+
+/// Where a container's network namespace comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Netns {
+    /// An existing namespace (the pod's, made by the CRI and its CNI).
+    Path(PathBuf),
+    /// The spec asks for a namespace of its own without naming one
+    /// (`ctr run` without `--net-host`): the host makes a fresh one.
+    New,
+    /// No network namespace in the spec: the node's own network.
+    Node,
+}
+
+/// A container as its bundle describes it.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The bundle directory.
+    pub path: PathBuf,
+    /// `config.json`.
+    pub spec: Spec,
+}
+
+/// What the container is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The pod's sandbox ("pause") container.
+    Sandbox,
+    /// An app container of a pod, or a plain container.
+    App {
+        /// The pod's sandbox, when the CRI made this container.
+        sandbox_id: Option<String>,
+    },
+}
+
+/// Grants and limits from Kubernetes: the container's labels (containerd
+/// copies the image's labels into them), then the spec's annotations (pod
+/// annotations, then container annotations, as the CRI passes them), then
+/// the memory limit from `resources.limits.memory`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    /// `shoal.dev/...` keys and values, later sources overriding earlier.
+    pub values: BTreeMap<String, String>,
+    /// The container's memory limit in bytes.
+    pub memory_limit: Option<u64>,
+}
+
+impl Bundle {
+    /// Read `<bundle>/config.json`.
+    pub fn load(path: &Path) -> Result<Bundle, String> {
+        let config = path.join("config.json");
+        let spec =
+            Spec::load(&config).map_err(|err| format!("cannot read the OCI spec {}: {err}", config.display()))?;
+        Ok(Bundle { path: path.to_path_buf(), spec })
+    }
+
+    /// The annotations of the spec.
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        self.spec.annotations().clone().unwrap_or_default().into_iter().collect()
+    }
+
+    /// Sandbox or app container.
+    pub fn role(&self) -> Role {
+        let annotations = self.annotations();
+        match annotations.get(CONTAINER_TYPE).map(String::as_str) {
+            Some("sandbox") => Role::Sandbox,
+            _ => Role::App { sandbox_id: annotations.get(SANDBOX_ID).cloned() },
+        }
+    }
+
+    /// The Kubernetes container name, if the CRI made this container.
+    pub fn container_name(&self) -> Option<String> {
+        self.annotations().get(CONTAINER_NAME).cloned()
+    }
+
+    /// The rootfs directory (`root.path`, relative to the bundle).
+    pub fn rootfs(&self) -> PathBuf {
+        let root = self.spec.root().as_ref().map(|root| root.path().clone()).unwrap_or_else(|| "rootfs".into());
+        if root.is_absolute() { root } else { self.path.join(root) }
+    }
+
+    /// The process's arguments (`args[0]` is the wasm's path in the rootfs).
+    pub fn args(&self) -> Vec<String> {
+        self.spec.process().as_ref().and_then(|process| process.args().clone()).unwrap_or_default()
+    }
+
+    /// The process's environment as `(name, value)` pairs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let env = self.spec.process().as_ref().and_then(|process| process.env().clone()).unwrap_or_default();
+        env.iter()
+            .filter_map(|entry| entry.split_once('=').map(|(name, value)| (name.to_string(), value.to_string())))
+            .collect()
+    }
+
+    /// The HTTP port: `SHOAL_HTTP_PORT` from the environment, else 8080.
+    pub fn port(&self) -> Result<u16, String> {
+        match self.env().into_iter().find(|(name, _)| name == PORT_ENV) {
+            None => Ok(DEFAULT_PORT),
+            Some((_, value)) => value
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| format!("{PORT_ENV}={value:?} is not a port number (1-65535)")),
+        }
+    }
+
+    /// The network namespace the spec asks for.
+    pub fn netns(&self) -> Netns {
+        let namespaces = self.spec.linux().as_ref().and_then(|linux| linux.namespaces().clone()).unwrap_or_default();
+        match namespaces.iter().find(|ns| ns.typ() == LinuxNamespaceType::Network) {
+            None => Netns::Node,
+            Some(ns) => match ns.path() {
+                Some(path) if !path.as_os_str().is_empty() => Netns::Path(path.clone()),
+                _ => Netns::New,
+            },
+        }
+    }
+
+    /// The memory limit from `linux.resources.memory.limit`.
+    pub fn memory_limit(&self) -> Option<u64> {
+        let limit = self.spec.linux().as_ref()?.resources().as_ref()?.memory().as_ref()?.limit()?;
+        u64::try_from(limit).ok().filter(|limit| *limit > 0)
+    }
+
+    /// Find the entrypoint (`args[0]`) in the rootfs, refusing paths that
+    /// leave it.
+    pub fn entrypoint(&self) -> Result<(String, PathBuf), String> {
+        let args = self.args();
+        let Some(entry) = args.first().filter(|entry| !entry.is_empty()) else {
+            return Err("the container names no entrypoint (process.args is empty): set the image's \
+                        Entrypoint to the .wasm file"
+                .to_string());
+        };
+        let relative = Path::new(entry);
+        let mut inside = PathBuf::new();
+        for part in relative.components() {
+            match part {
+                Component::Normal(part) => inside.push(part),
+                Component::RootDir | Component::CurDir => {}
+                Component::ParentDir | Component::Prefix(_) => {
+                    return Err(format!("the entrypoint {entry:?} leaves the container's rootfs"));
+                }
+            }
+        }
+        Ok((entry.clone(), self.rootfs().join(inside)))
+    }
+}
+
+impl KubernetesSettings {
+    /// Merge `shoal.dev/...` keys from each source in order.
+    pub fn collect<'a>(
+        sources: impl IntoIterator<Item = &'a BTreeMap<String, String>>,
+        memory_limit: Option<u64>,
+    ) -> KubernetesSettings {
+        let mut values = BTreeMap::new();
+        for source in sources {
+            for (key, value) in source {
+                if let Some(key) = key.strip_prefix(ANNOTATION_PREFIX) {
+                    values.insert(key.to_string(), value.clone());
+                }
+            }
+        }
+        KubernetesSettings { values, memory_limit }
+    }
+
+    /// The function spec for `name`: `limits.<field>` (integers),
+    /// `grants.<list>` (comma-separated), `config.<key>` (a config value)
+    /// are checked by the same rules as `shoal.toml`; the memory limit caps
+    /// `limits.memory_mb`.
+    pub fn function_spec(&self, name: &str, wasm: &Path, source: &str) -> Result<FunctionSpec, String> {
+        let mut limits = toml::Table::new();
+        let mut grants = toml::Table::new();
+        let mut config = toml::Table::new();
+        for (key, value) in &self.values {
+            let unknown = || {
+                format!(
+                    "unknown setting {ANNOTATION_PREFIX}{key}: use {ANNOTATION_PREFIX}limits.<field>, \
+                     {ANNOTATION_PREFIX}grants.<capability> or {ANNOTATION_PREFIX}config.<key>"
+                )
+            };
+            let (group, field) = key.split_once('.').ok_or_else(unknown)?;
+            match group {
+                "limits" => {
+                    let number = value
+                        .trim()
+                        .parse::<i64>()
+                        .map_err(|_| format!("{ANNOTATION_PREFIX}{key}={value:?}: limits are whole numbers"))?;
+                    limits.insert(field.to_string(), toml::Value::Integer(number));
+                }
+                "grants" => {
+                    let entries = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|entry| !entry.is_empty())
+                        .map(|entry| toml::Value::String(entry.to_string()))
+                        .collect();
+                    grants.insert(field.to_string(), toml::Value::Array(entries));
+                }
+                "config" => {
+                    config.insert(field.to_string(), toml::Value::String(value.clone()));
+                }
+                _ => return Err(unknown()),
+            }
+        }
+        if let Some(bytes) = self.memory_limit {
+            let cap = bytes.div_ceil(1024 * 1024).max(1) as i64;
+            let asked = limits.get("memory_mb").and_then(toml::Value::as_integer);
+            limits.insert("memory_mb".into(), toml::Value::Integer(asked.map_or(cap, |asked| asked.min(cap))));
+        }
+        if !config.is_empty() {
+            grants.insert("config".into(), toml::Value::Table(config));
+        }
+        let mut function = toml::Table::new();
+        function.insert("name".into(), toml::Value::String(name.to_string()));
+        function.insert("wasm".into(), toml::Value::String(wasm.display().to_string()));
+        function.insert("limits".into(), toml::Value::Table(limits));
+        function.insert("grants".into(), toml::Value::Table(grants));
+        let mut document = toml::Table::new();
+        document.insert("function".into(), toml::Value::Array(vec![toml::Value::Table(function)]));
+        let text = toml::to_string(&document).map_err(|err| err.to_string())?;
+        let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| err.message)?;
+        let mut specs = manifest.resolve().map_err(|err| err.message)?;
+        Ok(specs.remove(0))
+    }
+}
+
+/// A function name for a container: its Kubernetes name (or id), made a
+/// valid name, plus a short hash of the id so two pods never collide.
+pub fn function_name(container_id: &str, container_name: Option<&str>) -> String {
+    let base = container_name.unwrap_or(container_id);
+    let mut name: String =
+        base.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(48).collect();
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        name.insert_str(0, "c-");
+    }
+    let digest = crate::engine::sha256_hex(container_id.as_bytes());
+    format!("{}-{}", name.trim_end_matches('-'), &digest[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)], memory_limit: Option<u64>) -> KubernetesSettings {
+        let map: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        KubernetesSettings::collect([&map], memory_limit)
+    }
+
+    #[test]
+    fn annotations_become_grants_and_limits() {
+        let settings = settings(
+            &[
+                ("shoal.dev/limits.timeout_ms", "250"),
+                ("shoal.dev/grants.keyvalue", "counters:hits, counters:day-*"),
+                ("shoal.dev/grants.publish", "orders"),
+                ("shoal.dev/config.greeting", "hej"),
+                ("app.kubernetes.io/name", "ignored"),
+            ],
+            Some(64 * 1024 * 1024),
+        );
+        let spec = settings.function_spec("hello-1", Path::new("/hello.wasm"), "pod annotations").unwrap();
+        assert_eq!(spec.limits.timeout.as_millis(), 250);
+        assert_eq!(spec.grants.keyvalue.len(), 2);
+        assert!(spec.grants.publish.contains("orders"));
+        assert_eq!(spec.grants.config.get("greeting").map(String::as_str), Some("hej"));
+        assert_eq!(spec.limits.memory_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn the_memory_limit_caps_a_larger_annotation() {
+        let settings = settings(&[("shoal.dev/limits.memory_mb", "512")], Some(100 * 1024 * 1024));
+        let spec = settings.function_spec("f", Path::new("/f.wasm"), "pod").unwrap();
+        assert_eq!(spec.limits.memory_bytes, 100 * 1024 * 1024);
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        let err = settings(&[("shoal.dev/limits.timeout_ms", "soon")], None)
+            .function_spec("f", Path::new("/f.wasm"), "pod")
+            .unwrap_err();
+        assert!(err.contains("shoal.dev/limits.timeout_ms"), "{err}");
+        let err = settings(&[("shoal.dev/grant.keyvalue", "x:y")], None)
+            .function_spec("f", Path::new("/f.wasm"), "pod")
+            .unwrap_err();
+        assert!(err.contains("unknown setting shoal.dev/grant.keyvalue"), "{err}");
+        let err = settings(&[("shoal.dev/limits.timeout_msx", "5")], None)
+            .function_spec("f", Path::new("/f.wasm"), "pod annotations")
+            .unwrap_err();
+        assert!(err.contains("timeout_msx"), "{err}");
+    }
+
+    #[test]
+    fn function_names_are_valid_and_distinct_per_container() {
+        let a = function_name("3f1e5a9c0d", Some("web"));
+        let b = function_name("77aa00bb11", Some("web"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("web-"));
+        assert!(crate::manifest::validate_name(&a).is_ok(), "{a}");
+        let c = function_name(&"9".repeat(64), None);
+        assert!(crate::manifest::validate_name(&c).is_ok(), "{c}");
+    }
+}

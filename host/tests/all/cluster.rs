@@ -1,0 +1,540 @@
+//! Fixtures for the Kubernetes path: a real containerd (Debian's package)
+//! with a private root, state and socket, the CRI plugin, a CNI bridge and
+//! the `shoal` runtime; a real OCI registry (`docker-registry`) on
+//! loopback; a CRI client; and a way into a pod's network namespace.
+//!
+//! Traffic goes only to 127.0.0.0/8 or, from inside a pod's namespace, to
+//! that pod's own addresses.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::Channel;
+
+use crate::support::{guest, shoal_bin};
+
+/// The runtime handler the tests' containerd knows Shoal by.
+pub const HANDLER: &str = "shoal";
+
+/// Tests on one machine-wide resource (network namespaces, bridges) run
+/// one at a time.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+static NEXT_NET: AtomicU32 = AtomicU32::new(0);
+
+/// The shim binary, built next to `shoal` by `make test`
+/// (`cargo build --workspace --bins`).
+pub fn shim_bin() -> PathBuf {
+    let shim = Path::new(shoal_bin()).with_file_name("containerd-shim-shoal-v1");
+    assert!(
+        shim.is_file(),
+        "{} is missing: build it first (`cargo build -p containerd-shim-shoal`; `make test` does)",
+        shim.display()
+    );
+    shim
+}
+
+/// A wasm guest built for wasm32-wasip1 (a classic command module).
+pub fn guest_p1(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = crate::support::functions_dir();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = Command::new(cargo)
+            .current_dir(&dir)
+            .args(["build", "--release", "--target", "wasm32-wasip1", "-p", "cli-hello", "--target-dir"])
+            .arg(dir.join("target"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building cli-hello for wasm32-wasip1 failed");
+    });
+    let path = crate::support::functions_dir().join(format!("target/wasm32-wasip1/release/{name}.wasm"));
+    assert!(path.is_file(), "no wasip1 guest {}", path.display());
+    path
+}
+
+/// `shoal image build` through the real CLI.
+pub fn build_image(wasm: &Path, tag: &str, out: &Path, extra: &[&str]) {
+    let output = Command::new(shoal_bin())
+        .args(["image", "build"])
+        .arg(wasm)
+        .args(["--tag", tag, "--output"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "shoal image build: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A `docker-registry` on a free loopback port.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (make test-deps)");
+        wait_for(&format!("registry on {addr}"), Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Registry { child, addr, _dir: dir }
+    }
+
+    /// Build `wasm` into an image named `<registry>/<name>` and push it
+    /// with `shoal image push`.
+    pub fn push(&self, wasm: &Path, name: &str, extra: &[&str]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let tag = format!("{}/{name}", self.addr);
+        let out = dir.path().join("image.tar");
+        build_image(wasm, &tag, &out, extra);
+        let output = Command::new(shoal_bin()).args(["image", "push", "--insecure"]).arg(&out).output().unwrap();
+        assert!(output.status.success(), "shoal image push: {}", String::from_utf8_lossy(&output.stderr));
+        tag
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A containerd of the test's own.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub address: PathBuf,
+    /// Where the shim keeps node host sockets and logs.
+    pub run_dir: PathBuf,
+    pub log_dir: PathBuf,
+    bridge: String,
+}
+
+impl Containerd {
+    /// Start containerd; `registry` is reachable over plain HTTP, and its
+    /// `shoal-test/pause:1` image is the pod sandbox image.
+    pub fn start(registry: Option<&Registry>) -> Containerd {
+        let dir = tempfile::Builder::new().prefix("shoal-ctd").tempdir().unwrap();
+        let net = NEXT_NET.fetch_add(1, Ordering::SeqCst) + std::process::id() % 50 * 4;
+        let bridge = format!("shoalt{}", net % 1000);
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(shim_bin(), bin.join("containerd-shim-shoal-v1")).unwrap();
+        let cni = dir.path().join("cni");
+        std::fs::create_dir_all(&cni).unwrap();
+        let subnet = format!("10.{}.{}.0/24", 200 + net / 250 % 50, net % 250);
+        std::fs::write(
+            cni.join("10-shoal-test.conflist"),
+            format!(
+                r#"{{"cniVersion":"0.4.0","name":"shoal-test","plugins":[{{"type":"bridge","bridge":"{bridge}","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{subnet}"}}]],"dataDir":"{}"}}}}]}}"#,
+                dir.path().join("ipam").display()
+            ),
+        )
+        .unwrap();
+        let address = dir.path().join("containerd.sock");
+        let mut config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.shoal]
+      runtime_type = "io.containerd.shoal.v1"
+      pod_annotations = ["shoal.dev/*"]
+      container_annotations = ["shoal.dev/*"]
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+            root = dir.path().join("root").display(),
+            state = dir.path().join("state").display(),
+            address = address.display(),
+            pause = registry.map(|r| format!("{}/shoal-test/pause:1", r.addr)).unwrap_or_else(|| "none".into()),
+            cni = cni.display(),
+        );
+        if let Some(registry) = registry {
+            config.push_str(&format!(
+                "  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n    endpoint = [\"http://{addr}\"]\n",
+                addr = registry.addr
+            ));
+            registry.push(&guest("hello"), "shoal-test/pause:1", &[]);
+        }
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let run_dir = dir.path().join("shoal-run");
+        let log_dir = dir.path().join("pod-logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let mut containerd = Containerd { child: None, address, run_dir, log_dir, bridge, dir };
+        containerd.launch();
+        containerd
+    }
+
+    fn launch(&mut self) {
+        let path = format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            self.dir.path().join("bin").display()
+        );
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("containerd.log")).unwrap();
+        let _ = std::fs::remove_file(&self.address);
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .env("PATH", path)
+            .env("SHOAL_BIN", shoal_bin())
+            .env("SHOAL_RUN_DIR", &self.run_dir)
+            .env("SHOAL_STATE_DIR", self.dir.path().join("shoal-state"))
+            .env("RUST_LOG", "info,cranelift=warn,wasmtime=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd is installed (make test-deps)");
+        self.child = Some(child);
+        let address = self.address.clone();
+        wait_for("containerd's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&address).is_ok()
+        });
+    }
+
+    /// Stop containerd (SIGTERM) and start it again with the same state.
+    pub fn restart(&mut self) {
+        self.stop_daemon();
+        self.launch();
+    }
+
+    fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `ctr` against this containerd.
+    pub fn ctr(&self, namespace: &str, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .args(["--namespace", namespace])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The pids of the Shoal node hosts this containerd's shims started.
+    pub fn node_hosts(&self) -> Vec<i32> {
+        let needle = self.run_dir.display().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            if args.iter().any(|a| a == "node") && args.iter().any(|a| a.contains(&needle)) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// How many processes run this containerd's shim binary right now.
+    pub fn shim_processes(&self) -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().parse::<i32>().is_ok())
+            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+            .filter(|cmdline| String::from_utf8_lossy(cmdline).contains("containerd-shim-shoal-v1"))
+            .count()
+    }
+
+    /// The node host's log (to explain a failure).
+    pub fn host_log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.run_dir) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+                }
+            }
+        }
+        text
+    }
+
+    /// containerd's own log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// A CRI client (what the kubelet uses).
+    pub async fn cri(&self) -> Cri {
+        let channel = containerd_client::connect(&self.address).await.expect("CRI socket");
+        Cri { runtime: RuntimeServiceClient::new(channel.clone()), images: ImageServiceClient::new(channel) }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Pods first (the CRI frees their namespaces and addresses), then
+        // containerd, then the hosts it started.
+        if self.child.is_some() {
+            let address = self.address.clone();
+            let cleanup = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async {
+                    let Ok(channel) = containerd_client::connect(&address).await else { return };
+                    let mut cri = RuntimeServiceClient::new(channel);
+                    if let Ok(pods) = cri.list_pod_sandbox(ListPodSandboxRequest::default()).await {
+                        for pod in pods.into_inner().items {
+                            let id = pod.id.clone();
+                            let _ = cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await;
+                            let _ = cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id }).await;
+                        }
+                    }
+                });
+            });
+            let _ = cleanup.join();
+        }
+        self.stop_daemon();
+        for pid in self.node_hosts() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        // Leftover rootfs mounts of killed hosts, then the bridge.
+        let root = self.dir.path().display().to_string();
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut targets: Vec<&str> =
+                mounts.lines().filter_map(|line| line.split(' ').nth(4)).filter(|t| t.starts_with(&root)).collect();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            for target in targets {
+                let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
+    }
+}
+
+/// The CRI's two services.
+pub struct Cri {
+    pub runtime: RuntimeServiceClient<Channel>,
+    pub images: ImageServiceClient<Channel>,
+}
+
+/// A pod started through the CRI.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub sandbox_id: String,
+    pub container_id: String,
+    pub netns: PathBuf,
+    pub ip: String,
+    pub log_file: PathBuf,
+}
+
+impl Cri {
+    pub async fn pull(&mut self, image: &str) {
+        let request = PullImageRequest {
+            image: Some(ImageSpec { image: image.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        self.images.pull_image(request).await.unwrap_or_else(|status| panic!("PullImage {image}: {status}"));
+    }
+
+    /// RunPodSandbox with the `shoal` handler, CreateContainer, StartContainer.
+    pub async fn run_pod(
+        &mut self,
+        log_dir: &Path,
+        name: &str,
+        image: &str,
+        annotations: &[(&str, &str)],
+        memory_limit: i64,
+    ) -> Pod {
+        let log_directory = log_dir.join(name);
+        std::fs::create_dir_all(&log_directory).unwrap();
+        let annotations: HashMap<String, String> =
+            annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: log_directory.display().to_string(),
+            annotations: annotations.clone(),
+            linux: Some(LinuxPodSandboxConfig::default()),
+            ..Default::default()
+        };
+        let sandbox = self
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: HANDLER.into() })
+            .await
+            .unwrap_or_else(|status| panic!("RunPodSandbox: {status}"))
+            .into_inner()
+            .pod_sandbox_id;
+        let container_config = ContainerConfig {
+            metadata: Some(ContainerMetadata { name: "web".into(), attempt: 0 }),
+            image: Some(ImageSpec { image: image.into(), ..Default::default() }),
+            log_path: "web.log".into(),
+            annotations,
+            linux: Some(LinuxContainerConfig {
+                resources: Some(LinuxContainerResources { memory_limit_in_bytes: memory_limit, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let container = self
+            .runtime
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(container_config),
+                sandbox_config: Some(config.clone()),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("CreateContainer: {status}"))
+            .into_inner()
+            .container_id;
+        self.runtime
+            .start_container(StartContainerRequest { container_id: container.clone() })
+            .await
+            .unwrap_or_else(|status| panic!("StartContainer: {status}"));
+        let status = self
+            .runtime
+            .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: sandbox.clone(), verbose: true })
+            .await
+            .unwrap()
+            .into_inner();
+        let ip = status.status.as_ref().and_then(|s| s.network.as_ref()).map(|n| n.ip.clone()).unwrap_or_default();
+        let info: serde_json::Value = serde_json::from_str(status.info.get("info").expect("verbose info")).unwrap();
+        let netns = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|namespaces| namespaces.iter().find(|ns| ns["type"] == "network"))
+            .and_then(|ns| ns["path"].as_str())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("the sandbox has a network namespace: {info}"));
+        Pod { sandbox_id: sandbox, container_id: container, netns, ip, log_file: log_directory.join("web.log") }
+    }
+
+    /// Wait until the CRI plugin has finished initializing (after a
+    /// containerd restart it answers "not initialized" for a moment).
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.runtime.status(StatusRequest::default()).await.is_err() {
+            assert!(Instant::now() < deadline, "the CRI did not come back after a restart");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn container_state(&mut self, id: &str) -> (i32, i32) {
+        let status = self
+            .runtime
+            .container_status(ContainerStatusRequest { container_id: id.into(), verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        (status.state, status.exit_code)
+    }
+
+    pub async fn remove_pod(&mut self, pod: &Pod) {
+        self.runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.sandbox_id.clone() }).await.unwrap();
+        self.runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.sandbox_id.clone() })
+            .await
+            .unwrap();
+    }
+}
+
+/// An HTTP/1.1 GET sent from inside `netns` (a pod's network namespace)
+/// to `addr` there; returns the status code and body.
+pub fn get_in_netns(netns: &Path, addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let netns = std::fs::File::open(netns)?;
+    let addr = addr.to_string();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+        Ok((status, body))
+    })
+    .join()
+    .expect("netns thread")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} not ready within {timeout:?}");
+}
+
+/// Poll `check` until it holds (or fail after `timeout`, with `explain`).
+pub async fn until(timeout: Duration, mut check: impl FnMut() -> bool, explain: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within {timeout:?}: {}", explain());
+}

@@ -1,0 +1,215 @@
+//! k8s/: the node installer on sample containerd configs, and every
+//! manifest through `kubectl apply --dry-run=client`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn k8s_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s")
+}
+
+fn install(config: &Path, source: &Path, bin: &Path) -> std::process::Output {
+    Command::new("sh")
+        .arg(k8s_dir().join("installer/install.sh"))
+        .env("SHOAL_CONTAINERD_CONFIG", config)
+        .env("SHOAL_SOURCE_DIR", source)
+        .env("SHOAL_BIN_DIR", bin)
+        .env("SHOAL_RESTART", "no")
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap()
+}
+
+fn runtime<'a>(config: &'a toml::Table, plugin: &str) -> &'a toml::Table {
+    config["plugins"][plugin]["containerd"]["runtimes"]["shoal"].as_table().expect("the shoal runtime table")
+}
+
+#[test]
+fn the_installer_adds_the_shoal_runtime_to_containerd_1_and_2_configs_once() {
+    for (sample, plugin) in
+        [("containerd-1.6.toml", "io.containerd.grpc.v1.cri"), ("containerd-2.0.toml", "io.containerd.cri.v1.runtime")]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::copy(k8s_dir().join("installer/testdata").join(sample), &config).unwrap();
+        let output = install(&config, dir.path(), &dir.path().join("bin"));
+        assert!(output.status.success(), "{sample}: {}", String::from_utf8_lossy(&output.stderr));
+        let text = std::fs::read_to_string(&config).unwrap();
+        let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|err| panic!("{sample}: {err}\n{text}"));
+        let shoal = runtime(&parsed, plugin);
+        assert_eq!(shoal["runtime_type"].as_str(), Some("io.containerd.shoal.v1"), "{sample}");
+        assert_eq!(shoal["pod_annotations"][0].as_str(), Some("shoal.dev/*"), "{sample}");
+        let runc = &parsed["plugins"][plugin]["containerd"]["runtimes"]["runc"];
+        assert_eq!(runc["runtime_type"].as_str(), Some("io.containerd.runc.v2"), "{sample}: runc untouched");
+
+        let again = install(&config, dir.path(), &dir.path().join("bin"));
+        assert!(again.status.success());
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), text, "{sample}: a second run changes nothing");
+        assert!(String::from_utf8_lossy(&again.stdout).contains("already has the shoal runtime"));
+    }
+}
+
+#[test]
+fn containerd_itself_accepts_the_installed_version_2_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::copy(k8s_dir().join("installer/testdata/containerd-1.6.toml"), &config).unwrap();
+    assert!(install(&config, dir.path(), &dir.path().join("bin")).status.success());
+    let dump = Command::new("containerd").arg("--config").arg(&config).args(["config", "dump"]).output().unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let merged: toml::Table = toml::from_str(&String::from_utf8_lossy(&dump.stdout)).unwrap();
+    let shoal = runtime(&merged, "io.containerd.grpc.v1.cri");
+    assert_eq!(shoal["runtime_type"].as_str(), Some("io.containerd.shoal.v1"));
+}
+
+#[test]
+fn the_installer_puts_both_binaries_in_place_and_refuses_a_config_without_a_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src");
+    std::fs::create_dir_all(&source).unwrap();
+    for bin in ["shoal", "containerd-shim-shoal-v1"] {
+        std::fs::write(source.join(bin), format!("#!/bin/sh\necho {bin}\n")).unwrap();
+    }
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "version = 2\n").unwrap();
+    let bin = dir.path().join("bin");
+    let output = install(&config, &source, &bin);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for name in ["shoal", "containerd-shim-shoal-v1"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(bin.join(name)).unwrap().permissions());
+        assert_eq!(mode & 0o755, 0o755, "{name} is executable");
+    }
+
+    std::fs::write(&config, "[plugins]\n").unwrap();
+    let output = install(&config, &source, &bin);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no 'version = 2' or 'version = 3' line"));
+}
+
+/// kubectl's client-side dry run needs an API server's discovery
+/// documents (which kinds exist, which are namespaced) and a 404 for the
+/// objects it looks up. There is no kube-apiserver on this machine, so a
+/// loopback server answers exactly that; kubectl does the parsing and
+/// mapping for real. (Schema validation needs the server's OpenAPI, hence
+/// --validate=false.)
+async fn discovery_server() -> String {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let resource = |name: &str, kind: &str, namespaced: bool| {
+        serde_json::json!({"name": name, "singularName": kind.to_lowercase(), "namespaced": namespaced, "kind": kind,
+            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]})
+    };
+    let group = |name: &str| {
+        serde_json::json!({"name": name, "versions": [{"groupVersion": format!("{name}/v1"), "version": "v1"}],
+            "preferredVersion": {"groupVersion": format!("{name}/v1"), "version": "v1"}})
+    };
+    let list = |gv: &str, resources: Vec<serde_json::Value>| serde_json::json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources});
+    let documents: std::collections::HashMap<&str, serde_json::Value> = [
+        (
+            "/api",
+            serde_json::json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string()}]}),
+        ),
+        (
+            "/apis",
+            serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1",
+            "groups": [group("apps"), group("node.k8s.io"), group("rbac.authorization.k8s.io")]}),
+        ),
+        (
+            "/api/v1",
+            list(
+                "v1",
+                vec![
+                    resource("services", "Service", true),
+                    resource("serviceaccounts", "ServiceAccount", true),
+                    resource("nodes", "Node", false),
+                ],
+            ),
+        ),
+        (
+            "/apis/apps/v1",
+            list(
+                "apps/v1",
+                vec![resource("deployments", "Deployment", true), resource("daemonsets", "DaemonSet", true)],
+            ),
+        ),
+        ("/apis/node.k8s.io/v1", list("node.k8s.io/v1", vec![resource("runtimeclasses", "RuntimeClass", false)])),
+        (
+            "/apis/rbac.authorization.k8s.io/v1",
+            list(
+                "rbac.authorization.k8s.io/v1",
+                vec![
+                    resource("clusterroles", "ClusterRole", false),
+                    resource("clusterrolebindings", "ClusterRoleBinding", false),
+                ],
+            ),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let documents = std::sync::Arc::new(documents);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let documents = documents.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let documents = documents.clone();
+                    async move {
+                        let (status, body) = match documents.get(request.uri().path()) {
+                            Some(document) => (200, document.to_string()),
+                            None => (
+                                404,
+                                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": "NotFound", "code": 404})
+                                .to_string(),
+                            ),
+                        };
+                        let response = http::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/json")
+                            .body(Full::new(bytes::Bytes::from(body)))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn every_manifest_passes_kubectl_apply_dry_run() {
+    let server = discovery_server().await;
+    let home = tempfile::tempdir().unwrap();
+    let mut manifests = Vec::new();
+    for dir in [k8s_dir(), k8s_dir().join("example"), k8s_dir().join("installer")] {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|ext| ext == "yaml") {
+                manifests.push(entry.path());
+            }
+        }
+    }
+    assert!(manifests.len() >= 3, "RuntimeClass, example and installer manifests");
+    for manifest in manifests {
+        let output = tokio::process::Command::new("kubectl")
+            .args(["apply", "--dry-run=client", "--validate=false", "--server", &server, "-f"])
+            .arg(&manifest)
+            .env("HOME", home.path())
+            .env_remove("KUBECONFIG")
+            .output()
+            .await
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{}: {}{}", manifest.display(), out, String::from_utf8_lossy(&output.stderr));
+        assert!(out.contains("(dry run)"), "{}: {out}", manifest.display());
+    }
+    // The example really asks for the Shoal runtime.
+    let example = std::fs::read_to_string(k8s_dir().join("example/hello.yaml")).unwrap();
+    assert!(example.contains("runtimeClassName: shoal"));
+}

@@ -1,0 +1,266 @@
+//! The Kubernetes path on a real containerd: `ctr run` with the Shoal
+//! runtime, the kubelet's CRI calls, many pods in one host, containerd
+//! restarts and host crashes.
+
+use std::time::Duration;
+
+use crate::cluster::{Containerd, Registry, SERIAL, build_image, get_in_netns, guest_p1, until};
+use crate::support::guest;
+
+const RUNTIME: &str = "io.containerd.shoal.v1";
+/// CRI container states.
+const CONTAINER_RUNNING: i32 = 1;
+const CONTAINER_EXITED: i32 = 2;
+
+fn text(output: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn import(containerd: &Containerd, wasm: &std::path::Path, tag: &str, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("image.tar");
+    build_image(wasm, tag, &tar, extra);
+    let output = containerd.ctr("default", &["images", "import", tar.to_str().unwrap()]);
+    assert!(output.status.success(), "ctr images import: {}", text(&output));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctr_run_runs_a_wasm_image_and_reports_its_output_and_exit_code() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+
+    // A wasi:cli component built into an image by `shoal image build`.
+    import(&containerd, &guest("cli-hello"), "localhost/shoal-test/cli-hello:1", &["-e", "GREETING_NAME=containerd"]);
+    let output = containerd.ctr(
+        "default",
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "localhost/shoal-test/cli-hello:1",
+            "hello-p2",
+            "/cli-hello.wasm",
+            "one",
+            "two",
+        ],
+    );
+    let out = text(&output);
+    assert!(output.status.success(), "ctr run failed: {out}\n{}", containerd.host_log());
+    assert!(out.contains(r#"hello from a wasi:cli command, args ["one", "two"]"#), "{out}");
+    assert!(out.contains("hello, containerd"), "the image's environment reaches the program: {out}");
+    assert!(out.contains("cli-hello.wasm"), "the rootfs is the program's /: {out}");
+    assert!(out.contains("cli-hello: done"), "stderr reaches ctr too: {out}");
+
+    // A classic wasm32-wasip1 command module; its exit code is the task's.
+    import(&containerd, &guest_p1("cli-hello"), "localhost/shoal-test/cli-hello-p1:1", &[]);
+    let output = containerd.ctr(
+        "default",
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--env",
+            "EXIT_CODE=3",
+            "localhost/shoal-test/cli-hello-p1:1",
+            "hello-p1",
+        ],
+    );
+    let out = text(&output);
+    assert_eq!(output.status.code(), Some(3), "the module's exit code is ctr's: {out}\n{}", containerd.host_log());
+    assert!(out.contains("hello from a wasi:cli command, args []"), "{out}");
+
+    // Both containers were served by one host, which is still up; no shim
+    // process stayed behind.
+    assert_eq!(containerd.node_hosts().len(), 1, "one Shoal host per containerd namespace");
+    assert_eq!(containerd.shim_processes(), 0, "shims exit after `start`");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctr_run_of_an_image_whose_wasm_is_missing_fails_with_a_clear_error() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    import(&containerd, &guest("cli-hello"), "localhost/shoal-test/cli-hello:1", &[]);
+    let output = containerd.ctr(
+        "default",
+        &["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "wrong", "/nothing-here.wasm"],
+    );
+    let out = text(&output);
+    assert!(!output.status.success());
+    assert!(out.contains("/nothing-here.wasm"), "the error names the missing entrypoint: {out}");
+    // The host that refused it keeps serving.
+    let output =
+        containerd.ctr("default", &["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "right"]);
+    assert!(output.status.success(), "{}", text(&output));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_runs_through_the_cri_like_a_container() {
+    let _serial = SERIAL.lock().await;
+    let registry = Registry::start();
+    let image = registry.push(
+        &guest("lifecycle"),
+        "shoal-test/lifecycle:1",
+        &["--label", "shoal.dev/limits.timeout_ms=3000", "--env", "SHOAL_HTTP_PORT=8080"],
+    );
+    let containerd = Containerd::start(Some(&registry));
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
+    let pod = cri
+        .run_pod(&containerd.log_dir, "lifecycle", &image, &[("shoal.dev/limits.max_concurrency", "4")], 64 << 20)
+        .await;
+
+    // The function answers on the pod's own addresses, inside its namespace.
+    let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""started":true"#), "start() ran before the first request: {body}");
+    assert!(!pod.ip.is_empty(), "the CNI gave the pod an address");
+    let (status, _) = get_in_netns(&pod.netns, &format!("{}:8080", pod.ip), "/").unwrap();
+    assert_eq!(status, 200);
+
+    // Its output is in the container's log file, as `kubectl logs` reads it.
+    let log = pod.log_file.clone();
+    until(
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("lifecycle: request 2")),
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+    .await;
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert!(lines.contains("stdout F lifecycle: start"), "CRI log format with the guest's line: {lines}");
+
+    // Stats come from Shoal's metering.
+    let stats = cri
+        .runtime
+        .container_stats(k8s_cri::v1::ContainerStatsRequest { container_id: pod.container_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let cpu = stats.cpu.and_then(|cpu| cpu.usage_core_nano_seconds).map(|v| v.value).unwrap_or(0);
+    let memory = stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0);
+    assert!(cpu > 0, "CPU from the ledger's counters");
+    assert!(memory > 0, "memory from the function's code and instances");
+
+    // StopContainer: SIGTERM drains, destroy() runs, exit code 0.
+    cri.runtime
+        .stop_container(k8s_cri::v1::StopContainerRequest { container_id: pod.container_id.clone(), timeout: 10 })
+        .await
+        .unwrap();
+    let (state, exit_code) = cri.container_state(&pod.container_id).await;
+    assert_eq!((state, exit_code), (CONTAINER_EXITED, 0));
+    until(
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("lifecycle: destroy after 2 requests")),
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+    .await;
+    assert!(get_in_netns(&pod.netns, "127.0.0.1:8080", "/").is_err(), "the listener is closed");
+
+    // RemovePodSandbox cleans up: no containers, no namespace, host idle.
+    cri.runtime
+        .remove_container(k8s_cri::v1::RemoveContainerRequest { container_id: pod.container_id.clone() })
+        .await
+        .unwrap();
+    cri.remove_pod(&pod).await;
+    let containers = cri.runtime.list_containers(k8s_cri::v1::ListContainersRequest::default()).await.unwrap();
+    assert!(containers.into_inner().containers.is_empty());
+    assert!(!pod.netns.exists(), "the pod's network namespace is gone");
+    let listed = containerd.ctr("k8s.io", &["tasks", "ls", "-q"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).trim().is_empty(), "no tasks left: {}", text(&listed));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_pods_are_served_by_one_host_process() {
+    let _serial = SERIAL.lock().await;
+    let registry = Registry::start();
+    let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
+    let containerd = Containerd::start(Some(&registry));
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
+
+    let mut starts = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let mut cri = containerd.cri().await;
+        let image = image.clone();
+        let log_dir = containerd.log_dir.clone();
+        starts.spawn(async move { cri.run_pod(&log_dir, &format!("hello-{n}"), &image, &[], 0).await });
+    }
+    let mut pods = Vec::new();
+    while let Some(pod) = starts.join_next().await {
+        pods.push(pod.unwrap());
+    }
+    for pod in &pods {
+        let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+        assert_eq!(status, 200, "{}: {body}", pod.sandbox_id);
+    }
+    assert_eq!(containerd.node_hosts().len(), 1, "every pod in one Shoal host");
+    assert_eq!(containerd.shim_processes(), 0, "no process per pod");
+    for pod in &pods {
+        cri.remove_pod(pod).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_keep_serving_while_containerd_restarts() {
+    let _serial = SERIAL.lock().await;
+    let registry = Registry::start();
+    let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
+    let mut containerd = Containerd::start(Some(&registry));
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
+    let pod = cri.run_pod(&containerd.log_dir, "steady", &image, &[], 0).await;
+    let host = containerd.node_hosts();
+
+    containerd.restart();
+    let (status, _) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!(status, 200, "served across the restart");
+    let mut cri = containerd.cri().await;
+    cri.wait_ready().await;
+    let (state, _) = cri.container_state(&pod.container_id).await;
+    assert_eq!(state, CONTAINER_RUNNING, "containerd reconnected to the running task");
+    assert_eq!(containerd.node_hosts(), host, "the same host process");
+
+    // And it can still stop it.
+    cri.runtime
+        .stop_container(k8s_cri::v1::StopContainerRequest { container_id: pod.container_id.clone(), timeout: 10 })
+        .await
+        .unwrap();
+    assert_eq!(cri.container_state(&pod.container_id).await, (CONTAINER_EXITED, 0));
+    cri.remove_pod(&pod).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_host_is_seen_by_containerd_and_the_next_pod_brings_a_new_one() {
+    let _serial = SERIAL.lock().await;
+    let registry = Registry::start();
+    let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
+    let containerd = Containerd::start(Some(&registry));
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
+    let pod = cri.run_pod(&containerd.log_dir, "doomed", &image, &[], 0).await;
+    let hosts = containerd.node_hosts();
+    assert_eq!(hosts.len(), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(hosts[0]), nix::sys::signal::SIGKILL).unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (state, _) = cri.container_state(&pod.container_id).await;
+        if state == CONTAINER_EXITED {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "containerd did not see the task exit\n{}", containerd.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cri.remove_pod(&pod).await;
+
+    let again = cri.run_pod(&containerd.log_dir, "reborn", &image, &[], 0).await;
+    let (status, _) = get_in_netns(&again.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!(status, 200);
+    let now = containerd.node_hosts();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now, hosts, "a fresh host");
+    cri.remove_pod(&again).await;
+}

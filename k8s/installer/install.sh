@@ -1,0 +1,91 @@
+#!/bin/sh
+# Install Shoal on a node: put `shoal` and `containerd-shim-shoal-v1` in
+# the binary directory, add the `shoal` runtime to containerd's config
+# (config version 2 = containerd 1.x, version 3 = containerd 2.x) and
+# restart containerd. Safe to run again: a config that already names the
+# runtime is left alone.
+#
+# Run on the node itself (sudo ./install.sh), or from the DaemonSet in
+# daemonset.yaml, which mounts the node's / at $SHOAL_HOST_ROOT.
+#
+# Settings (environment):
+#   SHOAL_HOST_ROOT          the node's / as this script sees it ("")
+#   SHOAL_CONTAINERD_CONFIG  containerd's config ($ROOT/etc/containerd/config.toml)
+#   SHOAL_BIN_DIR            where the binaries go ($ROOT/usr/local/bin)
+#   SHOAL_SOURCE_DIR         where the binaries are (this script's folder)
+#   SHOAL_RESTART            "no": do not restart containerd
+#   NODE_NAME                label this node shoal.dev/runtime=true (needs kubectl)
+set -eu
+
+ROOT="${SHOAL_HOST_ROOT:-}"
+CONFIG="${SHOAL_CONTAINERD_CONFIG:-$ROOT/etc/containerd/config.toml}"
+BIN_DIR="${SHOAL_BIN_DIR:-$ROOT/usr/local/bin}"
+SRC="${SHOAL_SOURCE_DIR:-$(dirname "$0")}"
+RESTART="${SHOAL_RESTART:-yes}"
+
+say() { echo "shoal-install: $*"; }
+fail() { echo "shoal-install: error: $*" >&2; exit 1; }
+
+# 1. Binaries.
+installed=0
+for bin in shoal containerd-shim-shoal-v1; do
+    if [ -f "$SRC/$bin" ]; then
+        mkdir -p "$BIN_DIR"
+        install -m 0755 "$SRC/$bin" "$BIN_DIR/$bin.new"
+        mv -f "$BIN_DIR/$bin.new" "$BIN_DIR/$bin"
+        installed=$((installed + 1))
+        say "installed $BIN_DIR/$bin"
+    fi
+done
+[ "$installed" -eq 2 ] || [ "$installed" -eq 0 ] || fail "found only one of shoal, containerd-shim-shoal-v1 in $SRC"
+[ "$installed" -eq 2 ] || say "no binaries in $SRC; configuring containerd only"
+
+# 2. containerd's config.
+if [ ! -f "$CONFIG" ]; then
+    major=$( (containerd --version 2>/dev/null || true) | sed -n 's/.* v\{0,1\}\([0-9]\)\.[0-9][0-9]*\.[0-9].*/\1/p' | head -n 1)
+    case "$major" in
+        2) version=3 ;;
+        *) version=2 ;;
+    esac
+    mkdir -p "$(dirname "$CONFIG")"
+    echo "version = $version" > "$CONFIG"
+    say "created $CONFIG (config version $version)"
+fi
+version=$(sed -n 's/^[[:space:]]*version[[:space:]]*=[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$CONFIG" | head -n 1)
+case "$version" in
+    2) table='plugins."io.containerd.grpc.v1.cri".containerd.runtimes.shoal' ;;
+    3) table='plugins."io.containerd.cri.v1.runtime".containerd.runtimes.shoal' ;;
+    "") fail "$CONFIG has no 'version = 2' or 'version = 3' line (config version 1 is not supported)" ;;
+    *) fail "$CONFIG has config version $version; Shoal knows versions 2 and 3" ;;
+esac
+if grep -qF "[$table]" "$CONFIG"; then
+    say "$CONFIG already has the shoal runtime"
+else
+    cp -p "$CONFIG" "$CONFIG.before-shoal"
+    {
+        echo ""
+        echo "# Added by Shoal's installer: wasm pods with runtimeClassName: shoal."
+        echo "[$table]"
+        echo "  runtime_type = \"io.containerd.shoal.v1\""
+        echo "  pod_annotations = [\"shoal.dev/*\"]"
+        echo "  container_annotations = [\"shoal.dev/*\"]"
+    } >> "$CONFIG"
+    say "added the shoal runtime to $CONFIG (config version $version; previous file kept as $CONFIG.before-shoal)"
+fi
+
+# 3. Restart containerd (running pods keep running: their shims and the
+#    Shoal host are not children of containerd).
+if [ "$RESTART" = "yes" ]; then
+    if [ -n "$ROOT" ]; then
+        nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd
+    else
+        systemctl restart containerd
+    fi
+    say "restarted containerd"
+fi
+
+# 4. Tell the scheduler.
+if [ -n "${NODE_NAME:-}" ] && command -v kubectl >/dev/null 2>&1; then
+    kubectl label node "$NODE_NAME" shoal.dev/runtime=true --overwrite
+fi
+say "done"
