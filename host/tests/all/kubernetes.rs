@@ -71,6 +71,32 @@ async fn ctr_run_runs_a_wasm_image_and_reports_its_output_and_exit_code() {
     assert_eq!(output.status.code(), Some(3), "the module's exit code is ctr's: {out}\n{}", containerd.host_log());
     assert!(out.contains("hello from a wasi:cli command, args []"), "{out}");
 
+    // containerd heard the task's life in order.
+    let mut events = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&containerd.address)
+        .args(["events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let output = containerd
+        .ctr("default", &["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "watched"]);
+    assert!(output.status.success(), "{}", text(&output));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = events.kill();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(events.stdout.as_mut().unwrap(), &mut seen).unwrap();
+    let _ = events.wait();
+    let topics: Vec<&str> = seen
+        .lines()
+        .filter(|line| {
+            line.contains("\"watched\"") || line.contains("container_id:\"watched\"") || line.contains("watched")
+        })
+        .filter_map(|line| line.split_whitespace().find(|word| word.starts_with("/tasks/")))
+        .collect();
+    assert_eq!(topics, ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], "{seen}");
+
     // Both containers were served by one host, which is still up; no shim
     // process stayed behind.
     assert_eq!(containerd.node_hosts().len(), 1, "one Shoal host per containerd namespace");
