@@ -8,7 +8,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup test-deps functions lint unit-and-integration bench
+.PHONY: run test setup test-deps functions lint unit-and-integration bench images
 
 APT_INSTALL := $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y
 
@@ -30,6 +30,17 @@ test-deps:
 
 functions: setup
 	cd functions && $(CARGO) build --release --target wasm32-wasip2
+
+# Example wasm-in-OCI images (see images/README.md).
+images: functions
+	cd functions && $(CARGO) build --release --target wasm32-wasip1 -p cli-hello
+	$(CARGO) build --release --bin shoal
+	mkdir -p images/out
+	for f in hello lifecycle; do ./target/release/shoal image build $(FUNCTIONS_TARGET)/$$f.wasm \
+		--tag localhost/shoal/$$f:latest --env SHOAL_HTTP_PORT=8080 -o images/out/$$f.oci.tar; done
+	./target/release/shoal image build $(FUNCTIONS_TARGET)/cli-hello.wasm --tag localhost/shoal/cli-hello:latest -o images/out/cli-hello.oci.tar
+	./target/release/shoal image build functions/target/wasm32-wasip1/release/cli-hello.wasm \
+		--tag localhost/shoal/cli-hello-p1:latest -o images/out/cli-hello-p1.oci.tar
 
 run: functions
 	$(CARGO) run --release --bin shoal -- serve functions/shoal.toml

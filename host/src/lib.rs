@@ -29,7 +29,9 @@
 //! [`instance`](instance::Instance) (built by [`function`] on the one
 //! [`engine`]); [`dispatch`] runs it under its [`limits`], and [`metering`]
 //! and [`metrics`] record what it used. [`admin`] is the control API that
-//! the `shoal` CLI talks to.
+//! the `shoal` CLI talks to. [`node`] serves containerd's shim task API
+//! for every wasm container of a node from this one host, and [`image`]
+//! builds and pushes the images those containers come from.
 
 pub mod abi;
 pub mod admin;

@@ -90,9 +90,7 @@ async fn ctr_run_runs_a_wasm_image_and_reports_its_output_and_exit_code() {
     let _ = events.wait();
     let topics: Vec<&str> = seen
         .lines()
-        .filter(|line| {
-            line.contains("\"watched\"") || line.contains("container_id:\"watched\"") || line.contains("watched")
-        })
+        .filter(|line| line.contains("watched"))
         .filter_map(|line| line.split_whitespace().find(|word| word.starts_with("/tasks/")))
         .collect();
     assert_eq!(topics, ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], "{seen}");
