@@ -7,13 +7,12 @@
 //! (`containerd.task.v2.Task`, also served as `v3`) here:
 //!
 //! - the pod sandbox ("pause") container runs nothing: the host opens the
-//!   pod's network namespace and holds it ([`container::Kind::Sandbox`]);
+//!   pod's network namespace and holds it;
 //! - an HTTP function (a component exporting `wasi:http/incoming-handler`)
 //!   is deployed into the host's registry and gets its own listener inside
-//!   the pod's network namespace ([`container::Kind::Service`]);
+//!   the pod's network namespace;
 //! - a command (a `wasi:cli/run` component, or a classic `wasm32-wasip1`
-//!   module with `_start`) runs once; its exit code is the task's
-//!   ([`container::Kind::Command`]).
+//!   module with `_start`) runs once; its exit code is the task's.
 //!
 //! Guest output goes to the container's own stdio FIFOs, so the CRI log
 //! file (`kubectl logs`) holds it. Stats come from Shoal's metering.
