@@ -247,12 +247,7 @@ fn validate_reference(reference: &str) -> anyhow::Result<()> {
 
 fn layer_tar(file_name: &str, wasm: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(wasm.len() as u64);
-    header.set_mode(0o644);
-    header.set_mtime(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    builder.append_data(&mut header, file_name, wasm)?;
+    append(&mut builder, file_name, wasm)?;
     Ok(builder.into_inner()?)
 }
 
