@@ -44,18 +44,8 @@ enum Command {
         /// Address of the HTTP trigger.
         #[arg(long, default_value = "127.0.0.1:8080", env = "SHOAL_LISTEN")]
         listen: SocketAddr,
-        /// Do not meter fuel (functions may then not set fuel_per_request).
-        #[arg(long)]
-        no_fuel: bool,
-        /// Instances alive at once, across all functions.
-        #[arg(long, default_value_t = 1000)]
-        max_instances: u32,
-        /// Seconds that shutdown, undeploy and updates wait for requests to finish.
-        #[arg(long, default_value_t = 30)]
-        drain_timeout: u64,
-        /// Log format on stderr.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
+        #[command(flatten)]
+        host: HostArgs,
         /// Keep key-value state in Redis (shared by hosts) instead of the
         /// embedded store: redis://host:port.
         #[arg(long, env = "SHOAL_KV_REDIS")]
@@ -83,18 +73,8 @@ enum Command {
         /// containerd's ttrpc socket (task events) [default: <containerd>.ttrpc].
         #[arg(long)]
         ttrpc_address: Option<String>,
-        /// Do not meter fuel.
-        #[arg(long)]
-        no_fuel: bool,
-        /// Instances alive at once, across all containers.
-        #[arg(long, default_value_t = 1000)]
-        max_instances: u32,
-        /// Seconds SIGTERM waits for a container's requests and destroy().
-        #[arg(long, default_value_t = 30)]
-        drain_timeout: u64,
-        /// Log format on stderr.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
+        #[command(flatten)]
+        host: HostArgs,
     },
     /// Build and push wasm-in-OCI images.
     #[command(subcommand)]
@@ -144,6 +124,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Options of every command that runs a host (`serve`, `node`).
+#[derive(Debug, clap::Args)]
+struct HostArgs {
+    /// Do not meter fuel (functions may then not set fuel_per_request).
+    #[arg(long)]
+    no_fuel: bool,
+    /// Instances alive at once, across all functions.
+    #[arg(long, default_value_t = 1000)]
+    max_instances: u32,
+    /// Seconds that shutdown, undeploy, updates and SIGTERM of a container
+    /// wait for requests to finish and destroy() to run.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+impl HostArgs {
+    /// Start logging; return the engine settings and the drain timeout.
+    fn apply(&self) -> (EngineOptions, Duration) {
+        init_tracing(self.log_format);
+        let engine = EngineOptions { fuel: !self.no_fuel, max_instances: self.max_instances, cache_dir: None };
+        (engine, Duration::from_secs(self.drain_timeout))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,26 +226,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let admin_socket = cli.admin_socket.clone().unwrap_or_else(|| state_dir.join("admin.sock"));
     let client = Client::new(&admin_socket);
     match cli.command {
-        Command::Serve {
-            manifest,
-            listen,
-            no_fuel,
-            max_instances,
-            drain_timeout,
-            log_format,
-            kv_redis,
-            pubsub_redis,
-            secrets_dir,
-        } => {
+        Command::Serve { manifest, listen, host, kv_redis, pubsub_redis, secrets_dir } => {
             let backend = |url: Option<String>| url.map_or(Backend::Embedded, |url| Backend::Redis { url });
-            init_tracing(log_format);
+            let (engine, drain_timeout) = host.apply();
             let config = HostConfig {
                 listen,
                 admin_socket: Some(admin_socket),
                 state_dir: Some(state_dir),
-                engine: EngineOptions { fuel: !no_fuel, max_instances, cache_dir: None },
+                engine,
                 log_sink: Arc::new(TracingSink),
-                drain_timeout: Duration::from_secs(drain_timeout),
+                drain_timeout,
                 keyvalue: backend(kv_redis),
                 pubsub: backend(pubsub_redis),
                 secrets_dir,
@@ -246,17 +243,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             serve(manifest.as_deref(), config).await
         }
-        Command::Node {
-            socket,
-            namespace,
-            containerd,
-            ttrpc_address,
-            no_fuel,
-            max_instances,
-            drain_timeout,
-            log_format,
-        } => {
-            init_tracing(log_format);
+        Command::Node { socket, namespace, containerd, ttrpc_address, host } => {
+            let (engine, drain_timeout) = host.apply();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
             let config = crate::node::NodeConfig {
                 socket,
@@ -264,8 +252,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 containerd,
                 ttrpc_address,
                 state_dir: cli.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/shoal/node")),
-                engine: EngineOptions { fuel: !no_fuel, max_instances, cache_dir: None },
-                drain_timeout: Duration::from_secs(drain_timeout),
+                engine,
+                drain_timeout,
             };
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)
