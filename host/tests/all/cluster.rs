@@ -358,6 +358,18 @@ impl Drop for Containerd {
     }
 }
 
+/// The kubelet's starting point: a registry holding `wasm` as image
+/// `name` (built with `extra` options), a containerd using it, a CRI
+/// client, and the image pulled. Returns the image's full name last.
+pub async fn cri_node(wasm: &Path, name: &str, extra: &[&str]) -> (Registry, Containerd, Cri, String) {
+    let registry = Registry::start();
+    let image = registry.push(wasm, name, extra);
+    let containerd = Containerd::start(Some(&registry));
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
+    (registry, containerd, cri, image)
+}
+
 /// The CRI's two services.
 pub struct Cri {
     pub runtime: RuntimeServiceClient<Channel>,

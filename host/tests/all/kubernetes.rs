@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::cluster::{Containerd, Registry, SERIAL, build_image, get_in_netns, guest_p1, until};
+use crate::cluster::{Containerd, SERIAL, build_image, cri_node, get_in_netns, guest_p1, until};
 use crate::support::guest;
 
 const RUNTIME: &str = "io.containerd.shoal.v1";
@@ -122,15 +122,12 @@ async fn ctr_run_of_an_image_whose_wasm_is_missing_fails_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_runs_through_the_cri_like_a_container() {
     let _serial = SERIAL.lock().await;
-    let registry = Registry::start();
-    let image = registry.push(
+    let (_registry, containerd, mut cri, image) = cri_node(
         &guest("lifecycle"),
         "shoal-test/lifecycle:1",
         &["--label", "shoal.dev/limits.timeout_ms=3000", "--env", "SHOAL_HTTP_PORT=8080"],
-    );
-    let containerd = Containerd::start(Some(&registry));
-    let mut cri = containerd.cri().await;
-    cri.pull(&image).await;
+    )
+    .await;
     let pod = cri
         .run_pod(&containerd.log_dir, "lifecycle", &image, &[("shoal.dev/limits.max_concurrency", "4")], 64 << 20)
         .await;
@@ -199,11 +196,7 @@ async fn a_pod_runs_through_the_cri_like_a_container() {
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_pods_are_served_by_one_host_process() {
     let _serial = SERIAL.lock().await;
-    let registry = Registry::start();
-    let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
-    let containerd = Containerd::start(Some(&registry));
-    let mut cri = containerd.cri().await;
-    cri.pull(&image).await;
+    let (_registry, containerd, mut cri, image) = cri_node(&guest("hello"), "shoal-test/hello:1", &[]).await;
 
     let mut starts = tokio::task::JoinSet::new();
     for n in 0..20 {
@@ -230,11 +223,7 @@ async fn twenty_pods_are_served_by_one_host_process() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_keep_serving_while_containerd_restarts() {
     let _serial = SERIAL.lock().await;
-    let registry = Registry::start();
-    let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
-    let mut containerd = Containerd::start(Some(&registry));
-    let mut cri = containerd.cri().await;
-    cri.pull(&image).await;
+    let (_registry, mut containerd, mut cri, image) = cri_node(&guest("hello"), "shoal-test/hello:1", &[]).await;
     let pod = cri.run_pod(&containerd.log_dir, "steady", &image, &[], 0).await;
     let host = containerd.node_hosts();
 
@@ -259,11 +248,7 @@ async fn pods_keep_serving_while_containerd_restarts() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_host_is_seen_by_containerd_and_the_next_pod_brings_a_new_one() {
     let _serial = SERIAL.lock().await;
-    let registry = Registry::start();
-    let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
-    let containerd = Containerd::start(Some(&registry));
-    let mut cri = containerd.cri().await;
-    cri.pull(&image).await;
+    let (_registry, containerd, mut cri, image) = cri_node(&guest("hello"), "shoal-test/hello:1", &[]).await;
     let pod = cri.run_pod(&containerd.log_dir, "doomed", &image, &[], 0).await;
     let hosts = containerd.node_hosts();
     assert_eq!(hosts.len(), 1);
