@@ -16,6 +16,7 @@ use crate::host::{Backend, Host, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
 use crate::registry::DeployItem;
+use crate::signals::StopSignals;
 
 /// Shoal: many sandboxed WebAssembly functions in one host process.
 #[derive(Debug, Parser)]
@@ -382,6 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<ExitCode> {
     // Check the manifest before anything starts: a typo fails fast.
     let items = manifest.map(load_manifest).transpose()?;
+    let mut signals = StopSignals::install().context("cannot install the SIGTERM/SIGINT handlers")?;
     let listen = config.listen;
     let running = Host::start(config).await.context("cannot start the host")?;
     if let Some(items) = items {
@@ -412,11 +414,8 @@ async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<Ex
     }
     println!("shoal: stop with Ctrl-C (SIGINT) or SIGTERM");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-    }
+    let signal = signals.recv().await;
+    tracing::info!("{signal}: draining");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod node;
 pub mod pool;
 pub mod registry;
+pub mod signals;
 pub mod trigger;
 
 pub use error::Error;

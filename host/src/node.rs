@@ -33,6 +33,7 @@ use containerd_shim_protos::ttrpc::asynchronous::Server;
 use crate::Error;
 use crate::engine::EngineOptions;
 use crate::host::{Host, HostConfig};
+use crate::signals::StopSignals;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
 
@@ -58,6 +59,7 @@ pub struct NodeConfig {
 /// Serve containerd until SIGTERM or SIGINT; then drain every function
 /// (requests finish, `destroy` runs) and exit.
 pub async fn run(config: NodeConfig) -> Result<(), Error> {
+    let mut signals = StopSignals::install().map_err(|err| anyhow::anyhow!("cannot install signal handlers: {err}"))?;
     let sinks = Arc::new(stdio::ContainerSinks::default());
     let host_config = HostConfig {
         // The node's own listener only answers /healthz, /readyz and
@@ -91,23 +93,11 @@ pub async fn run(config: NodeConfig) -> Result<(), Error> {
     server.start().await.map_err(|err| anyhow::anyhow!("cannot serve ttrpc on {}: {err}", config.socket.display()))?;
     tracing::info!(socket = %config.socket.display(), namespace = %config.namespace, pid = std::process::id(), "node host serving containerd");
 
-    wait_for_signal().await;
-    tracing::info!("stopping: draining every function");
+    let signal = signals.recv().await;
+    tracing::info!("{signal}: draining every function");
     let _ = server.shutdown().await;
     node.stop_all().await;
     running.shutdown().await;
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stopping only when killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
