@@ -175,6 +175,11 @@ enum ImageCommand {
         /// e.g. SHOAL_HTTP_PORT=8080.
         #[arg(long = "env", short = 'e', value_parser = parse_pair)]
         env: Vec<(String, String)>,
+        /// Build the CNCF wasm artifact layout (the wasm is the layer) for
+        /// containerd 2.x, instead of a plain tar layer every containerd
+        /// unpacks. Takes no --label or --env.
+        #[arg(long)]
+        artifact: bool,
     },
     /// Push an image tarball made by `shoal image build` to its registry.
     /// Credentials: SHOAL_REGISTRY_USER and SHOAL_REGISTRY_PASSWORD.
@@ -259,12 +264,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Image(ImageCommand::Build { wasm, tag, output, labels, env }) => {
+        Command::Image(ImageCommand::Build { wasm, tag, output, labels, env, artifact }) => {
             let spec = crate::image::ImageSpec {
                 reference: tag,
                 wasm: wasm.clone(),
                 labels: labels.into_iter().collect(),
                 env: env.into_iter().map(|(name, value)| format!("{name}={value}")).collect(),
+                format: if artifact { crate::image::ImageFormat::WasmArtifact } else { crate::image::ImageFormat::Tar },
             };
             let image = crate::image::Image::build(&spec)?;
             let output = output.unwrap_or_else(|| {

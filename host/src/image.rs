@@ -10,6 +10,12 @@
 //! The image's index lists the one manifest for `linux/amd64` and
 //! `linux/arm64`: wasm runs anywhere, and containerd picks manifests by
 //! the node's platform.
+//!
+//! `--artifact` builds the CNCF wasm artifact layout instead: the wasm
+//! itself is the one layer ([`WASM_COMPONENT_LAYER`] or [`WASM_LAYER`]),
+//! under a `application/vnd.wasm.config.v0+json` config. containerd 2.x
+//! stores such images without unpacking them; the node host reads the
+//! layer from containerd's content store (see `node::containerd`).
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -24,6 +30,27 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
+/// The CNCF wasm artifact layer of a component.
+pub const WASM_COMPONENT_LAYER: &str = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm";
+/// The CNCF wasm artifact layer of a core module.
+pub const WASM_LAYER: &str = "application/wasm";
+
+/// How the wasm is packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageFormat {
+    /// A plain tar layer holding the file; the config names it as the
+    /// Entrypoint. Every containerd unpacks it.
+    #[default]
+    Tar,
+    /// The CNCF wasm artifact layout: the wasm is the layer.
+    WasmArtifact,
+}
+
+/// The static media type string for `text`, if it is one this module writes.
+fn known_media_type(text: &str) -> Option<&'static str> {
+    [MANIFEST, INDEX, CONFIG, LAYER, WASM_CONFIG, WASM_COMPONENT_LAYER, WASM_LAYER].into_iter().find(|t| *t == text)
+}
 /// The platforms an image is listed for.
 pub const PLATFORMS: [&str; 2] = ["amd64", "arm64"];
 
@@ -38,6 +65,8 @@ pub struct ImageSpec {
     pub labels: BTreeMap<String, String>,
     /// Environment variables of the image config (`NAME=value`).
     pub env: Vec<String>,
+    /// Plain tar layer, or the CNCF wasm artifact layout.
+    pub format: ImageFormat,
 }
 
 /// A blob of the layout.
@@ -101,20 +130,10 @@ impl Image {
         }
         validate_reference(&spec.reference)?;
 
-        let layer = Blob::new(LAYER, layer_tar(&file_name, &wasm)?);
-        let entrypoint = format!("/{file_name}");
-        let config = json!({
-            "architecture": "wasm",
-            "os": kind,
-            "config": {
-                "Entrypoint": [entrypoint],
-                "Env": spec.env,
-                "Labels": spec.labels,
-            },
-            "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
-            "history": [{ "created_by": format!("shoal image build {file_name}") }],
-        });
-        let config = Blob::new(CONFIG, serde_json::to_vec(&config)?);
+        let (layer, config) = match spec.format {
+            ImageFormat::Tar => tar_image(spec, &file_name, kind, &wasm)?,
+            ImageFormat::WasmArtifact => artifact_image(spec, kind, wasm)?,
+        };
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": MANIFEST,
@@ -180,17 +199,18 @@ impl Image {
         let top: Value = serde_json::from_slice(&index_json.ok_or_else(|| bad("no index.json"))?)?;
         let entry = top["manifests"].get(0).ok_or_else(|| bad("index.json lists no image"))?;
         let reference = entry["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap_or("").to_string();
-        let take = |digest: &Value, media_type: &'static str| -> anyhow::Result<Blob> {
-            let digest = digest.as_str().ok_or_else(|| bad("a descriptor has no digest"))?;
+        let take = |descriptor: &Value, media_type: &'static str| -> anyhow::Result<Blob> {
+            let media_type = descriptor["mediaType"].as_str().and_then(known_media_type).unwrap_or(media_type);
+            let digest = descriptor["digest"].as_str().ok_or_else(|| bad("a descriptor has no digest"))?;
             let bytes = blobs.get(digest).cloned().ok_or_else(|| bad(&format!("blob {digest} is missing")))?;
             Ok(Blob { digest: digest.to_string(), media_type, bytes })
         };
-        let index = take(&entry["digest"], INDEX)?;
+        let index = take(entry, INDEX)?;
         let index_value: Value = serde_json::from_slice(&index.bytes)?;
-        let manifest = take(&index_value["manifests"][0]["digest"], MANIFEST)?;
+        let manifest = take(&index_value["manifests"][0], MANIFEST)?;
         let manifest_value: Value = serde_json::from_slice(&manifest.bytes)?;
-        let config = take(&manifest_value["config"]["digest"], CONFIG)?;
-        let layer = take(&manifest_value["layers"][0]["digest"], LAYER)?;
+        let config = take(&manifest_value["config"], CONFIG)?;
+        let layer = take(&manifest_value["layers"][0], LAYER)?;
         Ok(Image { reference, layer, config, manifest, index })
     }
 
@@ -238,6 +258,43 @@ impl Image {
     }
 }
 
+/// The plain-tar layout: the file in a tar layer, named by the config's
+/// Entrypoint, labels and environment in the config.
+fn tar_image(spec: &ImageSpec, file_name: &str, kind: &str, wasm: &[u8]) -> anyhow::Result<(Blob, Blob)> {
+    let layer = Blob::new(LAYER, layer_tar(file_name, wasm)?);
+    let config = json!({
+        "architecture": "wasm",
+        "os": kind,
+        "config": {
+            "Entrypoint": [format!("/{file_name}")],
+            "Env": spec.env,
+            "Labels": spec.labels,
+        },
+        "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
+        "history": [{ "created_by": format!("shoal image build {file_name}") }],
+    });
+    Ok((layer, Blob::new(CONFIG, serde_json::to_vec(&config)?)))
+}
+
+/// The CNCF wasm artifact layout: the wasm is the layer. Its config has no
+/// labels or environment, so grants and limits come from annotations.
+fn artifact_image(spec: &ImageSpec, kind: &str, wasm: Vec<u8>) -> anyhow::Result<(Blob, Blob)> {
+    if !spec.labels.is_empty() || !spec.env.is_empty() {
+        bail!(
+            "a wasm artifact image has no config labels or environment: drop --label/--env and set \
+             shoal.dev/... annotations on the pod instead (or build the default tar layout)"
+        );
+    }
+    let media_type = if kind == "wasip2" { WASM_COMPONENT_LAYER } else { WASM_LAYER };
+    let layer = Blob::new(media_type, wasm);
+    let config = json!({
+        "architecture": "wasm",
+        "os": kind,
+        "layerDigests": [layer.digest],
+    });
+    Ok((layer, Blob::new(WASM_CONFIG, serde_json::to_vec(&config)?)))
+}
+
 fn validate_reference(reference: &str) -> anyhow::Result<()> {
     reference
         .parse::<oci_client::Reference>()
@@ -279,6 +336,7 @@ mod tests {
             wasm: wasm_file(dir.path()),
             labels: [("shoal.dev/limits.timeout_ms".to_string(), "100".to_string())].into(),
             env: vec!["SHOAL_HTTP_PORT=9000".into()],
+            format: ImageFormat::Tar,
         };
         let image = Image::build(&spec).unwrap();
         let out = dir.path().join("tiny.tar");
@@ -298,9 +356,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notes.wasm");
         std::fs::write(&path, b"hello").unwrap();
-        let spec =
-            ImageSpec { reference: "localhost/x:1".into(), wasm: path, labels: BTreeMap::new(), env: Vec::new() };
+        let spec = ImageSpec {
+            reference: "localhost/x:1".into(),
+            wasm: path,
+            labels: BTreeMap::new(),
+            env: Vec::new(),
+            format: ImageFormat::Tar,
+        };
         let err = Image::build(&spec).unwrap_err().to_string();
         assert!(err.contains("not a WebAssembly binary"), "{err}");
+    }
+
+    #[test]
+    fn an_artifact_image_carries_the_wasm_itself_as_its_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = wasm_file(dir.path());
+        let spec = ImageSpec {
+            reference: "localhost:5000/tiny:2".into(),
+            wasm: wasm.clone(),
+            labels: BTreeMap::new(),
+            env: Vec::new(),
+            format: ImageFormat::WasmArtifact,
+        };
+        let image = Image::build(&spec).unwrap();
+        let out = dir.path().join("tiny.tar");
+        image.write_layout(&out).unwrap();
+        let back = Image::read_layout(&out).unwrap();
+        assert_eq!(back.layer.media_type, WASM_LAYER, "a core module is application/wasm");
+        assert_eq!(back.layer.bytes, std::fs::read(&wasm).unwrap());
+        assert_eq!(back.config.media_type, WASM_CONFIG);
+        let manifest: Value = serde_json::from_slice(&back.manifest.bytes).unwrap();
+        assert_eq!(manifest["config"]["mediaType"], WASM_CONFIG);
+
+        let labelled = ImageSpec { labels: [("a".to_string(), "b".to_string())].into(), ..spec };
+        let err = Image::build(&labelled).unwrap_err().to_string();
+        assert!(err.contains("no config labels"), "{err}");
     }
 }

@@ -185,7 +185,10 @@ impl Instance {
             } else {
                 // Hand the thread back to the scheduler once per tick, so a
                 // guest that computes for long never starves its neighbours.
-                Ok(UpdateDeadline::Yield(1))
+                // tokio's yield_now (not wasmtime's plain Yield, which wakes
+                // the task at once and lets it run again before the I/O
+                // driver is polled) lets waiting connections in first.
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
             }
         });
         store.set_epoch_deadline(1);

@@ -1,25 +1,38 @@
 //! `shoal-bench`: builds the peers, runs each workload against each of them
 //! in one run on this machine, and writes `bench-results/latest.{json,md}`.
 //!
-//! Servers run pinned to CPU 0 and the load generator (`wrk`) to CPU 1, so
-//! they do not compete for a core. Every figure is the median of several
-//! runs, with the minimum and maximum beside it; ratios compare peers
-//! measured in the same run. Nothing here fails on a slow result: the suite
-//! reports, it does not judge.
+//! Servers run pinned to CPU 0; the runner itself and the load generator
+//! (`wrk`) run on CPU 1, so load and server never compete for a core. Every
+//! figure comes from this run: ratios compare peers measured minutes apart
+//! on the same machine, and load figures are the median of several runs
+//! with the minimum and maximum beside them. Nothing here fails on a slow
+//! result: the suite reports, it does not judge.
 
+mod admin;
+mod cold;
+mod cpu;
+mod density;
+mod hello;
+mod isolation;
+mod keyvalue;
+mod kubernetes;
 mod peers;
 mod report;
 mod wrk;
 
 use std::path::PathBuf;
+use std::process::Command;
 
 use anyhow::Context as _;
 use clap::Parser;
 
-/// Run the benchmark suite.
+/// Run Shoal's benchmark suite (W1–W7) and write the results table.
 #[derive(Debug, Parser)]
 #[command(name = "shoal-bench", version, about)]
-struct Args {
+pub struct Args {
+    /// Workloads to run (w1..w7).
+    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w5,w6,w7")]
+    only: Vec<String>,
     /// Seconds per load run.
     #[arg(long, default_value_t = 5)]
     duration: u64,
@@ -29,45 +42,67 @@ struct Args {
     /// Concurrency levels for W1.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<u32>,
-    /// Where results go.
+    /// Samples per cold-start case (W4).
+    #[arg(long, default_value_t = 30)]
+    cold_samples: usize,
+    /// Function counts for W5.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    density: Vec<usize>,
+    /// At most this many distinct wasm binaries in W5 (each is compiled;
+    /// beyond it functions share binaries round-robin).
+    #[arg(long, default_value_t = 10000)]
+    distinct_wasm: usize,
+    /// Pods started one after another in W7.
+    #[arg(long, default_value_t = 10)]
+    pods: usize,
+    /// Where results go (relative to the repository).
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
 }
 
+type Workload = fn(&peers::Tools, &Args) -> anyhow::Result<report::Section>;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let workloads: [(&str, Workload); 7] = [
+        ("w1", hello::run),
+        ("w2", cpu::run),
+        ("w3", keyvalue::run),
+        ("w4", cold::run),
+        ("w5", density::run),
+        ("w6", isolation::run),
+        ("w7", kubernetes::run),
+    ];
+    for wanted in &args.only {
+        anyhow::ensure!(workloads.iter().any(|(id, _)| id == wanted), "unknown workload {wanted:?} (w1..w7)");
+    }
     let root = repo_root()?;
     let tools = peers::Tools::prepare(&root).context("preparing the peers")?;
+    if args.only.iter().any(|w| w == "w7") {
+        kubernetes::build(&tools).context("building the Kubernetes benchmark")?;
+    }
+    pin_to_cpu1()?;
     let mut report = report::Report::new(&tools.machine);
-    eprintln!("W1: hello-world HTTP ({} runs x {} s per cell)", args.runs, args.duration);
-    for peer in [peers::Peer::Native, peers::Peer::WasmtimeServe, peers::Peer::Shoal] {
-        let server = peers::Server::start(&tools, peer).with_context(|| format!("starting {}", peer.name()))?;
-        for &connections in &args.concurrency {
-            let mut samples = Vec::new();
-            for run in 0..args.runs {
-                let cpu_before = server.cpu_seconds()?;
-                let sample = wrk::run(&server.url("/hello"), connections, args.duration)?;
-                let cpu = server.cpu_seconds()? - cpu_before;
-                let cpu_us_per_request = cpu * 1e6 / sample.requests.max(1) as f64;
-                eprintln!(
-                    "  {:<14} c={:<3} run {}: {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>6.1} CPU-µs/req",
-                    peer.name(),
-                    connections,
-                    run + 1,
-                    sample.requests_per_second,
-                    sample.p50_us,
-                    sample.p99_us,
-                    cpu_us_per_request
-                );
-                samples.push(report::W1Sample { sample, cpu_us_per_request });
-            }
-            report.add_w1(peer.name(), connections, &samples);
+    for (id, workload) in workloads {
+        if args.only.iter().any(|w| w == id) {
+            report.add(workload(&tools, &args).with_context(|| format!("workload {id}"))?);
+            // Keep what was measured so far even if a later workload fails.
+            report.write(&root.join(&args.out))?;
         }
-        drop(server);
     }
     let out = root.join(&args.out);
     report.write(&out)?;
     eprintln!("results: {}/latest.md and latest.json", out.display());
+    Ok(())
+}
+
+/// Move the runner (every thread) to CPU 1: the servers get CPU 0.
+fn pin_to_cpu1() -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "taskset could not pin the runner to CPU 1");
     Ok(())
 }
 

@@ -21,6 +21,8 @@ pub enum Peer {
     WasmtimeServe,
     /// `shoal serve` with `hello` deployed (instances reused, metered).
     Shoal,
+    /// The same with fuel metering off (`--no-fuel`; epochs still bound time).
+    ShoalNoFuel,
 }
 
 impl Peer {
@@ -30,22 +32,25 @@ impl Peer {
             Peer::Native => "native-hyper",
             Peer::WasmtimeServe => "wasmtime-serve",
             Peer::Shoal => "shoal",
+            Peer::ShoalNoFuel => "shoal-no-fuel",
         }
     }
 }
 
 /// Built binaries and facts about the machine.
 pub struct Tools {
-    root: PathBuf,
+    /// The repository.
+    pub root: PathBuf,
     native: PathBuf,
     wasmtime: PathBuf,
-    shoal: PathBuf,
+    /// The release `shoal` binary.
+    pub shoal: PathBuf,
     hello_wasm: PathBuf,
     /// One line about the machine, for the report.
     pub machine: String,
 }
 
-fn run(command: &mut Command) -> anyhow::Result<()> {
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
     eprintln!("$ {command:?}");
     let status = command.status().with_context(|| format!("running {command:?}"))?;
     anyhow::ensure!(status.success(), "{command:?} failed with {status}");
@@ -61,6 +66,11 @@ fn have(program: &str) -> bool {
 }
 
 impl Tools {
+    /// A guest of `functions/` built for wasm32-wasip2 (release).
+    pub fn guest(&self, name: &str) -> PathBuf {
+        self.root.join(format!("functions/target/wasm32-wasip2/release/{name}.wasm"))
+    }
+
     /// Install what is missing and build every peer.
     pub fn prepare(root: &Path) -> anyhow::Result<Tools> {
         if !have("wrk") || !have("taskset") {
@@ -114,11 +124,24 @@ impl Tools {
 pub struct Server {
     child: Child,
     port: u16,
-    _state: Option<TempDir>,
+    state: Option<TempDir>,
+    log: PathBuf,
 }
 
 /// A scratch folder removed on drop (no extra dependency for this).
-pub struct TempDir(PathBuf);
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new empty folder under the system's temp dir.
+    pub fn new(label: &str) -> anyhow::Result<TempDir> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("shoal-bench-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -130,15 +153,47 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// One `[[function]]` of a manifest the runner writes.
+pub struct FunctionDef<'a> {
+    pub name: &'a str,
+    pub wasm: PathBuf,
+    pub route: &'a str,
+    /// A path that answers 200 once the function is deployed.
+    pub probe: &'a str,
+    /// Extra TOML lines after `[function.limits]`.
+    pub limits: &'a str,
+    /// Extra TOML lines after `[function.grants]`.
+    pub grants: &'a str,
+}
+
+impl FunctionDef<'_> {
+    fn toml(&self) -> String {
+        format!(
+            "[[function]]\nname = \"{}\"\nwasm = \"{}\"\nroutes = [\"{}\"]\n[function.limits]\n{}\n[function.grants]\n{}\n",
+            self.name,
+            self.wasm.display(),
+            self.route,
+            self.limits,
+            self.grants
+        )
+    }
+}
+
 impl Server {
-    /// Start `peer` and wait until `/hello` answers 200.
+    /// Start `peer` serving `hello` and wait until `/hello` answers 200.
     pub fn start(tools: &Tools, peer: Peer) -> anyhow::Result<Server> {
+        let hello = FunctionDef {
+            name: "hello",
+            wasm: tools.hello_wasm.clone(),
+            route: "/hello",
+            probe: "/hello",
+            limits: "max_concurrency = 1000\nidle_timeout_s = 3600",
+            grants: "",
+        };
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
-        let log = std::env::temp_dir().join(format!("shoal-bench-{}-{port}.log", peer.name()));
         let mut command = Command::new("taskset");
-        command.args(["-c", "0"]).stdout(Stdio::null()).stderr(std::fs::File::create(&log)?);
-        let mut state = None;
+        command.args(["-c", "0"]);
         match peer {
             Peer::Native => {
                 command.arg(&tools.native).arg(&addr);
@@ -147,57 +202,86 @@ impl Server {
                 // `-Scli`: Rust's std imports wasi:cli (environment, stdio).
                 command.arg(&tools.wasmtime).args(["serve", "-Scli", "--addr", &addr]).arg(&tools.hello_wasm);
             }
-            Peer::Shoal => {
-                let dir = std::env::temp_dir().join(format!("shoal-bench-{port}"));
-                std::fs::create_dir_all(&dir)?;
-                let manifest = dir.join("shoal.toml");
-                std::fs::write(
-                    &manifest,
-                    format!(
-                        "[[function]]\nname = \"hello\"\nwasm = \"{}\"\nroutes = [\"/hello\"]\n\
-                         [function.limits]\nmax_concurrency = 1000\nidle_timeout_s = 3600\n",
-                        tools.hello_wasm.display()
-                    ),
-                )?;
-                command
-                    .arg(&tools.shoal)
-                    .arg("--state-dir")
-                    .arg(&dir)
-                    .args(["serve", "--listen", &addr])
-                    .arg(&manifest);
-                command.current_dir(&tools.root);
-                state = Some(TempDir(dir));
-            }
+            Peer::Shoal => return Server::shoal(tools, &[hello], &[]),
+            Peer::ShoalNoFuel => return Server::shoal(tools, &[hello], &["--no-fuel"]),
         }
+        Server::spawn(command, port, None, peer.name(), "/hello")
+    }
+
+    /// `shoal serve` (pinned to CPU 0) with `functions` deployed from a
+    /// manifest, in a fresh state directory; waits until the first
+    /// function's route answers 200 (or, with no functions, `/healthz`).
+    pub fn shoal(tools: &Tools, functions: &[FunctionDef], args: &[&str]) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let state = TempDir::new("shoal")?;
+        let manifest = state.0.join("shoal.toml");
+        std::fs::write(&manifest, functions.iter().map(FunctionDef::toml).collect::<String>())?;
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", "0"])
+            .arg(&tools.shoal)
+            .arg("--state-dir")
+            .arg(&state.0)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args);
+        if !functions.is_empty() {
+            command.arg(&manifest);
+        }
+        let probe = functions.first().map_or("/healthz", |f| f.probe);
+        Server::spawn(command, port, Some(state), "shoal", probe)
+    }
+
+    fn spawn(
+        mut command: Command,
+        port: u16,
+        state: Option<TempDir>,
+        name: &str,
+        probe: &str,
+    ) -> anyhow::Result<Server> {
+        let log = std::env::temp_dir().join(format!("shoal-bench-{name}-{port}.log"));
+        command.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?);
         let child = command.spawn().with_context(|| format!("spawning {command:?}"))?;
-        let server = Server { child, port, _state: state };
+        let server = Server { child, port, state, log };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !server.answers() {
-            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+        while http_get(port, probe).map(|(status, _)| status) != Some(200) {
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "{} did not answer on {addr} within 60 s; its stderr:\n{stderr}",
-                peer.name()
+                "{name} did not answer {probe} on port {port} within 60 s; its stderr:\n{}",
+                server.log_text()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(server)
+    }
+
+    /// The server's stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A Shoal server's admin socket.
+    pub fn admin_socket(&self) -> Option<PathBuf> {
+        self.state.as_ref().map(|state| state.0.join("admin.sock"))
+    }
+
+    /// A Shoal server's state directory.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state.as_ref().map(|state| state.0.as_path())
     }
 
     /// `http://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn answers(&self) -> bool {
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        if stream.write_all(b"GET /hello HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").is_err() {
-            return false;
-        }
-        let mut reply = String::new();
-        let _ = stream.read_to_string(&mut reply);
-        reply.starts_with("HTTP/1.1 200")
     }
 
     /// CPU time (user + system) the server process has used, in seconds.
@@ -220,4 +304,34 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 GET to 127.0.0.1:`port` (a fresh connection); the status
+/// and body, or `None` when nothing answered. Hand-written on std: the
+/// probes time first responses in microseconds, and a client library's
+/// connection pool or runtime would be part of what is timed.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = stream.set_nodelay(true);
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let status = reply.split(' ').nth(1)?.parse().ok()?;
+    let body = reply.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Resident and proportional set size of a process, in KiB
+/// (`/proc/<pid>/smaps_rollup`).
+pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("Rss:"), field("Pss:")))
 }

@@ -1,16 +1,10 @@
-//! The results table: markdown for the README, JSON for tools.
+//! The results: one section per workload, written as markdown (for the
+//! README) and JSON (for tools).
 
 use std::path::Path;
 
 use serde::Serialize;
-
-use crate::wrk::Sample;
-
-/// One W1 load run with the server's CPU cost.
-pub struct W1Sample {
-    pub sample: Sample,
-    pub cpu_us_per_request: f64,
-}
+use serde_json::Value;
 
 /// Median, min and max of a figure over runs.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -21,23 +15,85 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(mut values: Vec<f64>) -> Spread {
+    pub fn of(mut values: Vec<f64>) -> Spread {
         values.sort_by(f64::total_cmp);
         let median = if values.is_empty() { 0.0 } else { values[values.len() / 2] };
         Spread { median, min: values.first().copied().unwrap_or(0.0), max: values.last().copied().unwrap_or(0.0) }
     }
+
+    /// `median (min–max)` with `decimals` digits.
+    pub fn show(&self, decimals: usize) -> String {
+        format!("{:.d$} ({:.d$}–{:.d$})", self.median, self.min, self.max, d = decimals)
+    }
 }
 
-/// One cell of W1.
-#[derive(Debug, Clone, Serialize)]
-pub struct W1Row {
-    pub peer: String,
-    pub connections: u32,
-    pub requests_per_second: Spread,
-    pub p50_us: Spread,
-    pub p99_us: Spread,
-    pub cpu_us_per_request: Spread,
-    pub errors: u64,
+/// Percentile `p` (0–100) of `values` (nearest rank).
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// How a figure compares with its target.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+/// One workload's results.
+#[derive(Debug, Serialize)]
+pub struct Section {
+    /// `w1` … `w7`.
+    pub id: &'static str,
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    /// Lines under the table: ratios, targets, what limits a figure.
+    pub notes: Vec<String>,
+    /// The figures, for tools.
+    pub data: Value,
+}
+
+impl Section {
+    pub fn new(id: &'static str, title: &str, header: &[&str]) -> Section {
+        Section {
+            id,
+            title: title.to_string(),
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+            data: Value::Null,
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn note(&mut self, line: String) {
+        self.notes.push(line);
+    }
+
+    fn markdown(&self) -> String {
+        let mut md = format!("### {} — {}\n\n", self.id.to_uppercase(), self.title);
+        md.push_str(&format!("| {} |\n", self.header.join(" | ")));
+        let align: Vec<&str> = (0..self.header.len()).map(|i| if i == 0 { "---" } else { "---:" }).collect();
+        md.push_str(&format!("|{}|\n", align.join("|")));
+        for row in &self.rows {
+            md.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        if !self.notes.is_empty() {
+            md.push('\n');
+            for note in &self.notes {
+                md.push_str(&format!("- {note}\n"));
+            }
+        }
+        md.push('\n');
+        md
+    }
 }
 
 /// Everything measured in one run of the suite.
@@ -45,7 +101,7 @@ pub struct W1Row {
 pub struct Report {
     pub date: String,
     pub machine: String,
-    pub w1: Vec<W1Row>,
+    pub sections: Vec<Section>,
 }
 
 impl Report {
@@ -55,57 +111,18 @@ impl Report {
             .output()
             .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
             .unwrap_or_default();
-        Report { date, machine: machine.to_string(), w1: Vec::new() }
+        Report { date, machine: machine.to_string(), sections: Vec::new() }
     }
 
-    pub fn add_w1(&mut self, peer: &str, connections: u32, samples: &[W1Sample]) {
-        let spread = |f: &dyn Fn(&W1Sample) -> f64| Spread::of(samples.iter().map(f).collect());
-        self.w1.push(W1Row {
-            peer: peer.to_string(),
-            connections,
-            requests_per_second: spread(&|s| s.sample.requests_per_second),
-            p50_us: spread(&|s| s.sample.p50_us),
-            p99_us: spread(&|s| s.sample.p99_us),
-            cpu_us_per_request: spread(&|s| s.cpu_us_per_request),
-            errors: samples.iter().map(|s| s.sample.errors).sum(),
-        });
-    }
-
-    fn rps(&self, peer: &str, connections: u32) -> Option<f64> {
-        self.w1.iter().find(|r| r.peer == peer && r.connections == connections).map(|r| r.requests_per_second.median)
+    pub fn add(&mut self, section: Section) {
+        eprint!("{}", section.markdown());
+        self.sections.push(section);
     }
 
     pub fn markdown(&self) -> String {
-        let mut md = format!(
-            "### W1 — hello-world HTTP\n\n{} · {}\n\n\
-             | peer | conns | req/s (median, min–max) | p50 µs | p99 µs | server CPU-µs/req | errors |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n",
-            self.date, self.machine
-        );
-        for row in &self.w1 {
-            md.push_str(&format!(
-                "| {} | {} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.1} | {} |\n",
-                row.peer,
-                row.connections,
-                row.requests_per_second.median,
-                row.requests_per_second.min,
-                row.requests_per_second.max,
-                row.p50_us.median,
-                row.p99_us.median,
-                row.cpu_us_per_request.median,
-                row.errors
-            ));
-        }
-        md.push_str("\n| conns | shoal / native | shoal / wasmtime serve |\n|---:|---:|---:|\n");
-        let mut levels: Vec<u32> = self.w1.iter().map(|r| r.connections).collect();
-        levels.sort_unstable();
-        levels.dedup();
-        for c in levels {
-            let ratio = |peer: &str| match (self.rps("shoal", c), self.rps(peer, c)) {
-                (Some(shoal), Some(other)) if other > 0.0 => format!("{:.2}×", shoal / other),
-                _ => "–".to_string(),
-            };
-            md.push_str(&format!("| {c} | {} | {} |\n", ratio("native-hyper"), ratio("wasmtime-serve")));
+        let mut md = format!("Measured {} on {}.\n\n", self.date, self.machine);
+        for section in &self.sections {
+            md.push_str(&section.markdown());
         }
         md
     }
@@ -115,5 +132,29 @@ impl Report {
         std::fs::write(dir.join("latest.json"), serde_json::to_vec_pretty(self)?)?;
         std::fs::write(dir.join("latest.md"), self.markdown())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 50.0), 50.0);
+        assert_eq!(percentile(&values, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 50.0), 2.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn a_section_renders_as_a_markdown_table_with_notes() {
+        let mut section = Section::new("w9", "demo", &["peer", "figure"]);
+        section.row(vec!["a".into(), "1".into()]);
+        section.note("target met".into());
+        let md = section.markdown();
+        assert!(md.starts_with("### W9 — demo\n\n| peer | figure |\n|---|---:|\n| a | 1 |\n"), "{md}");
+        assert!(md.contains("- target met"), "{md}");
     }
 }

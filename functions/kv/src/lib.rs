@@ -5,6 +5,9 @@
 //! - `GET /incr?key=K[&by=N]` adds to a counter and shows it
 //! - `GET /get?key=K`, `PUT /set?key=K` (body is the value), `DELETE /del?key=K`
 //! - `GET /keys` lists the keys this function may see
+//! - `GET /bench?op=get|set&n=N&key=K` runs the operation N times and
+//!   reports the time per operation as the guest's clock saw it (the
+//!   benchmark suite's W3; `set` writes a 16-byte value)
 //!
 //! Every route takes `&bucket=B` (default `default`). Refusals come back as
 //! error values and are shown with a status: 403 denied, 422 limited.
@@ -42,6 +45,21 @@ fn serve(request: &Request) -> Result<Response, kv::Error> {
             Response::text(200, format!("deleted {key}\n"))
         }
         "keys" => Response::text(200, bucket.keys()?.join("\n")),
+        "bench" => {
+            let n: u32 = request.query_param("n").and_then(|v| v.parse().ok()).unwrap_or(100).max(1);
+            let op = request.query_param("op").unwrap_or("get");
+            let value = [7u8; 16];
+            bucket.set(key, &value)?;
+            let started = std::time::Instant::now();
+            for _ in 0..n {
+                match op {
+                    "set" => bucket.set(key, &value)?,
+                    _ => drop(std::hint::black_box(bucket.get(key)?)),
+                }
+            }
+            let per_op_ns = started.elapsed().as_nanos() / u128::from(n);
+            Response::text(200, format!("op={op} n={n} ns_per_op={per_op_ns}\n"))
+        }
         other => Response::text(404, format!("no route {other}\n")),
     })
 }

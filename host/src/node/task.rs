@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use super::NodeConfig;
 use super::command::{self, Program};
 use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
+use super::containerd::ContainerRecord;
 use super::netns;
 use super::stdio::{ContainerOutput, ContainerSinks};
 use crate::host::Host;
@@ -235,18 +236,16 @@ impl Node {
         let (kind, code_bytes) = match bundle.role() {
             Role::Sandbox => (Kind::Sandbox { netns: self.open_netns(&bundle.netns())? }, 0),
             Role::App { sandbox_id } => {
-                let (entry, file) = bundle.entrypoint()?;
-                let wasm = tokio::fs::read(&file)
-                    .await
-                    .map_err(|err| format!("cannot read the entrypoint {entry} from the image's rootfs: {err}"))?;
-                let labels = match super::containerd::container_labels(&self.containerd, &self.namespace, &id).await {
-                    Ok(labels) => labels,
+                let record = match super::containerd::container(&self.containerd, &self.namespace, &id).await {
+                    Ok(record) => record,
                     Err(err) => {
                         tracing::warn!(container = %id, error = %err, "no image labels; using annotations only");
                         Default::default()
                     }
                 };
-                let settings = KubernetesSettings::collect([&labels, &bundle.annotations()], bundle.memory_limit());
+                let labels = &record.labels;
+                let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
+                let settings = KubernetesSettings::collect([labels, &bundle.annotations()], bundle.memory_limit());
                 let spec = settings.function_spec(&function, &file, &format!("container {id} labels/annotations"))?;
                 let code_bytes = wasm.len() as u64;
                 let engine = self.host.registry().engine().clone();
@@ -297,6 +296,30 @@ impl Node {
             stop: watch::Sender::new(false),
             runner: Mutex::new(None),
         }))
+    }
+
+    /// The container's wasm: the entrypoint in its rootfs or, when the
+    /// rootfs is empty (a CNCF wasm artifact image, which containerd does
+    /// not unpack), the image's wasm layer from the content store. Returns
+    /// what to call it in messages, a path for the spec, and the bytes.
+    async fn wasm_of(&self, bundle: &Bundle, record: &ContainerRecord) -> Result<(String, PathBuf, Vec<u8>), String> {
+        let from_rootfs = match bundle.entrypoint() {
+            Ok((entry, file)) => match tokio::fs::read(&file).await {
+                Ok(wasm) => return Ok((entry, file, wasm)),
+                Err(err) => format!("cannot read the entrypoint {entry} from the image's rootfs: {err}"),
+            },
+            Err(err) => err,
+        };
+        let rootfs_empty = std::fs::read_dir(bundle.rootfs()).map(|mut dir| dir.next().is_none()).unwrap_or(true);
+        if record.image.is_empty() || !rootfs_empty {
+            return Err(from_rootfs);
+        }
+        let (digest, wasm) =
+            super::containerd::artifact_wasm(&self.containerd, &self.namespace, &record.image)
+                .await
+                .map_err(|err| format!("the rootfs is empty and the image is not a wasm artifact: {err}"))?;
+        let name = format!("{}@{digest}", record.image);
+        Ok((name.clone(), PathBuf::from(name), wasm))
     }
 
     fn open_netns(&self, netns: &Netns) -> Result<Option<Arc<OwnedFd>>, String> {

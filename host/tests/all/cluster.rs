@@ -266,6 +266,12 @@ state = "{state}"
             .unwrap()
     }
 
+    /// containerd's own pid (while it runs).
+    #[allow(dead_code, reason = "used by the W7 benchmark (host/benches/kubernetes.rs)")]
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|child| child.id() as i32)
+    }
+
     /// The pids of the Shoal node hosts this containerd's shims started.
     pub fn node_hosts(&self) -> Vec<i32> {
         let needle = self.run_dir.display().to_string();

@@ -24,6 +24,81 @@ fn import(containerd: &Containerd, wasm: &std::path::Path, tag: &str, extra: &[&
     assert!(output.status.success(), "ctr images import: {}", text(&output));
 }
 
+/// A CNCF wasm artifact image (the wasm is the layer) is not unpacked:
+/// containerd 2.x creates its container with no snapshot, and the host
+/// reads the wasm from containerd's content store. containerd 1.6's CRI
+/// and `ctr run` cannot get that far (they insist on unpacking), so the
+/// container is created through containerd's API the way 2.x does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cncf_wasm_artifact_image_runs_from_containerds_content_store() {
+    use containerd_client::services::v1::container::Runtime;
+    use containerd_client::services::v1::{
+        Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteTaskRequest, StartRequest,
+        WaitRequest,
+    };
+    use containerd_client::tonic::Request;
+    use containerd_client::with_namespace;
+
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("artifact.tar");
+    let image = "localhost/shoal-test/cli-hello-artifact:1";
+    build_image(&guest("cli-hello"), image, &tar, &["--artifact"]);
+    let imported = containerd.ctr("default", &["images", "import", "--no-unpack", tar.to_str().unwrap()]);
+    assert!(imported.status.success(), "ctr images import: {}", text(&imported));
+
+    let client = containerd_client::Client::from_path(&containerd.address).await.unwrap();
+    let spec = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": { "args": ["cli-hello", "from-artifact"], "env": ["GREETING_NAME=artifact"],
+                     "cwd": "/", "user": { "uid": 0, "gid": 0 } },
+        "root": { "path": "rootfs" },
+        "linux": { "namespaces": [{ "type": "network" }] },
+    });
+    let container = Container {
+        id: "artifact-1".into(),
+        image: image.into(),
+        runtime: Some(Runtime { name: RUNTIME.into(), options: None }),
+        spec: Some(prost_types::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+            value: serde_json::to_vec(&spec).unwrap(),
+        }),
+        ..Default::default()
+    };
+    let request = with_namespace!(CreateContainerRequest { container: Some(container) }, "default");
+    client.containers().create(request).await.unwrap();
+    let (stdout, stderr) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    std::fs::write(&stdout, "").unwrap();
+    std::fs::write(&stderr, "").unwrap();
+    let request = with_namespace!(
+        CreateTaskRequest {
+            container_id: "artifact-1".into(),
+            stdout: stdout.display().to_string(),
+            stderr: stderr.display().to_string(),
+            ..Default::default()
+        },
+        "default"
+    );
+    if let Err(status) = client.tasks().create(request).await {
+        panic!("creating the task: {}\n{}", status.message(), containerd.host_log());
+    }
+    let request = with_namespace!(StartRequest { container_id: "artifact-1".into(), ..Default::default() }, "default");
+    client.tasks().start(request).await.unwrap();
+    let request = with_namespace!(WaitRequest { container_id: "artifact-1".into(), ..Default::default() }, "default");
+    let status = client.tasks().wait(request).await.unwrap().into_inner();
+    let out = std::fs::read_to_string(&stdout).unwrap();
+    assert_eq!(status.exit_status, 0, "the program exits 0: {out}\n{}", containerd.host_log());
+    assert!(out.contains(r#"hello from a wasi:cli command, args ["from-artifact"]"#), "{out}");
+    assert!(out.contains("hello, artifact"), "{out}");
+    assert!(std::fs::read_to_string(&stderr).unwrap().contains("cli-hello: done"));
+
+    let request = with_namespace!(DeleteTaskRequest { container_id: "artifact-1".into() }, "default");
+    client.tasks().delete(request).await.unwrap();
+    let request = with_namespace!(DeleteContainerRequest { id: "artifact-1".into() }, "default");
+    client.containers().delete(request).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ctr_run_runs_a_wasm_image_and_reports_its_output_and_exit_code() {
     let _serial = SERIAL.lock().await;

@@ -1,0 +1,103 @@
+//! W1: hello-world HTTP. The same `hello` component under `wasmtime serve`
+//! and Shoal (with and without fuel metering), native hyper as the ceiling.
+
+use serde_json::json;
+
+use crate::Args;
+use crate::peers::{Peer, Server, Tools};
+use crate::report::{Section, Spread, verdict};
+use crate::wrk;
+
+struct Cell {
+    peer: Peer,
+    connections: u32,
+    rps: Spread,
+    p50: Spread,
+    p99: Spread,
+    cpu_us: Spread,
+    errors: u64,
+}
+
+pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
+    eprintln!("W1: hello-world HTTP ({} runs x {} s per cell)", args.runs, args.duration);
+    let mut cells = Vec::new();
+    for peer in [Peer::Native, Peer::WasmtimeServe, Peer::Shoal, Peer::ShoalNoFuel] {
+        let server = Server::start(tools, peer)?;
+        for &connections in &args.concurrency {
+            let mut samples = Vec::new();
+            for run in 0..args.runs {
+                let cpu_before = server.cpu_seconds()?;
+                let sample = wrk::run(&server.url("/hello"), connections, args.duration)?;
+                let cpu_us = (server.cpu_seconds()? - cpu_before) * 1e6 / sample.requests.max(1) as f64;
+                eprintln!(
+                    "  {:<14} c={:<3} run {}: {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>6.1} CPU-µs/req",
+                    peer.name(),
+                    connections,
+                    run + 1,
+                    sample.requests_per_second,
+                    sample.p50_us,
+                    sample.p99_us,
+                    cpu_us
+                );
+                samples.push((sample, cpu_us));
+            }
+            let spread = |f: &dyn Fn(&(wrk::Sample, f64)) -> f64| Spread::of(samples.iter().map(f).collect());
+            cells.push(Cell {
+                peer,
+                connections,
+                rps: spread(&|(s, _)| s.requests_per_second),
+                p50: spread(&|(s, _)| s.p50_us),
+                p99: spread(&|(s, _)| s.p99_us),
+                cpu_us: spread(&|(_, cpu)| *cpu),
+                errors: samples.iter().map(|(s, _)| s.errors).sum(),
+            });
+        }
+    }
+
+    let mut section = Section::new(
+        "w1",
+        "hello-world HTTP (wrk on CPU 1, server on CPU 0)",
+        &["peer", "conns", "req/s (median, min–max)", "p50 µs", "p99 µs", "server CPU-µs/req", "errors"],
+    );
+    for cell in &cells {
+        section.row(vec![
+            cell.peer.name().to_string(),
+            cell.connections.to_string(),
+            cell.rps.show(0),
+            format!("{:.0}", cell.p50.median),
+            format!("{:.0}", cell.p99.median),
+            format!("{:.1}", cell.cpu_us.median),
+            cell.errors.to_string(),
+        ]);
+    }
+    let rps = |peer: Peer, c: u32| {
+        cells.iter().find(|cell| cell.peer.name() == peer.name() && cell.connections == c).map(|cell| cell.rps.median)
+    };
+    let mut ratios = Vec::new();
+    for &c in &args.concurrency {
+        let (Some(shoal), Some(native), Some(serve), Some(unmetered)) =
+            (rps(Peer::Shoal, c), rps(Peer::Native, c), rps(Peer::WasmtimeServe, c), rps(Peer::ShoalNoFuel, c))
+        else {
+            continue;
+        };
+        let (vs_native, vs_serve, metering) = (shoal / native, shoal / serve, 1.0 - shoal / unmetered);
+        section.note(format!(
+            "c={c}: Shoal/native {vs_native:.2}× (target ≥ 0.7×: {}), Shoal/`wasmtime serve` {vs_serve:.2}× \
+             (target ≥ 1.5×: {}), fuel metering costs {:.1}% of throughput (target ≤ 5%: {})",
+            verdict(vs_native >= 0.7),
+            verdict(vs_serve >= 1.5),
+            metering * 100.0,
+            verdict(metering <= 0.05)
+        ));
+        ratios.push(json!({ "connections": c, "shoal_vs_native": vs_native, "shoal_vs_wasmtime_serve": vs_serve,
+            "metering_cost": metering }));
+    }
+    section.data = json!({
+        "cells": cells.iter().map(|cell| json!({
+            "peer": cell.peer.name(), "connections": cell.connections, "requests_per_second": cell.rps,
+            "p50_us": cell.p50, "p99_us": cell.p99, "cpu_us_per_request": cell.cpu_us, "errors": cell.errors,
+        })).collect::<Vec<_>>(),
+        "ratios": ratios,
+    });
+    Ok(section)
+}

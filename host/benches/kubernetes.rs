@@ -1,0 +1,77 @@
+//! W7 of the benchmark suite: the kubelet's path through a real containerd's
+//! CRI (RunPodSandbox + CreateContainer + StartContainer) to a pod's first
+//! HTTP response, and the memory the node's Shoal host adds per pod.
+//!
+//! Run by `shoal-bench` (see benches/), never by the tests; it reuses the
+//! integration tests' containerd, registry and CRI fixtures. Environment:
+//! `SHOAL_BENCH_OUT` (where the JSON goes, required), `SHOAL_BENCH_PODS`
+//! (pods started one after another, default 10).
+
+#![allow(clippy::unwrap_used, reason = "a fixture failure should stop the benchmark with its message")]
+
+#[allow(dead_code, reason = "shared with the integration tests; the benchmark uses a part")]
+#[path = "../tests/all/support.rs"]
+mod support;
+
+#[allow(dead_code, reason = "shared with the integration tests; the benchmark uses a part")]
+#[path = "../tests/all/cluster.rs"]
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let out = std::env::var_os("SHOAL_BENCH_OUT").expect("SHOAL_BENCH_OUT names the JSON output file");
+    let pods: usize = std::env::var("SHOAL_BENCH_PODS").ok().and_then(|n| n.parse().ok()).unwrap_or(10);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let result = runtime.block_on(async move {
+        let (_registry, containerd, mut cri, image) = cluster::cri_node(&support::guest("hello"), "hello", &[]).await;
+        let mut records = Vec::new();
+        let mut started = Vec::new();
+        for i in 0..pods {
+            let begin = Instant::now();
+            let pod = cri.run_pod(&containerd.log_dir, &format!("bench-{i}"), &image, &[], 64 << 20).await;
+            let api_ms = begin.elapsed().as_secs_f64() * 1e3;
+            let deadline = begin + Duration::from_secs(30);
+            loop {
+                if let Ok((200, _)) = cluster::get_in_netns(&pod.netns, "127.0.0.1:8080", "/") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "pod {i} never answered; host log:\n{}", containerd.host_log());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let first_response_ms = begin.elapsed().as_secs_f64() * 1e3;
+            // Let freed memory settle before reading the host's RSS.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let hosts = containerd.node_hosts();
+            assert_eq!(hosts.len(), 1, "one Shoal host serves every pod");
+            let host_rss_kib = rss_kib(hosts[0]);
+            let containerd_rss_kib = containerd.pid().map(rss_kib).unwrap_or(0);
+            eprintln!(
+                "pod {i}: CRI calls {api_ms:.1} ms, first response {first_response_ms:.1} ms, host RSS {host_rss_kib} KiB"
+            );
+            records.push(json!({
+                "pod": i, "cri_ms": api_ms, "first_response_ms": first_response_ms,
+                "host_rss_kib": host_rss_kib, "containerd_rss_kib": containerd_rss_kib,
+                "shim_processes": containerd.shim_processes(),
+            }));
+            started.push(pod);
+        }
+        for pod in &started {
+            cri.remove_pod(pod).await;
+        }
+        json!({ "pods": records })
+    });
+    std::fs::write(&out, serde_json::to_vec_pretty(&result).unwrap()).unwrap();
+}
