@@ -48,9 +48,9 @@ pub struct Args {
     /// Function counts for W5.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     density: Vec<usize>,
-    /// At most this many distinct wasm binaries in W5 (each is compiled;
-    /// beyond it functions share binaries round-robin).
-    #[arg(long, default_value_t = 10000)]
+    /// At most this many distinct wasm binaries in W5 (each is compiled,
+    /// ~0.1 s each; beyond it functions share binaries round-robin).
+    #[arg(long, default_value_t = 1000)]
     distinct_wasm: usize,
     /// Pods started one after another in W7.
     #[arg(long, default_value_t = 10)]
