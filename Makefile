@@ -63,7 +63,8 @@ unit-and-integration: functions test-deps
 
 test: lint unit-and-integration
 
-# Benchmarks against native hyper and `wasmtime serve`; writes
+# Benchmarks W1-W7 against native hyper and `wasmtime serve`; writes
 # bench-results/latest.{md,json}. BENCH_ARGS passes options (see --help).
-bench: functions
+# W7 needs the Kubernetes test servers (containerd, CNI, registry).
+bench: functions test-deps
 	cd benches && $(CARGO) run --release -p shoal-bench -- $(BENCH_ARGS)
