@@ -43,6 +43,7 @@ fn main() {
             let begin = Instant::now();
             let pod = cri.run_pod(&containerd.log_dir, &format!("bench-{i}"), &image, &[], 64 << 20).await;
             let api_ms = begin.elapsed().as_secs_f64() * 1e3;
+            let [sandbox_ms, create_ms, start_ms] = pod.call_times.map(|time| time.as_secs_f64() * 1e3);
             let deadline = begin + Duration::from_secs(30);
             loop {
                 if let Ok((200, _)) = cluster::get_in_netns(&pod.netns, "127.0.0.1:8080", "/") {
@@ -63,6 +64,7 @@ fn main() {
             );
             records.push(json!({
                 "pod": i, "cri_ms": api_ms, "first_response_ms": first_response_ms,
+                "run_pod_sandbox_ms": sandbox_ms, "create_container_ms": create_ms, "start_container_ms": start_ms,
                 "host_rss_kib": host_rss_kib, "containerd_rss_kib": containerd_rss_kib,
                 "shim_processes": containerd.shim_processes(),
             }));

@@ -4,8 +4,11 @@
 //! The engine uses the pooling instance allocator (instances come from
 //! pre-reserved slots, so instantiation costs microseconds), copy-on-write
 //! memory images, and epoch interruption: a background thread advances the
-//! epoch every [`EPOCH_TICK`], and each store's deadline callback uses it to
-//! enforce wall-clock limits and to yield a busy guest back to the scheduler.
+//! epoch, and each store's deadline callback uses it to enforce wall-clock
+//! limits and to yield a busy guest back to the scheduler. The clock ticks
+//! every [`EPOCH_TICK`], and every [`BUSY_EPOCH_TICK`] for a while after a
+//! guest was found still running at a tick: CPU-bound guests then share a
+//! thread in short slices, and an idle host wakes only once a millisecond.
 //! Fuel is on engine-wide unless disabled in [`EngineOptions`]; a function
 //! without a fuel limit simply gets an unbounded budget, so every request's
 //! fuel is still metered.
@@ -22,8 +25,14 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::manifest::MAX_MEMORY_BYTES;
 
-/// How often the epoch advances.
+/// How often the epoch advances while no guest runs long.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// How often it advances while guests run past ticks: the slice a
+/// CPU-bound guest gets before it yields to the other requests on its
+/// thread (benchmark W6).
+pub const BUSY_EPOCH_TICK: Duration = Duration::from_micros(250);
+/// How many fast ticks follow the last tick that found a guest running.
+const BUSY_TICKS: u32 = 400;
 
 /// Knobs for the engine, from the host's command line.
 #[derive(Debug, Clone)]
@@ -54,6 +63,7 @@ struct EngineInner {
     cache_dir: Option<PathBuf>,
     compat_hash: String,
     ticker_stop: Arc<AtomicBool>,
+    busy: Arc<AtomicBool>,
 }
 
 impl Drop for EngineInner {
@@ -100,11 +110,18 @@ impl WasmEngine {
         let compat_hash = hex(&hasher.0.finalize()[..8]);
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(AtomicBool::new(false));
         let weak = engine.weak();
-        let stop = ticker_stop.clone();
+        let (stop, seen_busy) = (ticker_stop.clone(), busy.clone());
         std::thread::Builder::new().name("shoal-epoch".into()).spawn(move || {
+            let mut fast_ticks = 0;
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
+                if seen_busy.swap(false, Ordering::Relaxed) {
+                    fast_ticks = BUSY_TICKS;
+                }
+                let tick = if fast_ticks > 0 { BUSY_EPOCH_TICK } else { EPOCH_TICK };
+                fast_ticks = fast_ticks.saturating_sub(1);
+                std::thread::sleep(tick);
                 match weak.upgrade() {
                     Some(engine) => engine.increment_epoch(),
                     None => break,
@@ -123,6 +140,7 @@ impl WasmEngine {
                 cache_dir: options.cache_dir.clone(),
                 compat_hash,
                 ticker_stop,
+                busy,
             }),
         })
     }
@@ -130,6 +148,12 @@ impl WasmEngine {
     /// The wasmtime engine.
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// The flag a store's epoch callback raises when it finds its guest
+    /// still running: the clock then ticks faster for a while.
+    pub fn busy_flag(&self) -> Arc<AtomicBool> {
+        self.inner.busy.clone()
     }
 
     /// Whether fuel is metered.

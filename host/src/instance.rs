@@ -179,7 +179,9 @@ impl Instance {
         };
         let mut store = Store::new(function.engine.engine(), state);
         store.limiter(|state| &mut state.memory);
-        store.epoch_deadline_callback(|context| {
+        let busy = function.engine.busy_flag();
+        store.epoch_deadline_callback(move |context| {
+            busy.store(true, std::sync::atomic::Ordering::Relaxed);
             if Instant::now() >= context.data().deadline {
                 Err(wasmtime::Error::new(DeadlineExceeded))
             } else {

@@ -49,6 +49,7 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     let later: Vec<&Value> = pods.iter().skip(1).collect();
     let first_response: Vec<f64> = later.iter().map(|p| figure(p, "first_response_ms")).collect();
     let cri: Vec<f64> = later.iter().map(|p| figure(p, "cri_ms")).collect();
+    let p50_of = |key: &str| percentile(&later.iter().map(|p| figure(p, key)).collect::<Vec<_>>(), 50.0);
     let rss_first = figure(&pods[0], "host_rss_kib");
     let rss_last = figure(&pods[pods.len() - 1], "host_rss_kib");
     let per_pod_kib = (rss_last - rss_first) / (pods.len() - 1) as f64;
@@ -71,6 +72,15 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         (
             "later pods: CRI calls, p50 / p99 ms",
             format!("{:.1} / {:.1}", percentile(&cri, 50.0), percentile(&cri, 99.0)),
+        ),
+        (
+            "later pods: RunPodSandbox / CreateContainer / StartContainer, p50 ms",
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                p50_of("run_pod_sandbox_ms"),
+                p50_of("create_container_ms"),
+                p50_of("start_container_ms")
+            ),
         ),
         (
             "later pods: to first HTTP response, p50 / p99 ms",

@@ -390,6 +390,9 @@ pub struct Pod {
     pub netns: PathBuf,
     pub ip: String,
     pub log_file: PathBuf,
+    /// How long RunPodSandbox, CreateContainer and StartContainer took.
+    #[allow(dead_code, reason = "read by the W7 benchmark (host/benches/kubernetes.rs)")]
+    pub call_times: [Duration; 3],
 }
 
 impl Cri {
@@ -427,6 +430,7 @@ impl Cri {
             linux: Some(LinuxPodSandboxConfig::default()),
             ..Default::default()
         };
+        let began = Instant::now();
         let sandbox = self
             .runtime
             .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: HANDLER.into() })
@@ -445,6 +449,7 @@ impl Cri {
             }),
             ..Default::default()
         };
+        let sandbox_time = began.elapsed();
         let container = self
             .runtime
             .create_container(CreateContainerRequest {
@@ -456,10 +461,12 @@ impl Cri {
             .unwrap_or_else(|status| panic!("CreateContainer: {status}"))
             .into_inner()
             .container_id;
+        let create_time = began.elapsed() - sandbox_time;
         self.runtime
             .start_container(StartContainerRequest { container_id: container.clone() })
             .await
             .unwrap_or_else(|status| panic!("StartContainer: {status}"));
+        let call_times = [sandbox_time, create_time, began.elapsed() - sandbox_time - create_time];
         let status = self
             .runtime
             .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: sandbox.clone(), verbose: true })
@@ -474,7 +481,14 @@ impl Cri {
             .and_then(|ns| ns["path"].as_str())
             .map(PathBuf::from)
             .unwrap_or_else(|| panic!("the sandbox has a network namespace: {info}"));
-        Pod { sandbox_id: sandbox, container_id: container, netns, ip, log_file: log_directory.join("web.log") }
+        Pod {
+            sandbox_id: sandbox,
+            container_id: container,
+            netns,
+            ip,
+            log_file: log_directory.join("web.log"),
+            call_times,
+        }
     }
 
     /// Wait until the CRI plugin has finished initializing (after a
