@@ -7,8 +7,9 @@
 //! epoch, and each store's deadline callback uses it to enforce wall-clock
 //! limits and to yield a busy guest back to the scheduler. The clock ticks
 //! every [`EPOCH_TICK`], and every [`BUSY_EPOCH_TICK`] for a while after a
-//! guest was found still running at a tick: CPU-bound guests then share a
-//! thread in short slices, and an idle host wakes only once a millisecond.
+//! guest call ran through more than one tick: CPU-bound guests then share a
+//! thread in short slices, while short requests and an idle host keep the
+//! slower clock.
 //! Fuel is on engine-wide unless disabled in [`EngineOptions`]; a function
 //! without a fuel limit simply gets an unbounded budget, so every request's
 //! fuel is still metered.
@@ -31,7 +32,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// CPU-bound guest gets before it yields to the other requests on its
 /// thread (benchmark W6).
 pub const BUSY_EPOCH_TICK: Duration = Duration::from_micros(250);
-/// How many fast ticks follow the last tick that found a guest running.
+/// How many fast ticks follow the last tick that found a long guest call.
 const BUSY_TICKS: u32 = 400;
 
 /// Knobs for the engine, from the host's command line.
@@ -150,8 +151,8 @@ impl WasmEngine {
         &self.inner.engine
     }
 
-    /// The flag a store's epoch callback raises when it finds its guest
-    /// still running: the clock then ticks faster for a while.
+    /// The flag a store's epoch callback raises when a guest call has run
+    /// through more than one tick: the clock then ticks faster for a while.
     pub fn busy_flag(&self) -> Arc<AtomicBool> {
         self.inner.busy.clone()
     }
