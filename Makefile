@@ -54,8 +54,11 @@ lint: setup
 	cd benches && $(CARGO) fmt --all -- --check && $(CARGO) clippy --all-targets -- -D warnings
 	sh -n k8s/installer/install.sh
 
+# One build of the workspace: `cargo test` builds the binaries the tests
+# run (`shoal`, and the shim, whose own tests need it) with the same
+# features as the tests, so nothing compiles twice. The layering check
+# (tests/all/layering.rs) is part of the suite.
 unit-and-integration: functions test-deps
-	$(CARGO) build --workspace --bins
 	cd functions && $(CARGO) build --release --target wasm32-wasip1 -p cli-hello
 	$(CARGO) test --workspace
 	cd abi/sdk && $(CARGO) test --doc

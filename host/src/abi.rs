@@ -9,17 +9,32 @@
 //! (`shoal_abi_limited_total`). The caller's identity is the function the
 //! instance belongs to — fixed when the instance is created — never
 //! anything the guest says.
+//!
+//! The ABI owns its interfaces and depends on nothing above it:
+//! - the host traits are implemented on an [`AbiView`], the slice of a
+//!   store's data that the ABI may touch (its [`AbiState`] and the resource
+//!   table), which any store type offers through [`AbiHost`];
+//! - what it needs from the layers above — running another function for
+//!   `invoke` — is the [`Invoker`] trait, which the host implements and
+//!   hands over with [`Services::set_invoker`];
+//! - outbound HTTP is checked by [`OutboundHttp`], the `wasi:http` hooks a
+//!   store installs.
+//!
+//! Errors cross into the guest through bindgen's `trappable_error_type`:
+//! an implementation returns [`KvError`], [`ConfigError`] or
+//! [`ShoalError`], built from a WIT error value (the guest sees it) or from
+//! a host failure with [`trap`] (the call traps).
 
 use std::num::NonZeroU32;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 
 use governor::{DefaultDirectRateLimiter, Quota};
-use wasmtime::component::Linker;
+use wasmtime::component::{HasData, Linker, ResourceTable};
+use wasmtime_wasi::TrappableError;
 
 use crate::backends::secrets::SecretStore;
 use crate::backends::{Broker, KeyValue};
-use crate::host::Host;
-use crate::instance::GuestState;
+use crate::logs::InstanceLog;
 use crate::manifest::{FunctionSpec, Grants, Limits};
 use crate::metrics::Metrics;
 
@@ -29,6 +44,11 @@ pub(crate) mod bindings {
         world: "shoal:runtime/function",
         imports: { default: async | trappable },
         exports: { default: async },
+        trappable_error_type: {
+            "wasi:keyvalue/store.error" => super::KvError,
+            "wasi:config/store.error" => super::ConfigError,
+            "shoal:runtime/types.error" => super::ShoalError,
+        },
         with: {
             "wasi:keyvalue/store.bucket": super::BucketHandle,
         },
@@ -38,6 +58,25 @@ pub(crate) mod bindings {
 mod invoke;
 mod keyvalue;
 mod misc;
+mod outbound;
+
+pub use invoke::{InvokeError, Invoker};
+pub use outbound::OutboundHttp;
+
+/// The error of `wasi:keyvalue` calls: a WIT `error` value, or a trap.
+pub type KvError = TrappableError<bindings::wasi::keyvalue::store::Error>;
+
+/// The error of `wasi:config/store` calls: a WIT `error` value, or a trap.
+pub type ConfigError = TrappableError<bindings::wasi::config::store::Error>;
+
+/// The error of Shoal's own interfaces: a WIT `error` value, or a trap.
+pub type ShoalError = TrappableError<bindings::shoal::runtime::types::Error>;
+
+/// A host failure that must trap the guest's call (a bad resource handle,
+/// say): never used for refusals, which are error values.
+pub fn trap<T>(err: impl Into<wasmtime::Error>) -> TrappableError<T> {
+    TrappableError::trap(err)
+}
 
 /// How deep `invoke` calls may nest (a cycle of invokes ends here).
 pub const MAX_INVOKE_DEPTH: u32 = 8;
@@ -57,27 +96,30 @@ pub struct Services {
     pub broker: Arc<dyn Broker>,
     pub(crate) secrets: SecretStore,
     pub(crate) metrics: Arc<Metrics>,
-    host: OnceLock<Weak<Host>>,
+    invoker: OnceLock<Arc<dyn Invoker>>,
 }
 
 impl Services {
-    /// Backends and metrics for the ABI.
+    /// Backends and metrics for the ABI. `invoke` answers "unavailable"
+    /// until [`Services::set_invoker`] is called.
     pub fn new(
         kv: Arc<dyn KeyValue>,
         broker: Arc<dyn Broker>,
         secrets: SecretStore,
         metrics: Arc<Metrics>,
     ) -> Arc<Services> {
-        Arc::new(Services { kv, broker, secrets, metrics, host: OnceLock::new() })
+        Arc::new(Services { kv, broker, secrets, metrics, invoker: OnceLock::new() })
     }
 
-    /// Tell the services which host they serve (for `invoke`).
-    pub(crate) fn attach(&self, host: &Arc<Host>) {
-        let _ = self.host.set(Arc::downgrade(host));
+    /// Name who runs the functions that `invoke` calls. Called once, by
+    /// the host that owns these services, when it is built; later calls
+    /// are ignored.
+    pub fn set_invoker(&self, invoker: Arc<dyn Invoker>) {
+        let _ = self.invoker.set(invoker);
     }
 
-    pub(crate) fn host(&self) -> Option<Arc<Host>> {
-        self.host.get().and_then(Weak::upgrade)
+    fn invoker(&self) -> Option<&Arc<dyn Invoker>> {
+        self.invoker.get()
     }
 }
 
@@ -93,7 +135,7 @@ pub struct FunctionCaps {
 impl FunctionCaps {
     /// The capabilities of `spec`.
     pub fn new(spec: &FunctionSpec) -> Arc<FunctionCaps> {
-        let per_second = |n: u32| Quota::per_second(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        let per_second = |n: NonZeroU32| Quota::per_second(n);
         Arc::new(FunctionCaps {
             name: Arc::from(spec.name.as_str()),
             grants: spec.grants.clone(),
@@ -106,73 +148,75 @@ impl FunctionCaps {
 
 /// The ABI state of one instance.
 pub struct AbiState {
-    pub(crate) caps: Arc<FunctionCaps>,
-    pub(crate) services: Arc<Services>,
+    caps: Arc<FunctionCaps>,
+    services: Arc<Services>,
+    log: Arc<InstanceLog>,
     /// Nesting depth of the request being served (0: from a trigger).
-    pub(crate) depth: u32,
+    depth: u32,
     /// Nested calls made during the current request (names child ids).
-    pub(crate) invokes: u32,
+    invokes: u32,
 }
 
-/// Why a checked call may not proceed.
-pub(crate) enum Refusal {
-    /// Not granted.
-    Denied(String),
-    /// Over a size or rate limit.
-    Limited(String),
-}
+impl AbiState {
+    /// The state of a new instance of the function `caps` describes, whose
+    /// output (and current request id) is `log`.
+    pub fn new(caps: Arc<FunctionCaps>, services: Arc<Services>, log: Arc<InstanceLog>) -> AbiState {
+        AbiState { caps, services, log, depth: 0, invokes: 0 }
+    }
 
-impl GuestState {
+    /// A new request begins, at nesting depth `depth`.
+    pub fn begin_request(&mut self, depth: u32) {
+        self.depth = depth;
+        self.invokes = 0;
+    }
+
+    fn request_id(&self) -> Option<Arc<str>> {
+        self.log.request_id()
+    }
+
     /// Count the call against the function's ABI rate.
-    pub(crate) fn admit(&self, capability: &'static str) -> Result<(), Refusal> {
-        if self.abi.caps.calls.check().is_err() {
+    fn admit(&self, capability: &'static str) -> Result<(), Refusal> {
+        if self.caps.calls.check().is_err() {
             return Err(self.limited(
                 capability,
-                format!("over abi_calls_per_second = {}", self.abi.caps.limits.abi_calls_per_second),
+                format!("over abi_calls_per_second = {}", self.caps.limits.abi_calls_per_second),
             ));
         }
         Ok(())
     }
 
     /// Count the publish against the function's publish rate.
-    pub(crate) fn admit_publish(&self) -> Result<(), Refusal> {
-        if self.abi.caps.publishes.check().is_err() {
+    fn admit_publish(&self) -> Result<(), Refusal> {
+        if self.caps.publishes.check().is_err() {
             return Err(self.limited(
                 "pubsub.publish",
-                format!("over publish_per_second = {}", self.abi.caps.limits.publish_per_second),
+                format!("over publish_per_second = {}", self.caps.limits.publish_per_second),
             ));
         }
         Ok(())
     }
 
     /// Log and count a denial; the message for the guest.
-    pub(crate) fn deny(&self, capability: &'static str, what: String) -> Refusal {
-        let function = &*self.abi.caps.name;
-        tracing::warn!(
-            function,
-            capability,
-            request_id = self.log.request_id().as_deref().unwrap_or("-"),
-            "denied: {what}"
-        );
-        self.abi.services.metrics.abi_denied(function, capability);
-        Refusal::Denied(format!("function {function:?} is not granted {what}"))
+    fn deny(&self, capability: &'static str, what: String) -> Refusal {
+        log_denial(&self.caps, &self.services, self.request_id().as_deref(), capability, &what);
+        Refusal::Denied(format!("function {:?} is not granted {what}", &*self.caps.name))
     }
 
     /// Log and count a size or rate limit; the message for the guest.
-    pub(crate) fn limited(&self, capability: &'static str, what: String) -> Refusal {
-        let function = &*self.abi.caps.name;
+    fn limited(&self, capability: &'static str, what: String) -> Refusal {
+        let function = &*self.caps.name;
         tracing::warn!(
             function,
             capability,
-            request_id = self.log.request_id().as_deref().unwrap_or("-"),
+            request_id = self.request_id().as_deref().unwrap_or("-"),
             "limited: {what}"
         );
-        self.abi.services.metrics.abi_limited(function, capability);
+        self.services.metrics.abi_limited(function, capability);
         Refusal::Limited(format!("{capability}: {what}"))
     }
 
     /// Refuse `bytes` longer than `limit` (field named `field`).
-    pub(crate) fn check_size(
+    fn check_size(
         &self,
         capability: &'static str,
         what: &str,
@@ -187,15 +231,54 @@ impl GuestState {
     }
 }
 
-/// Add the Runtime ABI imports to the host's linker.
-pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
-    use wasmtime::component::HasSelf;
-    bindings::wasi::keyvalue::store::add_to_linker::<_, HasSelf<GuestState>>(linker, |state| state)?;
-    bindings::wasi::keyvalue::atomics::add_to_linker::<_, HasSelf<GuestState>>(linker, |state| state)?;
-    bindings::wasi::config::store::add_to_linker::<_, HasSelf<GuestState>>(linker, |state| state)?;
-    bindings::shoal::runtime::pubsub::add_to_linker::<_, HasSelf<GuestState>>(linker, |state| state)?;
-    bindings::shoal::runtime::invoke::add_to_linker::<_, HasSelf<GuestState>>(linker, |state| state)?;
-    bindings::shoal::runtime::secrets::add_to_linker::<_, HasSelf<GuestState>>(linker, |state| state)?;
-    bindings::shoal::runtime::types::add_to_linker::<_, HasSelf<GuestState>>(linker, |state| state)?;
+/// The log line and the count of one denied call.
+fn log_denial(caps: &FunctionCaps, services: &Services, request_id: Option<&str>, capability: &str, what: &str) {
+    let function = &*caps.name;
+    tracing::warn!(function, capability, request_id = request_id.unwrap_or("-"), "denied: {what}");
+    services.metrics.abi_denied(function, capability);
+}
+
+/// What the ABI's host traits see of a store: the instance's ABI state and
+/// the resource table (where open buckets live).
+pub struct AbiView<'a> {
+    /// The instance's ABI state.
+    pub state: &'a mut AbiState,
+    /// The store's resource table.
+    pub table: &'a mut ResourceTable,
+}
+
+/// A store's data that offers the Runtime ABI.
+pub trait AbiHost {
+    /// The ABI's view of this store.
+    fn abi(&mut self) -> AbiView<'_>;
+}
+
+/// Selects [`AbiView`] as the data the ABI's bindings work on.
+struct Abi;
+
+impl HasData for Abi {
+    type Data<'a> = AbiView<'a>;
+}
+
+/// Why a checked call may not proceed.
+pub(crate) enum Refusal {
+    /// Not granted.
+    Denied(String),
+    /// Over a size or rate limit.
+    Limited(String),
+}
+
+/// Add the Runtime ABI imports to a linker whose stores offer the ABI.
+pub fn add_to_linker<T: AbiHost + Send + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    use bindings::shoal::runtime::{invoke, pubsub, secrets, types};
+    use bindings::wasi::config::store as config;
+    use bindings::wasi::keyvalue::{atomics, store};
+    store::add_to_linker::<T, Abi>(linker, T::abi)?;
+    atomics::add_to_linker::<T, Abi>(linker, T::abi)?;
+    config::add_to_linker::<T, Abi>(linker, T::abi)?;
+    pubsub::add_to_linker::<T, Abi>(linker, T::abi)?;
+    invoke::add_to_linker::<T, Abi>(linker, T::abi)?;
+    secrets::add_to_linker::<T, Abi>(linker, T::abi)?;
+    types::add_to_linker::<T, Abi>(linker, T::abi)?;
     Ok(())
 }

@@ -25,11 +25,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::Error;
-use crate::dispatch::{ShoalBody, full_body};
 use crate::host::Host;
 use crate::manifest::FunctionSpec;
 use crate::metering::UsageSummary;
 use crate::registry::{DeployItem, DeployReport, FunctionInfo};
+use crate::request::{ShoalBody, full_body};
 
 /// Largest admin request body (a deploy carries wasm, base64-encoded).
 pub const MAX_ADMIN_BODY: usize = 256 << 20;
@@ -96,9 +96,8 @@ async fn route(host: &Host, request: Request<Incoming>) -> Result<Response<Shoal
             let mut items = Vec::with_capacity(deploy.functions.len());
             for function in deploy.functions {
                 let wasm = base64::engine::general_purpose::STANDARD.decode(function.wasm_base64.as_bytes()).map_err(
-                    |err| Error::BadRequest(format!("function {:?}: wasm_base64: {err}", function.spec.name)),
+                    |err| Error::BadRequest(format!("function {:?}: wasm_base64: {err}", function.spec.name.as_str())),
                 )?;
-                crate::manifest::validate_name(&function.spec.name).map_err(Error::BadRequest)?;
                 items.push(DeployItem { spec: function.spec, wasm: wasm.into() });
             }
             let reports = host.registry().deploy(items).await?;

@@ -1,6 +1,7 @@
 //! The `shoal` command line: `serve` runs a host; `deploy`, `undeploy`,
 //! `ls`, `invoke` and `usage` talk to a running host's admin socket.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,10 +13,11 @@ use clap::{Parser, Subcommand};
 
 use crate::admin::Client;
 use crate::engine::EngineOptions;
-use crate::host::{Backend, Host, HostConfig};
+use crate::host::{Backend, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
 use crate::registry::DeployItem;
+use crate::server::RunningHost;
 use crate::signals::StopSignals;
 
 /// Shoal: many sandboxed WebAssembly functions in one host process.
@@ -220,11 +222,20 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        // The reader of our output went away (`shoal ls | head -1`): what
+        // it wanted it has; that is not an error.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("shoal: error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -265,70 +276,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Image(ImageCommand::Build { wasm, tag, output, labels, env, artifact }) => {
-            let spec = crate::image::ImageSpec {
-                reference: tag,
-                wasm: wasm.clone(),
-                labels: labels.into_iter().collect(),
-                env: env.into_iter().map(|(name, value)| format!("{name}={value}")).collect(),
-                format: if artifact { crate::image::ImageFormat::WasmArtifact } else { crate::image::ImageFormat::Tar },
-            };
-            let image = crate::image::Image::build(&spec)?;
-            let output = output.unwrap_or_else(|| {
-                let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-                PathBuf::from(format!("{stem}.oci.tar"))
-            });
-            image.write_layout(&output)?;
-            println!("built {} ({}) -> {}", image.reference, image.index.digest, output.display());
-            Ok(ExitCode::SUCCESS)
+            image_build(wasm, tag, output, labels, env, artifact)
         }
-        Command::Image(ImageCommand::Push { layout, to, insecure }) => {
-            let image = crate::image::Image::read_layout(&layout)?;
-            let name = to.clone().unwrap_or_else(|| image.reference.clone());
-            eprintln!("pushing {name} ...");
-            let digest = image.push(to.as_deref(), insecure).await?;
-            println!("pushed {name}@{digest}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Deploy { manifest } => {
-            let items = load_manifest(&manifest)?;
-            let reports =
-                client.deploy(items.into_iter().map(|item| (item.spec, item.wasm.to_vec())).collect()).await?;
-            for report in reports {
-                println!("deployed {} version {} ({})", report.function, report.version, report.source);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Image(ImageCommand::Push { layout, to, insecure }) => image_push(&layout, to, insecure).await,
+        Command::Deploy { manifest } => deploy(&client, &manifest).await,
         Command::Undeploy { name } => {
             let info = client.undeploy(&name).await?;
-            println!("undeployed {} ({} version(s))", info.name, info.versions.len());
+            writeln!(std::io::stdout(), "undeployed {} ({} version(s))", info.name, info.versions.len())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ls { json } => {
-            let functions = client.list().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&functions)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  ROUTES",
-                "NAME", "VERSION", "WEIGHT", "LIVE", "IDLE", "BUSY"
-            );
-            for function in functions {
-                for version in &function.versions {
-                    println!(
-                        "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  {}",
-                        function.name,
-                        version.version,
-                        version.weight,
-                        version.stats.live,
-                        version.stats.idle,
-                        version.stats.busy,
-                        function.routes.join(" ")
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Ls { json } => list(&client, json).await,
         Command::Invoke { name, path, data, data_file, include } => {
             let body = match (data, data_file) {
                 (Some(data), _) => data.into_bytes(),
@@ -337,53 +294,142 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => Vec::new(),
             };
-            let response = client.invoke(&name, &path, body).await?;
-            // Function responses carry a request id; the admin API's own
-            // errors (unknown function...) do not.
-            if !response.headers.contains_key(crate::dispatch::REQUEST_ID_HEADER) {
-                let message = serde_json::from_slice::<serde_json::Value>(&response.body)
-                    .ok()
-                    .and_then(|value| value.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                    .unwrap_or_else(|| String::from_utf8_lossy(&response.body).into_owned());
-                anyhow::bail!("{message}");
-            }
-            if include {
-                eprintln!("{}", response.status);
-                for (name, value) in &response.headers {
-                    eprintln!("{name}: {}", value.to_str().unwrap_or("<binary>"));
-                }
-            }
-            use std::io::Write as _;
-            std::io::stdout().write_all(&response.body)?;
-            Ok(if response.status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            invoke(&client, &name, &path, body, include).await
         }
-        Command::Usage { function, since, json } => {
-            let since = since.as_deref().map(parse_since).transpose()?;
-            let summaries = client.usage(function.as_deref(), since).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&summaries)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11} {:>14} {:>12}",
-                "FUNCTION", "REQUESTS", "ERRORS", "COLD", "BILLED_MS", "CPU_MS", "FUEL", "GB_SECONDS"
-            );
-            for s in summaries {
-                println!(
-                    "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11.1} {:>14} {:>12.6}",
-                    s.function,
-                    s.requests,
-                    s.errors,
-                    s.cold_starts,
-                    s.billed_ms,
-                    s.cpu_us as f64 / 1000.0,
-                    s.fuel,
-                    s.gb_seconds
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+        Command::Usage { function, since, json } => usage(&client, function.as_deref(), since.as_deref(), json).await,
+    }
+}
+
+/// `shoal image build`: write an OCI layout with the wasm.
+fn image_build(
+    wasm: PathBuf,
+    tag: String,
+    output: Option<PathBuf>,
+    labels: Vec<(String, String)>,
+    env: Vec<(String, String)>,
+    artifact: bool,
+) -> anyhow::Result<ExitCode> {
+    let spec = crate::image::ImageSpec {
+        reference: tag,
+        wasm: wasm.clone(),
+        labels: labels.into_iter().collect(),
+        env: env.into_iter().map(|(name, value)| format!("{name}={value}")).collect(),
+        format: if artifact { crate::image::ImageFormat::WasmArtifact } else { crate::image::ImageFormat::Tar },
+    };
+    let image = crate::image::Image::build(&spec)?;
+    let output = output.unwrap_or_else(|| {
+        let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        PathBuf::from(format!("{stem}.oci.tar"))
+    });
+    image.write_layout(&output)?;
+    writeln!(std::io::stdout(), "built {} ({}) -> {}", image.reference, image.index.digest, output.display())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal image push`: send a layout's image to a registry.
+async fn image_push(layout: &Path, to: Option<String>, insecure: bool) -> anyhow::Result<ExitCode> {
+    let image = crate::image::Image::read_layout(layout)?;
+    let name = to.clone().unwrap_or_else(|| image.reference.clone());
+    eprintln!("pushing {name} ...");
+    let digest = image.push(to.as_deref(), insecure).await?;
+    writeln!(std::io::stdout(), "pushed {name}@{digest}")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal deploy`: send a manifest's functions to the running host.
+async fn deploy(client: &Client, manifest: &Path) -> anyhow::Result<ExitCode> {
+    let items = load_manifest(manifest)?;
+    let reports = client.deploy(items.into_iter().map(|item| (item.spec, item.wasm.to_vec())).collect()).await?;
+    let mut out = std::io::stdout().lock();
+    for report in reports {
+        writeln!(out, "deployed {} version {} ({})", report.function, report.version, report.source)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal ls`: the deployed functions, a line per version.
+async fn list(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let functions = client.list().await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&functions)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  ROUTES",
+        "NAME", "VERSION", "WEIGHT", "LIVE", "IDLE", "BUSY"
+    )?;
+    for function in functions {
+        for version in &function.versions {
+            writeln!(
+                out,
+                "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  {}",
+                function.name,
+                version.version,
+                version.weight,
+                version.stats.live,
+                version.stats.idle,
+                version.stats.busy,
+                function.routes.join(" ")
+            )?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal invoke`: call a function through the admin API; its body goes to
+/// stdout, and the exit code says whether it answered 2xx.
+async fn invoke(client: &Client, name: &str, path: &str, body: Vec<u8>, include: bool) -> anyhow::Result<ExitCode> {
+    let response = client.invoke(name, path, body).await?;
+    // Function responses carry a request id; the admin API's own
+    // errors (unknown function...) do not.
+    if !response.headers.contains_key(crate::request::REQUEST_ID_HEADER) {
+        let message = serde_json::from_slice::<serde_json::Value>(&response.body)
+            .ok()
+            .and_then(|value| value.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&response.body).into_owned());
+        anyhow::bail!("{message}");
+    }
+    if include {
+        eprintln!("{}", response.status);
+        for (name, value) in &response.headers {
+            eprintln!("{name}: {}", value.to_str().unwrap_or("<binary>"));
+        }
+    }
+    std::io::stdout().write_all(&response.body)?;
+    Ok(if response.status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `shoal usage`: per-function totals from the ledger.
+async fn usage(client: &Client, function: Option<&str>, since: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let since = since.map(parse_since).transpose()?;
+    let summaries = client.usage(function, since).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&summaries)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11} {:>14} {:>12}",
+        "FUNCTION", "REQUESTS", "ERRORS", "COLD", "BILLED_MS", "CPU_MS", "FUEL", "GB_SECONDS"
+    )?;
+    for s in summaries {
+        writeln!(
+            out,
+            "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11.1} {:>14} {:>12.6}",
+            s.function,
+            s.requests,
+            s.errors,
+            s.cold_starts,
+            s.billed_ms,
+            s.cpu_us as f64 / 1000.0,
+            s.fuel,
+            s.gb_seconds
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<ExitCode> {
@@ -391,7 +437,7 @@ async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<Ex
     let items = manifest.map(load_manifest).transpose()?;
     let mut signals = StopSignals::install().context("cannot install the SIGTERM/SIGINT handlers")?;
     let listen = config.listen;
-    let running = Host::start(config).await.context("cannot start the host")?;
+    let running = RunningHost::start(config).await.context("cannot start the host")?;
     if let Some(items) = items {
         let reports = running.host().registry().deploy(items).await;
         if let Err(err) = reports {
@@ -433,8 +479,9 @@ pub fn load_manifest(path: &Path) -> anyhow::Result<Vec<DeployItem>> {
     specs
         .into_iter()
         .map(|spec| {
-            let wasm = std::fs::read(&spec.wasm)
-                .with_context(|| format!("function {:?}: cannot read its wasm {}", spec.name, spec.wasm.display()))?;
+            let wasm = std::fs::read(&spec.wasm).with_context(|| {
+                format!("function {:?}: cannot read its wasm {}", spec.name.as_str(), spec.wasm.display())
+            })?;
             Ok(DeployItem { spec, wasm: wasm.into() })
         })
         .collect()

@@ -5,11 +5,11 @@
 //! call: the response head is returned as soon as the guest sets it, while
 //! the guest may still be writing the body. When the call ends, the task
 //! writes the [`UsageRecord`] to the ledger and returns the instance to its
-//! pool; the response body's end is held back until then (see
-//! [`GatedBody`]), so a client that has read a whole response knows its
-//! usage record is already written.
+//! pool (one step for requests and messages alike: [`Recorder::finish`]);
+//! the response body's end is held back until then (see [`GatedBody`]), so
+//! a client that has read a whole response knows its usage record is
+//! already written.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,54 +17,86 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderValue, Response};
 use http_body_util::BodyExt as _;
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tracing::Instrument as _;
 
 use crate::abi::bindings::exports::shoal::runtime::events::Message;
 use crate::backends::Delivery;
-use crate::instance::ResponseResult;
+use crate::instance::{InstanceError, ResponseResult};
 use crate::limits::Outcome;
-use crate::metering::{Ledger, UsageRecord};
+use crate::metering::{CallStats, Ledger, UsageRecord};
 use crate::metrics::Metrics;
-use crate::pool::{AcquireError, FunctionPool};
-
-/// Errors inside response bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body of every response the host sends.
-pub type ShoalBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// The header carrying the request id, generated or propagated.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// The header naming the failure kind on error responses made by the host.
-pub const ERROR_KIND_HEADER: &str = "x-shoal-error";
-
-/// Who a request is: its id, and for a nested call, its parent and depth.
-#[derive(Debug, Clone)]
-pub struct RequestMeta {
-    /// The request id (`x-request-id`; nested calls: `<parent>/<n>`).
-    pub id: Arc<str>,
-    /// The calling request, for nested calls.
-    pub parent_id: Option<Arc<str>>,
-    /// 0 for a request from a trigger; one more per nested call.
-    pub depth: u32,
-}
+use crate::pool::{AcquireError, FunctionPool, Lease};
+use crate::request::{BoxError, REQUEST_ID_HEADER, RequestMeta, ShoalBody, text_response};
 
 /// Runs requests and records their usage.
 pub struct Dispatcher {
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+}
+
+/// Where the end of every call goes: the ledger (if any) and the metrics.
+#[derive(Clone)]
+struct Recorder {
     ledger: Option<Arc<Ledger>>,
     metrics: Arc<Metrics>,
+}
+
+/// How one call ended, for its usage record.
+struct CallEnd<'a> {
+    request_id: &'a str,
+    parent_id: Option<&'a str>,
+    started: SystemTime,
+    stats: CallStats,
+    outcome: Outcome,
+    /// The HTTP status the client got (0 for a message).
+    status: u16,
+    /// Whether the instance may serve again.
+    healthy: bool,
+}
+
+impl Recorder {
+    /// Finish a call: write its usage record, then give the instance back
+    /// to its pool (the lease drops here). The record comes first, so that
+    /// whoever waits for the call's end finds it written.
+    fn finish(&self, mut lease: Lease, end: CallEnd<'_>) -> UsageRecord {
+        let function = lease.function();
+        let record = UsageRecord::new(
+            end.request_id,
+            end.parent_id,
+            function.name(),
+            function.version(),
+            end.started,
+            &end.stats,
+            lease.cold,
+            lease.init,
+            end.outcome,
+            end.status,
+        );
+        self.write(&record);
+        lease.set_healthy(end.healthy);
+        drop(lease);
+        record
+    }
+
+    fn write(&self, record: &UsageRecord) {
+        if let Some(ledger) = &self.ledger
+            && let Err(err) = ledger.append(record)
+        {
+            self.metrics.ledger_error();
+            tracing::error!(error = %err, path = %ledger.path().display(), "cannot write usage record");
+        }
+        self.metrics.observe(record);
+    }
 }
 
 impl Dispatcher {
     /// A dispatcher writing usage to `ledger` (if any) and `metrics`.
     pub fn new(ledger: Option<Arc<Ledger>>, metrics: Arc<Metrics>) -> Dispatcher {
-        Dispatcher { ledger, metrics }
+        Dispatcher { recorder: Recorder { ledger, metrics: metrics.clone() }, metrics }
     }
 
     /// Serve `request` (from a trigger) with a version from `pool`.
@@ -78,7 +110,7 @@ impl Dispatcher {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        self.dispatch_with(pool, request, RequestMeta { id: request_id, parent_id: None, depth: 0 }).await
+        self.dispatch_with(pool, request, RequestMeta::root(request_id)).await
     }
 
     /// Serve `request` with a version from `pool`, as the request `meta`
@@ -137,37 +169,32 @@ impl Dispatcher {
             attempt: delivery.attempt,
             payload: delivery.payload.clone(),
         };
-        let ledger = self.ledger.clone();
-        let metrics = self.metrics.clone();
+        let recorder = self.recorder.clone();
         // Its own task: the call finishes (and the instance goes back to its
         // pool) even if whoever waits for it goes away.
         let task = tokio::spawn(
             async move {
                 let mut lease = lease;
                 let started = SystemTime::now();
-                let (stats, result) = lease.instance.deliver(message, request_id.clone()).await;
+                let (stats, result) = lease.instance().deliver(message, request_id.clone()).await;
                 let (outcome, verdict) = match &result {
                     Ok(Ok(())) => (Outcome::Ok, Ok(())),
                     Ok(Err(reason)) => (Outcome::Declined, Err((Outcome::Declined, reason.clone()))),
                     Err(error) => (error.outcome, Err((error.outcome, error.message.clone()))),
                 };
-                let record = UsageRecord::new(
-                    &request_id,
-                    None,
-                    pool.function().name(),
-                    pool.function().version(),
+                let end = CallEnd {
+                    request_id: &request_id,
+                    parent_id: None,
                     started,
-                    &stats,
-                    lease.cold,
-                    lease.init,
+                    stats,
                     outcome,
-                    0,
-                );
-                write_record(ledger.as_deref(), &metrics, &record);
+                    status: 0,
+                    healthy: result.is_ok(),
+                };
+                recorder.finish(lease, end);
                 if let Err((outcome, reason)) = &verdict {
                     tracing::warn!(error.type = %outcome, error = %reason, "message not handled");
                 }
-                pool.release(lease.instance, result.is_ok());
                 verdict
             }
             .instrument(span),
@@ -231,13 +258,12 @@ impl Dispatcher {
             }
         };
         let (done_tx, done_rx) = oneshot::channel::<()>();
-        let ledger = self.ledger.clone();
-        let metrics = self.metrics.clone();
+        let recorder = self.recorder.clone();
         let started = SystemTime::now();
         let task = tokio::spawn(
             async move {
                 let mut lease = lease;
-                let (stats, result) = lease.instance.handle(request, request_id.clone(), depth, respond).await;
+                let (stats, result) = lease.instance().handle(request, request_id.clone(), depth, respond).await;
                 // Handler returned without calling `response-outparam.set`:
                 // drop the sender so the waiting side sees it.
                 let unanswered = lock(&head_slot).take().is_some();
@@ -250,24 +276,20 @@ impl Dispatcher {
                     0 => outcome.status().as_u16(),
                     status => status,
                 };
-                let record = UsageRecord::new(
-                    &request_id,
-                    parent_id.as_deref(),
-                    pool.function().name(),
-                    pool.function().version(),
+                let end = CallEnd {
+                    request_id: &request_id,
+                    parent_id: parent_id.as_deref(),
                     started,
-                    &stats,
-                    lease.cold,
-                    lease.init,
+                    stats,
                     outcome,
                     status,
-                );
-                write_record(ledger.as_deref(), &metrics, &record);
+                    healthy: result.is_ok(),
+                };
+                let record = recorder.finish(lease, end);
                 match &result {
                     Ok(()) => tracing::debug!(wall_us = record.wall_us, cold = record.cold, "request served"),
                     Err(error) => tracing::warn!(error.type = %error.outcome, error = %error.message, "request failed"),
                 }
-                pool.release(lease.instance, result.is_ok());
                 let _ = done_tx.send(());
                 result.map_err(|error| (outcome, error.message))
             }
@@ -297,7 +319,7 @@ impl Dispatcher {
         pool: &FunctionPool,
         request_id: &str,
         parent_id: Option<&str>,
-        error: &crate::instance::InstanceError,
+        error: &InstanceError,
         status: u16,
     ) {
         let function = pool.function();
@@ -307,24 +329,14 @@ impl Dispatcher {
             function.name(),
             function.version(),
             SystemTime::now(),
-            &Default::default(),
+            &CallStats::default(),
             true,
             None,
             error.outcome,
             status,
         );
-        write_record(self.ledger.as_deref(), &self.metrics, &record);
+        self.recorder.write(&record);
     }
-}
-
-fn write_record(ledger: Option<&Ledger>, metrics: &Metrics, record: &UsageRecord) {
-    if let Some(ledger) = ledger
-        && let Err(err) = ledger.append(record)
-    {
-        metrics.ledger_error();
-        tracing::error!(error = %err, path = %ledger.path().display(), "cannot write usage record");
-    }
-    metrics.observe(record);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -334,22 +346,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A plain-text response made by the host, naming what failed.
 pub fn error_response(outcome: Outcome, message: &str) -> Response<ShoalBody> {
     text_response(outcome.status(), format!("shoal: {message}\n"), Some(outcome.as_str()))
-}
-
-/// A plain-text response.
-pub fn text_response(status: StatusCode, text: String, error_kind: Option<&str>) -> Response<ShoalBody> {
-    let mut response = Response::new(full_body(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    if let Some(kind) = error_kind.and_then(|kind| HeaderValue::from_str(kind).ok()) {
-        response.headers_mut().insert(ERROR_KIND_HEADER, kind);
-    }
-    response
-}
-
-/// A body holding `bytes`.
-pub fn full_body(bytes: impl Into<Bytes>) -> ShoalBody {
-    http_body_util::Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed_unsync()
 }
 
 pin_project_lite::pin_project! {

@@ -3,9 +3,9 @@
 //! [`Runtime`] holds the engine and the one [`Linker`] of the process (WASI
 //! 0.2 and `wasi:http`), built once. [`Runtime::prepare`] checks the wasm,
 //! compiles it (or loads it from the cache), links it into an
-//! [`InstancePre`], finds the HTTP handler and the optional lifecycle hooks,
-//! and instantiates it once on trial, so a bad function is refused at deploy
-//! time with a message naming it, never at its first request.
+//! [`InstancePre`] and finds the HTTP handler and the optional lifecycle
+//! hooks. (The trial instantiation that completes the checks of a deploy
+//! is [`crate::instance::Instance::trial`], one layer up.)
 
 use std::sync::Arc;
 
@@ -13,9 +13,11 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
 
 use crate::Error;
+use crate::abi::bindings::exports::shoal::runtime::events::GuestIndices as EventsIndices;
+use crate::abi::bindings::exports::shoal::runtime::lifecycle::GuestIndices as LifecycleIndices;
 use crate::abi::{FunctionCaps, Services};
 use crate::engine::{CompileSource, WasmEngine};
-use crate::instance::{EventsIndices, GuestState, LifecycleIndices};
+use crate::guest::GuestState;
 use crate::logs::LogSink;
 use crate::manifest::FunctionSpec;
 
@@ -47,8 +49,8 @@ impl Runtime {
         &self.engine
     }
 
-    /// Validate, compile (or load from cache), link and trial-instantiate
-    /// one version of a function. `spec.version` must be set.
+    /// Validate, compile (or load from cache) and link one version of a
+    /// function. `spec.version` must be set.
     pub async fn prepare(
         &self,
         spec: FunctionSpec,
@@ -56,7 +58,7 @@ impl Runtime {
         digest: String,
         log_sink: Arc<dyn LogSink>,
     ) -> Result<(CompiledFunction, CompileSource), Error> {
-        let function = spec.name.clone();
+        let function = spec.name.to_string();
         if spec.limits.fuel_per_request.is_some() && !self.engine.fuel_enabled() {
             return Err(Error::LimitUnsupported {
                 function,
@@ -114,7 +116,6 @@ impl Runtime {
             }),
             engine: self.engine.clone(),
         };
-        compiled.trial_instantiate().await?;
         Ok((compiled, source))
     }
 }
@@ -169,12 +170,5 @@ impl CompiledFunction {
     /// Whether the component exports `shoal:runtime/events` (receives messages).
     pub fn has_events(&self) -> bool {
         self.inner.events.is_some()
-    }
-
-    async fn trial_instantiate(&self) -> Result<(), Error> {
-        crate::instance::Instance::instantiate(self)
-            .await
-            .map(drop)
-            .map_err(|err| Error::InstantiateFailed { function: self.name().to_string(), reason: err.message })
     }
 }

@@ -1,23 +1,23 @@
-//! A running Shoal host: engine, registry, ledger, metrics, and the tasks
-//! that serve HTTP, the admin API, idle reclaim and ledger syncing.
+//! A Shoal host's shared state: engine, registry, dispatcher, ledger,
+//! metrics and the Runtime ABI's backends, built by [`Host::build`].
 //!
-//! [`Host::start`] builds everything, restores the persisted functions,
-//! binds the listeners and returns a [`RunningHost`]. Its
-//! [`RunningHost::shutdown`] is the graceful path (SIGTERM): stop
-//! accepting, let requests finish, run `destroy` on every instance, sync
-//! the ledger.
+//! This is state only. The tasks that make a host serve — the HTTP
+//! trigger, the admin API, the event trigger, idle reclaim, ledger syncing
+//! — depend on [`Host`] and are started by [`crate::server`], so nothing
+//! here depends on them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use bytes::Bytes;
+use http::Response;
+use http_body_util::BodyExt as _;
 
 use crate::Error;
-use crate::abi::Services;
+use crate::abi::{InvokeError, Invoker, Services};
 use crate::backends::broker::LocalBroker;
 use crate::backends::redb_kv::RedbKeyValue;
 use crate::backends::redis::Redis;
@@ -27,12 +27,10 @@ use crate::dispatch::Dispatcher;
 use crate::engine::{EngineOptions, WasmEngine};
 use crate::function::Runtime;
 use crate::logs::{LogSink, TracingSink};
-use crate::metering::{Ledger, SYNC_INTERVAL};
+use crate::metering::Ledger;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-
-/// How often idle instances are looked for.
-const REAP_INTERVAL: Duration = Duration::from_millis(100);
+use crate::request::{RequestMeta, ShoalBody};
 
 /// Everything a host needs to start.
 #[derive(Clone)]
@@ -107,6 +105,7 @@ pub struct Host {
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
     ledger: Option<Arc<Ledger>>,
+    services: Arc<Services>,
     ready: AtomicBool,
     /// Holds the embedded key-value file of a host without a state directory.
     _scratch: Option<tempfile::TempDir>,
@@ -129,8 +128,13 @@ impl Host {
     }
 
     /// The usage ledger, when the host has a state directory.
-    pub fn ledger(&self) -> Option<&Ledger> {
-        self.ledger.as_deref()
+    pub fn ledger(&self) -> Option<&Arc<Ledger>> {
+        self.ledger.as_ref()
+    }
+
+    /// The Runtime ABI's backends.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
     }
 
     /// Whether persisted functions are restored and listeners are up.
@@ -138,8 +142,16 @@ impl Host {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Build a host and start serving.
-    pub async fn start(config: HostConfig) -> Result<RunningHost, Error> {
+    /// Say whether the host is ready (the server does, once it serves, and
+    /// takes it back when it begins to stop).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Build the state of a host from `config`: engine, backends (a Redis
+    /// backend is connected here), registry (empty; see
+    /// [`Registry::restore`]) and ledger. Nothing listens yet.
+    pub async fn build(config: &HostConfig) -> Result<Arc<Host>, Error> {
         let mut engine_options = config.engine.clone();
         if let Some(dir) = &config.state_dir {
             std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
@@ -149,7 +161,7 @@ impl Host {
         }
         let engine = WasmEngine::new(&engine_options)?;
         let metrics = Arc::new(Metrics::new());
-        let (services, scratch) = build_services(&config, metrics.clone()).await?;
+        let (services, scratch) = build_services(config, metrics.clone()).await?;
         let runtime = Runtime::new(engine, services.clone())?;
         let ledger = match &config.state_dir {
             Some(dir) => {
@@ -170,48 +182,40 @@ impl Host {
             dispatcher: Dispatcher::new(ledger.clone(), metrics.clone()),
             metrics,
             ledger,
+            services: services.clone(),
             ready: AtomicBool::new(false),
             _scratch: scratch,
         });
-        services.attach(&host);
+        // The host runs what its functions invoke; a weak reference, so the
+        // services (which the host owns) do not keep it alive.
+        services.set_invoker(Arc::new(HostInvoker(Arc::downgrade(&host))));
+        Ok(host)
+    }
+}
 
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.listen))?;
-        let http_addr = listener.local_addr().map_err(anyhow::Error::from)?;
-        let admin_listener = match &config.admin_socket {
-            Some(path) => Some(bind_unix(path)?),
-            None => None,
+/// `invoke` from the ABI: the callee runs through the same dispatcher as
+/// an HTTP request, with a version picked by weight.
+struct HostInvoker(Weak<Host>);
+
+#[async_trait::async_trait]
+impl Invoker for HostInvoker {
+    async fn invoke(
+        &self,
+        function: &str,
+        request: http::Request<Bytes>,
+        meta: RequestMeta,
+    ) -> Result<Response<ShoalBody>, InvokeError> {
+        let Some(host) = self.0.upgrade() else {
+            return Err(InvokeError::Unavailable("the host is shutting down".to_string()));
         };
-
-        let restored = host.registry.restore().await?;
-        if !restored.is_empty() {
-            tracing::info!(versions = restored.len(), "restored deployed functions");
-        }
-
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        tasks.spawn(crate::trigger::http::serve(listener, host.clone(), shutdown_rx.clone()));
-        if let Some(listener) = admin_listener {
-            tasks.spawn(crate::admin::serve(listener, host.clone(), shutdown_rx.clone()));
-        }
-        tasks.spawn(reap_idle(host.clone(), shutdown_rx.clone()));
-        // Registered here, not in the task: a deploy right after `start`
-        // already waits for its subscriptions.
-        let changes = host.registry.changes();
-        tasks.spawn(crate::trigger::events::serve(host.clone(), services.broker.clone(), changes, shutdown_rx.clone()));
-        if host.ledger.is_some() {
-            tasks.spawn(sync_ledger(host.clone(), shutdown_rx.clone()));
-        }
-        host.ready.store(true, Ordering::Release);
-        Ok(RunningHost {
-            host,
-            http_addr,
-            admin_socket: config.admin_socket,
-            shutdown_tx,
-            tasks,
-            drain_timeout: config.drain_timeout,
-        })
+        let Some(target) = host.registry.by_name(function) else {
+            return Err(InvokeError::NotFound(function.to_string()));
+        };
+        let request = request.map(|body| {
+            http_body_util::Full::new(body)
+                .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} })
+        });
+        Ok(host.dispatcher.dispatch_with(target.pick().clone(), request, meta).await)
     }
 }
 
@@ -241,104 +245,4 @@ async fn build_services(
     };
     let secrets = SecretStore::new(config.secrets_dir.clone());
     Ok((Services::new(kv, broker, secrets, metrics), scratch))
-}
-
-fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    }
-    // A socket file left by a host that died is stale; one that answers
-    // belongs to a live host, which we must not steal from.
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(Error::Internal(anyhow::anyhow!(
-                "another Shoal host is already serving the admin socket {}",
-                path.display()
-            )));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    tokio::net::UnixListener::bind(path)
-        .map_err(|err| Error::Internal(anyhow::anyhow!("cannot bind admin socket {}: {err}", path.display())))
-}
-
-async fn reap_idle(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(REAP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let now = Instant::now();
-        for pool in host.registry.pools() {
-            let reaped = pool.reap_idle(now);
-            if reaped > 0 {
-                tracing::debug!(function = pool.function().name(), reaped, "scaled down idle instances");
-            }
-        }
-    }
-}
-
-async fn sync_ledger(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(SYNC_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if let Some(ledger) = host.ledger.clone() {
-            let result = tokio::task::spawn_blocking(move || ledger.sync()).await;
-            if let Ok(Err(err)) = result {
-                tracing::error!(error = %err, "cannot sync the usage ledger");
-            }
-        }
-    }
-}
-
-/// A host that is serving.
-pub struct RunningHost {
-    host: Arc<Host>,
-    http_addr: SocketAddr,
-    admin_socket: Option<PathBuf>,
-    shutdown_tx: watch::Sender<bool>,
-    tasks: JoinSet<()>,
-    drain_timeout: Duration,
-}
-
-impl RunningHost {
-    /// The shared host state.
-    pub fn host(&self) -> &Arc<Host> {
-        &self.host
-    }
-
-    /// The address the HTTP trigger is bound to.
-    pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
-    }
-
-    /// The admin socket, if any.
-    pub fn admin_socket(&self) -> Option<&std::path::Path> {
-        self.admin_socket.as_deref()
-    }
-
-    /// Graceful stop: refuse new connections, let requests finish, run
-    /// `destroy` on every instance, sync the ledger.
-    pub async fn shutdown(mut self) {
-        self.host.ready.store(false, Ordering::Release);
-        let _ = self.shutdown_tx.send(true);
-        let drain_timeout = self.drain_timeout;
-        // Listeners stop at once; open connections finish within the drain time.
-        let _ = tokio::time::timeout(drain_timeout, async { while self.tasks.join_next().await.is_some() {} }).await;
-        self.tasks.abort_all();
-        self.host.registry.drain_all(drain_timeout).await;
-        if let Some(ledger) = &self.host.ledger
-            && let Err(err) = ledger.sync()
-        {
-            tracing::error!(error = %err, "cannot sync the usage ledger");
-        }
-        if let Some(path) = &self.admin_socket {
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }

@@ -11,28 +11,25 @@
 //! trusted.
 
 use std::future::Future;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::function::CompiledFunction;
-use crate::limits::{DeadlineExceeded, MemoryMeter, Outcome};
-use crate::logs::{InstanceLog, Stream};
-
-use crate::abi::AbiState;
+use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
-
-pub(crate) use events::GuestIndices as EventsIndices;
-pub(crate) use lifecycle::GuestIndices as LifecycleIndices;
+use crate::function::CompiledFunction;
+use crate::guest::GuestState;
+use crate::limits::{DeadlineExceeded, Outcome};
+use crate::logs::InstanceLog;
+use crate::metering::CallStats;
 
 /// Fuel given to calls without a fuel limit: effectively unbounded, but
 /// still metered.
@@ -50,95 +47,6 @@ pub struct InstanceError {
     pub message: String,
 }
 
-/// What one guest call cost.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CallStats {
-    /// Wall-clock time of the call.
-    pub wall: Duration,
-    /// CPU time spent polling the call (guest code plus host calls it made).
-    pub cpu: Duration,
-    /// Fuel consumed, when fuel is metered.
-    pub fuel: Option<u64>,
-    /// Peak linear memory during the call, in bytes.
-    pub peak_memory: u64,
-}
-
-/// The data of an instance's store.
-pub struct GuestState {
-    wasi: WasiCtx,
-    http: WasiHttpCtx,
-    pub(crate) table: ResourceTable,
-    outbound: OutboundHttp,
-    memory: MemoryMeter,
-    deadline: Instant,
-    /// Epoch ticks the current call has run through.
-    ticks: u32,
-    pub(crate) log: Arc<InstanceLog>,
-    pub(crate) abi: AbiState,
-}
-
-impl WasiView for GuestState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
-    }
-}
-
-impl WasiHttpView for GuestState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
-    }
-}
-
-/// Outbound HTTP (`wasi:http/outgoing-handler`): only to the authorities
-/// (`host:port`) in the function's `outbound_http` grant.
-struct OutboundHttp {
-    caps: Arc<crate::abi::FunctionCaps>,
-    services: Arc<crate::abi::Services>,
-    log: Arc<InstanceLog>,
-}
-
-type SendFuture = Box<
-    dyn Future<
-            Output = wasmtime_wasi_http::Result<(
-                http::Response<wasmtime_wasi_http::WasiBody>,
-                Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-            )>,
-        > + Send,
->;
-
-impl WasiHttpHooks for OutboundHttp {
-    fn send_request(
-        &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
-        options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> SendFuture {
-        let authority = request.uri().authority().map(|authority| {
-            let port =
-                authority.port_u16().unwrap_or(if request.uri().scheme_str() == Some("https") { 443 } else { 80 });
-            format!("{}:{port}", authority.host())
-        });
-        let allowed = authority.as_ref().is_some_and(|authority| self.caps.grants.outbound_http.contains(authority));
-        if !allowed {
-            let function = &*self.caps.name;
-            let target = authority.unwrap_or_else(|| "<no authority>".to_string());
-            tracing::warn!(
-                function,
-                capability = "http.outgoing",
-                request_id = self.log.request_id().as_deref().unwrap_or("-"),
-                "denied: outbound HTTP to {target}"
-            );
-            self.services.metrics.abi_denied(function, "http.outgoing");
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
-        }
-        Box::new(async move {
-            use http_body_util::BodyExt as _;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((response.map(|body| body.boxed_unsync()), Box::new(io) as Box<dyn Future<Output = _> + Send>))
-        })
-    }
-}
-
 /// A live instance of one function version.
 pub struct Instance {
     store: Store<GuestState>,
@@ -152,8 +60,18 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Instantiate once on trial, run nothing, and drop the instance: a
+    /// function that cannot instantiate is refused at deploy time, naming
+    /// it, never at its first request.
+    pub async fn trial(function: &CompiledFunction) -> Result<(), Error> {
+        Instance::instantiate(function)
+            .await
+            .map(drop)
+            .map_err(|err| Error::InstantiateFailed { function: function.name().to_string(), reason: err.message })
+    }
+
     /// Instantiate without running `start`.
-    pub(crate) async fn instantiate(function: &CompiledFunction) -> Result<Instance, InstanceError> {
+    async fn instantiate(function: &CompiledFunction) -> Result<Instance, InstanceError> {
         let inner = &function.inner;
         let spec = &inner.spec;
         let log = InstanceLog::new(
@@ -161,25 +79,13 @@ impl Instance {
             Arc::from(spec.version.as_deref().unwrap_or("")),
             inner.log_sink.clone(),
         );
-        let wasi = WasiCtx::builder()
-            .stdout(log.output(Stream::Stdout))
-            .stderr(log.output(Stream::Stderr))
-            .args(&[spec.name.as_str()])
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let state = GuestState {
-            wasi,
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            outbound: OutboundHttp { caps: inner.caps.clone(), services: inner.services.clone(), log: log.clone() },
-            memory: MemoryMeter::new(spec.limits.memory_bytes),
-            deadline: Instant::now() + spec.limits.start_timeout,
-            ticks: 0,
+        let state = GuestState::new(
+            inner.caps.clone(),
+            inner.services.clone(),
             log,
-            abi: AbiState { caps: inner.caps.clone(), services: inner.services.clone(), depth: 0, invokes: 0 },
-        };
+            spec.limits.memory_bytes,
+            Instant::now() + spec.limits.start_timeout,
+        );
         let mut store = Store::new(function.engine.engine(), state);
         store.limiter(|state| &mut state.memory);
         let busy = function.engine.busy_flag();
@@ -295,7 +201,7 @@ impl Instance {
             return (CallStats::default(), Err(error));
         };
         let limits = &self.function.inner.spec.limits;
-        begin_request(&mut self.store, request_id, depth);
+        self.store.data_mut().begin_request(request_id, depth);
         let resources = {
             let mut http = self.store.data_mut().http();
             http.new_incoming_request(Scheme::Http, request)
@@ -304,19 +210,23 @@ impl Instance {
         let (req, out) = match resources {
             Ok(resources) => resources,
             Err(err) => {
-                self.store.data().log.set_request(None);
+                self.store.data_mut().end_request();
                 return (
                     CallStats::default(),
                     Err(InstanceError { outcome: Outcome::HostError, message: format!("{err:#}") }),
                 );
             }
         };
-        let window =
-            Window::open(&mut self.store, limits.timeout, limits.fuel_per_request, self.function.engine.fuel_enabled());
+        let window = Window::open(
+            &mut self.store,
+            limits.timeout,
+            limits.fuel_per_request.map(NonZeroU64::get),
+            self.function.engine.fuel_enabled(),
+        );
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
         let (cpu, result) = run_metered(limits.timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
-        self.store.data().log.set_request(None);
+        self.store.data_mut().end_request();
         (stats, self.explain(result))
     }
 
@@ -335,13 +245,17 @@ impl Instance {
             return (CallStats::default(), Err(error));
         };
         let limits = &self.function.inner.spec.limits;
-        begin_request(&mut self.store, request_id, 0);
-        let window =
-            Window::open(&mut self.store, limits.timeout, limits.fuel_per_request, self.function.engine.fuel_enabled());
+        self.store.data_mut().begin_request(request_id, 0);
+        let window = Window::open(
+            &mut self.store,
+            limits.timeout,
+            limits.fuel_per_request.map(NonZeroU64::get),
+            self.function.engine.fuel_enabled(),
+        );
         let call = events.call_handle(&mut self.store, &message);
         let (cpu, result) = run_metered(limits.timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
-        self.store.data().log.set_request(None);
+        self.store.data_mut().end_request();
         (stats, self.explain(result))
     }
 
@@ -352,7 +266,10 @@ impl Instance {
             error.message = match error.outcome {
                 Outcome::Timeout => format!("ran past its timeout of {} ms", limits.timeout.as_millis()),
                 Outcome::FuelExhausted => {
-                    format!("used up its fuel_per_request of {}", limits.fuel_per_request.unwrap_or(UNLIMITED_FUEL))
+                    format!(
+                        "used up its fuel_per_request of {}",
+                        limits.fuel_per_request.map_or(UNLIMITED_FUEL, NonZeroU64::get)
+                    )
                 }
                 Outcome::MemoryLimit => {
                     format!("tried to grow its memory past memory_mb = {}", limits.memory_bytes >> 20)
@@ -386,14 +303,6 @@ impl Instance {
     pub fn memory_bytes(&self) -> u64 {
         self.store.data().memory.current()
     }
-}
-
-/// Tag the instance's logs and ABI calls with the request it now serves.
-fn begin_request(store: &mut Store<GuestState>, request_id: Arc<str>, depth: u32) {
-    let data = store.data_mut();
-    data.log.set_request(Some(request_id));
-    data.abi.depth = depth;
-    data.abi.invokes = 0;
 }
 
 /// One metering window over a guest call.
@@ -487,16 +396,19 @@ fn host_error(err: impl std::fmt::Display) -> InstanceError {
     InstanceError { outcome: Outcome::HostError, message: err.to_string() }
 }
 
-/// A one-line account of a guest call's error: the trap (without the wasm
-/// backtrace) or the error chain.
+/// An account of a guest call's error: the trap, or the error with its
+/// whole cause chain (a guest's `exit(3)`, a host resource limit...), but
+/// without the wasm backtrace that wasmtime attaches as context.
 fn describe(err: &wasmtime::Error) -> String {
     if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
         return trap.to_string();
     }
-    let mut text = err.to_string();
-    for cause in err.chain().skip(1) {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-    }
-    text.lines().next().unwrap_or("").to_string()
+    let causes: Vec<String> = err
+        .chain()
+        .map(|cause| cause.to_string())
+        // wasmtime's backtrace context; its frames are for debugging, not
+        // for the account of what went wrong.
+        .filter(|text| !text.is_empty() && !text.starts_with("error while executing at wasm backtrace"))
+        .collect();
+    if causes.is_empty() { "the guest call failed".to_string() } else { causes.join(": ") }
 }

@@ -4,11 +4,12 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), shoal::Error> {
-//! use shoal::host::{Host, HostConfig};
+//! use shoal::host::HostConfig;
 //! use shoal::manifest::Manifest;
 //! use shoal::registry::DeployItem;
+//! use shoal::server::RunningHost;
 //!
-//! let running = Host::start(HostConfig::new()).await?;
+//! let running = RunningHost::start(HostConfig::new()).await?;
 //! let specs = Manifest::load("functions/shoal.toml".as_ref())?.resolve()?;
 //! let items = specs
 //!     .into_iter()
@@ -24,14 +25,22 @@
 //! # }
 //! ```
 //!
-//! The modules follow a request: [`trigger::http`] routes it through the
-//! [`registry`] to a function's [`pool`], which hands out an
-//! [`instance`](instance::Instance) (built by [`function`] on the one
-//! [`engine`]); [`dispatch`] runs it under its [`limits`], and [`metering`]
-//! and [`metrics`] record what it used. [`admin`] is the control API that
-//! the `shoal` CLI talks to. [`node`] serves containerd's shim task API
-//! for every wasm container of a node from this one host, and [`image`]
-//! builds and pushes the images those containers come from.
+//! The modules are layered, and each depends only on modules below it
+//! (a test, `layering`, keeps it so). From the top:
+//!
+//! - [`cli`], [`node`] (containerd's shim task API for every wasm
+//!   container of a node) and [`server`] (a host that serves: listeners and
+//!   background tasks) start things;
+//! - [`admin`] (the control API the CLI talks to) and the [`trigger`]s
+//!   (HTTP, messages) turn the outside world into calls on the [`host`];
+//! - [`host`] is the shared state: [`registry`] of deployed functions, the
+//!   [`dispatch`]er that runs a request through a function's [`pool`] and
+//!   writes what it used through [`metrics`] and [`metering`];
+//! - an [`instance`] of a [`function`] runs one call under its [`limits`],
+//!   with its store's [`guest`] state, which reaches infrastructure only
+//!   through the [`abi`] (capability checks) over the [`backends`];
+//! - at the bottom: the one [`engine`], the [`manifest`] types, [`logs`],
+//!   [`image`] building, [`signals`] and the shared [`request`] types.
 
 pub mod abi;
 pub mod admin;
@@ -41,6 +50,7 @@ pub mod dispatch;
 pub mod engine;
 mod error;
 pub mod function;
+pub mod guest;
 pub mod host;
 pub mod image;
 pub mod instance;
@@ -52,6 +62,8 @@ pub mod metrics;
 pub mod node;
 pub mod pool;
 pub mod registry;
+pub mod request;
+pub mod server;
 pub mod signals;
 pub mod trigger;
 

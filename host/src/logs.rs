@@ -91,6 +91,11 @@ impl InstanceLog {
         Arc::new(InstanceLog { function, version, sink, request_id: Mutex::new(None) })
     }
 
+    /// The function whose instance this is.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
     /// Tag the following lines with `request_id` (or with none).
     pub fn set_request(&self, request_id: Option<Arc<str>>) {
         *self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()) = request_id;

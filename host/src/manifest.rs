@@ -6,6 +6,13 @@
 //! every value and fills in defaults, producing [`FunctionSpec`]s that the
 //! registry can deploy as they are.
 //!
+//! A [`FunctionSpec`] is valid by construction, whichever path made it: its
+//! name is a [`FunctionName`], the limits that must never be zero are
+//! `NonZero` numbers, and deserializing one (the admin API's deploy body,
+//! the registry's file) runs the same [`FunctionSpec::check`] as the
+//! manifest does. The registry checks once more what it is handed, so a
+//! spec built in code is held to the same rules.
+//!
 //! ```
 //! let toml = r#"
 //!     [[function]]
@@ -18,10 +25,11 @@
 //! let manifest = shoal::manifest::Manifest::parse(toml, "shoal.toml".as_ref()).unwrap();
 //! let specs = manifest.resolve().unwrap();
 //! assert_eq!(specs[0].limits.timeout.as_millis(), 500);
-//! assert_eq!(specs[0].limits.max_concurrency, 100);
+//! assert_eq!(specs[0].limits.max_concurrency.get(), 100);
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -102,11 +110,79 @@ struct RawLimits {
     publish_per_second: Option<u32>,
 }
 
+/// A function's name: lowercase letters, digits and `-`, 1 to 63 long,
+/// starting with a letter (so it is also a valid DNS label and metric
+/// label). A value of this type is always valid.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FunctionName(String);
+
+impl FunctionName {
+    /// Check `name` and wrap it.
+    pub fn new(name: &str) -> Result<FunctionName, String> {
+        validate_name(name)?;
+        Ok(FunctionName(name.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for FunctionName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<FunctionName, String> {
+        validate_name(&name)?;
+        Ok(FunctionName(name))
+    }
+}
+
+impl From<FunctionName> for String {
+    fn from(name: FunctionName) -> String {
+        name.0
+    }
+}
+
+impl std::ops::Deref for FunctionName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for FunctionName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for FunctionName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for FunctionName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for FunctionName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// One deployable version of a function, validated and with defaults filled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SpecFields")]
 pub struct FunctionSpec {
-    /// The function's name: `[a-z0-9-]`, 1 to 63 characters.
-    pub name: String,
+    /// The function's name.
+    pub name: FunctionName,
     /// The version label; `None` until the wasm is read, then defaults to the
     /// first 12 hex digits of the wasm's sha256.
     pub version: Option<String>,
@@ -122,6 +198,53 @@ pub struct FunctionSpec {
     /// What the function may touch through the Runtime ABI.
     #[serde(default)]
     pub grants: Grants,
+}
+
+/// A [`FunctionSpec`] as it arrives, before [`FunctionSpec::check`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFields {
+    name: FunctionName,
+    version: Option<String>,
+    wasm: PathBuf,
+    routes: Vec<Route>,
+    weight: u32,
+    limits: Limits,
+    #[serde(default)]
+    grants: Grants,
+}
+
+impl TryFrom<SpecFields> for FunctionSpec {
+    type Error = String;
+
+    fn try_from(fields: SpecFields) -> Result<FunctionSpec, String> {
+        let SpecFields { name, version, wasm, routes, weight, limits, grants } = fields;
+        let spec = FunctionSpec { name, version, wasm, routes, weight, limits, grants };
+        spec.check().map_err(|message| format!("function {:?}: {message}", spec.name.as_str()))?;
+        Ok(spec)
+    }
+}
+
+impl FunctionSpec {
+    /// Check what the types alone cannot: the version label, routes (well
+    /// formed, none reserved), limits in range and grants well formed.
+    /// Every path into the registry runs this.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(version) = &self.version {
+            validate_version(version)?;
+        }
+        for route in &self.routes {
+            let text = route.to_string();
+            if Route::parse(&text).as_ref() != Ok(route) {
+                return Err(format!("route {text:?} is not in normal form (a path prefix starting with `/`)"));
+            }
+            if RESERVED_PATHS.contains(&route.prefix.as_str()) {
+                return Err(format!("route {text:?} is reserved for the host"));
+            }
+        }
+        self.limits.check()?;
+        self.grants.check()
+    }
 }
 
 /// Capabilities granted to a function. Everything not listed is denied.
@@ -181,6 +304,42 @@ impl KeyGrant {
 }
 
 impl Grants {
+    /// Check every entry: names non-empty, without whitespace and at most
+    /// 255 bytes; invoke targets valid function names; outbound authorities
+    /// `host:port`; key grants well formed.
+    pub fn check(&self) -> Result<(), String> {
+        let names = |field: &str, values: &BTreeSet<String>| -> Result<(), String> {
+            match values
+                .iter()
+                .find(|value| value.is_empty() || value.len() > 255 || value.contains(char::is_whitespace))
+            {
+                Some(value) => Err(format!("grants.{field}: invalid entry {value:?}")),
+                None => Ok(()),
+            }
+        };
+        names("publish", &self.publish)?;
+        names("subscribe", &self.subscribe)?;
+        names("secrets", &self.secrets)?;
+        names("invoke", &self.invoke)?;
+        for name in &self.invoke {
+            validate_name(name).map_err(|err| format!("grants.invoke: {err}"))?;
+        }
+        names("outbound_http", &self.outbound_http)?;
+        for authority in &self.outbound_http {
+            let valid =
+                authority.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(format!("grants.outbound_http: {authority:?} must be host:port"));
+            }
+        }
+        for grant in &self.keyvalue {
+            if grant.bucket.is_empty() || grant.key.contains('*') {
+                return Err(format!("grants.keyvalue entry {grant:?}: write \"bucket:key\" or \"bucket:prefix*\""));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether any grant names `bucket`.
     pub fn opens_bucket(&self, bucket: &str) -> bool {
         self.keyvalue.iter().any(|grant| grant.bucket == bucket)
@@ -233,14 +392,16 @@ impl std::fmt::Display for Route {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Fuel (roughly, wasm instructions) one request may burn; `None`: unlimited.
-    pub fuel_per_request: Option<u64>,
+    #[serde(default, deserialize_with = "non_zero_field::fuel_per_request")]
+    pub fuel_per_request: Option<NonZeroU64>,
     /// Wall-clock time one request may take.
     #[serde(with = "humantime_serde_ms")]
     pub timeout: Duration,
     /// Linear memory one instance may hold, in bytes.
     pub memory_bytes: u64,
     /// Requests served at once; the rest wait up to `queue_timeout`.
-    pub max_concurrency: u32,
+    #[serde(deserialize_with = "non_zero_field::max_concurrency")]
+    pub max_concurrency: NonZeroU32,
     /// How long a request waits for a free slot before a 503.
     #[serde(with = "humantime_serde_ms")]
     pub queue_timeout: Duration,
@@ -263,14 +424,51 @@ pub struct Limits {
     #[serde(default = "defaults::message_max_bytes")]
     pub message_max_bytes: usize,
     /// Runtime ABI calls per second, across the function's instances.
-    #[serde(default = "defaults::abi_calls_per_second")]
-    pub abi_calls_per_second: u32,
+    #[serde(default = "defaults::abi_calls_per_second", deserialize_with = "non_zero_field::abi_calls_per_second")]
+    pub abi_calls_per_second: NonZeroU32,
     /// Messages published per second, across the function's instances.
-    #[serde(default = "defaults::publish_per_second")]
-    pub publish_per_second: u32,
+    #[serde(default = "defaults::publish_per_second", deserialize_with = "non_zero_field::publish_per_second")]
+    pub publish_per_second: NonZeroU32,
+}
+
+/// Deserializing the `NonZero` limits with an error that names the field
+/// (serde's own says only "expected a nonzero u32").
+mod non_zero_field {
+    use std::num::{NonZeroU32, NonZeroU64};
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+
+    fn non_zero<'de, D: Deserializer<'de>>(deserializer: D, field: &str) -> Result<NonZeroU32, D::Error> {
+        let value = u32::deserialize(deserializer)?;
+        NonZeroU32::new(value).ok_or_else(|| D::Error::custom(format!("limits.{field} must be greater than 0")))
+    }
+
+    pub fn max_concurrency<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "max_concurrency")
+    }
+
+    pub fn abi_calls_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "abi_calls_per_second")
+    }
+
+    pub fn publish_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "publish_per_second")
+    }
+
+    pub fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
+        match Option::<u64>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(fuel) => NonZeroU64::new(fuel).map(Some).ok_or_else(|| {
+                D::Error::custom("limits.fuel_per_request must be greater than 0 (omit it for no limit)")
+            }),
+        }
+    }
 }
 
 mod defaults {
+    use std::num::NonZeroU32;
+
     pub fn kv_max_key_bytes() -> usize {
         1024
     }
@@ -280,11 +478,11 @@ mod defaults {
     pub fn message_max_bytes() -> usize {
         256 << 10
     }
-    pub fn abi_calls_per_second() -> u32 {
-        100_000
+    pub fn abi_calls_per_second() -> NonZeroU32 {
+        NonZeroU32::new(100_000).expect("invariant: not zero")
     }
-    pub fn publish_per_second() -> u32 {
-        1_000
+    pub fn publish_per_second() -> NonZeroU32 {
+        NonZeroU32::new(1_000).expect("invariant: not zero")
     }
 }
 
@@ -294,7 +492,7 @@ impl Default for Limits {
             fuel_per_request: None,
             timeout: Duration::from_secs(10),
             memory_bytes: 64 << 20,
-            max_concurrency: 100,
+            max_concurrency: NonZeroU32::new(100).expect("invariant: not zero"),
             queue_timeout: Duration::from_millis(1000),
             idle_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(5),
@@ -305,6 +503,41 @@ impl Default for Limits {
             abi_calls_per_second: defaults::abi_calls_per_second(),
             publish_per_second: defaults::publish_per_second(),
         }
+    }
+}
+
+impl Limits {
+    /// Check what the types alone cannot: durations and sizes above zero,
+    /// memory within what the engine reserves per slot.
+    pub fn check(&self) -> Result<(), String> {
+        let durations = [
+            ("timeout_ms", self.timeout),
+            ("idle_timeout_s", self.idle_timeout),
+            ("start_timeout_ms", self.start_timeout),
+            ("destroy_timeout_ms", self.destroy_timeout),
+        ];
+        if let Some((field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
+            return Err(format!("limits.{field} must be greater than 0"));
+        }
+        if self.memory_bytes == 0 {
+            return Err("limits.memory_mb must be greater than 0".to_string());
+        }
+        if self.memory_bytes > MAX_MEMORY_BYTES {
+            return Err(format!(
+                "limits.memory_mb = {} is over the host's maximum of {} MiB",
+                self.memory_bytes >> 20,
+                MAX_MEMORY_BYTES >> 20
+            ));
+        }
+        let sizes = [
+            ("kv_max_key_bytes", self.kv_max_key_bytes),
+            ("kv_max_value_bytes", self.kv_max_value_bytes),
+            ("message_max_bytes", self.message_max_bytes),
+        ];
+        if let Some((field, _)) = sizes.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("limits.{field} must be greater than 0"));
+        }
+        Ok(())
     }
 }
 
@@ -368,80 +601,46 @@ impl Manifest {
 
 impl RawFunction {
     fn resolve(&self, base: &Path) -> Result<FunctionSpec, String> {
-        validate_name(&self.name)?;
-        if let Some(version) = &self.version {
-            validate_version(version)?;
-        }
-        let mut routes = Vec::new();
-        for text in &self.routes {
-            let route = Route::parse(text)?;
-            if RESERVED_PATHS.contains(&route.prefix.as_str()) {
-                return Err(format!("route {text:?} is reserved for the host"));
-            }
-            routes.push(route);
-        }
+        let name = FunctionName::new(&self.name)?;
+        let routes = self.routes.iter().map(|text| Route::parse(text)).collect::<Result<Vec<_>, _>>()?;
         let wasm = if self.wasm.is_absolute() { self.wasm.clone() } else { base.join(&self.wasm) };
-        Ok(FunctionSpec {
-            name: self.name.clone(),
+        let spec = FunctionSpec {
+            name,
             version: self.version.clone(),
             wasm,
             routes,
             weight: self.weight.unwrap_or(100),
             limits: self.limits.resolve()?,
             grants: self.grants.resolve()?,
-        })
+        };
+        spec.check()?;
+        Ok(spec)
     }
 }
 
 impl RawGrants {
     fn resolve(&self) -> Result<Grants, String> {
-        let names = |field: &str, values: &[String]| -> Result<BTreeSet<String>, String> {
-            values
-                .iter()
-                .map(|value| {
-                    if value.is_empty() || value.len() > 255 || value.contains(char::is_whitespace) {
-                        Err(format!("grants.{field}: invalid entry {value:?}"))
-                    } else {
-                        Ok(value.clone())
-                    }
-                })
-                .collect()
-        };
-        let invoke = names("invoke", &self.invoke)?;
-        for name in &invoke {
-            validate_name(name).map_err(|err| format!("grants.invoke: {err}"))?;
-        }
-        let outbound_http = names("outbound_http", &self.outbound_http)?;
-        for authority in &outbound_http {
-            let valid =
-                authority.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
-                return Err(format!("grants.outbound_http: {authority:?} must be host:port"));
-            }
-        }
-        Ok(Grants {
+        let set = |values: &[String]| values.iter().cloned().collect::<BTreeSet<String>>();
+        let grants = Grants {
             keyvalue: self.keyvalue.iter().map(|text| KeyGrant::parse(text)).collect::<Result<_, _>>()?,
-            publish: names("publish", &self.publish)?,
-            subscribe: names("subscribe", &self.subscribe)?,
-            invoke,
+            publish: set(&self.publish),
+            subscribe: set(&self.subscribe),
+            invoke: set(&self.invoke),
             config: self.config.clone(),
-            secrets: names("secrets", &self.secrets)?,
-            outbound_http,
-        })
+            secrets: set(&self.secrets),
+            outbound_http: set(&self.outbound_http),
+        };
+        grants.check()?;
+        Ok(grants)
     }
 }
 
 impl RawLimits {
     fn resolve(&self) -> Result<Limits, String> {
         let defaults = Limits::default();
-        let ms = |value: Option<u64>, field: &str, default: Duration| match value {
-            Some(0) => Err(format!("limits.{field} must be greater than 0")),
-            Some(ms) => Ok(Duration::from_millis(ms)),
-            None => Ok(default),
-        };
+        let ms = |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
         let memory_bytes = match self.memory_mb {
-            Some(0) => return Err("limits.memory_mb must be greater than 0".to_string()),
-            Some(mb) if mb << 20 > MAX_MEMORY_BYTES => {
+            Some(mb) if mb > MAX_MEMORY_BYTES >> 20 => {
                 return Err(format!(
                     "limits.memory_mb = {mb} is over the host's maximum of {} MiB",
                     MAX_MEMORY_BYTES >> 20
@@ -450,45 +649,36 @@ impl RawLimits {
             Some(mb) => mb << 20,
             None => defaults.memory_bytes,
         };
-        if self.fuel_per_request == Some(0) {
-            return Err("limits.fuel_per_request must be greater than 0 (omit it for no limit)".into());
-        }
-        if self.max_concurrency == Some(0) {
-            return Err("limits.max_concurrency must be greater than 0".to_string());
-        }
-        Ok(Limits {
-            fuel_per_request: self.fuel_per_request,
-            timeout: ms(self.timeout_ms, "timeout_ms", defaults.timeout)?,
+        let limits = Limits {
+            fuel_per_request: match self.fuel_per_request {
+                Some(0) => return Err("limits.fuel_per_request must be greater than 0 (omit it for no limit)".into()),
+                fuel => fuel.and_then(NonZeroU64::new),
+            },
+            timeout: ms(self.timeout_ms, defaults.timeout),
             memory_bytes,
-            max_concurrency: self.max_concurrency.unwrap_or(defaults.max_concurrency),
-            queue_timeout: match self.queue_timeout_ms {
-                Some(ms) => Duration::from_millis(ms),
-                None => defaults.queue_timeout,
-            },
-            idle_timeout: match self.idle_timeout_s {
-                Some(0) => return Err("limits.idle_timeout_s must be greater than 0".to_string()),
-                Some(s) => Duration::from_secs(s),
-                None => defaults.idle_timeout,
-            },
-            start_timeout: ms(self.start_timeout_ms, "start_timeout_ms", defaults.start_timeout)?,
-            destroy_timeout: ms(self.destroy_timeout_ms, "destroy_timeout_ms", defaults.destroy_timeout)?,
-            kv_max_key_bytes: positive(self.kv_max_key_bytes, "kv_max_key_bytes", defaults.kv_max_key_bytes)?,
-            kv_max_value_bytes: positive(self.kv_max_value_bytes, "kv_max_value_bytes", defaults.kv_max_value_bytes)?,
-            message_max_bytes: positive(self.message_max_bytes, "message_max_bytes", defaults.message_max_bytes)?,
-            abi_calls_per_second: positive(
+            max_concurrency: non_zero(self.max_concurrency, "max_concurrency", defaults.max_concurrency)?,
+            queue_timeout: ms(self.queue_timeout_ms, defaults.queue_timeout),
+            idle_timeout: self.idle_timeout_s.map_or(defaults.idle_timeout, Duration::from_secs),
+            start_timeout: ms(self.start_timeout_ms, defaults.start_timeout),
+            destroy_timeout: ms(self.destroy_timeout_ms, defaults.destroy_timeout),
+            kv_max_key_bytes: self.kv_max_key_bytes.unwrap_or(defaults.kv_max_key_bytes),
+            kv_max_value_bytes: self.kv_max_value_bytes.unwrap_or(defaults.kv_max_value_bytes),
+            message_max_bytes: self.message_max_bytes.unwrap_or(defaults.message_max_bytes),
+            abi_calls_per_second: non_zero(
                 self.abi_calls_per_second,
                 "abi_calls_per_second",
                 defaults.abi_calls_per_second,
             )?,
-            publish_per_second: positive(self.publish_per_second, "publish_per_second", defaults.publish_per_second)?,
-        })
+            publish_per_second: non_zero(self.publish_per_second, "publish_per_second", defaults.publish_per_second)?,
+        };
+        limits.check()?;
+        Ok(limits)
     }
 }
 
-fn positive<N: Copy + PartialEq + Default>(value: Option<N>, field: &str, default: N) -> Result<N, String> {
+fn non_zero(value: Option<u32>, field: &str, default: NonZeroU32) -> Result<NonZeroU32, String> {
     match value {
-        Some(value) if value == N::default() => Err(format!("limits.{field} must be greater than 0")),
-        Some(value) => Ok(value),
+        Some(value) => NonZeroU32::new(value).ok_or_else(|| format!("limits.{field} must be greater than 0")),
         None => Ok(default),
     }
 }
@@ -519,9 +709,13 @@ fn validate_version(version: &str) -> Result<(), String> {
 pub fn check_versions(specs: &[FunctionSpec]) -> Result<(), String> {
     let mut by_name: BTreeMap<&str, Vec<&FunctionSpec>> = BTreeMap::new();
     for spec in specs {
-        by_name.entry(&spec.name).or_default().push(spec);
+        by_name.entry(spec.name.as_str()).or_default().push(spec);
     }
     for (name, versions) in by_name {
+        if versions.iter().all(|spec| spec.weight == 0) {
+            let which = if versions.len() == 1 { "its only version has" } else { "all versions have" };
+            return Err(format!("function {name:?}: {which} weight 0, so no request could reach it"));
+        }
         if versions.len() == 1 {
             continue;
         }
@@ -539,9 +733,6 @@ pub fn check_versions(specs: &[FunctionSpec]) -> Result<(), String> {
             if spec.routes != versions[0].routes {
                 return Err(format!("versions of function {name:?} declare different routes"));
             }
-        }
-        if versions.iter().all(|spec| spec.weight == 0) {
-            return Err(format!("function {name:?}: all versions have weight 0"));
         }
     }
     Ok(())
@@ -614,6 +805,42 @@ mod tests {
             resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.grants]\noutbound_http = [\"x\"]\n")
                 .unwrap_err();
         assert!(err.message.contains("host:port"), "{err}");
+    }
+
+    #[test]
+    fn a_function_whose_only_version_has_weight_zero_is_refused() {
+        let err = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\nweight = 0\n").unwrap_err();
+        assert!(err.message.contains("weight 0"), "{err}");
+    }
+
+    #[test]
+    fn a_spec_from_json_gets_the_manifests_checks() {
+        let spec = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\nroutes = [\"/a\"]\n").unwrap().remove(0);
+        let json = serde_json::to_value(&spec).unwrap();
+        let back: FunctionSpec = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, spec, "a valid spec survives the round trip");
+
+        let with = |path: &[&str], value: serde_json::Value| {
+            let mut json = json.clone();
+            let mut slot = &mut json;
+            for key in path {
+                slot = &mut slot[*key];
+            }
+            *slot = value;
+            serde_json::from_value::<FunctionSpec>(json).unwrap_err().to_string()
+        };
+        let zero = with(&["limits", "max_concurrency"], 0.into());
+        assert!(zero.contains("limits.max_concurrency must be greater than 0"), "{zero}");
+        assert!(with(&["limits", "fuel_per_request"], 0.into()).contains("limits.fuel_per_request"));
+        assert!(with(&["limits", "timeout"], 0.into()).contains("limits.timeout_ms must be greater than 0"));
+        assert!(with(&["limits", "memory_bytes"], (8u64 << 30).into()).contains("over the host's maximum"));
+        assert!(with(&["name"], "Bad_Name".into()).contains("invalid name"));
+        assert!(with(&["version"], "a b".into()).contains("invalid version"));
+        let reserved = serde_json::json!([{ "host": null, "prefix": "/metrics" }]);
+        assert!(with(&["routes"], reserved).contains("reserved"));
+        let grant = serde_json::json!({ "outbound_http": ["nohost"], "keyvalue": [], "publish": [], "subscribe": [],
+            "invoke": [], "config": {}, "secrets": [] });
+        assert!(with(&["grants"], grant).contains("host:port"));
     }
 
     #[test]

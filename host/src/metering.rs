@@ -23,11 +23,23 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::instance::CallStats;
 use crate::limits::Outcome;
 
 /// How often the ledger is flushed to disk.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What one guest call cost, as the instance measured it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallStats {
+    /// Wall-clock time of the call.
+    pub wall: Duration,
+    /// CPU time spent polling the call (guest code plus host calls it made).
+    pub cpu: Duration,
+    /// Fuel consumed, when fuel is metered.
+    pub fuel: Option<u64>,
+    /// Peak linear memory during the call, in bytes.
+    pub peak_memory: u64,
+}
 
 /// What one request used: the unit of billing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

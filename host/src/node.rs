@@ -20,6 +20,7 @@
 mod command;
 mod container;
 mod containerd;
+mod error;
 mod netns;
 mod stdio;
 mod task;
@@ -32,10 +33,12 @@ use containerd_shim_protos::ttrpc::asynchronous::Server;
 
 use crate::Error;
 use crate::engine::EngineOptions;
-use crate::host::{Host, HostConfig};
+use crate::host::HostConfig;
+use crate::server::RunningHost;
 use crate::signals::StopSignals;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
+pub use error::NodeError;
 
 /// What `shoal node` needs to know.
 #[derive(Debug, Clone)]
@@ -73,7 +76,7 @@ pub async fn run(config: NodeConfig) -> Result<(), Error> {
         persist_functions: false,
         ..HostConfig::new()
     };
-    let running = Host::start(host_config).await?;
+    let running = RunningHost::start(host_config).await?;
     let publisher = containerd_shim::asynchronous::publisher::RemotePublisher::new(&config.ttrpc_address)
         .await
         .map_err(|err| anyhow::anyhow!("cannot reach containerd's event service at {}: {err}", config.ttrpc_address))?;

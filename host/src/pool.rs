@@ -38,15 +38,47 @@ pub struct FunctionPool {
     metrics: Arc<Metrics>,
 }
 
-/// An instance checked out of its pool for one request.
+/// An instance checked out of its pool for one request. Dropping the lease
+/// gives the instance back: to the idle list if the call left it healthy
+/// ([`Lease::set_healthy`]), otherwise it is dropped without `destroy`. So
+/// a call that panics, or a task that is aborted, can never leak a busy
+/// slot, and never hands a half-used instance to the next request.
 pub struct Lease {
-    /// The instance.
-    pub instance: Instance,
+    pool: Arc<FunctionPool>,
+    instance: Option<Instance>,
     /// Whether it was created for this request.
     pub cold: bool,
     /// Time spent instantiating and running `start` (cold leases only).
     pub init: Option<Duration>,
+    healthy: bool,
+    // Dropped after `drop` has returned the instance: the slot frees last.
     _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// The leased instance.
+    pub fn instance(&mut self) -> &mut Instance {
+        self.instance.as_mut().expect("invariant: a lease holds its instance until it is dropped")
+    }
+
+    /// The function version the instance belongs to.
+    pub fn function(&self) -> &CompiledFunction {
+        &self.pool.function
+    }
+
+    /// Whether the instance may serve again when the lease is dropped
+    /// (a lease starts out unhealthy: only a call that ended cleanly says so).
+    pub fn set_healthy(&mut self, healthy: bool) {
+        self.healthy = healthy;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            self.pool.release(instance, self.healthy);
+        }
+    }
 }
 
 /// Why no instance could be had.
@@ -75,7 +107,7 @@ pub struct PoolStats {
 impl FunctionPool {
     /// An empty pool (zero instances) for `function`.
     pub fn new(function: CompiledFunction, metrics: Arc<Metrics>) -> Arc<FunctionPool> {
-        let permits = function.spec().limits.max_concurrency as usize;
+        let permits = function.spec().limits.max_concurrency.get() as usize;
         Arc::new(FunctionPool {
             function,
             idle: Mutex::new(Vec::new()),
@@ -112,7 +144,7 @@ impl FunctionPool {
     }
 
     /// Take an idle instance, or create one, within the concurrency limit.
-    pub async fn acquire(&self) -> Result<Lease, AcquireError> {
+    pub async fn acquire(self: &Arc<Self>) -> Result<Lease, AcquireError> {
         let limits = &self.function.spec().limits;
         let permit = match tokio::time::timeout(limits.queue_timeout, self.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,
@@ -125,13 +157,13 @@ impl FunctionPool {
         self.busy.fetch_add(1, Ordering::AcqRel);
         let warm = self.lock_idle().pop();
         if let Some(instance) = warm {
-            return Ok(Lease { instance, cold: false, init: None, _permit: permit });
+            return Ok(self.lease(instance, false, None, permit));
         }
         let started = Instant::now();
         match Instance::create(&self.function).await {
             Ok((instance, _stats)) => {
                 self.add_live(1);
-                Ok(Lease { instance, cold: true, init: Some(started.elapsed()), _permit: permit })
+                Ok(self.lease(instance, true, Some(started.elapsed()), permit))
             }
             Err(error) => {
                 self.busy.fetch_sub(1, Ordering::AcqRel);
@@ -142,10 +174,20 @@ impl FunctionPool {
         }
     }
 
-    /// Return an instance after a request. A `healthy` instance goes back to
-    /// the idle list (or is destroyed if the pool drains); an unhealthy one
-    /// is dropped without `destroy`.
-    pub fn release(self: &Arc<Self>, instance: Instance, healthy: bool) {
+    fn lease(
+        self: &Arc<Self>,
+        instance: Instance,
+        cold: bool,
+        init: Option<Duration>,
+        permit: OwnedSemaphorePermit,
+    ) -> Lease {
+        Lease { pool: self.clone(), instance: Some(instance), cold, init, healthy: false, _permit: permit }
+    }
+
+    /// Return an instance after a request (when its [`Lease`] drops). A
+    /// `healthy` instance goes back to the idle list (or is destroyed if
+    /// the pool drains); an unhealthy one is dropped without `destroy`.
+    fn release(self: &Arc<Self>, instance: Instance, healthy: bool) {
         self.busy.fetch_sub(1, Ordering::AcqRel);
         self.last_memory.store(instance.memory_bytes(), Ordering::Relaxed);
         if !healthy || self.discarded.load(Ordering::Acquire) {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::engine::{CompileSource, sha256_hex, write_atomically};
 use crate::function::Runtime;
+use crate::instance::Instance;
 use crate::logs::LogSink;
 use crate::manifest::{FunctionSpec, Limits, Route, check_versions};
 use crate::metrics::Metrics;
@@ -275,7 +276,7 @@ impl Registry {
             serde_json::from_slice(&text).map_err(|err| anyhow::anyhow!("{} is corrupt: {err}", path.display()))?;
         let mut by_name: BTreeMap<String, Vec<PersistedVersion>> = BTreeMap::new();
         for version in persisted.functions {
-            by_name.entry(version.spec.name.clone()).or_default().push(version);
+            by_name.entry(version.spec.name.to_string()).or_default().push(version);
         }
         let mut reports = Vec::new();
         for (name, versions) in by_name {
@@ -318,8 +319,12 @@ impl Registry {
 
     async fn deploy_versions(&self, items: Vec<DeployItem>, persist: bool) -> Result<Vec<DeployReport>, Error> {
         let mut specs: Vec<FunctionSpec> = items.iter().map(|item| item.spec.clone()).collect();
-        check_versions(&specs)
-            .map_err(|message| crate::manifest::ManifestError { file: "<deploy>".into(), message })?;
+        let refused = |message: String| crate::manifest::ManifestError { file: "<deploy>".into(), message };
+        // The same checks as the manifest's, whoever built the spec.
+        for spec in &specs {
+            spec.check().map_err(|message| refused(format!("function {:?}: {message}", spec.name.as_str())))?;
+        }
+        check_versions(&specs).map_err(refused)?;
 
         let mut functions = self.functions.lock().await;
         let mut next = functions.clone();
@@ -330,7 +335,7 @@ impl Registry {
             let digest = sha256_hex(&item.wasm);
             let version = spec.version.clone().unwrap_or_else(|| default_version(&digest, &spec.limits));
             spec.version = Some(version.clone());
-            let existing = functions.get(&spec.name).and_then(|deployed| {
+            let existing = functions.get(spec.name.as_str()).and_then(|deployed| {
                 deployed
                     .versions
                     .iter()
@@ -343,6 +348,9 @@ impl Registry {
                         .runtime
                         .prepare(spec.clone(), item.wasm.clone(), digest.clone(), self.log_sink.clone())
                         .await?;
+                    // Instantiate once on trial: a function that cannot is
+                    // refused here, naming it, never at its first request.
+                    Instance::trial(&compiled).await?;
                     let source = match source {
                         CompileSource::Compiled => "compiled",
                         CompileSource::Cache => "cache",
@@ -351,15 +359,15 @@ impl Registry {
                     (FunctionPool::new(compiled, self.metrics.clone()), source)
                 }
             };
-            new_versions.entry(spec.name.clone()).or_default().push(pool);
-            reports.push(DeployReport { function: spec.name.clone(), version, digest, source: source.to_string() });
+            new_versions.entry(spec.name.to_string()).or_default().push(pool);
+            reports.push(DeployReport { function: spec.name.to_string(), version, digest, source: source.to_string() });
         }
         for (name, versions) in new_versions {
             next.insert(name, Deployed { versions });
         }
         check_routes(&next)?;
         if persist {
-            self.lock_unrestored().retain(|version| !next.contains_key(&version.spec.name));
+            self.lock_unrestored().retain(|version| !next.contains_key(version.spec.name.as_str()));
             self.persist(&next, &blobs)?;
         }
 

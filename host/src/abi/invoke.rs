@@ -1,47 +1,64 @@
 //! `shoal:runtime/invoke`: call another deployed function.
 //!
-//! The callee runs through the same dispatcher as an HTTP request — its own
-//! pool, limits and grants — and is metered as its own request, whose id is
-//! the caller's id plus `/n` and whose record names the caller as parent.
-//! Nesting is bounded by [`MAX_INVOKE_DEPTH`], so a cycle of invokes ends
-//! with a `limited` error instead of a hang.
+//! The ABI checks the call (grant, nesting depth, body size) and names the
+//! nested request; running it is the [`Invoker`]'s job, which the host
+//! implements with the same dispatcher as an HTTP request — the callee's
+//! own pool, limits and grants — so the callee is metered as its own
+//! request, whose id is the caller's id plus `/n` and whose record names
+//! the caller as parent. Nesting is bounded by [`MAX_INVOKE_DEPTH`], so a
+//! cycle of invokes ends with a `limited` error instead of a hang.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http::Response;
+use http_body_util::BodyExt as _;
 
-use super::MAX_INVOKE_DEPTH;
 use super::bindings::shoal::runtime::{invoke, types};
-use super::misc::shoal_error;
-use crate::dispatch::{RequestMeta, ShoalBody};
-use crate::instance::GuestState;
+use super::{AbiView, MAX_INVOKE_DEPTH, ShoalError};
+use crate::request::{RequestMeta, ShoalBody};
 
-impl invoke::Host for GuestState {
-    async fn call(
-        &mut self,
-        function: String,
-        request: types::Request,
-    ) -> wasmtime::Result<Result<types::Response, types::Error>> {
-        if let Err(refused) = self.admit("invoke.call") {
-            return Ok(Err(shoal_error(refused)));
+/// Runs the function a guest invokes. The ABI owns this interface; the
+/// host implements it and hands it to [`super::Services::set_invoker`].
+#[async_trait::async_trait]
+pub trait Invoker: Send + Sync {
+    /// Called once a guest's `invoke.call` has passed its checks: serve
+    /// `request` with a version of `function` as the nested request `meta`
+    /// and return the response, whole or streaming (a failure of the
+    /// callee is an error *response*, as an HTTP client would see it).
+    /// `Err` only when there is no such function or no host to run it.
+    async fn invoke(
+        &self,
+        function: &str,
+        request: http::Request<Bytes>,
+        meta: RequestMeta,
+    ) -> Result<Response<ShoalBody>, InvokeError>;
+}
+
+/// Why an invoke could not reach its function.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// No function of that name is deployed.
+    #[error("no function named {0:?} is deployed")]
+    NotFound(String),
+    /// The host cannot run calls (it is shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl invoke::Host for AbiView<'_> {
+    async fn call(&mut self, function: String, request: types::Request) -> Result<types::Response, ShoalError> {
+        let state = &mut *self.state;
+        state.admit("invoke.call")?;
+        if !state.caps.grants.invoke.contains(&function) {
+            return Err(state.deny("invoke.call", format!("invoking function {function:?}")).into());
         }
-        if !self.abi.caps.grants.invoke.contains(&function) {
-            return Ok(Err(shoal_error(self.deny("invoke.call", format!("invoking function {function:?}")))));
-        }
-        if self.abi.depth + 1 > MAX_INVOKE_DEPTH {
+        if state.depth + 1 > MAX_INVOKE_DEPTH {
             let what = format!("nesting past the invoke depth limit of {MAX_INVOKE_DEPTH}");
-            return Ok(Err(shoal_error(self.limited("invoke.call", what))));
+            return Err(state.limited("invoke.call", what).into());
         }
-        let limit = self.abi.caps.limits.message_max_bytes;
-        if let Err(refused) =
-            self.check_size("invoke.call", "request body", request.body.len(), "message_max_bytes", limit)
-        {
-            return Ok(Err(shoal_error(refused)));
-        }
-        let Some(host) = self.abi.services.host() else {
-            return Ok(Err(types::Error::Backend("the host is shutting down".to_string())));
-        };
-        let Some(target) = host.registry().by_name(&function) else {
-            return Ok(Err(types::Error::NotFound(format!("no function named {function:?} is deployed"))));
+        let limit = state.caps.limits.message_max_bytes;
+        state.check_size("invoke.call", "request body", request.body.len(), "message_max_bytes", limit)?;
+        let Some(invoker) = state.services.invoker().cloned() else {
+            return Err(types::Error::Backend("this host cannot invoke functions".to_string()).into());
         };
 
         let path = if request.path.starts_with('/') { request.path } else { format!("/{}", request.path) };
@@ -50,32 +67,32 @@ impl invoke::Host for GuestState {
         for (name, value) in &request.headers {
             builder = builder.header(name.as_str(), value.as_slice());
         }
-        let body = Full::new(Bytes::from(request.body))
-            .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} });
-        let http_request = match builder.body(body) {
-            Ok(http_request) => http_request,
-            Err(err) => return Ok(Err(types::Error::Denied(format!("invalid request: {err}")))),
-        };
+        let http_request = builder
+            .body(Bytes::from(request.body))
+            .map_err(|err| types::Error::Denied(format!("invalid request: {err}")))?;
 
-        self.abi.invokes += 1;
-        let parent = self.log.request_id().unwrap_or_else(|| "-".into());
+        state.invokes += 1;
+        let parent = state.request_id().unwrap_or_else(|| "-".into());
         let meta = RequestMeta {
-            id: format!("{parent}/{}", self.abi.invokes).into(),
+            id: format!("{parent}/{}", state.invokes).into(),
             parent_id: Some(parent),
-            depth: self.abi.depth + 1,
+            depth: state.depth + 1,
         };
-        let response = host.dispatcher().dispatch_with(target.pick().clone(), http_request, meta).await;
+        let response = invoker.invoke(&function, http_request, meta).await.map_err(|err| match err {
+            InvokeError::NotFound(_) => types::Error::NotFound(err.to_string()),
+            InvokeError::Unavailable(_) => types::Error::Backend(err.to_string()),
+        })?;
         let (parts, body) = response.into_parts();
         let body = match collect_limited(body, limit).await {
             Ok(body) => body,
             Err(err) => {
                 let what = format!("response body of {function:?}: {err} (message_max_bytes = {limit})");
-                return Ok(Err(shoal_error(self.limited("invoke.call", what))));
+                return Err(self.state.limited("invoke.call", what).into());
             }
         };
         let headers =
             parts.headers.iter().map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec())).collect();
-        Ok(Ok(types::Response { status: parts.status.as_u16(), headers, body }))
+        Ok(types::Response { status: parts.status.as_u16(), headers, body })
     }
 }
 

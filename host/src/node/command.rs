@@ -16,6 +16,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use super::error::NodeError;
 use crate::engine::WasmEngine;
 use crate::logs::{InstanceLog, Stream};
 
@@ -80,23 +81,30 @@ pub fn is_program(engine: &WasmEngine, wasm: &[u8]) -> bool {
 }
 
 /// Compile and link a program (CPU-heavy: call off the async threads).
-pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, String> {
+pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
+    let invalid = |what: &str| {
+        let what = what.to_string();
+        move |err: wasmtime::Error| NodeError::InvalidArgument(format!("{what}: {err:#}"))
+    };
     if wasmparser::Parser::is_core_wasm(wasm) {
-        let module = Module::new(engine.engine(), wasm).map_err(|err| format!("invalid wasm module: {err:#}"))?;
+        let module = Module::new(engine.engine(), wasm).map_err(invalid("invalid wasm module"))?;
         if module.get_export("_start").is_none() {
-            return Err("the module exports no `_start`: it is not a WASI command".to_string());
+            return Err(NodeError::InvalidArgument(
+                "the module exports no `_start`: it is not a WASI command".to_string(),
+            ));
         }
         let mut linker: Linker<P1State> = Linker::new(engine.engine());
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state| &mut state.wasi)
-            .map_err(|err| format!("cannot link WASI 0.1: {err:#}"))?;
-        let pre = linker.instantiate_pre(&module).map_err(|err| format!("cannot link the module: {err:#}"))?;
+            .map_err(|err| NodeError::Internal(format!("cannot link WASI 0.1: {err:#}")))?;
+        let pre = linker.instantiate_pre(&module).map_err(invalid("cannot link the module"))?;
         return Ok(Program::Module(pre));
     }
-    let component = Component::new(engine.engine(), wasm).map_err(|err| format!("invalid component: {err:#}"))?;
+    let component = Component::new(engine.engine(), wasm).map_err(invalid("invalid component"))?;
     let mut linker: ComponentLinker<CommandState> = ComponentLinker::new(engine.engine());
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|err| format!("cannot link WASI 0.2: {err:#}"))?;
-    let pre = linker.instantiate_pre(&component).map_err(|err| format!("cannot link the component: {err:#}"))?;
-    let pre = CommandPre::new(pre).map_err(|err| format!("the component exports no wasi:cli/run: {err:#}"))?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|err| NodeError::Internal(format!("cannot link WASI 0.2: {err:#}")))?;
+    let pre = linker.instantiate_pre(&component).map_err(invalid("cannot link the component"))?;
+    let pre = CommandPre::new(pre).map_err(invalid("the component exports no wasi:cli/run"))?;
     Ok(Program::Component(pre))
 }
 

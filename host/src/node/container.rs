@@ -7,6 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+use super::error::NodeError;
 use crate::manifest::{FunctionSpec, Manifest};
 
 /// Labels and annotations under this prefix carry grants and limits.
@@ -68,10 +69,11 @@ pub struct KubernetesSettings {
 
 impl Bundle {
     /// Read `<bundle>/config.json`.
-    pub fn load(path: &Path) -> Result<Bundle, String> {
+    pub fn load(path: &Path) -> Result<Bundle, NodeError> {
         let config = path.join("config.json");
-        let spec =
-            Spec::load(&config).map_err(|err| format!("cannot read the OCI spec {}: {err}", config.display()))?;
+        let spec = Spec::load(&config).map_err(|err| {
+            NodeError::InvalidArgument(format!("cannot read the OCI spec {}: {err}", config.display()))
+        })?;
         Ok(Bundle { path: path.to_path_buf(), spec })
     }
 
@@ -114,14 +116,12 @@ impl Bundle {
     }
 
     /// The HTTP port: `SHOAL_HTTP_PORT` from the environment, else 8080.
-    pub fn port(&self) -> Result<u16, String> {
+    pub fn port(&self) -> Result<u16, NodeError> {
         match self.env().into_iter().find(|(name, _)| name == PORT_ENV) {
             None => Ok(DEFAULT_PORT),
-            Some((_, value)) => value
-                .parse::<u16>()
-                .ok()
-                .filter(|port| *port != 0)
-                .ok_or_else(|| format!("{PORT_ENV}={value:?} is not a port number (1-65535)")),
+            Some((_, value)) => value.parse::<u16>().ok().filter(|port| *port != 0).ok_or_else(|| {
+                NodeError::InvalidArgument(format!("{PORT_ENV}={value:?} is not a port number (1-65535)"))
+            }),
         }
     }
 
@@ -145,12 +145,14 @@ impl Bundle {
 
     /// Find the entrypoint (`args[0]`) in the rootfs, refusing paths that
     /// leave it.
-    pub fn entrypoint(&self) -> Result<(String, PathBuf), String> {
+    pub fn entrypoint(&self) -> Result<(String, PathBuf), NodeError> {
         let args = self.args();
         let Some(entry) = args.first().filter(|entry| !entry.is_empty()) else {
-            return Err("the container names no entrypoint (process.args is empty): set the image's \
-                        Entrypoint to the .wasm file"
-                .to_string());
+            return Err(NodeError::InvalidArgument(
+                "the container names no entrypoint (process.args is empty): set the image's \
+                 Entrypoint to the .wasm file"
+                    .to_string(),
+            ));
         };
         let relative = Path::new(entry);
         let mut inside = PathBuf::new();
@@ -159,7 +161,9 @@ impl Bundle {
                 Component::Normal(part) => inside.push(part),
                 Component::RootDir | Component::CurDir => {}
                 Component::ParentDir | Component::Prefix(_) => {
-                    return Err(format!("the entrypoint {entry:?} leaves the container's rootfs"));
+                    return Err(NodeError::InvalidArgument(format!(
+                        "the entrypoint {entry:?} leaves the container's rootfs"
+                    )));
                 }
             }
         }
@@ -188,7 +192,11 @@ impl KubernetesSettings {
     /// `grants.<list>` (comma-separated), `config.<key>` (a config value)
     /// are checked by the same rules as `shoal.toml`; the memory limit caps
     /// `limits.memory_mb`.
-    pub fn function_spec(&self, name: &str, wasm: &Path, source: &str) -> Result<FunctionSpec, String> {
+    pub fn function_spec(&self, name: &str, wasm: &Path, source: &str) -> Result<FunctionSpec, NodeError> {
+        self.function_spec_text(name, wasm, source).map_err(NodeError::InvalidArgument)
+    }
+
+    fn function_spec_text(&self, name: &str, wasm: &Path, source: &str) -> Result<FunctionSpec, String> {
         let mut limits = toml::Table::new();
         let mut grants = toml::Table::new();
         let mut config = toml::Table::new();
@@ -299,14 +307,18 @@ mod tests {
         let err = settings(&[("shoal.dev/limits.timeout_ms", "soon")], None)
             .function_spec("f", Path::new("/f.wasm"), "pod")
             .unwrap_err();
+        assert!(matches!(err, NodeError::InvalidArgument(_)), "a bad annotation is an invalid argument: {err:?}");
+        let err = err.to_string();
         assert!(err.contains("shoal.dev/limits.timeout_ms"), "{err}");
         let err = settings(&[("shoal.dev/grant.keyvalue", "x:y")], None)
             .function_spec("f", Path::new("/f.wasm"), "pod")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown setting shoal.dev/grant.keyvalue"), "{err}");
         let err = settings(&[("shoal.dev/limits.timeout_msx", "5")], None)
             .function_spec("f", Path::new("/f.wasm"), "pod annotations")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("timeout_msx"), "{err}");
     }
 

@@ -13,6 +13,7 @@ use containerd_client::tonic::Request;
 use containerd_client::with_namespace;
 use serde_json::Value;
 
+use super::error::NodeError;
 use crate::image::{WASM_COMPONENT_LAYER, WASM_LAYER};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,28 +31,25 @@ pub struct ContainerRecord {
     pub image: String,
 }
 
-async fn client(socket: &Path) -> Result<containerd_client::Client, String> {
+async fn client(socket: &Path) -> Result<containerd_client::Client, NodeError> {
     containerd_client::Client::from_path(socket)
         .await
-        .map_err(|err| format!("cannot connect to containerd at {}: {err}", socket.display()))
+        .map_err(|err| NodeError::Unavailable(format!("cannot connect to containerd at {}: {err}", socket.display())))
 }
 
-async fn within<T>(socket: &Path, work: impl Future<Output = Result<T, String>>) -> Result<T, String> {
-    tokio::time::timeout(TIMEOUT, work)
-        .await
-        .map_err(|_| format!("containerd at {} did not answer within {TIMEOUT:?}", socket.display()))?
+async fn within<T>(socket: &Path, work: impl Future<Output = Result<T, NodeError>>) -> Result<T, NodeError> {
+    tokio::time::timeout(TIMEOUT, work).await.map_err(|_| {
+        NodeError::Unavailable(format!("containerd at {} did not answer within {TIMEOUT:?}", socket.display()))
+    })?
 }
 
 /// Container `id` of `namespace`: labels and image name.
-pub async fn container(socket: &Path, namespace: &str, id: &str) -> Result<ContainerRecord, String> {
+pub async fn container(socket: &Path, namespace: &str, id: &str) -> Result<ContainerRecord, NodeError> {
     within(socket, async {
         let request = with_namespace!(GetContainerRequest { id: id.to_string() }, namespace);
-        let response = client(socket)
-            .await?
-            .containers()
-            .get(request)
-            .await
-            .map_err(|status| format!("containerd does not know container {id}: {}", status.message()))?;
+        let response = client(socket).await?.containers().get(request).await.map_err(|status| {
+            NodeError::NotFound(format!("containerd does not know container {id}: {}", status.message()))
+        })?;
         let container = response.into_inner().container.unwrap_or_default();
         Ok(ContainerRecord { labels: container.labels.into_iter().collect(), image: container.image })
     })
@@ -61,7 +59,7 @@ pub async fn container(socket: &Path, namespace: &str, id: &str) -> Result<Conta
 /// The wasm layer of `image` (a CNCF wasm artifact: a layer of media type
 /// `application/wasm` or the component layer type), read from the content
 /// store and checked against its digest.
-pub async fn artifact_wasm(socket: &Path, namespace: &str, image: &str) -> Result<(String, Vec<u8>), String> {
+pub async fn artifact_wasm(socket: &Path, namespace: &str, image: &str) -> Result<(String, Vec<u8>), NodeError> {
     let client = within(socket, client(socket)).await?;
     let request = with_namespace!(GetImageRequest { name: image.to_string() }, namespace);
     let target = within(socket, async {
@@ -69,13 +67,13 @@ pub async fn artifact_wasm(socket: &Path, namespace: &str, image: &str) -> Resul
             .images()
             .get(request)
             .await
-            .map_err(|status| format!("containerd has no image {image}: {}", status.message()))
+            .map_err(|status| NodeError::NotFound(format!("containerd has no image {image}: {}", status.message())))
     })
     .await?
     .into_inner()
     .image
     .and_then(|image| image.target)
-    .ok_or_else(|| format!("image {image} has no target descriptor"))?;
+    .ok_or_else(|| NodeError::InvalidArgument(format!("image {image} has no target descriptor")))?;
 
     let mut descriptor = (target.media_type, target.digest);
     // An index: take the manifest listed for wasm, else the first.
@@ -85,20 +83,23 @@ pub async fn artifact_wasm(socket: &Path, namespace: &str, image: &str) -> Resul
             break;
         }
         let index: Value = serde_json::from_slice(&read(&client, namespace, digest, MAX_MANIFEST).await?)
-            .map_err(|err| format!("image {image}: index {digest} is not JSON: {err}"))?;
+            .map_err(|err| NodeError::InvalidArgument(format!("image {image}: index {digest} is not JSON: {err}")))?;
         let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
-        let chosen = manifests
-            .iter()
-            .find(|m| m["platform"]["architecture"] == "wasm")
-            .or_else(|| manifests.first())
-            .ok_or_else(|| format!("image {image}: its index lists no manifest"))?;
+        let chosen =
+            manifests
+                .iter()
+                .find(|m| m["platform"]["architecture"] == "wasm")
+                .or_else(|| manifests.first())
+                .ok_or_else(|| NodeError::InvalidArgument(format!("image {image}: its index lists no manifest")))?;
         descriptor = (
             chosen["mediaType"].as_str().unwrap_or_default().to_string(),
             chosen["digest"].as_str().unwrap_or_default().to_string(),
         );
     }
     let manifest: Value = serde_json::from_slice(&read(&client, namespace, &descriptor.1, MAX_MANIFEST).await?)
-        .map_err(|err| format!("image {image}: manifest {} is not JSON: {err}", descriptor.1))?;
+        .map_err(|err| {
+            NodeError::InvalidArgument(format!("image {image}: manifest {} is not JSON: {err}", descriptor.1))
+        })?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
     let layer = layers
         .iter()
@@ -108,7 +109,9 @@ pub async fn artifact_wasm(socket: &Path, namespace: &str, image: &str) -> Resul
         })
         .ok_or_else(|| {
             let types: Vec<&str> = layers.iter().filter_map(|l| l["mediaType"].as_str()).collect();
-            format!("image {image} has no wasm layer ({WASM_COMPONENT_LAYER} or {WASM_LAYER}); its layers: {types:?}")
+            NodeError::NotFound(format!(
+                "image {image} has no wasm layer ({WASM_COMPONENT_LAYER} or {WASM_LAYER}); its layers: {types:?}"
+            ))
         })?;
     let digest = layer["digest"].as_str().unwrap_or_default().to_string();
     let wasm = read(&client, namespace, &digest, MAX_WASM).await?;
@@ -122,30 +125,32 @@ async fn read(
     namespace: &str,
     digest: &str,
     limit: usize,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, NodeError> {
     let Some(expected) = digest.strip_prefix("sha256:") else {
-        return Err(format!("unsupported digest {digest:?} (only sha256)"));
+        return Err(NodeError::InvalidArgument(format!("unsupported digest {digest:?} (only sha256)")));
     };
     let request = with_namespace!(ReadContentRequest { digest: digest.to_string(), offset: 0, size: 0 }, namespace);
     let mut stream = client
         .content()
         .read(request)
         .await
-        .map_err(|status| format!("cannot read {digest} from containerd's content store: {}", status.message()))?
+        .map_err(|status| {
+            NodeError::NotFound(format!("cannot read {digest} from containerd's content store: {}", status.message()))
+        })?
         .into_inner();
     let mut bytes = Vec::new();
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|status| format!("reading {digest} from the content store: {}", status.message()))?
-    {
+    while let Some(chunk) = stream.message().await.map_err(|status| {
+        NodeError::Unavailable(format!("reading {digest} from the content store: {}", status.message()))
+    })? {
         bytes.extend_from_slice(&chunk.data);
         if bytes.len() > limit {
-            return Err(format!("blob {digest} is larger than {limit} bytes"));
+            return Err(NodeError::InvalidArgument(format!("blob {digest} is larger than {limit} bytes")));
         }
     }
     if crate::engine::sha256_hex(&bytes) != expected {
-        return Err(format!("blob {digest} read from the content store does not match its digest"));
+        return Err(NodeError::InvalidArgument(format!(
+            "blob {digest} read from the content store does not match its digest"
+        )));
     }
     Ok(bytes)
 }

@@ -12,20 +12,27 @@ use std::path::Path;
 
 use nix::sched::CloneFlags;
 
+use super::error::NodeError;
+
 /// Open a namespace file (`/var/run/netns/cni-...`, `/proc/<pid>/ns/net`);
 /// holding the descriptor keeps the namespace alive.
-pub fn open(path: &Path) -> Result<OwnedFd, String> {
-    std::fs::File::open(path)
-        .map(OwnedFd::from)
-        .map_err(|err| format!("cannot open the network namespace {}: {err}", path.display()))
+pub fn open(path: &Path) -> Result<OwnedFd, NodeError> {
+    std::fs::File::open(path).map(OwnedFd::from).map_err(|err| {
+        let message = format!("cannot open the network namespace {}: {err}", path.display());
+        if err.kind() == std::io::ErrorKind::NotFound {
+            NodeError::NotFound(message)
+        } else {
+            NodeError::Internal(message)
+        }
+    })
 }
 
 /// A new network namespace with its loopback interface up (what a
 /// container gets from `ctr run` without `--net-host`).
-pub fn create() -> Result<OwnedFd, String> {
+pub fn create() -> Result<OwnedFd, NodeError> {
     on_thread(|| {
         nix::sched::unshare(CloneFlags::CLONE_NEWNET)
-            .map_err(|err| format!("cannot create a network namespace: {err}"))?;
+            .map_err(|err| NodeError::Internal(format!("cannot create a network namespace: {err}")))?;
         let fd = open(Path::new("/proc/thread-self/ns/net"))?;
         loopback_up()?;
         Ok(fd)
@@ -34,44 +41,55 @@ pub fn create() -> Result<OwnedFd, String> {
 
 /// Bind a TCP listener at `addr` inside `netns` (the node's own
 /// namespace when `None`).
-pub fn bind(netns: Option<&OwnedFd>, addr: SocketAddr) -> Result<TcpListener, String> {
+pub fn bind(netns: Option<&OwnedFd>, addr: SocketAddr) -> Result<TcpListener, NodeError> {
     let Some(netns) = netns else {
         return bind_here(addr);
     };
-    let fd = netns.try_clone().map_err(|err| format!("cannot duplicate the namespace descriptor: {err}"))?;
+    let fd = netns
+        .try_clone()
+        .map_err(|err| NodeError::Internal(format!("cannot duplicate the namespace descriptor: {err}")))?;
     on_thread(move || {
         nix::sched::setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|err| format!("cannot enter the pod's network namespace: {err}"))?;
+            .map_err(|err| NodeError::Internal(format!("cannot enter the pod's network namespace: {err}")))?;
         bind_here(addr)
     })
 }
 
-fn bind_here(addr: SocketAddr) -> Result<TcpListener, String> {
-    let listener = TcpListener::bind(addr).map_err(|err| format!("cannot listen on {addr}: {err}"))?;
-    listener.set_nonblocking(true).map_err(|err| format!("cannot make the listener non-blocking: {err}"))?;
+fn bind_here(addr: SocketAddr) -> Result<TcpListener, NodeError> {
+    let listener = TcpListener::bind(addr).map_err(|err| {
+        let message = format!("cannot listen on {addr}: {err}");
+        if err.kind() == std::io::ErrorKind::AddrInUse {
+            NodeError::AlreadyExists(message)
+        } else {
+            NodeError::Internal(message)
+        }
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|err| NodeError::Internal(format!("cannot make the listener non-blocking: {err}")))?;
     Ok(listener)
 }
 
 /// Run `work` on a fresh OS thread (whose namespace changes die with it).
-fn on_thread<T: Send + 'static>(work: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+fn on_thread<T: Send + 'static>(work: impl FnOnce() -> Result<T, NodeError> + Send + 'static) -> Result<T, NodeError> {
     std::thread::Builder::new()
         .name("shoal-netns".into())
         .spawn(work)
-        .map_err(|err| format!("cannot start a thread: {err}"))?
+        .map_err(|err| NodeError::Internal(format!("cannot start a thread: {err}")))?
         .join()
-        .map_err(|_| "the namespace thread panicked".to_string())?
+        .map_err(|_| NodeError::Internal("the namespace thread panicked".to_string()))?
 }
 
 /// `ip link set lo up`, by the two ioctls it amounts to. Hand-written: a
 /// netlink crate for one flag on one interface is more code than this.
-fn loopback_up() -> Result<(), String> {
+fn loopback_up() -> Result<(), NodeError> {
     let socket = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Datagram,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|err| format!("cannot open a socket to configure lo: {err}"))?;
+    .map_err(|err| NodeError::Internal(format!("cannot open a socket to configure lo: {err}")))?;
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
@@ -80,13 +98,13 @@ fn loopback_up() -> Result<(), String> {
     // SAFETY: SIOCGIFFLAGS reads the name and writes ifru_flags of the
     // ifreq we own; the socket descriptor is valid for the call.
     if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
-        return Err(format!("cannot read lo's flags: {}", std::io::Error::last_os_error()));
+        return Err(NodeError::Internal(format!("cannot read lo's flags: {}", std::io::Error::last_os_error())));
     }
     // SAFETY: the union's flags member was just written by the kernel.
     unsafe { request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
     // SAFETY: as above; SIOCSIFFLAGS only reads the ifreq.
     if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
-        return Err(format!("cannot bring lo up: {}", std::io::Error::last_os_error()));
+        return Err(NodeError::Internal(format!("cannot bring lo up: {}", std::io::Error::last_os_error())));
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use super::error::NodeError;
 use crate::logs::{GuestLine, LogSink, Stream, TracingSink};
 
 /// A container's stdout and stderr FIFOs.
@@ -23,7 +24,7 @@ impl ContainerOutput {
     /// never fails with EPIPE while containerd restarts and reopens its
     /// end, non-blocking so a reader that stopped reading can only cost
     /// lines, never a host thread.
-    pub fn open(stdout: &str, stderr: &str) -> Result<ContainerOutput, String> {
+    pub fn open(stdout: &str, stderr: &str) -> Result<ContainerOutput, NodeError> {
         Ok(ContainerOutput { stdout: open_fifo(stdout)?.map(Mutex::new), stderr: open_fifo(stderr)?.map(Mutex::new) })
     }
 
@@ -43,18 +44,21 @@ impl ContainerOutput {
     }
 }
 
-fn open_fifo(path: &str) -> Result<Option<File>, String> {
+fn open_fifo(path: &str) -> Result<Option<File>, NodeError> {
     if path.is_empty() {
         return Ok(None);
     }
     let path = path.strip_prefix("file://").unwrap_or(path);
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(Path::new(path))
-        .map(Some)
-        .map_err(|err| format!("cannot open the container's output {path}: {err}"))
+    OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(Path::new(path)).map(Some).map_err(
+        |err| {
+            let message = format!("cannot open the container's output {path}: {err}");
+            if err.kind() == std::io::ErrorKind::NotFound {
+                NodeError::NotFound(message)
+            } else {
+                NodeError::Internal(message)
+            }
+        },
+    )
 }
 
 /// The host's log sink on a node: lines of a container's function go to

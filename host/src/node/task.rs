@@ -21,15 +21,16 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::{Message as _, MessageDyn, MessageField};
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::topics;
+use containerd_shim_protos::ttrpc;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::asynchronous::Service;
-use containerd_shim_protos::ttrpc::{self, Code};
 use tokio::sync::watch;
 
 use super::NodeConfig;
 use super::command::{self, Program};
 use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
 use super::containerd::ContainerRecord;
+use super::error::{NodeError, task_failed};
 use super::netns;
 use super::stdio::{ContainerOutput, ContainerSinks};
 use crate::host::Host;
@@ -100,10 +101,6 @@ impl Container {
 
 type Reply<T> = ttrpc::Result<T>;
 
-fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
-}
-
 fn timestamp(at: SystemTime) -> MessageField<Timestamp> {
     let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let mut stamp = Timestamp::new();
@@ -135,8 +132,8 @@ impl Node {
         self.containers.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    fn get(&self, id: &str) -> Reply<Arc<Container>> {
-        self.lock().get(id).cloned().ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))
+    fn get(&self, id: &str) -> Result<Arc<Container>, NodeError> {
+        self.lock().get(id).cloned().ok_or_else(|| NodeError::NotFound(format!("container {id} not found")))
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -169,9 +166,14 @@ impl Node {
         futures_util::future::join_all(stops).await;
     }
 
-    async fn create(self: &Arc<Self>, request: CreateTaskRequest) -> Result<u32, String> {
+    async fn create(self: &Arc<Self>, request: CreateTaskRequest) -> Result<u32, NodeError> {
+        if self.lock().contains_key(&request.id) {
+            return Err(NodeError::AlreadyExists(format!("container {} already exists", request.id)));
+        }
         if request.terminal {
-            return Err("a terminal (tty) is not supported: run the container without -t".to_string());
+            return Err(NodeError::Unimplemented(
+                "a terminal (tty) is not supported: run the container without -t".to_string(),
+            ));
         }
         let bundle_path = PathBuf::from(&request.bundle);
         let rootfs = if request.rootfs.is_empty() {
@@ -181,17 +183,17 @@ impl Node {
             let mounts: Vec<_> =
                 request.rootfs.iter().map(|m| (m.type_.clone(), m.source.clone(), m.options.clone())).collect();
             let mount_target = target.clone();
-            tokio::task::spawn_blocking(move || -> Result<(), String> {
+            tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
                 std::fs::create_dir_all(&mount_target)
-                    .map_err(|err| format!("cannot create {}: {err}", mount_target.display()))?;
+                    .map_err(|err| NodeError::Internal(format!("cannot create {}: {err}", mount_target.display())))?;
                 for (fs_type, source, options) in &mounts {
                     containerd_shim::mount::mount_rootfs(Some(fs_type), Some(source), options, &mount_target)
-                        .map_err(|err| format!("cannot mount the rootfs ({fs_type}): {err}"))?;
+                        .map_err(|err| NodeError::Internal(format!("cannot mount the rootfs ({fs_type}): {err}")))?;
                 }
                 Ok(())
             })
             .await
-            .map_err(|err| err.to_string())??;
+            .map_err(task_failed("mounting the rootfs"))??;
             Some(target)
         };
         match self.prepare(&request, &bundle_path, rootfs.clone()).await {
@@ -229,7 +231,7 @@ impl Node {
         request: &CreateTaskRequest,
         bundle_path: &std::path::Path,
         rootfs: Option<PathBuf>,
-    ) -> Result<Arc<Container>, String> {
+    ) -> Result<Arc<Container>, NodeError> {
         let id = request.id.clone();
         let bundle = Bundle::load(bundle_path)?;
         let function = function_name(&id, bundle.container_name().as_deref());
@@ -254,10 +256,10 @@ impl Node {
                     command::is_program(&engine, &probe).then(|| command::compile(&engine, &probe))
                 })
                 .await
-                .map_err(|err| err.to_string())?;
+                .map_err(task_failed("compiling the program"))?;
                 match program {
                     Some(program) => {
-                        let program = program.map_err(|err| format!("{entry}: {err}"))?;
+                        let program = program.map_err(|err| err.context(&entry))?;
                         let kind = Kind::Command {
                             program,
                             args: bundle.args(),
@@ -274,7 +276,11 @@ impl Node {
                             None => self.open_netns(&bundle.netns())?,
                         };
                         let item = DeployItem { spec, wasm: wasm.into() };
-                        self.host.registry().deploy(vec![item]).await.map_err(|err| format!("{entry}: {err}"))?;
+                        self.host
+                            .registry()
+                            .deploy(vec![item])
+                            .await
+                            .map_err(|source| NodeError::Deploy { entry: entry.clone(), source })?;
                         (Kind::Service { netns, port }, code_bytes)
                     }
                 }
@@ -302,11 +308,22 @@ impl Node {
     /// rootfs is empty (a CNCF wasm artifact image, which containerd does
     /// not unpack), the image's wasm layer from the content store. Returns
     /// what to call it in messages, a path for the spec, and the bytes.
-    async fn wasm_of(&self, bundle: &Bundle, record: &ContainerRecord) -> Result<(String, PathBuf, Vec<u8>), String> {
+    async fn wasm_of(
+        &self,
+        bundle: &Bundle,
+        record: &ContainerRecord,
+    ) -> Result<(String, PathBuf, Vec<u8>), NodeError> {
         let from_rootfs = match bundle.entrypoint() {
             Ok((entry, file)) => match tokio::fs::read(&file).await {
                 Ok(wasm) => return Ok((entry, file, wasm)),
-                Err(err) => format!("cannot read the entrypoint {entry} from the image's rootfs: {err}"),
+                Err(err) => {
+                    let message = format!("cannot read the entrypoint {entry} from the image's rootfs: {err}");
+                    if err.kind() == std::io::ErrorKind::NotFound {
+                        NodeError::NotFound(message)
+                    } else {
+                        NodeError::InvalidArgument(message)
+                    }
+                }
             },
             Err(err) => err,
         };
@@ -314,15 +331,14 @@ impl Node {
         if record.image.is_empty() || !rootfs_empty {
             return Err(from_rootfs);
         }
-        let (digest, wasm) =
-            super::containerd::artifact_wasm(&self.containerd, &self.namespace, &record.image)
-                .await
-                .map_err(|err| format!("the rootfs is empty and the image is not a wasm artifact: {err}"))?;
+        let (digest, wasm) = super::containerd::artifact_wasm(&self.containerd, &self.namespace, &record.image)
+            .await
+            .map_err(|err| err.context("the rootfs is empty and the image is not a wasm artifact"))?;
         let name = format!("{}@{digest}", record.image);
         Ok((name.clone(), PathBuf::from(name), wasm))
     }
 
-    fn open_netns(&self, netns: &Netns) -> Result<Option<Arc<OwnedFd>>, String> {
+    fn open_netns(&self, netns: &Netns) -> Result<Option<Arc<OwnedFd>>, NodeError> {
         match netns {
             Netns::Path(path) => netns::open(path).map(|fd| Some(Arc::new(fd))),
             Netns::New => netns::create().map(|fd| Some(Arc::new(fd))),
@@ -341,9 +357,9 @@ impl Node {
         }
     }
 
-    async fn start(self: &Arc<Self>, container: Arc<Container>) -> Result<u32, String> {
+    async fn start(self: &Arc<Self>, container: Arc<Container>) -> Result<u32, NodeError> {
         if container.state() != TaskState::Created {
-            return Err(format!("container {} was already started", container.id));
+            return Err(NodeError::FailedPrecondition("it was already started".to_string()));
         }
         match &container.kind {
             Kind::Sandbox { .. } => {}
@@ -351,7 +367,7 @@ impl Node {
                 let addr = std::net::SocketAddr::from(([0, 0, 0, 0], *port));
                 let listener = netns::bind(netns.as_deref(), addr)?;
                 let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|err| format!("cannot serve the listener: {err}"))?;
+                    .map_err(|err| NodeError::Internal(format!("cannot serve the listener: {err}")))?;
                 let serve = serve_routed(
                     listener,
                     self.host.clone(),
@@ -447,7 +463,7 @@ impl Node {
         self.exit(container, signalled(SIGKILL)).await;
     }
 
-    async fn kill(self: &Arc<Self>, container: Arc<Container>, signal: u32) -> Result<(), String> {
+    async fn kill(self: &Arc<Self>, container: Arc<Container>, signal: u32) -> Result<(), NodeError> {
         match container.state() {
             TaskState::Stopped { .. } => Ok(()),
             TaskState::Created => {
@@ -473,11 +489,11 @@ impl Node {
         }
     }
 
-    async fn delete(&self, id: &str) -> Reply<DeleteResponse> {
+    async fn delete(&self, id: &str) -> Result<DeleteResponse, NodeError> {
         let container = self.get(id)?;
         let (status, at) = match container.state() {
             TaskState::Running => {
-                return Err(status(Code::FAILED_PRECONDITION, format!("container {id} is running: kill it first")));
+                return Err(NodeError::FailedPrecondition(format!("container {id} is running: kill it first")));
             }
             TaskState::Created => {
                 if matches!(container.kind, Kind::Service { .. }) {
@@ -570,17 +586,14 @@ pub fn services(service: Arc<TaskService>) -> Vec<(String, Service)> {
 impl Task for TaskService {
     async fn create(&self, _ctx: &TtrpcContext, request: CreateTaskRequest) -> Reply<CreateTaskResponse> {
         let id = request.id.clone();
-        if self.node.lock().contains_key(&id) {
-            return Err(status(Code::ALREADY_EXISTS, format!("container {id} already exists")));
-        }
         match self.node.create(request).await {
             Ok(pid) => {
                 tracing::info!(container = %id, "created");
                 Ok(CreateTaskResponse { pid, ..Default::default() })
             }
             Err(err) => {
-                tracing::warn!(container = %id, error = %err, "create failed");
-                Err(status(Code::INVALID_ARGUMENT, format!("shoal: container {id}: {err}")))
+                tracing::warn!(container = %id, error = %err, code = ?err.code(), "create failed");
+                Err(err.for_container(&id))
             }
         }
     }
@@ -589,7 +602,7 @@ impl Task for TaskService {
         let container = self.node.get(&request.id)?;
         match self.node.start(container).await {
             Ok(pid) => Ok(StartResponse { pid, ..Default::default() }),
-            Err(err) => Err(status(Code::FAILED_PRECONDITION, format!("shoal: container {}: {err}", request.id))),
+            Err(err) => Err(err.for_container(&request.id)),
         }
     }
 
@@ -619,27 +632,26 @@ impl Task for TaskService {
 
     async fn kill(&self, _ctx: &TtrpcContext, request: KillRequest) -> Reply<Empty> {
         let container = self.node.get(&request.id)?;
-        self.node.kill(container, request.signal).await.map_err(|err| status(Code::FAILED_PRECONDITION, err))?;
+        self.node.kill(container, request.signal).await.map_err(|err| err.for_container(&request.id))?;
         Ok(Empty::new())
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, request: WaitRequest) -> Reply<WaitResponse> {
         let container = self.node.get(&request.id)?;
         let mut state = container.state.subscribe();
-        let stopped = state
-            .wait_for(|state| matches!(state, TaskState::Stopped { .. }))
-            .await
-            .map(|state| *state)
-            .map_err(|_| status(Code::INTERNAL, "the container's state is gone"))?;
+        let stopped =
+            state.wait_for(|state| matches!(state, TaskState::Stopped { .. })).await.map(|state| *state).map_err(
+                |_| NodeError::Internal("the container's state is gone".to_string()).for_container(&request.id),
+            )?;
         let TaskState::Stopped { status, at } = stopped else { unreachable!("waited for Stopped") };
         Ok(WaitResponse { exit_status: status, exited_at: timestamp(at), ..Default::default() })
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, request: DeleteRequest) -> Reply<DeleteResponse> {
         if !request.exec_id.is_empty() {
-            return Err(status(Code::NOT_FOUND, format!("exec {} not found", request.exec_id)));
+            return Err(NodeError::NotFound(format!("exec {} not found", request.exec_id)).into());
         }
-        self.node.delete(&request.id).await
+        self.node.delete(&request.id).await.map_err(|err| err.for_container(&request.id))
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, request: PidsRequest) -> Reply<PidsResponse> {
@@ -677,7 +689,9 @@ impl Task for TaskService {
         // without the type.googleapis.com/ prefix `Any::pack` would add.
         let mut stats = Any::new();
         stats.type_url = "io.containerd.cgroups.v2.Metrics".to_string();
-        stats.value = metrics.write_to_bytes().map_err(|err| status(Code::INTERNAL, err.to_string()))?;
+        stats.value = metrics
+            .write_to_bytes()
+            .map_err(|err| NodeError::Internal(format!("cannot encode the stats: {err}")).for_container(&request.id))?;
         Ok(StatsResponse { stats: MessageField::some(stats), ..Default::default() })
     }
 }

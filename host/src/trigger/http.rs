@@ -14,8 +14,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::dispatch::{REQUEST_ID_HEADER, ShoalBody, text_response};
 use crate::host::Host;
+use crate::request::{REQUEST_ID_HEADER, ShoalBody, text_response};
 
 /// Which functions a listener serves.
 #[derive(Debug, Clone)]

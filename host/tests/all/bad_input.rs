@@ -142,3 +142,62 @@ async fn each_denied_call_is_logged_with_function_capability_and_request_id() {
         assert!(line.contains("function=\"intruder\"") && line.contains("request_id=\"intrusion-1\""), "{line}");
     }
 }
+
+/// POST `body` to the admin API's deploy endpoint as it is (no CLI in
+/// between, as any other client could); the status and the response text.
+fn admin_deploy_raw(socket: &Path, body: &[u8]) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let head = format!(
+        "POST /v1/functions HTTP/1.1\r\nHost: shoal\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (status, response)
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_what_the_manifest_would_refuse() {
+    use base64::Engine as _;
+    let state = tempfile::tempdir().unwrap();
+    let good = write_manifest(state.path(), &manifest_entry("hello", "hello", "/hello"));
+    let host = HostProcess::spawn(state.path(), Some(&good));
+    let socket = state.path().join("admin.sock");
+
+    let text = manifest_entry("other", "hello", "/other");
+    let spec = shoal::manifest::Manifest::parse(&text, Path::new("shoal.toml")).unwrap().resolve().unwrap().remove(0);
+    let wasm = base64::engine::general_purpose::STANDARD.encode(std::fs::read(guest("hello")).unwrap());
+    let deploy_with = |field: &[&str], value: serde_json::Value| {
+        let mut spec = serde_json::to_value(&spec).unwrap();
+        let mut slot = &mut spec;
+        for key in field {
+            slot = &mut slot[*key];
+        }
+        *slot = value;
+        let body = serde_json::json!({ "functions": [{ "spec": spec, "wasm_base64": wasm }] });
+        admin_deploy_raw(&socket, &serde_json::to_vec(&body).unwrap())
+    };
+
+    let (status, response) = deploy_with(&["limits", "max_concurrency"], 0.into());
+    assert_eq!(status, 422, "{response}");
+    assert!(response.contains("limits.max_concurrency must be greater than 0"), "{response}");
+
+    let (status, response) = deploy_with(&["weight"], 0.into());
+    assert_eq!(status, 422, "{response}");
+    assert!(response.contains("weight 0"), "a lone version of weight 0 could serve nothing: {response}");
+
+    let (status, response) = deploy_with(&["name"], "Not_A_Name".into());
+    assert_eq!(status, 422, "{response}");
+    assert!(response.contains("invalid name \\\"Not_A_Name\\\""), "{response}");
+
+    // Nothing was deployed, and the host serves on.
+    let listed = String::from_utf8_lossy(&host.cli(&["ls"]).stdout).into_owned();
+    assert!(!listed.contains("other"), "{listed}");
+    let reply = reqwest::get(host.url("/hello")).await.unwrap();
+    assert_eq!(reply.status(), 200);
+}

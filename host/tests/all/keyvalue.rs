@@ -62,7 +62,7 @@ async fn oversized_keys_and_values_get_error_values_not_host_memory() {
 async fn a_flood_of_abi_calls_meets_the_rate_limit() {
     let host = TestHost::start().await;
     let mut kv = kv_spec(&["default:*"]);
-    kv.limits.abi_calls_per_second = 5;
+    kv.limits.abi_calls_per_second = std::num::NonZeroU32::new(5).unwrap();
     host.deploy(vec![kv]).await;
     let mut statuses = Vec::new();
     for _ in 0..20 {

@@ -188,6 +188,9 @@ async fn ctr_run_of_an_image_whose_wasm_is_missing_fails_with_a_clear_error() {
     let out = text(&output);
     assert!(!output.status.success());
     assert!(out.contains("/nothing-here.wasm"), "the error names the missing entrypoint: {out}");
+    // The host answers NOT_FOUND, which containerd carries to its client as
+    // such ("...: not found"), not as an invalid argument.
+    assert!(out.contains(": not found"), "containerd sees NOT_FOUND: {out}");
     // The host that refused it keeps serving.
     let output =
         containerd.ctr("default", &["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "right"]);

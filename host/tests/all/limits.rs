@@ -36,7 +36,7 @@ async fn a_guest_blocked_in_a_host_call_is_cut_off_at_its_timeout() {
 async fn a_request_that_burns_its_fuel_gets_503_naming_the_limit() {
     let host = TestHost::start().await;
     let mut fib = spec("fib", "fib", "/fib");
-    fib.limits.fuel_per_request = Some(5_000_000);
+    fib.limits.fuel_per_request = std::num::NonZeroU64::new(5_000_000);
     host.deploy(vec![fib]).await;
 
     let small = host.get("/fib?n=10").await;
@@ -79,7 +79,7 @@ async fn a_panicking_handler_gets_500_and_its_instance_is_discarded() {
 async fn requests_past_max_concurrency_wait_briefly_then_get_503_with_retry_after() {
     let host = TestHost::start().await;
     let mut slow = spec("slow", "slow", "/slow");
-    slow.limits.max_concurrency = 1;
+    slow.limits.max_concurrency = std::num::NonZeroU32::MIN;
     slow.limits.queue_timeout = Duration::from_millis(100);
     host.deploy(vec![slow]).await;
 
@@ -106,7 +106,7 @@ async fn requests_past_max_concurrency_wait_briefly_then_get_503_with_retry_afte
 async fn a_queued_request_is_served_when_a_slot_frees_within_queue_timeout() {
     let host = TestHost::start().await;
     let mut slow = spec("slow", "slow", "/slow");
-    slow.limits.max_concurrency = 1;
+    slow.limits.max_concurrency = std::num::NonZeroU32::MIN;
     slow.limits.queue_timeout = Duration::from_secs(10);
     host.deploy(vec![slow]).await;
     let (a, b) = tokio::join!(host.get("/slow?ms=200"), host.get("/slow?ms=200"));

@@ -16,6 +16,7 @@ mod invoke;
 mod isolation;
 mod keyvalue;
 mod kubernetes;
+mod layering;
 mod ledger;
 mod limits;
 mod metering;

@@ -31,7 +31,7 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
         engine: options,
         ..shoal::host::HostConfig::new()
     };
-    let first = shoal::host::Host::start(config.clone()).await.unwrap();
+    let first = shoal::server::RunningHost::start(config.clone()).await.unwrap();
     let report =
         first.host().registry().deploy(vec![crate::support::item(spec("hello", "hello", "/h"))]).await.unwrap();
     assert_eq!(report[0].source, "compiled");
@@ -39,7 +39,7 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
     assert_eq!(again[0].source, "unchanged", "same wasm and limits: nothing to do");
     first.shutdown().await;
 
-    let second = shoal::host::Host::start(config).await.unwrap();
+    let second = shoal::server::RunningHost::start(config).await.unwrap();
     let report = second.host().registry().deploy(vec![crate::support::item(spec("hi", "hello", "/h"))]).await.unwrap();
     assert_eq!(report[0].source, "cache");
     second.shutdown().await;

@@ -85,7 +85,7 @@ async fn publishing_or_subscribing_needs_a_grant() {
 async fn a_publish_storm_meets_the_publish_rate_limit() {
     let host = TestHost::start().await;
     let mut storm = publisher("orders");
-    storm.limits.publish_per_second = 10;
+    storm.limits.publish_per_second = std::num::NonZeroU32::new(10).unwrap();
     host.deploy(vec![storm]).await;
     let reply = host.client.post(host.url("/pub/publish?topic=orders&count=1000")).body("x").send().await.unwrap();
     assert_eq!(reply.status(), 429);

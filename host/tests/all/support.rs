@@ -5,10 +5,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use shoal::engine::EngineOptions;
-use shoal::host::{Host, HostConfig, RunningHost};
+use shoal::host::HostConfig;
 use shoal::logs::{MemorySink, OwnedLine};
 use shoal::manifest::{FunctionSpec, Limits, Route};
 use shoal::registry::{DeployItem, DeployReport};
+use shoal::server::RunningHost;
 
 /// The repository's `functions/` folder.
 pub fn functions_dir() -> PathBuf {
@@ -41,7 +42,7 @@ pub fn guest(name: &str) -> PathBuf {
 /// A spec for guest `wasm` deployed as `name` on `route`.
 pub fn spec(name: &str, wasm: &str, route: &str) -> FunctionSpec {
     FunctionSpec {
-        name: name.to_string(),
+        name: shoal::manifest::FunctionName::new(name).expect("valid name"),
         version: None,
         wasm: guest(wasm),
         routes: vec![Route::parse(route).expect("valid route")],
@@ -108,7 +109,7 @@ impl TestHost {
         };
         let mut config = config;
         configure(&mut config);
-        let running = Host::start(config).await.expect("host starts");
+        let running = RunningHost::start(config).await.expect("host starts");
         TestHost { running, logs, client: reqwest::Client::new(), state: None }
     }
 

@@ -1,0 +1,97 @@
+//! The data of an instance's [`Store`](wasmtime::Store): what the guest's
+//! imports reach (WASI, `wasi:http`, the Runtime ABI) and what the host
+//! keeps per instance to bound and meter it (memory meter, deadline, epoch
+//! ticks, output).
+//!
+//! Each interface sees only its own slice of it, through a view
+//! (`WasiView`, `WasiHttpView`, [`AbiHost`]); the linker of
+//! [`crate::function::Runtime`] is built over this type.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::abi::{AbiHost, AbiState, AbiView, FunctionCaps, OutboundHttp, Services};
+use crate::limits::MemoryMeter;
+use crate::logs::{InstanceLog, Stream};
+
+/// The data of an instance's store.
+pub struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    outbound: OutboundHttp,
+    abi: AbiState,
+    pub(crate) memory: MemoryMeter,
+    /// When the current call must end.
+    pub(crate) deadline: Instant,
+    /// Epoch ticks the current call has run through.
+    pub(crate) ticks: u32,
+    pub(crate) log: Arc<InstanceLog>,
+}
+
+impl GuestState {
+    /// The state of a new instance: its output goes to `log`, its ABI calls
+    /// are checked against `caps`, and it may grow its memory to
+    /// `memory_bytes`; its first call must end by `deadline`.
+    pub fn new(
+        caps: Arc<FunctionCaps>,
+        services: Arc<Services>,
+        log: Arc<InstanceLog>,
+        memory_bytes: u64,
+        deadline: Instant,
+    ) -> GuestState {
+        let wasi = WasiCtx::builder()
+            .stdout(log.output(Stream::Stdout))
+            .stderr(log.output(Stream::Stderr))
+            .args(&[log.function()])
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        GuestState {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            outbound: OutboundHttp::new(caps.clone(), services.clone(), log.clone()),
+            abi: AbiState::new(caps, services, log.clone()),
+            memory: MemoryMeter::new(memory_bytes),
+            deadline,
+            ticks: 0,
+            log,
+        }
+    }
+
+    /// Tag the instance's output and ABI calls with the request it now
+    /// serves, at nesting depth `depth`.
+    pub fn begin_request(&mut self, request_id: Arc<str>, depth: u32) {
+        self.log.set_request(Some(request_id));
+        self.abi.begin_request(depth);
+    }
+
+    /// The request is over: output is no longer tagged with it.
+    pub fn end_request(&mut self) {
+        self.log.set_request(None);
+    }
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
+impl AbiHost for GuestState {
+    fn abi(&mut self) -> AbiView<'_> {
+        AbiView { state: &mut self.abi, table: &mut self.table }
+    }
+}

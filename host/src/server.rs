@@ -1,0 +1,173 @@
+//! A Shoal host that serves: [`RunningHost::start`] builds the [`Host`],
+//! restores the persisted functions, binds the listeners and starts the
+//! tasks — the HTTP trigger, the admin API, the event trigger, idle
+//! reclaim and ledger syncing. [`RunningHost::shutdown`] is the graceful
+//! path (SIGTERM): stop accepting, let requests finish, run `destroy` on
+//! every instance, sync the ledger.
+//!
+//! This is the top of the house: it depends on the triggers and the admin
+//! API, which depend on [`Host`], never the other way round.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::Error;
+use crate::host::{Host, HostConfig};
+use crate::metering::{Ledger, SYNC_INTERVAL};
+
+/// How often idle instances are looked for.
+const REAP_INTERVAL: Duration = Duration::from_millis(100);
+
+impl RunningHost {
+    /// Build a host and start serving.
+    pub async fn start(config: HostConfig) -> Result<RunningHost, Error> {
+        let host = Host::build(&config).await?;
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.listen))?;
+        let http_addr = listener.local_addr().map_err(anyhow::Error::from)?;
+        let admin_listener = match &config.admin_socket {
+            Some(path) => Some(bind_unix(path)?),
+            None => None,
+        };
+
+        let restored = host.registry().restore().await?;
+        if !restored.is_empty() {
+            tracing::info!(versions = restored.len(), "restored deployed functions");
+        }
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(crate::trigger::http::serve(listener, host.clone(), shutdown_rx.clone()));
+        if let Some(listener) = admin_listener {
+            tasks.spawn(crate::admin::serve(listener, host.clone(), shutdown_rx.clone()));
+        }
+        tasks.spawn(reap_idle(host.clone(), shutdown_rx.clone()));
+        // Registered here, not in the task: a deploy right after `start`
+        // already waits for its subscriptions.
+        let changes = host.registry().changes();
+        tasks.spawn(crate::trigger::events::serve(
+            host.clone(),
+            host.services().broker.clone(),
+            changes,
+            shutdown_rx.clone(),
+        ));
+        if let Some(ledger) = host.ledger() {
+            tasks.spawn(sync_ledger(ledger.clone(), shutdown_rx.clone()));
+        }
+        host.set_ready(true);
+        Ok(RunningHost {
+            host,
+            http_addr,
+            admin_socket: config.admin_socket,
+            shutdown_tx,
+            tasks,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+}
+
+fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    }
+    // A socket file left by a host that died is stale; one that answers
+    // belongs to a live host, which we must not steal from.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Internal(anyhow::anyhow!(
+                "another Shoal host is already serving the admin socket {}",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    tokio::net::UnixListener::bind(path)
+        .map_err(|err| Error::Internal(anyhow::anyhow!("cannot bind admin socket {}: {err}", path.display())))
+}
+
+async fn reap_idle(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(REAP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = Instant::now();
+        for pool in host.registry().pools() {
+            let reaped = pool.reap_idle(now);
+            if reaped > 0 {
+                tracing::debug!(function = pool.function().name(), reaped, "scaled down idle instances");
+            }
+        }
+    }
+}
+
+async fn sync_ledger(ledger: Arc<Ledger>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let ledger = ledger.clone();
+        let result = tokio::task::spawn_blocking(move || ledger.sync()).await;
+        if let Ok(Err(err)) = result {
+            tracing::error!(error = %err, "cannot sync the usage ledger");
+        }
+    }
+}
+
+/// A host that is serving.
+pub struct RunningHost {
+    host: Arc<Host>,
+    http_addr: SocketAddr,
+    admin_socket: Option<PathBuf>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    drain_timeout: Duration,
+}
+
+impl RunningHost {
+    /// The shared host state.
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+
+    /// The address the HTTP trigger is bound to.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The admin socket, if any.
+    pub fn admin_socket(&self) -> Option<&std::path::Path> {
+        self.admin_socket.as_deref()
+    }
+
+    /// Graceful stop: refuse new connections, let requests finish, run
+    /// `destroy` on every instance, sync the ledger.
+    pub async fn shutdown(mut self) {
+        self.host.set_ready(false);
+        let _ = self.shutdown_tx.send(true);
+        let drain_timeout = self.drain_timeout;
+        // Listeners stop at once; open connections finish within the drain time.
+        let _ = tokio::time::timeout(drain_timeout, async { while self.tasks.join_next().await.is_some() {} }).await;
+        self.tasks.abort_all();
+        self.host.registry().drain_all(drain_timeout).await;
+        if let Some(ledger) = self.host.ledger()
+            && let Err(err) = ledger.sync()
+        {
+            tracing::error!(error = %err, "cannot sync the usage ledger");
+        }
+        if let Some(path) = &self.admin_socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
