@@ -437,14 +437,13 @@ async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<Ex
     let items = manifest.map(load_manifest).transpose()?;
     let mut signals = StopSignals::install().context("cannot install the SIGTERM/SIGINT handlers")?;
     let listen = config.listen;
-    let running = RunningHost::start(config).await.context("cannot start the host")?;
-    if let Some(items) = items {
-        let reports = running.host().registry().deploy(items).await;
-        if let Err(err) = reports {
-            running.shutdown().await;
-            return Err(err).context("cannot deploy the manifest");
-        }
-    }
+    // Ready (for `/readyz`) only once the manifest's functions are served.
+    let running = match items {
+        Some(items) => RunningHost::start_with(config, items)
+            .await
+            .context("cannot start the host with the manifest's functions")?,
+        None => RunningHost::start(config).await.context("cannot start the host")?,
+    };
     let addr = running.http_addr();
     let functions = running.host().registry().list().await;
     println!("shoal: serving {} function(s) on http://{addr} (requested {listen})", functions.len());

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::Error;
 use crate::host::{Host, HostConfig};
 use crate::metering::{Ledger, SYNC_INTERVAL};
+use crate::registry::DeployItem;
 
 /// How often idle instances are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(100);
@@ -26,6 +27,14 @@ const REAP_INTERVAL: Duration = Duration::from_millis(100);
 impl RunningHost {
     /// Build a host and start serving.
     pub async fn start(config: HostConfig) -> Result<RunningHost, Error> {
+        RunningHost::start_with(config, Vec::new()).await
+    }
+
+    /// Build a host, restore what it persisted, deploy `items` (a
+    /// manifest's functions), and only then say it is ready: `/readyz`
+    /// answers "ready" once every function given is served. If the deploy
+    /// fails, the host is shut down again and the error returned.
+    pub async fn start_with(config: HostConfig, items: Vec<DeployItem>) -> Result<RunningHost, Error> {
         let host = Host::build(&config).await?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -61,15 +70,22 @@ impl RunningHost {
         if let Some(ledger) = host.ledger() {
             tasks.spawn(sync_ledger(ledger.clone(), shutdown_rx.clone()));
         }
-        host.set_ready(true);
-        Ok(RunningHost {
+        let running = RunningHost {
             host,
             http_addr,
             admin_socket: config.admin_socket,
             shutdown_tx,
             tasks,
             drain_timeout: config.drain_timeout,
-        })
+        };
+        if !items.is_empty()
+            && let Err(err) = running.host.registry().deploy(items).await
+        {
+            running.shutdown().await;
+            return Err(err);
+        }
+        running.host.set_ready(true);
+        Ok(running)
     }
 }
 

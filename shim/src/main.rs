@@ -243,6 +243,16 @@ fn main() {
     // `start` answers with the bare address: containerd 1.x reads nothing
     // else, and 2.x takes a bare address as the v2 task API (which the node
     // host serves). The crate's `run` would answer 1.x with JSON.
+    // `-v` answers before the crate's `run`, which insists on a socket first.
+    if let Ok(flags) = containerd_shim::parse(&args[1..])
+        && flags.version
+    {
+        println!(
+            "containerd-shim-shoal-v1:\n  Runtime: io.containerd.shoal.v1\n  Version: {}",
+            env!("CARGO_PKG_VERSION")
+        );
+        std::process::exit(0);
+    }
     if let Ok(flags) = containerd_shim::parse(&args[1..])
         && flags.action == "start"
     {

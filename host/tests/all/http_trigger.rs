@@ -67,3 +67,45 @@ async fn metrics_count_requests_errors_by_kind_cold_starts_and_instances_per_fun
         assert!(value > 0.0, "{line}");
     }
 }
+
+#[tokio::test]
+async fn readyz_says_ready_only_once_the_manifests_functions_answer() {
+    // A load balancer probes the port from the moment it opens; every
+    // "ready" it sees must mean the functions are there to serve.
+    let state = tempfile::tempdir().unwrap();
+    let manifest =
+        crate::support::write_manifest(state.path(), &crate::support::manifest_entry("hello", "hello", "/hello"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(crate::support::shoal_bin())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["serve", "--listen", &addr])
+        .arg(&manifest)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (mut not_ready, mut ready) = (0, false);
+    while std::time::Instant::now() < deadline {
+        match client.get(format!("http://{addr}/readyz")).send().await {
+            Ok(reply) if reply.status() == 200 => {
+                let hello = client.get(format!("http://{addr}/hello")).send().await.unwrap();
+                assert_eq!(hello.status(), 200, "ready, but /hello answered {}", hello.status());
+                ready = true;
+                break;
+            }
+            Ok(reply) => {
+                assert_eq!(reply.status(), 503);
+                not_ready += 1;
+            }
+            Err(_) => {} // not listening yet
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready, "never ready within 60 s ({not_ready} not-ready answers)");
+}
