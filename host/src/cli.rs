@@ -76,6 +76,9 @@ enum Command {
         /// containerd's ttrpc socket (task events) [default: <containerd>.ttrpc].
         #[arg(long)]
         ttrpc_address: Option<String>,
+        /// The largest wasm file read out of a container's image, in MiB.
+        #[arg(long, default_value_t = crate::node::DEFAULT_MAX_WASM_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        max_wasm_mb: u64,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -260,7 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             serve(manifest.as_deref(), config).await
         }
-        Command::Node { socket, namespace, containerd, ttrpc_address, host } => {
+        Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, host } => {
             let (engine, drain_timeout) = host.apply();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
             let config = crate::node::NodeConfig {
@@ -271,6 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_dir: cli.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/shoal/node")),
                 engine,
                 drain_timeout,
+                max_wasm_bytes: max_wasm_mb << 20,
             };
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)

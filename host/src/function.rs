@@ -18,7 +18,7 @@ use crate::abi::bindings::exports::shoal::runtime::lifecycle::GuestIndices as Li
 use crate::abi::{FunctionCaps, Services};
 use crate::engine::{CompileSource, WasmEngine};
 use crate::guest::GuestState;
-use crate::logs::LogSink;
+use crate::logs::{LogBudget, LogSink};
 use crate::manifest::FunctionSpec;
 
 /// The engine and linker shared by every function of a host.
@@ -100,6 +100,10 @@ impl Runtime {
             return Err(Error::MissingHandler { function });
         }
         let caps = FunctionCaps::new(&spec);
+        let log_budget = {
+            let (metrics, name) = (self.services.metrics.clone(), spec.name.to_string());
+            LogBudget::new(spec.limits.log_bytes_per_second, Box::new(move |lines| metrics.log_dropped(&name, lines)))
+        };
 
         let compiled = CompiledFunction {
             inner: Arc::new(CompiledInner {
@@ -111,6 +115,7 @@ impl Runtime {
                 lifecycle,
                 events,
                 log_sink,
+                log_budget,
                 caps,
                 services: self.services.clone(),
             }),
@@ -137,6 +142,8 @@ pub(crate) struct CompiledInner {
     pub(crate) lifecycle: Option<LifecycleIndices>,
     pub(crate) events: Option<EventsIndices>,
     pub(crate) log_sink: Arc<dyn LogSink>,
+    /// The output budget all instances of this version share.
+    pub(crate) log_budget: Arc<LogBudget>,
     pub(crate) caps: Arc<FunctionCaps>,
     pub(crate) services: Arc<Services>,
 }

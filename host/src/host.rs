@@ -127,6 +127,11 @@ impl Host {
         &self.metrics
     }
 
+    /// The metrics, shared (for what outlives a borrow of the host).
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// The usage ledger, when the host has a state directory.
     pub fn ledger(&self) -> Option<&Arc<Ledger>> {
         self.ledger.as_ref()

@@ -78,6 +78,7 @@ impl Instance {
             Arc::from(spec.name.as_str()),
             Arc::from(spec.version.as_deref().unwrap_or("")),
             inner.log_sink.clone(),
+            inner.log_budget.clone(),
         );
         let state = GuestState::new(
             inner.caps.clone(),

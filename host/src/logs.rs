@@ -6,8 +6,18 @@
 //! to the request that wrote it. The default sink, [`TracingSink`], emits a
 //! `tracing` event per line; the Kubernetes path gives each container a sink
 //! that writes to its stdio FIFOs.
+//!
+//! Output is bounded per function: a [`LogBudget`] (the function's
+//! `log_bytes_per_second`, shared by its instances) drops the lines past
+//! it, counts them, and reports how many with one line of the host's own
+//! before the next line that fits — so a guest writing in a loop costs the
+//! node a bounded amount of log, not its disk.
 
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use governor::{DefaultDirectRateLimiter, Quota};
 
 use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -76,19 +86,68 @@ impl LogSink for TracingSink {
     }
 }
 
+/// How much output a function's instances may write, together: bytes per
+/// second, with a burst of one second's worth (at least one whole line).
+pub struct LogBudget {
+    limiter: DefaultDirectRateLimiter,
+    bytes_per_second: NonZeroU32,
+    /// Lines dropped since the last one that was written.
+    unreported: AtomicU64,
+    /// Told how many lines were dropped, as they are (for metrics).
+    on_drop: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl LogBudget {
+    /// A budget of `bytes_per_second`; `on_drop` hears of every dropped line.
+    pub fn new(bytes_per_second: NonZeroU32, on_drop: Box<dyn Fn(u64) + Send + Sync>) -> Arc<LogBudget> {
+        let burst = bytes_per_second.max(NonZeroU32::new(MAX_LINE_BYTES as u32 + 1).expect("invariant: not zero"));
+        let quota = Quota::per_second(bytes_per_second).allow_burst(burst);
+        Arc::new(LogBudget {
+            limiter: DefaultDirectRateLimiter::direct(quota),
+            bytes_per_second,
+            unreported: AtomicU64::new(0),
+            on_drop,
+        })
+    }
+
+    /// Whether a line of `bytes` may be written now: `Some(n)` yes, after
+    /// reporting the `n` lines dropped before it; `None`: drop it.
+    fn admit(&self, bytes: usize) -> Option<u64> {
+        let cost =
+            NonZeroU32::new(bytes.saturating_add(1).min(u32::MAX as usize) as u32).expect("invariant: at least 1");
+        match self.limiter.check_n(cost) {
+            Ok(Ok(())) => Some(self.unreported.swap(0, Ordering::AcqRel)),
+            // Over the budget now (or a line longer than the burst, which
+            // cannot happen: lines are split at MAX_LINE_BYTES).
+            Ok(Err(_)) | Err(_) => {
+                self.unreported.fetch_add(1, Ordering::AcqRel);
+                (self.on_drop)(1);
+                None
+            }
+        }
+    }
+}
+
 /// One instance's logging context: whose output this is and which request
 /// it is serving right now.
 pub struct InstanceLog {
     function: Arc<str>,
     version: Arc<str>,
     sink: Arc<dyn LogSink>,
+    budget: Arc<LogBudget>,
     request_id: Mutex<Option<Arc<str>>>,
 }
 
 impl InstanceLog {
-    /// A context for one instance of `function`/`version`.
-    pub fn new(function: Arc<str>, version: Arc<str>, sink: Arc<dyn LogSink>) -> Arc<InstanceLog> {
-        Arc::new(InstanceLog { function, version, sink, request_id: Mutex::new(None) })
+    /// A context for one instance of `function`/`version`, whose output
+    /// counts against `budget` (shared by the function's instances).
+    pub fn new(
+        function: Arc<str>,
+        version: Arc<str>,
+        sink: Arc<dyn LogSink>,
+        budget: Arc<LogBudget>,
+    ) -> Arc<InstanceLog> {
+        Arc::new(InstanceLog { function, version, sink, budget, request_id: Mutex::new(None) })
     }
 
     /// The function whose instance this is.
@@ -112,9 +171,23 @@ impl InstanceLog {
     }
 
     fn emit(&self, stream: Stream, bytes: &[u8]) {
+        let Some(dropped) = self.budget.admit(bytes.len()) else { return };
+        let request_id = self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+        if dropped > 0 {
+            let report = format!(
+                "shoal: dropped {dropped} line(s) of output over log_bytes_per_second = {}",
+                self.budget.bytes_per_second
+            );
+            self.sink.line(GuestLine {
+                function: &self.function,
+                version: &self.version,
+                stream,
+                request_id: request_id.as_deref(),
+                text: &report,
+            });
+        }
         let text = String::from_utf8_lossy(bytes);
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        let request_id = self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
         self.sink.line(GuestLine {
             function: &self.function,
             version: &self.version,
@@ -270,10 +343,51 @@ impl LogSink for MemorySink {
 mod tests {
     use super::*;
 
+    fn ample() -> Arc<LogBudget> {
+        LogBudget::new(NonZeroU32::new(1 << 30).unwrap(), Box::new(|_| {}))
+    }
+
+    #[test]
+    fn lines_past_the_budget_are_dropped_counted_and_reported_before_the_next() {
+        let sink = Arc::new(MemorySink::default());
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        // 20 000 bytes a second; the burst is one line of MAX_LINE_BYTES.
+        let budget = LogBudget::new(
+            NonZeroU32::new(20_000).unwrap(),
+            Box::new(move |n| {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }),
+        );
+        let log = InstanceLog::new("f".into(), "1".into(), sink.clone(), budget);
+        let out = log.output(Stream::Stdout);
+        for _ in 0..10_000 {
+            out.shared.write(b"0123456789012345678901234567890123456789\n");
+        }
+        let flood = |lines: &[OwnedLine]| lines.iter().filter(|line| !line.text.starts_with("shoal:")).count();
+        let written = flood(&sink.lines());
+        assert!(written < 1_000, "{written} of 10000 lines got through a 20 kB/s budget");
+        assert_eq!(dropped.load(Ordering::Relaxed), 10_000 - written as u64);
+        std::thread::sleep(std::time::Duration::from_millis(100)); // 2 000 bytes of budget come back
+        out.shared.write(b"after the flood\n");
+        let lines = sink.lines();
+        // Every dropped line is reported, once, before a line that fits.
+        let reported: u64 = lines
+            .iter()
+            .filter_map(|line| line.text.strip_prefix("shoal: dropped "))
+            .map(|rest| rest.split(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(reported, 10_000 - written as u64);
+        let report = &lines[lines.len() - 2].text;
+        assert!(report.starts_with("shoal: dropped "), "{report}");
+        assert!(report.contains("line(s) of output over log_bytes_per_second = 20000"), "{report}");
+        assert_eq!(lines[lines.len() - 1].text, "after the flood");
+    }
+
     #[test]
     fn output_is_split_into_lines_tagged_with_the_request() {
         let sink = Arc::new(MemorySink::default());
-        let log = InstanceLog::new("f".into(), "1".into(), sink.clone());
+        let log = InstanceLog::new("f".into(), "1".into(), sink.clone(), ample());
         let out = log.output(Stream::Stdout);
         log.set_request(Some("req-1".into()));
         out.shared.write(b"hel");
@@ -289,7 +403,7 @@ mod tests {
     #[test]
     fn a_line_without_newline_is_split_at_the_cap_and_flushed_on_drop() {
         let sink = Arc::new(MemorySink::default());
-        let log = InstanceLog::new("f".into(), "1".into(), sink.clone());
+        let log = InstanceLog::new("f".into(), "1".into(), sink.clone(), ample());
         let out = log.output(Stream::Stderr);
         out.shared.write(&vec![b'x'; MAX_LINE_BYTES + 10]);
         assert_eq!(sink.lines().len(), 1);

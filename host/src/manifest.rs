@@ -108,6 +108,7 @@ struct RawLimits {
     message_max_bytes: Option<usize>,
     abi_calls_per_second: Option<u32>,
     publish_per_second: Option<u32>,
+    log_bytes_per_second: Option<u32>,
 }
 
 /// A function's name: lowercase letters, digits and `-`, 1 to 63 long,
@@ -429,6 +430,10 @@ pub struct Limits {
     /// Messages published per second, across the function's instances.
     #[serde(default = "defaults::publish_per_second", deserialize_with = "non_zero_field::publish_per_second")]
     pub publish_per_second: NonZeroU32,
+    /// Bytes of stdout and stderr per second, across the function's
+    /// instances; lines past it are dropped and counted.
+    #[serde(default = "defaults::log_bytes_per_second", deserialize_with = "non_zero_field::log_bytes_per_second")]
+    pub log_bytes_per_second: NonZeroU32,
 }
 
 /// Deserializing the `NonZero` limits with an error that names the field
@@ -454,6 +459,10 @@ mod non_zero_field {
 
     pub fn publish_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
         non_zero(deserializer, "publish_per_second")
+    }
+
+    pub fn log_bytes_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "log_bytes_per_second")
     }
 
     pub fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
@@ -484,6 +493,9 @@ mod defaults {
     pub fn publish_per_second() -> NonZeroU32 {
         NonZeroU32::new(1_000).expect("invariant: not zero")
     }
+    pub fn log_bytes_per_second() -> NonZeroU32 {
+        NonZeroU32::new(256 << 10).expect("invariant: not zero")
+    }
 }
 
 impl Default for Limits {
@@ -502,6 +514,7 @@ impl Default for Limits {
             message_max_bytes: defaults::message_max_bytes(),
             abi_calls_per_second: defaults::abi_calls_per_second(),
             publish_per_second: defaults::publish_per_second(),
+            log_bytes_per_second: defaults::log_bytes_per_second(),
         }
     }
 }
@@ -670,6 +683,11 @@ impl RawLimits {
                 defaults.abi_calls_per_second,
             )?,
             publish_per_second: non_zero(self.publish_per_second, "publish_per_second", defaults.publish_per_second)?,
+            log_bytes_per_second: non_zero(
+                self.log_bytes_per_second,
+                "log_bytes_per_second",
+                defaults.log_bytes_per_second,
+            )?,
         };
         limits.check()?;
         Ok(limits)

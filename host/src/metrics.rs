@@ -27,6 +27,7 @@ pub struct Metrics {
     abi_denied: IntCounterVec,
     abi_limited: IntCounterVec,
     deliveries: IntCounterVec,
+    log_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,6 +82,11 @@ impl Metrics {
             &["function", "topic", "result"],
         )
         .expect("invariant: static metric definition");
+        let log_dropped = IntCounterVec::new(
+            Opts::new("shoal_log_dropped_lines_total", "Guest output lines dropped over log_bytes_per_second"),
+            function,
+        )
+        .expect("invariant: static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -94,6 +100,7 @@ impl Metrics {
             Box::new(abi_denied.clone()),
             Box::new(abi_limited.clone()),
             Box::new(deliveries.clone()),
+            Box::new(log_dropped.clone()),
         ] {
             registry.register(collector).expect("invariant: metric names are unique");
         }
@@ -111,7 +118,13 @@ impl Metrics {
             abi_denied,
             abi_limited,
             deliveries,
+            log_dropped,
         }
+    }
+
+    /// Count guest output lines dropped over the function's log budget.
+    pub fn log_dropped(&self, function: &str, lines: u64) {
+        self.log_dropped.with_label_values(&[function]).inc_by(lines);
     }
 
     /// Count a call refused for lack of a grant.
@@ -168,6 +181,24 @@ impl Metrics {
         let _ = self.instances.remove_label_values(&[function, version]);
     }
 
+    /// Remove every series of `function` (it was undeployed or its container
+    /// deleted): a host that runs for months keeps no series of what is
+    /// gone. Its usage stays in the ledger.
+    pub fn forget_function(&self, function: &str) {
+        forget(&self.requests, function);
+        forget(&self.errors, function);
+        forget(&self.duration, function);
+        forget(&self.cold_starts, function);
+        forget(&self.instances, function);
+        forget(&self.fuel, function);
+        forget(&self.cpu_seconds, function);
+        forget(&self.memory_gb_seconds, function);
+        forget(&self.abi_denied, function);
+        forget(&self.abi_limited, function);
+        forget(&self.deliveries, function);
+        forget(&self.log_dropped, function);
+    }
+
     /// Count a usage record that could not be written.
     pub fn ledger_error(&self) {
         self.ledger_errors.inc();
@@ -182,8 +213,49 @@ impl Metrics {
     }
 }
 
+/// Remove the series of `vec` whose `function` label is `function`,
+/// whatever its other labels. (prometheus has no partial-match removal:
+/// the label sets are read back from what the vector collects.)
+fn forget<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, function: &str) {
+    use prometheus::core::Collector as _;
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels = metric.get_label();
+            if !labels.iter().any(|label| label.name() == "function" && label.value() == function) {
+                continue;
+            }
+            let values: std::collections::HashMap<&str, &str> =
+                labels.iter().map(|label| (label.name(), label.value())).collect();
+            let _ = vec.remove(&values);
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forgotten_function_leaves_no_series_and_others_keep_theirs() {
+        let metrics = Metrics::new();
+        for function in ["gone", "kept"] {
+            metrics.observe_refused(function, Outcome::Overloaded);
+            metrics.abi_denied(function, "keyvalue.get");
+            metrics.delivery(function, "orders", "acked");
+            metrics.set_instances(function, "v1", 2);
+        }
+        metrics.forget_function("gone");
+        let text = metrics.render();
+        assert!(!text.contains("\"gone\""), "{text}");
+        for family in ["shoal_requests_total", "shoal_request_errors_total", "shoal_abi_denied_total"] {
+            assert!(text.lines().any(|l| l.starts_with(family) && l.contains("function=\"kept\"")), "{family}: {text}");
+        }
+        assert!(text.contains("shoal_messages_delivered_total{function=\"kept\""), "{text}");
     }
 }

@@ -22,6 +22,7 @@ mod container;
 mod containerd;
 mod error;
 mod netns;
+mod rootfs;
 mod stdio;
 mod task;
 
@@ -39,6 +40,7 @@ use crate::signals::StopSignals;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
 pub use error::NodeError;
+pub use rootfs::DEFAULT_MAX_WASM_BYTES;
 
 /// What `shoal node` needs to know.
 #[derive(Debug, Clone)]
@@ -57,6 +59,8 @@ pub struct NodeConfig {
     pub engine: EngineOptions,
     /// How long SIGTERM waits for a function's requests and `destroy`.
     pub drain_timeout: Duration,
+    /// The largest wasm file read out of a container's rootfs.
+    pub max_wasm_bytes: u64,
 }
 
 /// Serve containerd until SIGTERM or SIGINT; then drain every function

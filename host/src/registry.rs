@@ -414,8 +414,8 @@ impl Registry {
         let info = info(name, &deployed);
         for pool in &deployed.versions {
             pool.drain(self.drain_timeout).await;
-            self.metrics.forget_instances(name, pool.function().version());
         }
+        self.metrics.forget_function(name);
         Ok(info)
     }
 
@@ -431,8 +431,8 @@ impl Registry {
         drop(functions);
         for pool in &deployed.versions {
             pool.discard();
-            self.metrics.forget_instances(name, pool.function().version());
         }
+        self.metrics.forget_function(name);
         Ok(())
     }
 

@@ -143,9 +143,10 @@ impl Bundle {
         u64::try_from(limit).ok().filter(|limit| *limit > 0)
     }
 
-    /// Find the entrypoint (`args[0]`) in the rootfs, refusing paths that
-    /// leave it.
-    pub fn entrypoint(&self) -> Result<(String, PathBuf), NodeError> {
+    /// The entrypoint (`args[0]`) as the container names it, refusing
+    /// paths that climb out of the rootfs with `..` (reading it resolves it
+    /// inside the rootfs: [`super::rootfs::read_inside`]).
+    pub fn entrypoint(&self) -> Result<String, NodeError> {
         let args = self.args();
         let Some(entry) = args.first().filter(|entry| !entry.is_empty()) else {
             return Err(NodeError::InvalidArgument(
@@ -154,20 +155,10 @@ impl Bundle {
                     .to_string(),
             ));
         };
-        let relative = Path::new(entry);
-        let mut inside = PathBuf::new();
-        for part in relative.components() {
-            match part {
-                Component::Normal(part) => inside.push(part),
-                Component::RootDir | Component::CurDir => {}
-                Component::ParentDir | Component::Prefix(_) => {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "the entrypoint {entry:?} leaves the container's rootfs"
-                    )));
-                }
-            }
+        if Path::new(entry).components().any(|part| matches!(part, Component::ParentDir | Component::Prefix(_))) {
+            return Err(NodeError::InvalidArgument(format!("the entrypoint {entry:?} leaves the container's rootfs")));
         }
-        Ok((entry.clone(), self.rootfs().join(inside)))
+        Ok(entry.clone())
     }
 }
 

@@ -31,10 +31,10 @@ use super::command::{self, Program};
 use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
 use super::containerd::ContainerRecord;
 use super::error::{NodeError, task_failed};
-use super::netns;
 use super::stdio::{ContainerOutput, ContainerSinks};
+use super::{netns, rootfs};
 use crate::host::Host;
-use crate::logs::{GuestLine, InstanceLog, LogSink, Stream};
+use crate::logs::{GuestLine, InstanceLog, LogBudget, LogSink, Stream};
 use crate::registry::DeployItem;
 use crate::trigger::http::{Routing, serve_routed};
 
@@ -56,6 +56,8 @@ pub struct Node {
     containerd: PathBuf,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     pid: u32,
+    /// The largest wasm read out of a container's rootfs.
+    max_wasm_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +73,14 @@ enum Kind {
     /// An HTTP function listening in its pod.
     Service { netns: Option<Arc<OwnedFd>>, port: u16 },
     /// A program that runs once.
-    Command { program: Program, args: Vec<String>, env: Vec<(String, String)>, rootfs: PathBuf, memory_limit: u64 },
+    Command {
+        program: Program,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        rootfs: PathBuf,
+        memory_limit: u64,
+        log_budget: Arc<LogBudget>,
+    },
 }
 
 struct Container {
@@ -125,6 +134,7 @@ impl Node {
             containerd: config.containerd.clone(),
             containers: Mutex::new(HashMap::new()),
             pid: std::process::id(),
+            max_wasm_bytes: config.max_wasm_bytes,
         })
     }
 
@@ -260,12 +270,18 @@ impl Node {
                 match program {
                     Some(program) => {
                         let program = program.map_err(|err| err.context(&entry))?;
+                        let (metrics, name) = (self.host.metrics_handle(), function.clone());
+                        let log_budget = LogBudget::new(
+                            spec.limits.log_bytes_per_second,
+                            Box::new(move |lines| metrics.log_dropped(&name, lines)),
+                        );
                         let kind = Kind::Command {
                             program,
                             args: bundle.args(),
                             env: bundle.env(),
                             rootfs: bundle.rootfs(),
                             memory_limit: spec.limits.memory_bytes,
+                            log_budget,
                         };
                         (kind, code_bytes)
                     }
@@ -314,17 +330,16 @@ impl Node {
         record: &ContainerRecord,
     ) -> Result<(String, PathBuf, Vec<u8>), NodeError> {
         let from_rootfs = match bundle.entrypoint() {
-            Ok((entry, file)) => match tokio::fs::read(&file).await {
-                Ok(wasm) => return Ok((entry, file, wasm)),
-                Err(err) => {
-                    let message = format!("cannot read the entrypoint {entry} from the image's rootfs: {err}");
-                    if err.kind() == std::io::ErrorKind::NotFound {
-                        NodeError::NotFound(message)
-                    } else {
-                        NodeError::InvalidArgument(message)
-                    }
+            Ok(entry) => {
+                let (root, max_bytes, path) = (bundle.rootfs(), self.max_wasm_bytes, entry.clone());
+                let read = tokio::task::spawn_blocking(move || rootfs::read_inside(&root, &path, max_bytes))
+                    .await
+                    .map_err(task_failed("reading the entrypoint"))?;
+                match read {
+                    Ok(wasm) => return Ok((entry.clone(), bundle.rootfs().join(entry.trim_start_matches('/')), wasm)),
+                    Err(err) => err.context(format_args!("the entrypoint {entry}")),
                 }
-            },
+            }
             Err(err) => err,
         };
         let rootfs_empty = std::fs::read_dir(bundle.rootfs()).map(|mut dir| dir.next().is_none()).unwrap_or(true);
@@ -390,9 +405,14 @@ impl Node {
     }
 
     async fn run_command(self: Arc<Self>, container: Arc<Container>) {
-        let Kind::Command { program, args, env, rootfs, memory_limit } = &container.kind else { return };
+        let Kind::Command { program, args, env, rootfs, memory_limit, log_budget } = &container.kind else { return };
         let engine = self.host.registry().engine().clone();
-        let log = InstanceLog::new(Arc::from(container.function.as_str()), Arc::from("-"), self.sinks.clone());
+        let log = InstanceLog::new(
+            Arc::from(container.function.as_str()),
+            Arc::from("-"),
+            self.sinks.clone(),
+            log_budget.clone(),
+        );
         let invocation =
             command::Invocation { args, env, rootfs: Some(rootfs.as_path()), memory_limit: Some(*memory_limit), log };
         let (code, trap) = command::run(&engine, program, invocation).await;
@@ -505,6 +525,8 @@ impl Node {
         };
         self.lock().remove(id);
         self.sinks.detach(&container.function);
+        // Its series go with it (Stats may have touched them since it stopped).
+        self.host.metrics().forget_function(&container.function);
         if let Some(rootfs) = container.rootfs.clone() {
             unmount(rootfs).await;
         }

@@ -113,6 +113,30 @@ async fn the_cli_invokes_lists_and_reports_usage() {
 }
 
 #[tokio::test]
+async fn the_cli_stops_quietly_when_its_reader_goes_away() {
+    // `shoal ls | head -1`: the reader closes the pipe; what it wanted it
+    // has, so the CLI ends without a panic and without an error.
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("hello", "hello", "/hello"));
+    let host = HostProcess::spawn(state.path(), Some(&manifest));
+    for args in [&["ls"][..], &["usage"], &["ls", "--json"]] {
+        let mut child = std::process::Command::new(shoal_bin())
+            .arg("--state-dir")
+            .arg(&host.state_dir)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let output = child.wait_with_output().unwrap();
+        let stderr = stderr_of(&output);
+        assert!(!stderr.contains("panicked"), "shoal {args:?} panicked: {stderr}");
+        assert!(output.status.success(), "shoal {args:?}: {:?} {stderr}", output.status);
+    }
+}
+
+#[tokio::test]
 async fn sigterm_drains_runs_destroy_and_exits_zero() {
     let state = tempfile::tempdir().unwrap();
     let manifest = write_manifest(state.path(), &manifest_entry("lifecycle", "lifecycle", "/lc"));

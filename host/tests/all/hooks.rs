@@ -28,6 +28,9 @@ async fn destroy_runs_when_the_function_is_undeployed() {
     host.running.host().registry().undeploy("lifecycle").await.unwrap();
     assert_eq!(texts(&host), ["lifecycle: start", "lifecycle: request 1", "lifecycle: destroy after 1 requests"]);
     assert_eq!(host.get("/lc").await.status, 404);
+    // A host that runs for months keeps no metric series of what is gone.
+    let metrics = host.get("/metrics").await.body;
+    assert!(!metrics.contains("function=\"lifecycle\""), "{metrics}");
 }
 
 #[tokio::test]

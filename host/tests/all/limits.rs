@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{TestHost, spec};
+use crate::support::{HostProcess, TestHost, manifest_entry, spec, write_manifest};
 
 #[tokio::test]
 async fn a_request_past_its_timeout_gets_504_naming_the_limit() {
@@ -73,6 +73,61 @@ async fn a_panicking_handler_gets_500_and_its_instance_is_discarded() {
     assert_eq!(host.live_instances("panic").await, 0);
     let stderr: Vec<String> = host.lines_of("panic").into_iter().map(|line| line.text).collect();
     assert!(stderr.iter().any(|line| line.contains("panic requested by /panic")), "{stderr:?}");
+}
+
+#[tokio::test]
+async fn a_guest_that_exits_gets_500_naming_the_exit_not_a_backtrace() {
+    // The 500 and the host's log line carry the cause, not only the first
+    // line of wasmtime's "error while executing at wasm backtrace:".
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("panic", "panic", "/panic"));
+    let host = HostProcess::spawn(state.path(), Some(&manifest));
+    let reply = reqwest::get(host.url("/panic/exit?code=3")).await.unwrap();
+    assert_eq!(reply.status(), 500);
+    let body = reply.text().await.unwrap();
+    assert!(body.contains("exit status"), "the body names the exit: {body}");
+    assert!(!body.contains("wasm backtrace"), "{body}");
+    let found = crate::support::eventually(std::time::Duration::from_secs(5), || async {
+        host.log().lines().any(|line| line.contains("request failed") && line.contains("exit status"))
+    })
+    .await;
+    assert!(found, "the log line names the exit:\n{}", host.log());
+    // The host serves on: a new instance takes the next request.
+    let reply = reqwest::get(host.url("/panic")).await.unwrap();
+    assert_eq!(reply.status(), 500);
+    assert!(reply.text().await.unwrap().contains("panic"), "a fresh instance ran");
+}
+
+#[tokio::test]
+async fn a_function_flooding_its_output_is_held_to_its_log_budget() {
+    let host = TestHost::start().await;
+    let mut noisy = spec("panic", "panic", "/panic");
+    noisy.limits.log_bytes_per_second = std::num::NonZeroU32::new(2_000).unwrap();
+    host.deploy(vec![noisy]).await;
+    let reply = host.get("/panic/flood?lines=20000").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "wrote 20000 lines\n"));
+    let flood = |host: &TestHost| host.lines_of("panic").iter().filter(|l| l.text.starts_with("flood line")).count();
+    let passed = flood(&host);
+    // A burst of one line's cap (16 KiB), then 2 000 bytes a second.
+    assert!(passed < 5_000, "{passed} of 20000 lines got through a 2 kB/s budget");
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(host.get("/panic/flood?lines=1").await.status, 200);
+    let lines: Vec<String> = host.lines_of("panic").into_iter().map(|line| line.text).collect();
+    let dropped = 20_000 - passed;
+    // Every dropped line is reported once, in a host line before the next
+    // line that fits; the last report comes just before the next request's line.
+    let reported: usize = lines
+        .iter()
+        .filter_map(|line| line.strip_prefix("shoal: dropped "))
+        .map(|rest| rest.split(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(reported, dropped);
+    assert!(lines[lines.len() - 2].ends_with("line(s) of output over log_bytes_per_second = 2000"), "{lines:?}");
+    assert_eq!(lines[lines.len() - 1], "flood line 0");
+    let metrics = host.get("/metrics").await.body;
+    let counted = format!("shoal_log_dropped_lines_total{{function=\"panic\"}} {dropped}");
+    assert!(metrics.contains(&counted), "{counted} in:\n{metrics}");
 }
 
 #[tokio::test]
