@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use crate::admin::Client;
 use crate::engine::EngineOptions;
-use crate::host::{Backend, HostConfig};
+use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
 use crate::registry::DeployItem;
@@ -148,14 +148,34 @@ struct HostArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// HTTP connections open at once, all listeners; past it new ones are closed.
+    #[arg(long, default_value_t = FrontDoor::default().max_connections as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Milliseconds a client has to send a request head (also the keep-alive idle timeout).
+    #[arg(long, default_value_t = FrontDoor::default().header_read_timeout.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_ms: u64,
+}
+
+/// What [`HostArgs`] set, once logging is started.
+struct HostSettings {
+    engine: EngineOptions,
+    drain_timeout: Duration,
+    front_door: FrontDoor,
 }
 
 impl HostArgs {
-    /// Start logging; return the engine settings and the drain timeout.
-    fn apply(&self) -> (EngineOptions, Duration) {
+    /// Start logging; return the settings for the host.
+    fn apply(&self) -> HostSettings {
         init_tracing(self.log_format);
-        let engine = EngineOptions { fuel: !self.no_fuel, max_instances: self.max_instances, cache_dir: None };
-        (engine, Duration::from_secs(self.drain_timeout))
+        HostSettings {
+            engine: EngineOptions { fuel: !self.no_fuel, max_instances: self.max_instances, cache_dir: None },
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            front_door: FrontDoor {
+                max_connections: self.max_connections as usize,
+                header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+                ..FrontDoor::default()
+            },
+        }
     }
 }
 
@@ -248,7 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { manifest, listen, host, kv_redis, pubsub_redis, secrets_dir } => {
             let backend = |url: Option<String>| url.map_or(Backend::Embedded, |url| Backend::Redis { url });
-            let (engine, drain_timeout) = host.apply();
+            let HostSettings { engine, drain_timeout, front_door } = host.apply();
             let config = HostConfig {
                 listen,
                 admin_socket: Some(admin_socket),
@@ -260,11 +280,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pubsub: backend(pubsub_redis),
                 secrets_dir,
                 persist_functions: true,
+                front_door,
             };
             serve(manifest.as_deref(), config).await
         }
         Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, host } => {
-            let (engine, drain_timeout) = host.apply();
+            let HostSettings { engine, drain_timeout, front_door } = host.apply();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
             let config = crate::node::NodeConfig {
                 socket,
@@ -275,6 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine,
                 drain_timeout,
                 max_wasm_bytes: max_wasm_mb << 20,
+                front_door,
             };
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Response;
 use http_body_util::BodyExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::Error;
 use crate::abi::{InvokeError, Invoker, Services};
@@ -59,6 +60,40 @@ pub struct HostConfig {
     /// restored at start. The node host says no: containerd owns its
     /// containers, and a restarted host must not revive them.
     pub persist_functions: bool,
+    /// What every HTTP listener of the host bounds before a function sees
+    /// a request.
+    pub front_door: FrontDoor,
+}
+
+/// The limits of the HTTP front door, enforced on every connection of every
+/// listener of the host (the node's pods' listeners included) before any
+/// function sees a request. Each has a metric: `shoal_connections_open`
+/// and `shoal_connections_closed_total{reason}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontDoor {
+    /// Time a client has to send a whole request head, from the moment the
+    /// host waits for one: on a new connection, and on an idle keep-alive
+    /// connection between requests (so it is also the idle timeout).
+    pub header_read_timeout: Duration,
+    /// Connections open at once, across all listeners; one past it is
+    /// accepted and closed at once.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers), in bytes; past it
+    /// the client gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; past it the client gets 431.
+    pub max_headers: usize,
+}
+
+impl Default for FrontDoor {
+    fn default() -> Self {
+        FrontDoor {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+        }
+    }
 }
 
 /// Where a Runtime ABI service keeps its data.
@@ -89,6 +124,7 @@ impl HostConfig {
             pubsub: Backend::Embedded,
             secrets_dir: None,
             persist_functions: true,
+            front_door: FrontDoor::default(),
         }
     }
 }
@@ -106,6 +142,8 @@ pub struct Host {
     metrics: Arc<Metrics>,
     ledger: Option<Arc<Ledger>>,
     services: Arc<Services>,
+    front_door: FrontDoor,
+    connection_slots: Arc<Semaphore>,
     ready: AtomicBool,
     /// Holds the embedded key-value file of a host without a state directory.
     _scratch: Option<tempfile::TempDir>,
@@ -140,6 +178,16 @@ impl Host {
     /// The Runtime ABI's backends.
     pub fn services(&self) -> &Arc<Services> {
         &self.services
+    }
+
+    /// The limits every HTTP listener enforces.
+    pub fn front_door(&self) -> &FrontDoor {
+        &self.front_door
+    }
+
+    /// One connection slot, if any is free (see [`FrontDoor::max_connections`]).
+    pub fn connection_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.connection_slots.clone().try_acquire_owned().ok()
     }
 
     /// Whether persisted functions are restored and listeners are up.
@@ -188,6 +236,8 @@ impl Host {
             metrics,
             ledger,
             services: services.clone(),
+            front_door: config.front_door.clone(),
+            connection_slots: Arc::new(Semaphore::new(config.front_door.max_connections)),
             ready: AtomicBool::new(false),
             _scratch: scratch,
         });

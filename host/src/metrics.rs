@@ -5,8 +5,8 @@
 //! `/metrics` and `shoal usage` agree.
 
 use prometheus::{
-    CounterVec, Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::limits::Outcome;
@@ -28,6 +28,8 @@ pub struct Metrics {
     abi_limited: IntCounterVec,
     deliveries: IntCounterVec,
     log_dropped: IntCounterVec,
+    connections_open: IntGauge,
+    connections_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -87,6 +89,16 @@ impl Metrics {
             function,
         )
         .expect("invariant: static metric definition");
+        let connections_open = IntGauge::new("shoal_connections_open", "HTTP connections open, all listeners")
+            .expect("invariant: static metric definition");
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "shoal_connections_closed_total",
+                "HTTP connections closed by the front door's limits, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("invariant: static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -101,6 +113,8 @@ impl Metrics {
             Box::new(abi_limited.clone()),
             Box::new(deliveries.clone()),
             Box::new(log_dropped.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(connections_closed.clone()),
         ] {
             registry.register(collector).expect("invariant: metric names are unique");
         }
@@ -119,7 +133,20 @@ impl Metrics {
             abi_limited,
             deliveries,
             log_dropped,
+            connections_open,
+            connections_closed,
         }
+    }
+
+    /// A connection opened (+1) or ended (-1).
+    pub fn connection_open(&self, delta: i64) {
+        self.connections_open.add(delta);
+    }
+
+    /// The front door closed a connection (`reason`: `max_connections`,
+    /// `header_timeout`).
+    pub fn connection_closed(&self, reason: &str) {
+        self.connections_closed.with_label_values(&[reason]).inc();
     }
 
     /// Count guest output lines dropped over the function's log budget.

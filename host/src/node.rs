@@ -34,7 +34,7 @@ use containerd_shim_protos::ttrpc::asynchronous::Server;
 
 use crate::Error;
 use crate::engine::EngineOptions;
-use crate::host::HostConfig;
+use crate::host::{FrontDoor, HostConfig};
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
 
@@ -61,6 +61,8 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// The largest wasm file read out of a container's rootfs.
     pub max_wasm_bytes: u64,
+    /// The limits of every pod's HTTP listener.
+    pub front_door: FrontDoor,
 }
 
 /// Serve containerd until SIGTERM or SIGINT; then drain every function
@@ -78,6 +80,7 @@ pub async fn run(config: NodeConfig) -> Result<(), Error> {
         log_sink: sinks.clone(),
         drain_timeout: config.drain_timeout,
         persist_functions: false,
+        front_door: config.front_door.clone(),
         ..HostConfig::new()
     };
     let running = RunningHost::start(host_config).await?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,6 +35,12 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: watch::Rece
 /// [`serve`] with a choice of routing. Connections live in a `JoinSet`
 /// owned by this future, so aborting it (a container killed with
 /// SIGKILL) ends every open connection at once.
+///
+/// Every connection is held to the host's [`FrontDoor`]: one over
+/// `max_connections` is closed at once; a client that does not send a whole
+/// request head within `header_read_timeout` (on a new connection or an
+/// idle keep-alive one) is disconnected; heads over `max_header_bytes` or
+/// `max_headers` get 431.
 pub async fn serve_routed(
     listener: TcpListener,
     host: Arc<Host>,
@@ -43,6 +49,16 @@ pub async fn serve_routed(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
+    let front = host.front_door().clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(front.header_read_timeout)
+        .max_buf_size(front.max_header_bytes.max(MIN_HEADER_BUFFER))
+        .max_headers(front.max_headers);
+    builder.http2().max_header_list_size(u32::try_from(front.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
     loop {
         while connections.try_join_next().is_some() {}
         tokio::select! {
@@ -55,27 +71,50 @@ pub async fn serve_routed(
                         continue;
                     }
                 };
+                let Some(slot) = host.connection_slot() else {
+                    // Accept and close: the client learns at once, and the
+                    // host holds no descriptor for it.
+                    host.metrics().connection_closed("max_connections");
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let host = host.clone();
-                let routing = routing.clone();
-                let service = hyper::service::service_fn(move |request| {
-                    let host = host.clone();
-                    let routing = routing.clone();
-                    async move {
-                        let response = match &routing {
-                            Routing::Table => handle(&host, request).await,
-                            Routing::Function(name) => handle_function(&host, name, request).await,
-                        };
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
+                let service = {
+                    let (host, routing) = (host.clone(), routing.clone());
+                    hyper::service::service_fn(move |request| {
+                        let host = host.clone();
+                        let routing = routing.clone();
+                        async move {
+                            let response = match &routing {
+                                Routing::Table => handle(&host, request).await,
+                                Routing::Function(name) => handle_function(&host, name, request).await,
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    })
+                };
+                let (host, builder, watcher) = (host.clone(), builder.clone(), graceful.watcher());
+                let timeout = front.header_read_timeout;
                 connections.spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::debug!(error = %err, "connection ended with an error");
+                    let _slot = slot;
+                    let metrics = host.metrics();
+                    metrics.connection_open(1);
+                    // The protocol is told by the first bytes; a client that
+                    // sends none (or half of HTTP/2's preface) is bounded
+                    // here, before hyper's own header timeout applies.
+                    if wait_for_request_start(&stream, timeout).await {
+                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        if let Err(err) = watcher.watch(connection.into_owned()).await {
+                            let timed_out = err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+                            if timed_out {
+                                metrics.connection_closed("header_timeout");
+                            }
+                            tracing::debug!(error = %err, "connection ended with an error");
+                        }
+                    } else {
+                        metrics.connection_closed("header_timeout");
                     }
+                    metrics.connection_open(-1);
                 });
             }
             _ = shutdown.changed() => break,
@@ -84,6 +123,33 @@ pub async fn serve_routed(
     drop(listener);
     graceful.shutdown().await;
     while connections.join_next().await.is_some() {}
+}
+
+/// hyper's smallest read buffer.
+const MIN_HEADER_BUFFER: usize = 8192;
+
+/// HTTP/2's connection preface (prior knowledge, h2c).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Wait (up to `timeout`) until the client has sent enough to tell its
+/// protocol: a first byte that is not HTTP/2's preface, or the whole
+/// preface. `false`: it did not, or it closed.
+async fn wait_for_request_start(stream: &tokio::net::TcpStream, timeout: std::time::Duration) -> bool {
+    let probe = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let Ok(read) = stream.peek(&mut buf).await else { return false };
+            if read == 0 {
+                return false;
+            }
+            if read == buf.len() || buf[..read] != H2_PREFACE[..read] {
+                return true;
+            }
+            // A prefix of the preface: more is on its way (or never comes).
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(timeout, probe).await.unwrap_or(false)
 }
 
 async fn handle_function(host: &Host, name: &str, request: Request<Incoming>) -> Response<ShoalBody> {

@@ -109,3 +109,102 @@ async fn readyz_says_ready_only_once_the_manifests_functions_answer() {
     let _ = child.wait();
     assert!(ready, "never ready within 60 s ({not_ready} not-ready answers)");
 }
+
+/// Read until the server closes the connection (or 10 s pass); what it sent.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut received)).await;
+    match read {
+        Ok(_) => Some(String::from_utf8_lossy(&received).into_owned()),
+        Err(_) => None, // still open
+    }
+}
+
+#[tokio::test]
+async fn clients_that_stall_before_a_whole_request_head_are_disconnected() {
+    use tokio::io::AsyncWriteExt as _;
+    let host = TestHost::start_configured(|config| {
+        config.front_door.header_read_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    host.deploy(vec![spec("hello", "hello", "/hello")]).await;
+    let addr = host.running.http_addr();
+
+    // Half a request head; nothing at all; half of HTTP/2's preface.
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2").await.unwrap();
+    // A keep-alive connection that served one request, then idles.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+
+    for (name, stream) in [("half", &mut half), ("silent", &mut silent), ("preface", &mut preface)] {
+        let sent = read_until_closed(stream).await;
+        assert!(sent.is_some(), "the {name} connection is still open");
+    }
+    let sent = read_until_closed(&mut idle).await.expect("the idle keep-alive connection is closed");
+    assert!(sent.starts_with("HTTP/1.1 200") && sent.contains("hello, world"), "{sent}");
+
+    let metrics = host.get("/metrics").await.body;
+    let closed = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("shoal_connections_closed_total{reason=\"header_timeout\"} "))
+        .and_then(|count| count.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(closed >= 3, "three stalled heads counted: {metrics}");
+    assert_eq!(host.get("/hello").await.status, 200, "the host serves on");
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_at_once_and_others_still_serve() {
+    let host = TestHost::start_configured(|config| config.front_door.max_connections = 3).await;
+    host.deploy(vec![spec("hello", "hello", "/hello")]).await;
+    let addr = host.running.http_addr();
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(addr))).await;
+    let mut held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
+    // Every slot is taken: the next connection is accepted and closed.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let sent = read_until_closed(&mut extra).await;
+    assert_eq!(sent.as_deref(), Some(""), "closed at once, without an answer");
+    // A held connection serves; one given back makes room for a new one.
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let first = &mut held[0];
+        first.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let sent = read_until_closed(first).await.unwrap();
+        assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+    }
+    held.remove(0);
+    let ok = crate::support::eventually(std::time::Duration::from_secs(5), || async {
+        reqwest::get(host.url("/hello")).await.is_ok_and(|reply| reply.status() == 200)
+    })
+    .await;
+    assert!(ok, "a freed slot serves a new client");
+    drop(held);
+    let refused = crate::support::eventually(std::time::Duration::from_secs(5), || async {
+        let metrics = reqwest::get(host.url("/metrics")).await;
+        match metrics {
+            Ok(reply) => {
+                reply.text().await.unwrap().contains("shoal_connections_closed_total{reason=\"max_connections\"} 1")
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(refused, "the refused connection is counted");
+}
+
+#[tokio::test]
+async fn a_request_head_over_the_limit_gets_431() {
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("hello", "hello", "/hello")]).await;
+    let big = "x".repeat(100 << 10);
+    let reply = host.client.get(host.url("/hello")).header("x-big", big).send().await.unwrap();
+    assert_eq!(reply.status(), 431);
+    let many = (0..150).fold(host.client.get(host.url("/hello")), |request, n| request.header(format!("x-h{n}"), "v"));
+    assert_eq!(many.send().await.unwrap().status(), 431);
+    assert_eq!(host.get("/hello").await.status, 200);
+}
