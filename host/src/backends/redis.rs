@@ -28,6 +28,12 @@ pub const STREAM_MAX_LEN: usize = 100_000;
 const READ_BLOCK: Duration = Duration::from_millis(500);
 
 /// A Redis server, as key-value store and broker.
+/// How long connecting to Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long one command may wait for its answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 pub struct Redis {
     client: redis::Client,
@@ -44,8 +50,16 @@ impl Redis {
     pub async fn connect(url: &str) -> Result<Redis, BackendError> {
         let client =
             redis::Client::open(url).map_err(|err| BackendError::Failed(format!("redis url {url:?}: {err}")))?;
+        // Fail fast while Redis is away (a call gets an error value within
+        // about a second, not after the default minute of retries); the
+        // manager reconnects in the background once it is back.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(250));
         let conn = client
-            .get_connection_manager()
+            .get_connection_manager_with_config(config)
             .await
             .map_err(|err| BackendError::Failed(format!("cannot connect to redis at {url}: {err}")))?;
         Ok(Redis { client, conn, consumer: format!("host-{}", uuid::Uuid::new_v4()) })
@@ -159,17 +173,17 @@ impl Broker for Redis {
         // Blocking reads get a connection of their own, whose response
         // timeout outlasts the block: a read the client gave up on would
         // still hand the message to this consumer on the server.
-        let config =
-            redis::AsyncConnectionConfig::new().set_response_timeout(Some(READ_BLOCK + Duration::from_secs(5)));
-        let conn = self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(failed)?;
-        Ok(Box::new(RedisSubscription {
-            conn,
+        let mut subscription = RedisSubscription {
+            client: self.client.clone(),
+            conn: None,
             stream,
             topic: topic.to_string(),
             group: group.to_string(),
             consumer: self.consumer.clone(),
             attempts: HashMap::new(),
-        }))
+        };
+        subscription.connection().await?;
+        Ok(Box::new(subscription))
     }
 
     async fn unsubscribe(&self, topic: &str, group: &str) {
@@ -177,8 +191,14 @@ impl Broker for Redis {
     }
 }
 
+/// One subscriber's reading of a stream. It owns its connection (reads
+/// block), and gets a new one after any connection failure: a Redis
+/// restart costs the subscriber an error or two, then it reads on. A group
+/// that Redis lost (a restart without persistence) is created again, from
+/// the stream's start, so what was published since is delivered.
 struct RedisSubscription {
-    conn: MultiplexedConnection,
+    client: redis::Client,
+    conn: Option<MultiplexedConnection>,
     stream: String,
     topic: String,
     group: String,
@@ -187,6 +207,45 @@ struct RedisSubscription {
 }
 
 impl RedisSubscription {
+    async fn connection(&mut self) -> Result<MultiplexedConnection, BackendError> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(READ_BLOCK + RESPONSE_TIMEOUT));
+        let conn = self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(failed)?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// The error for the broker's caller, forgetting a connection that
+    /// failed and recreating a group that is gone.
+    async fn recover(&mut self, err: redis::RedisError) -> BackendError {
+        if err.code() == Some("NOGROUP") {
+            if let Ok(mut conn) = self.connection().await {
+                let created: Result<(), redis::RedisError> =
+                    conn.xgroup_create_mkstream(&self.stream, &self.group, "0").await;
+                if let Err(err) = created
+                    && err.code() != Some("BUSYGROUP")
+                {
+                    return failed(err);
+                }
+                tracing::warn!(topic = %self.topic, group = %self.group, "redis lost the consumer group; created it again");
+            }
+            return failed(err);
+        }
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_timeout()
+            || err.is_unrecoverable_error()
+        {
+            self.conn = None;
+        }
+        failed(err)
+    }
+
     fn delivery(&self, entry: &redis::streams::StreamId, attempt: u32) -> Delivery {
         let payload: Vec<u8> = entry.get("p").unwrap_or_default();
         Delivery { id: entry.id.clone(), topic: self.topic.clone(), payload, attempt }
@@ -200,8 +259,8 @@ impl Subscription for RedisSubscription {
             // Messages left unacknowledged (nacked here, or held by a host
             // that died) come back once idle for the back-off.
             let min_idle = backoff(1).as_millis() as usize;
-            let claimed: StreamAutoClaimReply = self
-                .conn
+            let mut conn = self.connection().await?;
+            let claimed: Result<StreamAutoClaimReply, _> = conn
                 .xautoclaim_options(
                     &self.stream,
                     &self.group,
@@ -210,8 +269,11 @@ impl Subscription for RedisSubscription {
                     "0-0",
                     StreamAutoClaimOptions::default().count(1),
                 )
-                .await
-                .map_err(failed)?;
+                .await;
+            let claimed = match claimed {
+                Ok(claimed) => claimed,
+                Err(err) => return Err(self.recover(err).await),
+            };
             if let Some(entry) = claimed.claimed.first() {
                 let attempt = self.attempts.get(&entry.id).copied().unwrap_or(1) + 1;
                 let ready = entry
@@ -226,8 +288,11 @@ impl Subscription for RedisSubscription {
                 .group(&self.group, &self.consumer)
                 .count(1)
                 .block(READ_BLOCK.as_millis() as usize);
-            let read: Option<StreamReadReply> =
-                self.conn.xread_options(&[&self.stream], &[">"], &options).await.map_err(failed)?;
+            let read: Result<Option<StreamReadReply>, _> = conn.xread_options(&[&self.stream], &[">"], &options).await;
+            let read = match read {
+                Ok(read) => read,
+                Err(err) => return Err(self.recover(err).await),
+            };
             if let Some(entry) = read.as_ref().and_then(|reply| reply.keys.first()).and_then(|key| key.ids.first()) {
                 return Ok(self.delivery(entry, 1));
             }
@@ -236,8 +301,12 @@ impl Subscription for RedisSubscription {
 
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), BackendError> {
         self.attempts.remove(&delivery.id);
-        let _: i64 = self.conn.xack(&self.stream, &self.group, &[&delivery.id]).await.map_err(failed)?;
-        Ok(())
+        let mut conn = self.connection().await?;
+        let acked: Result<i64, _> = conn.xack(&self.stream, &self.group, &[&delivery.id]).await;
+        match acked {
+            Ok(_) => Ok(()),
+            Err(err) => Err(self.recover(err).await),
+        }
     }
 
     async fn nack(&mut self, delivery: &Delivery) -> Result<(), BackendError> {

@@ -55,3 +55,60 @@ async fn redis_redelivers_a_message_the_handler_refused() {
     assert!(inbox_shows(&host, "deliveries=2").await, "{}", host.get("/inbox").await.body);
     assert!(host.get("/inbox").await.body.lines().any(|line| line.ends_with("=fail-once")));
 }
+
+#[tokio::test]
+async fn pubsub_and_key_value_resume_after_redis_restarts_and_nothing_acknowledged_is_lost() {
+    let mut redis = RedisServer::start_persistent().await;
+    let host = host_on(&redis).await;
+    host.deploy(vec![publisher("orders"), subscriber("orders")]).await;
+    assert_eq!(publish(&host, "orders", "before").await.status, 202);
+    assert!(inbox_shows(&host, "deliveries=1").await, "{}", host.get("/inbox").await.body);
+
+    redis.stop();
+    // Meanwhile calls fail with an error value, promptly: no hang.
+    let started = std::time::Instant::now();
+    let refused = publish(&host, "orders", "during").await;
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert!(started.elapsed() < std::time::Duration::from_secs(8), "the publish hung {:?}", started.elapsed());
+
+    redis.start_again().await;
+    let accepted = crate::support::eventually(std::time::Duration::from_secs(15), || async {
+        publish(&host, "orders", "after").await.status == 202
+    })
+    .await;
+    assert!(accepted, "publishing works again once Redis is back");
+    // The subscriber reads on (it was cut off mid-read), and what was
+    // acknowledged before the restart is still there.
+    let delivered = crate::support::eventually(std::time::Duration::from_secs(20), || async {
+        host.get("/inbox").await.body.lines().any(|line| line.ends_with("=after"))
+    })
+    .await;
+    let inbox = host.get("/inbox").await.body;
+    assert!(delivered, "the subscriber got nothing after the restart: {inbox}");
+    assert!(inbox.lines().any(|line| line.ends_with("=before")), "{inbox}");
+    assert!(inbox.lines().any(|line| line.ends_with("=after")), "{inbox}");
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_group_redis_lost_gets_what_is_published_after() {
+    // A Redis without persistence comes back empty: the stream and its
+    // consumer group are gone. The subscriber creates the group again and
+    // receives what is published from then on.
+    let mut redis = RedisServer::start().await;
+    let host = host_on(&redis).await;
+    host.deploy(vec![publisher("orders"), subscriber("orders")]).await;
+    assert_eq!(publish(&host, "orders", "first").await.status, 202);
+    assert!(inbox_shows(&host, "deliveries=1").await, "{}", host.get("/inbox").await.body);
+    redis.stop();
+    redis.start_again().await;
+    let accepted = crate::support::eventually(std::time::Duration::from_secs(15), || async {
+        publish(&host, "orders", "second").await.status == 202
+    })
+    .await;
+    assert!(accepted, "publishing works again once Redis is back");
+    let delivered = crate::support::eventually(std::time::Duration::from_secs(20), || async {
+        host.get("/inbox").await.body.lines().any(|line| line.ends_with("=second"))
+    })
+    .await;
+    assert!(delivered, "nothing delivered after the group was lost: {}", host.get("/inbox").await.body);
+}

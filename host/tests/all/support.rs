@@ -286,35 +286,77 @@ impl Drop for HostProcess {
 
 /// A real `redis-server` on a free loopback port, stopped on drop.
 pub struct RedisServer {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     pub url: String,
-    _dir: tempfile::TempDir,
+    port: u16,
+    persistent: bool,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
+    /// A server that keeps nothing on disk.
     pub async fn start() -> RedisServer {
+        RedisServer::launch(false).await
+    }
+
+    /// A server that writes every command to its append-only file before
+    /// answering (`appendfsync always`), so what it acknowledged survives
+    /// a restart.
+    pub async fn start_persistent() -> RedisServer {
+        RedisServer::launch(true).await
+    }
+
+    async fn launch(persistent: bool) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer {
+            child: None,
+            url: format!("redis://127.0.0.1:{port}"),
+            port,
+            persistent,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.start_again().await;
+        server
+    }
+
+    /// Stop the server (SIGTERM: it finishes writing what it has).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    /// Start it again on the same port and folder.
+    pub async fn start_again(&mut self) {
+        let persistence: &[&str] =
+            if self.persistent { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(persistence)
             .arg("--dir")
-            .arg(dir.path())
+            .arg(self.dir.path())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (the README's test command installs it)");
-        let url = format!("redis://127.0.0.1:{port}");
+        self.child = Some(child);
+        let port = self.port;
         let ready = eventually(Duration::from_secs(10), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await;
         assert!(ready, "redis-server did not come up on port {port}");
-        RedisServer { child, url, _dir: dir }
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
