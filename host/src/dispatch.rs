@@ -11,7 +11,7 @@
 //! already written.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -25,6 +25,8 @@ use tracing::Instrument as _;
 
 use crate::abi::bindings::exports::shoal::runtime::events::Message;
 use crate::backends::Delivery;
+use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
+
 use crate::instance::{InstanceError, ResponseResult};
 use crate::limits::Outcome;
 use crate::metering::{CallStats, Ledger, UsageRecord};
@@ -214,6 +216,19 @@ impl Dispatcher {
     {
         let function = pool.function().name().to_string();
         let RequestMeta { id: request_id, parent_id, depth } = meta;
+        let body_limit = pool.function().spec().limits.max_request_bytes;
+        let too_large =
+            || format!("function {function:?} takes request bodies of at most max_request_bytes = {body_limit}");
+        // A declared length over the limit is refused before any instance.
+        if declared_length(&request).is_some_and(|length| length > body_limit) {
+            self.metrics.observe_refused(&function, Outcome::RequestTooLarge);
+            return error_response(Outcome::RequestTooLarge, &too_large());
+        }
+        // Any other body is counted as the guest reads it, and cut off past
+        // the limit; the client then gets 413, not what the guest made of it.
+        let cut_off = Arc::new(AtomicBool::new(false));
+        let request =
+            request.map(|body| CappedBody { inner: body, seen: 0, limit: body_limit, cut_off: cut_off.clone() });
         let lease = match pool.acquire().await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { retry_after }) => {
@@ -245,12 +260,25 @@ impl Dispatcher {
         let (head_tx, head_rx) = oneshot::channel::<ResponseResult>();
         let head_slot = Arc::new(Mutex::new(Some(head_tx)));
         let status = Arc::new(AtomicU16::new(0));
+        let refused_too_large = Arc::new(AtomicBool::new(false));
         let respond = {
-            let head_slot = head_slot.clone();
-            let status = status.clone();
+            let (head_slot, status, cut_off, refused) =
+                (head_slot.clone(), status.clone(), cut_off.clone(), refused_too_large.clone());
             move |result: ResponseResult| {
-                if let Ok(response) = &result {
-                    status.store(response.status().as_u16(), Ordering::Release);
+                // A response made after the body was cut off answers half a
+                // request: the client gets 413 instead.
+                let result = if cut_off.load(Ordering::Acquire) {
+                    refused.store(true, Ordering::Release);
+                    Err(ErrorCode::HttpRequestBodySize(Some(body_limit)))
+                } else {
+                    result
+                };
+                match &result {
+                    Ok(response) => status.store(response.status().as_u16(), Ordering::Release),
+                    Err(ErrorCode::HttpRequestBodySize(_)) => {
+                        status.store(Outcome::RequestTooLarge.status().as_u16(), Ordering::Release)
+                    }
+                    Err(_) => {}
                 }
                 if let Some(tx) = lock(&head_slot).take() {
                     let _ = tx.send(result);
@@ -267,7 +295,9 @@ impl Dispatcher {
                 // Handler returned without calling `response-outparam.set`:
                 // drop the sender so the waiting side sees it.
                 let unanswered = lock(&head_slot).take().is_some();
+                let cut = refused_too_large.load(Ordering::Acquire) || (unanswered && cut_off.load(Ordering::Acquire));
                 let outcome = match &result {
+                    _ if cut => Outcome::RequestTooLarge,
                     Ok(()) if unanswered => Outcome::NoResponse,
                     Ok(()) => Outcome::Ok,
                     Err(error) => error.outcome,
@@ -291,17 +321,22 @@ impl Dispatcher {
                     Err(error) => tracing::warn!(error.type = %error.outcome, error = %error.message, "request failed"),
                 }
                 let _ = done_tx.send(());
-                result.map_err(|error| (outcome, error.message))
+                match result {
+                    _ if cut => Err((outcome, format!("request body is over max_request_bytes = {body_limit}"))),
+                    result => result.map_err(|error| (outcome, error.message)),
+                }
             }
             .in_current_span(),
         );
 
         match head_rx.await {
             Ok(Ok(response)) => response.map(|body| GatedBody::new(body, done_rx).boxed_unsync()),
+            Ok(Err(ErrorCode::HttpRequestBodySize(_))) => error_response(Outcome::RequestTooLarge, &too_large()),
             Ok(Err(code)) => {
                 error_response(Outcome::Trap, &format!("function {function:?} answered with an error: {code:?}"))
             }
             Err(_) => match task.await {
+                Ok(Err((Outcome::RequestTooLarge, _))) => error_response(Outcome::RequestTooLarge, &too_large()),
                 Ok(Err((outcome, message))) => error_response(outcome, &format!("function {function:?} {message}")),
                 Ok(Ok(())) => error_response(
                     Outcome::NoResponse,
@@ -346,6 +381,65 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A plain-text response made by the host, naming what failed.
 pub fn error_response(outcome: Outcome, message: &str) -> Response<ShoalBody> {
     text_response(outcome.status(), format!("shoal: {message}\n"), Some(outcome.as_str()))
+}
+
+/// The request's declared body length, if it declared one.
+fn declared_length<B>(request: &hyper::Request<B>) -> Option<u64> {
+    request.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that ends in an error once more than `limit` bytes
+    /// came through (and says so in `cut_off`): the host never reads more
+    /// of a body than the function takes.
+    pub struct CappedBody<B> {
+        #[pin]
+        inner: B,
+        seen: u64,
+        limit: u64,
+        cut_off: Arc<AtomicBool>,
+    }
+}
+
+impl<B> Body for CappedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if this.cut_off.load(Ordering::Acquire) {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        this.cut_off.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(Some(
+                            *this.limit,
+                        )))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.cut_off.load(Ordering::Acquire) || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 pin_project_lite::pin_project! {

@@ -110,6 +110,8 @@ pub enum Outcome {
     /// A subscriber's handler returned an error for a message (it will be
     /// delivered again).
     Declined,
+    /// The request body was over the function's `max_request_bytes`.
+    RequestTooLarge,
 }
 
 impl Outcome {
@@ -126,6 +128,7 @@ impl Outcome {
             Outcome::Overloaded => "overloaded",
             Outcome::HostError => "host_error",
             Outcome::Declined => "declined",
+            Outcome::RequestTooLarge => "request_too_large",
         }
     }
 
@@ -142,6 +145,7 @@ impl Outcome {
             Outcome::Trap | Outcome::NoResponse | Outcome::HostError | Outcome::Declined => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            Outcome::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 

@@ -109,6 +109,7 @@ struct RawLimits {
     abi_calls_per_second: Option<u32>,
     publish_per_second: Option<u32>,
     log_bytes_per_second: Option<u32>,
+    max_request_bytes: Option<u64>,
 }
 
 /// A function's name: lowercase letters, digits and `-`, 1 to 63 long,
@@ -415,6 +416,10 @@ pub struct Limits {
     /// Time limit for the `destroy` hook.
     #[serde(with = "humantime_serde_ms")]
     pub destroy_timeout: Duration,
+    /// Largest HTTP request body, in bytes; past it the client gets 413
+    /// (at once when the length is declared, else when the body passes it).
+    #[serde(default = "defaults::max_request_bytes")]
+    pub max_request_bytes: u64,
     /// Longest key-value key.
     #[serde(default = "defaults::kv_max_key_bytes")]
     pub kv_max_key_bytes: usize,
@@ -478,6 +483,9 @@ mod non_zero_field {
 mod defaults {
     use std::num::NonZeroU32;
 
+    pub fn max_request_bytes() -> u64 {
+        10 << 20
+    }
     pub fn kv_max_key_bytes() -> usize {
         1024
     }
@@ -509,6 +517,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(5),
             destroy_timeout: Duration::from_secs(2),
+            max_request_bytes: defaults::max_request_bytes(),
             kv_max_key_bytes: defaults::kv_max_key_bytes(),
             kv_max_value_bytes: defaults::kv_max_value_bytes(),
             message_max_bytes: defaults::message_max_bytes(),
@@ -541,6 +550,9 @@ impl Limits {
                 self.memory_bytes >> 20,
                 MAX_MEMORY_BYTES >> 20
             ));
+        }
+        if self.max_request_bytes == 0 {
+            return Err("limits.max_request_bytes must be greater than 0".to_string());
         }
         let sizes = [
             ("kv_max_key_bytes", self.kv_max_key_bytes),
@@ -674,6 +686,7 @@ impl RawLimits {
             idle_timeout: self.idle_timeout_s.map_or(defaults.idle_timeout, Duration::from_secs),
             start_timeout: ms(self.start_timeout_ms, defaults.start_timeout),
             destroy_timeout: ms(self.destroy_timeout_ms, defaults.destroy_timeout),
+            max_request_bytes: self.max_request_bytes.unwrap_or(defaults.max_request_bytes),
             kv_max_key_bytes: self.kv_max_key_bytes.unwrap_or(defaults.kv_max_key_bytes),
             kv_max_value_bytes: self.kv_max_value_bytes.unwrap_or(defaults.kv_max_value_bytes),
             message_max_bytes: self.message_max_bytes.unwrap_or(defaults.message_max_bytes),

@@ -1,7 +1,10 @@
 //! A small, synchronous view of `wasi:http/incoming-handler`.
 //!
-//! [`Handler::handle`] gets the whole request (body read up to
-//! [`MAX_BODY_BYTES`]) and returns the whole response. Functions that stream
+//! [`Handler::handle`] gets the whole request and returns the whole
+//! response. A body that cannot be read whole — over [`MAX_BODY_BYTES`], or
+//! cut off by the host (past the function's `max_request_bytes`) or the
+//! client — never reaches the handler: the SDK answers 413 or 400 itself,
+//! so a handler never acts on half a body. Functions that stream
 //! can implement the raw `wasi:http` export through [`crate::wasi`] instead.
 
 use std::io::{Read as _, Write as _};
@@ -10,7 +13,7 @@ use wasip2::http::types::{
     Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
 
-/// Request bodies larger than this are cut off at this size.
+/// Request bodies larger than this are refused (413) before the handler.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// An incoming HTTP request, read whole.
@@ -60,7 +63,9 @@ impl Request {
         &self.body
     }
 
-    fn read(request: IncomingRequest) -> Request {
+    /// The whole request, or the response to send instead when its body
+    /// could not be read whole.
+    fn read(request: IncomingRequest) -> Result<Request, Response> {
         let method = match request.method() {
             Method::Get => "GET".to_string(),
             Method::Head => "HEAD".to_string(),
@@ -78,12 +83,17 @@ impl Request {
         let mut body = Vec::new();
         if let Ok(incoming) = request.consume() {
             if let Ok(stream) = incoming.stream() {
-                // A body that fails midway is handed over as far as it came.
-                let _ = stream.take(MAX_BODY_BYTES as u64).read_to_end(&mut body);
+                let read = stream.take(MAX_BODY_BYTES as u64 + 1).read_to_end(&mut body);
+                if let Err(err) = read {
+                    return Err(Response::text(400, format!("the request body could not be read whole: {err}\n")));
+                }
+                if body.len() > MAX_BODY_BYTES {
+                    return Err(Response::text(413, format!("request bodies are at most {MAX_BODY_BYTES} bytes\n")));
+                }
             }
             let _ = IncomingBody::finish(incoming);
         }
-        Request { method, path_with_query, headers, body }
+        Ok(Request { method, path_with_query, headers, body })
     }
 }
 
@@ -153,7 +163,10 @@ pub trait Handler {
 
 #[doc(hidden)]
 pub fn __dispatch<H: Handler>(request: IncomingRequest, out: ResponseOutparam) {
-    H::handle(Request::read(request)).send(out);
+    match Request::read(request) {
+        Ok(request) => H::handle(request).send(out),
+        Err(refusal) => refusal.send(out),
+    }
 }
 
 /// Export a type's [`Handler`] as this component's `wasi:http/incoming-handler`.

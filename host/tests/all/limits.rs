@@ -195,3 +195,42 @@ async fn a_destroy_hook_past_its_destroy_timeout_is_cut_off_and_the_host_goes_on
     assert_eq!(lines, ["slow-destroy: start", "slow-destroy: destroy begins"]);
     assert_eq!(host.get("/hello").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_request_body_over_max_request_bytes_gets_413_and_the_function_never_acts_on_it() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = TestHost::start().await;
+    let mut kv = crate::keyvalue::kv_spec(&["default:data/*"]);
+    kv.limits.max_request_bytes = 1000;
+    host.deploy(vec![kv]).await;
+
+    // A declared length over the limit: refused before any instance.
+    let reply = host.client.put(host.url("/kv/set?key=data/declared")).body(vec![b'x'; 5000]).send().await.unwrap();
+    assert_eq!(reply.status(), 413);
+    assert_eq!(reply.headers()["x-shoal-error"], "request_too_large");
+    assert!(reply.text().await.unwrap().contains("max_request_bytes = 1000"));
+
+    // A streamed body (chunked, no length): cut off as it passes the limit.
+    let mut stream = tokio::net::TcpStream::connect(host.running.http_addr()).await.unwrap();
+    let mut request =
+        b"PUT /kv/set?key=data/streamed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..6 {
+        request.extend_from_slice(format!("{:x}\r\n{}\r\n", 300, "y".repeat(300)).as_bytes());
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("max_request_bytes = 1000"), "{response}");
+
+    // Neither reached the store; a body within the limit does.
+    assert_eq!(host.get("/kv/get?key=data/declared").await.status, 404);
+    assert_eq!(host.get("/kv/get?key=data/streamed").await.status, 404);
+    let put = host.client.put(host.url("/kv/set?key=data/small")).body("fits").send().await.unwrap();
+    assert_eq!(put.status(), 200);
+    assert_eq!(host.get("/kv/get?key=data/small").await.body, "fits");
+    let metrics = host.get("/metrics").await.body;
+    assert!(metrics.contains("shoal_request_errors_total{function=\"kv\",kind=\"request_too_large\"} 2"), "{metrics}");
+}
