@@ -123,6 +123,12 @@ impl Services {
     }
 }
 
+/// Refusal log lines (denied or limited calls) per second per function,
+/// past which lines are suppressed and counted (every refusal is still
+/// counted in the metrics): a guest refused in a loop costs the node a
+/// bounded amount of log.
+pub const REFUSAL_LOG_LINES_PER_SECOND: u32 = 20;
+
 /// A function version's grants and rate limiters, shared by its instances.
 pub struct FunctionCaps {
     pub(crate) name: Arc<str>,
@@ -130,6 +136,9 @@ pub struct FunctionCaps {
     pub(crate) limits: Limits,
     calls: DefaultDirectRateLimiter,
     publishes: DefaultDirectRateLimiter,
+    refusal_log: DefaultDirectRateLimiter,
+    /// Refusal lines suppressed since the last one logged.
+    suppressed: std::sync::atomic::AtomicU64,
 }
 
 impl FunctionCaps {
@@ -142,7 +151,23 @@ impl FunctionCaps {
             limits: spec.limits.clone(),
             calls: DefaultDirectRateLimiter::direct(per_second(spec.limits.abi_calls_per_second)),
             publishes: DefaultDirectRateLimiter::direct(per_second(spec.limits.publish_per_second)),
+            refusal_log: DefaultDirectRateLimiter::direct(per_second(
+                NonZeroU32::new(REFUSAL_LOG_LINES_PER_SECOND).expect("invariant: not zero"),
+            )),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Whether a refusal may be logged now: `Some(n)` with the lines
+    /// suppressed before it, or `None` (suppressed and counted).
+    fn may_log_refusal(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        if self.refusal_log.check().is_ok() {
+            Some(self.suppressed.swap(0, Ordering::AcqRel))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::AcqRel);
+            None
+        }
     }
 }
 
@@ -205,12 +230,11 @@ impl AbiState {
     /// Log and count a size or rate limit; the message for the guest.
     fn limited(&self, capability: &'static str, what: String) -> Refusal {
         let function = &*self.caps.name;
-        tracing::warn!(
-            function,
-            capability,
-            request_id = self.request_id().as_deref().unwrap_or("-"),
-            "limited: {what}"
-        );
+        if let Some(suppressed) = self.caps.may_log_refusal() {
+            let request_id = self.request_id();
+            let request_id = request_id.as_deref().unwrap_or("-");
+            tracing::warn!(function, capability, request_id, suppressed, "limited: {what}");
+        }
         self.services.metrics.abi_limited(function, capability);
         Refusal::Limited(format!("{capability}: {what}"))
     }
@@ -234,7 +258,9 @@ impl AbiState {
 /// The log line and the count of one denied call.
 fn log_denial(caps: &FunctionCaps, services: &Services, request_id: Option<&str>, capability: &str, what: &str) {
     let function = &*caps.name;
-    tracing::warn!(function, capability, request_id = request_id.unwrap_or("-"), "denied: {what}");
+    if let Some(suppressed) = caps.may_log_refusal() {
+        tracing::warn!(function, capability, request_id = request_id.unwrap_or("-"), suppressed, "denied: {what}");
+    }
     services.metrics.abi_denied(function, capability);
 }
 

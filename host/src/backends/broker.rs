@@ -4,8 +4,8 @@
 //! to the topic (a topic nobody subscribes to accepts and drops it). A
 //! delivery leaves the queue when handed out; a `nack` puts it back after a
 //! back-off, with `attempt` counted up, so delivery is at least once while
-//! the host runs. A full queue refuses publishes (the publisher gets an
-//! error value) instead of growing host memory.
+//! the host runs. A full queue — by count or by bytes — refuses publishes
+//! (the publisher gets an error value) instead of growing host memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,11 @@ use super::{BackendError, Broker, Delivery, Subscription};
 /// Messages a group may have waiting before publishes to its topic fail.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
 
+/// Payload bytes a group may have waiting before publishes to its topic
+/// fail (with `message_max_bytes` of 256 KiB, the count alone would let
+/// one queue hold 2.5 GB).
+pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
+
 /// First redelivery delay; doubles per attempt up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest redelivery delay.
@@ -31,18 +36,41 @@ pub fn backoff(attempt: u32) -> Duration {
 
 #[derive(Default)]
 struct GroupQueue {
-    queue: Mutex<VecDeque<Delivery>>,
+    queue: Mutex<Waiting>,
     ready: Notify,
 }
 
+/// A group's waiting deliveries and their payload bytes.
+#[derive(Default)]
+struct Waiting {
+    deliveries: VecDeque<Delivery>,
+    bytes: usize,
+}
+
 impl GroupQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.queue.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
     fn push(&self, delivery: Delivery) {
-        self.queue.lock().unwrap_or_else(|poison| poison.into_inner()).push_back(delivery);
+        let mut waiting = self.lock();
+        waiting.bytes += delivery.payload.len();
+        waiting.deliveries.push_back(delivery);
+        drop(waiting);
         self.ready.notify_one();
     }
 
-    fn len(&self) -> usize {
-        self.queue.lock().unwrap_or_else(|poison| poison.into_inner()).len()
+    fn pop(&self) -> Option<Delivery> {
+        let mut waiting = self.lock();
+        let delivery = waiting.deliveries.pop_front()?;
+        waiting.bytes -= delivery.payload.len();
+        Some(delivery)
+    }
+
+    /// (messages, payload bytes) waiting.
+    fn size(&self) -> (usize, usize) {
+        let waiting = self.lock();
+        (waiting.deliveries.len(), waiting.bytes)
     }
 }
 
@@ -50,12 +78,20 @@ impl GroupQueue {
 pub struct LocalBroker {
     topics: Mutex<HashMap<String, HashMap<String, Arc<GroupQueue>>>>,
     capacity: usize,
+    byte_capacity: usize,
 }
 
 impl LocalBroker {
-    /// A broker whose group queues hold at most `capacity` messages.
+    /// A broker whose group queues hold at most `capacity` messages and
+    /// [`DEFAULT_QUEUE_BYTES`] of payload.
     pub fn new(capacity: usize) -> LocalBroker {
-        LocalBroker { topics: Mutex::new(HashMap::new()), capacity }
+        LocalBroker::with_limits(capacity, DEFAULT_QUEUE_BYTES)
+    }
+
+    /// A broker whose group queues hold at most `capacity` messages and
+    /// `byte_capacity` bytes of payload.
+    pub fn with_limits(capacity: usize, byte_capacity: usize) -> LocalBroker {
+        LocalBroker { topics: Mutex::new(HashMap::new()), capacity, byte_capacity }
     }
 
     fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Arc<GroupQueue>>>> {
@@ -75,11 +111,20 @@ impl Broker for LocalBroker {
         let id = uuid::Uuid::new_v4().to_string();
         let groups: Vec<Arc<GroupQueue>> =
             self.topics().get(topic).map(|groups| groups.values().cloned().collect()).unwrap_or_default();
-        if groups.iter().any(|group| group.len() >= self.capacity) {
-            return Err(BackendError::Full(format!(
-                "topic {topic:?} has {} undelivered messages for a subscriber; try again later",
-                self.capacity
-            )));
+        for group in &groups {
+            let (count, bytes) = group.size();
+            if count >= self.capacity {
+                return Err(BackendError::Full(format!(
+                    "topic {topic:?} has {} undelivered messages for a subscriber; try again later",
+                    self.capacity
+                )));
+            }
+            if bytes + payload.len() > self.byte_capacity {
+                return Err(BackendError::Full(format!(
+                    "topic {topic:?} has {bytes} bytes undelivered for a subscriber (at most {}); try again later",
+                    self.byte_capacity
+                )));
+            }
         }
         for group in groups {
             group.push(Delivery { id: id.clone(), topic: topic.to_string(), payload: payload.clone(), attempt: 1 });
@@ -108,7 +153,7 @@ impl Subscription for LocalSubscription {
     async fn next(&mut self) -> Result<Delivery, BackendError> {
         loop {
             let notified = self.queue.ready.notified();
-            if let Some(delivery) = self.queue.queue.lock().unwrap_or_else(|poison| poison.into_inner()).pop_front() {
+            if let Some(delivery) = self.queue.pop() {
                 return Ok(delivery);
             }
             notified.await;
@@ -159,6 +204,17 @@ mod tests {
         assert!(matches!(broker.publish("t", vec![3]).await, Err(BackendError::Full(_))));
         // Nobody subscribes to `u`: accepted and dropped.
         broker.publish("u", vec![1]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_queue_full_of_bytes_refuses_publishes_until_it_drains() {
+        let broker = LocalBroker::with_limits(100, 1000);
+        let mut sub = broker.subscribe("t", "g").await.unwrap();
+        broker.publish("t", vec![0; 600]).await.unwrap();
+        let refused = broker.publish("t", vec![0; 600]).await;
+        assert!(matches!(&refused, Err(BackendError::Full(message)) if message.contains("600 bytes")), "{refused:?}");
+        assert_eq!(sub.next().await.unwrap().payload.len(), 600);
+        broker.publish("t", vec![0; 600]).await.unwrap();
     }
 
     #[test]

@@ -225,3 +225,39 @@ async fn the_admin_api_refuses_what_the_manifest_would_refuse() {
     let reply = reqwest::get(host.url("/hello")).await.unwrap();
     assert_eq!(reply.status(), 200);
 }
+
+#[tokio::test]
+async fn a_guest_refused_in_a_loop_costs_a_bounded_log_and_every_refusal_is_counted() {
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("intruder", "intruder", "/intruder"));
+    let host = HostProcess::spawn(state.path(), Some(&manifest));
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        assert_eq!(client.get(host.url("/intruder")).send().await.unwrap().status(), 200);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let metrics = client.get(host.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let counted: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("shoal_abi_denied_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let per_request = counted / 40.0;
+    assert!(per_request >= 6.0, "every refusal is counted: {counted} for 40 requests\n{metrics}");
+    let logged = host.log().lines().filter(|line| line.contains("denied:") || line.contains("limited:")).count();
+    // 20 lines a second (and as many at once), however many refusals.
+    let allowed = 20.0 + 20.0 * (elapsed + 1.0);
+    assert!((logged as f64) <= allowed, "{logged} refusal lines in {elapsed:.2} s (at most {allowed})");
+    assert!((logged as f64) < counted, "some lines were suppressed: {logged} of {counted}");
+    // Once the budget is back, the next line says how many it left out.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(client.get(host.url("/intruder")).send().await.unwrap().status(), 200);
+    let reported = host.log().lines().any(|line| {
+        line.split("suppressed=")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+            .is_some_and(|suppressed| suppressed > 0)
+    });
+    assert!(reported, "a logged line says how many were suppressed before it:\n{}", host.log());
+}
