@@ -8,7 +8,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup test-deps functions lint unit-and-integration bench images
+.PHONY: run test setup test-deps functions lint unit-and-integration bench images fuzz
 
 APT_INSTALL := $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y
 
@@ -65,6 +65,16 @@ unit-and-integration: functions test-deps
 	cd benches && $(CARGO) test
 
 test: lint unit-and-integration
+
+# Property-based fuzzing (proptest) of what outsiders feed the host: the
+# manifest parser and resolver, annotations -> spec, the OCI layout reader
+# (image push input), the ledger reader, routing against a reference
+# model. `make test` runs 256 cases of each; this runs FUZZ_CASES (about
+# a minute in all at the default). A failure is shrunk, printed, and kept
+# in host/proptest-regressions/ (commit it: every run replays it first).
+FUZZ_CASES ?= 40000
+fuzz: setup
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p shoal-host --lib fuzz_
 
 # Benchmarks W1-W7 against native hyper and `wasmtime serve`; writes
 # bench-results/latest.{md,json}. BENCH_ARGS passes options (see --help).

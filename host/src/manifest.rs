@@ -874,6 +874,93 @@ mod tests {
         assert!(with(&["grants"], grant).contains("host:port"));
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn fuzz_any_text_is_a_manifest_or_an_error_naming_the_file(text in ".{0,400}") {
+                match Manifest::parse(&text, Path::new("/m/shoal.toml")).and_then(|m| m.resolve()) {
+                    Ok(specs) => prop_assert!(!specs.is_empty()),
+                    Err(err) => prop_assert!(err.to_string().starts_with("/m/shoal.toml: "), "{}", err),
+                }
+            }
+
+            /// Whatever a manifest says, `resolve` accepts it exactly when
+            /// every value is valid (checked here by plain rules), and what
+            /// it accepts survives the JSON round trip of the admin API and
+            /// the registry file unchanged.
+            #[test]
+            fn fuzz_resolve_accepts_exactly_the_valid_values(
+                name in prop_oneof![4 => "[a-z][a-z0-9-]{0,20}", 1 => "[a-zA-Z0-9_-]{0,70}"],
+                version in prop_oneof![
+                    2 => Just(None),
+                    2 => "[a-zA-Z0-9._-]{1,10}".prop_map(Some),
+                    1 => "[a-zA-Z0-9._ -]{0,70}".prop_map(Some),
+                ],
+                route in prop::sample::select(vec![
+                    "/a", "/", "/a/b/", "h.example/x", "/a", "/", "/a/b/", "h.example/x", "nohost", "/metrics", "/a?b",
+                ]),
+                weight in prop::option::of(0u32..3),
+                limits in prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "timeout_ms", "memory_mb", "max_concurrency", "queue_timeout_ms", "idle_timeout_s",
+                        "fuel_per_request", "kv_max_key_bytes", "publish_per_second", "max_request_bytes",
+                        "log_bytes_per_second",
+                    ]),
+                    prop::sample::select(vec![1u64, 5000, 4096, 1, 5000, 0, 4097, 1 << 40]),
+                    0..5,
+                ),
+                outbound in prop::sample::select(vec![
+                    "127.0.0.1:9000", "127.0.0.1:9000", "127.0.0.1:9000", "127.0.0.1:9000", "host", "h:99999", ":80", "a b:1",
+                ]),
+            ) {
+                let mut text = format!("[[function]]\nname = {name:?}\nwasm = \"a.wasm\"\nroutes = [{route:?}]\n");
+                if let Some(version) = &version {
+                    text.push_str(&format!("version = {version:?}\n"));
+                }
+                if let Some(weight) = weight {
+                    text.push_str(&format!("weight = {weight}\n"));
+                }
+                text.push_str(&format!("[function.grants]\noutbound_http = [{outbound:?}]\n[function.limits]\n"));
+                for (field, value) in &limits {
+                    text.push_str(&format!("{field} = {value}\n"));
+                }
+
+                let name_ok = !name.is_empty() && name.len() <= 63 && name.starts_with(|c: char| c.is_ascii_lowercase())
+                    && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                let version_ok = version.as_ref().is_none_or(|v| {
+                    !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+                });
+                let route_ok = ["/a", "/", "/a/b/", "h.example/x"].contains(&route);
+                let outbound_ok = outbound == "127.0.0.1:9000";
+                // (How often each kind of case comes up, for a run with --nocapture.)
+                let _ = (name_ok, version_ok, route_ok, outbound_ok);
+                let limit_ok = |field: &str, value: u64| match field {
+                    "queue_timeout_ms" => true,
+                    "memory_mb" => (1..=4096).contains(&value),
+                    "max_concurrency" | "publish_per_second" | "log_bytes_per_second" => {
+                        (1..=u64::from(u32::MAX)).contains(&value)
+                    }
+                    _ => value > 0,
+                };
+                let limits_ok = limits.iter().all(|(field, value)| limit_ok(field, *value));
+                let weight_ok = weight != Some(0);
+                let valid = name_ok && version_ok && route_ok && outbound_ok && limits_ok && weight_ok;
+
+                let resolved = Manifest::parse(&text, Path::new("/m/shoal.toml")).and_then(|m| m.resolve());
+                prop_assert_eq!(resolved.is_ok(), valid, "{}\n{:?}", text, resolved);
+                if let Ok(specs) = resolved {
+                    let json = serde_json::to_string(&specs[0]).unwrap();
+                    let back: FunctionSpec = serde_json::from_str(&json).unwrap();
+                    prop_assert_eq!(&back, &specs[0]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn routes_parse_into_host_and_prefix() {
         let route = Route::parse("api.example.com/v1/").unwrap();

@@ -247,6 +247,48 @@ mod tests {
         record
     }
 
+    mod fuzz {
+        use std::io::Write as _;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Garbage lines between records (a foreign writer, a torn
+            /// write, a disk that lost a block) never hide a whole record,
+            /// never add one, and never make the reader fail.
+            #[test]
+            fn fuzz_the_ledger_reader_returns_every_whole_record_and_skips_the_rest(
+                garbage in prop::collection::vec(prop::collection::vec(any::<u8>().prop_filter("a line", |b| *b != b'\n'), 0..120), 0..8),
+                functions in prop::collection::vec("[a-z]{1,8}", 0..8),
+                torn_tail in any::<bool>(),
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("usage.jsonl");
+                let mut file = std::fs::File::create(&path).unwrap();
+                let records: Vec<UsageRecord> =
+                    functions.iter().enumerate().map(|(at, f)| record(f, at as u64, Outcome::Ok)).collect();
+                for at in 0..garbage.len().max(records.len()) {
+                    if let Some(line) = garbage.get(at) {
+                        file.write_all(line).unwrap();
+                        file.write_all(b"\n").unwrap();
+                    }
+                    if let Some(record) = records.get(at) {
+                        file.write_all(&serde_json::to_vec(record).unwrap()).unwrap();
+                        file.write_all(b"\n").unwrap();
+                    }
+                }
+                if torn_tail {
+                    let whole = serde_json::to_vec(&record("torn", 99, Outcome::Ok)).unwrap();
+                    file.write_all(&whole[..whole.len() / 2]).unwrap();
+                }
+                drop(file);
+                prop_assert_eq!(Ledger::read(&path).unwrap(), records);
+            }
+        }
+    }
+
     #[test]
     fn wall_time_is_billed_in_whole_milliseconds_times_peak_memory() {
         let record = record("f", 0, Outcome::Ok);

@@ -266,6 +266,38 @@ mod tests {
         KubernetesSettings::collect([&map], memory_limit)
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Whatever a pod's annotations (or an image's labels) say, the
+            /// result is a spec that passes every check, or an
+            /// INVALID_ARGUMENT — never a panic, never a spec the registry
+            /// would refuse.
+            #[test]
+            fn fuzz_annotations_give_a_valid_spec_or_an_invalid_argument(
+                entries in prop::collection::btree_map(
+                    prop_oneof![
+                        3 => "shoal\\.dev/(limits|grants|config)\\.[a-z_]{1,20}",
+                        1 => "shoal\\.dev/.{0,20}",
+                        1 => "[a-z./]{0,20}",
+                    ],
+                    prop_oneof![3 => "[0-9]{1,12}", 2 => "[a-z0-9:*/.,-]{0,30}", 1 => ".{0,30}"],
+                    0..6,
+                ),
+                memory_limit in prop::option::of(0u64..(1 << 34)),
+            ) {
+                let settings = KubernetesSettings::collect([&entries], memory_limit);
+                match settings.function_spec("f", Path::new("/f.wasm"), "pod annotations") {
+                    Ok(spec) => prop_assert!(spec.check().is_ok(), "{:?}", spec),
+                    Err(err) => prop_assert!(matches!(err, NodeError::InvalidArgument(_)), "{:?}", err),
+                }
+            }
+        }
+    }
+
     #[test]
     fn annotations_become_grants_and_limits() {
         let settings = settings(
