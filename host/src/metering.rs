@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::Outcome;
 
+/// The longest ledger line read back (a record is a few hundred bytes).
+const MAX_RECORD_BYTES: u64 = 64 << 10;
+
 /// How often the ledger is flushed to disk.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -172,9 +175,21 @@ impl Ledger {
             Err(err) => return Err(err),
         };
         let mut records = Vec::new();
-        for line in BufReader::new(file).split(b'\n') {
-            let line = line?;
-            if let Ok(record) = serde_json::from_slice::<UsageRecord>(&line) {
+        let mut reader = BufReader::new(file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // A line is read only up to the size of a record: a corrupt or
+            // foreign file cannot make the reader hold a huge line.
+            let read = (&mut reader).take(MAX_RECORD_BYTES + 1).read_until(b'\n', &mut line)?;
+            if read == 0 {
+                break;
+            }
+            if line.last() != Some(&b'\n') && read as u64 > MAX_RECORD_BYTES {
+                reader.skip_until(b'\n')?;
+                continue;
+            }
+            if let Ok(record) = serde_json::from_slice::<UsageRecord>(line.strip_suffix(b"\n").unwrap_or(&line)) {
                 records.push(record);
             }
         }
@@ -279,12 +294,23 @@ mod tests {
                         file.write_all(b"\n").unwrap();
                     }
                 }
+                if garbage.len() % 3 == 2 {
+                    // A line far longer than any record, in the middle.
+                    file.write_all(&vec![b'x'; (MAX_RECORD_BYTES * 3) as usize]).unwrap();
+                    file.write_all(b"\n").unwrap();
+                    file.write_all(&serde_json::to_vec(&record("after-long", 7, Outcome::Ok)).unwrap()).unwrap();
+                    file.write_all(b"\n").unwrap();
+                }
                 if torn_tail {
                     let whole = serde_json::to_vec(&record("torn", 99, Outcome::Ok)).unwrap();
                     file.write_all(&whole[..whole.len() / 2]).unwrap();
                 }
                 drop(file);
-                prop_assert_eq!(Ledger::read(&path).unwrap(), records);
+                let mut expected = records.clone();
+                if garbage.len() % 3 == 2 {
+                    expected.push(record("after-long", 7, Outcome::Ok));
+                }
+                prop_assert_eq!(Ledger::read(&path).unwrap(), expected);
             }
         }
     }

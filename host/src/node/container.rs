@@ -184,27 +184,23 @@ impl KubernetesSettings {
     /// are checked by the same rules as `shoal.toml`; the memory limit caps
     /// `limits.memory_mb`.
     pub fn function_spec(&self, name: &str, wasm: &Path, source: &str) -> Result<FunctionSpec, NodeError> {
-        self.function_spec_text(name, wasm, source).map_err(NodeError::InvalidArgument)
-    }
-
-    fn function_spec_text(&self, name: &str, wasm: &Path, source: &str) -> Result<FunctionSpec, String> {
+        let invalid = NodeError::InvalidArgument;
         let mut limits = toml::Table::new();
         let mut grants = toml::Table::new();
         let mut config = toml::Table::new();
         for (key, value) in &self.values {
             let unknown = || {
-                format!(
+                invalid(format!(
                     "unknown setting {ANNOTATION_PREFIX}{key}: use {ANNOTATION_PREFIX}limits.<field>, \
                      {ANNOTATION_PREFIX}grants.<capability> or {ANNOTATION_PREFIX}config.<key>"
-                )
+                ))
             };
             let (group, field) = key.split_once('.').ok_or_else(unknown)?;
             match group {
                 "limits" => {
-                    let number = value
-                        .trim()
-                        .parse::<i64>()
-                        .map_err(|_| format!("{ANNOTATION_PREFIX}{key}={value:?}: limits are whole numbers"))?;
+                    let number = value.trim().parse::<i64>().map_err(|_| {
+                        invalid(format!("{ANNOTATION_PREFIX}{key}={value:?}: limits are whole numbers"))
+                    })?;
                     limits.insert(field.to_string(), toml::Value::Integer(number));
                 }
                 "grants" => {
@@ -237,9 +233,9 @@ impl KubernetesSettings {
         function.insert("grants".into(), toml::Value::Table(grants));
         let mut document = toml::Table::new();
         document.insert("function".into(), toml::Value::Array(vec![toml::Value::Table(function)]));
-        let text = toml::to_string(&document).map_err(|err| err.to_string())?;
-        let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| err.message)?;
-        let mut specs = manifest.resolve().map_err(|err| err.message)?;
+        let text = toml::to_string(&document).map_err(|err| invalid(err.to_string()))?;
+        let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| invalid(err.message))?;
+        let mut specs = manifest.resolve().map_err(|err| invalid(err.message))?;
         Ok(specs.remove(0))
     }
 }
