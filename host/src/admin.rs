@@ -142,7 +142,7 @@ async fn route(host: &Host, request: Request<Incoming>) -> Result<Response<Shoal
                 None => None,
             };
             let summaries = match host.ledger() {
-                Some(ledger) => ledger.summarize(function.as_deref(), since).map_err(Error::io(ledger.path()))?,
+                Some(ledger) => ledger.summarize(function.as_deref(), since).map_err(Error::io(ledger.dir()))?,
                 None => Vec::new(),
             };
             Ok(json_response(StatusCode::OK, &summaries))

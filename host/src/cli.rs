@@ -16,6 +16,7 @@ use crate::engine::EngineOptions;
 use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
+use crate::metering::LedgerPolicy;
 use crate::registry::DeployItem;
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
@@ -154,6 +155,12 @@ struct HostArgs {
     /// Milliseconds a client has to send a request head (also the keep-alive idle timeout).
     #[arg(long, default_value_t = FrontDoor::default().header_read_timeout.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     header_read_timeout_ms: u64,
+    /// Seconds of usage records per ledger file (the ledger rotates).
+    #[arg(long, default_value_t = LedgerPolicy::default().partition.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    ledger_partition_secs: u64,
+    /// Days ledger files are kept.
+    #[arg(long, default_value_t = LedgerPolicy::default().retention.as_secs() / 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    ledger_retention_days: u64,
 }
 
 /// What [`HostArgs`] set, once logging is started.
@@ -161,6 +168,7 @@ struct HostSettings {
     engine: EngineOptions,
     drain_timeout: Duration,
     front_door: FrontDoor,
+    ledger: LedgerPolicy,
 }
 
 impl HostArgs {
@@ -174,6 +182,10 @@ impl HostArgs {
                 max_connections: self.max_connections as usize,
                 header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
                 ..FrontDoor::default()
+            },
+            ledger: LedgerPolicy {
+                partition: Duration::from_secs(self.ledger_partition_secs),
+                retention: Duration::from_secs(self.ledger_retention_days.saturating_mul(86_400)),
             },
         }
     }
@@ -268,7 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { manifest, listen, host, kv_redis, pubsub_redis, secrets_dir } => {
             let backend = |url: Option<String>| url.map_or(Backend::Embedded, |url| Backend::Redis { url });
-            let HostSettings { engine, drain_timeout, front_door } = host.apply();
+            let HostSettings { engine, drain_timeout, front_door, ledger } = host.apply();
             let config = HostConfig {
                 listen,
                 admin_socket: Some(admin_socket),
@@ -281,11 +293,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secrets_dir,
                 persist_functions: true,
                 front_door,
+                ledger,
             };
             serve(manifest.as_deref(), config).await
         }
         Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, host } => {
-            let HostSettings { engine, drain_timeout, front_door } = host.apply();
+            let HostSettings { engine, drain_timeout, front_door, ledger } = host.apply();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
             let config = crate::node::NodeConfig {
                 socket,
@@ -297,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 drain_timeout,
                 max_wasm_bytes: max_wasm_mb << 20,
                 front_door,
+                ledger,
             };
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)

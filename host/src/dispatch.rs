@@ -89,7 +89,7 @@ impl Recorder {
             && let Err(err) = ledger.append(record)
         {
             self.metrics.ledger_error();
-            tracing::error!(error = %err, path = %ledger.path().display(), "cannot write usage record");
+            tracing::error!(error = %err, dir = %ledger.dir().display(), "cannot write usage record");
         }
         self.metrics.observe(record);
     }

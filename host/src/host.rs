@@ -28,7 +28,7 @@ use crate::dispatch::Dispatcher;
 use crate::engine::{EngineOptions, WasmEngine};
 use crate::function::Runtime;
 use crate::logs::{LogSink, TracingSink};
-use crate::metering::Ledger;
+use crate::metering::{Ledger, LedgerPolicy};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::request::{RequestMeta, ShoalBody};
@@ -63,6 +63,8 @@ pub struct HostConfig {
     /// What every HTTP listener of the host bounds before a function sees
     /// a request.
     pub front_door: FrontDoor,
+    /// How the usage ledger (`<state_dir>/usage/`) is partitioned and kept.
+    pub ledger: LedgerPolicy,
 }
 
 /// The limits of the HTTP front door, enforced on every connection of every
@@ -125,6 +127,7 @@ impl HostConfig {
             secrets_dir: None,
             persist_functions: true,
             front_door: FrontDoor::default(),
+            ledger: LedgerPolicy::default(),
         }
     }
 }
@@ -218,8 +221,8 @@ impl Host {
         let runtime = Runtime::new(engine, services.clone())?;
         let ledger = match &config.state_dir {
             Some(dir) => {
-                let path = dir.join("usage.jsonl");
-                Some(Arc::new(Ledger::open(&path).map_err(Error::io(&path))?))
+                let path = dir.join("usage");
+                Some(Arc::new(Ledger::open(&path, config.ledger).map_err(Error::io(&path))?))
             }
             None => None,
         };

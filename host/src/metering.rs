@@ -8,6 +8,15 @@
 //! every [`SYNC_INTERVAL`] (and on shutdown) for power loss; an `fsync` per
 //! request would cost more than the requests themselves.
 //!
+//! The ledger is a folder of time partitions (`usage-<start>.jsonl`, one an
+//! hour by default): a record goes to the partition of the moment it is
+//! written, so the records of requests that started at or after `t` are all
+//! in the partitions from `t`'s on, and a summary `--since t` opens only
+//! those. When a partition is left, it is `fsync`ed first; partitions older
+//! than the retention are deleted. A host that ran before partitions
+//! existed left one `usage.jsonl` beside the folder: it is read as the
+//! oldest partition.
+//!
 //! Billing follows Lambda's unit: wall time is rounded up to whole
 //! milliseconds (`billed_ms`), and memory-time is the peak linear memory
 //! times `billed_ms`. A function with no requests accrues nothing, whatever
@@ -17,8 +26,8 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -118,42 +127,94 @@ impl UsageRecord {
     }
 }
 
-/// The append-only file of usage records.
+/// How a ledger cuts time into partitions and how long it keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerPolicy {
+    /// The span of one partition file.
+    pub partition: Duration,
+    /// Partitions that ended longer ago than this are deleted.
+    pub retention: Duration,
+}
+
+impl Default for LedgerPolicy {
+    fn default() -> Self {
+        LedgerPolicy { partition: Duration::from_secs(3600), retention: Duration::from_secs(90 * 24 * 3600) }
+    }
+}
+
+/// The clock a ledger partitions by (a test can bring its own).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The append-only, time-partitioned record of usage.
 pub struct Ledger {
-    path: PathBuf,
-    file: Mutex<File>,
+    dir: PathBuf,
+    policy: LedgerPolicy,
+    clock: Clock,
+    current: Mutex<Partition>,
     dirty: AtomicBool,
 }
 
+/// The partition being written.
+struct Partition {
+    /// Its start, in seconds since the Unix epoch.
+    start: u64,
+    file: File,
+}
+
 impl Ledger {
-    /// Open (or create) the ledger at `path`. A torn last line, left by a
-    /// crash in the middle of a write, is fenced off with a newline so later
-    /// records stay readable; readers skip it.
-    pub fn open(path: &Path) -> std::io::Result<Ledger> {
-        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
-        let len = file.metadata()?.len();
-        if len > 0 {
-            let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))?;
-            file.read_exact(&mut last)?;
-            if last[0] != b'\n' {
-                file.write_all(b"\n")?;
-            }
+    /// Open (or create) the ledger in folder `dir`, partitioned by the
+    /// system clock.
+    pub fn open(dir: &Path, policy: LedgerPolicy) -> std::io::Result<Ledger> {
+        Ledger::open_with_clock(dir, policy, Arc::new(SystemTime::now))
+    }
+
+    /// [`Ledger::open`] with `clock` deciding which partition a record goes to.
+    pub fn open_with_clock(dir: &Path, policy: LedgerPolicy, clock: Clock) -> std::io::Result<Ledger> {
+        if policy.partition.as_secs() == 0 {
+            return Err(std::io::Error::other("a ledger partition must span at least a second"));
         }
-        Ok(Ledger { path: path.to_path_buf(), file: Mutex::new(file), dirty: AtomicBool::new(false) })
+        std::fs::create_dir_all(dir)?;
+        let start = partition_start(clock(), policy.partition);
+        let file = open_partition(&partition_path(dir, start))?;
+        let ledger = Ledger {
+            dir: dir.to_path_buf(),
+            policy,
+            clock,
+            current: Mutex::new(Partition { start, file }),
+            dirty: AtomicBool::new(false),
+        };
+        ledger.expire(start)?;
+        Ok(ledger)
     }
 
-    /// Where the ledger lives.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The folder of partitions.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
-    /// Append one record (one `write(2)`).
+    /// The partition file being written now.
+    pub fn current_path(&self) -> PathBuf {
+        partition_path(&self.dir, self.current.lock().unwrap_or_else(|poison| poison.into_inner()).start)
+    }
+
+    /// Append one record (one `write(2)`), to the partition of now.
     pub fn append(&self, record: &UsageRecord) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let file = self.file.lock().unwrap_or_else(|poison| poison.into_inner());
-        (&*file).write_all(&line)?;
+        let start = partition_start((self.clock)(), self.policy.partition);
+        let mut current = self.current.lock().unwrap_or_else(|poison| poison.into_inner());
+        if start > current.start {
+            // Leave the old partition durable, then move on.
+            current.file.sync_data()?;
+            let file = open_partition(&partition_path(&self.dir, start))?;
+            *current = Partition { start, file };
+            drop(current);
+            if let Err(err) = self.expire(start) {
+                tracing::warn!(error = %err, dir = %self.dir.display(), "cannot delete expired ledger partitions");
+            }
+            current = self.current.lock().unwrap_or_else(|poison| poison.into_inner());
+        }
+        (&current.file).write_all(&line)?;
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }
@@ -161,13 +222,55 @@ impl Ledger {
     /// `fsync` if anything was appended since the last sync.
     pub fn sync(&self) -> std::io::Result<()> {
         if self.dirty.swap(false, Ordering::AcqRel) {
-            let file = self.file.lock().unwrap_or_else(|poison| poison.into_inner()).try_clone()?;
+            let file = self.current.lock().unwrap_or_else(|poison| poison.into_inner()).file.try_clone()?;
             file.sync_data()?;
         }
         Ok(())
     }
 
-    /// Every readable record, oldest first (skipping torn or foreign lines).
+    /// Delete the partitions that ended before `now - retention`.
+    fn expire(&self, now: u64) -> std::io::Result<()> {
+        let horizon = now.saturating_sub(self.policy.retention.as_secs());
+        for (start, path) in partitions(&self.dir)? {
+            if start + self.policy.partition.as_secs() <= horizon {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every record of the ledger in `dir` whose request started at or
+    /// after `since_unix_ms` (all, for `None`), oldest partition first;
+    /// only the partitions that can hold them are read.
+    pub fn read_dir(dir: &Path, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageRecord>> {
+        let since_secs = since_unix_ms.map_or(0, |ms| ms / 1000);
+        let mut records = Vec::new();
+        if since_unix_ms.is_none() {
+            // What a host wrote before the ledger had partitions.
+            records = Ledger::read(&legacy_path(dir))?;
+        }
+        let found = partitions(dir)?;
+        for (at, (_, path)) in found.iter().enumerate() {
+            // A partition ends where the next one starts.
+            let end = found.get(at + 1).map_or(u64::MAX, |(next, _)| *next);
+            if end <= since_secs {
+                continue;
+            }
+            records.extend(Ledger::read(path)?);
+        }
+        if let Some(since) = since_unix_ms {
+            records.retain(|record| record.start_unix_ms >= since);
+        }
+        Ok(records)
+    }
+
+    /// Every record of this ledger (see [`Ledger::read_dir`]).
+    pub fn records(&self, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageRecord>> {
+        Ledger::read_dir(&self.dir, since_unix_ms)
+    }
+
+    /// Every readable record of one partition file, oldest first
+    /// (skipping torn or foreign lines).
     pub fn read(path: &Path) -> std::io::Result<Vec<UsageRecord>> {
         let file = match File::open(path) {
             Ok(file) => file,
@@ -199,9 +302,8 @@ impl Ledger {
     /// Totals per function over the records matching `function` and `since`.
     pub fn summarize(&self, function: Option<&str>, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageSummary>> {
         let mut totals: BTreeMap<String, UsageSummary> = BTreeMap::new();
-        for record in Ledger::read(&self.path)? {
-            if function.is_some_and(|f| f != record.function) || since_unix_ms.is_some_and(|t| record.start_unix_ms < t)
-            {
+        for record in self.records(since_unix_ms)? {
+            if function.is_some_and(|f| f != record.function) {
                 continue;
             }
             totals
@@ -211,6 +313,66 @@ impl Ledger {
         }
         Ok(totals.into_values().collect())
     }
+}
+
+/// Open a partition file for appending; a torn last line, left by a crash
+/// in the middle of a write, is fenced off with a newline so later records
+/// stay readable (readers skip it).
+fn open_partition(path: &Path) -> std::io::Result<File> {
+    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            file.write_all(b"\n")?;
+        }
+    }
+    Ok(file)
+}
+
+/// The start of the partition holding `at`, in seconds since the epoch.
+fn partition_start(at: SystemTime, span: Duration) -> u64 {
+    let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    secs - secs % span.as_secs().max(1)
+}
+
+/// `usage-<UTC start, RFC 3339>.jsonl`: names sort by time.
+fn partition_path(dir: &Path, start: u64) -> PathBuf {
+    let at = UNIX_EPOCH + Duration::from_secs(start);
+    dir.join(format!("usage-{}.jsonl", humantime::format_rfc3339_seconds(at)))
+}
+
+/// The file a host wrote before the ledger had partitions.
+fn legacy_path(dir: &Path) -> PathBuf {
+    dir.parent().unwrap_or(dir).join("usage.jsonl")
+}
+
+/// The partitions in `dir`, oldest first: (start, path). Other files are
+/// not the ledger's and are left alone.
+fn partitions(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let Some(stamp) = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_prefix("usage-")?.strip_suffix(".jsonl"))
+        else {
+            continue;
+        };
+        if let Ok(at) = humantime::parse_rfc3339(stamp) {
+            found.push((at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(), path));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// A function's usage added up.
@@ -322,26 +484,36 @@ mod tests {
         assert_eq!(record.memory_byte_ms, 2 * (2 << 20));
     }
 
+    /// A clock the test moves by hand, from `start` seconds.
+    fn manual_clock(start: u64) -> (Clock, Arc<std::sync::atomic::AtomicU64>) {
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(start));
+        let read = now.clone();
+        (Arc::new(move || UNIX_EPOCH + Duration::from_secs(read.load(Ordering::Relaxed))), now)
+    }
+
+    const HOUR: u64 = 3600;
+
     #[test]
     fn a_torn_last_line_is_skipped_and_later_records_stay_readable() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("usage.jsonl");
-        {
-            let ledger = Ledger::open(&path).unwrap();
+        let (clock, _) = manual_clock(1_000 * HOUR);
+        let path = {
+            let ledger = Ledger::open_with_clock(dir.path(), LedgerPolicy::default(), clock.clone()).unwrap();
             ledger.append(&record("a", 1, Outcome::Ok)).unwrap();
-        }
+            ledger.current_path()
+        };
         // A crash in the middle of a write leaves half a line.
         OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"request_id\":\"tor").unwrap();
-        let ledger = Ledger::open(&path).unwrap();
+        let ledger = Ledger::open_with_clock(dir.path(), LedgerPolicy::default(), clock).unwrap();
         ledger.append(&record("b", 2, Outcome::Trap)).unwrap();
-        let records = Ledger::read(&path).unwrap();
+        let records = ledger.records(None).unwrap();
         assert_eq!(records.iter().map(|r| r.function.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[test]
     fn summaries_filter_by_function_and_time() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("usage.jsonl")).unwrap();
+        let ledger = Ledger::open(&dir.path().join("usage"), LedgerPolicy::default()).unwrap();
         for (function, at, outcome) in [("a", 10, Outcome::Ok), ("a", 20, Outcome::Timeout), ("b", 30, Outcome::Ok)] {
             ledger.append(&record(function, at, outcome)).unwrap();
         }
@@ -351,5 +523,59 @@ mod tests {
         let recent_a = ledger.summarize(Some("a"), Some(15)).unwrap();
         assert_eq!(recent_a.len(), 1);
         assert_eq!(recent_a[0].requests, 1);
+    }
+
+    #[test]
+    fn records_go_to_the_partition_of_their_time_and_since_opens_only_the_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_000 * HOUR;
+        let (clock, now) = manual_clock(t0 + 10);
+        let ledger = Ledger::open_with_clock(dir.path(), LedgerPolicy::default(), clock).unwrap();
+        for hour in 0..3 {
+            now.store(t0 + hour * HOUR + 10, Ordering::Relaxed);
+            ledger.append(&record(&format!("f{hour}"), (t0 + hour * HOUR) * 1000, Outcome::Ok)).unwrap();
+        }
+        assert_eq!(partitions(dir.path()).unwrap().len(), 3, "one partition an hour");
+        let all: Vec<String> = ledger.records(None).unwrap().into_iter().map(|r| r.function).collect();
+        assert_eq!(all, ["f0", "f1", "f2"]);
+        // The first hour's partition cannot even be opened any more: a
+        // read since the second hour must not touch it.
+        let (_, first) = partitions(dir.path()).unwrap().remove(0);
+        std::fs::remove_file(&first).unwrap();
+        std::fs::create_dir(&first).unwrap();
+        let since: Vec<String> =
+            ledger.records(Some((t0 + HOUR) * 1000)).unwrap().into_iter().map(|r| r.function).collect();
+        assert_eq!(since, ["f1", "f2"]);
+        assert!(ledger.records(None).is_err(), "reading everything does open the first partition");
+    }
+
+    #[test]
+    fn partitions_past_the_retention_are_deleted_when_the_ledger_moves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_000 * HOUR;
+        let (clock, now) = manual_clock(t0);
+        let policy = LedgerPolicy { partition: Duration::from_secs(HOUR), retention: Duration::from_secs(2 * HOUR) };
+        let ledger = Ledger::open_with_clock(dir.path(), policy, clock).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not the ledger's").unwrap();
+        for hour in 0..4 {
+            now.store(t0 + hour * HOUR, Ordering::Relaxed);
+            ledger.append(&record(&format!("f{hour}"), (t0 + hour * HOUR) * 1000, Outcome::Ok)).unwrap();
+        }
+        let kept: Vec<u64> =
+            partitions(dir.path()).unwrap().into_iter().map(|(start, _)| (start - t0) / HOUR).collect();
+        assert_eq!(kept, [1, 2, 3], "the partition that ended 2 h before the newest began is gone");
+        assert!(dir.path().join("notes.txt").exists());
+    }
+
+    #[test]
+    fn a_ledger_from_before_partitions_is_read_as_the_oldest() {
+        let state = tempfile::tempdir().unwrap();
+        let legacy = state.path().join("usage.jsonl");
+        std::fs::write(&legacy, [serde_json::to_vec(&record("old", 1, Outcome::Ok)).unwrap(), b"\n".to_vec()].concat())
+            .unwrap();
+        let ledger = Ledger::open(&state.path().join("usage"), LedgerPolicy::default()).unwrap();
+        ledger.append(&record("new", 2, Outcome::Ok)).unwrap();
+        let all: Vec<String> = ledger.records(None).unwrap().into_iter().map(|r| r.function).collect();
+        assert_eq!(all, ["old", "new"]);
     }
 }

@@ -35,6 +35,7 @@ use containerd_shim_protos::ttrpc::asynchronous::Server;
 use crate::Error;
 use crate::engine::EngineOptions;
 use crate::host::{FrontDoor, HostConfig};
+use crate::metering::LedgerPolicy;
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
 
@@ -63,6 +64,8 @@ pub struct NodeConfig {
     pub max_wasm_bytes: u64,
     /// The limits of every pod's HTTP listener.
     pub front_door: FrontDoor,
+    /// How the usage ledger is partitioned and kept.
+    pub ledger: LedgerPolicy,
 }
 
 /// Serve containerd until SIGTERM or SIGINT; then drain every function
@@ -81,6 +84,7 @@ pub async fn run(config: NodeConfig) -> Result<(), Error> {
         drain_timeout: config.drain_timeout,
         persist_functions: false,
         front_door: config.front_door.clone(),
+        ledger: config.ledger,
         ..HostConfig::new()
     };
     let running = RunningHost::start(host_config).await?;

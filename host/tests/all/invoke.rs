@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 
 use shoal::limits::Outcome;
-use shoal::metering::Ledger;
 
 use crate::support::{TestHost, spec};
 
@@ -22,7 +21,7 @@ async fn an_invoked_function_answers_and_is_metered_as_a_child_request() {
     let reply = crate::support::Reply::read(reply.send().await.unwrap()).await;
     assert_eq!((reply.status, reply.body.as_str()), (200, "hello, world\n"));
 
-    let records = Ledger::read(host.running.host().ledger().unwrap().path()).unwrap();
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
     let child = records.iter().find(|r| r.function == "hello").unwrap();
     assert_eq!(child.parent_id.as_deref(), Some("top-1"));
     assert_eq!(child.request_id, "top-1/1");
@@ -60,7 +59,7 @@ async fn a_cycle_of_invokes_ends_at_the_depth_limit_instead_of_hanging() {
     let reply = host.get("/invoker/loop").await;
     assert_eq!(reply.status, 508, "{}", reply.body);
     assert!(reply.body.contains("invoke depth limit of 8"), "{}", reply.body);
-    let records = Ledger::read(host.running.host().ledger().unwrap().path()).unwrap();
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
     assert_eq!(records.len(), 9, "the request and 8 nested calls");
     assert!(records.iter().all(|r| r.outcome == Outcome::Ok));
 }

@@ -24,11 +24,54 @@ async fn completed_requests_are_in_the_ledger_after_kill_9_of_the_host() {
     }
     host.kill9();
 
-    let records = Ledger::read(&state.path().join("usage.jsonl")).unwrap();
+    let records = Ledger::read_dir(&state.path().join("usage"), None).unwrap();
     let recorded: Vec<&str> = records.iter().map(|r| r.request_id.as_str()).collect();
     for id in &ids {
         assert!(recorded.contains(&id.as_str()), "request {id} missing from the ledger after kill -9");
     }
     assert!(records.iter().all(|r| r.outcome == Outcome::Ok));
     assert_eq!(records.iter().filter(|r| r.function == "fib").count(), 20);
+}
+
+#[tokio::test]
+async fn records_survive_kill_9_across_ledger_rotations_each_exactly_once() {
+    // One-second ledger files under a steady load: rotations happen while
+    // requests complete; then kill -9. Every answered request's record is
+    // in exactly one file, and `usage --since` reads the recent ones.
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("hello", "hello", "/hello"));
+    let mut host = HostProcess::spawn_with_args(state.path(), Some(&manifest), &["--ledger-partition-secs", "1"]);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(2500) && ids.len() < 50_000 {
+        let response = client.get(host.url("/hello")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        ids.push(response.headers()["x-request-id"].to_str().unwrap().to_string());
+        response.bytes().await.unwrap();
+    }
+    let since = format!("{}ms", 1200);
+    let recent = host.cli(&["usage", "--function", "hello", "--since", &since, "--json"]);
+    assert!(recent.status.success(), "{}", String::from_utf8_lossy(&recent.stderr));
+    host.kill9();
+
+    let dir = state.path().join("usage");
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    assert!(files >= 2, "the ledger rotated ({files} files in {})", dir.display());
+    let records = Ledger::read_dir(&dir, None).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for record in &records {
+        *seen.entry(record.request_id.as_str()).or_insert(0) += 1;
+    }
+    for id in &ids {
+        assert_eq!(seen.get(id.as_str()), Some(&1), "request {id}: records {:?}", seen.get(id.as_str()));
+    }
+    assert_eq!(records.len(), ids.len(), "no record of a request nobody made");
+    let summaries: serde_json::Value = serde_json::from_slice(&recent.stdout).unwrap();
+    let recent_requests = summaries[0]["requests"].as_u64().unwrap_or(0) as usize;
+    assert!(
+        recent_requests > 0 && recent_requests < ids.len(),
+        "--since 1200ms counts only the recent requests: {recent_requests} of {}",
+        ids.len()
+    );
 }

@@ -1,7 +1,6 @@
 //! One usage record per request, with the numbers billing needs.
 
 use shoal::limits::Outcome;
-use shoal::metering::Ledger;
 
 use crate::support::{TestHost, spec};
 
@@ -15,7 +14,7 @@ async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     let second = host.get("/fib?n=5").await;
     host.get("/spin").await;
 
-    let records = Ledger::read(host.running.host().ledger().unwrap().path()).unwrap();
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
     assert_eq!(records.len(), 3);
     let (a, b, c) = (&records[0], &records[1], &records[2]);
     assert_eq!(a.request_id, first.header("x-request-id").unwrap());

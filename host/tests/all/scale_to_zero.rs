@@ -23,7 +23,7 @@ async fn an_idle_function_scales_to_zero_runs_destroy_and_starts_cold_again() {
     // A new instance: its own counter starts over.
     assert_eq!(host.get("/lc").await.body, r#"{"started":true,"served":1}"#);
     let ledger = host.running.host().ledger().unwrap();
-    let records = shoal::metering::Ledger::read(ledger.path()).unwrap();
+    let records = ledger.records(None).unwrap();
     let cold: Vec<bool> = records.iter().map(|r| r.cold).collect();
     assert_eq!(cold, [true, true], "both requests needed a new instance");
 }

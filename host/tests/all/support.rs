@@ -219,10 +219,19 @@ impl HostProcess {
 
     /// [`HostProcess::spawn`] with extra environment variables.
     pub fn spawn_with_env(state_dir: &Path, manifest: Option<&Path>, env: &[(&str, &str)]) -> HostProcess {
+        HostProcess::launch(state_dir, manifest, env, &[])
+    }
+
+    /// [`HostProcess::spawn`] with extra options for `shoal serve`.
+    pub fn spawn_with_args(state_dir: &Path, manifest: Option<&Path>, args: &[&str]) -> HostProcess {
+        HostProcess::launch(state_dir, manifest, &[], args)
+    }
+
+    fn launch(state_dir: &Path, manifest: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> HostProcess {
         use std::io::BufRead as _;
         let mut command = std::process::Command::new(shoal_bin());
         command.envs(env.iter().copied());
-        command.arg("--state-dir").arg(state_dir).arg("serve").args(["--listen", "127.0.0.1:0"]);
+        command.arg("--state-dir").arg(state_dir).arg("serve").args(["--listen", "127.0.0.1:0"]).args(args);
         if let Some(manifest) = manifest {
             command.arg(manifest);
         }
