@@ -244,11 +244,9 @@ impl Ledger {
     /// only the partitions that can hold them are read.
     pub fn read_dir(dir: &Path, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageRecord>> {
         let since_secs = since_unix_ms.map_or(0, |ms| ms / 1000);
-        let mut records = Vec::new();
-        if since_unix_ms.is_none() {
-            // What a host wrote before the ledger had partitions.
-            records = Ledger::read(&legacy_path(dir))?;
-        }
+        // What a host wrote before the ledger had partitions: its time span
+        // is unknown without reading it, so it is always read.
+        let mut records = Ledger::read(&legacy_path(dir))?;
         let found = partitions(dir)?;
         for (at, (_, path)) in found.iter().enumerate() {
             // A partition ends where the next one starts.
@@ -577,5 +575,10 @@ mod tests {
         ledger.append(&record("new", 2, Outcome::Ok)).unwrap();
         let all: Vec<String> = ledger.records(None).unwrap().into_iter().map(|r| r.function).collect();
         assert_eq!(all, ["old", "new"]);
+        // A summary since a moment finds the old file's records from then on too.
+        let since: Vec<String> = ledger.records(Some(1)).unwrap().into_iter().map(|r| r.function).collect();
+        assert_eq!(since, ["old", "new"]);
+        let later: Vec<String> = ledger.records(Some(2)).unwrap().into_iter().map(|r| r.function).collect();
+        assert_eq!(later, ["new"]);
     }
 }
