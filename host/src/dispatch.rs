@@ -22,11 +22,10 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tracing::Instrument as _;
+use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 
 use crate::abi::bindings::exports::shoal::runtime::events::Message;
 use crate::backends::Delivery;
-use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
-
 use crate::instance::{InstanceError, ResponseResult};
 use crate::limits::Outcome;
 use crate::metering::{CallStats, Ledger, UsageRecord};

@@ -163,14 +163,9 @@ impl Host {
         &self.dispatcher
     }
 
-    /// The metrics.
-    pub fn metrics(&self) -> &Metrics {
+    /// The metrics (clone the `Arc` for what outlives a borrow of the host).
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
-    }
-
-    /// The metrics, shared (for what outlives a borrow of the host).
-    pub fn metrics_handle(&self) -> Arc<Metrics> {
-        self.metrics.clone()
     }
 
     /// The usage ledger, when the host has a state directory.

@@ -646,7 +646,8 @@ impl RawFunction {
 impl RawGrants {
     fn resolve(&self) -> Result<Grants, String> {
         let set = |values: &[String]| values.iter().cloned().collect::<BTreeSet<String>>();
-        let grants = Grants {
+        // Checked with the rest of the spec, by `FunctionSpec::check`.
+        Ok(Grants {
             keyvalue: self.keyvalue.iter().map(|text| KeyGrant::parse(text)).collect::<Result<_, _>>()?,
             publish: set(&self.publish),
             subscribe: set(&self.subscribe),
@@ -654,9 +655,7 @@ impl RawGrants {
             config: self.config.clone(),
             secrets: set(&self.secrets),
             outbound_http: set(&self.outbound_http),
-        };
-        grants.check()?;
-        Ok(grants)
+        })
     }
 }
 
@@ -674,7 +673,8 @@ impl RawLimits {
             Some(mb) => mb << 20,
             None => defaults.memory_bytes,
         };
-        let limits = Limits {
+        // Checked with the rest of the spec, by `FunctionSpec::check`.
+        Ok(Limits {
             fuel_per_request: match self.fuel_per_request {
                 Some(0) => return Err("limits.fuel_per_request must be greater than 0 (omit it for no limit)".into()),
                 fuel => fuel.and_then(NonZeroU64::new),
@@ -701,9 +701,7 @@ impl RawLimits {
                 "log_bytes_per_second",
                 defaults.log_bytes_per_second,
             )?,
-        };
-        limits.check()?;
-        Ok(limits)
+        })
     }
 }
 

@@ -240,11 +240,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    // `start` answers with the bare address: containerd 1.x reads nothing
-    // else, and 2.x takes a bare address as the v2 task API (which the node
-    // host serves). The crate's `run` would answer 1.x with JSON.
+    let flags = containerd_shim::parse(&args[1..]);
     // `-v` answers before the crate's `run`, which insists on a socket first.
-    if let Ok(flags) = containerd_shim::parse(&args[1..])
+    if let Ok(flags) = &flags
         && flags.version
     {
         println!(
@@ -253,7 +251,10 @@ fn main() {
         );
         std::process::exit(0);
     }
-    if let Ok(flags) = containerd_shim::parse(&args[1..])
+    // `start` answers with the bare address: containerd 1.x reads nothing
+    // else, and 2.x takes a bare address as the v2 task API (which the node
+    // host serves). The crate's `run` would answer 1.x with JSON.
+    if let Ok(flags) = &flags
         && flags.action == "start"
     {
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_else(|_| format!("{}.ttrpc", flags.address));

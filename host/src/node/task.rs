@@ -270,7 +270,7 @@ impl Node {
                 match program {
                     Some(program) => {
                         let program = program.map_err(|err| err.context(&entry))?;
-                        let (metrics, name) = (self.host.metrics_handle(), function.clone());
+                        let (metrics, name) = (self.host.metrics().clone(), function.clone());
                         let log_budget = LogBudget::new(
                             spec.limits.log_bytes_per_second,
                             Box::new(move |lines| metrics.log_dropped(&name, lines)),

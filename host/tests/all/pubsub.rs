@@ -27,6 +27,22 @@ pub async fn publish(host: &TestHost, topic: &str, body: &str) -> crate::support
     crate::support::Reply::read(response).await
 }
 
+/// Wait (up to 20 s) until the subscriber's inbox holds a message whose
+/// payload is `payload`.
+pub async fn inbox_receives(host: &TestHost, payload: &str) -> bool {
+    let suffix = format!("={payload}");
+    eventually(Duration::from_secs(20), || async {
+        host.get("/inbox").await.body.lines().any(|line| line.ends_with(&suffix))
+    })
+    .await
+}
+
+/// Publish `payload` until the publisher's call succeeds (up to 15 s):
+/// whether it did.
+pub async fn publish_succeeds(host: &TestHost, topic: &str, payload: &str) -> bool {
+    eventually(Duration::from_secs(15), || async { publish(host, topic, payload).await.status == 202 }).await
+}
+
 /// Wait until the subscriber's inbox shows `want` (a line of `GET /inbox`).
 pub async fn inbox_shows(host: &TestHost, want: &str) -> bool {
     eventually(Duration::from_secs(10), || async { host.get("/inbox").await.body.lines().any(|line| line == want) })

@@ -4,7 +4,7 @@
 use shoal::host::Backend;
 
 use crate::keyvalue::{key_value_behaves, kv_spec};
-use crate::pubsub::{inbox_shows, publish, publisher, subscriber};
+use crate::pubsub::{inbox_receives, inbox_shows, publish, publish_succeeds, publisher, subscriber};
 use crate::support::{RedisServer, TestHost};
 
 async fn host_on(redis: &RedisServer) -> TestHost {
@@ -72,17 +72,10 @@ async fn pubsub_and_key_value_resume_after_redis_restarts_and_nothing_acknowledg
     assert!(started.elapsed() < std::time::Duration::from_secs(8), "the publish hung {:?}", started.elapsed());
 
     redis.start_again().await;
-    let accepted = crate::support::eventually(std::time::Duration::from_secs(15), || async {
-        publish(&host, "orders", "after").await.status == 202
-    })
-    .await;
-    assert!(accepted, "publishing works again once Redis is back");
+    assert!(publish_succeeds(&host, "orders", "after").await, "publishing works again once Redis is back");
     // The subscriber reads on (it was cut off mid-read), and what was
     // acknowledged before the restart is still there.
-    let delivered = crate::support::eventually(std::time::Duration::from_secs(20), || async {
-        host.get("/inbox").await.body.lines().any(|line| line.ends_with("=after"))
-    })
-    .await;
+    let delivered = inbox_receives(&host, "after").await;
     let inbox = host.get("/inbox").await.body;
     assert!(delivered, "the subscriber got nothing after the restart: {inbox}");
     assert!(inbox.lines().any(|line| line.ends_with("=before")), "{inbox}");
@@ -101,14 +94,7 @@ async fn a_subscriber_whose_group_redis_lost_gets_what_is_published_after() {
     assert!(inbox_shows(&host, "deliveries=1").await, "{}", host.get("/inbox").await.body);
     redis.stop();
     redis.start_again().await;
-    let accepted = crate::support::eventually(std::time::Duration::from_secs(15), || async {
-        publish(&host, "orders", "second").await.status == 202
-    })
-    .await;
-    assert!(accepted, "publishing works again once Redis is back");
-    let delivered = crate::support::eventually(std::time::Duration::from_secs(20), || async {
-        host.get("/inbox").await.body.lines().any(|line| line.ends_with("=second"))
-    })
-    .await;
+    assert!(publish_succeeds(&host, "orders", "second").await, "publishing works again once Redis is back");
+    let delivered = inbox_receives(&host, "second").await;
     assert!(delivered, "nothing delivered after the group was lost: {}", host.get("/inbox").await.body);
 }
