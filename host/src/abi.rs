@@ -35,7 +35,7 @@ use wasmtime_wasi::TrappableError;
 use crate::backends::secrets::SecretStore;
 use crate::backends::{Broker, KeyValue};
 use crate::logs::InstanceLog;
-use crate::manifest::{FunctionSpec, Grants, Limits};
+use crate::manifest::{FunctionSpec, Grants, Limits, TenantName};
 use crate::metrics::Metrics;
 
 pub(crate) mod bindings {
@@ -61,7 +61,7 @@ mod misc;
 mod outbound;
 
 pub use invoke::{InvokeError, Invoker};
-pub use outbound::OutboundHttp;
+pub use outbound::{Egress, OutboundHttp, node_addresses, special_kind};
 
 /// The error of `wasi:keyvalue` calls: a WIT `error` value, or a trap.
 pub type KvError = TrappableError<bindings::wasi::keyvalue::store::Error>;
@@ -86,7 +86,10 @@ pub const LIST_PAGE: usize = 100;
 
 /// An open key-value bucket, as the guest holds it.
 pub struct BucketHandle {
+    /// The name the guest opened.
     name: String,
+    /// The name in the backend: scoped to the function's tenant.
+    scoped: String,
 }
 
 /// What the ABI reaches, shared by every function of a host.
@@ -97,6 +100,10 @@ pub struct Services {
     pub(crate) secrets: SecretStore,
     pub(crate) metrics: Arc<Metrics>,
     invoker: OnceLock<Arc<dyn Invoker>>,
+    /// Where each pod's function connects from (its pod's network
+    /// namespace), by function name; functions not here connect from the
+    /// host's.
+    egress: std::sync::RwLock<std::collections::HashMap<String, Arc<Egress>>>,
 }
 
 impl Services {
@@ -108,7 +115,21 @@ impl Services {
         secrets: SecretStore,
         metrics: Arc<Metrics>,
     ) -> Arc<Services> {
-        Arc::new(Services { kv, broker, secrets, metrics, invoker: OnceLock::new() })
+        Arc::new(Services { kv, broker, secrets, metrics, invoker: OnceLock::new(), egress: Default::default() })
+    }
+
+    /// Make `function`'s outbound connections through `egress` (its pod's
+    /// network namespace), or from the host again with `None`.
+    pub fn set_egress(&self, function: &str, egress: Option<Arc<Egress>>) {
+        let mut map = self.egress.write().unwrap_or_else(|poison| poison.into_inner());
+        match egress {
+            Some(egress) => map.insert(function.to_string(), egress),
+            None => map.remove(function),
+        };
+    }
+
+    fn egress(&self, function: &str) -> Option<Arc<Egress>> {
+        self.egress.read().unwrap_or_else(|poison| poison.into_inner()).get(function).cloned()
     }
 
     /// Name who runs the functions that `invoke` calls. Called once, by
@@ -132,7 +153,12 @@ pub const REFUSAL_LOG_LINES_PER_SECOND: u32 = 20;
 /// A function version's grants and rate limiters, shared by its instances.
 pub struct FunctionCaps {
     pub(crate) name: Arc<str>,
+    pub(crate) tenant: TenantName,
     pub(crate) grants: Grants,
+    pub(crate) env: std::collections::BTreeMap<String, String>,
+    /// Whether secrets come from the pod's Secret volumes (a function a
+    /// pod made) rather than the host's secret store.
+    pub(crate) pod_secrets: bool,
     pub(crate) limits: Limits,
     calls: DefaultDirectRateLimiter,
     publishes: DefaultDirectRateLimiter,
@@ -147,7 +173,10 @@ impl FunctionCaps {
         let per_second = |n: NonZeroU32| Quota::per_second(n);
         Arc::new(FunctionCaps {
             name: Arc::from(spec.name.as_str()),
+            tenant: spec.tenant.clone(),
             grants: spec.grants.clone(),
+            env: spec.env.clone(),
+            pod_secrets: spec.pod.is_some(),
             limits: spec.limits.clone(),
             calls: DefaultDirectRateLimiter::direct(per_second(spec.limits.abi_calls_per_second)),
             publishes: DefaultDirectRateLimiter::direct(per_second(spec.limits.publish_per_second)),
@@ -233,7 +262,8 @@ impl AbiState {
         if let Some(suppressed) = self.caps.may_log_refusal() {
             let request_id = self.request_id();
             let request_id = request_id.as_deref().unwrap_or("-");
-            tracing::warn!(function, capability, request_id, suppressed, "limited: {what}");
+            let tenant = self.caps.tenant.as_str();
+            tracing::warn!(tenant, function, capability, request_id, suppressed, "limited: {what}");
         }
         self.services.metrics.abi_limited(function, capability);
         Refusal::Limited(format!("{capability}: {what}"))
@@ -259,7 +289,8 @@ impl AbiState {
 fn log_denial(caps: &FunctionCaps, services: &Services, request_id: Option<&str>, capability: &str, what: &str) {
     let function = &*caps.name;
     if let Some(suppressed) = caps.may_log_refusal() {
-        tracing::warn!(function, capability, request_id = request_id.unwrap_or("-"), suppressed, "denied: {what}");
+        let (tenant, request_id) = (caps.tenant.as_str(), request_id.unwrap_or("-"));
+        tracing::warn!(tenant, function, capability, request_id, suppressed, "denied: {what}");
     }
     services.metrics.abi_denied(function, capability);
 }

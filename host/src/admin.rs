@@ -7,7 +7,7 @@
 //! | `POST` | `/v1/functions` | deploy ([`DeployRequest`] → [`DeployReport`]s) |
 //! | `DELETE` | `/v1/functions/{name}` | undeploy |
 //! | `POST` | `/v1/functions/{name}/invoke?path=/p` | call the function with the request body |
-//! | `GET` | `/v1/usage?function=f&since_unix_ms=t` | usage totals ([`UsageSummary`]) |
+//! | `GET` | `/v1/usage?function=f&tenant=t&by=function\|tenant&since_unix_ms=t` | usage totals ([`UsageSummary`]) |
 //!
 //! Errors are `{"error": "..."}` with the status of [`Error::status`].
 
@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::Error;
 use crate::host::Host;
 use crate::manifest::FunctionSpec;
-use crate::metering::UsageSummary;
+use crate::metering::{UsageGrouping, UsageQuery, UsageSummary};
 use crate::registry::{DeployItem, DeployReport, FunctionInfo};
 use crate::request::{ShoalBody, full_body};
 
@@ -134,15 +134,27 @@ async fn route(host: &Host, request: Request<Incoming>) -> Result<Response<Shoal
         }
         (Method::GET, ["v1", "usage"]) => {
             let query = request.uri().query();
-            let function = query_param(query, "function");
             let since = match query_param(query, "since_unix_ms") {
                 Some(text) => {
                     Some(text.parse::<u64>().map_err(|_| Error::BadRequest(format!("since_unix_ms {text:?}")))?)
                 }
                 None => None,
             };
+            let by = match query_param(query, "by").as_deref() {
+                None | Some("function") => UsageGrouping::Function,
+                Some("tenant") => UsageGrouping::Tenant,
+                Some(other) => {
+                    return Err(Error::BadRequest(format!("by={other:?}: group usage by `function` or `tenant`")));
+                }
+            };
+            let usage = UsageQuery {
+                function: query_param(query, "function"),
+                tenant: query_param(query, "tenant"),
+                since_unix_ms: since,
+                by,
+            };
             let summaries = match host.ledger() {
-                Some(ledger) => ledger.summarize(function.as_deref(), since).map_err(Error::io(ledger.dir()))?,
+                Some(ledger) => ledger.summarize_query(&usage).map_err(Error::io(ledger.dir()))?,
                 None => Vec::new(),
             };
             Ok(json_response(StatusCode::OK, &summaries))
@@ -292,12 +304,18 @@ impl Client {
     }
 
     /// Usage totals.
-    pub async fn usage(&self, function: Option<&str>, since_unix_ms: Option<u64>) -> anyhow::Result<Vec<UsageSummary>> {
+    pub async fn usage(&self, query: &UsageQuery) -> anyhow::Result<Vec<UsageSummary>> {
         let mut path = "/v1/usage?".to_string();
-        if let Some(function) = function {
-            path.push_str(&format!("function={function}&"));
+        if let Some(function) = &query.function {
+            path.push_str(&format!("function={}&", percent_encode(function)));
         }
-        if let Some(since) = since_unix_ms {
+        if let Some(tenant) = &query.tenant {
+            path.push_str(&format!("tenant={}&", percent_encode(tenant)));
+        }
+        if query.by == UsageGrouping::Tenant {
+            path.push_str("by=tenant&");
+        }
+        if let Some(since) = query.since_unix_ms {
             path.push_str(&format!("since_unix_ms={since}"));
         }
         self.call(Method::GET, &path, Vec::new()).await
@@ -305,16 +323,23 @@ impl Client {
 
     /// Invoke a function with `body` at `path`.
     pub async fn invoke(&self, name: &str, path: &str, body: Vec<u8>) -> anyhow::Result<ClientResponse> {
-        let mut encoded = String::new();
-        for byte in path.bytes() {
-            if byte.is_ascii_alphanumeric() || b"/-_.~".contains(&byte) {
-                encoded.push(byte as char);
-            } else {
-                encoded.push_str(&format!("%{byte:02X}"));
-            }
-        }
+        let encoded = percent_encode(path);
         self.send(Method::POST, &format!("/v1/functions/{name}/invoke?path={encoded}"), body).await
     }
+}
+
+/// `text` as a query value: unreserved bytes and `/` as they are, the
+/// rest `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-_.~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::engine::EngineOptions;
 use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
-use crate::metering::LedgerPolicy;
+use crate::metering::{LedgerPolicy, UsageGrouping, UsageQuery};
 use crate::registry::DeployItem;
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
@@ -80,6 +80,10 @@ enum Command {
         /// The largest wasm file read out of a container's image, in MiB.
         #[arg(long, default_value_t = crate::node::DEFAULT_MAX_WASM_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..=4096))]
         max_wasm_mb: u64,
+        /// The node policy: what pods may grant themselves, per namespace
+        /// (the built-in policy while the file does not exist).
+        #[arg(long, env = "SHOAL_POLICY", default_value = crate::node::DEFAULT_POLICY_PATH)]
+        policy: PathBuf,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -124,6 +128,12 @@ enum Command {
         /// Only this function.
         #[arg(long)]
         function: Option<String>,
+        /// Only this tenant (a pod's namespace).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// One total per function, or per tenant (what an operator bills).
+        #[arg(long, value_enum, default_value = "function")]
+        by: UsageBy,
         /// Only requests since this time: RFC 3339 (2026-11-23T10:00:00Z) or an age (90s, 15m, 2h, 1d).
         #[arg(long)]
         since: Option<String>,
@@ -297,7 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             serve(manifest.as_deref(), config).await
         }
-        Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, host } => {
+        Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, policy, host } => {
             let HostSettings { engine, drain_timeout, front_door, ledger } = host.apply();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
             let config = crate::node::NodeConfig {
@@ -311,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_wasm_bytes: max_wasm_mb << 20,
                 front_door,
                 ledger,
+                policy,
             };
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)
@@ -336,7 +347,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             invoke(&client, &name, &path, body, include).await
         }
-        Command::Usage { function, since, json } => usage(&client, function.as_deref(), since.as_deref(), json).await,
+        Command::Usage { function, tenant, by, since, json } => {
+            let query = UsageQuery {
+                function,
+                tenant,
+                since_unix_ms: since.as_deref().map(parse_since).transpose()?,
+                by: match by {
+                    UsageBy::Function => UsageGrouping::Function,
+                    UsageBy::Tenant => UsageGrouping::Tenant,
+                },
+            };
+            usage(&client, &query, json).await
+        }
     }
 }
 
@@ -441,10 +463,16 @@ async fn invoke(client: &Client, name: &str, path: &str, body: Vec<u8>, include:
     Ok(if response.status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// `shoal usage`: per-function totals from the ledger.
-async fn usage(client: &Client, function: Option<&str>, since: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    let since = since.map(parse_since).transpose()?;
-    let summaries = client.usage(function, since).await?;
+/// What `shoal usage` totals are per.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum UsageBy {
+    Function,
+    Tenant,
+}
+
+/// `shoal usage`: per-function (or per-tenant) totals from the ledger.
+async fn usage(client: &Client, query: &UsageQuery, json: bool) -> anyhow::Result<ExitCode> {
+    let summaries = client.usage(query).await?;
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&summaries)?)?;
@@ -452,13 +480,14 @@ async fn usage(client: &Client, function: Option<&str>, since: Option<&str>, jso
     }
     writeln!(
         out,
-        "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11} {:>14} {:>12}",
-        "FUNCTION", "REQUESTS", "ERRORS", "COLD", "BILLED_MS", "CPU_MS", "FUEL", "GB_SECONDS"
+        "{:<20} {:<24} {:>9} {:>7} {:>6} {:>11} {:>11} {:>14} {:>12}",
+        "TENANT", "FUNCTION", "REQUESTS", "ERRORS", "COLD", "BILLED_MS", "CPU_MS", "FUEL", "GB_SECONDS"
     )?;
     for s in summaries {
         writeln!(
             out,
-            "{:<24} {:>9} {:>7} {:>6} {:>11} {:>11.1} {:>14} {:>12.6}",
+            "{:<20} {:<24} {:>9} {:>7} {:>6} {:>11} {:>11.1} {:>14} {:>12.6}",
+            s.tenant,
             s.function,
             s.requests,
             s.errors,

@@ -68,6 +68,7 @@ impl Recorder {
         let record = UsageRecord::new(
             end.request_id,
             end.parent_id,
+            function.spec().tenant.as_str(),
             function.name(),
             function.version(),
             end.started,
@@ -360,6 +361,7 @@ impl Dispatcher {
         let record = UsageRecord::new(
             request_id,
             parent_id,
+            function.spec().tenant.as_str(),
             function.name(),
             function.version(),
             SystemTime::now(),

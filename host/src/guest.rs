@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::abi::{AbiHost, AbiState, AbiView, FunctionCaps, OutboundHttp, Services};
@@ -37,22 +37,38 @@ impl GuestState {
     /// The state of a new instance: its output goes to `log`, its ABI calls
     /// are checked against `caps`, and it may grow its memory to
     /// `memory_bytes`; its first call must end by `deadline`.
+    ///
+    /// The guest's environment is the function's `env` and nothing of the
+    /// host's; its filesystem is its `files` grants, each preopened at its
+    /// guest path (`wasi:filesystem` resolves every path inside the
+    /// directory, symlinks included, through cap-std), read-only where the
+    /// grant is. Fails when a granted directory cannot be opened.
     pub fn new(
         caps: Arc<FunctionCaps>,
         services: Arc<Services>,
         log: Arc<InstanceLog>,
         memory_bytes: u64,
         deadline: Instant,
-    ) -> GuestState {
-        let wasi = WasiCtx::builder()
+    ) -> anyhow::Result<GuestState> {
+        let mut builder = WasiCtx::builder();
+        builder
             .stdout(log.output(Stream::Stdout))
             .stderr(log.output(Stream::Stderr))
             .args(&[log.function()])
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        GuestState {
+            .allow_ip_name_lookup(false);
+        for (name, value) in &caps.env {
+            builder.env(name, value);
+        }
+        for grant in &caps.grants.files {
+            let perms = if grant.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+            builder
+                .preopened_dir(&grant.host, &grant.guest, perms)
+                .map_err(|err| anyhow::anyhow!("cannot open {} for {}: {err:#}", grant.host.display(), grant.guest))?;
+        }
+        let wasi = builder.build();
+        Ok(GuestState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
@@ -62,7 +78,7 @@ impl GuestState {
             deadline,
             ticks: 0,
             log,
-        }
+        })
     }
 
     /// Tag the instance's output and ABI calls with the request it now

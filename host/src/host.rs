@@ -28,6 +28,7 @@ use crate::dispatch::Dispatcher;
 use crate::engine::{EngineOptions, WasmEngine};
 use crate::function::Runtime;
 use crate::logs::{LogSink, TracingSink};
+use crate::manifest::TenantName;
 use crate::metering::{Ledger, LedgerPolicy};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -254,6 +255,7 @@ struct HostInvoker(Weak<Host>);
 impl Invoker for HostInvoker {
     async fn invoke(
         &self,
+        tenant: &TenantName,
         function: &str,
         request: http::Request<Bytes>,
         meta: RequestMeta,
@@ -261,7 +263,7 @@ impl Invoker for HostInvoker {
         let Some(host) = self.0.upgrade() else {
             return Err(InvokeError::Unavailable("the host is shutting down".to_string()));
         };
-        let Some(target) = host.registry.by_name(function) else {
+        let Some(target) = host.registry.by_service(tenant, function) else {
             return Err(InvokeError::NotFound(function.to_string()));
         };
         let request = request.map(|body| {

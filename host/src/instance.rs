@@ -86,7 +86,8 @@ impl Instance {
             log,
             spec.limits.memory_bytes,
             Instant::now() + spec.limits.start_timeout,
-        );
+        )
+        .map_err(|err| InstanceError { outcome: Outcome::StartFailed, message: format!("{err:#}") })?;
         let mut store = Store::new(function.engine.engine(), state);
         store.limiter(|state| &mut state.memory);
         let busy = function.engine.busy_flag();

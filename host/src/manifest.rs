@@ -52,6 +52,9 @@ pub struct ManifestError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The tenant every function of this manifest belongs to (default:
+    /// [`TenantName::DEFAULT`]).
+    tenant: Option<String>,
     #[serde(default, rename = "function")]
     functions: Vec<RawFunction>,
     #[serde(skip)]
@@ -71,6 +74,8 @@ struct RawFunction {
     limits: RawLimits,
     #[serde(default)]
     grants: RawGrants,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -90,6 +95,8 @@ struct RawGrants {
     secrets: Vec<String>,
     #[serde(default)]
     outbound_http: Vec<String>,
+    #[serde(default)]
+    files: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -200,6 +207,17 @@ pub struct FunctionSpec {
     /// What the function may touch through the Runtime ABI.
     #[serde(default)]
     pub grants: Grants,
+    /// Whose function this is: every resource it names (buckets, topics,
+    /// invoke targets) is resolved inside this tenant.
+    #[serde(default)]
+    pub tenant: TenantName,
+    /// The pod and container it runs for, when Kubernetes made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodIdentity>,
+    /// The function's environment (`wasi:cli/environment`), also readable
+    /// through `wasi:config`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// A [`FunctionSpec`] as it arrives, before [`FunctionSpec::check`].
@@ -214,14 +232,20 @@ struct SpecFields {
     limits: Limits,
     #[serde(default)]
     grants: Grants,
+    #[serde(default)]
+    tenant: TenantName,
+    #[serde(default)]
+    pod: Option<PodIdentity>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 impl TryFrom<SpecFields> for FunctionSpec {
     type Error = String;
 
     fn try_from(fields: SpecFields) -> Result<FunctionSpec, String> {
-        let SpecFields { name, version, wasm, routes, weight, limits, grants } = fields;
-        let spec = FunctionSpec { name, version, wasm, routes, weight, limits, grants };
+        let SpecFields { name, version, wasm, routes, weight, limits, grants, tenant, pod, env } = fields;
+        let spec = FunctionSpec { name, version, wasm, routes, weight, limits, grants, tenant, pod, env };
         spec.check().map_err(|message| format!("function {:?}: {message}", spec.name.as_str()))?;
         Ok(spec)
     }
@@ -245,7 +269,180 @@ impl FunctionSpec {
             }
         }
         self.limits.check()?;
-        self.grants.check()
+        self.grants.check()?;
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+                return Err(format!("env: invalid variable {name:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The name other functions of its tenant call it by (`invoke`): the
+    /// Kubernetes container name when a pod made it, else its own name.
+    pub fn service_name(&self) -> &str {
+        self.pod.as_ref().map_or(self.name.as_str(), |pod| pod.container.as_str())
+    }
+}
+
+/// A tenant: in Kubernetes the pod's namespace, else the manifest's
+/// `tenant` (default `default`). A Kubernetes namespace name (a DNS label:
+/// 1-63 lowercase letters, digits and `-`, starting and ending with a
+/// letter or digit); a value of this type is always valid.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantName(String);
+
+impl TenantName {
+    /// The tenant of functions that name none.
+    pub const DEFAULT: &'static str = "default";
+
+    /// Check `name` and wrap it.
+    pub fn new(name: &str) -> Result<TenantName, String> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if ok {
+            Ok(TenantName(name.to_string()))
+        } else {
+            Err(format!("invalid tenant {name:?}: use 1-63 lowercase letters, digits and '-' (a namespace name)"))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name a backend stores a tenant's bucket or topic `name` under:
+    /// `name` itself for the default tenant (so a single-tenant host keeps
+    /// its state), `tenant/name` for every other. Bucket and topic names
+    /// never contain `/` ([`Grants::check`]) and tenant names never do, so
+    /// two tenants never share a scoped name.
+    pub fn scope(&self, name: &str) -> String {
+        if self.0 == Self::DEFAULT { name.to_string() } else { format!("{}/{name}", self.0) }
+    }
+
+    /// The name a tenant knows `scoped` by (the inverse of [`Self::scope`]).
+    pub fn unscope<'a>(&self, scoped: &'a str) -> &'a str {
+        if self.0 == Self::DEFAULT {
+            return scoped;
+        }
+        scoped.strip_prefix(self.0.as_str()).and_then(|rest| rest.strip_prefix('/')).unwrap_or(scoped)
+    }
+}
+
+impl Default for TenantName {
+    fn default() -> Self {
+        TenantName(Self::DEFAULT.to_string())
+    }
+}
+
+impl TryFrom<String> for TenantName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<TenantName, String> {
+        TenantName::new(&name)
+    }
+}
+
+impl From<TenantName> for String {
+    fn from(name: TenantName) -> String {
+        name.0
+    }
+}
+
+impl std::fmt::Display for TenantName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The pod and container a function runs for, as the CRI names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIdentity {
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The container's name in the pod spec (the name `invoke` finds it by).
+    pub container: String,
+}
+
+/// A host directory the function sees at `guest` (`wasi:filesystem`),
+/// confined to it: nothing above or beside it is reachable, symlinks
+/// included.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FileGrant {
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// Where the function sees it (absolute).
+    pub guest: String,
+    /// Whether the function may only read it.
+    pub read_only: bool,
+    /// What kind of volume it is (Kubernetes mounts); `secret` volumes
+    /// also serve `shoal:runtime/secrets`.
+    #[serde(default)]
+    pub kind: VolumeKind,
+}
+
+/// Where a [`FileGrant`] comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeKind {
+    /// A folder named in the manifest, or a mount of no known kind.
+    #[default]
+    Directory,
+    /// A Kubernetes Secret volume.
+    Secret,
+    /// A Kubernetes ConfigMap volume.
+    ConfigMap,
+    /// A Kubernetes projected volume.
+    Projected,
+    /// A Kubernetes emptyDir volume.
+    EmptyDir,
+}
+
+impl FileGrant {
+    /// Parse `host:guest[:ro|:rw]` (read-write unless `:ro`), a relative
+    /// host path taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<FileGrant, String> {
+        let usage =
+            || format!("grants.files entry {text:?}: write \"host-dir:/guest/path\" or \"host-dir:/guest/path:ro\"");
+        let mut parts = text.split(':');
+        let (Some(host), Some(guest)) = (parts.next(), parts.next()) else { return Err(usage()) };
+        let read_only = match parts.next() {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(_) => return Err(usage()),
+        };
+        if parts.next().is_some() || host.is_empty() {
+            return Err(usage());
+        }
+        let host = Path::new(host);
+        let host = if host.is_absolute() { host.to_path_buf() } else { base.join(host) };
+        let grant = FileGrant { host, guest: guest.to_string(), read_only, kind: VolumeKind::Directory };
+        grant.check()?;
+        Ok(grant)
+    }
+
+    /// The guest path is absolute and plain; the host path absolute.
+    pub fn check(&self) -> Result<(), String> {
+        let guest = Path::new(&self.guest);
+        let plain = guest.is_absolute()
+            && guest
+                .components()
+                .all(|part| matches!(part, std::path::Component::RootDir | std::path::Component::Normal(_)));
+        if !plain {
+            return Err(format!("grants.files: the guest path {:?} must be absolute, without `..`", self.guest));
+        }
+        if !self.host.is_absolute() {
+            return Err(format!("grants.files: the host path {} must be absolute", self.host.display()));
+        }
+        Ok(())
     }
 }
 
@@ -266,6 +463,9 @@ pub struct Grants {
     pub secrets: BTreeSet<String>,
     /// Outbound HTTP authorities (`host:port`) it may call.
     pub outbound_http: BTreeSet<String>,
+    /// Host directories it sees through `wasi:filesystem`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileGrant>,
 }
 
 /// `bucket:pattern`: a pattern ending in `*` grants every key with that
@@ -321,6 +521,13 @@ impl Grants {
         };
         names("publish", &self.publish)?;
         names("subscribe", &self.subscribe)?;
+        // Tenants' topics and buckets are told apart by `/`
+        // (`TenantName::scope`): no name of a tenant's own may contain one.
+        for (field, topics) in [("publish", &self.publish), ("subscribe", &self.subscribe)] {
+            if let Some(topic) = topics.iter().find(|topic| topic.contains('/')) {
+                return Err(format!("grants.{field}: topic {topic:?} may not contain `/`"));
+            }
+        }
         names("secrets", &self.secrets)?;
         names("invoke", &self.invoke)?;
         for name in &self.invoke {
@@ -335,9 +542,15 @@ impl Grants {
             }
         }
         for grant in &self.keyvalue {
-            if grant.bucket.is_empty() || grant.key.contains('*') {
+            if grant.bucket.is_empty() || grant.key.contains('*') || grant.bucket.contains(':') {
                 return Err(format!("grants.keyvalue entry {grant:?}: write \"bucket:key\" or \"bucket:prefix*\""));
             }
+            if grant.bucket.contains('/') {
+                return Err(format!("grants.keyvalue: bucket {:?} may not contain `/`", grant.bucket));
+            }
+        }
+        for grant in &self.files {
+            grant.check()?;
         }
         Ok(())
     }
@@ -614,9 +827,14 @@ impl Manifest {
             return Err(error("no [[function]] entries".to_string()));
         }
         let base = self.file.parent().unwrap_or(Path::new("."));
+        let tenant = match &self.tenant {
+            Some(tenant) => TenantName::new(tenant).map_err(|err| error(format!("tenant: {err}")))?,
+            None => TenantName::default(),
+        };
         let mut specs = Vec::with_capacity(self.functions.len());
         for raw in &self.functions {
-            let spec = raw.resolve(base).map_err(|message| error(format!("function {:?}: {message}", raw.name)))?;
+            let spec =
+                raw.resolve(base, &tenant).map_err(|message| error(format!("function {:?}: {message}", raw.name)))?;
             specs.push(spec);
         }
         check_versions(&specs).map_err(error)?;
@@ -625,7 +843,7 @@ impl Manifest {
 }
 
 impl RawFunction {
-    fn resolve(&self, base: &Path) -> Result<FunctionSpec, String> {
+    fn resolve(&self, base: &Path, tenant: &TenantName) -> Result<FunctionSpec, String> {
         let name = FunctionName::new(&self.name)?;
         let routes = self.routes.iter().map(|text| Route::parse(text)).collect::<Result<Vec<_>, _>>()?;
         let wasm = if self.wasm.is_absolute() { self.wasm.clone() } else { base.join(&self.wasm) };
@@ -636,7 +854,10 @@ impl RawFunction {
             routes,
             weight: self.weight.unwrap_or(100),
             limits: self.limits.resolve()?,
-            grants: self.grants.resolve()?,
+            grants: self.grants.resolve(base)?,
+            tenant: tenant.clone(),
+            pod: None,
+            env: self.env.clone(),
         };
         spec.check()?;
         Ok(spec)
@@ -644,7 +865,7 @@ impl RawFunction {
 }
 
 impl RawGrants {
-    fn resolve(&self) -> Result<Grants, String> {
+    fn resolve(&self, base: &Path) -> Result<Grants, String> {
         let set = |values: &[String]| values.iter().cloned().collect::<BTreeSet<String>>();
         // Checked with the rest of the spec, by `FunctionSpec::check`.
         Ok(Grants {
@@ -655,6 +876,7 @@ impl RawGrants {
             config: self.config.clone(),
             secrets: set(&self.secrets),
             outbound_http: set(&self.outbound_http),
+            files: self.files.iter().map(|text| FileGrant::parse(text, base)).collect::<Result<_, _>>()?,
         })
     }
 }
@@ -741,6 +963,9 @@ pub fn check_versions(specs: &[FunctionSpec]) -> Result<(), String> {
         by_name.entry(spec.name.as_str()).or_default().push(spec);
     }
     for (name, versions) in by_name {
+        if versions.iter().any(|spec| spec.tenant != versions[0].tenant) {
+            return Err(format!("versions of function {name:?} name different tenants"));
+        }
         if versions.iter().all(|spec| spec.weight == 0) {
             let which = if versions.len() == 1 { "its only version has" } else { "all versions have" };
             return Err(format!("function {name:?}: {which} weight 0, so no request could reach it"));
@@ -773,6 +998,56 @@ mod tests {
 
     fn resolve(text: &str) -> Result<Vec<FunctionSpec>, ManifestError> {
         Manifest::parse(text, Path::new("/m/shoal.toml"))?.resolve()
+    }
+
+    #[test]
+    fn a_manifest_names_its_tenant_env_and_files() {
+        let specs = resolve(
+            "tenant = \"team-a\"\n[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n\
+             [function.env]\nGREETING = \"hej\"\n\
+             [function.grants]\nfiles = [\"./data:/data:ro\", \"/var/x:/x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(specs[0].tenant.as_str(), "team-a");
+        assert_eq!(specs[0].env.get("GREETING").map(String::as_str), Some("hej"));
+        let files = &specs[0].grants.files;
+        assert_eq!(
+            (files[0].host.as_path(), files[0].guest.as_str(), files[0].read_only),
+            (Path::new("/m/./data"), "/data", true)
+        );
+        assert_eq!(
+            (files[1].host.as_path(), files[1].guest.as_str(), files[1].read_only),
+            (Path::new("/var/x"), "/x", false)
+        );
+        assert_eq!(resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n").unwrap()[0].tenant.as_str(), "default");
+
+        for (bad, why) in [
+            ("tenant = \"Team_A\"\n", "invalid tenant"),
+            ("[function.grants]\nfiles = [\"./d:data\"]\n", "must be absolute"),
+            ("[function.grants]\nfiles = [\"./d:/a/../b\"]\n", "without `..`"),
+            ("[function.grants]\nfiles = [\"./d:/d:rx\"]\n", "grants.files entry"),
+            ("[function.grants]\nkeyvalue = [\"a/b:k\"]\n", "may not contain `/`"),
+            ("[function.grants]\npublish = [\"x/y\"]\n", "may not contain `/`"),
+        ] {
+            let text = if bad.starts_with("tenant") {
+                format!("{bad}[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n")
+            } else {
+                format!("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n{bad}")
+            };
+            let err = resolve(&text).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenants_scope_names_apart() {
+        let default = TenantName::default();
+        let a = TenantName::new("a").unwrap();
+        assert_eq!(default.scope("orders"), "orders", "the default tenant keeps its names");
+        assert_eq!(a.scope("orders"), "a/orders");
+        assert_eq!(a.unscope("a/orders"), "orders");
+        assert_eq!(default.unscope("orders"), "orders");
+        assert!(TenantName::new("-a").is_err() && TenantName::new("a-").is_err() && TenantName::new("").is_err());
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct UsageRecord {
     /// The calling request, for nested calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// The tenant the function belongs to (the pod's namespace).
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// The function.
     pub function: String,
     /// The version that served it.
@@ -91,12 +94,18 @@ pub struct UsageRecord {
     pub status: u16,
 }
 
+/// The tenant of records written before tenants existed.
+fn default_tenant() -> String {
+    crate::manifest::TenantName::DEFAULT.to_string()
+}
+
 impl UsageRecord {
     /// Build a record from the stats of a handler call.
     #[allow(clippy::too_many_arguments, reason = "a plain constructor of a flat record")]
     pub fn new(
         request_id: &str,
         parent_id: Option<&str>,
+        tenant: &str,
         function: &str,
         version: &str,
         started: SystemTime,
@@ -110,6 +119,7 @@ impl UsageRecord {
         UsageRecord {
             request_id: request_id.to_string(),
             parent_id: parent_id.map(str::to_string),
+            tenant: tenant.to_string(),
             function: function.to_string(),
             version: version.to_string(),
             start_unix_ms: started.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
@@ -299,14 +309,26 @@ impl Ledger {
 
     /// Totals per function over the records matching `function` and `since`.
     pub fn summarize(&self, function: Option<&str>, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageSummary>> {
-        let mut totals: BTreeMap<String, UsageSummary> = BTreeMap::new();
-        for record in self.records(since_unix_ms)? {
-            if function.is_some_and(|f| f != record.function) {
+        let query = UsageQuery { function: function.map(str::to_string), since_unix_ms, ..UsageQuery::default() };
+        self.summarize_query(&query)
+    }
+
+    /// Totals per function (or per tenant) over the records `query` selects.
+    pub fn summarize_query(&self, query: &UsageQuery) -> std::io::Result<Vec<UsageSummary>> {
+        let mut totals: BTreeMap<(String, String), UsageSummary> = BTreeMap::new();
+        for record in self.records(query.since_unix_ms)? {
+            if query.function.as_ref().is_some_and(|f| *f != record.function)
+                || query.tenant.as_ref().is_some_and(|t| *t != record.tenant)
+            {
                 continue;
             }
+            let function = match query.by {
+                UsageGrouping::Function => record.function.clone(),
+                UsageGrouping::Tenant => "*".to_string(),
+            };
             totals
-                .entry(record.function.clone())
-                .or_insert_with(|| UsageSummary { function: record.function.clone(), ..UsageSummary::default() })
+                .entry((record.tenant.clone(), function.clone()))
+                .or_insert_with(|| UsageSummary { tenant: record.tenant.clone(), function, ..UsageSummary::default() })
                 .add(&record);
         }
         Ok(totals.into_values().collect())
@@ -373,10 +395,36 @@ fn partitions(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// A function's usage added up.
+/// Which records to add up, and how to group them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// Only this function.
+    pub function: Option<String>,
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only requests that started at or after this time.
+    pub since_unix_ms: Option<u64>,
+    /// One total per function, or per tenant.
+    pub by: UsageGrouping,
+}
+
+/// What a usage total is per.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UsageGrouping {
+    /// One total per function (and its tenant).
+    #[default]
+    Function,
+    /// One total per tenant (`function` is `*`): what an operator bills.
+    Tenant,
+}
+
+/// A function's (or a tenant's) usage added up.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageSummary {
-    /// The function.
+    /// The tenant.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// The function (`*` in a per-tenant total).
     pub function: String,
     /// Requests served (any outcome).
     pub requests: u64,
@@ -417,7 +465,8 @@ mod tests {
             fuel: Some(1000),
             peak_memory: 2 << 20,
         };
-        let mut record = UsageRecord::new("r", None, function, "1", UNIX_EPOCH, &stats, false, None, outcome, 200);
+        let mut record =
+            UsageRecord::new("r", None, "default", function, "1", UNIX_EPOCH, &stats, false, None, outcome, 200);
         record.start_unix_ms = start_unix_ms;
         record
     }

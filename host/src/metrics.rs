@@ -1,7 +1,7 @@
 //! Prometheus metrics, served at `/metrics`.
 //!
 //! All series are labelled by `function`; errors also by `kind` (the
-//! [`Outcome`] name). Counters add up what the usage records say, so
+//! [`Outcome`] name); `shoal_tenant_*` add them up per tenant. Counters add up what the usage records say, so
 //! `/metrics` and `shoal usage` agree.
 
 use prometheus::{
@@ -30,6 +30,9 @@ pub struct Metrics {
     log_dropped: IntCounterVec,
     connections_open: IntGauge,
     connections_closed: IntCounterVec,
+    tenant_requests: IntCounterVec,
+    tenant_cpu_seconds: CounterVec,
+    tenant_billed_seconds: CounterVec,
 }
 
 impl Metrics {
@@ -99,8 +102,28 @@ impl Metrics {
             &["reason"],
         )
         .expect("invariant: static metric definition");
+        // Per-tenant totals: what an operator bills a namespace for. They
+        // outlive the tenant's functions (a tenant's bill does not vanish
+        // when its pods are deleted), one series per tenant.
+        let tenant = &["tenant"];
+        let tenant_requests = IntCounterVec::new(
+            Opts::new("shoal_tenant_requests_total", "Requests served for a tenant's functions"),
+            tenant,
+        )
+        .expect("invariant: static metric definition");
+        let tenant_cpu_seconds =
+            CounterVec::new(Opts::new("shoal_tenant_cpu_seconds_total", "CPU time of a tenant's requests"), tenant)
+                .expect("invariant: static metric definition");
+        let tenant_billed_seconds = CounterVec::new(
+            Opts::new("shoal_tenant_billed_seconds_total", "Billed wall time of a tenant's requests"),
+            tenant,
+        )
+        .expect("invariant: static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tenant_requests.clone()),
+            Box::new(tenant_cpu_seconds.clone()),
+            Box::new(tenant_billed_seconds.clone()),
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(cold_starts.clone()),
@@ -135,6 +158,9 @@ impl Metrics {
             log_dropped,
             connections_open,
             connections_closed,
+            tenant_requests,
+            tenant_cpu_seconds,
+            tenant_billed_seconds,
         }
     }
 
@@ -185,6 +211,10 @@ impl Metrics {
         }
         self.cpu_seconds.with_label_values(&function).inc_by(record.cpu_us as f64 / 1e6);
         self.memory_gb_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e12);
+        let tenant = [record.tenant.as_str()];
+        self.tenant_requests.with_label_values(&tenant).inc();
+        self.tenant_cpu_seconds.with_label_values(&tenant).inc_by(record.cpu_us as f64 / 1e6);
+        self.tenant_billed_seconds.with_label_values(&tenant).inc_by(record.billed_ms as f64 / 1e3);
     }
 
     /// CPU seconds metered for `function` so far.

@@ -22,6 +22,7 @@ mod container;
 mod containerd;
 mod error;
 mod netns;
+mod policy;
 mod rootfs;
 mod stdio;
 mod task;
@@ -41,6 +42,7 @@ use crate::signals::StopSignals;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
 pub use error::NodeError;
+pub use policy::{DEFAULT_POLICY_PATH, Policy};
 pub use rootfs::DEFAULT_MAX_WASM_BYTES;
 
 /// What `shoal node` needs to know.
@@ -66,6 +68,8 @@ pub struct NodeConfig {
     pub front_door: FrontDoor,
     /// How the usage ledger is partitioned and kept.
     pub ledger: LedgerPolicy,
+    /// The node policy file (what pods may grant themselves).
+    pub policy: PathBuf,
 }
 
 /// Serve containerd until SIGTERM or SIGINT; then drain every function

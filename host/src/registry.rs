@@ -25,7 +25,7 @@ use crate::engine::{CompileSource, sha256_hex, write_atomically};
 use crate::function::Runtime;
 use crate::instance::Instance;
 use crate::logs::LogSink;
-use crate::manifest::{FunctionSpec, Limits, Route, check_versions};
+use crate::manifest::{FunctionSpec, Limits, Route, TenantName, check_versions};
 use crate::metrics::Metrics;
 use crate::pool::{FunctionPool, PoolStats};
 
@@ -182,6 +182,9 @@ impl<T> RouteMap<T> {
 struct RouteTable {
     routes: RouteMap<Arc<Target>>,
     by_name: HashMap<String, Arc<Target>>,
+    /// (tenant, name it is invoked by) → the functions answering to it
+    /// (several pods of one Deployment on a node share a container name).
+    by_service: HashMap<(TenantName, String), Vec<Arc<Target>>>,
 }
 
 impl RouteTable {
@@ -191,6 +194,11 @@ impl RouteTable {
             let target = Arc::new(Target::new(name, deployed));
             for route in deployed.routes() {
                 table.routes.insert(route, target.clone());
+            }
+            if let Some(pool) = deployed.versions.first() {
+                let spec = pool.function().spec();
+                let key = (spec.tenant.clone(), spec.service_name().to_string());
+                table.by_service.entry(key).or_default().push(target.clone());
             }
             table.by_name.insert(name.clone(), target);
         }
@@ -327,6 +335,22 @@ impl Registry {
         check_versions(&specs).map_err(refused)?;
 
         let mut functions = self.functions.lock().await;
+        // A function belongs to one tenant: no deploy hands another
+        // tenant's function (its name, its routes) to a new owner.
+        for spec in &specs {
+            if let Some(deployed) = functions.get(spec.name.as_str())
+                && let Some(owner) = deployed.versions.first().map(|pool| pool.function().spec().tenant.clone())
+                && owner != spec.tenant
+            {
+                return Err(refused(format!(
+                    "function {:?} belongs to tenant {:?}; tenant {:?} cannot replace it",
+                    spec.name.as_str(),
+                    owner.as_str(),
+                    spec.tenant.as_str()
+                ))
+                .into());
+            }
+        }
         let mut next = functions.clone();
         let mut reports = Vec::new();
         let mut new_versions: BTreeMap<String, Vec<Arc<FunctionPool>>> = BTreeMap::new();
@@ -457,6 +481,23 @@ impl Registry {
         self.current_table().by_name.get(name).cloned()
     }
 
+    /// The function tenant `tenant` calls `name` (`invoke`): one of the
+    /// tenant's functions answering to that name (a pod's container name,
+    /// or a function's own name), never another tenant's. Several answer
+    /// when several pods of one Deployment run here: one is picked at
+    /// random.
+    pub fn by_service(&self, tenant: &TenantName, name: &str) -> Option<Arc<Target>> {
+        let table = self.current_table();
+        if let Some(targets) = table.by_service.get(&(tenant.clone(), name.to_string()))
+            && !targets.is_empty()
+        {
+            return Some(targets[rand::random_range(0..targets.len())].clone());
+        }
+        let target = table.by_name.get(name)?;
+        let owner = &target.versions.first()?.0.function().spec().tenant;
+        (owner == tenant).then(|| target.clone())
+    }
+
     /// Every pool (for the idle reaper).
     pub fn pools(&self) -> Vec<Arc<FunctionPool>> {
         let table = self.current_table();
@@ -513,7 +554,8 @@ impl Registry {
 
     /// `(function, topic)` for every subscription of the deployed
     /// functions: their `subscribe` grants, when some version exports
-    /// `shoal:runtime/events`.
+    /// `shoal:runtime/events`; the topic as the broker knows it (scoped to
+    /// the function's tenant).
     pub fn subscriptions(&self) -> Vec<(String, String)> {
         let table = self.current_table();
         let mut subscriptions = Vec::new();
@@ -521,8 +563,9 @@ impl Registry {
             let Some((pool, _)) = target.versions.iter().find(|(pool, _)| pool.function().has_events()) else {
                 continue;
             };
-            for topic in &pool.function().spec().grants.subscribe {
-                subscriptions.push((name.clone(), topic.clone()));
+            let spec = pool.function().spec();
+            for topic in &spec.grants.subscribe {
+                subscriptions.push((name.clone(), spec.tenant.scope(topic)));
             }
         }
         subscriptions.sort();

@@ -14,7 +14,13 @@
 #   SHOAL_BIN_DIR            where the binaries go ($ROOT/usr/local/bin)
 #   SHOAL_SOURCE_DIR         where the binaries are (this script's folder)
 #   SHOAL_RESTART            "no": do not restart containerd
+#   SHOAL_POLICY_SOURCE      the node policy to install ($SRC/policy.toml, or the
+#                            shoal-policy ConfigMap the DaemonSet mounts)
+#   SHOAL_POLICY             where the node host reads it ($ROOT/etc/shoal/policy.toml)
 #   NODE_NAME                label this node shoal.dev/runtime=true (needs kubectl)
+#
+# `install.sh --watch-policy` only keeps the node's policy in step with
+# SHOAL_POLICY_SOURCE (every 10 s; the node host picks changes up itself).
 set -eu
 
 ROOT="${SHOAL_HOST_ROOT:-}"
@@ -25,6 +31,29 @@ RESTART="${SHOAL_RESTART:-yes}"
 
 say() { echo "shoal-install: $*"; }
 fail() { echo "shoal-install: error: $*" >&2; exit 1; }
+
+POLICY_SOURCE="${SHOAL_POLICY_SOURCE:-$SRC/policy.toml}"
+POLICY="${SHOAL_POLICY:-$ROOT/etc/shoal/policy.toml}"
+
+# Copy the policy into place when it differs (written aside, then renamed:
+# the node host never reads half a file).
+sync_policy() {
+    [ -f "$POLICY_SOURCE" ] || return 0
+    if [ -f "$POLICY" ] && cmp -s "$POLICY_SOURCE" "$POLICY"; then
+        return 0
+    fi
+    mkdir -p "$(dirname "$POLICY")"
+    cp "$POLICY_SOURCE" "$POLICY.new"
+    mv -f "$POLICY.new" "$POLICY"
+    say "installed the node policy $POLICY"
+}
+
+if [ "${1:-}" = "--watch-policy" ]; then
+    while true; do
+        sync_policy
+        sleep 10
+    done
+fi
 
 # 1. Binaries.
 installed=0
@@ -73,7 +102,10 @@ else
     say "added the shoal runtime to $CONFIG (config version $version; previous file kept as $CONFIG.before-shoal)"
 fi
 
-# 3. Restart containerd (running pods keep running: their shims and the
+# 3. The node policy (without one the built-in policy applies: no egress).
+sync_policy
+
+# 4. Restart containerd (running pods keep running: their shims and the
 #    Shoal host are not children of containerd).
 if [ "$RESTART" = "yes" ]; then
     if [ -n "$ROOT" ]; then
@@ -84,7 +116,7 @@ if [ "$RESTART" = "yes" ]; then
     say "restarted containerd"
 fi
 
-# 4. Tell the scheduler.
+# 5. Tell the scheduler.
 if [ -n "${NODE_NAME:-}" ] && command -v kubectl >/dev/null 2>&1; then
     kubectl label node "$NODE_NAME" shoal.dev/runtime=true --overwrite
 fi

@@ -14,6 +14,7 @@ use http_body_util::BodyExt as _;
 
 use super::bindings::shoal::runtime::{invoke, types};
 use super::{AbiView, MAX_INVOKE_DEPTH, ShoalError};
+use crate::manifest::TenantName;
 use crate::request::{RequestMeta, ShoalBody};
 
 /// Runs the function a guest invokes. The ABI owns this interface; the
@@ -21,12 +22,15 @@ use crate::request::{RequestMeta, ShoalBody};
 #[async_trait::async_trait]
 pub trait Invoker: Send + Sync {
     /// Called once a guest's `invoke.call` has passed its checks: serve
-    /// `request` with a version of `function` as the nested request `meta`
+    /// `request` with a version of `function` — the function that tenant
+    /// `tenant` knows by that name, never another tenant's — as the nested
+    /// request `meta`
     /// and return the response, whole or streaming (a failure of the
     /// callee is an error *response*, as an HTTP client would see it).
     /// `Err` only when there is no such function or no host to run it.
     async fn invoke(
         &self,
+        tenant: &TenantName,
         function: &str,
         request: http::Request<Bytes>,
         meta: RequestMeta,
@@ -36,8 +40,8 @@ pub trait Invoker: Send + Sync {
 /// Why an invoke could not reach its function.
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
-    /// No function of that name is deployed.
-    #[error("no function named {0:?} is deployed")]
+    /// No function of that name is deployed in the caller's tenant.
+    #[error("no function named {0:?} is deployed in this namespace")]
     NotFound(String),
     /// The host cannot run calls (it is shutting down).
     #[error("{0}")]
@@ -78,10 +82,11 @@ impl invoke::Host for AbiView<'_> {
             parent_id: Some(parent),
             depth: state.depth + 1,
         };
-        let response = invoker.invoke(&function, http_request, meta).await.map_err(|err| match err {
-            InvokeError::NotFound(_) => types::Error::NotFound(err.to_string()),
-            InvokeError::Unavailable(_) => types::Error::Backend(err.to_string()),
-        })?;
+        let response =
+            invoker.invoke(&state.caps.tenant, &function, http_request, meta).await.map_err(|err| match err {
+                InvokeError::NotFound(_) => types::Error::NotFound(err.to_string()),
+                InvokeError::Unavailable(_) => types::Error::Backend(err.to_string()),
+            })?;
         let (parts, body) = response.into_parts();
         let body = match collect_limited(body, limit).await {
             Ok(body) => body,

@@ -26,19 +26,22 @@ fn backend(err: BackendError) -> KvError {
 }
 
 impl AbiView<'_> {
-    /// The bucket behind a handle; a handle that is not in the table traps.
-    fn bucket_of(&self, bucket: &Resource<BucketHandle>) -> Result<String, KvError> {
-        Ok(self.table.get(bucket).map_err(trap)?.name.clone())
+    /// The bucket behind a handle, as the guest named it and as the
+    /// backend stores it; a handle that is not in the table traps.
+    fn bucket_of(&self, bucket: &Resource<BucketHandle>) -> Result<(String, String), KvError> {
+        let handle = self.table.get(bucket).map_err(trap)?;
+        Ok((handle.name.clone(), handle.scoped.clone()))
     }
 
-    /// Admit the call and check the key's size and grant; the bucket's name.
+    /// Admit the call and check the key's size and grant; the bucket's
+    /// name in the backend.
     fn check_key(
         &self,
         capability: &'static str,
         bucket: &Resource<BucketHandle>,
         key: &str,
     ) -> Result<String, KvError> {
-        let name = self.bucket_of(bucket)?;
+        let (name, scoped) = self.bucket_of(bucket)?;
         let state = &*self.state;
         state.admit(capability)?;
         let limit = state.caps.limits.kv_max_key_bytes;
@@ -46,7 +49,7 @@ impl AbiView<'_> {
         if !state.caps.grants.allows_key(&name, key) {
             return Err(state.deny(capability, format!("key {key:?} of bucket {name:?}")).into());
         }
-        Ok(name)
+        Ok(scoped)
     }
 }
 
@@ -56,7 +59,8 @@ impl store::Host for AbiView<'_> {
         if !self.state.caps.grants.opens_bucket(&identifier) {
             return Err(self.state.deny("keyvalue.open", format!("bucket {identifier:?}")).into());
         }
-        self.table.push(BucketHandle { name: identifier }).map_err(trap)
+        let scoped = self.state.caps.tenant.scope(&identifier);
+        self.table.push(BucketHandle { name: identifier, scoped }).map_err(trap)
     }
 
     fn convert_error(&mut self, err: KvError) -> wasmtime::Result<Error> {
@@ -92,7 +96,7 @@ impl store::HostBucket for AbiView<'_> {
         bucket: Resource<BucketHandle>,
         cursor: Option<u64>,
     ) -> Result<store::KeyResponse, KvError> {
-        let name = self.bucket_of(&bucket)?;
+        let (name, scoped) = self.bucket_of(&bucket)?;
         self.state.admit("keyvalue.list-keys")?;
         // Only keys the grants cover are listed.
         let grants: Vec<_> = self.state.caps.grants.keyvalue.iter().filter(|g| g.bucket == name).cloned().collect();
@@ -100,8 +104,8 @@ impl store::HostBucket for AbiView<'_> {
         let mut keys = Vec::new();
         for grant in grants {
             if grant.prefix {
-                keys.extend(kv.keys_with_prefix(&name, &grant.key, LIST_CAP).await.map_err(backend)?);
-            } else if kv.exists(&name, &grant.key).await.map_err(backend)? {
+                keys.extend(kv.keys_with_prefix(&scoped, &grant.key, LIST_CAP).await.map_err(backend)?);
+            } else if kv.exists(&scoped, &grant.key).await.map_err(backend)? {
                 keys.push(grant.key.clone());
             }
         }

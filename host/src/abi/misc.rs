@@ -4,6 +4,7 @@ use super::bindings::shoal::runtime::{pubsub, secrets, types};
 use super::bindings::wasi::config::store as config;
 use super::{AbiView, ConfigError, Refusal, ShoalError};
 use crate::backends::BackendError;
+use crate::manifest::VolumeKind;
 
 impl From<Refusal> for ShoalError {
     fn from(refusal: Refusal) -> ShoalError {
@@ -28,10 +29,13 @@ impl types::Host for AbiView<'_> {
     }
 }
 
+/// The function's configuration: its environment (a pod's `env`, the
+/// manifest's `[function.env]`), then its `config` grants, which win.
 impl config::Host for AbiView<'_> {
     async fn get(&mut self, key: String) -> Result<Option<String>, ConfigError> {
         self.state.admit("config.get")?;
-        match self.state.caps.grants.config.get(&key) {
+        let caps = &self.state.caps;
+        match caps.grants.config.get(&key).or_else(|| caps.env.get(&key)) {
             Some(value) => Ok(Some(value.clone())),
             None => Err(self.state.deny("config.get", format!("config key {key:?}")).into()),
         }
@@ -39,7 +43,10 @@ impl config::Host for AbiView<'_> {
 
     async fn get_all(&mut self) -> Result<Vec<(String, String)>, ConfigError> {
         self.state.admit("config.get-all")?;
-        Ok(self.state.caps.grants.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        let caps = &self.state.caps;
+        let mut all = caps.env.clone();
+        all.extend(caps.grants.config.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(all.into_iter().collect())
     }
 
     fn convert_error(&mut self, err: ConfigError) -> wasmtime::Result<config::Error> {
@@ -47,10 +54,38 @@ impl config::Host for AbiView<'_> {
     }
 }
 
+/// A function a pod made reads the pod's own Secret volumes (a key of any
+/// of them, by name) and nothing of the host's; any other function reads
+/// the host's secret store, within its `secrets` grant.
 impl secrets::Host for AbiView<'_> {
     async fn get(&mut self, name: String) -> Result<Vec<u8>, ShoalError> {
         self.state.admit("secrets.get")?;
-        if !self.state.caps.grants.secrets.contains(&name) {
+        let caps = self.state.caps.clone();
+        if caps.pod_secrets {
+            let volumes: Vec<_> = caps
+                .grants
+                .files
+                .iter()
+                .filter(|grant| grant.kind == VolumeKind::Secret)
+                .map(|g| g.host.clone())
+                .collect();
+            let key = name.clone();
+            let found = tokio::task::spawn_blocking(move || read_secret_volumes(&volumes, &key))
+                .await
+                .map_err(|err| types::Error::Backend(format!("reading the secret failed: {err}")))?;
+            return match found {
+                Ok(Some(secret)) => Ok(secret),
+                Ok(None) if caps.grants.files.iter().any(|grant| grant.kind == VolumeKind::Secret) => {
+                    Err(types::Error::NotFound(format!("no Secret volume of the pod has a key {name:?}")).into())
+                }
+                Ok(None) => Err(self
+                    .state
+                    .deny("secrets.get", format!("secret {name:?} (the pod mounts no Secret volume)"))
+                    .into()),
+                Err(message) => Err(types::Error::Backend(message).into()),
+            };
+        }
+        if !caps.grants.secrets.contains(&name) {
             return Err(self.state.deny("secrets.get", format!("secret {name:?}")).into());
         }
         match self.state.services.secrets.get(&name) {
@@ -58,6 +93,42 @@ impl secrets::Host for AbiView<'_> {
             None => Err(types::Error::NotFound(format!("the host has no secret {name:?}")).into()),
         }
     }
+}
+
+/// The largest secret read (a Kubernetes Secret holds at most 1 MiB).
+const MAX_SECRET_BYTES: u64 = 1 << 20;
+
+/// Key `name` of the first Secret volume (a host directory) that has it,
+/// opened inside the volume: a key is one plain file name, and cap-std
+/// refuses every path (or symlink) that leads out of the volume.
+fn read_secret_volumes(volumes: &[std::path::PathBuf], name: &str) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read as _;
+    let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']);
+    if !plain {
+        return Ok(None);
+    }
+    for volume in volumes {
+        let dir = cap_std::fs::Dir::open_ambient_dir(volume, cap_std::ambient_authority())
+            .map_err(|err| format!("cannot open the Secret volume {}: {err}", volume.display()))?;
+        let file = match dir.open(name) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(format!("cannot open secret {name:?}: {err}")),
+        };
+        let metadata = file.metadata().map_err(|err| format!("secret {name:?}: {err}"))?;
+        if !metadata.is_file() {
+            return Err(format!("secret {name:?} is not a regular file"));
+        }
+        if metadata.len() > MAX_SECRET_BYTES {
+            return Err(format!("secret {name:?} is over {MAX_SECRET_BYTES} bytes"));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_SECRET_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|err| format!("cannot read secret {name:?}: {err}"))?;
+        return Ok(Some(bytes));
+    }
+    Ok(None)
 }
 
 impl pubsub::Host for AbiView<'_> {
@@ -70,7 +141,7 @@ impl pubsub::Host for AbiView<'_> {
         let limit = state.caps.limits.message_max_bytes;
         state.check_size("pubsub.publish", "message", message.len(), "message_max_bytes", limit)?;
         state.admit_publish()?;
-        match state.services.broker.publish(&topic, message).await {
+        match state.services.broker.publish(&state.caps.tenant.scope(&topic), message).await {
             Ok(_id) => Ok(()),
             Err(BackendError::Full(message)) => Err(state.limited("pubsub.publish", message).into()),
             Err(err) => Err(types::Error::Backend(err.to_string()).into()),

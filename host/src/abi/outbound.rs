@@ -1,14 +1,31 @@
 //! Outbound HTTP (`wasi:http/outgoing-handler`): only to the authorities
-//! (`host:port`) in the function's `outbound_http` grant. A store installs
+//! (`host:port`) in the function's `outbound_http` grant, only to
+//! addresses that are not the node's own, and — for a pod's function —
+//! from inside the pod's network namespace. A store installs
 //! [`OutboundHttp`] as its `wasi:http` hooks.
+//!
+//! The sender is Shoal's own rather than `wasmtime-wasi-http`'s default:
+//! that one resolves the name and connects in one step, from the host's
+//! network namespace, with no way to see or refuse the address it picked.
+//! Here the name is resolved first, every address is checked, and the
+//! connection is made by an [`Egress`] — a thread inside the pod's
+//! namespace — so the pod's address, NetworkPolicy and the CNI's egress
+//! rules apply to a function's traffic as to a container's.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
-use wasmtime_wasi_http::WasiHttpHooks;
+use http_body_util::BodyExt as _;
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::{FunctionCaps, Services, log_denial};
 use crate::logs::InstanceLog;
+
+/// How long a connection may take when the guest sets no timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `wasi:http` hooks of one instance: checks each outgoing request
 /// against the grant before sending it.
@@ -23,13 +40,19 @@ impl OutboundHttp {
     pub fn new(caps: Arc<FunctionCaps>, services: Arc<Services>, log: Arc<InstanceLog>) -> OutboundHttp {
         OutboundHttp { caps, services, log }
     }
+
+    fn deny(&self, what: &str) -> HttpError {
+        let request_id = self.log.request_id();
+        log_denial(&self.caps, &self.services, request_id.as_deref(), "http.outgoing", what);
+        HttpError::HttpRequestDenied
+    }
 }
 
 type SendFuture = Box<
     dyn Future<
             Output = wasmtime_wasi_http::Result<(
-                http::Response<wasmtime_wasi_http::WasiBody>,
-                Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                http::Response<WasiBody>,
+                Box<dyn Future<Output = Result<(), HttpError>> + Send>,
             )>,
         > + Send,
 >;
@@ -37,27 +60,266 @@ type SendFuture = Box<
 impl WasiHttpHooks for OutboundHttp {
     fn send_request(
         &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
-        options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> SendFuture {
-        let authority = request.uri().authority().map(|authority| {
-            let port =
-                authority.port_u16().unwrap_or(if request.uri().scheme_str() == Some("https") { 443 } else { 80 });
-            format!("{}:{port}", authority.host())
+        let tls = request.uri().scheme_str() == Some("https");
+        let target = request.uri().authority().map(|authority| {
+            let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+            (format!("{}:{port}", authority.host()), host, port)
         });
-        let allowed = authority.as_ref().is_some_and(|authority| self.caps.grants.outbound_http.contains(authority));
-        if !allowed {
-            let target = authority.unwrap_or_else(|| "<no authority>".to_string());
-            let request_id = self.log.request_id();
-            let what = format!("outbound HTTP to {target}");
-            log_denial(&self.caps, &self.services, request_id.as_deref(), "http.outgoing", &what);
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        let Some((authority, host, port)) = target else {
+            return Box::new(std::future::ready(Err(self.deny("outbound HTTP to <no authority>"))));
+        };
+        if !self.caps.grants.outbound_http.contains(&authority) {
+            return Box::new(std::future::ready(Err(self.deny(&format!("outbound HTTP to {authority}")))));
         }
+        let egress = self.services.egress(&self.caps.name);
+        let connect_timeout = options.and_then(|o| o.connect_timeout).unwrap_or(CONNECT_TIMEOUT);
+        let first_byte_timeout = options.and_then(|o| o.first_byte_timeout);
+        let (caps, services, log) = (self.caps.clone(), self.services.clone(), self.log.clone());
         Box::new(async move {
-            use http_body_util::BodyExt as _;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((response.map(|body| body.boxed_unsync()), Box::new(io) as Box<dyn Future<Output = _> + Send>))
+            let addrs = resolve(egress.as_ref(), &host, port).await?;
+            // A name must not lead to the node itself (or anything only
+            // the node should reach); a literal address was granted as
+            // such (and, in a pod, allowed by the operator's policy by
+            // name), so it stands.
+            let literal = host.parse::<IpAddr>().is_ok();
+            let node_addresses = node_addresses();
+            let usable: Vec<SocketAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|addr| literal || special_kind(addr.ip(), &node_addresses).is_none())
+                .collect();
+            if usable.is_empty() {
+                let kinds: Vec<String> = addrs
+                    .iter()
+                    .map(|addr| format!("{} ({})", addr.ip(), special_kind(addr.ip(), &node_addresses).unwrap_or("?")))
+                    .collect();
+                let what = format!("outbound HTTP to {authority}, which resolves only to {}", kinds.join(", "));
+                let request_id = log.request_id();
+                log_denial(&caps, &services, request_id.as_deref(), "http.outgoing", &what);
+                return Err(HttpError::HttpRequestDenied);
+            }
+            let stream = connect(egress.as_ref(), &usable, connect_timeout).await?;
+            send(stream, request, tls.then_some(host), first_byte_timeout).await
         })
+    }
+}
+
+/// Why an address is off limits unless granted by its literal value:
+/// unspecified, loopback, link-local, or one of `node` (the node's own
+/// addresses). `None` for an ordinary address.
+pub fn special_kind(ip: IpAddr, node: &[IpAddr]) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        _ if ip.is_unspecified() => Some("unspecified"),
+        _ if ip.is_loopback() => Some("loopback"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        _ if node.contains(&ip) => Some("the node's own"),
+        _ => None,
+    }
+}
+
+/// The addresses of the node's interfaces (the host process's network
+/// namespace).
+pub fn node_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    interfaces
+        .filter_map(|interface| interface.address)
+        .filter_map(|address| {
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+/// Run `work` where the function's connections are made: in its pod's
+/// network namespace, or here.
+async fn in_egress<T: Send + 'static>(
+    egress: Option<&Arc<Egress>>,
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, HttpError> {
+    match egress {
+        None => Ok(work.await),
+        Some(egress) => egress
+            .handle
+            .spawn(work)
+            .await
+            .map_err(|err| HttpError::Connect(std::io::Error::other(format!("egress thread failed: {err}")))),
+    }
+}
+
+async fn resolve(egress: Option<&Arc<Egress>>, host: &str, port: u16) -> Result<Vec<SocketAddr>, HttpError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let name = format!("{host}:{port}");
+    let found = in_egress(egress, async move {
+        tokio::net::lookup_host(name).await.map(|addrs| addrs.collect::<Vec<SocketAddr>>())
+    })
+    .await?;
+    let addrs = found.map_err(HttpError::Connect)?;
+    if addrs.is_empty() {
+        return Err(HttpError::Connect(std::io::Error::other(format!("{host} has no address"))));
+    }
+    Ok(addrs)
+}
+
+async fn connect(
+    egress: Option<&Arc<Egress>>,
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, HttpError> {
+    let addrs = addrs.to_vec();
+    let attempt = async move {
+        let mut last = None;
+        for addr in addrs {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
+    };
+    match tokio::time::timeout(timeout, in_egress(egress, attempt)).await {
+        Ok(connected) => connected?.map_err(HttpError::Connect),
+        Err(_) => Err(HttpError::ConnectionTimeout),
+    }
+}
+
+/// Send `request` over `stream` (TLS to `tls_name` when set) with HTTP/1.1;
+/// the response, and the connection's own future for the caller to drive.
+async fn send(
+    stream: tokio::net::TcpStream,
+    mut request: http::Request<WasiBody>,
+    tls_name: Option<String>,
+    first_byte_timeout: Option<Duration>,
+) -> wasmtime_wasi_http::Result<(http::Response<WasiBody>, Box<dyn Future<Output = Result<(), HttpError>> + Send>)> {
+    use hyper_util::rt::TokioIo;
+    type Io = Box<dyn IoStream>;
+    let io: Io = match tls_name {
+        None => Box::new(stream),
+        Some(name) => {
+            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            let server_name = match name.parse::<IpAddr>() {
+                Ok(ip) => rustls::pki_types::ServerName::from(ip),
+                Err(_) => {
+                    rustls::pki_types::ServerName::try_from(name).map_err(|_| HttpError::HttpRequestUriInvalid)?
+                }
+            };
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            Box::new(connector.connect(server_name, stream).await.map_err(HttpError::Tls)?)
+        }
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    // The request line carries only the path: the authority is the Host
+    // header's business (as to any origin server).
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    *request.uri_mut() = http::Uri::try_from(path).map_err(|_| HttpError::HttpRequestUriInvalid)?;
+    let mut connection = Box::pin(connection);
+    let response = {
+        let sending = sender.send_request(request);
+        let sending = async move {
+            match first_byte_timeout {
+                Some(limit) => {
+                    tokio::time::timeout(limit, sending).await.map_err(|_| HttpError::ConnectionReadTimeout)?
+                }
+                None => sending.await,
+            }
+            .map_err(HttpError::from)
+        };
+        tokio::pin!(sending);
+        // Drive the connection while waiting for the head of the response.
+        // A connection may end (the server closes it) just as the response
+        // is handed over: then the response is still there to take.
+        tokio::select! {
+            biased;
+            response = &mut sending => (response?, Some(connection)),
+            done = &mut connection => {
+                done?;
+                (sending.await?, None)
+            }
+        }
+    };
+    let (response, connection) = response;
+    let response = response.map(|body| body.map_err(HttpError::from).boxed_unsync());
+    let connection = async move {
+        match connection {
+            Some(connection) => connection.await.map_err(HttpError::from),
+            None => Ok(()),
+        }
+    };
+    Ok((response, Box::new(connection)))
+}
+
+trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> IoStream for T {}
+
+/// Where a pod's function makes its connections: a thread inside the
+/// pod's network namespace running a small tokio runtime. A socket belongs
+/// for life to the namespace it was created in, so connecting (and
+/// resolving) there is enough; the connection is then used from the host's
+/// ordinary runtime. The thread ends when the `Egress` is dropped.
+pub struct Egress {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Egress {
+    /// Start the egress thread of the namespace `netns` (an open
+    /// `/proc/…/ns/net` or `/var/run/netns/…`); `name` names the thread.
+    pub fn in_netns(netns: &OwnedFd, name: &str) -> std::io::Result<Arc<Egress>> {
+        let netns = netns.try_clone()?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new().name(format!("egress-{name}")).spawn(move || {
+            let started = nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+                .and_then(|()| tokio::runtime::Builder::new_current_thread().enable_all().build());
+            match started {
+                Ok(runtime) => {
+                    let _ = ready_tx.send(Ok(runtime.handle().clone()));
+                    // Parked here, the runtime drives its connections'
+                    // I/O until the egress is dropped.
+                    let _ = runtime.block_on(stop_rx);
+                }
+                Err(err) => {
+                    let _ = ready_tx.send(Err(err));
+                }
+            }
+        })?;
+        let handle = ready_rx.recv().map_err(|_| std::io::Error::other("the egress thread ended at start"))??;
+        Ok(Arc::new(Egress { handle, _stop: stop_tx }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_addresses_are_named() {
+        let node: Vec<IpAddr> = vec!["10.1.2.3".parse().unwrap()];
+        let kind = |text: &str| special_kind(text.parse().unwrap(), &node);
+        assert_eq!(kind("127.0.0.1"), Some("loopback"));
+        assert_eq!(kind("::1"), Some("loopback"));
+        assert_eq!(kind("::ffff:127.0.0.1"), Some("loopback"));
+        assert_eq!(kind("169.254.169.254"), Some("link-local"));
+        assert_eq!(kind("fe80::1"), Some("link-local"));
+        assert_eq!(kind("0.0.0.0"), Some("unspecified"));
+        assert_eq!(kind("10.1.2.3"), Some("the node's own"));
+        assert_eq!(kind("10.1.2.4"), None);
+        assert_eq!(kind("93.184.216.34"), None);
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::error::NodeError;
-use crate::manifest::{FunctionSpec, Manifest};
+use crate::manifest::{FileGrant, FunctionSpec, Manifest, PodIdentity, VolumeKind};
 
 /// Labels and annotations under this prefix carry grants and limits.
 pub const ANNOTATION_PREFIX: &str = "shoal.dev/";
@@ -17,6 +17,9 @@ pub const ANNOTATION_PREFIX: &str = "shoal.dev/";
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
 
 /// The environment variable naming an HTTP function's port.
 pub const PORT_ENV: &str = "SHOAL_HTTP_PORT";
@@ -94,6 +97,51 @@ impl Bundle {
     /// The Kubernetes container name, if the CRI made this container.
     pub fn container_name(&self) -> Option<String> {
         self.annotations().get(CONTAINER_NAME).cloned()
+    }
+
+    /// The pod's Kubernetes namespace, if the CRI says.
+    pub fn pod_namespace(&self) -> Option<String> {
+        self.annotations().get(SANDBOX_NAMESPACE).cloned()
+    }
+
+    /// The pod and container this container is, when the CRI made it.
+    pub fn pod_identity(&self) -> Option<PodIdentity> {
+        let annotations = self.annotations();
+        Some(PodIdentity {
+            pod: annotations.get(SANDBOX_NAME)?.clone(),
+            uid: annotations.get(SANDBOX_UID).cloned(),
+            container: annotations.get(CONTAINER_NAME)?.clone(),
+        })
+    }
+
+    /// The container's volumes, as `wasi:filesystem` grants: every bind
+    /// mount of a directory (ConfigMap, Secret, projected, emptyDir and
+    /// hostPath volumes, as the kubelet mounts them), at its path in the
+    /// container and read-only where the mount is. The runtime's own mounts
+    /// (`/proc`, `/sys`, `/dev`, the `/etc` files the CRI writes) and
+    /// single-file mounts are not filesystems a function is given.
+    pub fn volumes(&self) -> Vec<FileGrant> {
+        let mounts = self.spec.mounts().clone().unwrap_or_default();
+        let mut grants = Vec::new();
+        for mount in mounts {
+            let options = mount.options().clone().unwrap_or_default();
+            let bind = mount.typ().as_deref() == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
+            let Some(source) = mount.source().clone() else { continue };
+            let guest = mount.destination().display().to_string();
+            let runtime_owned =
+                ["/proc", "/sys", "/dev"].iter().any(|root| guest == *root || guest.starts_with(&format!("{root}/")))
+                    || ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"].contains(&guest.as_str());
+            if !bind || runtime_owned || !source.is_absolute() || !source.is_dir() {
+                continue;
+            }
+            let kind = volume_kind(&source);
+            let read_only = options.iter().any(|o| o == "ro");
+            let grant = FileGrant { host: source, guest, read_only, kind };
+            if grant.check().is_ok() {
+                grants.push(grant);
+            }
+        }
+        grants
     }
 
     /// The rootfs directory (`root.path`, relative to the bundle).
@@ -203,6 +251,16 @@ impl KubernetesSettings {
                     })?;
                     limits.insert(field.to_string(), toml::Value::Integer(number));
                 }
+                "grants" if field == "files" => {
+                    return Err(invalid(format!(
+                        "{ANNOTATION_PREFIX}{key}: a pod's files are its volumes (volumeMounts), not a grant"
+                    )));
+                }
+                "grants" if field == "secrets" => {
+                    return Err(invalid(format!(
+                        "{ANNOTATION_PREFIX}{key}: a pod reads the Secret volumes it mounts, and only those"
+                    )));
+                }
                 "grants" => {
                     let entries = value
                         .split(',')
@@ -237,6 +295,23 @@ impl KubernetesSettings {
         let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| invalid(err.message))?;
         let mut specs = manifest.resolve().map_err(|err| invalid(err.message))?;
         Ok(specs.remove(0))
+    }
+}
+
+/// The kind of a kubelet volume, from where the kubelet keeps it
+/// (`/var/lib/kubelet/pods/<uid>/volumes/kubernetes.io~secret/<name>`).
+fn volume_kind(source: &Path) -> VolumeKind {
+    let text = source.to_string_lossy();
+    if text.contains("/kubernetes.io~secret/") {
+        VolumeKind::Secret
+    } else if text.contains("/kubernetes.io~configmap/") {
+        VolumeKind::ConfigMap
+    } else if text.contains("/kubernetes.io~projected/") {
+        VolumeKind::Projected
+    } else if text.contains("/kubernetes.io~empty-dir/") {
+        VolumeKind::EmptyDir
+    } else {
+        VolumeKind::Directory
     }
 }
 

@@ -31,10 +31,13 @@ use super::command::{self, Program};
 use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
 use super::containerd::ContainerRecord;
 use super::error::{NodeError, task_failed};
+use super::policy::PolicyFile;
 use super::stdio::{ContainerOutput, ContainerSinks};
 use super::{netns, rootfs};
+use crate::abi::Egress;
 use crate::host::Host;
 use crate::logs::{GuestLine, InstanceLog, LogBudget, LogSink, Stream};
+use crate::manifest::TenantName;
 use crate::registry::DeployItem;
 use crate::trigger::http::{Routing, serve_routed};
 
@@ -58,6 +61,8 @@ pub struct Node {
     pid: u32,
     /// The largest wasm read out of a container's rootfs.
     max_wasm_bytes: u64,
+    /// What a pod's annotations may grant.
+    policy: PolicyFile,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +74,7 @@ enum TaskState {
 
 enum Kind {
     /// Holds the pod's network namespace open.
-    Sandbox { netns: Option<Arc<OwnedFd>> },
+    Sandbox { netns: Option<Arc<OwnedFd>>, namespace: Option<String> },
     /// An HTTP function listening in its pod.
     Service { netns: Option<Arc<OwnedFd>>, port: u16 },
     /// A program that runs once.
@@ -135,6 +140,7 @@ impl Node {
             containers: Mutex::new(HashMap::new()),
             pid: std::process::id(),
             max_wasm_bytes: config.max_wasm_bytes,
+            policy: PolicyFile::new(&config.policy),
         })
     }
 
@@ -246,7 +252,9 @@ impl Node {
         let bundle = Bundle::load(bundle_path)?;
         let function = function_name(&id, bundle.container_name().as_deref());
         let (kind, code_bytes) = match bundle.role() {
-            Role::Sandbox => (Kind::Sandbox { netns: self.open_netns(&bundle.netns())? }, 0),
+            Role::Sandbox => {
+                (Kind::Sandbox { netns: self.open_netns(&bundle.netns())?, namespace: bundle.pod_namespace() }, 0)
+            }
             Role::App { sandbox_id } => {
                 let record = match super::containerd::container(&self.containerd, &self.namespace, &id).await {
                     Ok(record) => record,
@@ -258,7 +266,22 @@ impl Node {
                 let labels = &record.labels;
                 let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
                 let settings = KubernetesSettings::collect([labels, &bundle.annotations()], bundle.memory_limit());
-                let spec = settings.function_spec(&function, &file, &format!("container {id} labels/annotations"))?;
+                let mut spec =
+                    settings.function_spec(&function, &file, &format!("container {id} labels/annotations"))?;
+                // Whose it is: the pod's namespace (what containerd's CRI
+                // says of the container, else of its sandbox), or, for a
+                // container no pod made, containerd's namespace.
+                let namespace = bundle
+                    .pod_namespace()
+                    .or_else(|| sandbox_id.as_deref().and_then(|sandbox| self.sandbox_namespace(sandbox)))
+                    .unwrap_or_else(|| self.namespace.clone());
+                spec.tenant = TenantName::new(&namespace)
+                    .map_err(|err| NodeError::InvalidArgument(format!("the container's namespace: {err}")))?;
+                self.policy.current()?.check(&spec.tenant, &spec.grants)?;
+                spec.pod = bundle.pod_identity();
+                spec.env = bundle.env().into_iter().collect();
+                spec.grants.files = bundle.volumes();
+                spec.check().map_err(|err| NodeError::InvalidArgument(format!("container {id}: {err}")))?;
                 let code_bytes = wasm.len() as u64;
                 let engine = self.host.registry().engine().clone();
                 let probe = wasm.clone();
@@ -291,12 +314,21 @@ impl Node {
                             Some(netns) => netns,
                             None => self.open_netns(&bundle.netns())?,
                         };
+                        // Outbound calls leave from the pod's network
+                        // namespace, so its NetworkPolicy applies to them.
+                        let egress = match (&netns, spec.grants.outbound_http.is_empty()) {
+                            (Some(netns), false) => Some(Egress::in_netns(netns, &function).map_err(|err| {
+                                NodeError::Internal(format!("cannot start the pod's egress thread: {err}"))
+                            })?),
+                            _ => None,
+                        };
+                        let services = self.host.services().clone();
+                        services.set_egress(&function, egress);
                         let item = DeployItem { spec, wasm: wasm.into() };
-                        self.host
-                            .registry()
-                            .deploy(vec![item])
-                            .await
-                            .map_err(|source| NodeError::Deploy { entry: entry.clone(), source })?;
+                        if let Err(source) = self.host.registry().deploy(vec![item]).await {
+                            services.set_egress(&function, None);
+                            return Err(NodeError::Deploy { entry: entry.clone(), source });
+                        }
                         (Kind::Service { netns, port }, code_bytes)
                     }
                 }
@@ -361,13 +393,21 @@ impl Node {
         }
     }
 
+    /// The Kubernetes namespace of sandbox `id`, as the CRI told it.
+    fn sandbox_namespace(&self, id: &str) -> Option<String> {
+        match &self.lock().get(id)?.kind {
+            Kind::Sandbox { namespace, .. } => namespace.clone(),
+            _ => None,
+        }
+    }
+
     /// The network namespace held by sandbox `id`. (The CRI points an app
     /// container at `/proc/<sandbox pid>/ns/net`, which for a sandbox
     /// served by this host is the host's own: the sandbox is asked instead.)
     fn sandbox_netns(&self, id: &str) -> Option<Option<Arc<OwnedFd>>> {
         let containers = self.lock();
         match &containers.get(id)?.kind {
-            Kind::Sandbox { netns } => Some(netns.clone()),
+            Kind::Sandbox { netns, .. } => Some(netns.clone()),
             _ => None,
         }
     }
@@ -527,6 +567,7 @@ impl Node {
         self.sinks.detach(&container.function);
         // Its series go with it (Stats may have touched them since it stopped).
         self.host.metrics().forget_function(&container.function);
+        self.host.services().set_egress(&container.function, None);
         if let Some(rootfs) = container.rootfs.clone() {
             unmount(rootfs).await;
         }

@@ -90,7 +90,11 @@ async fn deliver_loop(host: Arc<Host>, mut subscription: Box<dyn Subscription>, 
         };
         let Some(target) = host.registry().by_name(&function) else { return };
         let metrics = host.metrics();
-        match host.dispatcher().deliver(target.pick().clone(), &delivery).await {
+        let pool = target.pick().clone();
+        // The guest knows the topic by its own tenant's name for it.
+        let mut seen = delivery.clone();
+        seen.topic = pool.function().spec().tenant.unscope(&delivery.topic).to_string();
+        match host.dispatcher().deliver(pool, &seen).await {
             Ok(()) => {
                 metrics.delivery(&function, &topic, "acked");
                 if let Err(err) = subscription.ack(&delivery).await {

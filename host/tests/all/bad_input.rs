@@ -104,8 +104,8 @@ async fn the_cli_invokes_lists_and_reports_usage() {
     assert!(ls.lines().any(|l| l.starts_with("hello") && l.ends_with("/hello")), "{ls}");
     let usage =
         String::from_utf8_lossy(&host.cli(&["usage", "--function", "hello", "--since", "1h"]).stdout).into_owned();
-    let row = usage.lines().find(|l| l.starts_with("hello")).unwrap_or_else(|| panic!("{usage}"));
-    assert_eq!(row.split_whitespace().nth(1), Some("1"), "one request: {row}");
+    let row = usage.lines().find(|l| l.starts_with("default ")).unwrap_or_else(|| panic!("{usage}"));
+    assert_eq!(row.split_whitespace().take(3).collect::<Vec<_>>(), ["default", "hello", "1"], "one request: {row}");
     let none =
         String::from_utf8_lossy(&host.cli(&["usage", "--since", "2000-01-01T00:00:00Z", "--function", "x"]).stdout)
             .into_owned();

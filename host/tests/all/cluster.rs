@@ -222,6 +222,8 @@ state = "{state}"
             .env("SHOAL_BIN", shoal_bin())
             .env("SHOAL_RUN_DIR", &self.run_dir)
             .env("SHOAL_STATE_DIR", self.dir.path().join("shoal-state"))
+            // The built-in policy until a test writes this file.
+            .env("SHOAL_POLICY", self.policy_file())
             .env("RUST_LOG", "info,cranelift=warn,wasmtime=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -253,6 +255,11 @@ state = "{state}"
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The node policy the Shoal host reads (absent at first).
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
     }
 
     /// `ctr` against this containerd.
@@ -382,6 +389,36 @@ pub struct Cri {
     pub images: ImageServiceClient<Channel>,
 }
 
+/// What a test pod is: one container in a namespace.
+pub struct PodOptions<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// The container's name (what `invoke` finds it by).
+    pub container: &'a str,
+    pub image: &'a str,
+    pub annotations: &'a [(&'a str, &'a str)],
+    pub memory_limit: i64,
+    /// (host path, container path, read-only), as the kubelet mounts volumes.
+    pub mounts: &'a [(PathBuf, &'a str, bool)],
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl<'a> PodOptions<'a> {
+    /// Pod `name` in namespace `default`, container `web` running `image`.
+    pub fn new(name: &'a str, image: &'a str) -> PodOptions<'a> {
+        PodOptions {
+            namespace: "default",
+            name,
+            container: "web",
+            image,
+            annotations: &[],
+            memory_limit: 0,
+            mounts: &[],
+            env: &[],
+        }
+    }
+}
+
 /// A pod started through the CRI.
 #[derive(Debug, Clone)]
 pub struct Pod {
@@ -413,15 +450,23 @@ impl Cri {
         annotations: &[(&str, &str)],
         memory_limit: i64,
     ) -> Pod {
-        let log_directory = log_dir.join(name);
+        let options = PodOptions { annotations, memory_limit, ..PodOptions::new(name, image) };
+        self.try_run_pod(log_dir, options).await.unwrap_or_else(|status| panic!("{status}"))
+    }
+
+    /// Run a pod as `options` say; a refused call is its status.
+    pub async fn try_run_pod(&mut self, log_dir: &Path, options: PodOptions<'_>) -> Result<Pod, String> {
+        let PodOptions { namespace, name, container: container_name, image, annotations, memory_limit, mounts, env } =
+            options;
+        let log_directory = log_dir.join(format!("{namespace}-{name}"));
         std::fs::create_dir_all(&log_directory).unwrap();
         let annotations: HashMap<String, String> =
             annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: name.into(),
-                uid: format!("uid-{name}"),
-                namespace: "default".into(),
+                uid: format!("uid-{namespace}-{name}"),
+                namespace: namespace.into(),
                 attempt: 0,
             }),
             hostname: name.into(),
@@ -435,14 +480,24 @@ impl Cri {
             .runtime
             .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: HANDLER.into() })
             .await
-            .unwrap_or_else(|status| panic!("RunPodSandbox: {status}"))
+            .map_err(|status| format!("RunPodSandbox: {}", status.message()))?
             .into_inner()
             .pod_sandbox_id;
         let container_config = ContainerConfig {
-            metadata: Some(ContainerMetadata { name: "web".into(), attempt: 0 }),
+            metadata: Some(ContainerMetadata { name: container_name.into(), attempt: 0 }),
             image: Some(ImageSpec { image: image.into(), ..Default::default() }),
             log_path: "web.log".into(),
             annotations,
+            envs: env.iter().map(|(key, value)| KeyValue { key: key.to_string(), value: value.to_string() }).collect(),
+            mounts: mounts
+                .iter()
+                .map(|(host, container, readonly)| Mount {
+                    host_path: host.display().to_string(),
+                    container_path: container.to_string(),
+                    readonly: *readonly,
+                    ..Default::default()
+                })
+                .collect(),
             linux: Some(LinuxContainerConfig {
                 resources: Some(LinuxContainerResources { memory_limit_in_bytes: memory_limit, ..Default::default() }),
                 ..Default::default()
@@ -457,15 +512,22 @@ impl Cri {
                 config: Some(container_config),
                 sandbox_config: Some(config.clone()),
             })
-            .await
-            .unwrap_or_else(|status| panic!("CreateContainer: {status}"))
-            .into_inner()
-            .container_id;
+            .await;
+        let container = match container {
+            Ok(created) => created.into_inner().container_id,
+            Err(status) => {
+                // Leave nothing behind for the next test.
+                let _ = self.runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: sandbox.clone() }).await;
+                let _ =
+                    self.runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: sandbox.clone() }).await;
+                return Err(format!("CreateContainer: {}", status.message()));
+            }
+        };
         let create_time = began.elapsed() - sandbox_time;
         self.runtime
             .start_container(StartContainerRequest { container_id: container.clone() })
             .await
-            .unwrap_or_else(|status| panic!("StartContainer: {status}"));
+            .map_err(|status| format!("StartContainer: {}", status.message()))?;
         let call_times = [sandbox_time, create_time, began.elapsed() - sandbox_time - create_time];
         let status = self
             .runtime
@@ -481,14 +543,14 @@ impl Cri {
             .and_then(|ns| ns["path"].as_str())
             .map(PathBuf::from)
             .unwrap_or_else(|| panic!("the sandbox has a network namespace: {info}"));
-        Pod {
+        Ok(Pod {
             sandbox_id: sandbox,
             container_id: container,
             netns,
             ip,
             log_file: log_directory.join("web.log"),
             call_times,
-        }
+        })
     }
 
     /// Wait until the CRI plugin has finished initializing (after a
@@ -537,11 +599,26 @@ pub fn get_in_netns(netns: &Path, addr: &str, path: &str) -> std::io::Result<(u1
         stream.read_to_end(&mut response)?;
         let text = String::from_utf8_lossy(&response).into_owned();
         let status = text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
-        Ok((status, body))
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let chunked = head.lines().any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+        Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
     })
     .join()
     .expect("netns thread")
+}
+
+/// The data of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut data = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        data.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+    }
+    data
 }
 
 pub fn free_port() -> u16 {

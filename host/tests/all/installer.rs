@@ -15,6 +15,7 @@ fn install(config: &Path, source: &Path, bin: &Path) -> std::process::Output {
         .env("SHOAL_SOURCE_DIR", source)
         .env("SHOAL_BIN_DIR", bin)
         .env("SHOAL_RESTART", "no")
+        .env("SHOAL_POLICY", config.with_file_name("installed-policy.toml"))
         .env_remove("NODE_NAME")
         .output()
         .unwrap()
@@ -47,6 +48,23 @@ fn the_installer_adds_the_shoal_runtime_to_containerd_1_and_2_configs_once() {
         assert_eq!(std::fs::read_to_string(&config).unwrap(), text, "{sample}: a second run changes nothing");
         assert!(String::from_utf8_lossy(&again.stdout).contains("already has the shoal runtime"));
     }
+}
+
+#[test]
+fn the_installer_puts_the_node_policy_in_place_and_replaces_it_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "version = 2\n").unwrap();
+    let source = dir.path().join("src");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::copy(k8s_dir().join("policy.toml"), source.join("policy.toml")).unwrap();
+    let installed = dir.path().join("installed-policy.toml");
+    let output = install(&config, &source, &dir.path().join("bin"));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(k8s_dir().join("policy.toml")).unwrap());
+    std::fs::write(source.join("policy.toml"), "[[rule]]\nnamespaces = [\"*\"]\n").unwrap();
+    assert!(install(&config, &source, &dir.path().join("bin")).status.success());
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), "[[rule]]\nnamespaces = [\"*\"]\n");
 }
 
 #[test]

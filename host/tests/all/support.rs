@@ -49,6 +49,9 @@ pub fn spec(name: &str, wasm: &str, route: &str) -> FunctionSpec {
         weight: 100,
         limits: Limits::default(),
         grants: Default::default(),
+        tenant: Default::default(),
+        pod: None,
+        env: Default::default(),
     }
 }
 

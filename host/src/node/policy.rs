@@ -1,0 +1,432 @@
+//! The node policy: what the operator lets a pod's annotations (and its
+//! image's labels) grant, per Kubernetes namespace.
+//!
+//! A pod names its grants itself (`shoal.dev/grants.*`), so on its own a
+//! grant proves nothing. The policy file — put in place by the installer,
+//! e.g. `/etc/shoal/policy.toml`, shipped as `k8s/policy.toml` and as a
+//! ConfigMap — bounds them: its rules are tried in order and the first
+//! whose `namespaces` matches the pod's namespace decides; a grant outside
+//! that rule fails CreateContainer with a message naming the annotation,
+//! the entry and the rule. Every resource a grant names is the tenant's
+//! own whatever the rule says (buckets, topics and invoke targets are
+//! resolved inside the pod's namespace): the policy chooses *which* of its
+//! own resources and which outbound hosts a pod may ask for.
+//!
+//! Without a file the built-in policy applies: key-value, pubsub and invoke
+//! inside the pod's namespace, its own mounted secrets, and no outbound
+//! HTTP. The file is read again whenever it changes; a file that does not
+//! parse refuses every container (naming the file and the error) until it
+//! is fixed, rather than falling back to something the operator did not
+//! write.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use super::error::NodeError;
+use crate::manifest::{Grants, KeyGrant, TenantName};
+
+/// The default place of the policy file.
+pub const DEFAULT_POLICY_PATH: &str = "/etc/shoal/policy.toml";
+
+/// The largest policy file read.
+const MAX_POLICY_BYTES: u64 = 1 << 20;
+
+/// A policy file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyText {
+    #[serde(default, rename = "rule")]
+    rules: Vec<Rule>,
+}
+
+/// One rule: the namespaces it is for and what a pod there may ask for.
+/// Patterns take `*` for any run of characters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Namespace patterns (`team-*`, `*`).
+    pub namespaces: Vec<String>,
+    /// `bucket:key` patterns: the bucket a pattern (`*` for any), the key
+    /// exact or a prefix ending in `*`.
+    #[serde(default)]
+    pub keyvalue: Vec<String>,
+    /// Topic patterns a pod may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic patterns a pod may subscribe to.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Function (container) name patterns a pod may invoke.
+    #[serde(default)]
+    pub invoke: Vec<String>,
+    /// `host:port` patterns a pod may call out to. Loopback, link-local
+    /// and the node's own addresses are reachable only through an entry
+    /// that names the address itself (no pattern covers them).
+    #[serde(default)]
+    pub outbound_http: Vec<String>,
+}
+
+/// The policy in force.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    /// Where it came from, for messages.
+    source: String,
+}
+
+impl Policy {
+    /// The built-in policy: any of a pod's own buckets, topics and
+    /// functions; no outbound HTTP.
+    pub fn builtin() -> Policy {
+        let any = vec!["*".to_string()];
+        Policy {
+            rules: vec![Rule {
+                namespaces: any.clone(),
+                keyvalue: vec!["*:*".to_string()],
+                publish: any.clone(),
+                subscribe: any.clone(),
+                invoke: any,
+                outbound_http: Vec::new(),
+            }],
+            source: "the built-in policy".to_string(),
+        }
+    }
+
+    /// Parse a policy file's text; `source` names it in messages.
+    pub fn parse(text: &str, source: &str) -> Result<Policy, String> {
+        let parsed: PolicyText =
+            toml::from_str(text).map_err(|err| format!("{source}: invalid policy: {}", err.to_string().trim_end()))?;
+        for (index, rule) in parsed.rules.iter().enumerate() {
+            let at = |message: String| format!("{source}: rule {}: {message}", index + 1);
+            if rule.namespaces.is_empty() {
+                return Err(at("`namespaces` is empty: the rule would match nothing".to_string()));
+            }
+            for pattern in &rule.keyvalue {
+                KeyGrant::parse(pattern).map_err(|err| at(err.replace("grants.keyvalue", "keyvalue")))?;
+            }
+            for entry in &rule.outbound_http {
+                let valid = entry
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && (port == "*" || port.parse::<u16>().is_ok()));
+                if !valid {
+                    return Err(at(format!("outbound_http entry {entry:?} must be host:port (port may be *)")));
+                }
+            }
+        }
+        Ok(Policy { rules: parsed.rules, source: source.to_string() })
+    }
+
+    /// The rule for `namespace`, with its number (from 1).
+    fn rule_for(&self, namespace: &str) -> Option<(usize, &Rule)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.namespaces.iter().any(|pattern| glob(pattern, namespace)))
+            .map(|(index, rule)| (index + 1, rule))
+    }
+
+    /// Check `grants` asked for by a pod of `tenant`: `Ok` when the rule
+    /// for its namespace covers every entry, else an INVALID_ARGUMENT
+    /// naming the annotation, the entry and the rule.
+    pub fn check(&self, tenant: &TenantName, grants: &Grants) -> Result<(), NodeError> {
+        let namespace = tenant.as_str();
+        let refuse = |capability: &str, entry: &str, why: String| {
+            NodeError::InvalidArgument(format!(
+                "shoal.dev/grants.{capability} entry {entry:?} is not allowed for namespace {namespace:?}: {why}"
+            ))
+        };
+        let Some((number, rule)) = self.rule_for(namespace) else {
+            let first = first_grant(grants);
+            return match first {
+                None => Ok(()),
+                Some((capability, entry)) => Err(refuse(
+                    capability,
+                    &entry,
+                    format!("no rule of {} matches the namespace, so it may be granted nothing", self.source),
+                )),
+            };
+        };
+        let rule_name = format!("rule {number} of {} (namespaces {:?})", self.source, rule.namespaces);
+        let allows = |capability: &str, patterns: &[String]| format!("{rule_name} allows {capability} {patterns:?}");
+        for grant in &grants.keyvalue {
+            if !rule.keyvalue.iter().any(|pattern| covers_key(pattern, grant)) {
+                let entry = format!("{}:{}{}", grant.bucket, grant.key, if grant.prefix { "*" } else { "" });
+                return Err(refuse("keyvalue", &entry, allows("keyvalue", &rule.keyvalue)));
+            }
+        }
+        for (capability, asked, patterns) in [
+            ("publish", &grants.publish, &rule.publish),
+            ("subscribe", &grants.subscribe, &rule.subscribe),
+            ("invoke", &grants.invoke, &rule.invoke),
+        ] {
+            if let Some(entry) = asked.iter().find(|entry| !patterns.iter().any(|pattern| glob(pattern, entry))) {
+                return Err(refuse(capability, entry, allows(capability, patterns)));
+            }
+        }
+        for entry in &grants.outbound_http {
+            if !rule.outbound_http.iter().any(|pattern| covers_authority(pattern, entry)) {
+                let why = match special_address(entry) {
+                    Some(kind) => format!(
+                        "{kind} addresses are reachable only through a policy entry naming {entry:?} itself; {}",
+                        allows("outbound_http", &rule.outbound_http)
+                    ),
+                    None => allows("outbound_http", &rule.outbound_http),
+                };
+                return Err(refuse("outbound_http", entry, why));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first grant of any kind (for a namespace no rule matches).
+fn first_grant(grants: &Grants) -> Option<(&'static str, String)> {
+    if let Some(grant) = grants.keyvalue.first() {
+        return Some(("keyvalue", format!("{}:{}{}", grant.bucket, grant.key, if grant.prefix { "*" } else { "" })));
+    }
+    for (capability, set) in [
+        ("publish", &grants.publish),
+        ("subscribe", &grants.subscribe),
+        ("invoke", &grants.invoke),
+        ("outbound_http", &grants.outbound_http),
+    ] {
+        if let Some(entry) = set.first() {
+            return Some((capability, entry.clone()));
+        }
+    }
+    None
+}
+
+/// Whether policy pattern `pattern` (`bucket-glob:key` or
+/// `bucket-glob:prefix*`) covers the grant `grant`: every key the grant
+/// reaches, the pattern reaches too.
+fn covers_key(pattern: &str, grant: &KeyGrant) -> bool {
+    let Ok(allowed) = KeyGrant::parse(pattern) else { return false };
+    if !glob(&allowed.bucket, &grant.bucket) {
+        return false;
+    }
+    match (allowed.prefix, grant.prefix) {
+        (true, _) => grant.key.starts_with(&allowed.key),
+        (false, false) => grant.key == allowed.key,
+        (false, true) => false,
+    }
+}
+
+/// Whether `pattern` (`host-glob:port` or `host-glob:*`) covers the
+/// authority `entry`. A special address (loopback, link-local) is covered
+/// only by a pattern naming it exactly.
+fn covers_authority(pattern: &str, entry: &str) -> bool {
+    if special_address(entry).is_some() {
+        return pattern == entry;
+    }
+    let (Some((host_pattern, port_pattern)), Some((host, port))) = (pattern.rsplit_once(':'), entry.rsplit_once(':'))
+    else {
+        return false;
+    };
+    glob(host_pattern, host) && (port_pattern == "*" || port_pattern == port)
+}
+
+/// What is special about an authority's host, if it is a literal address
+/// (or `localhost`) that no pattern may cover: loopback or link-local.
+fn special_address(authority: &str) -> Option<&'static str> {
+    let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return Some("loopback");
+    }
+    host.parse::<IpAddr>().ok().and_then(|ip| crate::abi::special_kind(ip, &crate::abi::node_addresses()))
+}
+
+/// `*`-only glob match. Hand-written: a glob crate's character classes and
+/// path rules are more than a namespace or topic pattern needs, and this
+/// is a dozen lines.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// The policy file, read again when it changes.
+pub struct PolicyFile {
+    path: PathBuf,
+    cached: Mutex<Option<(FileStamp, Loaded)>>,
+}
+
+/// A policy as last read: in force, or why the file was refused.
+type Loaded = Result<Arc<Policy>, String>;
+
+/// What tells a changed file from the one read before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FileStamp {
+    Missing,
+    Seen { modified: Option<SystemTime>, len: u64, inode: u64 },
+}
+
+impl PolicyFile {
+    /// The policy at `path` (the built-in policy while there is no file).
+    pub fn new(path: &Path) -> PolicyFile {
+        PolicyFile { path: path.to_path_buf(), cached: Mutex::new(None) }
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> Result<Arc<Policy>, NodeError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let stamp = match std::fs::metadata(&self.path) {
+            Ok(meta) => FileStamp::Seen { modified: meta.modified().ok(), len: meta.len(), inode: meta.ino() },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => FileStamp::Missing,
+            Err(err) => {
+                return Err(NodeError::Internal(format!("cannot read the node policy {}: {err}", self.path.display())));
+            }
+        };
+        let mut cached = self.cached.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Some((seen, policy)) = cached.as_ref()
+            && *seen == stamp
+        {
+            return policy.clone().map_err(NodeError::FailedPrecondition);
+        }
+        let policy = match stamp {
+            FileStamp::Missing => Ok(Arc::new(Policy::builtin())),
+            FileStamp::Seen { .. } => self.read().map(Arc::new),
+        };
+        match &policy {
+            Ok(_) => tracing::info!(policy = %self.path.display(), "node policy loaded"),
+            Err(err) => tracing::error!(policy = %self.path.display(), error = %err, "node policy refused"),
+        }
+        *cached = Some((stamp, policy.clone()));
+        policy.map_err(NodeError::FailedPrecondition)
+    }
+
+    fn read(&self) -> Result<Policy, String> {
+        use std::io::Read as _;
+        let source = self.path.display().to_string();
+        let file = std::fs::File::open(&self.path).map_err(|err| format!("cannot open {source}: {err}"))?;
+        let mut text = String::new();
+        file.take(MAX_POLICY_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|err| format!("cannot read {source}: {err}"))?;
+        if text.len() as u64 > MAX_POLICY_BYTES {
+            return Err(format!("{source} is over {MAX_POLICY_BYTES} bytes"));
+        }
+        Policy::parse(&text, &source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(keyvalue: &[&str], publish: &[&str], outbound: &[&str]) -> Grants {
+        Grants {
+            keyvalue: keyvalue.iter().map(|text| KeyGrant::parse(text).unwrap()).collect(),
+            publish: publish.iter().map(|t| t.to_string()).collect(),
+            outbound_http: outbound.iter().map(|t| t.to_string()).collect(),
+            ..Grants::default()
+        }
+    }
+
+    fn tenant(name: &str) -> TenantName {
+        TenantName::new(name).unwrap()
+    }
+
+    #[test]
+    fn the_shipped_example_policy_parses_and_means_what_it_says() {
+        let policy = Policy::parse(include_str!("../../../k8s/policy.toml"), "k8s/policy.toml").unwrap();
+        let stripe = grants(&["ledger:*"], &["payments.done"], &["api.stripe.com:443"]);
+        assert!(policy.check(&tenant("payments"), &stripe).is_ok());
+        assert!(policy.check(&tenant("shop"), &stripe).is_err(), "no egress for everyone else");
+        assert!(policy.check(&tenant("shop"), &grants(&["*:*"], &["orders"], &[])).is_ok());
+        assert!(policy.check(&tenant("kube-system"), &grants(&["a:b"], &[], &[])).is_err());
+    }
+
+    #[test]
+    fn globs_match_runs_of_characters() {
+        assert!(glob("*", ""));
+        assert!(glob("team-*", "team-a"));
+        assert!(!glob("team-*", "teams"));
+        assert!(glob("*.example.com", "api.example.com"));
+        assert!(!glob("*.example.com", "example.com"));
+        assert!(glob("a*b*c", "aXbYc"));
+        assert!(!glob("a*b*c", "aXcYb"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exact2"));
+    }
+
+    #[test]
+    fn the_builtin_policy_allows_own_resources_and_no_outbound() {
+        let policy = Policy::builtin();
+        assert!(policy.check(&tenant("a"), &grants(&["*:*", "counters:hits"], &["orders"], &[])).is_ok());
+        let err = policy.check(&tenant("a"), &grants(&[], &[], &["example.com:80"])).unwrap_err().to_string();
+        assert!(err.contains("shoal.dev/grants.outbound_http entry \"example.com:80\""), "{err}");
+        assert!(err.contains("the built-in policy"), "{err}");
+    }
+
+    #[test]
+    fn a_rule_bounds_what_its_namespaces_may_ask_for_and_says_which_rule_refused() {
+        let text = r#"
+            [[rule]]
+            namespaces = ["team-*"]
+            keyvalue = ["orders:*", "cache:session-*"]
+            publish = ["orders"]
+            outbound_http = ["*.example.com:443", "10.0.0.7:*"]
+        "#;
+        let policy = Policy::parse(text, "/etc/shoal/policy.toml").unwrap();
+        let team = tenant("team-a");
+        assert!(policy.check(&team, &grants(&["orders:*", "cache:session-1"], &["orders"], &[])).is_ok());
+        assert!(policy.check(&team, &grants(&[], &[], &["api.example.com:443", "10.0.0.7:8080"])).is_ok());
+        let err = policy.check(&team, &grants(&["*:*"], &[], &[])).unwrap_err();
+        assert!(matches!(err, NodeError::InvalidArgument(_)));
+        let err = err.to_string();
+        assert!(err.contains("shoal.dev/grants.keyvalue entry \"*:*\""), "{err}");
+        assert!(err.contains("rule 1 of /etc/shoal/policy.toml"), "{err}");
+        assert!(policy.check(&team, &grants(&["cache:*"], &[], &[])).is_err(), "a wider prefix is beyond it");
+        assert!(policy.check(&team, &grants(&[], &["payments"], &[])).is_err());
+        assert!(policy.check(&team, &grants(&[], &[], &["api.example.com:80"])).is_err());
+        // No rule for the namespace: nothing may be granted, but a pod
+        // asking for nothing runs.
+        let err = policy.check(&tenant("other"), &grants(&["orders:x"], &[], &[])).unwrap_err().to_string();
+        assert!(err.contains("no rule"), "{err}");
+        assert!(policy.check(&tenant("other"), &Grants::default()).is_ok());
+    }
+
+    #[test]
+    fn loopback_and_link_local_need_an_entry_naming_them() {
+        let policy = Policy::parse("[[rule]]\nnamespaces = [\"*\"]\noutbound_http = [\"*:*\"]\n", "p").unwrap();
+        let a = tenant("a");
+        assert!(policy.check(&a, &grants(&[], &[], &["example.com:80"])).is_ok());
+        for special in ["169.254.169.254:80", "127.0.0.1:8080", "localhost:80", "[::1]:80", "[fe80::1]:80"] {
+            let err = policy.check(&a, &grants(&[], &[], &[special])).unwrap_err().to_string();
+            assert!(err.contains("reachable only through a policy entry naming"), "{special}: {err}");
+        }
+        let named =
+            Policy::parse("[[rule]]\nnamespaces = [\"*\"]\noutbound_http = [\"169.254.169.254:80\"]\n", "p").unwrap();
+        assert!(named.check(&a, &grants(&[], &[], &["169.254.169.254:80"])).is_ok());
+    }
+
+    #[test]
+    fn a_broken_policy_file_refuses_until_it_is_fixed_and_changes_are_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let file = PolicyFile::new(&path);
+        assert!(file.current().unwrap().check(&tenant("a"), &grants(&["x:y"], &[], &[])).is_ok(), "built-in");
+        std::fs::write(&path, "[[rule]]\nnamespaces = [\"a\"]\nkeyvalue = [\"x:*\"]\nbogus = 1\n").unwrap();
+        let err = file.current().unwrap_err().to_string();
+        assert!(err.contains("policy.toml") && err.contains("bogus"), "{err}");
+        std::fs::write(&path, "[[rule]]\nnamespaces = [\"a\"]\nkeyvalue = [\"x:*\"]\n").unwrap();
+        let policy = file.current().unwrap();
+        assert!(policy.check(&tenant("a"), &grants(&["x:y"], &[], &[])).is_ok());
+        assert!(policy.check(&tenant("a"), &grants(&["z:y"], &[], &[])).is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! Tenants on one host: the same bucket, topic and function name mean a
+//! different thing in each tenant, on the embedded store and on Redis; a
+//! function's environment and files are its own; usage adds up per tenant;
+//! outbound names never lead to the node itself.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use shoal::host::Backend;
+use shoal::manifest::{FileGrant, FunctionSpec, KeyGrant, PodIdentity, TenantName, VolumeKind};
+use shoal::metering::{UsageGrouping, UsageQuery};
+
+use crate::support::{RedisServer, TestHost, eventually, spec};
+
+fn in_tenant(mut spec: FunctionSpec, tenant: &str) -> FunctionSpec {
+    spec.tenant = TenantName::new(tenant).unwrap();
+    spec
+}
+
+/// As a pod's container named `container` would be deployed.
+fn as_container(mut spec: FunctionSpec, container: &str) -> FunctionSpec {
+    spec.pod = Some(PodIdentity { pod: format!("{container}-pod"), uid: None, container: container.to_string() });
+    spec
+}
+
+/// Functions of tenants `a` and `b` that name the same bucket (`default`),
+/// topic (`orders`) and invoke target (`api`).
+fn two_tenants() -> Vec<FunctionSpec> {
+    let mut specs = Vec::new();
+    for tenant in ["a", "b"] {
+        let mut kv = spec(&format!("kv-{tenant}"), "kv", &format!("/{tenant}/kv"));
+        kv.grants.keyvalue = vec![KeyGrant::parse("default:*").unwrap()];
+        specs.push(in_tenant(kv, tenant));
+        let mut publisher = spec(&format!("publisher-{tenant}"), "publisher", &format!("/{tenant}/pub"));
+        publisher.grants.publish = BTreeSet::from(["orders".to_string()]);
+        specs.push(in_tenant(publisher, tenant));
+        let mut subscriber = spec(&format!("subscriber-{tenant}"), "subscriber", &format!("/{tenant}/inbox"));
+        subscriber.grants.subscribe = BTreeSet::from(["orders".to_string()]);
+        subscriber.grants.keyvalue = vec![KeyGrant::parse("inbox:*").unwrap()];
+        specs.push(in_tenant(subscriber, tenant));
+        let mut invoker = spec(&format!("invoker-{tenant}"), "invoker", &format!("/{tenant}/invoker"));
+        invoker.grants.invoke = BTreeSet::from(["api".to_string(), "hello-b".to_string()]);
+        specs.push(in_tenant(invoker, tenant));
+    }
+    // `api` is `hello` in tenant a and `settings` in tenant b.
+    specs.push(in_tenant(as_container(spec("hello-a", "hello", "/a/api"), "api"), "a"));
+    specs.push(in_tenant(as_container(spec("hello-b", "settings", "/b/api"), "api"), "b"));
+    specs
+}
+
+async fn tenants_are_isolated(host: &TestHost) {
+    host.deploy(two_tenants()).await;
+
+    // Key-value: the same bucket and key, two values.
+    assert_eq!(host.get("/a/kv/incr?key=hits").await.body, "hits=1\n");
+    assert_eq!(host.get("/a/kv/incr?key=hits").await.body, "hits=2\n");
+    assert_eq!(host.get("/b/kv/incr?key=hits").await.body, "hits=1\n", "b never sees a's counter");
+    assert_eq!(host.get("/b/kv/keys").await.body, "hits");
+
+    // Pubsub: a's message reaches a's subscriber only.
+    let published = host.client.post(host.url("/a/pub/publish?topic=orders")).body("for-a").send().await.unwrap();
+    assert_eq!(published.status(), 202);
+    let a_got = eventually(Duration::from_secs(10), || async {
+        host.get("/a/inbox").await.body.lines().any(|line| line.ends_with("=for-a"))
+    })
+    .await;
+    assert!(a_got, "{}", host.get("/a/inbox").await.body);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host.get("/b/inbox").await.body, "deliveries=0\n", "b's subscriber never hears a's topic");
+
+    // Invoke: `api` is each tenant's own; another tenant's function is not
+    // found, even by its exact name.
+    let from_a = host.get("/a/invoker/call?fn=api&path=/").await;
+    assert_eq!(from_a.status, 200, "{}", from_a.body);
+    assert!(from_a.body.contains("hello"), "a's api is hello: {}", from_a.body);
+    let from_b = host.get("/b/invoker/call?fn=api&path=/").await;
+    assert!(from_b.body.contains("api-token has"), "b's api is settings: {}", from_b.body);
+    let across = host.get("/a/invoker/call?fn=hello-b&path=/").await;
+    assert_eq!(across.status, 404, "{}", across.body);
+    assert!(across.body.contains("in this namespace"), "{}", across.body);
+}
+
+#[tokio::test]
+async fn tenants_share_no_buckets_topics_or_function_names() {
+    let host = TestHost::start().await;
+    tenants_are_isolated(&host).await;
+}
+
+#[tokio::test]
+async fn tenants_share_nothing_on_redis_either() {
+    let redis = RedisServer::start().await;
+    let url = redis.url.clone();
+    let host = TestHost::start_configured(move |config| {
+        config.keyvalue = Backend::Redis { url: url.clone() };
+        config.pubsub = Backend::Redis { url };
+    })
+    .await;
+    tenants_are_isolated(&host).await;
+    // The tenant is in the stored names themselves.
+    let keys = std::process::Command::new("redis-cli").args(["-u", &redis.url, "--scan"]).output().unwrap();
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    assert!(keys.lines().any(|key| key == "shoal:kv:a/default:hits"), "{keys}");
+    assert!(keys.lines().any(|key| key == "shoal:kv:b/default:hits"), "{keys}");
+    assert!(keys.lines().any(|key| key == "shoal:topic:a/orders"), "{keys}");
+}
+
+#[tokio::test]
+async fn a_function_cannot_take_over_another_tenants_function() {
+    let host = TestHost::start().await;
+    host.deploy(vec![in_tenant(spec("hello", "hello", "/hello"), "a")]).await;
+    let err = host.try_deploy(vec![in_tenant(spec("hello", "hello", "/hello"), "b")]).await.unwrap_err().to_string();
+    assert!(err.contains("belongs to tenant \"a\""), "{err}");
+    assert_eq!(host.get("/hello").await.status, 200, "a's function still serves");
+}
+
+#[tokio::test]
+async fn a_function_sees_its_own_environment_and_files_and_nothing_of_the_hosts() {
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("app.conf"), "mode=test\n").unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", config.path().join("escape")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("db-password"), "hunter2").unwrap();
+
+    let host = TestHost::start().await;
+    let mut settings = spec("settings", "settings", "/s");
+    settings.env = BTreeMap::from([("GREETING".to_string(), "hej".to_string())]);
+    let grant = |dir: &std::path::Path, guest: &str, read_only: bool, kind: VolumeKind| FileGrant {
+        host: dir.to_path_buf(),
+        guest: guest.to_string(),
+        read_only,
+        kind,
+    };
+    settings.grants.files = vec![
+        grant(config.path(), "/config", true, VolumeKind::ConfigMap),
+        grant(data.path(), "/data", false, VolumeKind::EmptyDir),
+        grant(secrets.path(), "/secrets", true, VolumeKind::Secret),
+    ];
+    // As a pod's function: its secrets are its Secret volumes.
+    let settings = as_container(settings, "settings");
+    host.deploy(vec![settings]).await;
+
+    assert_eq!(host.get("/s/env?name=GREETING").await.body, "hej");
+    assert_eq!(host.get("/s/env?name=PATH").await.status, 404, "the host's environment is not the function's");
+    assert_eq!(host.get("/s/config?key=GREETING").await.body, "hej", "env is readable through wasi:config");
+    assert_eq!(host.get("/s/file?path=/config/app.conf").await.body, "mode=test\n");
+    for outside in ["/etc/hostname", "/config/../etc/hostname", "/config/escape", "/"] {
+        let reply = host.get(&format!("/s/file?path={outside}")).await;
+        assert_eq!(reply.status, 500, "{outside} must not be readable: {}", reply.body);
+    }
+    let read_only = host.get("/s/write?path=/config/new").await;
+    assert_eq!(read_only.status, 500, "{}", read_only.body);
+    assert!(!config.path().join("new").exists());
+    assert_eq!(host.get("/s/write?path=/data/out&bytes=5").await.status, 200);
+    assert_eq!(std::fs::read(data.path().join("out")).unwrap(), b"xxxxx");
+    assert_eq!(host.get("/s/secret?name=db-password").await.body, "hunter2");
+    assert_eq!(host.get("/s/secret?name=api-token").await.status, 404, "only the pod's own Secret volumes");
+    assert_eq!(host.get("/s/secret?name=../secrets/db-password").await.status, 404);
+}
+
+#[tokio::test]
+async fn usage_adds_up_per_tenant_in_the_ledger_and_metrics() {
+    let host = TestHost::start_persistent().await;
+    host.deploy(vec![
+        in_tenant(spec("hello-a", "hello", "/a"), "team-a"),
+        in_tenant(spec("hello-a2", "hello", "/a2"), "team-a"),
+        in_tenant(spec("hello-b", "hello", "/b"), "team-b"),
+    ])
+    .await;
+    for path in ["/a", "/a", "/a2", "/b"] {
+        assert_eq!(host.get(path).await.status, 200);
+    }
+    let ledger = host.running.host().ledger().unwrap();
+    let query = UsageQuery { by: UsageGrouping::Tenant, ..UsageQuery::default() };
+    let totals: Vec<(String, u64)> =
+        ledger.summarize_query(&query).unwrap().into_iter().map(|s| (s.tenant, s.requests)).collect();
+    assert_eq!(totals, [("team-a".to_string(), 3), ("team-b".to_string(), 1)]);
+    let metrics = host.get("/metrics").await.body;
+    assert!(metrics.contains("shoal_tenant_requests_total{tenant=\"team-a\"} 3"), "{metrics}");
+    assert!(metrics.contains("shoal_tenant_requests_total{tenant=\"team-b\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn an_outbound_name_that_leads_to_the_node_itself_is_refused() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let host = TestHost::start().await;
+    let mut fetch = spec("fetch", "fetch", "/fetch");
+    fetch.grants.outbound_http = BTreeSet::from([format!("localhost:{port}")]);
+    host.deploy(vec![fetch]).await;
+    let reply = host.get(&format!("/fetch?url=http://localhost:{port}/")).await;
+    assert_eq!(reply.status, 502);
+    assert!(reply.body.contains("HttpRequestDenied"), "{}", reply.body);
+    let metrics = host.get("/metrics").await.body;
+    assert!(metrics.contains("shoal_abi_denied_total{capability=\"http.outgoing\",function=\"fetch\"} 1"), "{metrics}");
+}
