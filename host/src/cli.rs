@@ -50,14 +50,8 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         host: HostArgs,
-        /// Keep key-value state in Redis (shared by hosts) instead of the
-        /// embedded store: redis://host:port.
-        #[arg(long, env = "SHOAL_KV_REDIS")]
-        kv_redis: Option<String>,
-        /// Carry pubsub messages through Redis streams (shared by hosts)
-        /// instead of the in-process broker: redis://host:port.
-        #[arg(long, env = "SHOAL_PUBSUB_REDIS")]
-        pubsub_redis: Option<String>,
+        #[command(flatten)]
+        backends: BackendArgs,
         /// A folder with one file per secret (also read: SHOAL_SECRET_<NAME>).
         #[arg(long, env = "SHOAL_SECRETS_DIR")]
         secrets_dir: Option<PathBuf>,
@@ -86,6 +80,8 @@ enum Command {
         policy: PathBuf,
         #[command(flatten)]
         host: HostArgs,
+        #[command(flatten)]
+        backends: BackendArgs,
     },
     /// Build and push wasm-in-OCI images.
     #[command(subcommand)]
@@ -141,6 +137,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where a host keeps key-value state and carries messages.
+#[derive(Debug, clap::Args)]
+struct BackendArgs {
+    /// Keep key-value state in Redis (shared by hosts) instead of the
+    /// embedded store: redis://host:port.
+    #[arg(long, env = "SHOAL_KV_REDIS")]
+    kv_redis: Option<String>,
+    /// Carry pubsub messages through Redis streams (shared by hosts)
+    /// instead of the in-process broker: redis://host:port.
+    #[arg(long, env = "SHOAL_PUBSUB_REDIS")]
+    pubsub_redis: Option<String>,
+}
+
+impl BackendArgs {
+    /// The key-value and pubsub backends.
+    fn backends(self) -> (Backend, Backend) {
+        let backend = |url: Option<String>| url.map_or(Backend::Embedded, |url| Backend::Redis { url });
+        (backend(self.kv_redis), backend(self.pubsub_redis))
+    }
 }
 
 /// Options of every command that runs a host (`serve`, `node`).
@@ -288,8 +305,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let admin_socket = cli.admin_socket.clone().unwrap_or_else(|| state_dir.join("admin.sock"));
     let client = Client::new(&admin_socket);
     match cli.command {
-        Command::Serve { manifest, listen, host, kv_redis, pubsub_redis, secrets_dir } => {
-            let backend = |url: Option<String>| url.map_or(Backend::Embedded, |url| Backend::Redis { url });
+        Command::Serve { manifest, listen, host, backends, secrets_dir } => {
+            let (keyvalue, pubsub) = backends.backends();
             let HostSettings { engine, drain_timeout, front_door, ledger } = host.apply();
             let config = HostConfig {
                 listen,
@@ -298,8 +315,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine,
                 log_sink: Arc::new(TracingSink),
                 drain_timeout,
-                keyvalue: backend(kv_redis),
-                pubsub: backend(pubsub_redis),
+                keyvalue,
+                pubsub,
                 secrets_dir,
                 persist_functions: true,
                 front_door,
@@ -307,8 +324,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             serve(manifest.as_deref(), config).await
         }
-        Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, policy, host } => {
+        Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, policy, host, backends } => {
             let HostSettings { engine, drain_timeout, front_door, ledger } = host.apply();
+            let (keyvalue, pubsub) = backends.backends();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
             let config = crate::node::NodeConfig {
                 socket,
@@ -322,6 +340,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 front_door,
                 ledger,
                 policy,
+                keyvalue,
+                pubsub,
             };
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)

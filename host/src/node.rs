@@ -35,7 +35,7 @@ use containerd_shim_protos::ttrpc::asynchronous::Server;
 
 use crate::Error;
 use crate::engine::EngineOptions;
-use crate::host::{FrontDoor, HostConfig};
+use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::metering::LedgerPolicy;
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
@@ -70,6 +70,10 @@ pub struct NodeConfig {
     pub ledger: LedgerPolicy,
     /// The node policy file (what pods may grant themselves).
     pub policy: PathBuf,
+    /// Where key-value state is kept (every tenant's, scoped by name).
+    pub keyvalue: Backend,
+    /// What carries messages.
+    pub pubsub: Backend,
 }
 
 /// Serve containerd until SIGTERM or SIGINT; then drain every function
@@ -89,6 +93,8 @@ pub async fn run(config: NodeConfig) -> Result<(), Error> {
         persist_functions: false,
         front_door: config.front_door.clone(),
         ledger: config.ledger,
+        keyvalue: config.keyvalue.clone(),
+        pubsub: config.pubsub.clone(),
         ..HostConfig::new()
     };
     let running = RunningHost::start(host_config).await?;

@@ -163,6 +163,18 @@ async fn resolve(egress: Option<&Arc<Egress>>, host: &str, port: u16) -> Result<
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
+    if let Some(resolver) = egress.and_then(|egress| egress.resolver.clone()) {
+        let name = host.to_string();
+        let found = in_egress(egress, async move {
+            resolver.lookup_ip(name.as_str()).await.map(|ips| ips.iter().collect::<Vec<IpAddr>>())
+        })
+        .await?;
+        let ips = found.map_err(|err| HttpError::Connect(std::io::Error::other(format!("resolving {host}: {err}"))))?;
+        if ips.is_empty() {
+            return Err(HttpError::Connect(std::io::Error::other(format!("{host} has no address"))));
+        }
+        return Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect());
+    }
     let name = format!("{host}:{port}");
     let found = in_egress(egress, async move {
         tokio::net::lookup_host(name).await.map(|addrs| addrs.collect::<Vec<SocketAddr>>())
@@ -270,16 +282,31 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> IoStream fo
 /// pod's network namespace running a small tokio runtime. A socket belongs
 /// for life to the namespace it was created in, so connecting (and
 /// resolving) there is enough; the connection is then used from the host's
-/// ordinary runtime. The thread ends when the `Egress` is dropped.
+/// ordinary runtime. Names are resolved with the pod's own `resolv.conf`
+/// (its cluster DNS and search domains), never the node's `/etc/hosts`.
+/// The thread ends when the `Egress` is dropped.
 pub struct Egress {
     handle: tokio::runtime::Handle,
+    resolver: Option<hickory_resolver::TokioResolver>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Egress {
     /// Start the egress thread of the namespace `netns` (an open
     /// `/proc/…/ns/net` or `/var/run/netns/…`); `name` names the thread.
-    pub fn in_netns(netns: &OwnedFd, name: &str) -> std::io::Result<Arc<Egress>> {
+    /// `resolv_conf` is the pod's `/etc/resolv.conf` (without one, names
+    /// are resolved by the system's resolver, from inside the namespace).
+    pub fn in_netns(netns: &OwnedFd, name: &str, resolv_conf: Option<&[u8]>) -> std::io::Result<Arc<Egress>> {
+        let resolver = match resolv_conf {
+            None => None,
+            Some(text) => {
+                let (config, mut options) = hickory_resolver::system_conf::parse_resolv_conf(text)
+                    .map_err(|err| std::io::Error::other(format!("the pod's resolv.conf: {err}")))?;
+                options.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
+                let provider = hickory_resolver::name_server::TokioConnectionProvider::default();
+                Some(hickory_resolver::Resolver::builder_with_config(config, provider).with_options(options).build())
+            }
+        };
         let netns = netns.try_clone()?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -300,7 +327,7 @@ impl Egress {
             }
         })?;
         let handle = ready_rx.recv().map_err(|_| std::io::Error::other("the egress thread ended at start"))??;
-        Ok(Arc::new(Egress { handle, _stop: stop_tx }))
+        Ok(Arc::new(Egress { handle, resolver, _stop: stop_tx }))
     }
 }
 

@@ -114,6 +114,28 @@ impl Bundle {
         })
     }
 
+    /// The pod's `/etc/resolv.conf` as the CRI mounts it (read up to 64
+    /// KiB), if the container has one.
+    pub fn resolv_conf(&self) -> Result<Option<Vec<u8>>, NodeError> {
+        use std::io::Read as _;
+        const MAX_BYTES: u64 = 64 << 10;
+        let mounts = self.spec.mounts().clone().unwrap_or_default();
+        let Some(source) = mounts
+            .iter()
+            .find(|mount| mount.destination() == Path::new("/etc/resolv.conf"))
+            .and_then(|mount| mount.source().clone())
+        else {
+            return Ok(None);
+        };
+        let unreadable = |err: std::io::Error| {
+            NodeError::Internal(format!("cannot read the pod's resolv.conf {}: {err}", source.display()))
+        };
+        let file = std::fs::File::open(&source).map_err(unreadable)?;
+        let mut text = Vec::new();
+        file.take(MAX_BYTES).read_to_end(&mut text).map_err(unreadable)?;
+        Ok(Some(text))
+    }
+
     /// The container's volumes, as `wasi:filesystem` grants: every bind
     /// mount of a directory (ConfigMap, Secret, projected, emptyDir and
     /// hostPath volumes, as the kubelet mounts them), at its path in the

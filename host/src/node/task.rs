@@ -317,9 +317,12 @@ impl Node {
                         // Outbound calls leave from the pod's network
                         // namespace, so its NetworkPolicy applies to them.
                         let egress = match (&netns, spec.grants.outbound_http.is_empty()) {
-                            (Some(netns), false) => Some(Egress::in_netns(netns, &function).map_err(|err| {
-                                NodeError::Internal(format!("cannot start the pod's egress thread: {err}"))
-                            })?),
+                            (Some(netns), false) => {
+                                let resolv_conf = bundle.resolv_conf()?;
+                                Some(Egress::in_netns(netns, &function, resolv_conf.as_deref()).map_err(|err| {
+                                    NodeError::Internal(format!("cannot start the pod's egress: {err}"))
+                                })?)
+                            }
                             _ => None,
                         };
                         let services = self.host.services().clone();

@@ -138,12 +138,20 @@ pub struct Containerd {
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
     bridge: String,
+    /// More environment for containerd (and so the shim and Shoal host).
+    env: Vec<(String, String)>,
 }
 
 impl Containerd {
     /// Start containerd; `registry` is reachable over plain HTTP, and its
     /// `shoal-test/pause:1` image is the pod sandbox image.
     pub fn start(registry: Option<&Registry>) -> Containerd {
+        Containerd::start_with_env(registry, &[])
+    }
+
+    /// Start containerd with `env` added to its environment, which the
+    /// shim and the Shoal host it starts inherit.
+    pub fn start_with_env(registry: Option<&Registry>, env: &[(&str, &str)]) -> Containerd {
         let dir = tempfile::Builder::new().prefix("shoal-ctd").tempdir().unwrap();
         let net = NEXT_NET.fetch_add(1, Ordering::SeqCst) + std::process::id() % 50 * 4;
         let bridge = format!("shoalt{}", net % 1000);
@@ -202,7 +210,8 @@ state = "{state}"
         let run_dir = dir.path().join("shoal-run");
         let log_dir = dir.path().join("pod-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
-        let mut containerd = Containerd { child: None, address, run_dir, log_dir, bridge, dir };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut containerd = Containerd { child: None, address, run_dir, log_dir, bridge, dir, env };
         containerd.launch();
         containerd
     }
@@ -224,6 +233,7 @@ state = "{state}"
             .env("SHOAL_STATE_DIR", self.dir.path().join("shoal-state"))
             // The built-in policy until a test writes this file.
             .env("SHOAL_POLICY", self.policy_file())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,cranelift=warn,wasmtime=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -401,6 +411,8 @@ pub struct PodOptions<'a> {
     /// (host path, container path, read-only), as the kubelet mounts volumes.
     pub mounts: &'a [(PathBuf, &'a str, bool)],
     pub env: &'a [(&'a str, &'a str)],
+    /// The pod's DNS servers (its resolv.conf), when not the node's.
+    pub dns_servers: &'a [&'a str],
 }
 
 impl<'a> PodOptions<'a> {
@@ -415,6 +427,7 @@ impl<'a> PodOptions<'a> {
             memory_limit: 0,
             mounts: &[],
             env: &[],
+            dns_servers: &[],
         }
     }
 }
@@ -456,8 +469,17 @@ impl Cri {
 
     /// Run a pod as `options` say; a refused call is its status.
     pub async fn try_run_pod(&mut self, log_dir: &Path, options: PodOptions<'_>) -> Result<Pod, String> {
-        let PodOptions { namespace, name, container: container_name, image, annotations, memory_limit, mounts, env } =
-            options;
+        let PodOptions {
+            namespace,
+            name,
+            container: container_name,
+            image,
+            annotations,
+            memory_limit,
+            mounts,
+            env,
+            dns_servers,
+        } = options;
         let log_directory = log_dir.join(format!("{namespace}-{name}"));
         std::fs::create_dir_all(&log_directory).unwrap();
         let annotations: HashMap<String, String> =
@@ -470,6 +492,10 @@ impl Cri {
                 attempt: 0,
             }),
             hostname: name.into(),
+            dns_config: (!dns_servers.is_empty()).then(|| DnsConfig {
+                servers: dns_servers.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
             log_directory: log_directory.display().to_string(),
             annotations: annotations.clone(),
             linux: Some(LinuxPodSandboxConfig::default()),

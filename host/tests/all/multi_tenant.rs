@@ -24,7 +24,7 @@ keyvalue = ["default:*", "inbox:*"]
 publish = ["orders"]
 subscribe = ["orders"]
 invoke = ["api"]
-outbound_http = ["10.*:*", "127.0.0.1:{loopback_port}"]
+outbound_http = ["10.*:*", "*.test:*", "127.0.0.1:{loopback_port}"]
 "#
     )
 }
@@ -55,59 +55,58 @@ fn get(pod: &Pod, path: &str) -> (u16, String) {
     get_in_netns(&pod.netns, "127.0.0.1:8080", path).unwrap_or_else(|err| panic!("GET {path}: {err}"))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pods_of_two_namespaces_share_nothing_and_the_policy_bounds_their_grants() {
-    let _serial = SERIAL.lock().await;
-    let (registry, containerd, mut cri, kv) = cri_node(&guest("kv"), "shoal-test/kv:1", &[]).await;
+/// Pods of namespaces team-a and team-b whose annotations name the same
+/// bucket, topic and invoke target: each sees only its own. Returns the
+/// pods, for the caller to remove.
+async fn namespaces_share_nothing(registry: &Registry, containerd: &Containerd, cri: &mut Cri, kv: &str) -> Vec<Pod> {
     std::fs::write(containerd.policy_file(), policy(9)).unwrap();
-    let publisher = push_and_pull(&registry, &mut cri, "publisher").await;
-    let subscriber = push_and_pull(&registry, &mut cri, "subscriber").await;
-    let invoker = push_and_pull(&registry, &mut cri, "invoker").await;
-    let hello = push_and_pull(&registry, &mut cri, "hello").await;
-    let settings = push_and_pull(&registry, &mut cri, "settings").await;
+    let publisher = push_and_pull(registry, cri, "publisher").await;
+    let subscriber = push_and_pull(registry, cri, "subscriber").await;
+    let invoker = push_and_pull(registry, cri, "invoker").await;
+    let hello = push_and_pull(registry, cri, "hello").await;
+    let settings = push_and_pull(registry, cri, "settings").await;
 
     let kv_grant = [("shoal.dev/grants.keyvalue", "default:*")];
     let sub_grants = [("shoal.dev/grants.subscribe", "orders"), ("shoal.dev/grants.keyvalue", "inbox:*")];
     let invoke_grant = [("shoal.dev/grants.invoke", "api")];
     let mut pods = Vec::new();
     for ns in ["team-a", "team-b"] {
-        let kv_pod = pod(&mut cri, &containerd, ns, "kv", "kv", &kv, &kv_grant).await;
-        let sub_pod = pod(&mut cri, &containerd, ns, "subscriber", "subscriber", &subscriber, &sub_grants).await;
-        let invoker_pod = pod(&mut cri, &containerd, ns, "invoker", "invoker", &invoker, &invoke_grant).await;
+        pods.push(pod(cri, containerd, ns, "kv", "kv", kv, &kv_grant).await);
+        pods.push(pod(cri, containerd, ns, "subscriber", "subscriber", &subscriber, &sub_grants).await);
+        pods.push(pod(cri, containerd, ns, "invoker", "invoker", &invoker, &invoke_grant).await);
         let api_image = if ns == "team-a" { &hello } else { &settings };
-        let api_pod = pod(&mut cri, &containerd, ns, "api", "api", api_image, &[]).await;
-        pods.push((kv_pod, sub_pod, invoker_pod, api_pod));
+        pods.push(pod(cri, containerd, ns, "api", "api", api_image, &[]).await);
     }
-    let publisher_a = pod(
-        &mut cri,
-        &containerd,
-        "team-a",
-        "publisher",
-        "publisher",
-        &publisher,
-        &[("shoal.dev/grants.publish", "orders")],
-    )
-    .await;
-    let (a, b) = (&pods[0], &pods[1]);
+    let publish_grant = [("shoal.dev/grants.publish", "orders")];
+    pods.push(pod(cri, containerd, "team-a", "publisher", "publisher", &publisher, &publish_grant).await);
+    let [kv_a, inbox_a, invoker_a, _, kv_b, inbox_b, invoker_b, _, publisher_a] = &pods[..] else { unreachable!() };
 
     // The same bucket and key: two counters.
-    assert_eq!(get(&a.0, "/incr?key=hits").1, "hits=1\n");
-    assert_eq!(get(&a.0, "/incr?key=hits").1, "hits=2\n");
-    assert_eq!(get(&b.0, "/incr?key=hits").1, "hits=1\n", "team-b never sees team-a's counter");
+    assert_eq!(get(kv_a, "/incr?key=hits").1, "hits=1\n");
+    assert_eq!(get(kv_a, "/incr?key=hits").1, "hits=2\n");
+    assert_eq!(get(kv_b, "/incr?key=hits").1, "hits=1\n", "team-b never sees team-a's counter");
 
     // The same topic: team-a's message reaches team-a's subscriber only.
-    assert_eq!(get(&publisher_a, "/publish?topic=orders").0, 202);
-    let inbox_a = a.1.clone();
-    until(Duration::from_secs(10), || get(&inbox_a, "/").1.contains("deliveries=1"), || get(&inbox_a, "/").1).await;
+    assert_eq!(get(publisher_a, "/publish?topic=orders").0, 202);
+    until(Duration::from_secs(10), || get(inbox_a, "/").1.contains("deliveries=1"), || get(inbox_a, "/").1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(get(&b.1, "/").1, "deliveries=0\n", "team-b's subscriber hears nothing of team-a's topic");
+    assert_eq!(get(inbox_b, "/").1, "deliveries=0\n", "team-b's subscriber hears nothing of team-a's topic");
 
     // The same function name: each namespace's own `api`.
-    let (status, body) = get(&a.2, "/call?fn=api&path=/");
+    let (status, body) = get(invoker_a, "/call?fn=api&path=/");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("hello"), "team-a's api is hello: {body}");
-    let (_, body) = get(&b.2, "/call?fn=api&path=/");
+    let (_, body) = get(invoker_b, "/call?fn=api&path=/");
     assert!(body.contains("api-token has"), "team-b's api is settings: {body}");
+    pods
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_of_two_namespaces_share_nothing_and_the_policy_bounds_their_grants() {
+    let _serial = SERIAL.lock().await;
+    let (registry, containerd, mut cri, kv) = cri_node(&guest("kv"), "shoal-test/kv:1", &[]).await;
+    let pods = namespaces_share_nothing(&registry, &containerd, &mut cri, &kv).await;
+    let kv_grant = [("shoal.dev/grants.keyvalue", "default:*")];
 
     // Asking beyond the policy fails creation, naming the annotation and the rule.
     let greedy = PodOptions {
@@ -137,7 +136,7 @@ async fn pods_of_two_namespaces_share_nothing_and_the_policy_bounds_their_grants
     assert!(err.contains("a pod's files are its volumes"), "{err}");
 
     // The host served everyone else throughout; usage is per namespace.
-    assert_eq!(get(&a.0, "/incr?key=hits").1, "hits=3\n");
+    assert_eq!(get(&pods[0], "/incr?key=hits").1, "hits=3\n");
     assert_eq!(containerd.node_hosts().len(), 1);
     let usage = std::process::Command::new(crate::support::shoal_bin())
         .args(["usage", "--by", "tenant", "--admin-socket"])
@@ -148,12 +147,30 @@ async fn pods_of_two_namespaces_share_nothing_and_the_policy_bounds_their_grants
     assert!(usage.lines().any(|line| line.starts_with("team-a ")), "{usage}");
     assert!(usage.lines().any(|line| line.starts_with("team-b ")), "{usage}");
 
-    for (kv, sub, invoker, api) in &pods {
-        for pod in [kv, sub, invoker, api] {
-            cri.remove_pod(pod).await;
-        }
+    for pod in &pods {
+        cri.remove_pod(pod).await;
     }
-    cri.remove_pod(&publisher_a).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_of_two_namespaces_share_nothing_on_redis_either() {
+    let _serial = SERIAL.lock().await;
+    let redis = crate::support::RedisServer::start().await;
+    let registry = Registry::start();
+    let kv = registry.push(&guest("kv"), "shoal-test/kv:1", &[]);
+    let env = [("SHOAL_KV_REDIS", redis.url.as_str()), ("SHOAL_PUBSUB_REDIS", redis.url.as_str())];
+    let containerd = Containerd::start_with_env(Some(&registry), &env);
+    let mut cri = containerd.cri().await;
+    cri.pull(&kv).await;
+    let pods = namespaces_share_nothing(&registry, &containerd, &mut cri, &kv).await;
+    let keys = std::process::Command::new("redis-cli").args(["-u", &redis.url, "--scan"]).output().unwrap();
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    for key in ["shoal:kv:team-a/default:hits", "shoal:kv:team-b/default:hits", "shoal:topic:team-a/orders"] {
+        assert!(keys.lines().any(|line| line == key), "{key} in Redis: {keys}");
+    }
+    for pod in &pods {
+        cri.remove_pod(pod).await;
+    }
 }
 
 /// The node host's admin socket (under the shim's state directory).
@@ -181,6 +198,52 @@ fn peer_echo_in(netns: &Path, port: u16) -> std::thread::JoinHandle<std::io::Res
         Ok(peer.ip().to_string())
     });
     ready_rx.recv_timeout(Duration::from_secs(5)).expect("listener bound");
+    handle
+}
+
+/// A DNS server inside `netns` on UDP port 53 that answers every A query
+/// with `answer` (and AAAA queries with no address), for `lifetime`.
+/// Hand-written: a test needs one record type, and a DNS server crate is
+/// far more than that.
+fn dns_in(netns: &Path, answer: std::net::Ipv4Addr, lifetime: Duration) -> std::thread::JoinHandle<Vec<String>> {
+    let netns = std::fs::File::open(netns).unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 53)).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        ready_tx.send(()).unwrap();
+        let mut asked = Vec::new();
+        let deadline = std::time::Instant::now() + lifetime;
+        let mut query = [0u8; 512];
+        while std::time::Instant::now() < deadline {
+            let Ok((len, from)) = socket.recv_from(&mut query) else { continue };
+            // Header (12 bytes), then the question: labels, type, class.
+            let mut at = 12;
+            let mut labels = Vec::new();
+            while at < len && query[at] != 0 {
+                let size = query[at] as usize;
+                labels.push(String::from_utf8_lossy(&query[at + 1..at + 1 + size]).into_owned());
+                at += 1 + size;
+            }
+            let question_end = at + 5;
+            let qtype = u16::from_be_bytes([query[at + 1], query[at + 2]]);
+            asked.push(format!("{} {qtype}", labels.join(".")));
+            let a_record = qtype == 1;
+            let mut reply = query[..question_end].to_vec();
+            reply[2] = 0x81; // a response, recursion desired
+            reply[3] = 0x80; // recursion available, no error
+            reply[6..8].copy_from_slice(&u16::from(a_record).to_be_bytes());
+            reply[8..12].fill(0);
+            if a_record {
+                reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                reply.extend_from_slice(&answer.octets());
+            }
+            let _ = socket.send_to(&reply, from);
+        }
+        asked
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("DNS server bound");
     handle
 }
 
@@ -257,6 +320,26 @@ async fn a_pods_env_volumes_and_secrets_reach_its_function_and_it_calls_out_from
     assert_eq!(status, 200, "{body}\n{}", containerd.host_log());
     assert_eq!(body, format!("peer={}", fetcher.ip), "the connection comes from the pod's address");
     assert_eq!(echo.join().unwrap().unwrap(), fetcher.ip);
+    // A name is resolved with the pod's own resolv.conf, from its network:
+    // the pod's DNS server (here: one inside another pod) answers it.
+    let pod_ip: std::net::Ipv4Addr = pod.ip.parse().unwrap();
+    let dns = dns_in(&pod.netns, pod_ip, Duration::from_secs(4));
+    let named = PodOptions {
+        namespace: "team-a",
+        annotations: &[("shoal.dev/grants.outbound_http", "who.svc.test:9091")],
+        dns_servers: &[pod.ip.as_str()],
+        ..PodOptions::new("named", &fetch)
+    };
+    let named = cri.try_run_pod(&containerd.log_dir, named).await.unwrap_or_else(|err| panic!("{err}"));
+    let echo = peer_echo_in(&pod.netns, 9091);
+    let (status, body) = get(&named, "/fetch?url=http://who.svc.test:9091/who");
+    assert_eq!(status, 200, "{body}\n{}", containerd.host_log());
+    assert_eq!(body, format!("peer={}", named.ip));
+    assert_eq!(echo.join().unwrap().unwrap(), named.ip);
+    let asked = dns.join().unwrap();
+    assert!(asked.iter().any(|question| question == "who.svc.test 1"), "{asked:?}");
+    cri.remove_pod(&named).await;
+
     // The node's loopback is not the pod's: the listener there hears nothing.
     node_listener.set_nonblocking(true).unwrap();
     let (status, body) = get(&fetcher, &format!("/fetch?url=http://127.0.0.1:{node_port}/"));
