@@ -167,8 +167,12 @@ struct HostArgs {
     #[arg(long)]
     no_fuel: bool,
     /// Instances alive at once, across all functions.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_instances: u32,
+    /// Instances one function may hold at once, whatever its
+    /// max_concurrency [default: a quarter of --max-instances].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_instances_per_function: Option<u32>,
     /// Seconds that shutdown, undeploy, updates and SIGTERM of a container
     /// wait for requests to finish and destroy() to run.
     #[arg(long, default_value_t = 30)]
@@ -203,7 +207,12 @@ impl HostArgs {
     fn apply(&self) -> HostSettings {
         init_tracing(self.log_format);
         HostSettings {
-            engine: EngineOptions { fuel: !self.no_fuel, max_instances: self.max_instances, cache_dir: None },
+            engine: EngineOptions {
+                fuel: !self.no_fuel,
+                max_instances: self.max_instances,
+                max_instances_per_function: self.max_instances_per_function,
+                cache_dir: None,
+            },
             drain_timeout: Duration::from_secs(self.drain_timeout),
             front_door: FrontDoor {
                 max_connections: self.max_connections as usize,

@@ -42,13 +42,17 @@ pub struct EngineOptions {
     pub fuel: bool,
     /// Instances alive at once across all functions (pool slots).
     pub max_instances: u32,
+    /// Instances one function version may hold at once, whatever its
+    /// `max_concurrency` says; `None`: a quarter of `max_instances`, so no
+    /// function (no pod) can take every slot from the others.
+    pub max_instances_per_function: Option<u32>,
     /// Where compiled code is cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { fuel: true, max_instances: 1000, cache_dir: None }
+        EngineOptions { fuel: true, max_instances: 1000, max_instances_per_function: None, cache_dir: None }
     }
 }
 
@@ -61,6 +65,7 @@ pub struct WasmEngine {
 struct EngineInner {
     engine: Engine,
     fuel: bool,
+    instance_share: u32,
     cache_dir: Option<PathBuf>,
     compat_hash: String,
     ticker_stop: Arc<AtomicBool>,
@@ -138,6 +143,10 @@ impl WasmEngine {
             inner: Arc::new(EngineInner {
                 engine,
                 fuel: options.fuel,
+                instance_share: options
+                    .max_instances_per_function
+                    .unwrap_or(options.max_instances / 4)
+                    .clamp(1, options.max_instances.max(1)),
                 cache_dir: options.cache_dir.clone(),
                 compat_hash,
                 ticker_stop,
@@ -155,6 +164,11 @@ impl WasmEngine {
     /// through more than one tick: the clock then ticks faster for a while.
     pub fn busy_flag(&self) -> Arc<AtomicBool> {
         self.inner.busy.clone()
+    }
+
+    /// The most instances one function version may hold at once.
+    pub fn instance_share(&self) -> u32 {
+        self.inner.instance_share
     }
 
     /// Whether fuel is metered.

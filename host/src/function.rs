@@ -105,6 +105,7 @@ impl Runtime {
             LogBudget::new(spec.limits.log_bytes_per_second, Box::new(move |lines| metrics.log_dropped(&name, lines)))
         };
 
+        let spec_cpu = spec.limits.cpu_millis.map(crate::limits::CpuQuota::new);
         let compiled = CompiledFunction {
             inner: Arc::new(CompiledInner {
                 spec,
@@ -118,6 +119,7 @@ impl Runtime {
                 log_budget,
                 caps,
                 services: self.services.clone(),
+                cpu: spec_cpu,
             }),
             engine: self.engine.clone(),
         };
@@ -146,9 +148,16 @@ pub(crate) struct CompiledInner {
     pub(crate) log_budget: Arc<LogBudget>,
     pub(crate) caps: Arc<FunctionCaps>,
     pub(crate) services: Arc<Services>,
+    /// The CPU share all instances of this version share, if limited.
+    pub(crate) cpu: Option<Arc<crate::limits::CpuQuota>>,
 }
 
 impl CompiledFunction {
+    /// The version's CPU quota, if it has a CPU limit.
+    pub fn cpu_quota(&self) -> Option<&Arc<crate::limits::CpuQuota>> {
+        self.inner.cpu.as_ref()
+    }
+
     /// The function's name.
     pub fn name(&self) -> &str {
         &self.inner.spec.name

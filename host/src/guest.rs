@@ -15,7 +15,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::abi::{AbiHost, AbiState, AbiView, FunctionCaps, OutboundHttp, Services};
-use crate::limits::MemoryMeter;
+use crate::limits::{CpuQuota, MemoryMeter};
 use crate::logs::{InstanceLog, Stream};
 
 /// The data of an instance's store.
@@ -30,6 +30,10 @@ pub struct GuestState {
     pub(crate) deadline: Instant,
     /// Epoch ticks the current call has run through.
     pub(crate) ticks: u32,
+    /// The function's CPU share, if limited.
+    pub(crate) cpu_quota: Option<Arc<CpuQuota>>,
+    /// Time the current call waited for CPU (its function over its share).
+    pub(crate) throttled: std::time::Duration,
     pub(crate) log: Arc<InstanceLog>,
 }
 
@@ -77,6 +81,8 @@ impl GuestState {
             memory: MemoryMeter::new(memory_bytes),
             deadline,
             ticks: 0,
+            cpu_quota: None,
+            throttled: std::time::Duration::ZERO,
             log,
         })
     }

@@ -27,7 +27,7 @@ use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
 use crate::function::CompiledFunction;
 use crate::guest::GuestState;
-use crate::limits::{DeadlineExceeded, Outcome};
+use crate::limits::{CpuQuota, DeadlineExceeded, Outcome};
 use crate::logs::InstanceLog;
 use crate::metering::CallStats;
 
@@ -88,6 +88,8 @@ impl Instance {
             Instant::now() + spec.limits.start_timeout,
         )
         .map_err(|err| InstanceError { outcome: Outcome::StartFailed, message: format!("{err:#}") })?;
+        let mut state = state;
+        state.cpu_quota = inner.cpu.clone();
         let mut store = Store::new(function.engine.engine(), state);
         store.limiter(|state| &mut state.memory);
         let busy = function.engine.busy_flag();
@@ -100,8 +102,19 @@ impl Instance {
             if state.ticks >= 2 {
                 busy.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            if Instant::now() >= state.deadline {
+            let now = Instant::now();
+            if now >= state.deadline {
                 Err(wasmtime::Error::new(DeadlineExceeded))
+            } else if let Some(until) = state.cpu_quota.as_ref().and_then(|quota| quota.wait_until(now)) {
+                // Over its CPU share: wait for the next period (never past
+                // the deadline, which the next tick then enforces).
+                let until = until.min(state.deadline);
+                let waited = until.saturating_duration_since(now);
+                state.throttled += waited;
+                if let Some(quota) = &state.cpu_quota {
+                    quota.add_throttled(waited);
+                }
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep_until(until.into()))))
             } else {
                 // Hand the thread back to the scheduler once per tick, so a
                 // guest that computes for long never starves its neighbours.
@@ -164,8 +177,9 @@ impl Instance {
         };
         let timeout = self.function.spec().limits.start_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
+        let quota = self.function.inner.cpu.clone();
         let call = hooks.call_start(&mut self.store);
-        let (cpu, result) = run_metered(timeout, call).await;
+        let (cpu, result) = run_metered(timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         let start_error = |message: String| InstanceError { outcome: Outcome::StartFailed, message };
         match result {
@@ -225,8 +239,9 @@ impl Instance {
             limits.fuel_per_request.map(NonZeroU64::get),
             self.function.engine.fuel_enabled(),
         );
+        let quota = self.function.inner.cpu.clone();
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
-        let (cpu, result) = run_metered(limits.timeout, call).await;
+        let (cpu, result) = run_metered(limits.timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -254,8 +269,9 @@ impl Instance {
             limits.fuel_per_request.map(NonZeroU64::get),
             self.function.engine.fuel_enabled(),
         );
+        let quota = self.function.inner.cpu.clone();
         let call = events.call_handle(&mut self.store, &message);
-        let (cpu, result) = run_metered(limits.timeout, call).await;
+        let (cpu, result) = run_metered(limits.timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -292,8 +308,9 @@ impl Instance {
         };
         let timeout = self.function.spec().limits.destroy_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
+        let quota = self.function.inner.cpu.clone();
         let call = hooks.call_destroy(&mut self.store);
-        let (cpu, result) = run_metered(timeout, call).await;
+        let (cpu, result) = run_metered(timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         result.map(|()| stats).map_err(|error| InstanceError {
             message: format!("destroy hook failed ({}): {}", error.outcome, error.message),
@@ -320,6 +337,7 @@ impl Window {
         data.memory.reset_window();
         data.deadline = start + timeout;
         data.ticks = 0;
+        data.throttled = Duration::ZERO;
         store.set_epoch_deadline(1);
         let fuel_given = fuel_enabled.then(|| fuel.unwrap_or(UNLIMITED_FUEL));
         if let Some(fuel) = fuel_given {
@@ -338,7 +356,7 @@ impl Window {
         let wall = self.start.elapsed();
         let fuel = self.fuel_given.map(|given| given.saturating_sub(store.get_fuel().unwrap_or(0)));
         let data = store.data();
-        let stats = CallStats { wall, cpu, fuel, peak_memory: data.memory.peak() };
+        let stats = CallStats { wall, cpu, fuel, peak_memory: data.memory.peak(), throttled: data.throttled };
         let result = match result {
             Some(Ok(value)) => Ok(value),
             Some(Err(err)) => {
@@ -359,9 +377,10 @@ impl Window {
 /// interrupt), measuring CPU time. `None`: the limit cut the call off.
 async fn run_metered<R>(
     timeout: Duration,
+    quota: Option<Arc<CpuQuota>>,
     call: impl Future<Output = wasmtime::Result<R>>,
 ) -> (Duration, Option<wasmtime::Result<R>>) {
-    let mut timed = std::pin::pin!(CpuTimed { inner: call, cpu: Duration::ZERO });
+    let mut timed = std::pin::pin!(CpuTimed { inner: call, cpu: Duration::ZERO, quota });
     let result = tokio::time::timeout(timeout + Duration::from_millis(20), timed.as_mut()).await.ok();
     (timed.cpu, result)
 }
@@ -374,6 +393,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         cpu: Duration,
+        // Charged with each poll's CPU time, when the function has a share.
+        quota: Option<Arc<CpuQuota>>,
     }
 }
 
@@ -384,7 +405,11 @@ impl<F: Future> Future for CpuTimed<F> {
         let this = self.project();
         let before = thread_cpu_time();
         let poll = this.inner.poll(cx);
-        *this.cpu += thread_cpu_time().saturating_sub(before);
+        let used = thread_cpu_time().saturating_sub(before);
+        *this.cpu += used;
+        if let Some(quota) = this.quota {
+            quota.charge(used);
+        }
         poll
     }
 }

@@ -9,12 +9,118 @@
 //!   cut off by an async timeout instead.
 //! - **Fuel**: wasmtime traps with `Trap::OutOfFuel`.
 //! - **Concurrency**: a semaphore in [`crate::pool`].
+//! - **CPU**: [`CpuQuota`], charged with the CPU time of every poll of a
+//!   call and checked on every epoch tick: past its share in a period, a
+//!   call waits for the next one.
 //!
 //! [`Outcome::classify`] turns the error of a failed call into the outcome a
 //! user sees, using typed causes (`downcast_ref`) rather than message text.
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
 use serde::{Deserialize, Serialize};
 use wasmtime::{ResourceLimiter, Trap};
+
+/// The period of CPU quotas (as CFS's default).
+pub const CPU_PERIOD: Duration = Duration::from_millis(100);
+
+/// A function's share of CPU time, as CFS bandwidth control gives a
+/// cgroup: `millis` thousandths of a core, i.e. `CPU_PERIOD × millis /
+/// 1000` of CPU time per period, shared by all its instances. CPU is
+/// charged after the fact (each poll of a call adds what it used), so a
+/// period may be overdrawn by up to one epoch tick per running instance;
+/// the debt is carried into the next periods, so over time the share
+/// holds exactly. A call that finds the current period spent waits (its
+/// epoch callback sleeps) until the period ends: the time waited is the
+/// throttled time.
+#[derive(Debug)]
+pub struct CpuQuota {
+    millis: u32,
+    per_period: Duration,
+    window: std::sync::Mutex<QuotaWindow>,
+    throttled_ns: AtomicU64,
+    throttled_periods: AtomicU64,
+}
+
+#[derive(Debug)]
+struct QuotaWindow {
+    start: Instant,
+    used: Duration,
+    /// Whether some call already waited in this period.
+    throttled: bool,
+}
+
+impl CpuQuota {
+    /// A quota of `millis` thousandths of a core.
+    pub fn new(millis: NonZeroU32) -> Arc<CpuQuota> {
+        let per_period = CPU_PERIOD * millis.get() / 1000;
+        Arc::new(CpuQuota {
+            millis: millis.get(),
+            per_period,
+            window: std::sync::Mutex::new(QuotaWindow {
+                start: Instant::now(),
+                used: Duration::ZERO,
+                throttled: false,
+            }),
+            throttled_ns: AtomicU64::new(0),
+            throttled_periods: AtomicU64::new(0),
+        })
+    }
+
+    /// The quota in thousandths of a core.
+    pub fn millis(&self) -> u32 {
+        self.millis
+    }
+
+    fn window(&self, now: Instant) -> std::sync::MutexGuard<'_, QuotaWindow> {
+        let mut window = self.window.lock().unwrap_or_else(|poison| poison.into_inner());
+        let elapsed = now.saturating_duration_since(window.start);
+        if elapsed >= CPU_PERIOD {
+            let periods = (elapsed.as_nanos() / CPU_PERIOD.as_nanos()) as u32;
+            window.start += CPU_PERIOD * periods;
+            window.used = window.used.saturating_sub(self.per_period * periods);
+            window.throttled = false;
+        }
+        window
+    }
+
+    /// Charge `cpu` of CPU time, used just now.
+    pub fn charge(&self, cpu: Duration) {
+        self.window(Instant::now()).used += cpu;
+    }
+
+    /// When a call may run again, if the share of the current period is
+    /// spent: the end of the period (or of the debt, when it is overdrawn
+    /// by more than a period).
+    pub fn wait_until(&self, now: Instant) -> Option<Instant> {
+        let mut window = self.window(now);
+        if window.used < self.per_period {
+            return None;
+        }
+        if !window.throttled {
+            window.throttled = true;
+            self.throttled_periods.fetch_add(1, Ordering::Relaxed);
+        }
+        let debt_periods = (window.used.as_nanos() / self.per_period.as_nanos().max(1)) as u32;
+        Some(window.start + CPU_PERIOD * debt_periods.max(1))
+    }
+
+    /// Count `waited` as throttled time.
+    pub fn add_throttled(&self, waited: Duration) {
+        self.throttled_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Throttled time so far, and the periods in which a call waited.
+    pub fn throttled(&self) -> (Duration, u64) {
+        (
+            Duration::from_nanos(self.throttled_ns.load(Ordering::Relaxed)),
+            self.throttled_periods.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// Tables may hold at most this many elements.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
@@ -187,6 +293,25 @@ impl std::fmt::Display for Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_quota_waits_out_a_spent_period_and_carries_debt() {
+        let quota = CpuQuota::new(NonZeroU32::new(100).unwrap()); // 10 ms per 100 ms
+        let now = Instant::now();
+        assert_eq!(quota.wait_until(now), None);
+        quota.charge(Duration::from_millis(9));
+        assert_eq!(quota.wait_until(now), None, "under the share");
+        quota.charge(Duration::from_millis(2));
+        let until = quota.wait_until(now).expect("spent");
+        assert!(until > now && until <= now + CPU_PERIOD, "waits for the period's end");
+        // Overdrawn by three periods' worth: waits three periods.
+        quota.charge(Duration::from_millis(20));
+        let until = quota.wait_until(now).unwrap();
+        assert!(until > now + 2 * CPU_PERIOD && until <= now + 3 * CPU_PERIOD + Duration::from_millis(1));
+        assert_eq!(quota.throttled().1, 1, "one throttled period so far");
+        quota.add_throttled(Duration::from_millis(5));
+        assert_eq!(quota.throttled().0, Duration::from_millis(5));
+    }
 
     #[test]
     fn memory_meter_refuses_growth_past_the_limit_and_tracks_the_peak() {

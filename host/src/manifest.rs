@@ -117,6 +117,7 @@ struct RawLimits {
     publish_per_second: Option<u32>,
     log_bytes_per_second: Option<u32>,
     max_request_bytes: Option<u64>,
+    cpu_millis: Option<u32>,
 }
 
 /// A function's name: lowercase letters, digits and `-`, 1 to 63 long,
@@ -652,6 +653,12 @@ pub struct Limits {
     /// instances; lines past it are dropped and counted.
     #[serde(default = "defaults::log_bytes_per_second", deserialize_with = "non_zero_field::log_bytes_per_second")]
     pub log_bytes_per_second: NonZeroU32,
+    /// CPU time per second of wall time, in thousandths of a core, across
+    /// the function's instances (Kubernetes' `resources.limits.cpu`);
+    /// `None`: no limit. Past it, the function's calls wait for the next
+    /// 100 ms period instead of running.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "non_zero_field::cpu_millis")]
+    pub cpu_millis: Option<NonZeroU32>,
 }
 
 /// Deserializing the `NonZero` limits with an error that names the field
@@ -681,6 +688,15 @@ mod non_zero_field {
 
     pub fn log_bytes_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
         non_zero(deserializer, "log_bytes_per_second")
+    }
+
+    pub fn cpu_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU32>, D::Error> {
+        match Option::<u32>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(millis) => NonZeroU32::new(millis)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom("limits.cpu_millis must be greater than 0 (omit it for no limit)")),
+        }
     }
 
     pub fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
@@ -737,6 +753,7 @@ impl Default for Limits {
             abi_calls_per_second: defaults::abi_calls_per_second(),
             publish_per_second: defaults::publish_per_second(),
             log_bytes_per_second: defaults::log_bytes_per_second(),
+            cpu_millis: None,
         }
     }
 }
@@ -923,6 +940,10 @@ impl RawLimits {
                 "log_bytes_per_second",
                 defaults.log_bytes_per_second,
             )?,
+            cpu_millis: match self.cpu_millis {
+                Some(0) => return Err("limits.cpu_millis must be greater than 0 (omit it for no limit)".into()),
+                millis => millis.and_then(NonZeroU32::new),
+            },
         })
     }
 }

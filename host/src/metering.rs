@@ -51,6 +51,8 @@ pub struct CallStats {
     pub fuel: Option<u64>,
     /// Peak linear memory during the call, in bytes.
     pub peak_memory: u64,
+    /// Time the call waited because its function was over its CPU share.
+    pub throttled: Duration,
 }
 
 /// What one request used: the unit of billing.
@@ -79,6 +81,10 @@ pub struct UsageRecord {
     pub fuel: Option<u64>,
     /// Peak linear memory during the request, in bytes.
     pub peak_memory_bytes: u64,
+    /// Time it waited for CPU, its function being over `cpu_millis`, in µs
+    /// (part of its wall time; billed, as the request held its instance).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub throttled_us: u64,
     /// Wall time rounded up to whole milliseconds.
     pub billed_ms: u64,
     /// `peak_memory_bytes × billed_ms`.
@@ -92,6 +98,10 @@ pub struct UsageRecord {
     pub outcome: Outcome,
     /// The HTTP status the client got.
     pub status: u16,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// The tenant of records written before tenants existed.
@@ -127,6 +137,7 @@ impl UsageRecord {
             cpu_us: stats.cpu.as_micros() as u64,
             fuel: stats.fuel,
             peak_memory_bytes: stats.peak_memory,
+            throttled_us: stats.throttled.as_micros() as u64,
             billed_ms,
             memory_byte_ms: stats.peak_memory.saturating_mul(billed_ms),
             cold,
@@ -462,6 +473,7 @@ mod tests {
         let stats = CallStats {
             wall: Duration::from_micros(1500),
             cpu: Duration::from_micros(700),
+            throttled: Duration::ZERO,
             fuel: Some(1000),
             peak_memory: 2 << 20,
         };

@@ -30,6 +30,7 @@ pub struct Metrics {
     log_dropped: IntCounterVec,
     connections_open: IntGauge,
     connections_closed: IntCounterVec,
+    cpu_throttled_seconds: CounterVec,
     tenant_requests: IntCounterVec,
     tenant_cpu_seconds: CounterVec,
     tenant_billed_seconds: CounterVec,
@@ -102,6 +103,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("invariant: static metric definition");
+        let cpu_throttled_seconds = CounterVec::new(
+            Opts::new(
+                "shoal_cpu_throttled_seconds_total",
+                "Time requests waited because their function was over its cpu_millis share",
+            ),
+            function,
+        )
+        .expect("invariant: static metric definition");
         // Per-tenant totals: what an operator bills a namespace for. They
         // outlive the tenant's functions (a tenant's bill does not vanish
         // when its pods are deleted), one series per tenant.
@@ -121,6 +130,7 @@ impl Metrics {
         .expect("invariant: static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cpu_throttled_seconds.clone()),
             Box::new(tenant_requests.clone()),
             Box::new(tenant_cpu_seconds.clone()),
             Box::new(tenant_billed_seconds.clone()),
@@ -158,6 +168,7 @@ impl Metrics {
             log_dropped,
             connections_open,
             connections_closed,
+            cpu_throttled_seconds,
             tenant_requests,
             tenant_cpu_seconds,
             tenant_billed_seconds,
@@ -211,6 +222,9 @@ impl Metrics {
         }
         self.cpu_seconds.with_label_values(&function).inc_by(record.cpu_us as f64 / 1e6);
         self.memory_gb_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e12);
+        if record.throttled_us > 0 {
+            self.cpu_throttled_seconds.with_label_values(&function).inc_by(record.throttled_us as f64 / 1e6);
+        }
         let tenant = [record.tenant.as_str()];
         self.tenant_requests.with_label_values(&tenant).inc();
         self.tenant_cpu_seconds.with_label_values(&tenant).inc_by(record.cpu_us as f64 / 1e6);
@@ -254,6 +268,7 @@ impl Metrics {
         forget(&self.abi_limited, function);
         forget(&self.deliveries, function);
         forget(&self.log_dropped, function);
+        forget(&self.cpu_throttled_seconds, function);
     }
 
     /// Count a usage record that could not be written.

@@ -8,7 +8,9 @@
 //! slot decommitted. An instance whose call failed is dropped at once,
 //! without `destroy`.
 //!
-//! Concurrency is bounded by a semaphore of `max_concurrency` permits. A
+//! Concurrency is bounded by a semaphore of `max_concurrency` permits
+//! (never more than the engine's per-function instance share, so one
+//! function cannot hold every slot of the engine). A
 //! request waits for a permit at most `queue_timeout`, then gets
 //! [`AcquireError::Overloaded`] (503 with `Retry-After`): the wait queue is
 //! bounded by time, never unbounded. No lock is held across a guest call.
@@ -107,7 +109,9 @@ pub struct PoolStats {
 impl FunctionPool {
     /// An empty pool (zero instances) for `function`.
     pub fn new(function: CompiledFunction, metrics: Arc<Metrics>) -> Arc<FunctionPool> {
-        let permits = function.spec().limits.max_concurrency.get() as usize;
+        // A function's concurrency is its own limit, within its share of
+        // the engine's instance slots.
+        let permits = function.spec().limits.max_concurrency.get().min(function.engine.instance_share()) as usize;
         Arc::new(FunctionPool {
             function,
             idle: Mutex::new(Vec::new()),

@@ -68,6 +68,8 @@ pub struct KubernetesSettings {
     pub values: BTreeMap<String, String>,
     /// The container's memory limit in bytes.
     pub memory_limit: Option<u64>,
+    /// The container's CPU limit in thousandths of a core.
+    pub cpu_limit: Option<u32>,
 }
 
 impl Bundle {
@@ -207,6 +209,18 @@ impl Bundle {
         }
     }
 
+    /// The CPU limit from `linux.resources.cpu` (`quota / period`, as the
+    /// kubelet writes `resources.limits.cpu`), in thousandths of a core.
+    pub fn cpu_limit_millis(&self) -> Option<u32> {
+        let cpu = self.spec.linux().as_ref()?.resources().as_ref()?.cpu().as_ref()?.clone();
+        let (quota, period) = (cpu.quota()?, cpu.period()?);
+        if quota <= 0 || period == 0 {
+            return None;
+        }
+        let millis = (quota as u128 * 1000 / u128::from(period)).clamp(1, u128::from(u32::MAX));
+        Some(millis as u32)
+    }
+
     /// The memory limit from `linux.resources.memory.limit`.
     pub fn memory_limit(&self) -> Option<u64> {
         let limit = self.spec.linux().as_ref()?.resources().as_ref()?.memory().as_ref()?.limit()?;
@@ -246,7 +260,7 @@ impl KubernetesSettings {
                 }
             }
         }
-        KubernetesSettings { values, memory_limit }
+        KubernetesSettings { values, memory_limit, cpu_limit: None }
     }
 
     /// The function spec for `name`: `limits.<field>` (integers),
@@ -302,6 +316,11 @@ impl KubernetesSettings {
             let cap = bytes.div_ceil(1024 * 1024).max(1) as i64;
             let asked = limits.get("memory_mb").and_then(toml::Value::as_integer);
             limits.insert("memory_mb".into(), toml::Value::Integer(asked.map_or(cap, |asked| asked.min(cap))));
+        }
+        if let Some(millis) = self.cpu_limit {
+            let asked = limits.get("cpu_millis").and_then(toml::Value::as_integer);
+            let cap = i64::from(millis);
+            limits.insert("cpu_millis".into(), toml::Value::Integer(asked.map_or(cap, |asked| asked.min(cap))));
         }
         if !config.is_empty() {
             grants.insert("config".into(), toml::Value::Table(config));

@@ -265,7 +265,8 @@ impl Node {
                 };
                 let labels = &record.labels;
                 let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
-                let settings = KubernetesSettings::collect([labels, &bundle.annotations()], bundle.memory_limit());
+                let mut settings = KubernetesSettings::collect([labels, &bundle.annotations()], bundle.memory_limit());
+                settings.cpu_limit = bundle.cpu_limit_millis();
                 let mut spec =
                     settings.function_spec(&function, &file, &format!("container {id} labels/annotations"))?;
                 // Whose it is: the pod's namespace (what containerd's CRI
@@ -600,8 +601,25 @@ impl Node {
                 .and_then(|target| target.pools().next().map(|pool| pool.function().spec().limits.memory_bytes))
                 .unwrap_or(0),
         };
+        // Throttling, as a CFS-limited cgroup reports it, from the quota
+        // every version of the function keeps.
+        let (throttled, throttled_periods) = registry
+            .by_name(&container.function)
+            .map(|target| {
+                target
+                    .pools()
+                    .filter_map(|pool| pool.function().cpu_quota().map(|quota| quota.throttled()))
+                    .fold((std::time::Duration::ZERO, 0), |(time, periods), (t, p)| (time + t, periods + p))
+            })
+            .unwrap_or_default();
         let mut metrics = CgroupMetrics::new();
-        metrics.cpu = MessageField::some(CPUStat { usage_usec: cpu_usec, user_usec: cpu_usec, ..Default::default() });
+        metrics.cpu = MessageField::some(CPUStat {
+            usage_usec: cpu_usec,
+            user_usec: cpu_usec,
+            nr_throttled: throttled_periods,
+            throttled_usec: throttled.as_micros() as u64,
+            ..Default::default()
+        });
         metrics.memory = MessageField::some(MemoryStat {
             usage: container.code_bytes + resident,
             usage_limit: limit,

@@ -413,6 +413,8 @@ pub struct PodOptions<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// The pod's DNS servers (its resolv.conf), when not the node's.
     pub dns_servers: &'a [&'a str],
+    /// `resources.limits.cpu` in thousandths of a core (0: none).
+    pub cpu_millis: i64,
 }
 
 impl<'a> PodOptions<'a> {
@@ -428,6 +430,7 @@ impl<'a> PodOptions<'a> {
             mounts: &[],
             env: &[],
             dns_servers: &[],
+            cpu_millis: 0,
         }
     }
 }
@@ -479,6 +482,7 @@ impl Cri {
             mounts,
             env,
             dns_servers,
+            cpu_millis,
         } = options;
         let log_directory = log_dir.join(format!("{namespace}-{name}"));
         std::fs::create_dir_all(&log_directory).unwrap();
@@ -525,7 +529,13 @@ impl Cri {
                 })
                 .collect(),
             linux: Some(LinuxContainerConfig {
-                resources: Some(LinuxContainerResources { memory_limit_in_bytes: memory_limit, ..Default::default() }),
+                resources: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: memory_limit,
+                    // As the kubelet writes a CPU limit: a CFS quota per 100 ms.
+                    cpu_period: if cpu_millis > 0 { 100_000 } else { 0 },
+                    cpu_quota: cpu_millis * 100,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()

@@ -351,3 +351,31 @@ async fn a_killed_host_is_seen_by_containerd_and_the_next_pod_brings_a_new_one()
     assert_ne!(now, hosts, "a fresh host");
     cri.remove_pod(&again).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pods_cpu_limit_holds_its_function_to_its_share_and_its_stats_show_the_throttling() {
+    use containerd_client::services::v1::MetricsRequest;
+    use containerd_client::tonic::Request;
+    use containerd_client::with_namespace;
+    use containerd_shim_protos::cgroups_v2::metrics::Metrics as CgroupMetrics;
+    use containerd_shim_protos::protobuf::Message as _;
+
+    let _serial = SERIAL.lock().await;
+    let (_registry, containerd, mut cri, image) =
+        cri_node(&guest("spin"), "shoal-test/spin:1", &["--label", "shoal.dev/limits.timeout_ms=1500"]).await;
+    let options = crate::cluster::PodOptions { cpu_millis: 100, ..crate::cluster::PodOptions::new("spinner", &image) };
+    let pod = cri.try_run_pod(&containerd.log_dir, options).await.unwrap_or_else(|err| panic!("{err}"));
+    let (status, _) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/").unwrap();
+    assert_eq!(status, 504, "the spinning request ran to its timeout");
+
+    let client = containerd_client::Client::from_path(&containerd.address).await.unwrap();
+    let request = with_namespace!(MetricsRequest { filters: vec![format!("id=={}", pod.container_id)] }, "k8s.io");
+    let metrics = client.tasks().metrics(request).await.unwrap().into_inner().metrics;
+    let data = metrics.first().and_then(|metric| metric.data.as_ref()).expect("the task's metrics");
+    let stats = CgroupMetrics::parse_from_bytes(&data.value).unwrap();
+    let cpu = stats.cpu.as_ref().unwrap();
+    // 100m for 1.5 s: about 150 ms of CPU; the rest of the time it waited.
+    assert!(cpu.usage_usec > 0 && cpu.usage_usec < 400_000, "{cpu:?}");
+    assert!(cpu.throttled_usec > 1_000_000 && cpu.nr_throttled > 5, "{cpu:?}");
+    cri.remove_pod(&pod).await;
+}

@@ -237,3 +237,53 @@ async fn a_request_body_over_max_request_bytes_gets_413_and_the_function_never_a
     let metrics = host.get("/metrics").await.body;
     assert!(metrics.contains("shoal_request_errors_total{function=\"kv\",kind=\"request_too_large\"} 2"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_function_over_its_cpu_share_waits_and_its_throttling_is_reported() {
+    let host = TestHost::start_persistent().await;
+    let mut spin = spec("spin", "spin", "/spin");
+    spin.limits.timeout = Duration::from_millis(1500);
+    spin.limits.cpu_millis = std::num::NonZeroU32::new(100);
+    host.deploy(vec![spin]).await;
+
+    let reply = host.get("/spin").await;
+    assert_eq!(reply.status, 504, "{}", reply.body);
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
+    let record = records.iter().find(|r| r.function == "spin").expect("a usage record");
+    // 100m of a core for 1.5 s is 150 ms of CPU; what it computed past its
+    // share it spent waiting.
+    assert!(record.cpu_us < 400_000, "at most about its share of CPU: {record:?}");
+    assert!(record.throttled_us > 1_000_000, "most of its time waiting: {record:?}");
+    let metrics = host.get("/metrics").await.body;
+    let throttled: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("shoal_cpu_throttled_seconds_total{function=\"spin\"}"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(throttled > 1.0, "{metrics}");
+}
+
+#[tokio::test]
+async fn one_function_holding_all_its_concurrency_leaves_instances_for_the_others() {
+    // 8 instance slots: no function may hold more than 2 of them.
+    let host = TestHost::start_configured(|config| config.engine.max_instances = 8).await;
+    let mut slow = spec("slow", "slow", "/slow");
+    slow.limits.max_concurrency = std::num::NonZeroU32::new(8).unwrap();
+    slow.limits.queue_timeout = Duration::from_secs(10);
+    host.deploy(vec![slow, spec("hello", "hello", "/hello")]).await;
+
+    let mut hogs = Vec::new();
+    for _ in 0..8 {
+        let client = host.client.clone();
+        let url = host.url("/slow?ms=1500");
+        hogs.push(tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host.live_instances("slow").await, 2, "its share of the engine, not its max_concurrency");
+    let hello = host.get("/hello").await;
+    assert_eq!(hello.status, 200, "another function still gets an instance: {}", hello.body);
+    for hog in hogs {
+        assert_eq!(hog.await.unwrap().unwrap(), 200, "the rest of the hog's requests waited their turn");
+    }
+}

@@ -25,7 +25,12 @@ async fn a_restarted_host_serves_the_same_functions_from_its_state_dir() {
 async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
     // Two hosts, one cache: the second host finds the first one's code.
     let cache = tempfile::tempdir().unwrap();
-    let options = shoal::engine::EngineOptions { fuel: true, max_instances: 8, cache_dir: Some(cache.path().into()) };
+    let options = shoal::engine::EngineOptions {
+        fuel: true,
+        max_instances: 8,
+        max_instances_per_function: None,
+        cache_dir: Some(cache.path().into()),
+    };
     let config = shoal::host::HostConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         engine: options,

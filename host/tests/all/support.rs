@@ -105,7 +105,12 @@ impl TestHost {
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin_socket: state_dir.as_ref().map(|dir| dir.join("admin.sock")),
             state_dir,
-            engine: EngineOptions { fuel: true, max_instances: 64, cache_dir: Some(shared_cache()) },
+            engine: EngineOptions {
+                fuel: true,
+                max_instances: 64,
+                max_instances_per_function: None,
+                cache_dir: Some(shared_cache()),
+            },
             log_sink: logs.clone(),
             drain_timeout: Duration::from_secs(10),
             ..HostConfig::new()
