@@ -34,7 +34,11 @@ impl BackendError {
     }
 }
 
-/// Buckets of byte values by string key.
+/// Buckets of byte values by string key. Every backend keeps, per tenant
+/// (the part of a bucket's name before `/`), the bytes of its keys and
+/// values, and refuses a write that would take a tenant past the quota it
+/// was opened with ([`BackendError::Full`]); deletes and increments are
+/// never refused.
 #[async_trait]
 pub trait KeyValue: Send + Sync {
     /// The value at `key`.
@@ -86,6 +90,24 @@ pub trait Subscription: Send {
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), BackendError>;
     /// The message was not handled: deliver it again later.
     async fn nack(&mut self, delivery: &Delivery) -> Result<(), BackendError>;
+}
+
+/// The tenant a backend bucket name belongs to: what comes before its `/`
+/// (see [`crate::manifest::TenantName::scope`]), or the default tenant.
+pub(crate) fn tenant_of(bucket: &str) -> &str {
+    bucket.split_once('/').map_or(crate::manifest::TenantName::DEFAULT, |(tenant, _)| tenant)
+}
+
+/// The bytes an entry counts against its tenant's quota.
+pub(crate) fn entry_bytes(key: &str, value_len: usize) -> u64 {
+    (key.len() + value_len) as u64
+}
+
+/// The refusal of a write that would take `tenant` past `quota` bytes.
+pub(crate) fn over_quota(tenant: &str, quota: u64) -> BackendError {
+    BackendError::Full(format!(
+        "namespace {tenant:?} would hold more than its key-value quota of {quota} bytes (keys and values)"
+    ))
 }
 
 /// Check key-value inputs common to every backend.

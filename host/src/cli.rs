@@ -189,6 +189,9 @@ struct HostArgs {
     /// Seconds of usage records per ledger file (the ledger rotates).
     #[arg(long, default_value_t = LedgerPolicy::default().partition.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     ledger_partition_secs: u64,
+    /// MiB of key-value keys and values one tenant (namespace) may keep; 0: no limit.
+    #[arg(long, default_value_t = crate::host::DEFAULT_KV_BYTES_PER_TENANT >> 20)]
+    kv_max_mb_per_tenant: u64,
     /// Days ledger files are kept.
     #[arg(long, default_value_t = LedgerPolicy::default().retention.as_secs() / 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     ledger_retention_days: u64,
@@ -197,6 +200,7 @@ struct HostArgs {
 /// What [`HostArgs`] set, once logging is started.
 struct HostSettings {
     engine: EngineOptions,
+    kv_bytes_per_tenant: Option<u64>,
     drain_timeout: Duration,
     front_door: FrontDoor,
     ledger: LedgerPolicy,
@@ -213,6 +217,8 @@ impl HostArgs {
                 max_instances_per_function: self.max_instances_per_function,
                 cache_dir: None,
             },
+            kv_bytes_per_tenant: (self.kv_max_mb_per_tenant > 0)
+                .then(|| self.kv_max_mb_per_tenant.saturating_mul(1 << 20)),
             drain_timeout: Duration::from_secs(self.drain_timeout),
             front_door: FrontDoor {
                 max_connections: self.max_connections as usize,
@@ -316,7 +322,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { manifest, listen, host, backends, secrets_dir } => {
             let (keyvalue, pubsub) = backends.backends();
-            let HostSettings { engine, drain_timeout, front_door, ledger } = host.apply();
+            let HostSettings { engine, kv_bytes_per_tenant, drain_timeout, front_door, ledger } = host.apply();
             let config = HostConfig {
                 listen,
                 admin_socket: Some(admin_socket),
@@ -330,11 +336,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 persist_functions: true,
                 front_door,
                 ledger,
+                kv_bytes_per_tenant,
             };
             serve(manifest.as_deref(), config).await
         }
         Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, policy, host, backends } => {
-            let HostSettings { engine, drain_timeout, front_door, ledger } = host.apply();
+            let HostSettings { engine, kv_bytes_per_tenant, drain_timeout, front_door, ledger } = host.apply();
             let (keyvalue, pubsub) = backends.backends();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
             let config = crate::node::NodeConfig {
@@ -351,6 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 policy,
                 keyvalue,
                 pubsub,
+                kv_bytes_per_tenant,
             };
             crate::node::run(config).await?;
             Ok(ExitCode::SUCCESS)

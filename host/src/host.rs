@@ -66,7 +66,13 @@ pub struct HostConfig {
     pub front_door: FrontDoor,
     /// How the usage ledger (`<state_dir>/usage/`) is partitioned and kept.
     pub ledger: LedgerPolicy,
+    /// The most bytes of keys and values one tenant may keep (`None`: no
+    /// limit).
+    pub kv_bytes_per_tenant: Option<u64>,
 }
+
+/// Key-value bytes a tenant may keep unless the host is told otherwise.
+pub const DEFAULT_KV_BYTES_PER_TENANT: u64 = 1 << 30;
 
 /// The limits of the HTTP front door, enforced on every connection of every
 /// listener of the host (the node's pods' listeners included) before any
@@ -129,6 +135,7 @@ impl HostConfig {
             persist_functions: true,
             front_door: FrontDoor::default(),
             ledger: LedgerPolicy::default(),
+            kv_bytes_per_tenant: Some(DEFAULT_KV_BYTES_PER_TENANT),
         }
     }
 }
@@ -290,9 +297,16 @@ async fn build_services(
                     path
                 }
             };
-            Arc::new(RedbKeyValue::open(&dir.join("kv.redb")).map_err(|err| Error::Internal(err.into()))?)
+            let kv = RedbKeyValue::open(&dir.join("kv.redb"), config.kv_bytes_per_tenant)
+                .map_err(|err| Error::Internal(err.into()))?;
+            Arc::new(kv)
         }
-        Backend::Redis { url } => Arc::new(Redis::connect(url).await.map_err(|err| Error::Internal(err.into()))?),
+        Backend::Redis { url } => Arc::new(
+            Redis::connect(url)
+                .await
+                .map_err(|err| Error::Internal(err.into()))?
+                .with_kv_quota(config.kv_bytes_per_tenant),
+        ),
     };
     let broker: Arc<dyn Broker> = match &config.pubsub {
         Backend::Embedded => Arc::new(LocalBroker::default()),

@@ -74,6 +74,8 @@ pub struct NodeConfig {
     pub keyvalue: Backend,
     /// What carries messages.
     pub pubsub: Backend,
+    /// The most key-value bytes one tenant (namespace) may keep.
+    pub kv_bytes_per_tenant: Option<u64>,
 }
 
 /// Serve containerd until SIGTERM or SIGINT; then drain every function
@@ -95,6 +97,7 @@ pub async fn run(config: NodeConfig) -> Result<(), Error> {
         ledger: config.ledger,
         keyvalue: config.keyvalue.clone(),
         pubsub: config.pubsub.clone(),
+        kv_bytes_per_tenant: config.kv_bytes_per_tenant,
         ..HostConfig::new()
     };
     let running = RunningHost::start(host_config).await?;

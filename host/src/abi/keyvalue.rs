@@ -78,7 +78,10 @@ impl store::HostBucket for AbiView<'_> {
         let name = self.check_key("keyvalue.set", &bucket, &key)?;
         let limit = self.state.caps.limits.kv_max_value_bytes;
         self.state.check_size("keyvalue.set", "value", value.len(), "kv_max_value_bytes", limit)?;
-        self.state.services.kv.set(&name, &key, value).await.map_err(backend)
+        match self.state.services.kv.set(&name, &key, value).await {
+            Err(BackendError::Full(message)) => Err(self.state.limited("keyvalue.set", message).into()),
+            done => done.map_err(backend),
+        }
     }
 
     async fn delete(&mut self, bucket: Resource<BucketHandle>, key: String) -> Result<(), KvError> {

@@ -2,7 +2,9 @@
 //! see the same state and messages.
 //!
 //! Key-value: `shoal:kv:{bucket}:{key}` string keys; counters are decimal
-//! strings (`INCRBY`), as in the embedded store. Pubsub: one stream per
+//! strings (`INCRBY`), as in the embedded store. Each tenant's bytes are
+//! counted at `shoal:kv-bytes:{tenant}`, changed by the same Lua script as
+//! the write, so count and data never disagree. Pubsub: one stream per
 //! topic (`shoal:topic:{topic}`, capped near [`STREAM_MAX_LEN`] entries) and
 //! one consumer group per subscribing function. A message is acknowledged
 //! (`XACK`) only after its handler succeeds; a message not acknowledged —
@@ -19,7 +21,7 @@ use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 
 use super::broker::backoff;
-use super::{BackendError, Broker, Delivery, KeyValue, Subscription};
+use super::{BackendError, Broker, Delivery, KeyValue, Subscription, over_quota, tenant_of};
 
 /// Streams are trimmed to about this many entries.
 pub const STREAM_MAX_LEN: usize = 100_000;
@@ -27,19 +29,62 @@ pub const STREAM_MAX_LEN: usize = 100_000;
 /// How long one blocking read waits before checking for redeliveries.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 
-/// A Redis server, as key-value store and broker.
 /// How long connecting to Redis may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long one command may wait for its answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A Redis server, as key-value store and broker.
 #[derive(Clone)]
 pub struct Redis {
     client: redis::Client,
     conn: ConnectionManager,
     consumer: String,
+    /// The most bytes one tenant may hold (`None`: no limit).
+    quota: Option<u64>,
 }
+
+/// Write an entry and count its tenant's bytes, or refuse (returning -1)
+/// when the tenant would grow past the quota (ARGV[3], 0: none).
+/// KEYS: the entry, the tenant's count. ARGV: value, key length, quota,
+/// `set` or `del`.
+static WRITE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local keylen = tonumber(ARGV[2])
+        local quota = tonumber(ARGV[3])
+        local before = 0
+        if redis.call('EXISTS', KEYS[1]) == 1 then before = redis.call('STRLEN', KEYS[1]) + keylen end
+        local after = 0
+        if ARGV[4] == 'set' then after = string.len(ARGV[1]) + keylen end
+        local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+        local next = held - before + after
+        if next < 0 then next = 0 end
+        if quota > 0 and after > before and next > quota then return -1 end
+        if ARGV[4] == 'set' then redis.call('SET', KEYS[1], ARGV[1]) else redis.call('DEL', KEYS[1]) end
+        redis.call('SET', KEYS[2], next)
+        return next
+        ",
+    )
+});
+
+/// `INCRBY` an entry and count its tenant's bytes (increments are never
+/// refused). KEYS: the entry, the tenant's count. ARGV: delta, key length.
+static INCREMENT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local keylen = tonumber(ARGV[2])
+        local before = 0
+        if redis.call('EXISTS', KEYS[1]) == 1 then before = redis.call('STRLEN', KEYS[1]) + keylen end
+        local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+        local after = redis.call('STRLEN', KEYS[1]) + keylen
+        local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+        redis.call('SET', KEYS[2], math.max(0, held - before + after))
+        return value
+        ",
+    )
+});
 
 fn failed(err: redis::RedisError) -> BackendError {
     BackendError::Failed(format!("redis: {err}"))
@@ -62,7 +107,35 @@ impl Redis {
             .get_connection_manager_with_config(config)
             .await
             .map_err(|err| BackendError::Failed(format!("cannot connect to redis at {url}: {err}")))?;
-        Ok(Redis { client, conn, consumer: format!("host-{}", uuid::Uuid::new_v4()) })
+        Ok(Redis { client, conn, consumer: format!("host-{}", uuid::Uuid::new_v4()), quota: None })
+    }
+
+    /// Hold each tenant to `quota` bytes of keys and values.
+    pub fn with_kv_quota(mut self, quota: Option<u64>) -> Redis {
+        self.quota = quota;
+        self
+    }
+
+    fn tenant_bytes_key(bucket: &str) -> String {
+        format!("shoal:kv-bytes:{}", tenant_of(bucket))
+    }
+
+    async fn write(&self, bucket: &str, key: &str, value: Option<Vec<u8>>) -> Result<(), BackendError> {
+        let op = if value.is_some() { "set" } else { "del" };
+        let held: i64 = WRITE
+            .key(Self::key(bucket, key))
+            .key(Self::tenant_bytes_key(bucket))
+            .arg(value.unwrap_or_default())
+            .arg(key.len())
+            .arg(self.quota.unwrap_or(0))
+            .arg(op)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(failed)?;
+        if held < 0 {
+            return Err(over_quota(tenant_of(bucket), self.quota.unwrap_or(0)));
+        }
+        Ok(())
     }
 
     fn key(bucket: &str, key: &str) -> String {
@@ -93,11 +166,11 @@ impl KeyValue for Redis {
     }
 
     async fn set(&self, bucket: &str, key: &str, value: Vec<u8>) -> Result<(), BackendError> {
-        self.conn.clone().set(Self::key(bucket, key), value).await.map_err(failed)
+        self.write(bucket, key, Some(value)).await
     }
 
     async fn delete(&self, bucket: &str, key: &str) -> Result<(), BackendError> {
-        self.conn.clone().del(Self::key(bucket, key)).await.map_err(failed)
+        self.write(bucket, key, None).await
     }
 
     async fn exists(&self, bucket: &str, key: &str) -> Result<bool, BackendError> {
@@ -133,7 +206,13 @@ impl KeyValue for Redis {
 
     async fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, BackendError> {
         let delta = i64::try_from(delta).map_err(|_| BackendError::Invalid("increment delta too large".into()))?;
-        let value: Result<i64, _> = self.conn.clone().incr(Self::key(bucket, key), delta).await;
+        let value: Result<i64, _> = INCREMENT
+            .key(Self::key(bucket, key))
+            .key(Self::tenant_bytes_key(bucket))
+            .arg(delta)
+            .arg(key.len())
+            .invoke_async(&mut self.conn.clone())
+            .await;
         match value {
             Ok(value) => Ok(value as u64),
             Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {

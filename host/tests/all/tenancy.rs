@@ -194,3 +194,45 @@ async fn an_outbound_name_that_leads_to_the_node_itself_is_refused() {
     let metrics = host.get("/metrics").await.body;
     assert!(metrics.contains("shoal_abi_denied_total{capability=\"http.outgoing\",function=\"fetch\"} 1"), "{metrics}");
 }
+
+async fn each_namespace_is_held_to_its_key_value_quota(host: &TestHost) {
+    let mut specs = Vec::new();
+    for tenant in ["a", "b"] {
+        let mut kv = spec(&format!("kv-{tenant}"), "kv", &format!("/{tenant}/kv"));
+        kv.grants.keyvalue = vec![KeyGrant::parse("default:*").unwrap()];
+        specs.push(in_tenant(kv, tenant));
+    }
+    host.deploy(specs).await;
+    let put = |path: &str, bytes: usize| {
+        let request = host.client.put(host.url(path)).body(vec![b'x'; bytes]);
+        async move { crate::support::Reply::read(request.send().await.unwrap()).await }
+    };
+    assert_eq!(put("/a/kv/set?key=one", 3000).await.status, 200);
+    let refused = put("/a/kv/set?key=two", 3000).await;
+    assert_eq!(refused.status, 422, "an error value, not a trap: {}", refused.body);
+    assert!(refused.body.contains("quota of 4096 bytes"), "{}", refused.body);
+    assert_eq!(host.get("/a/kv/get?key=two").await.status, 404, "nothing of the refused write was kept");
+    assert_eq!(put("/b/kv/set?key=two", 3000).await.status, 200, "b's room is its own");
+    assert_eq!(host.get("/a/kv/del?key=one").await.status, 200);
+    assert_eq!(put("/a/kv/set?key=two", 3000).await.status, 200, "deleting made room");
+    let metrics = host.get("/metrics").await.body;
+    assert!(metrics.contains("shoal_abi_limited_total{capability=\"keyvalue.set\",function=\"kv-a\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn each_namespace_is_held_to_its_key_value_quota_on_the_embedded_store() {
+    let host = TestHost::start_configured(|config| config.kv_bytes_per_tenant = Some(4096)).await;
+    each_namespace_is_held_to_its_key_value_quota(&host).await;
+}
+
+#[tokio::test]
+async fn each_namespace_is_held_to_its_key_value_quota_on_redis() {
+    let redis = RedisServer::start().await;
+    let url = redis.url.clone();
+    let host = TestHost::start_configured(move |config| {
+        config.keyvalue = Backend::Redis { url };
+        config.kv_bytes_per_tenant = Some(4096);
+    })
+    .await;
+    each_namespace_is_held_to_its_key_value_quota(&host).await;
+}
