@@ -86,6 +86,10 @@ impl LogSink for TracingSink {
     }
 }
 
+/// The most bytes a "dropped N lines" report takes (the longest count
+/// and budget), charged to the budget with the line it precedes.
+const REPORT_BYTES: usize = 96;
+
 /// How much output a function's instances may write, together: bytes per
 /// second, with a burst of one second's worth (at least one whole line).
 pub struct LogBudget {
@@ -113,8 +117,12 @@ impl LogBudget {
     /// Whether a line of `bytes` may be written now: `Some(n)` yes, after
     /// reporting the `n` lines dropped before it; `None`: drop it.
     fn admit(&self, bytes: usize) -> Option<u64> {
-        let cost =
-            NonZeroU32::new(bytes.saturating_add(1).min(u32::MAX as usize) as u32).expect("invariant: at least 1");
+        // The report of dropped lines that goes before this line is output
+        // too, and paid for from the same budget: otherwise a flood would
+        // turn into a flood of reports.
+        let report = if self.unreported.load(Ordering::Acquire) > 0 { REPORT_BYTES } else { 0 };
+        let cost = NonZeroU32::new(bytes.saturating_add(1 + report).min(u32::MAX as usize) as u32)
+            .expect("invariant: at least 1");
         match self.limiter.check_n(cost) {
             Ok(Ok(())) => Some(self.unreported.swap(0, Ordering::AcqRel)),
             // Over the budget now (or a line longer than the burst, which

@@ -379,3 +379,105 @@ async fn a_pods_cpu_limit_holds_its_function_to_its_share_and_its_stats_show_the
     assert!(cpu.throttled_usec > 1_000_000 && cpu.nr_throttled > 5, "{cpu:?}");
     cri.remove_pod(&pod).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_entrypoints_fail_creation_clearly_and_the_host_serves_on_unharmed() {
+    let _serial = SERIAL.lock().await;
+    let (_registry, containerd, mut cri, image) = cri_node(&guest("hello"), "shoal-test/hello:1", &[]).await;
+    let pod = cri.run_pod(&containerd.log_dir, "bystander", &image, &[], 0).await;
+    let host = containerd.node_hosts()[0];
+    let rss_kib = || {
+        let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
+        let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let before = rss_kib();
+
+    let roots = tempfile::tempdir().unwrap();
+    type Make<'a> = &'a dyn Fn(&std::path::Path);
+    let cases: [(&str, Make, &str); 6] = [
+        ("dev-zero", &|entry| std::os::unix::fs::symlink("/dev/zero", entry).unwrap(), "is not in the image's rootfs"),
+        (
+            "urandom",
+            &|entry| std::os::unix::fs::symlink("../../../../dev/urandom", entry).unwrap(),
+            "is not in the image's rootfs",
+        ),
+        (
+            "host-file",
+            &|entry| std::os::unix::fs::symlink("/etc/hostname", entry).unwrap(),
+            "is not in the image's rootfs",
+        ),
+        (
+            "fifo",
+            &|entry| nix::unistd::mkfifo(entry, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap(),
+            "is a FIFO",
+        ),
+        ("directory", &|entry| std::fs::create_dir(entry).unwrap(), "is a directory"),
+        (
+            "oversized",
+            // Sparse: 300 MiB that take no disk, over the 256 MiB cap.
+            &|entry| std::fs::File::create(entry).unwrap().set_len(300 << 20).unwrap(),
+            "over the cap of 268435456 bytes",
+        ),
+    ];
+    for (name, make, reason) in cases {
+        let root = roots.path().join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        make(&root.join("app.wasm"));
+        let started = std::time::Instant::now();
+        let output = containerd.ctr(
+            "k8s.io",
+            &["run", "--rm", "--runtime", RUNTIME, "--rootfs", root.to_str().unwrap(), name, "/app.wasm"],
+        );
+        let out = text(&output);
+        assert!(!output.status.success(), "{name}: {out}");
+        assert!(out.contains("/app.wasm") && out.contains(reason), "{name}: the error names the path and why: {out}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{name}: refused at once");
+        let _ = containerd.ctr("k8s.io", &["containers", "rm", name]);
+    }
+
+    assert_eq!(containerd.node_hosts(), [host], "the same host process throughout");
+    let after = rss_kib();
+    assert!(after < before + 8 * 1024, "host RSS grew from {before} KiB to {after} KiB");
+    let (status, _) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!(status, 200, "the pod beside them keeps answering");
+    cri.remove_pod(&pod).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_flooding_its_output_grows_its_log_by_its_budget_only() {
+    let _serial = SERIAL.lock().await;
+    let (_registry, containerd, mut cri, image) = cri_node(&guest("panic"), "shoal-test/panic:1", &[]).await;
+    let budget = [("shoal.dev/limits.log_bytes_per_second", "4096")];
+    let pod = cri.run_pod(&containerd.log_dir, "noisy", &image, &budget, 0).await;
+    let host = containerd.node_hosts()[0];
+    let rss_kib = || {
+        let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
+        let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let before = rss_kib();
+    let started = std::time::Instant::now();
+    // 200,000 lines, about 3.5 MB of output.
+    for _ in 0..4 {
+        let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/flood?lines=50000").unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(&pod.log_file).unwrap();
+    let flood_bytes: usize =
+        log.lines().filter_map(|line| line.split_once(" stdout F ")).map(|(_, text)| text.len() + 1).sum();
+    // A burst of one 16 KiB line's worth, then 4 KiB a second.
+    let allowed = 16_384.0 + 4_096.0 * (seconds + 1.0);
+    let flood_lines = log.lines().filter(|line| line.contains("flood line")).count();
+    let reports: Vec<&str> = log.lines().filter(|line| line.contains("shoal: dropped")).collect();
+    assert!(
+        (flood_bytes as f64) <= allowed,
+        "{flood_bytes} bytes of output ({flood_lines} flood lines) in {seconds:.1} s (budget {allowed:.0}); {reports:?}"
+    );
+    assert!(log.contains("shoal: dropped "), "the drops are reported in the log");
+    let after = rss_kib();
+    assert!(after < before + 8 * 1024, "host RSS grew from {before} KiB to {after} KiB");
+    cri.remove_pod(&pod).await;
+}
