@@ -63,7 +63,7 @@ impl Recorder {
     /// Finish a call: write its usage record, then give the instance back
     /// to its pool (the lease drops here). The record comes first, so that
     /// whoever waits for the call's end finds it written.
-    fn finish(&self, mut lease: Lease, end: CallEnd<'_>) -> UsageRecord {
+    fn finish(&self, mut lease: Lease, end: CallEnd<'_>) -> (UsageRecord, bool) {
         let function = lease.function();
         let record = UsageRecord::new(
             end.request_id,
@@ -78,20 +78,33 @@ impl Recorder {
             end.outcome,
             end.status,
         );
-        self.write(&record);
+        let written = self.write(&record);
         lease.set_healthy(end.healthy);
         drop(lease);
-        record
+        (record, written)
     }
 
-    fn write(&self, record: &UsageRecord) {
+    /// Write `record`; whether it is in the ledger (or there is none).
+    fn write(&self, record: &UsageRecord) -> bool {
+        let mut written = true;
         if let Some(ledger) = &self.ledger
             && let Err(err) = ledger.append(record)
         {
             self.metrics.ledger_error();
             tracing::error!(error = %err, dir = %ledger.dir().display(), "cannot write usage record");
+            written = false;
         }
         self.metrics.observe(record);
+        written
+    }
+
+    /// `Err` with why while the ledger cannot take records: a request
+    /// whose record could not be kept is not served.
+    fn writable(&self) -> Result<(), String> {
+        match &self.ledger {
+            Some(ledger) => ledger.writable(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -154,6 +167,10 @@ impl Dispatcher {
             request_id = %request_id,
             messaging.destination.name = %delivery.topic
         );
+        if let Err(why) = self.recorder.writable() {
+            self.metrics.observe_refused(&function, Outcome::LedgerUnavailable);
+            return Err((Outcome::LedgerUnavailable, format!("the usage ledger cannot be written: {why}")));
+        }
         let lease = match pool.acquire().instrument(span.clone()).await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { .. }) => {
@@ -193,7 +210,15 @@ impl Dispatcher {
                     status: 0,
                     healthy: result.is_ok(),
                 };
-                recorder.finish(lease, end);
+                let (_, written) = recorder.finish(lease, end);
+                // Handled but not recorded: deliver it again later, so that
+                // what was done is always on the bill.
+                let verdict = match verdict {
+                    Ok(()) if !written => {
+                        Err((Outcome::LedgerUnavailable, "its usage record could not be written".to_string()))
+                    }
+                    verdict => verdict,
+                };
                 if let Err((outcome, reason)) = &verdict {
                     tracing::warn!(error.type = %outcome, error = %reason, "message not handled");
                 }
@@ -229,6 +254,16 @@ impl Dispatcher {
         let cut_off = Arc::new(AtomicBool::new(false));
         let request =
             request.map(|body| CappedBody { inner: body, seen: 0, limit: body_limit, cut_off: cut_off.clone() });
+        if let Err(why) = self.recorder.writable() {
+            self.metrics.observe_refused(&function, Outcome::LedgerUnavailable);
+            tracing::error!(error = %why, "refused: the usage ledger cannot be written");
+            let mut response = error_response(
+                Outcome::LedgerUnavailable,
+                &format!("cannot serve {function:?}: its usage record could not be kept ({why})"),
+            );
+            response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
         let lease = match pool.acquire().await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { retry_after }) => {
@@ -285,7 +320,7 @@ impl Dispatcher {
                 }
             }
         };
-        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<bool>();
         let recorder = self.recorder.clone();
         let started = SystemTime::now();
         let task = tokio::spawn(
@@ -315,12 +350,12 @@ impl Dispatcher {
                     status,
                     healthy: result.is_ok(),
                 };
-                let record = recorder.finish(lease, end);
+                let (record, written) = recorder.finish(lease, end);
                 match &result {
                     Ok(()) => tracing::debug!(wall_us = record.wall_us, cold = record.cold, "request served"),
                     Err(error) => tracing::warn!(error.type = %error.outcome, error = %error.message, "request failed"),
                 }
-                let _ = done_tx.send(());
+                let _ = done_tx.send(written);
                 match result {
                     _ if cut => Err((outcome, format!("request body is over max_request_bytes = {body_limit}"))),
                     result => result.map_err(|error| (outcome, error.message)),
@@ -449,14 +484,15 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         #[pin]
-        done: oneshot::Receiver<()>,
+        done: oneshot::Receiver<bool>,
         finished: bool,
+        ended: bool,
     }
 }
 
 impl<B> GatedBody<B> {
-    fn new(inner: B, done: oneshot::Receiver<()>) -> GatedBody<B> {
-        GatedBody { inner, done, finished: false }
+    fn new(inner: B, done: oneshot::Receiver<bool>) -> GatedBody<B> {
+        GatedBody { inner, done, finished: false, ended: false }
     }
 }
 
@@ -478,8 +514,18 @@ where
             }
         }
         // The guest's body is complete; end it once the record is written
-        // (or the task is gone, which also resolves the channel).
-        this.done.poll(cx).map(|_| None)
+        // (or the task is gone, which also resolves the channel). A record
+        // that could not be written fails the body: the client never sees
+        // a complete response that is not on the bill.
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        let written = std::task::ready!(this.done.poll(cx));
+        *this.ended = true;
+        Poll::Ready(match written {
+            Ok(false) => Some(Err(BoxError::from("the request's usage record could not be written"))),
+            _ => None,
+        })
     }
 
     fn is_end_stream(&self) -> bool {

@@ -218,6 +218,9 @@ pub enum Outcome {
     Declined,
     /// The request body was over the function's `max_request_bytes`.
     RequestTooLarge,
+    /// The usage ledger cannot be written (a full disk, say): the request
+    /// was refused, since its record could not be kept.
+    LedgerUnavailable,
 }
 
 impl Outcome {
@@ -235,6 +238,7 @@ impl Outcome {
             Outcome::HostError => "host_error",
             Outcome::Declined => "declined",
             Outcome::RequestTooLarge => "request_too_large",
+            Outcome::LedgerUnavailable => "ledger_unavailable",
         }
     }
 
@@ -245,9 +249,11 @@ impl Outcome {
         match self {
             Outcome::Ok => StatusCode::OK,
             Outcome::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Outcome::FuelExhausted | Outcome::MemoryLimit | Outcome::Overloaded | Outcome::StartFailed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Outcome::FuelExhausted
+            | Outcome::MemoryLimit
+            | Outcome::Overloaded
+            | Outcome::StartFailed
+            | Outcome::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::Trap | Outcome::NoResponse | Outcome::HostError | Outcome::Declined => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

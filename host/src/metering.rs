@@ -173,6 +173,8 @@ pub struct Ledger {
     clock: Clock,
     current: Mutex<Partition>,
     dirty: AtomicBool,
+    /// Why the last append failed, while the ledger cannot be written.
+    failing: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 /// The partition being written.
@@ -180,7 +182,13 @@ struct Partition {
     /// Its start, in seconds since the Unix epoch.
     start: u64,
     file: File,
+    /// A failed write may have left part of a line: the next one starts
+    /// on a fresh line (readers skip the fragment).
+    torn: bool,
 }
+
+/// How often a failing ledger is tried again.
+const LEDGER_RETRY: Duration = Duration::from_millis(250);
 
 impl Ledger {
     /// Open (or create) the ledger in folder `dir`, partitioned by the
@@ -201,8 +209,9 @@ impl Ledger {
             dir: dir.to_path_buf(),
             policy,
             clock,
-            current: Mutex::new(Partition { start, file }),
+            current: Mutex::new(Partition { start, file, torn: false }),
             dirty: AtomicBool::new(false),
+            failing: Mutex::new(None),
         };
         ledger.expire(start)?;
         Ok(ledger)
@@ -218,26 +227,68 @@ impl Ledger {
         partition_path(&self.dir, self.current.lock().unwrap_or_else(|poison| poison.into_inner()).start)
     }
 
-    /// Append one record (one `write(2)`), to the partition of now.
+    /// Append one record (one `write(2)`), to the partition of now. A
+    /// failure (a full disk, say) is remembered until an append succeeds
+    /// again: see [`Ledger::writable`].
     pub fn append(&self, record: &UsageRecord) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        let result = self.append_line(line);
+        let mut failing = self.failing.lock().unwrap_or_else(|poison| poison.into_inner());
+        *failing = result.as_ref().err().map(|err| (std::time::Instant::now(), err.to_string()));
+        result
+    }
+
+    fn append_line(&self, mut line: Vec<u8>) -> std::io::Result<()> {
         let start = partition_start((self.clock)(), self.policy.partition);
         let mut current = self.current.lock().unwrap_or_else(|poison| poison.into_inner());
         if start > current.start {
             // Leave the old partition durable, then move on.
             current.file.sync_data()?;
             let file = open_partition(&partition_path(&self.dir, start))?;
-            *current = Partition { start, file };
+            *current = Partition { start, file, torn: false };
             drop(current);
             if let Err(err) = self.expire(start) {
                 tracing::warn!(error = %err, dir = %self.dir.display(), "cannot delete expired ledger partitions");
             }
             current = self.current.lock().unwrap_or_else(|poison| poison.into_inner());
         }
-        (&current.file).write_all(&line)?;
-        self.dirty.store(true, Ordering::Release);
-        Ok(())
+        if current.torn {
+            line.insert(0, b'\n');
+        }
+        match (&current.file).write_all(&line) {
+            Ok(()) => {
+                current.torn = false;
+                self.dirty.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(err) => {
+                current.torn = true;
+                Err(err)
+            }
+        }
+    }
+
+    /// Whether a record can be written now: `Err` with why while the last
+    /// append failed. Every [`LEDGER_RETRY`] the ledger is tried again
+    /// with an empty line (which readers skip), so service resumes by
+    /// itself once the disk has room.
+    pub fn writable(&self) -> Result<(), String> {
+        let mut failing = self.failing.lock().unwrap_or_else(|poison| poison.into_inner());
+        let Some((since, why)) = failing.as_ref() else { return Ok(()) };
+        if since.elapsed() < LEDGER_RETRY {
+            return Err(why.clone());
+        }
+        match self.append_line(b"\n".to_vec()) {
+            Ok(()) => {
+                *failing = None;
+                Ok(())
+            }
+            Err(err) => {
+                *failing = Some((std::time::Instant::now(), err.to_string()));
+                Err(err.to_string())
+            }
+        }
     }
 
     /// `fsync` if anything was appended since the last sync.

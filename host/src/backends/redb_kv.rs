@@ -18,7 +18,13 @@ const TENANT_BYTES: TableDefinition<&str, u64> = TableDefinition::new("meta/tena
 /// The embedded key-value store.
 #[derive(Clone)]
 pub struct RedbKeyValue {
-    db: Arc<Database>,
+    path: std::path::PathBuf,
+    /// The open database; `None` only while it is being reopened.
+    db: Arc<std::sync::RwLock<Option<Arc<Database>>>>,
+    /// Set when a write failed on I/O (a full disk): redb then refuses
+    /// everything until the database is opened again, which the next call
+    /// does first.
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
     /// The most bytes one tenant may hold (`None`: no limit).
     quota: Option<u64>,
 }
@@ -33,13 +39,83 @@ impl RedbKeyValue {
     pub fn open(path: &Path, quota: Option<u64>) -> Result<RedbKeyValue, BackendError> {
         let db = Database::create(path)
             .map_err(|err| BackendError::Failed(format!("cannot open key-value store {}: {err}", path.display())))?;
-        Ok(RedbKeyValue { db: Arc::new(db), quota })
+        Ok(RedbKeyValue {
+            path: path.to_path_buf(),
+            db: Arc::new(std::sync::RwLock::new(Some(Arc::new(db)))),
+            poisoned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            quota,
+        })
+    }
+
+    /// The open database (reopening it first if an I/O error poisoned it).
+    fn database(&self) -> Result<Arc<Database>, BackendError> {
+        use std::sync::atomic::Ordering;
+        if self.poisoned.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let slot = self.db.read().unwrap_or_else(|poison| poison.into_inner());
+        slot.clone().ok_or_else(|| BackendError::Failed("the key-value store is being reopened".to_string()))
+    }
+
+    /// After a failed call: if redb now refuses every transaction for a
+    /// previous I/O error, mark the store for reopening (and try now).
+    fn check_poisoned(&self, db: &Database) {
+        use std::sync::atomic::Ordering;
+        let refused = matches!(db.begin_write(), Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)));
+        if refused {
+            self.poisoned.store(true, Ordering::Release);
+        }
+    }
+
+    /// Close the database and open it again (redb's way out of a previous
+    /// I/O error). Waits briefly for calls still holding the old handle.
+    fn reopen(&self) -> Result<(), BackendError> {
+        use std::sync::atomic::Ordering;
+        let mut slot = self.db.write().unwrap_or_else(|poison| poison.into_inner());
+        if !self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(old) = slot.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut old = old;
+            // The file lock goes with the last handle.
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(shared) if std::time::Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(shared) => {
+                        *slot = Some(shared);
+                        return Err(BackendError::Failed(
+                            "the key-value store needs reopening after an I/O error and is still in use".to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+        match Database::create(&self.path) {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                self.poisoned.store(false, Ordering::Release);
+                tracing::info!(path = %self.path.display(), "key-value store reopened after an I/O error");
+                Ok(())
+            }
+            Err(err) => Err(BackendError::Failed(format!(
+                "cannot reopen key-value store {} after an I/O error: {err}",
+                self.path.display()
+            ))),
+        }
     }
 
     /// Bytes of keys and values `tenant` holds (counted since this store
     /// began counting).
     pub fn tenant_bytes(&self, tenant: &str) -> Result<u64, BackendError> {
-        let txn = self.db.begin_read().map_err(BackendError::failed)?;
+        let txn = self.database()?.begin_read().map_err(BackendError::failed)?;
         match txn.open_table(TENANT_BYTES) {
             Ok(table) => Ok(table.get(tenant).map_err(BackendError::failed)?.map_or(0, |v| v.value())),
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
@@ -52,8 +128,17 @@ impl RedbKeyValue {
         &self,
         work: impl FnOnce(&Database) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || work(&db)).await.map_err(BackendError::failed)?
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = store.database()?;
+            let result = work(&db);
+            if result.is_err() {
+                store.check_poisoned(&db);
+            }
+            result
+        })
+        .await
+        .map_err(BackendError::failed)?
     }
 
     /// One durable write transaction on `bucket`: `work` changes the
