@@ -305,9 +305,29 @@ async fn pods_keep_serving_while_containerd_restarts() {
     let pod = cri.run_pod(&containerd.log_dir, "steady", &image, &[], 0).await;
     let host = containerd.node_hosts();
 
+    // A client keeps calling the pod (one request at a time, bounded)
+    // while containerd stops and starts again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, netns) = (stop.clone(), pod.netns.clone());
+        std::thread::spawn(move || {
+            let (mut served, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && served < 100_000 {
+                match get_in_netns(&netns, "127.0.0.1:8080", "/hello") {
+                    Ok((200, _)) => served += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (served, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
     containerd.restart();
-    let (status, _) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
-    assert_eq!(status, 200, "served across the restart");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failed) = load.join().unwrap();
+    assert!(failed.is_empty(), "{} of {} requests failed across the restart: {failed:?}", failed.len(), served);
+    assert!(served > 10, "the load ran throughout: {served} requests");
     let mut cri = containerd.cri().await;
     cri.wait_ready().await;
     let (state, _) = cri.container_state(&pod.container_id).await;
