@@ -143,6 +143,7 @@ impl Dispatcher {
         let function = pool.function().name().to_string();
         let span = tracing::info_span!(
             "request",
+            tenant = %pool.function().spec().tenant,
             function = %function,
             request_id = %meta.id,
             parent_id = meta.parent_id.as_deref().unwrap_or("-")
@@ -163,6 +164,7 @@ impl Dispatcher {
         let function = pool.function().name().to_string();
         let span = tracing::info_span!(
             "message",
+            tenant = %pool.function().spec().tenant,
             function = %function,
             request_id = %request_id,
             messaging.destination.name = %delivery.topic

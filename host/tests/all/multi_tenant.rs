@@ -340,10 +340,17 @@ async fn a_pods_env_volumes_and_secrets_reach_its_function_and_it_calls_out_from
     assert!(asked.iter().any(|question| question == "who.svc.test 1"), "{asked:?}");
     cri.remove_pod(&named).await;
 
-    // The node's loopback is not the pod's: the listener there hears nothing.
+    // The node's loopback is not the pod's: with nothing listening in the
+    // pod, the call fails and the node's listener on that port hears
+    // nothing; with a listener inside the pod's own namespace on the same
+    // address, the call reaches that one.
     node_listener.set_nonblocking(true).unwrap();
     let (status, body) = get(&fetcher, &format!("/fetch?url=http://127.0.0.1:{node_port}/"));
     assert_eq!(status, 502, "{body}");
+    let echo = peer_echo_in(&fetcher.netns, node_port);
+    let (status, body) = get(&fetcher, &format!("/fetch?url=http://127.0.0.1:{node_port}/"));
+    assert_eq!((status, body.as_str()), (200, "peer=127.0.0.1"), "the pod's own listener answers");
+    echo.join().unwrap().unwrap();
     assert!(node_listener.accept().is_err(), "the node's own listener was reached");
 
     cri.remove_pod(&fetcher).await;
