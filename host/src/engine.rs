@@ -107,6 +107,12 @@ impl WasmEngine {
             .wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(options.fuel)
+            // No guest uses the component model's async ABI (wasi:http 0.2
+            // and the Runtime ABI are synchronous to the guest); without it
+            // every host call skips wasmtime's task bookkeeping
+            // (`host_task_create`, scope ids), which sat near the top of a
+            // `perf` profile of `hello`.
+            .concurrency_support(false)
             .memory_init_cow(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
