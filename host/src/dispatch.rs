@@ -274,7 +274,9 @@ impl Dispatcher {
                 let mut response = error_response(
                     Outcome::Overloaded,
                     &format!(
-                        "function {function:?} is at its max_concurrency of {}; retry later",
+                        "function {function:?} is serving all the {} requests it may serve at once \
+                         (max_concurrency = {}, within the host's per-function instance share); retry later",
+                        pool.concurrency(),
                         pool.function().spec().limits.max_concurrency
                     ),
                 );

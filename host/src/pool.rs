@@ -28,6 +28,9 @@ use crate::metrics::Metrics;
 /// Instances of one function version.
 pub struct FunctionPool {
     function: CompiledFunction,
+    /// Requests served at once: `max_concurrency`, within the engine's
+    /// per-function instance share.
+    concurrency: usize,
     idle: Mutex<Vec<Instance>>,
     slots: Arc<Semaphore>,
     live: AtomicUsize,
@@ -113,6 +116,7 @@ impl FunctionPool {
         // the engine's instance slots.
         let permits = function.spec().limits.max_concurrency.get().min(function.engine.instance_share()) as usize;
         Arc::new(FunctionPool {
+            concurrency: permits,
             function,
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(permits)),
@@ -124,6 +128,11 @@ impl FunctionPool {
             changed: Notify::new(),
             metrics,
         })
+    }
+
+    /// How many requests it serves at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     /// The function version this pool runs.

@@ -132,7 +132,7 @@ impl RedbKeyValue {
         tokio::task::spawn_blocking(move || {
             let db = store.database()?;
             let result = work(&db);
-            if result.is_err() {
+            if matches!(result, Err(BackendError::Failed(_))) {
                 store.check_poisoned(&db);
             }
             result

@@ -156,7 +156,7 @@ async fn requests_past_max_concurrency_wait_briefly_then_get_503_with_retry_afte
     assert_eq!(refused.status, 503);
     assert_eq!(refused.error_kind(), Some("overloaded"));
     assert!(refused.header("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
-    assert!(refused.body.contains("max_concurrency of 1"), "{}", refused.body);
+    assert!(refused.body.contains("max_concurrency = 1"), "{}", refused.body);
     assert_eq!(busy.await.unwrap(), 200, "the request holding the slot completes");
 }
 
