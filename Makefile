@@ -22,9 +22,9 @@ setup:
 # Real servers the tests run (Debian packages): redis-server for the Redis
 # backend; containerd, runc, the CNI plugins and docker-registry for the
 # Kubernetes path.
-TEST_PACKAGES := redis-server containerd runc containernetworking-plugins docker-registry
+TEST_PACKAGES := redis-server containerd runc containernetworking-plugins docker-registry prometheus
 test-deps:
-	@for tool in redis-server containerd runc /usr/lib/cni/bridge docker-registry; do \
+	@for tool in redis-server containerd runc /usr/lib/cni/bridge docker-registry promtool; do \
 		command -v $$tool >/dev/null || [ -x $$tool ] || missing=1; done; \
 	[ -z "$$missing" ] || { $(APT_INSTALL) $(TEST_PACKAGES); }
 

@@ -22,7 +22,7 @@ pub struct Metrics {
     instances: IntGaugeVec,
     fuel: IntCounterVec,
     cpu_seconds: CounterVec,
-    memory_gb_seconds: CounterVec,
+    memory_byte_seconds: CounterVec,
     ledger_errors: IntCounter,
     abi_denied: IntCounterVec,
     abi_limited: IntCounterVec,
@@ -65,8 +65,8 @@ impl Metrics {
             .expect("invariant: static metric definition");
         let cpu_seconds = CounterVec::new(Opts::new("shoal_cpu_seconds_total", "CPU time of requests"), function)
             .expect("invariant: static metric definition");
-        let memory_gb_seconds = CounterVec::new(
-            Opts::new("shoal_memory_gb_seconds_total", "Peak memory × billed time of requests (GB-s)"),
+        let memory_byte_seconds = CounterVec::new(
+            Opts::new("shoal_memory_byte_seconds_total", "Peak memory × billed time of requests, in byte-seconds"),
             function,
         )
         .expect("invariant: static metric definition");
@@ -140,7 +140,7 @@ impl Metrics {
             Box::new(instances.clone()),
             Box::new(fuel.clone()),
             Box::new(cpu_seconds.clone()),
-            Box::new(memory_gb_seconds.clone()),
+            Box::new(memory_byte_seconds.clone()),
             Box::new(ledger_errors.clone()),
             Box::new(abi_denied.clone()),
             Box::new(abi_limited.clone()),
@@ -160,7 +160,7 @@ impl Metrics {
             instances,
             fuel,
             cpu_seconds,
-            memory_gb_seconds,
+            memory_byte_seconds,
             ledger_errors,
             abi_denied,
             abi_limited,
@@ -221,7 +221,7 @@ impl Metrics {
             self.fuel.with_label_values(&function).inc_by(fuel);
         }
         self.cpu_seconds.with_label_values(&function).inc_by(record.cpu_us as f64 / 1e6);
-        self.memory_gb_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e12);
+        self.memory_byte_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e3);
         if record.throttled_us > 0 {
             self.cpu_throttled_seconds.with_label_values(&function).inc_by(record.throttled_us as f64 / 1e6);
         }
@@ -263,7 +263,7 @@ impl Metrics {
         forget(&self.instances, function);
         forget(&self.fuel, function);
         forget(&self.cpu_seconds, function);
-        forget(&self.memory_gb_seconds, function);
+        forget(&self.memory_byte_seconds, function);
         forget(&self.abi_denied, function);
         forget(&self.abi_limited, function);
         forget(&self.deliveries, function);
