@@ -506,6 +506,13 @@ impl KeyGrant {
     }
 }
 
+impl std::fmt::Display for KeyGrant {
+    /// As written: `bucket:key` or `bucket:prefix*`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}{}", self.bucket, self.key, if self.prefix { "*" } else { "" })
+    }
+}
+
 impl Grants {
     /// Check every entry: names non-empty, without whitespace and at most
     /// 255 bytes; invoke targets valid function names; outbound authorities

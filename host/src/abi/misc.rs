@@ -69,13 +69,14 @@ impl secrets::Host for AbiView<'_> {
                 .filter(|grant| grant.kind == VolumeKind::Secret)
                 .map(|g| g.host.clone())
                 .collect();
+            let mounts_secrets = !volumes.is_empty();
             let key = name.clone();
             let found = tokio::task::spawn_blocking(move || read_secret_volumes(&volumes, &key))
                 .await
                 .map_err(|err| types::Error::Backend(format!("reading the secret failed: {err}")))?;
             return match found {
                 Ok(Some(secret)) => Ok(secret),
-                Ok(None) if caps.grants.files.iter().any(|grant| grant.kind == VolumeKind::Secret) => {
+                Ok(None) if mounts_secrets => {
                     Err(types::Error::NotFound(format!("no Secret volume of the pod has a key {name:?}")).into())
                 }
                 Ok(None) => Err(self

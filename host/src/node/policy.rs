@@ -154,8 +154,7 @@ impl Policy {
         let allows = |capability: &str, patterns: &[String]| format!("{rule_name} allows {capability} {patterns:?}");
         for grant in &grants.keyvalue {
             if !rule.keyvalue.iter().any(|pattern| covers_key(pattern, grant)) {
-                let entry = format!("{}:{}{}", grant.bucket, grant.key, if grant.prefix { "*" } else { "" });
-                return Err(refuse("keyvalue", &entry, allows("keyvalue", &rule.keyvalue)));
+                return Err(refuse("keyvalue", &grant.to_string(), allows("keyvalue", &rule.keyvalue)));
             }
         }
         for (capability, asked, patterns) in [
@@ -186,7 +185,7 @@ impl Policy {
 /// The first grant of any kind (for a namespace no rule matches).
 fn first_grant(grants: &Grants) -> Option<(&'static str, String)> {
     if let Some(grant) = grants.keyvalue.first() {
-        return Some(("keyvalue", format!("{}:{}{}", grant.bucket, grant.key, if grant.prefix { "*" } else { "" })));
+        return Some(("keyvalue", grant.to_string()));
     }
     for (capability, set) in [
         ("publish", &grants.publish),

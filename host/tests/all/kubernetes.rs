@@ -12,6 +12,13 @@ const RUNTIME: &str = "io.containerd.shoal.v1";
 const CONTAINER_RUNNING: i32 = 1;
 const CONTAINER_EXITED: i32 = 2;
 
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap().to_string();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+}
+
 fn text(output: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
@@ -406,12 +413,7 @@ async fn hostile_entrypoints_fail_creation_clearly_and_the_host_serves_on_unharm
     let (_registry, containerd, mut cri, image) = cri_node(&guest("hello"), "shoal-test/hello:1", &[]).await;
     let pod = cri.run_pod(&containerd.log_dir, "bystander", &image, &[], 0).await;
     let host = containerd.node_hosts()[0];
-    let rss_kib = || {
-        let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
-        let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap().to_string();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
-    };
-    let before = rss_kib();
+    let before = rss_kib(host);
 
     let roots = tempfile::tempdir().unwrap();
     type Make<'a> = &'a dyn Fn(&std::path::Path);
@@ -457,7 +459,7 @@ async fn hostile_entrypoints_fail_creation_clearly_and_the_host_serves_on_unharm
     }
 
     assert_eq!(containerd.node_hosts(), [host], "the same host process throughout");
-    let after = rss_kib();
+    let after = rss_kib(host);
     assert!(after < before + 8 * 1024, "host RSS grew from {before} KiB to {after} KiB");
     let (status, _) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
     assert_eq!(status, 200, "the pod beside them keeps answering");
@@ -471,12 +473,7 @@ async fn a_pod_flooding_its_output_grows_its_log_by_its_budget_only() {
     let budget = [("shoal.dev/limits.log_bytes_per_second", "4096")];
     let pod = cri.run_pod(&containerd.log_dir, "noisy", &image, &budget, 0).await;
     let host = containerd.node_hosts()[0];
-    let rss_kib = || {
-        let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
-        let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap().to_string();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
-    };
-    let before = rss_kib();
+    let before = rss_kib(host);
     let started = std::time::Instant::now();
     // 200,000 lines, about 3.5 MB of output.
     for _ in 0..4 {
@@ -497,7 +494,7 @@ async fn a_pod_flooding_its_output_grows_its_log_by_its_budget_only() {
         "{flood_bytes} bytes of output ({flood_lines} flood lines) in {seconds:.1} s (budget {allowed:.0}); {reports:?}"
     );
     assert!(log.contains("shoal: dropped "), "the drops are reported in the log");
-    let after = rss_kib();
+    let after = rss_kib(host);
     assert!(after < before + 8 * 1024, "host RSS grew from {before} KiB to {after} KiB");
     cri.remove_pod(&pod).await;
 }

@@ -1,17 +1,24 @@
 //! The Redis backend, against a real `redis-server`: the same key-value
 //! behaviour as the embedded store, and state and messages shared by hosts.
 
-use shoal::host::Backend;
+use shoal::host::{Backend, HostConfig};
 
 use crate::keyvalue::{key_value_behaves, kv_spec};
 use crate::pubsub::{inbox_receives, inbox_shows, publish, publish_succeeds, publisher, subscriber};
 use crate::support::{RedisServer, TestHost};
 
-async fn host_on(redis: &RedisServer) -> TestHost {
+/// A host with key-value and pubsub on `redis`.
+pub async fn host_on(redis: &RedisServer) -> TestHost {
+    host_on_configured(redis, |_| {}).await
+}
+
+/// [`host_on`], its config further adjusted by `configure`.
+pub async fn host_on_configured(redis: &RedisServer, configure: impl FnOnce(&mut HostConfig)) -> TestHost {
     let url = redis.url.clone();
     TestHost::start_configured(move |config| {
         config.keyvalue = Backend::Redis { url: url.clone() };
         config.pubsub = Backend::Redis { url };
+        configure(config);
     })
     .await
 }

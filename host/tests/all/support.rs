@@ -311,6 +311,12 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Every key the server holds (`redis-cli --scan`).
+    pub fn keys(&self) -> Vec<String> {
+        let output = std::process::Command::new("redis-cli").args(["-u", &self.url, "--scan"]).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).collect()
+    }
+
     /// A server that keeps nothing on disk.
     pub async fn start() -> RedisServer {
         RedisServer::launch(false).await

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use shoal::host::Backend;
 use shoal::manifest::{FileGrant, FunctionSpec, KeyGrant, PodIdentity, TenantName, VolumeKind};
 use shoal::metering::{UsageGrouping, UsageQuery};
 
@@ -89,19 +88,13 @@ async fn tenants_share_no_buckets_topics_or_function_names() {
 #[tokio::test]
 async fn tenants_share_nothing_on_redis_either() {
     let redis = RedisServer::start().await;
-    let url = redis.url.clone();
-    let host = TestHost::start_configured(move |config| {
-        config.keyvalue = Backend::Redis { url: url.clone() };
-        config.pubsub = Backend::Redis { url };
-    })
-    .await;
+    let host = crate::redis_backend::host_on(&redis).await;
     tenants_are_isolated(&host).await;
     // The tenant is in the stored names themselves.
-    let keys = std::process::Command::new("redis-cli").args(["-u", &redis.url, "--scan"]).output().unwrap();
-    let keys = String::from_utf8_lossy(&keys.stdout);
-    assert!(keys.lines().any(|key| key == "shoal:kv:a/default:hits"), "{keys}");
-    assert!(keys.lines().any(|key| key == "shoal:kv:b/default:hits"), "{keys}");
-    assert!(keys.lines().any(|key| key == "shoal:topic:a/orders"), "{keys}");
+    let keys = redis.keys();
+    for key in ["shoal:kv:a/default:hits", "shoal:kv:b/default:hits", "shoal:topic:a/orders"] {
+        assert!(keys.iter().any(|stored| stored == key), "{key} in Redis: {keys:?}");
+    }
 }
 
 #[tokio::test]
@@ -228,11 +221,6 @@ async fn each_namespace_is_held_to_its_key_value_quota_on_the_embedded_store() {
 #[tokio::test]
 async fn each_namespace_is_held_to_its_key_value_quota_on_redis() {
     let redis = RedisServer::start().await;
-    let url = redis.url.clone();
-    let host = TestHost::start_configured(move |config| {
-        config.keyvalue = Backend::Redis { url };
-        config.kv_bytes_per_tenant = Some(4096);
-    })
-    .await;
+    let host = crate::redis_backend::host_on_configured(&redis, |config| config.kv_bytes_per_tenant = Some(4096)).await;
     each_namespace_is_held_to_its_key_value_quota(&host).await;
 }
