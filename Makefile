@@ -8,7 +8,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup test-deps functions lint unit-and-integration bench images fuzz
+.PHONY: run test setup test-deps functions lint unit-and-integration bench images fuzz soak
 
 APT_INSTALL := $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y
 
@@ -81,3 +81,11 @@ fuzz: setup
 # W7 needs the Kubernetes test servers (containerd, CNI, registry).
 bench: functions test-deps
 	cd benches && $(CARGO) run --release -p shoal-bench -- $(BENCH_ARGS)
+
+# Soak and overload (not part of the tests; ~13 min at the defaults): a
+# mixed load at 80% of the measured capacity with a deploy every minute,
+# then 10x capacity; checks every answer against the usage ledger and the
+# key-value counter. Writes bench-results/soak.{md,json}. SOAK_ARGS passes
+# options (e.g. --soak-minutes 2 --overload-seconds 10).
+soak: functions
+	cd benches && $(CARGO) run --release -p shoal-bench -- --soak $(SOAK_ARGS)

@@ -228,6 +228,12 @@ impl AbiState {
         self.log.request_id()
     }
 
+    /// The trace of the request being served (a new one outside a request,
+    /// e.g. in `start`).
+    fn trace(&self) -> crate::request::TraceContext {
+        self.log.trace().unwrap_or_else(crate::request::TraceContext::start)
+    }
+
     /// Count the call against the function's ABI rate.
     fn admit(&self, capability: &'static str) -> Result<(), Refusal> {
         if self.caps.calls.check().is_err() {

@@ -31,7 +31,9 @@ use crate::limits::Outcome;
 use crate::metering::{CallStats, Ledger, UsageRecord};
 use crate::metrics::Metrics;
 use crate::pool::{AcquireError, FunctionPool, Lease};
-use crate::request::{BoxError, REQUEST_ID_HEADER, RequestMeta, ShoalBody, text_response};
+use crate::request::{
+    BoxError, REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER, TraceContext, text_response,
+};
 
 /// Runs requests and records their usage.
 pub struct Dispatcher {
@@ -50,6 +52,7 @@ struct Recorder {
 struct CallEnd<'a> {
     request_id: &'a str,
     parent_id: Option<&'a str>,
+    trace: TraceContext,
     started: SystemTime,
     stats: CallStats,
     outcome: Outcome,
@@ -77,7 +80,8 @@ impl Recorder {
             lease.init,
             end.outcome,
             end.status,
-        );
+        )
+        .in_trace(&end.trace);
         let written = self.write(&record);
         lease.set_healthy(end.healthy);
         drop(lease);
@@ -114,7 +118,9 @@ impl Dispatcher {
         Dispatcher { recorder: Recorder { ledger, metrics: metrics.clone() }, metrics }
     }
 
-    /// Serve `request` (from a trigger) with a version from `pool`.
+    /// Serve `request` (from a trigger) with a version from `pool`. Its
+    /// trace is the one its `traceparent` names (a new one without), and
+    /// its span Shoal's own.
     pub async fn dispatch<B>(
         &self,
         pool: Arc<FunctionPool>,
@@ -125,7 +131,13 @@ impl Dispatcher {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        self.dispatch_with(pool, request, RequestMeta::root(request_id)).await
+        let trace = request
+            .headers()
+            .get(TRACEPARENT_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(TraceContext::parse)
+            .map_or_else(TraceContext::start, |caller| caller.child());
+        self.dispatch_with(pool, request, RequestMeta::root(request_id, trace)).await
     }
 
     /// Serve `request` with a version from `pool`, as the request `meta`
@@ -146,7 +158,9 @@ impl Dispatcher {
             tenant = %pool.function().spec().tenant,
             function = %function,
             request_id = %meta.id,
-            parent_id = meta.parent_id.as_deref().unwrap_or("-")
+            parent_id = meta.parent_id.as_deref().unwrap_or("-"),
+            trace_id = %meta.trace.trace_id(),
+            span_id = %meta.trace.span_id()
         );
         let request_id = meta.id.clone();
         let mut response = self.dispatch_inner(pool, request, meta).instrument(span).await;
@@ -161,12 +175,15 @@ impl Dispatcher {
     /// should be delivered again.
     pub async fn deliver(&self, pool: Arc<FunctionPool>, delivery: &Delivery) -> Result<(), (Outcome, String)> {
         let request_id: Arc<str> = Arc::from(format!("msg-{}-{}", delivery.id, delivery.attempt));
+        // Each delivery is a trace of its own (messages do not carry one yet).
+        let trace = TraceContext::start();
         let function = pool.function().name().to_string();
         let span = tracing::info_span!(
             "message",
             tenant = %pool.function().spec().tenant,
             function = %function,
             request_id = %request_id,
+            trace_id = %trace.trace_id(),
             messaging.destination.name = %delivery.topic
         );
         if let Err(why) = self.recorder.writable() {
@@ -179,8 +196,12 @@ impl Dispatcher {
                 self.metrics.observe_refused(&function, Outcome::Overloaded);
                 return Err((Outcome::Overloaded, "no concurrency slot".to_string()));
             }
+            Err(AcquireError::Paused { .. }) => {
+                self.metrics.observe_refused(&function, Outcome::Overloaded);
+                return Err((Outcome::Overloaded, "the function is paused".to_string()));
+            }
             Err(AcquireError::Start(error)) => {
-                self.record_start_failure(&pool, &request_id, None, &error, 0);
+                self.record_start_failure(&pool, &RequestMeta::root(request_id, trace), &error, 0);
                 return Err((error.outcome, error.message));
             }
         };
@@ -197,7 +218,8 @@ impl Dispatcher {
             async move {
                 let mut lease = lease;
                 let started = SystemTime::now();
-                let (stats, result) = lease.instance().deliver(message, request_id.clone()).await;
+                let meta = RequestMeta::root(request_id.clone(), trace);
+                let (stats, result) = lease.instance().deliver(message, &meta).await;
                 let (outcome, verdict) = match &result {
                     Ok(Ok(())) => (Outcome::Ok, Ok(())),
                     Ok(Err(reason)) => (Outcome::Declined, Err((Outcome::Declined, reason.clone()))),
@@ -206,6 +228,7 @@ impl Dispatcher {
                 let end = CallEnd {
                     request_id: &request_id,
                     parent_id: None,
+                    trace,
                     started,
                     stats,
                     outcome,
@@ -242,7 +265,11 @@ impl Dispatcher {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let function = pool.function().name().to_string();
-        let RequestMeta { id: request_id, parent_id, depth } = meta;
+        // The guest sees Shoal's span as its caller.
+        let mut request = request;
+        if let Ok(value) = HeaderValue::from_str(&meta.trace.header()) {
+            request.headers_mut().insert(TRACEPARENT_HEADER, value);
+        }
         let body_limit = pool.function().spec().limits.max_request_bytes;
         let too_large =
             || format!("function {function:?} takes request bodies of at most max_request_bytes = {body_limit}");
@@ -286,9 +313,24 @@ impl Dispatcher {
                     .insert(http::header::RETRY_AFTER, HeaderValue::from_str(&seconds).expect("invariant: digits"));
                 return response;
             }
+            Err(AcquireError::Paused { retry_after }) => {
+                self.metrics.observe_refused(&function, Outcome::Overloaded);
+                let mut response = error_response(
+                    Outcome::Overloaded,
+                    &format!(
+                        "function {function:?} is paused and stayed paused for its queue_timeout of {} ms; retry later",
+                        pool.function().spec().limits.queue_timeout.as_millis()
+                    ),
+                );
+                let seconds = retry_after.as_secs().max(1).to_string();
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_str(&seconds).expect("invariant: digits"));
+                return response;
+            }
             Err(AcquireError::Start(error)) => {
                 let status = error.outcome.status().as_u16();
-                self.record_start_failure(&pool, &request_id, parent_id.as_deref(), &error, status);
+                self.record_start_failure(&pool, &meta, &error, status);
                 return error_response(
                     error.outcome,
                     &format!("function {function:?} could not start an instance: {}", error.message),
@@ -330,7 +372,7 @@ impl Dispatcher {
         let task = tokio::spawn(
             async move {
                 let mut lease = lease;
-                let (stats, result) = lease.instance().handle(request, request_id.clone(), depth, respond).await;
+                let (stats, result) = lease.instance().handle(request, &meta, respond).await;
                 // Handler returned without calling `response-outparam.set`:
                 // drop the sender so the waiting side sees it.
                 let unanswered = lock(&head_slot).take().is_some();
@@ -346,8 +388,9 @@ impl Dispatcher {
                     status => status,
                 };
                 let end = CallEnd {
-                    request_id: &request_id,
-                    parent_id: parent_id.as_deref(),
+                    request_id: &meta.id,
+                    parent_id: meta.parent_id.as_deref(),
+                    trace: meta.trace,
                     started,
                     stats,
                     outcome,
@@ -388,18 +431,11 @@ impl Dispatcher {
 
     /// Record a request that failed because no instance could start: it
     /// counts as a cold request that used nothing.
-    fn record_start_failure(
-        &self,
-        pool: &FunctionPool,
-        request_id: &str,
-        parent_id: Option<&str>,
-        error: &InstanceError,
-        status: u16,
-    ) {
+    fn record_start_failure(&self, pool: &FunctionPool, meta: &RequestMeta, error: &InstanceError, status: u16) {
         let function = pool.function();
         let record = UsageRecord::new(
-            request_id,
-            parent_id,
+            &meta.id,
+            meta.parent_id.as_deref(),
             function.spec().tenant.as_str(),
             function.name(),
             function.version(),
@@ -409,7 +445,8 @@ impl Dispatcher {
             None,
             error.outcome,
             status,
-        );
+        )
+        .in_trace(&meta.trace);
         self.recorder.write(&record);
     }
 }

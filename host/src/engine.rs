@@ -8,8 +8,10 @@
 //! limits and to yield a busy guest back to the scheduler. The clock ticks
 //! every [`EPOCH_TICK`], and every [`BUSY_EPOCH_TICK`] for a while after a
 //! guest call ran through more than one tick: CPU-bound guests then share a
-//! thread in short slices, while short requests and an idle host keep the
-//! slower clock.
+//! thread in short slices, while short requests keep the slower clock. It
+//! runs only while some guest code may run (a [`ClockHold`] is held around
+//! every guest call and instantiation): an idle host's clock thread sleeps,
+//! so an idle node costs no CPU for it (benchmark `idle`).
 //! Fuel is on engine-wide unless disabled in [`EngineOptions`]; a function
 //! without a fuel limit simply gets an unbounded budget, so every request's
 //! fuel is still metered.
@@ -17,7 +19,7 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -68,13 +70,42 @@ struct EngineInner {
     instance_share: u32,
     cache_dir: Option<PathBuf>,
     compat_hash: String,
-    ticker_stop: Arc<AtomicBool>,
-    busy: Arc<AtomicBool>,
+    clock: Arc<EpochClock>,
 }
 
 impl Drop for EngineInner {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.clock.stop.store(true, Ordering::Relaxed);
+        self.clock.ticker.unpark();
+    }
+}
+
+/// What the epoch clock thread and the guest calls share.
+struct EpochClock {
+    /// Set when the engine is dropped: the thread ends.
+    stop: AtomicBool,
+    /// Raised by a store's epoch callback when a call ran through more
+    /// than one tick: the clock ticks faster for a while.
+    busy: Arc<AtomicBool>,
+    /// Guest calls (and instantiations) running now; the clock sleeps
+    /// while there are none.
+    in_flight: AtomicUsize,
+    /// The clock thread, woken when the first call starts.
+    ticker: std::thread::Thread,
+    /// Ticks so far (the engine's epoch).
+    ticks: std::sync::atomic::AtomicU64,
+}
+
+/// Keeps the epoch clock ticking while held: taken around every stretch of
+/// time in which guest code may run (see [`WasmEngine::hold_clock`]).
+#[must_use = "the clock ticks only while the hold is alive"]
+pub struct ClockHold {
+    clock: Arc<EpochClock>,
+}
+
+impl Drop for ClockHold {
+    fn drop(&mut self) {
+        self.clock.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -121,25 +152,49 @@ impl WasmEngine {
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat_hash = hex(&hasher.0.finalize()[..8]);
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
         let busy = Arc::new(AtomicBool::new(false));
         let weak = engine.weak();
-        let (stop, seen_busy) = (ticker_stop.clone(), busy.clone());
-        std::thread::Builder::new().name("shoal-epoch".into()).spawn(move || {
+        // The thread learns its shared state through a channel: the state
+        // holds the thread's own handle (to wake it), known only once it
+        // is spawned.
+        let (send_clock, receive_clock) = std::sync::mpsc::sync_channel::<Arc<EpochClock>>(1);
+        let ticker = std::thread::Builder::new().name("shoal-epoch".into()).spawn(move || {
+            let Ok(clock) = receive_clock.recv() else { return };
             let mut fast_ticks = 0;
-            while !stop.load(Ordering::Relaxed) {
-                if seen_busy.swap(false, Ordering::Relaxed) {
+            while !clock.stop.load(Ordering::Relaxed) {
+                if clock.in_flight.load(Ordering::Acquire) == 0 {
+                    // Nothing can run wasm: sleep until a call starts. An
+                    // `unpark` that came first makes this return at once,
+                    // so no start is missed. No tick is owed meanwhile: a
+                    // call's first deadline is one tick after the clock
+                    // resumes.
+                    fast_ticks = 0;
+                    std::thread::park();
+                    continue;
+                }
+                if clock.busy.swap(false, Ordering::Relaxed) {
                     fast_ticks = BUSY_TICKS;
                 }
                 let tick = if fast_ticks > 0 { BUSY_EPOCH_TICK } else { EPOCH_TICK };
                 fast_ticks = fast_ticks.saturating_sub(1);
                 std::thread::sleep(tick);
                 match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
+                    Some(engine) => {
+                        engine.increment_epoch();
+                        clock.ticks.fetch_add(1, Ordering::Relaxed);
+                    }
                     None => break,
                 }
             }
         })?;
+        let clock = Arc::new(EpochClock {
+            stop: AtomicBool::new(false),
+            busy,
+            in_flight: AtomicUsize::new(0),
+            ticker: ticker.thread().clone(),
+            ticks: std::sync::atomic::AtomicU64::new(0),
+        });
+        send_clock.send(clock.clone()).expect("invariant: the clock thread waits for its state");
 
         if let Some(dir) = &options.cache_dir {
             std::fs::create_dir_all(dir)
@@ -155,8 +210,7 @@ impl WasmEngine {
                     .clamp(1, options.max_instances.max(1)),
                 cache_dir: options.cache_dir.clone(),
                 compat_hash,
-                ticker_stop,
-                busy,
+                clock,
             }),
         })
     }
@@ -169,7 +223,23 @@ impl WasmEngine {
     /// The flag a store's epoch callback raises when a guest call has run
     /// through more than one tick: the clock then ticks faster for a while.
     pub fn busy_flag(&self) -> Arc<AtomicBool> {
-        self.inner.busy.clone()
+        self.inner.clock.busy.clone()
+    }
+
+    /// Keep the epoch clock running until the hold is dropped. Every guest
+    /// call and instantiation runs under one: epochs only interrupt running
+    /// wasm, so with no hold alive the clock thread sleeps.
+    pub fn hold_clock(&self) -> ClockHold {
+        let clock = &self.inner.clock;
+        if clock.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            clock.ticker.unpark();
+        }
+        ClockHold { clock: clock.clone() }
+    }
+
+    /// How often the epoch clock has ticked since the engine was built.
+    pub fn ticks(&self) -> u64 {
+        self.inner.clock.ticks.load(Ordering::Relaxed)
     }
 
     /// The most instances one function version may hold at once.
@@ -262,5 +332,37 @@ impl Hasher for HashToSha256 {
 
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_epoch_clock_ticks_only_while_a_call_holds_it() {
+        let engine = WasmEngine::new(&EngineOptions { max_instances: 4, ..EngineOptions::default() }).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(engine.ticks(), 0, "an idle engine's clock must not tick");
+
+        let hold = engine.hold_clock();
+        std::thread::sleep(Duration::from_millis(30));
+        let running = engine.ticks();
+        assert!(running >= 3, "a held clock ticks about every millisecond; saw {running} ticks in 30 ms");
+
+        drop(hold);
+        // At most the tick already under way lands after the hold ends.
+        std::thread::sleep(Duration::from_millis(5));
+        let stopped = engine.ticks();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(engine.ticks(), stopped, "the clock stops once no call holds it");
+
+        // Two holds at once; the clock goes on until the last one ends.
+        let (first, second) = (engine.hold_clock(), engine.hold_clock());
+        drop(first);
+        let before = engine.ticks();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(engine.ticks() > before, "one hold left keeps the clock running");
+        drop(second);
     }
 }

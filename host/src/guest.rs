@@ -17,6 +17,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use crate::abi::{AbiHost, AbiState, AbiView, FunctionCaps, OutboundHttp, Services};
 use crate::limits::{CpuQuota, MemoryMeter};
 use crate::logs::{InstanceLog, Stream};
+use crate::request::RequestMeta;
 
 /// The data of an instance's store.
 pub struct GuestState {
@@ -88,10 +89,10 @@ impl GuestState {
     }
 
     /// Tag the instance's output and ABI calls with the request it now
-    /// serves, at nesting depth `depth`.
-    pub fn begin_request(&mut self, request_id: Arc<str>, depth: u32) {
-        self.log.set_request(Some(request_id));
-        self.abi.begin_request(depth);
+    /// serves (its id, trace and nesting depth).
+    pub fn begin_request(&mut self, request: &RequestMeta) {
+        self.log.set_request(Some((request.id.clone(), request.trace)));
+        self.abi.begin_request(request.depth);
     }
 
     /// The request is over: output is no longer tagged with it.

@@ -25,11 +25,13 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
+use crate::engine::ClockHold;
 use crate::function::CompiledFunction;
 use crate::guest::GuestState;
 use crate::limits::{CpuQuota, DeadlineExceeded, Outcome};
 use crate::logs::InstanceLog;
 use crate::metering::CallStats;
+use crate::request::RequestMeta;
 
 /// Fuel given to calls without a fuel limit: effectively unbounded, but
 /// still metered.
@@ -129,6 +131,8 @@ impl Instance {
             store.set_fuel(UNLIMITED_FUEL).map_err(host_error)?;
         }
 
+        // Instantiation runs the guest's initializers: the clock must tick.
+        let clock = function.engine.hold_clock();
         let instance = tokio::time::timeout(spec.limits.start_timeout, inner.pre.instantiate_async(&mut store))
             .await
             .map_err(|_| InstanceError {
@@ -140,6 +144,7 @@ impl Instance {
                 let outcome = if outcome == Outcome::Trap { Outcome::StartFailed } else { outcome };
                 InstanceError { outcome, message: format!("instantiation failed: {}", describe(&err)) }
             })?;
+        drop(clock);
         let proxy = match &inner.handler {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
             None => None,
@@ -179,7 +184,7 @@ impl Instance {
         let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
         let quota = self.function.inner.cpu.clone();
         let call = hooks.call_start(&mut self.store);
-        let (cpu, result) = run_metered(timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         let start_error = |message: String| InstanceError { outcome: Outcome::StartFailed, message };
         match result {
@@ -201,8 +206,7 @@ impl Instance {
     pub async fn handle<B>(
         &mut self,
         request: hyper::Request<B>,
-        request_id: Arc<str>,
-        depth: u32,
+        meta: &RequestMeta,
         respond: impl FnOnce(ResponseResult) + Send + Sync + 'static,
     ) -> (CallStats, Result<(), InstanceError>)
     where
@@ -217,7 +221,7 @@ impl Instance {
             return (CallStats::default(), Err(error));
         };
         let limits = &self.function.inner.spec.limits;
-        self.store.data_mut().begin_request(request_id, depth);
+        self.store.data_mut().begin_request(meta);
         let resources = {
             let mut http = self.store.data_mut().http();
             http.new_incoming_request(Scheme::Http, request)
@@ -241,7 +245,7 @@ impl Instance {
         );
         let quota = self.function.inner.cpu.clone();
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
-        let (cpu, result) = run_metered(limits.timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), limits.timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -252,7 +256,7 @@ impl Instance {
     pub async fn deliver(
         &mut self,
         message: events::Message,
-        request_id: Arc<str>,
+        meta: &RequestMeta,
     ) -> (CallStats, Result<Result<(), String>, InstanceError>) {
         let Some(events) = &self.events else {
             let error = InstanceError {
@@ -262,7 +266,7 @@ impl Instance {
             return (CallStats::default(), Err(error));
         };
         let limits = &self.function.inner.spec.limits;
-        self.store.data_mut().begin_request(request_id, 0);
+        self.store.data_mut().begin_request(meta);
         let window = Window::open(
             &mut self.store,
             limits.timeout,
@@ -271,7 +275,7 @@ impl Instance {
         );
         let quota = self.function.inner.cpu.clone();
         let call = events.call_handle(&mut self.store, &message);
-        let (cpu, result) = run_metered(limits.timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), limits.timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -310,7 +314,7 @@ impl Instance {
         let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
         let quota = self.function.inner.cpu.clone();
         let call = hooks.call_destroy(&mut self.store);
-        let (cpu, result) = run_metered(timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         result.map(|()| stats).map_err(|error| InstanceError {
             message: format!("destroy hook failed ({}): {}", error.outcome, error.message),
@@ -374,8 +378,10 @@ impl Window {
 
 /// Run `call` with a wall-clock limit (a little past `timeout`, as a
 /// backstop for guests blocked in host calls, which epochs cannot
-/// interrupt), measuring CPU time. `None`: the limit cut the call off.
+/// interrupt), measuring CPU time, with the epoch clock held running
+/// throughout. `None`: the limit cut the call off.
 async fn run_metered<R>(
+    _clock: ClockHold,
     timeout: Duration,
     quota: Option<Arc<CpuQuota>>,
     call: impl Future<Output = wasmtime::Result<R>>,

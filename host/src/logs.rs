@@ -23,6 +23,8 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
+use crate::request::TraceContext;
+
 /// A guest line longer than this is split, so a guest that never writes a
 /// newline cannot grow host memory.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
@@ -57,6 +59,8 @@ pub struct GuestLine<'a> {
     pub stream: Stream,
     /// The request being served, or `None` in `start`/`destroy`.
     pub request_id: Option<&'a str>,
+    /// The trace of that request.
+    pub trace: Option<TraceContext>,
     /// The text, without the newline (lossily decoded as UTF-8).
     pub text: &'a str,
 }
@@ -80,6 +84,7 @@ impl LogSink for TracingSink {
             version = line.version,
             stream = line.stream.as_str(),
             request_id = line.request_id.unwrap_or("-"),
+            trace_id = line.trace.map(|trace| trace.trace_id()).as_deref().unwrap_or("-"),
             "{}",
             line.text
         );
@@ -143,7 +148,7 @@ pub struct InstanceLog {
     version: Arc<str>,
     sink: Arc<dyn LogSink>,
     budget: Arc<LogBudget>,
-    request_id: Mutex<Option<Arc<str>>>,
+    request: Mutex<Option<(Arc<str>, TraceContext)>>,
 }
 
 impl InstanceLog {
@@ -155,7 +160,7 @@ impl InstanceLog {
         sink: Arc<dyn LogSink>,
         budget: Arc<LogBudget>,
     ) -> Arc<InstanceLog> {
-        Arc::new(InstanceLog { function, version, sink, budget, request_id: Mutex::new(None) })
+        Arc::new(InstanceLog { function, version, sink, budget, request: Mutex::new(None) })
     }
 
     /// The function whose instance this is.
@@ -163,14 +168,23 @@ impl InstanceLog {
         &self.function
     }
 
-    /// Tag the following lines with `request_id` (or with none).
-    pub fn set_request(&self, request_id: Option<Arc<str>>) {
-        *self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()) = request_id;
+    /// Tag the following lines with a request's id and trace (or with none).
+    pub fn set_request(&self, request: Option<(Arc<str>, TraceContext)>) {
+        *self.request.lock().unwrap_or_else(|poison| poison.into_inner()) = request;
     }
 
     /// The request being served, if any.
     pub fn request_id(&self) -> Option<Arc<str>> {
-        self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+        self.current().map(|(id, _)| id)
+    }
+
+    /// The trace of the request being served, if any.
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.current().map(|(_, trace)| trace)
+    }
+
+    fn current(&self) -> Option<(Arc<str>, TraceContext)> {
+        self.request.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
     }
 
     /// A stdout or stderr for the guest's WASI context.
@@ -180,7 +194,8 @@ impl InstanceLog {
 
     fn emit(&self, stream: Stream, bytes: &[u8]) {
         let Some(dropped) = self.budget.admit(bytes.len()) else { return };
-        let request_id = self.request_id.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+        let current = self.current();
+        let (request_id, trace) = (current.as_ref().map(|(id, _)| &**id), current.as_ref().map(|(_, trace)| *trace));
         if dropped > 0 {
             let report = format!(
                 "shoal: dropped {dropped} line(s) of output over log_bytes_per_second = {}",
@@ -190,19 +205,14 @@ impl InstanceLog {
                 function: &self.function,
                 version: &self.version,
                 stream,
-                request_id: request_id.as_deref(),
+                request_id,
+                trace,
                 text: &report,
             });
         }
         let text = String::from_utf8_lossy(bytes);
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        self.sink.line(GuestLine {
-            function: &self.function,
-            version: &self.version,
-            stream,
-            request_id: request_id.as_deref(),
-            text,
-        });
+        self.sink.line(GuestLine { function: &self.function, version: &self.version, stream, request_id, trace, text });
     }
 }
 
@@ -325,6 +335,8 @@ pub struct OwnedLine {
     pub stream: Stream,
     /// The request it belongs to, if any.
     pub request_id: Option<String>,
+    /// That request's trace id.
+    pub trace_id: Option<String>,
     /// The text.
     pub text: String,
 }
@@ -342,6 +354,7 @@ impl LogSink for MemorySink {
             function: line.function.to_string(),
             stream: line.stream,
             request_id: line.request_id.map(str::to_string),
+            trace_id: line.trace.map(|trace| trace.trace_id()),
             text: line.text.to_string(),
         });
     }
@@ -397,7 +410,8 @@ mod tests {
         let sink = Arc::new(MemorySink::default());
         let log = InstanceLog::new("f".into(), "1".into(), sink.clone(), ample());
         let out = log.output(Stream::Stdout);
-        log.set_request(Some("req-1".into()));
+        let trace = TraceContext::start();
+        log.set_request(Some(("req-1".into(), trace)));
         out.shared.write(b"hel");
         out.shared.write(b"lo\nwor");
         log.set_request(None);
@@ -405,7 +419,11 @@ mod tests {
         let lines = sink.lines();
         assert_eq!(lines.len(), 2);
         assert_eq!((lines[0].text.as_str(), lines[0].request_id.as_deref()), ("hello", Some("req-1")));
-        assert_eq!((lines[1].text.as_str(), lines[1].request_id.as_deref()), ("world", None));
+        assert_eq!(lines[0].trace_id, Some(trace.trace_id()), "the line names its request's trace");
+        assert_eq!(
+            (lines[1].text.as_str(), lines[1].request_id.as_deref(), lines[1].trace_id.as_deref()),
+            ("world", None, None)
+        );
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub struct UsageRecord {
     /// The calling request, for nested calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+    /// The W3C trace it belongs to (32 hex digits): the client's
+    /// `traceparent`'s, or one the host started; nested calls share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// The tenant the function belongs to (the pod's namespace).
     #[serde(default = "default_tenant")]
     pub tenant: String,
@@ -129,6 +133,7 @@ impl UsageRecord {
         UsageRecord {
             request_id: request_id.to_string(),
             parent_id: parent_id.map(str::to_string),
+            trace_id: None,
             tenant: tenant.to_string(),
             function: function.to_string(),
             version: version.to_string(),
@@ -145,6 +150,13 @@ impl UsageRecord {
             outcome,
             status,
         }
+    }
+}
+
+impl UsageRecord {
+    /// The same record, part of `trace`.
+    pub fn in_trace(self, trace: &crate::request::TraceContext) -> UsageRecord {
+        UsageRecord { trace_id: Some(trace.trace_id()), ..self }
     }
 }
 
@@ -173,6 +185,8 @@ pub struct Ledger {
     clock: Clock,
     current: Mutex<Partition>,
     dirty: AtomicBool,
+    /// Told when a record makes a clean ledger dirty (the syncer waits on it).
+    became_dirty: tokio::sync::Notify,
     /// Why the last append failed, while the ledger cannot be written.
     failing: Mutex<Option<(std::time::Instant, String)>>,
 }
@@ -211,6 +225,7 @@ impl Ledger {
             clock,
             current: Mutex::new(Partition { start, file, torn: false }),
             dirty: AtomicBool::new(false),
+            became_dirty: tokio::sync::Notify::new(),
             failing: Mutex::new(None),
         };
         ledger.expire(start)?;
@@ -259,7 +274,9 @@ impl Ledger {
         match (&current.file).write_all(&line) {
             Ok(()) => {
                 current.torn = false;
-                self.dirty.store(true, Ordering::Release);
+                if !self.dirty.swap(true, Ordering::AcqRel) {
+                    self.became_dirty.notify_one();
+                }
                 Ok(())
             }
             Err(err) => {
@@ -288,6 +305,18 @@ impl Ledger {
                 *failing = Some((std::time::Instant::now(), err.to_string()));
                 Err(err.to_string())
             }
+        }
+    }
+
+    /// Wait until something has been appended since the last sync (a
+    /// record appended before the wait began counts).
+    pub async fn appended(&self) {
+        loop {
+            let notified = self.became_dirty.notified();
+            if self.dirty.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
         }
     }
 

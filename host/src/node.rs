@@ -21,6 +21,7 @@ mod command;
 mod container;
 mod containerd;
 mod error;
+mod exec;
 mod netns;
 mod policy;
 mod rootfs;

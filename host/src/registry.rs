@@ -27,7 +27,7 @@ use crate::instance::Instance;
 use crate::logs::LogSink;
 use crate::manifest::{FunctionSpec, Limits, Route, TenantName, check_versions};
 use crate::metrics::Metrics;
-use crate::pool::{FunctionPool, PoolStats};
+use crate::pool::{FunctionPool, PoolStats, ReapSchedule};
 
 /// One version to deploy: its spec and its wasm.
 #[derive(Clone)]
@@ -241,6 +241,8 @@ pub struct Registry {
     /// Whether an event trigger follows this registry (then deploys wait
     /// for it, so a message published right after a deploy is not missed).
     trigger_attached: std::sync::atomic::AtomicBool,
+    /// When idle instances are looked for next (every pool reports to it).
+    reaping: Arc<ReapSchedule>,
 }
 
 impl Registry {
@@ -267,7 +269,13 @@ impl Registry {
             generation: tokio::sync::watch::channel(0).0,
             applied: tokio::sync::watch::channel(0).0,
             trigger_attached: std::sync::atomic::AtomicBool::new(false),
+            reaping: ReapSchedule::new(),
         })
+    }
+
+    /// The idle reaper's schedule.
+    pub fn reaping(&self) -> &Arc<ReapSchedule> {
+        &self.reaping
     }
 
     /// Redeploy what the state directory holds. A function that no longer
@@ -380,7 +388,7 @@ impl Registry {
                         CompileSource::Cache => "cache",
                     };
                     blobs.push((digest.clone(), item.wasm.clone()));
-                    (FunctionPool::new(compiled, self.metrics.clone()), source)
+                    (FunctionPool::new(compiled, self.metrics.clone(), self.reaping.clone()), source)
                 }
             };
             new_versions.entry(spec.name.to_string()).or_default().push(pool);
@@ -457,6 +465,17 @@ impl Registry {
             pool.discard();
         }
         self.metrics.forget_function(name);
+        Ok(())
+    }
+
+    /// Pause (or resume) every version of a function: new requests wait
+    /// (see [`FunctionPool::set_paused`]). A version deployed later starts
+    /// unpaused.
+    pub fn set_paused(&self, name: &str, paused: bool) -> Result<(), Error> {
+        let target = self.by_name(name).ok_or_else(|| Error::UnknownFunction { name: name.to_string() })?;
+        for pool in target.pools() {
+            pool.set_paused(paused);
+        }
         Ok(())
     }
 

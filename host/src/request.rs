@@ -23,7 +23,12 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The header naming the failure kind on error responses made by the host.
 pub const ERROR_KIND_HEADER: &str = "x-shoal-error";
 
-/// Who a request is: its id, and for a nested call, its parent and depth.
+/// The W3C Trace Context header: the trace a request belongs to and the
+/// span that sent it.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// Who a request is: its id, its trace, and for a nested call, its parent
+/// and depth.
 #[derive(Debug, Clone)]
 pub struct RequestMeta {
     /// The request id (`x-request-id`; nested calls: `<parent>/<n>`).
@@ -32,12 +37,119 @@ pub struct RequestMeta {
     pub parent_id: Option<Arc<str>>,
     /// 0 for a request from a trigger; one more per nested call.
     pub depth: u32,
+    /// The trace it belongs to, and Shoal's span for serving it.
+    pub trace: TraceContext,
 }
 
 impl RequestMeta {
     /// A request that came from a trigger (no parent).
-    pub fn root(id: Arc<str>) -> RequestMeta {
-        RequestMeta { id, parent_id: None, depth: 0 }
+    pub fn root(id: Arc<str>, trace: TraceContext) -> RequestMeta {
+        RequestMeta { id, parent_id: None, depth: 0, trace }
+    }
+}
+
+/// A W3C Trace Context (`traceparent`, version 00): a 16-byte trace id,
+/// the 8-byte id of the current span, and the trace flags. Shoal keeps the
+/// trace id a client sent (or starts a trace), gives each request it
+/// serves a span of its own, and passes the context on to `invoke` and
+/// outbound HTTP. Hand-written: the format is one line of hex, and the
+/// OpenTelemetry crates would bring an SDK for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    flags: u8,
+}
+
+impl TraceContext {
+    /// Read a `traceparent` value; `None` when it is not one (the
+    /// specification says to start a new trace then). Versions past 00
+    /// are read by their first four fields, as the specification asks.
+    pub fn parse(value: &str) -> Option<TraceContext> {
+        let mut fields = value.trim().split('-');
+        let version = decode::<1>(fields.next()?)?;
+        let trace_id = decode::<16>(fields.next()?)?;
+        let span_id = decode::<8>(fields.next()?)?;
+        let flags = decode::<1>(fields.next()?)?;
+        let rest = fields.next();
+        let valid_version = match version[0] {
+            0x00 => rest.is_none(),
+            0xff => false,
+            _ => true,
+        };
+        (valid_version && trace_id != [0; 16] && span_id != [0; 8]).then_some(TraceContext {
+            trace_id,
+            span_id,
+            flags: flags[0],
+        })
+    }
+
+    /// A new trace (random ids), sampled.
+    pub fn start() -> TraceContext {
+        TraceContext { trace_id: nonzero_random(), span_id: nonzero_random(), flags: 0x01 }
+    }
+
+    /// A span of the same trace, for work this span causes.
+    pub fn child(&self) -> TraceContext {
+        TraceContext { span_id: nonzero_random(), ..*self }
+    }
+
+    /// The trace id, in lowercase hex (32 digits).
+    pub fn trace_id(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    /// The span id, in lowercase hex (16 digits).
+    pub fn span_id(&self) -> String {
+        hex(&self.span_id)
+    }
+
+    /// The `traceparent` value naming this span.
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{:02x}", self.trace_id(), self.span_id(), self.flags)
+    }
+}
+
+impl std::fmt::Debug for TraceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.header())
+    }
+}
+
+/// `N` bytes from exactly `2N` lowercase hex digits (the specification
+/// refuses uppercase).
+fn decode<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let digits = text.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let nibble = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// Random bytes, never all zero (an all-zero id is invalid).
+fn nonzero_random<const N: usize>() -> [u8; N] {
+    loop {
+        let bytes: [u8; N] = rand::random();
+        if bytes != [0; N] {
+            return bytes;
+        }
     }
 }
 
@@ -55,4 +167,53 @@ pub fn text_response(status: StatusCode, text: String, error_kind: Option<&str>)
 /// A body holding `bytes`.
 pub fn full_body(bytes: impl Into<Bytes>) -> ShoalBody {
     http_body_util::Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_is_read_and_written_back_the_same() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = TraceContext::parse(value).unwrap();
+        assert_eq!(trace.header(), value);
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.span_id(), "00f067aa0ba902b7");
+    }
+
+    #[test]
+    fn a_child_keeps_the_trace_and_flags_with_a_new_span() {
+        let trace = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
+        let child = trace.child();
+        assert_eq!(child.trace_id(), trace.trace_id());
+        assert_ne!(child.span_id(), trace.span_id());
+        assert!(child.header().ends_with("-00"), "flags are kept: {}", child.header());
+    }
+
+    #[test]
+    fn values_that_are_not_a_traceparent_are_refused() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad:?}");
+        }
+        // A later version may add fields; the first four still count.
+        assert!(TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").is_some());
+    }
+
+    #[test]
+    fn a_started_trace_is_valid_and_new_each_time() {
+        let (a, b) = (TraceContext::start(), TraceContext::start());
+        assert_ne!(a.trace_id(), b.trace_id());
+        assert_eq!(TraceContext::parse(&a.header()), Some(a));
+    }
 }

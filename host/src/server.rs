@@ -21,9 +21,6 @@ use crate::host::{Host, HostConfig};
 use crate::metering::{Ledger, SYNC_INTERVAL};
 use crate::registry::DeployItem;
 
-/// How often idle instances are looked for.
-const REAP_INTERVAL: Duration = Duration::from_millis(100);
-
 impl RunningHost {
     /// Build a host and start serving.
     pub async fn start(config: HostConfig) -> Result<RunningHost, Error> {
@@ -108,29 +105,47 @@ fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> 
         .map_err(|err| Error::Internal(anyhow::anyhow!("cannot bind admin socket {}: {err}", path.display())))
 }
 
+/// Destroy idle instances as they pass their `idle_timeout`: sleep until
+/// the first one does (or, with none idle, until one is released), never
+/// on a fixed tick.
 async fn reap_idle(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(REAP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let schedule = host.registry().reaping().clone();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
         let now = Instant::now();
-        for pool in host.registry().pools() {
+        let pools = host.registry().pools();
+        for pool in &pools {
             let reaped = pool.reap_idle(now);
             if reaped > 0 {
                 tracing::debug!(function = pool.function().name(), reaped, "scaled down idle instances");
             }
         }
+        let next = pools.iter().filter_map(|pool| pool.next_expiry()).min();
+        drop(pools);
+        schedule.plan(next);
+        let due = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = due => {}
+            _ = schedule.woken() => {}
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
+/// `fsync` the ledger [`SYNC_INTERVAL`] after the first record appended
+/// since the last sync; an idle host is never woken for it.
 async fn sync_ledger(ledger: Arc<Ledger>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(SYNC_INTERVAL);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = ledger.appended() => {}
+            _ = shutdown.changed() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
             _ = shutdown.changed() => return,
         }
         let ledger = ledger.clone();

@@ -34,11 +34,28 @@ impl Admin {
     /// Connect to the host whose state directory is `state_dir`; it must
     /// already have one function deployed (its spec is the template).
     pub fn new(socket: PathBuf, state_dir: &Path) -> anyhow::Result<Admin> {
+        Admin::with_template(socket, state_dir, None)
+    }
+
+    /// [`Admin::new`] with the spec of the deployed function `name` as the
+    /// template (its grants and limits), or the first one's for `None`.
+    pub fn with_template(socket: PathBuf, state_dir: &Path, name: Option<&str>) -> anyhow::Result<Admin> {
         let registry = state_dir.join("registry.json");
         let text = std::fs::read(&registry).with_context(|| format!("reading {}", registry.display()))?;
         let registry: Value = serde_json::from_slice(&text)?;
-        let template = registry["functions"][0]["spec"].clone();
-        anyhow::ensure!(template.is_object(), "{} holds no deployed function", state_dir.display());
+        let functions = registry["functions"].as_array().cloned().unwrap_or_default();
+        let template = functions
+            .iter()
+            .map(|function| &function["spec"])
+            .find(|spec| name.is_none_or(|name| spec["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null);
+        anyhow::ensure!(
+            template.is_object(),
+            "{} holds no deployed function{}",
+            state_dir.display(),
+            name.map(|name| format!(" named {name}")).unwrap_or_default()
+        );
         Ok(Admin { socket, template })
     }
 

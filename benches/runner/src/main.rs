@@ -13,11 +13,13 @@ mod cold;
 mod cpu;
 mod density;
 mod hello;
+mod idle;
 mod isolation;
 mod keyvalue;
 mod kubernetes;
 mod peers;
 mod report;
+mod soak;
 mod wrk;
 
 use std::path::PathBuf;
@@ -26,12 +28,12 @@ use std::process::Command;
 use anyhow::Context as _;
 use clap::Parser;
 
-/// Run Shoal's benchmark suite (W1–W7) and write the results table.
+/// Run Shoal's benchmark suite (W1–W8) and write the results table.
 #[derive(Debug, Parser)]
 #[command(name = "shoal-bench", version, about)]
 pub struct Args {
-    /// Workloads to run (w1..w7).
-    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w5,w6,w7")]
+    /// Workloads to run (w1..w8).
+    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w5,w6,w7,w8")]
     only: Vec<String>,
     /// Seconds per load run.
     #[arg(long, default_value_t = 5)]
@@ -58,13 +60,23 @@ pub struct Args {
     /// Where results go (relative to the repository).
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Run the soak and overload instead of the workloads (`make soak`):
+    /// writes soak.{md,json} beside the results.
+    #[arg(long)]
+    soak: bool,
+    /// Minutes of mixed load at 80% of capacity (with --soak).
+    #[arg(long, default_value_t = 10)]
+    soak_minutes: u64,
+    /// Seconds of load at 10× capacity (with --soak).
+    #[arg(long, default_value_t = 30)]
+    overload_seconds: u64,
 }
 
 type Workload = fn(&peers::Tools, &Args) -> anyhow::Result<report::Section>;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let workloads: [(&str, Workload); 7] = [
+    let workloads: [(&str, Workload); 8] = [
         ("w1", hello::run),
         ("w2", cpu::run),
         ("w3", keyvalue::run),
@@ -72,12 +84,21 @@ fn main() -> anyhow::Result<()> {
         ("w5", density::run),
         ("w6", isolation::run),
         ("w7", kubernetes::run),
+        ("w8", idle::run),
     ];
     for wanted in &args.only {
-        anyhow::ensure!(workloads.iter().any(|(id, _)| id == wanted), "unknown workload {wanted:?} (w1..w7)");
+        anyhow::ensure!(workloads.iter().any(|(id, _)| id == wanted), "unknown workload {wanted:?} (w1..w8)");
     }
     let root = repo_root()?;
-    let tools = peers::Tools::prepare(&root).context("preparing the peers")?;
+    if args.soak {
+        anyhow::ensure!(args.soak_minutes > 0, "--soak-minutes must be at least 1");
+        let tools = peers::Tools::prepare(&root, false).context("preparing the peers")?;
+        pin_to_cpu1()?;
+        return soak::run(&tools, &args);
+    }
+    // Only W1 compares with `wasmtime serve`.
+    let with_wasmtime = args.only.iter().any(|w| w == "w1");
+    let tools = peers::Tools::prepare(&root, with_wasmtime).context("preparing the peers")?;
     if args.only.iter().any(|w| w == "w7") {
         kubernetes::build(&tools).context("building the Kubernetes benchmark")?;
     }

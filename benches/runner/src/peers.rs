@@ -71,8 +71,9 @@ impl Tools {
         self.root.join(format!("functions/target/wasm32-wasip2/release/{name}.wasm"))
     }
 
-    /// Install what is missing and build every peer.
-    pub fn prepare(root: &Path) -> anyhow::Result<Tools> {
+    /// Install what is missing and build every peer (`wasmtime serve`
+    /// only when `with_wasmtime`: it takes many minutes to build once).
+    pub fn prepare(root: &Path, with_wasmtime: bool) -> anyhow::Result<Tools> {
         if !have("wrk") || !have("taskset") {
             run(Command::new("apt-get").arg("update"))?;
             run(Command::new("apt-get").args(["install", "-y", "wrk", "util-linux"]))?;
@@ -81,7 +82,7 @@ impl Tools {
         let wasmtime = tools_dir.join("bin/wasmtime");
         let installed = Command::new(&wasmtime).arg("--version").output().ok();
         let current = installed.is_some_and(|out| String::from_utf8_lossy(&out.stdout).contains(WASMTIME_CLI_VERSION));
-        if !current {
+        if with_wasmtime && !current {
             eprintln!("installing wasmtime-cli {WASMTIME_CLI_VERSION} from crates.io (several minutes, once)");
             run(Command::new("cargo")
                 .args(["install", "wasmtime-cli", "--version", WASMTIME_CLI_VERSION, "--locked", "--root"])
@@ -318,8 +319,24 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).ok()?;
     let status = reply.split(' ').nth(1)?.parse().ok()?;
-    let body = reply.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
-    Some((status, body))
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let chunked = head.lines().any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    Some((status, if chunked { dechunk(body) } else { body.to_string() }))
+}
+
+/// The data of a chunked HTTP/1.1 body (a guest that sets no length
+/// answers in chunks).
+fn dechunk(mut body: &str) -> String {
+    let mut data = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        data.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+    }
+    data
 }
 
 /// Resident and proportional set size of a process, in KiB
@@ -334,4 +351,15 @@ pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
             .unwrap_or(0)
     };
     Ok((field("Rss:"), field("Pss:")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunked_body_is_read_whole() {
+        assert_eq!(dechunk("6\r\n222201\r\n0\r\n\r\n"), "222201");
+        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
 }

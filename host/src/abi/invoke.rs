@@ -81,6 +81,8 @@ impl invoke::Host for AbiView<'_> {
             id: format!("{parent}/{}", state.invokes).into(),
             parent_id: Some(parent),
             depth: state.depth + 1,
+            // The callee is a span of the caller's trace.
+            trace: state.trace().child(),
         };
         let response =
             invoker.invoke(&state.caps.tenant, &function, http_request, meta).await.map_err(|err| match err {

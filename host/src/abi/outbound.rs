@@ -23,6 +23,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpH
 
 use super::{FunctionCaps, Services, log_denial};
 use crate::logs::InstanceLog;
+use crate::request::TRACEPARENT_HEADER;
 
 /// How long a connection may take when the guest sets no timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +71,15 @@ impl WasiHttpHooks for OutboundHttp {
             let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
             (format!("{}:{port}", authority.host()), host, port)
         });
+        // The receiver is called within this request's trace (unless the
+        // guest names a span of its own).
+        let mut request = request;
+        if !request.headers().contains_key(TRACEPARENT_HEADER)
+            && let Some(trace) = self.log.trace()
+            && let Ok(value) = http::HeaderValue::from_str(&trace.child().header())
+        {
+            request.headers_mut().insert(TRACEPARENT_HEADER, value);
+        }
         let Some((authority, host, port)) = target else {
             return Box::new(std::future::ready(Err(self.deny("outbound HTTP to <no authority>"))));
         };

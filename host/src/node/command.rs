@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
 use wasmtime::{Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -60,10 +61,20 @@ pub struct Invocation<'a> {
     pub env: &'a [(String, String)],
     /// Mounted read-only at `/`, when present.
     pub rootfs: Option<&'a Path>,
+    /// The container's volumes, preopened at their mount paths.
+    pub volumes: &'a [crate::manifest::FileGrant],
     /// Linear memory cap in bytes.
     pub memory_limit: Option<u64>,
-    /// Where its output lines go.
-    pub log: Arc<InstanceLog>,
+    /// Where its input comes from and its output goes.
+    pub stdio: Stdio,
+}
+
+/// A program's standard streams.
+pub enum Stdio {
+    /// The container's: no input, output lines to its log (budgeted).
+    Log(Arc<InstanceLog>),
+    /// An exec's own FIFOs, byte for byte.
+    Pipes { stdin: Option<AsyncStdinStream>, stdout: AsyncStdoutStream, stderr: AsyncStdoutStream },
 }
 
 /// Whether `wasm` is a program (rather than a function component).
@@ -111,10 +122,13 @@ pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
 /// Run the program to its end; returns its exit status, and why it
 /// trapped if it did.
 pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<'_>) -> (i32, Option<String>) {
-    let result = match build_context(&invocation) {
+    // The program may run wasm at any time until it ends: keep the clock on.
+    let _clock = engine.hold_clock();
+    let memory_limit = invocation.memory_limit;
+    let result = match build_context(invocation) {
         Err(err) => Err(err),
         Ok(mut builder) => {
-            let limits = limits(invocation.memory_limit);
+            let limits = limits(memory_limit);
             match program {
                 Program::Component(pre) => {
                     let state = CommandState { wasi: builder.build(), table: ResourceTable::new(), limits };
@@ -153,17 +167,26 @@ pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<
     }
 }
 
-fn build_context(invocation: &Invocation<'_>) -> wasmtime::Result<WasiCtxBuilder> {
+fn build_context(invocation: Invocation<'_>) -> wasmtime::Result<WasiCtxBuilder> {
     let mut builder = WasiCtxBuilder::new();
-    builder
-        .args(invocation.args)
-        .envs(invocation.env)
-        .stdout(invocation.log.output(Stream::Stdout))
-        .stderr(invocation.log.output(Stream::Stderr))
-        .allow_tcp(false)
-        .allow_udp(false);
+    builder.args(invocation.args).envs(invocation.env).allow_tcp(false).allow_udp(false);
+    match invocation.stdio {
+        Stdio::Log(log) => {
+            builder.stdout(log.output(Stream::Stdout)).stderr(log.output(Stream::Stderr));
+        }
+        Stdio::Pipes { stdin, stdout, stderr } => {
+            builder.stdout(stdout).stderr(stderr);
+            if let Some(stdin) = stdin {
+                builder.stdin(stdin);
+            }
+        }
+    }
     if let Some(rootfs) = invocation.rootfs.filter(|rootfs| rootfs.is_dir()) {
         builder.preopened_dir(rootfs, "/", FsPerms::ReadOnly)?;
+    }
+    for volume in invocation.volumes {
+        let perms = if volume.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        builder.preopened_dir(&volume.host, &volume.guest, perms)?;
     }
     Ok(builder)
 }

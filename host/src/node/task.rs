@@ -10,12 +10,15 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim_protos::api::{
-    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
-    DeleteResponse, Empty, KillRequest, PidsRequest, PidsResponse, ProcessInfo, ShutdownRequest, StartRequest,
-    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status, WaitRequest, WaitResponse,
+    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse,
+    ProcessInfo, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
+    StateResponse, StatsRequest, StatsResponse, Status, UpdateTaskRequest, WaitRequest, WaitResponse,
 };
 use containerd_shim_protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics as CgroupMetrics};
-use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused, TaskResumed, TaskStart,
+};
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::{Message as _, MessageDyn, MessageField};
@@ -31,6 +34,7 @@ use super::command::{self, Program};
 use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
 use super::containerd::ContainerRecord;
 use super::error::{NodeError, task_failed};
+use super::exec::{Exec, ExecCommand, ExecState, ExecStdio};
 use super::policy::PolicyFile;
 use super::stdio::{ContainerOutput, ContainerSinks};
 use super::{netns, rootfs};
@@ -69,7 +73,19 @@ pub struct Node {
 enum TaskState {
     Created,
     Running,
-    Stopped { status: u32, at: SystemTime },
+    /// Running, but taking no new requests (they wait for Resume).
+    Paused,
+    Stopped {
+        status: u32,
+        at: SystemTime,
+    },
+}
+
+impl TaskState {
+    /// Started and not yet stopped (paused or not).
+    fn is_live(self) -> bool {
+        matches!(self, TaskState::Running | TaskState::Paused)
+    }
 }
 
 enum Kind {
@@ -101,11 +117,21 @@ struct Container {
     state: watch::Sender<TaskState>,
     stop: watch::Sender<bool>,
     runner: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Its execs (`kubectl exec`), by exec id.
+    execs: Mutex<HashMap<String, Arc<Exec>>>,
 }
 
 impl Container {
     fn state(&self) -> TaskState {
         *self.state.borrow()
+    }
+
+    fn lock_execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Exec>>> {
+        self.execs.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn exec(&self, exec_id: &str) -> Result<Arc<Exec>, NodeError> {
+        self.lock_execs().get(exec_id).cloned().ok_or_else(|| NodeError::NotFound(format!("exec {exec_id} not found")))
     }
 
     fn take_runner(&self) -> Option<tokio::task::JoinHandle<()>> {
@@ -168,6 +194,7 @@ impl Node {
             version: "-",
             stream: Stream::Stderr,
             request_id: None,
+            trace: None,
             text: &format!("shoal: {text}"),
         });
     }
@@ -175,7 +202,7 @@ impl Node {
     /// Stop every container (host shutdown): functions drain and run `destroy`.
     pub async fn stop_all(self: &Arc<Self>) {
         let containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
-        let stops = containers.into_iter().filter(|c| c.state() == TaskState::Running).map(|container| {
+        let stops = containers.into_iter().filter(|c| c.state().is_live()).map(|container| {
             let node = self.clone();
             async move { node.terminate(container, SIGTERM).await }
         });
@@ -263,26 +290,9 @@ impl Node {
                         Default::default()
                     }
                 };
-                let labels = &record.labels;
                 let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
-                let mut settings = KubernetesSettings::collect([labels, &bundle.annotations()], bundle.memory_limit());
-                settings.cpu_limit = bundle.cpu_limit_millis();
-                let mut spec =
-                    settings.function_spec(&function, &file, &format!("container {id} labels/annotations"))?;
-                // Whose it is: the pod's namespace (what containerd's CRI
-                // says of the container, else of its sandbox), or, for a
-                // container no pod made, containerd's namespace.
-                let namespace = bundle
-                    .pod_namespace()
-                    .or_else(|| sandbox_id.as_deref().and_then(|sandbox| self.sandbox_namespace(sandbox)))
-                    .unwrap_or_else(|| self.namespace.clone());
-                spec.tenant = TenantName::new(&namespace)
-                    .map_err(|err| NodeError::InvalidArgument(format!("the container's namespace: {err}")))?;
-                self.policy.current()?.check(&spec.tenant, &spec.grants)?;
-                spec.pod = bundle.pod_identity();
-                spec.env = bundle.env().into_iter().collect();
-                spec.grants.files = bundle.volumes();
-                spec.check().map_err(|err| NodeError::InvalidArgument(format!("container {id}: {err}")))?;
+                let resources = (bundle.memory_limit(), bundle.cpu_limit_millis());
+                let spec = self.app_spec(&id, &function, &bundle, &record, sandbox_id.as_deref(), &file, resources)?;
                 let code_bytes = wasm.len() as u64;
                 let engine = self.host.registry().engine().clone();
                 let probe = wasm.clone();
@@ -353,7 +363,43 @@ impl Node {
             state: watch::Sender::new(TaskState::Created),
             stop: watch::Sender::new(false),
             runner: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The function spec of an app container: its image labels, then its
+    /// annotations, capped by its `resources` (memory bytes, CPU
+    /// thousandths), checked against the node policy; its tenant, pod,
+    /// environment and volumes from the bundle.
+    #[allow(clippy::too_many_arguments, reason = "the parts of one container, each from its own source")]
+    fn app_spec(
+        &self,
+        id: &str,
+        function: &str,
+        bundle: &Bundle,
+        record: &ContainerRecord,
+        sandbox_id: Option<&str>,
+        file: &std::path::Path,
+        (memory_limit, cpu_limit): (Option<u64>, Option<u32>),
+    ) -> Result<crate::manifest::FunctionSpec, NodeError> {
+        let mut settings = KubernetesSettings::collect([&record.labels, &bundle.annotations()], memory_limit);
+        settings.cpu_limit = cpu_limit;
+        let mut spec = settings.function_spec(function, file, &format!("container {id} labels/annotations"))?;
+        // Whose it is: the pod's namespace (what containerd's CRI says of
+        // the container, else of its sandbox), or, for a container no pod
+        // made, containerd's namespace.
+        let namespace = bundle
+            .pod_namespace()
+            .or_else(|| sandbox_id.and_then(|sandbox| self.sandbox_namespace(sandbox)))
+            .unwrap_or_else(|| self.namespace.clone());
+        spec.tenant = TenantName::new(&namespace)
+            .map_err(|err| NodeError::InvalidArgument(format!("the container's namespace: {err}")))?;
+        self.policy.current()?.check(&spec.tenant, &spec.grants)?;
+        spec.pod = bundle.pod_identity();
+        spec.env = bundle.env().into_iter().collect();
+        spec.grants.files = bundle.volumes();
+        spec.check().map_err(|err| NodeError::InvalidArgument(format!("container {id}: {err}")))?;
+        Ok(spec)
     }
 
     /// The container's wasm: the entrypoint in its rootfs or, when the
@@ -457,8 +503,14 @@ impl Node {
             self.sinks.clone(),
             log_budget.clone(),
         );
-        let invocation =
-            command::Invocation { args, env, rootfs: Some(rootfs.as_path()), memory_limit: Some(*memory_limit), log };
+        let invocation = command::Invocation {
+            args,
+            env,
+            rootfs: Some(rootfs.as_path()),
+            volumes: &[],
+            memory_limit: Some(*memory_limit),
+            stdio: command::Stdio::Log(log),
+        };
         let (code, trap) = command::run(&engine, program, invocation).await;
         if let Some(trap) = trap {
             self.tell(&container, &format!("the program trapped: {trap}"));
@@ -478,6 +530,16 @@ impl Node {
         });
         if !changed {
             return;
+        }
+        // Its execs end with it.
+        let execs: Vec<Arc<Exec>> = container.lock_execs().values().cloned().collect();
+        for exec in execs {
+            if let Some(runner) = exec.take_runner() {
+                runner.abort();
+            }
+            if exec.finish(signalled(SIGKILL)) {
+                self.exec_exited(container, &exec).await;
+            }
         }
         self.sinks.detach(&container.function);
         let event = TaskExit {
@@ -537,7 +599,12 @@ impl Node {
                 self.exit(&container, signalled(signal)).await;
                 Ok(())
             }
-            TaskState::Running => {
+            TaskState::Running | TaskState::Paused => {
+                if container.state() == TaskState::Paused && matches!(container.kind, Kind::Service { .. }) {
+                    // Requests waiting for the resume are served (SIGTERM
+                    // drains them) or end with the function (SIGKILL).
+                    let _ = self.host.registry().set_paused(&container.function, false);
+                }
                 match signal {
                     SIGKILL => self.kill_now(&container).await,
                     SIGTERM | SIGINT | SIGQUIT => {
@@ -556,7 +623,7 @@ impl Node {
     async fn delete(&self, id: &str) -> Result<DeleteResponse, NodeError> {
         let container = self.get(id)?;
         let (status, at) = match container.state() {
-            TaskState::Running => {
+            TaskState::Running | TaskState::Paused => {
                 return Err(NodeError::FailedPrecondition(format!("container {id} is running: kill it first")));
             }
             TaskState::Created => {
@@ -585,6 +652,319 @@ impl Node {
         };
         self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event)).await;
         Ok(DeleteResponse { pid: self.pid, exit_status: status, exited_at: timestamp(at), ..Default::default() })
+    }
+
+    /// Add an exec (`kubectl exec`): checked now, started by Start.
+    async fn exec_add(&self, container: &Container, request: &ExecProcessRequest) -> Result<(), NodeError> {
+        if !container.state().is_live() {
+            return Err(NodeError::FailedPrecondition("it is not running".to_string()));
+        }
+        let exec = Exec::parse(request)?;
+        match (&container.kind, &exec.command) {
+            (Kind::Sandbox { .. }, _) => {
+                return Err(NodeError::FailedPrecondition("a pod's sandbox runs nothing to exec into".to_string()));
+            }
+            (Kind::Command { .. }, ExecCommand::Invoke { .. }) => {
+                return Err(NodeError::InvalidArgument(
+                    "`shoal invoke` calls the pod's HTTP function; this container runs a program".to_string(),
+                ));
+            }
+            _ => {}
+        }
+        {
+            let mut execs = container.lock_execs();
+            if execs.contains_key(&exec.id) {
+                return Err(NodeError::AlreadyExists(format!("exec {} already exists", exec.id)));
+            }
+            execs.insert(exec.id.clone(), Arc::new(exec));
+        }
+        let event = TaskExecAdded {
+            container_id: container.id.clone(),
+            exec_id: request.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event)).await;
+        Ok(())
+    }
+
+    /// Start an exec: it runs on its own task until it ends or is killed.
+    async fn exec_start(self: &Arc<Self>, container: Arc<Container>, exec: Arc<Exec>) -> Result<u32, NodeError> {
+        if exec.state() != ExecState::Created {
+            return Err(NodeError::FailedPrecondition(format!("exec {} was already started", exec.id)));
+        }
+        let stdio = ExecStdio::open(&exec)?;
+        exec.state.send_replace(ExecState::Running);
+        let node = self.clone();
+        let (running, started) = (container.clone(), exec.clone());
+        let runner = tokio::spawn(async move {
+            let status = node.run_exec(&running, &started, stdio).await;
+            if started.finish(status) {
+                node.exec_exited(&running, &started).await;
+            }
+        });
+        *exec.runner.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(runner);
+        let event = TaskExecStarted {
+            container_id: container.id.clone(),
+            exec_id: exec.id.clone(),
+            pid: self.pid,
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event)).await;
+        Ok(self.pid)
+    }
+
+    /// Run an exec to its end; its exit status.
+    async fn run_exec(&self, container: &Container, exec: &Exec, stdio: ExecStdio) -> u32 {
+        match &exec.command {
+            ExecCommand::Invoke { path } => self.exec_invoke(container, exec, path, stdio).await,
+            ExecCommand::Program { args, env } => {
+                let (stdin, stdout, stderr, mut notes) = stdio.into_wasi();
+                let program = match self.exec_program(container, &args[0]).await {
+                    Ok(program) => program,
+                    Err((status, why)) => {
+                        super::exec::write(&mut notes, format!("shoal: {}: {why}\n", args[0]).as_bytes()).await;
+                        return status;
+                    }
+                };
+                let memory_limit = match &container.kind {
+                    Kind::Command { memory_limit, .. } => Some(*memory_limit),
+                    _ => self.host.registry().by_name(&container.function).and_then(|target| {
+                        target.pools().next().map(|pool| pool.function().spec().limits.memory_bytes)
+                    }),
+                };
+                let bundle = Bundle::load(&container.bundle).ok();
+                let volumes = bundle.as_ref().map(Bundle::volumes).unwrap_or_default();
+                let rootfs = bundle.as_ref().map(Bundle::rootfs);
+                let invocation = command::Invocation {
+                    args,
+                    env,
+                    rootfs: rootfs.as_deref(),
+                    volumes: &volumes,
+                    memory_limit,
+                    stdio: command::Stdio::Pipes { stdin, stdout, stderr },
+                };
+                let engine = self.host.registry().engine().clone();
+                let (code, trap) = command::run(&engine, &program, invocation).await;
+                if let Some(trap) = trap {
+                    super::exec::write(&mut notes, format!("shoal: the program trapped: {trap}\n").as_bytes()).await;
+                }
+                code as u32
+            }
+        }
+    }
+
+    /// The program an exec names, read inside the container's rootfs and
+    /// compiled; or the status to exit with (127 missing, 126 not a
+    /// program) and why.
+    async fn exec_program(&self, container: &Container, path: &str) -> Result<Program, (u32, String)> {
+        let rootfs = Bundle::load(&container.bundle)
+            .map(|bundle| bundle.rootfs())
+            .map_err(|err| (127, format!("the container's rootfs: {err}")))?;
+        let (path, max_bytes) = (path.to_string(), self.max_wasm_bytes);
+        let engine = self.host.registry().engine().clone();
+        let compiled = tokio::task::spawn_blocking(move || {
+            let wasm = rootfs::read_inside(&rootfs, &path, max_bytes).map_err(|err| (127, err.to_string()))?;
+            if !command::is_program(&engine, &wasm) {
+                return Err((
+                    126,
+                    "not a wasi:cli program (an HTTP function is called with `shoal invoke`)".to_string(),
+                ));
+            }
+            command::compile(&engine, &wasm).map_err(|err| (126, err.to_string()))
+        })
+        .await;
+        compiled.unwrap_or_else(|err| Err((126, format!("compiling the program failed: {err}"))))
+    }
+
+    /// `shoal invoke PATH` inside the pod: a GET on its own function.
+    async fn exec_invoke(&self, container: &Container, exec: &Exec, path: &str, stdio: ExecStdio) -> u32 {
+        use http_body_util::BodyExt as _;
+        let ExecStdio { mut stdout, mut notes, .. } = stdio;
+        let Some(target) = self.host.registry().by_name(&container.function) else {
+            super::exec::write(&mut notes, b"shoal invoke: the pod's function is not running\n").await;
+            return 1;
+        };
+        let request = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(format!("http://localhost{path}"))
+            .header(http::header::HOST, "localhost")
+            .body(
+                http_body_util::Empty::<bytes::Bytes>::new()
+                    .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} }),
+            );
+        let request = match request {
+            Ok(request) => request,
+            Err(err) => {
+                super::exec::write(&mut notes, format!("shoal invoke: bad path {path:?}: {err}\n").as_bytes()).await;
+                return 2;
+            }
+        };
+        let request_id: Arc<str> = Arc::from(format!("exec-{}", exec.id));
+        let response = self.host.dispatcher().dispatch(target.pick().clone(), request, request_id).await;
+        let status = response.status();
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        super::exec::write(&mut stdout, &data).await;
+                    }
+                }
+                Err(err) => {
+                    super::exec::write(&mut notes, format!("shoal invoke: the body broke off: {err}\n").as_bytes())
+                        .await;
+                    return 1;
+                }
+            }
+        }
+        if status.as_u16() >= 400 {
+            super::exec::write(&mut notes, format!("shoal invoke: {path} answered {status}\n").as_bytes()).await;
+            return 1;
+        }
+        0
+    }
+
+    /// Tell containerd an exec ended.
+    async fn exec_exited(&self, container: &Container, exec: &Exec) {
+        let ExecState::Stopped { status, at } = exec.state() else { return };
+        let event = TaskExit {
+            container_id: container.id.clone(),
+            id: exec.id.clone(),
+            pid: self.pid,
+            exit_status: status,
+            exited_at: timestamp(at),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event)).await;
+    }
+
+    /// Kill an exec: it stops at once, with `128 + signal`.
+    async fn exec_kill(&self, container: &Container, exec: &Exec, signal: u32) {
+        if let Some(runner) = exec.take_runner() {
+            runner.abort();
+        }
+        if exec.finish(signalled(signal)) {
+            self.exec_exited(container, exec).await;
+        }
+    }
+
+    /// Pause: a function takes no new requests (they wait, within its
+    /// `queue_timeout`), those under way finish.
+    async fn pause(&self, container: &Container) -> Result<(), NodeError> {
+        match (container.state(), &container.kind) {
+            (TaskState::Paused, _) => return Ok(()),
+            (TaskState::Running, Kind::Service { .. }) => {
+                self.host
+                    .registry()
+                    .set_paused(&container.function, true)
+                    .map_err(|err| NodeError::Internal(format!("pausing: {err}")))?;
+            }
+            (TaskState::Running, Kind::Sandbox { .. }) => {}
+            (TaskState::Running, Kind::Command { .. }) => {
+                return Err(NodeError::Unimplemented(
+                    "pausing a running wasi:cli program is not supported (HTTP functions can be paused)".to_string(),
+                ));
+            }
+            (state, _) => return Err(NodeError::FailedPrecondition(format!("it is not running ({state:?})"))),
+        }
+        container.state.send_replace(TaskState::Paused);
+        let event = TaskPaused { container_id: container.id.clone(), ..Default::default() };
+        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event)).await;
+        Ok(())
+    }
+
+    /// Resume: the requests that waited are served.
+    async fn resume(&self, container: &Container) -> Result<(), NodeError> {
+        match container.state() {
+            TaskState::Running => return Ok(()),
+            TaskState::Paused => {}
+            state => return Err(NodeError::FailedPrecondition(format!("it is not paused ({state:?})"))),
+        }
+        if matches!(container.kind, Kind::Service { .. }) {
+            self.host
+                .registry()
+                .set_paused(&container.function, false)
+                .map_err(|err| NodeError::Internal(format!("resuming: {err}")))?;
+        }
+        container.state.send_replace(TaskState::Running);
+        let event = TaskResumed { container_id: container.id.clone(), ..Default::default() };
+        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event)).await;
+        Ok(())
+    }
+
+    /// Update (in-place resize): the function's memory and CPU budgets
+    /// become what `resources` (the OCI `LinuxResources` containerd
+    /// sends) says, computed as at creation (annotations capped by the
+    /// limits). The function is deployed again with its new limits: the
+    /// version serving now drains while the new one takes the requests, so
+    /// nothing is refused and the container never restarts.
+    async fn update(&self, container: &Container, resources: &[u8]) -> Result<(), NodeError> {
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources).map_err(|err| {
+            NodeError::InvalidArgument(format!("the resources are not OCI LinuxResources JSON: {err}"))
+        })?;
+        let memory_limit = resources
+            .memory()
+            .as_ref()
+            .and_then(|memory| memory.limit())
+            .and_then(|limit| u64::try_from(limit).ok())
+            .filter(|limit| *limit > 0);
+        let cpu_limit = resources.cpu().as_ref().and_then(|cpu| {
+            let (quota, period) = (cpu.quota()?, cpu.period()?);
+            (quota > 0 && period > 0)
+                .then(|| (quota as u128 * 1000 / u128::from(period)).clamp(1, u128::from(u32::MAX)) as u32)
+        });
+        if !container.state().is_live() && container.state() != TaskState::Created {
+            return Err(NodeError::FailedPrecondition("it has stopped".to_string()));
+        }
+        let Kind::Service { .. } = container.kind else {
+            // A sandbox runs nothing; a program's limits are fixed when it starts.
+            return match container.kind {
+                Kind::Sandbox { .. } => Ok(()),
+                _ => Err(NodeError::Unimplemented(
+                    "changing a running wasi:cli program's resources is not supported (HTTP functions can be resized)"
+                        .to_string(),
+                )),
+            };
+        };
+        let bundle = Bundle::load(&container.bundle)?;
+        let Role::App { sandbox_id } = bundle.role() else {
+            return Err(NodeError::Internal("an HTTP function's bundle names no app container".to_string()));
+        };
+        let record =
+            super::containerd::container(&self.containerd, &self.namespace, &container.id).await.unwrap_or_default();
+        let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
+        let running = self.host.registry().by_name(&container.function);
+        let digest = crate::engine::sha256_hex(&wasm);
+        if running
+            .as_ref()
+            .and_then(|target| target.pools().next())
+            .is_some_and(|pool| pool.function().digest() != digest)
+        {
+            return Err(NodeError::FailedPrecondition(format!(
+                "the container's wasm ({entry}) changed since it was created; recreate the container instead"
+            )));
+        }
+        let spec = self.app_spec(
+            &container.id,
+            &container.function,
+            &bundle,
+            &record,
+            sandbox_id.as_deref(),
+            &file,
+            (memory_limit, cpu_limit),
+        )?;
+        let paused = container.state() == TaskState::Paused;
+        self.host
+            .registry()
+            .deploy(vec![DeployItem { spec, wasm: wasm.into() }])
+            .await
+            .map_err(|source| NodeError::Deploy { entry, source })?;
+        if paused {
+            // The new version waits as the old one did.
+            let _ = self.host.registry().set_paused(&container.function, true);
+        }
+        tracing::info!(container = %container.id, memory_limit, cpu_limit, "resources updated");
+        Ok(())
     }
 
     fn stats(&self, container: &Container) -> CgroupMetrics {
@@ -684,6 +1064,11 @@ impl Task for TaskService {
 
     async fn start(&self, _ctx: &TtrpcContext, request: StartRequest) -> Reply<StartResponse> {
         let container = self.node.get(&request.id)?;
+        if !request.exec_id.is_empty() {
+            let exec = container.exec(&request.exec_id).map_err(|err| err.for_container(&request.id))?;
+            let pid = self.node.exec_start(container, exec).await.map_err(|err| err.for_container(&request.id))?;
+            return Ok(StartResponse { pid, ..Default::default() });
+        }
         match self.node.start(container).await {
             Ok(pid) => Ok(StartResponse { pid, ..Default::default() }),
             Err(err) => Err(err.for_container(&request.id)),
@@ -692,6 +1077,30 @@ impl Task for TaskService {
 
     async fn state(&self, _ctx: &TtrpcContext, request: StateRequest) -> Reply<StateResponse> {
         let container = self.node.get(&request.id)?;
+        if !request.exec_id.is_empty() {
+            let exec = container.exec(&request.exec_id).map_err(|err| err.for_container(&request.id))?;
+            let mut response = StateResponse {
+                id: container.id.clone(),
+                exec_id: exec.id.clone(),
+                bundle: container.bundle.display().to_string(),
+                pid: self.node.pid,
+                stdin: exec.stdin.clone(),
+                stdout: exec.stdout.clone(),
+                stderr: exec.stderr.clone(),
+                ..Default::default()
+            };
+            let status = match exec.state() {
+                ExecState::Created => Status::CREATED,
+                ExecState::Running => Status::RUNNING,
+                ExecState::Stopped { status, at } => {
+                    response.exit_status = status;
+                    response.exited_at = timestamp(at);
+                    Status::STOPPED
+                }
+            };
+            response.status = status.into();
+            return Ok(response);
+        }
         let mut response = StateResponse {
             id: container.id.clone(),
             bundle: container.bundle.display().to_string(),
@@ -704,6 +1113,7 @@ impl Task for TaskService {
         let state = match container.state() {
             TaskState::Created => Status::CREATED,
             TaskState::Running => Status::RUNNING,
+            TaskState::Paused => Status::PAUSED,
             TaskState::Stopped { status, at } => {
                 response.exit_status = status;
                 response.exited_at = timestamp(at);
@@ -716,12 +1126,27 @@ impl Task for TaskService {
 
     async fn kill(&self, _ctx: &TtrpcContext, request: KillRequest) -> Reply<Empty> {
         let container = self.node.get(&request.id)?;
+        if !request.exec_id.is_empty() {
+            let exec = container.exec(&request.exec_id).map_err(|err| err.for_container(&request.id))?;
+            self.node.exec_kill(&container, &exec, request.signal).await;
+            return Ok(Empty::new());
+        }
         self.node.kill(container, request.signal).await.map_err(|err| err.for_container(&request.id))?;
         Ok(Empty::new())
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, request: WaitRequest) -> Reply<WaitResponse> {
         let container = self.node.get(&request.id)?;
+        if !request.exec_id.is_empty() {
+            let exec = container.exec(&request.exec_id).map_err(|err| err.for_container(&request.id))?;
+            let mut state = exec.state.subscribe();
+            let stopped =
+                state.wait_for(|state| matches!(state, ExecState::Stopped { .. })).await.map(|state| *state).map_err(
+                    |_| NodeError::Internal("the exec's state is gone".to_string()).for_container(&request.id),
+                )?;
+            let ExecState::Stopped { status, at } = stopped else { unreachable!("waited for Stopped") };
+            return Ok(WaitResponse { exit_status: status, exited_at: timestamp(at), ..Default::default() });
+        }
         let mut state = container.state.subscribe();
         let stopped =
             state.wait_for(|state| matches!(state, TaskState::Stopped { .. })).await.map(|state| *state).map_err(
@@ -733,7 +1158,23 @@ impl Task for TaskService {
 
     async fn delete(&self, _ctx: &TtrpcContext, request: DeleteRequest) -> Reply<DeleteResponse> {
         if !request.exec_id.is_empty() {
-            return Err(NodeError::NotFound(format!("exec {} not found", request.exec_id)).into());
+            let container = self.node.get(&request.id)?;
+            let exec = container.exec(&request.exec_id).map_err(|err| err.for_container(&request.id))?;
+            let (status, at) = match exec.state() {
+                ExecState::Running => {
+                    return Err(NodeError::FailedPrecondition(format!("exec {} is running: kill it first", exec.id))
+                        .for_container(&request.id));
+                }
+                ExecState::Created => (0, SystemTime::now()),
+                ExecState::Stopped { status, at } => (status, at),
+            };
+            container.lock_execs().remove(&exec.id);
+            return Ok(DeleteResponse {
+                pid: self.node.pid,
+                exit_status: status,
+                exited_at: timestamp(at),
+                ..Default::default()
+            });
         }
         self.node.delete(&request.id).await.map_err(|err| err.for_container(&request.id))
     }
@@ -761,9 +1202,50 @@ impl Task for TaskService {
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, request: CloseIORequest) -> Reply<Empty> {
-        // Functions do not read stdin; closing it changes nothing.
+        // Functions do not read stdin; an exec's program sees its input
+        // end when containerd closes its end of the FIFO.
         self.node.get(&request.id)?;
         Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, request: ExecProcessRequest) -> Reply<Empty> {
+        let container = self.node.get(&request.id)?;
+        self.node.exec_add(&container, &request).await.map_err(|err| err.for_container(&request.id))?;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, request: ResizePtyRequest) -> Reply<Empty> {
+        self.node.get(&request.id)?;
+        Err(NodeError::Unimplemented("there is no terminal to resize: execs run without one".to_string())
+            .for_container(&request.id))
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, request: PauseRequest) -> Reply<Empty> {
+        let container = self.node.get(&request.id)?;
+        self.node.pause(&container).await.map_err(|err| err.for_container(&request.id))?;
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, request: ResumeRequest) -> Reply<Empty> {
+        let container = self.node.get(&request.id)?;
+        self.node.resume(&container).await.map_err(|err| err.for_container(&request.id))?;
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, request: UpdateTaskRequest) -> Reply<Empty> {
+        let container = self.node.get(&request.id)?;
+        let resources = request.resources.as_ref().map(|any| any.value.as_slice()).unwrap_or(b"{}");
+        self.node.update(&container, resources).await.map_err(|err| err.for_container(&request.id))?;
+        Ok(Empty::new())
+    }
+
+    async fn checkpoint(&self, _ctx: &TtrpcContext, request: CheckpointTaskRequest) -> Reply<Empty> {
+        self.node.get(&request.id)?;
+        Err(NodeError::Unimplemented(
+            "checkpointing is not supported: a function's state lives in its key-value store, not in its instances"
+                .to_string(),
+        )
+        .for_container(&request.id))
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, request: StatsRequest) -> Reply<StatsResponse> {

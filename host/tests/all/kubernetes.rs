@@ -498,3 +498,168 @@ async fn a_pod_flooding_its_output_grows_its_log_by_its_budget_only() {
     assert!(after < before + 8 * 1024, "host RSS grew from {before} KiB to {after} KiB");
     cri.remove_pod(&pod).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_pod_holds_its_requests_until_resumed_and_a_resize_applies_without_a_restart() {
+    use containerd_client::services::v1::{GetRequest, MetricsRequest, PauseTaskRequest, ResumeTaskRequest};
+    use containerd_client::tonic::Request;
+    use containerd_client::with_namespace;
+    use containerd_shim_protos::cgroups_v2::metrics::Metrics as CgroupMetrics;
+    use containerd_shim_protos::protobuf::Message as _;
+
+    let _serial = SERIAL.lock().await;
+    let (_registry, containerd, mut cri, image) = cri_node(&guest("hello"), "shoal-test/hello:1", &[]).await;
+    let pod = cri
+        .run_pod(&containerd.log_dir, "resizable", &image, &[("shoal.dev/limits.queue_timeout_ms", "2000")], 64 << 20)
+        .await;
+    assert_eq!(get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap().0, 200);
+
+    let client = containerd_client::Client::from_path(&containerd.address).await.unwrap();
+    let tasks = client.tasks();
+    let id = pod.container_id.clone();
+    let status = |mut tasks: containerd_client::services::v1::tasks_client::TasksClient<_>, id: String| async move {
+        let request = with_namespace!(GetRequest { container_id: id, exec_id: String::new() }, "k8s.io");
+        tasks.get(request).await.unwrap().into_inner().process.unwrap().status
+    };
+    let memory_limit = |mut tasks: containerd_client::services::v1::tasks_client::TasksClient<_>, id: String| async move {
+        let request = with_namespace!(MetricsRequest { filters: vec![format!("id=={id}")] }, "k8s.io");
+        let metrics = tasks.metrics(request).await.unwrap().into_inner().metrics;
+        let data = metrics.first().and_then(|metric| metric.data.as_ref()).expect("the task's metrics").clone();
+        CgroupMetrics::parse_from_bytes(&data.value).unwrap().memory.usage_limit
+    };
+
+    // Paused: a request waits; on Resume it is served.
+    let pause = with_namespace!(PauseTaskRequest { container_id: id.clone() }, "k8s.io");
+    tasks.clone().pause(pause).await.unwrap();
+    assert_eq!(status(tasks.clone(), id.clone()).await, 4, "containerd sees the task PAUSED");
+    let netns = pod.netns.clone();
+    let waiting = std::thread::spawn(move || get_in_netns(&netns, "127.0.0.1:8080", "/hello"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!waiting.is_finished(), "a request to a paused pod waits");
+    let resume = with_namespace!(ResumeTaskRequest { container_id: id.clone() }, "k8s.io");
+    tasks.clone().resume(resume).await.unwrap();
+    let (code, body) = waiting.join().unwrap().unwrap();
+    assert_eq!((code, body.as_str()), (200, "hello, world\n"), "served once resumed");
+    assert_eq!(status(tasks.clone(), id.clone()).await, 2, "RUNNING again");
+
+    // Paused past the queue timeout: 503, naming the pause.
+    let pause = with_namespace!(PauseTaskRequest { container_id: id.clone() }, "k8s.io");
+    tasks.clone().pause(pause).await.unwrap();
+    let (code, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("is paused") && body.contains("queue_timeout of 2000 ms"), "{body}");
+    let resume = with_namespace!(ResumeTaskRequest { container_id: id.clone() }, "k8s.io");
+    tasks.clone().resume(resume).await.unwrap();
+
+    // In-place resize through the CRI: the new memory budget holds, the
+    // task never restarted, the pod answers throughout.
+    assert_eq!(memory_limit(tasks.clone(), id.clone()).await, 64 << 20);
+    let resources = k8s_cri::v1::LinuxContainerResources {
+        memory_limit_in_bytes: 128 << 20,
+        cpu_period: 100_000,
+        cpu_quota: 50_000,
+        ..Default::default()
+    };
+    cri.runtime
+        .update_container_resources(k8s_cri::v1::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(resources),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("UpdateContainerResources: {status}\n{}", containerd.host_log()));
+    assert_eq!(memory_limit(tasks.clone(), id.clone()).await, 128 << 20, "the new memory budget");
+    assert_eq!(status(tasks.clone(), id.clone()).await, 2, "still the same running task");
+    assert_eq!(get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap().0, 200);
+    cri.remove_pod(&pod).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctr_task_exec_runs_a_program_of_the_rootfs_and_shoal_invoke_in_the_containers_context() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    // A rootfs with an HTTP function as its entrypoint and a program beside it.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::copy(guest("hello"), root.path().join("app.wasm")).unwrap();
+    std::fs::create_dir(root.path().join("tools")).unwrap();
+    std::fs::copy(guest("cli-hello"), root.path().join("tools/cli-hello.wasm")).unwrap();
+    let rootfs = root.path().to_str().unwrap();
+    let run = containerd.ctr(
+        "default",
+        &["run", "-d", "--runtime", RUNTIME, "--env", "GREETING_NAME=exec", "--rootfs", rootfs, "execd", "/app.wasm"],
+    );
+    assert!(run.status.success(), "ctr run -d: {}\n{}", text(&run), containerd.host_log());
+    let exec = |id: &str, args: &[&str]| {
+        let mut all = vec!["task", "exec", "--exec-id", id, "execd"];
+        all.extend_from_slice(args);
+        containerd.ctr("default", &all)
+    };
+
+    // `shoal invoke` calls the container's own function from inside.
+    let invoke = exec("invoke", &["shoal", "invoke", "/hello?name=exec"]);
+    assert!(invoke.status.success(), "{}\n{}", text(&invoke), containerd.host_log());
+    assert_eq!(String::from_utf8_lossy(&invoke.stdout), "hello, exec\n");
+
+    // A wasi:cli program of the rootfs, with the container's environment.
+    let program = exec("program", &["/tools/cli-hello.wasm", "one"]);
+    let out = text(&program);
+    assert!(program.status.success(), "{out}\n{}", containerd.host_log());
+    assert!(out.contains(r#"args ["one"]"#), "{out}");
+    assert!(out.contains("hello, exec"), "the container's environment: {out}");
+    assert!(out.contains(r#"root holds ["app.wasm", "tools"]"#), "the rootfs is its /: {out}");
+    assert!(String::from_utf8_lossy(&program.stderr).contains("cli-hello: done"), "stderr on its own: {out}");
+
+    // What cannot run says why, with a shell's exit codes.
+    let missing = exec("missing", &["/tools/missing.wasm"]);
+    assert_eq!(missing.status.code(), Some(127), "{}", text(&missing));
+    assert!(text(&missing).contains("/tools/missing.wasm"), "{}", text(&missing));
+    let function = exec("function", &["/app.wasm"]);
+    assert_eq!(function.status.code(), Some(126), "{}", text(&function));
+    assert!(text(&function).contains("not a wasi:cli program"), "{}", text(&function));
+    let shell = exec("shell", &["sh", "-c", "ls"]);
+    assert!(!shell.status.success());
+    assert!(text(&shell).contains("is not a wasm program"), "{}", text(&shell));
+
+    // The container serves on after its execs.
+    let again = exec("again", &["shoal", "invoke", "/hello"]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "hello, world\n", "{}", text(&again));
+    let _ = containerd.ctr("default", &["task", "kill", "-s", "SIGKILL", "execd"]);
+    until(
+        Duration::from_secs(10),
+        || {
+            text(&containerd.ctr("default", &["task", "ls"])).contains("STOPPED")
+                || !text(&containerd.ctr("default", &["task", "ls"])).contains("execd")
+        },
+        || text(&containerd.ctr("default", &["task", "ls"])),
+    )
+    .await;
+    let _ = containerd.ctr("default", &["task", "rm", "execd"]);
+    let _ = containerd.ctr("default", &["containers", "rm", "execd"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_sync_through_the_cri_answers_from_the_pods_function() {
+    let _serial = SERIAL.lock().await;
+    let (_registry, containerd, mut cri, image) = cri_node(&guest("hello"), "shoal-test/hello:1", &[]).await;
+    let pod = cri.run_pod(&containerd.log_dir, "execsync", &image, &[], 0).await;
+    let exec = |cmd: &[&str]| k8s_cri::v1::ExecSyncRequest {
+        container_id: pod.container_id.clone(),
+        cmd: cmd.iter().map(|word| word.to_string()).collect(),
+        timeout: 20,
+    };
+    let reply = cri.runtime.exec_sync(exec(&["shoal", "invoke", "/hello?name=kubectl"])).await.unwrap().into_inner();
+    assert_eq!(
+        (reply.exit_code, String::from_utf8_lossy(&reply.stdout).as_ref()),
+        (0, "hello, kubectl\n"),
+        "stderr: {}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
+    // The function is no program: exit code 126 and the reason.
+    let reply = cri.runtime.exec_sync(exec(&["/hello.wasm"])).await.unwrap().into_inner();
+    assert_eq!(reply.exit_code, 126, "{reply:?}");
+    assert!(String::from_utf8_lossy(&reply.stderr).contains("not a wasi:cli program"), "{reply:?}");
+    // Something that is no wasm at all is refused at once, naming why.
+    let refused = cri.runtime.exec_sync(exec(&["sh", "-c", "true"])).await.unwrap_err();
+    assert!(refused.message().contains("is not a wasm program"), "{refused}");
+    cri.remove_pod(&pod).await;
+}

@@ -27,4 +27,5 @@ mod pubsub;
 mod redis_backend;
 mod scale_to_zero;
 mod tenancy;
+mod trace_context;
 mod versions;
