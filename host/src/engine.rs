@@ -10,8 +10,9 @@
 //! guest call ran through more than one tick: CPU-bound guests then share a
 //! thread in short slices, while short requests keep the slower clock. It
 //! runs only while some guest code may run (a [`ClockHold`] is held around
-//! every guest call and instantiation): an idle host's clock thread sleeps,
-//! so an idle node costs no CPU for it (benchmark `idle`).
+//! every guest call and instantiation) and for [`IDLE_TICKS_BEFORE_SLEEP`]
+//! ticks after: an idle host's clock thread sleeps, so an idle node costs
+//! no CPU for it (benchmark W8).
 //! Fuel is on engine-wide unless disabled in [`EngineOptions`]; a function
 //! without a fuel limit simply gets an unbounded budget, so every request's
 //! fuel is still metered.
@@ -36,6 +37,10 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const BUSY_EPOCH_TICK: Duration = Duration::from_micros(250);
 /// How many fast ticks follow the last tick that found a long guest call.
 const BUSY_TICKS: u32 = 400;
+/// Ticks in a row with no guest call before the clock sleeps: a host
+/// between two requests keeps its clock (stopping and waking it for every
+/// request cost more than the ticks), an idle one stops it within 100 ms.
+const IDLE_TICKS_BEFORE_SLEEP: u32 = 100;
 
 /// Knobs for the engine, from the host's command line.
 #[derive(Debug, Clone)]
@@ -161,16 +166,23 @@ impl WasmEngine {
         let ticker = std::thread::Builder::new().name("shoal-epoch".into()).spawn(move || {
             let Ok(clock) = receive_clock.recv() else { return };
             let mut fast_ticks = 0;
+            // Start asleep: nothing runs yet.
+            let mut idle_ticks = IDLE_TICKS_BEFORE_SLEEP;
             while !clock.stop.load(Ordering::Relaxed) {
-                if clock.in_flight.load(Ordering::Acquire) == 0 {
-                    // Nothing can run wasm: sleep until a call starts. An
-                    // `unpark` that came first makes this return at once,
-                    // so no start is missed. No tick is owed meanwhile: a
-                    // call's first deadline is one tick after the clock
-                    // resumes.
+                if clock.in_flight.load(Ordering::Acquire) > 0 {
+                    idle_ticks = 0;
+                } else if idle_ticks >= IDLE_TICKS_BEFORE_SLEEP {
+                    // Nothing has run wasm for a while: sleep until a call
+                    // starts. An `unpark` that came first makes this return
+                    // at once, so no start is missed. No tick is owed
+                    // meanwhile: a call's first deadline is one tick after
+                    // the clock resumes.
                     fast_ticks = 0;
                     std::thread::park();
+                    idle_ticks = 0;
                     continue;
+                } else {
+                    idle_ticks += 1;
                 }
                 if clock.busy.swap(false, Ordering::Relaxed) {
                     fast_ticks = BUSY_TICKS;
@@ -351,8 +363,8 @@ mod tests {
         assert!(running >= 3, "a held clock ticks about every millisecond; saw {running} ticks in 30 ms");
 
         drop(hold);
-        // At most the tick already under way lands after the hold ends.
-        std::thread::sleep(Duration::from_millis(5));
+        // The clock runs on for up to 100 ticks, then sleeps.
+        std::thread::sleep(Duration::from_millis(250));
         let stopped = engine.ticks();
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(engine.ticks(), stopped, "the clock stops once no call holds it");

@@ -48,56 +48,6 @@ pub struct FunctionPool {
     metrics: Arc<Metrics>,
     /// Whether new requests must wait (see the module docs).
     paused: tokio::sync::watch::Sender<bool>,
-    /// When the idle reaper looks next (shared by every pool).
-    reaping: Arc<ReapSchedule>,
-}
-
-/// When the idle reaper next looks at the pools, shared by all of them: it
-/// sleeps until the first idle instance expires (or, with none, until one
-/// is released), and an instance released to expire sooner than that
-/// wakes it. So an idle host, or one whose instances expire in half a
-/// minute, has no reaper waking it ten times a second (benchmark W8).
-pub struct ReapSchedule {
-    base: Instant,
-    /// The next look, in ms since `base` (`u64::MAX`: none planned).
-    next_ms: std::sync::atomic::AtomicU64,
-    wake: Notify,
-}
-
-impl ReapSchedule {
-    /// A schedule with nothing planned.
-    pub fn new() -> Arc<ReapSchedule> {
-        Arc::new(ReapSchedule {
-            base: Instant::now(),
-            next_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
-            wake: Notify::new(),
-        })
-    }
-
-    fn ms(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX - 1)
-    }
-
-    /// The reaper plans its next look at `at` (`None`: when woken).
-    pub fn plan(&self, at: Option<Instant>) {
-        self.next_ms.store(at.map_or(u64::MAX, |at| self.ms(at)), Ordering::Release);
-    }
-
-    /// An instance will expire at `at`: wake the reaper if it planned to
-    /// look later than that.
-    fn expires(&self, at: Instant) {
-        let ms = self.ms(at);
-        if ms < self.next_ms.load(Ordering::Acquire) {
-            self.next_ms.store(ms, Ordering::Release);
-            self.wake.notify_one();
-        }
-    }
-
-    /// Wait until woken by [`ReapSchedule::expires`] (a wake that came
-    /// before the wait is not lost).
-    pub async fn woken(&self) {
-        self.wake.notified().await;
-    }
 }
 
 /// An instance checked out of its pool for one request. Dropping the lease
@@ -173,7 +123,7 @@ pub struct PoolStats {
 
 impl FunctionPool {
     /// An empty pool (zero instances) for `function`.
-    pub fn new(function: CompiledFunction, metrics: Arc<Metrics>, reaping: Arc<ReapSchedule>) -> Arc<FunctionPool> {
+    pub fn new(function: CompiledFunction, metrics: Arc<Metrics>) -> Arc<FunctionPool> {
         // A function's concurrency is its own limit, within its share of
         // the engine's instance slots.
         let permits = function.spec().limits.max_concurrency.get().min(function.engine.instance_share()) as usize;
@@ -190,7 +140,6 @@ impl FunctionPool {
             changed: Notify::new(),
             metrics,
             paused: tokio::sync::watch::Sender::new(false),
-            reaping,
         })
     }
 
@@ -291,7 +240,6 @@ impl FunctionPool {
         } else if self.draining.load(Ordering::Acquire) {
             self.destroy_later(instance);
         } else {
-            self.reaping.expires(instance.last_used + self.function.spec().limits.idle_timeout);
             self.lock_idle().push(instance);
         }
         self.changed.notify_waiters();
@@ -301,6 +249,11 @@ impl FunctionPool {
     pub fn next_expiry(&self) -> Option<Instant> {
         let idle_timeout = self.function.spec().limits.idle_timeout;
         self.lock_idle().first().map(|instance| instance.last_used + idle_timeout)
+    }
+
+    /// How long its instances may stay idle.
+    pub fn idle_timeout(&self) -> Duration {
+        self.function.spec().limits.idle_timeout
     }
 
     /// Destroy instances idle longer than the function's `idle_timeout`;

@@ -27,7 +27,7 @@ use crate::instance::Instance;
 use crate::logs::LogSink;
 use crate::manifest::{FunctionSpec, Limits, Route, TenantName, check_versions};
 use crate::metrics::Metrics;
-use crate::pool::{FunctionPool, PoolStats, ReapSchedule};
+use crate::pool::{FunctionPool, PoolStats};
 
 /// One version to deploy: its spec and its wasm.
 #[derive(Clone)]
@@ -241,8 +241,9 @@ pub struct Registry {
     /// Whether an event trigger follows this registry (then deploys wait
     /// for it, so a message published right after a deploy is not missed).
     trigger_attached: std::sync::atomic::AtomicBool,
-    /// When idle instances are looked for next (every pool reports to it).
-    reaping: Arc<ReapSchedule>,
+    /// Wakes the idle reaper when the deployed set changes (see
+    /// [`Registry::deployed_changed`]).
+    reaper: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -269,13 +270,15 @@ impl Registry {
             generation: tokio::sync::watch::channel(0).0,
             applied: tokio::sync::watch::channel(0).0,
             trigger_attached: std::sync::atomic::AtomicBool::new(false),
-            reaping: ReapSchedule::new(),
+            reaper: tokio::sync::Notify::new(),
         })
     }
 
-    /// The idle reaper's schedule.
-    pub fn reaping(&self) -> &Arc<ReapSchedule> {
-        &self.reaping
+    /// Wait until a deploy (or undeploy) changes the functions: the idle
+    /// reaper plans around their `idle_timeout`s (a change before the
+    /// wait began is not lost).
+    pub async fn deployed_changed(&self) {
+        self.reaper.notified().await;
     }
 
     /// Redeploy what the state directory holds. A function that no longer
@@ -388,7 +391,7 @@ impl Registry {
                         CompileSource::Cache => "cache",
                     };
                     blobs.push((digest.clone(), item.wasm.clone()));
-                    (FunctionPool::new(compiled, self.metrics.clone(), self.reaping.clone()), source)
+                    (FunctionPool::new(compiled, self.metrics.clone()), source)
                 }
             };
             new_versions.entry(spec.name.to_string()).or_default().push(pool);
@@ -543,6 +546,8 @@ impl Registry {
         let table = Arc::new(RouteTable::build(functions));
         *self.table.write().unwrap_or_else(|poison| poison.into_inner()) = table;
         self.generation.send_modify(|generation| *generation += 1);
+        // After the swap: the reaper plans with the new functions.
+        self.reaper.notify_one();
         *self.generation.borrow()
     }
 

@@ -105,11 +105,12 @@ fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener, Error> 
         .map_err(|err| Error::Internal(anyhow::anyhow!("cannot bind admin socket {}: {err}", path.display())))
 }
 
-/// Destroy idle instances as they pass their `idle_timeout`: sleep until
-/// the first one does (or, with none idle, until one is released), never
-/// on a fixed tick.
+/// Destroy idle instances as they pass their `idle_timeout`, never on a
+/// fixed tick: sleep until the first idle one does, but no longer than the
+/// shortest `idle_timeout` of any function (an instance released from now
+/// on expires no sooner than that), or until the deployed functions change.
+/// Requests never wake it.
 async fn reap_idle(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
-    let schedule = host.registry().reaping().clone();
     loop {
         let now = Instant::now();
         let pools = host.registry().pools();
@@ -119,9 +120,10 @@ async fn reap_idle(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
                 tracing::debug!(function = pool.function().name(), reaped, "scaled down idle instances");
             }
         }
-        let next = pools.iter().filter_map(|pool| pool.next_expiry()).min();
+        let first_idle = pools.iter().filter_map(|pool| pool.next_expiry()).min();
+        let next_released = pools.iter().map(|pool| now + pool.idle_timeout()).min();
+        let next = first_idle.into_iter().chain(next_released).min();
         drop(pools);
-        schedule.plan(next);
         let due = async {
             match next {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -130,7 +132,7 @@ async fn reap_idle(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
         };
         tokio::select! {
             _ = due => {}
-            _ = schedule.woken() => {}
+            _ = host.registry().deployed_changed() => {}
             _ = shutdown.changed() => return,
         }
     }
