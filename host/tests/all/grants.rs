@@ -77,24 +77,7 @@ async fn granted_config_and_secrets_are_readable_and_others_are_denied() {
 #[tokio::test]
 async fn outbound_http_reaches_granted_authorities_only() {
     // A real HTTP server on loopback.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
-                    let body = format!("upstream saw {}", request.uri().path());
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(body),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let addr = crate::support::upstream(|request| format!("upstream saw {}", request.uri().path())).await;
     let host = TestHost::start().await;
     let mut fetch = spec("fetch", "fetch", "/fetch");
     fetch.grants.outbound_http = BTreeSet::from([addr.to_string()]);

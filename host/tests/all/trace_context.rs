@@ -68,24 +68,11 @@ async fn a_request_without_a_valid_traceparent_starts_a_trace_of_its_own() {
 #[tokio::test]
 async fn outbound_http_carries_the_trace_to_the_server_called() {
     // A server that answers with the traceparent it was sent.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
-                    let seen = request.headers().get("traceparent").map(|v| v.to_str().unwrap_or("?").to_string());
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(seen.unwrap_or_else(|| "none".to_string())),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let addr = crate::support::upstream(|request| {
+        let seen = request.headers().get("traceparent").map(|value| value.to_str().unwrap_or("?").to_string());
+        seen.unwrap_or_else(|| "none".to_string())
+    })
+    .await;
     let host = TestHost::start().await;
     let mut fetch = spec("fetch", "fetch", "/fetch");
     fetch.grants.outbound_http = BTreeSet::from([addr.to_string()]);
