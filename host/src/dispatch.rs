@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response};
@@ -286,47 +286,29 @@ impl Dispatcher {
         if let Err(why) = self.recorder.writable() {
             self.metrics.observe_refused(&function, Outcome::LedgerUnavailable);
             tracing::error!(error = %why, "refused: the usage ledger cannot be written");
-            let mut response = error_response(
-                Outcome::LedgerUnavailable,
-                &format!("cannot serve {function:?}: its usage record could not be kept ({why})"),
-            );
-            response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return response;
+            let why = format!("cannot serve {function:?}: its usage record could not be kept ({why})");
+            return retry_later(Outcome::LedgerUnavailable, &why, Duration::from_secs(1));
         }
         let lease = match pool.acquire().await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { retry_after }) => {
                 self.metrics.observe_refused(&function, Outcome::Overloaded);
                 tracing::warn!("overloaded: no concurrency slot within queue_timeout");
-                let mut response = error_response(
-                    Outcome::Overloaded,
-                    &format!(
-                        "function {function:?} is serving all the {} requests it may serve at once \
-                         (max_concurrency = {}, within the host's per-function instance share); retry later",
-                        pool.concurrency(),
-                        pool.function().spec().limits.max_concurrency
-                    ),
+                let why = format!(
+                    "function {function:?} is serving all the {} requests it may serve at once \
+                     (max_concurrency = {}, within the host's per-function instance share); retry later",
+                    pool.concurrency(),
+                    pool.function().spec().limits.max_concurrency
                 );
-                let seconds = retry_after.as_secs().max(1).to_string();
-                response
-                    .headers_mut()
-                    .insert(http::header::RETRY_AFTER, HeaderValue::from_str(&seconds).expect("invariant: digits"));
-                return response;
+                return retry_later(Outcome::Overloaded, &why, retry_after);
             }
             Err(AcquireError::Paused { retry_after }) => {
                 self.metrics.observe_refused(&function, Outcome::Overloaded);
-                let mut response = error_response(
-                    Outcome::Overloaded,
-                    &format!(
-                        "function {function:?} is paused and stayed paused for its queue_timeout of {} ms; retry later",
-                        pool.function().spec().limits.queue_timeout.as_millis()
-                    ),
+                let why = format!(
+                    "function {function:?} is paused and stayed paused for its queue_timeout of {} ms; retry later",
+                    pool.function().spec().limits.queue_timeout.as_millis()
                 );
-                let seconds = retry_after.as_secs().max(1).to_string();
-                response
-                    .headers_mut()
-                    .insert(http::header::RETRY_AFTER, HeaderValue::from_str(&seconds).expect("invariant: digits"));
-                return response;
+                return retry_later(Outcome::Overloaded, &why, retry_after);
             }
             Err(AcquireError::Start(error)) => {
                 let status = error.outcome.status().as_u16();
@@ -453,6 +435,17 @@ impl Dispatcher {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// A refusal the client may retry: [`error_response`] with `Retry-After`
+/// (whole seconds, at least one).
+fn retry_later(outcome: Outcome, why: &str, retry_after: Duration) -> Response<ShoalBody> {
+    let mut response = error_response(outcome, why);
+    let seconds = retry_after.as_secs().max(1).to_string();
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_str(&seconds).expect("invariant: digits"));
+    response
 }
 
 /// A plain-text response made by the host, naming what failed.

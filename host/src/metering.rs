@@ -151,9 +151,7 @@ impl UsageRecord {
             status,
         }
     }
-}
 
-impl UsageRecord {
     /// The same record, part of `trace`.
     pub fn in_trace(self, trace: &crate::request::TraceContext) -> UsageRecord {
         UsageRecord { trace_id: Some(trace.trace_id()), ..self }

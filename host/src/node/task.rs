@@ -81,6 +81,17 @@ enum TaskState {
     },
 }
 
+/// An exec's life is a task's, less pausing.
+impl From<ExecState> for TaskState {
+    fn from(state: ExecState) -> TaskState {
+        match state {
+            ExecState::Created => TaskState::Created,
+            ExecState::Running => TaskState::Running,
+            ExecState::Stopped { status, at } => TaskState::Stopped { status, at },
+        }
+    }
+}
+
 impl TaskState {
     /// Started and not yet stopped (paused or not).
     fn is_live(self) -> bool {
@@ -719,28 +730,28 @@ impl Node {
             ExecCommand::Invoke { path } => self.exec_invoke(container, exec, path, stdio).await,
             ExecCommand::Program { args, env } => {
                 let (stdin, stdout, stderr, mut notes) = stdio.into_wasi();
-                let program = match self.exec_program(container, &args[0]).await {
+                // The bundle is read once: where the program is, its / and its volumes.
+                let (rootfs, volumes) = match Bundle::load(&container.bundle) {
+                    Ok(bundle) => (bundle.rootfs(), bundle.volumes()),
+                    Err(err) => {
+                        let why = format!("shoal: {}: the container's bundle: {err}\n", args[0]);
+                        super::exec::write(&mut notes, why.as_bytes()).await;
+                        return 127;
+                    }
+                };
+                let program = match self.exec_program(rootfs.clone(), &args[0]).await {
                     Ok(program) => program,
                     Err((status, why)) => {
                         super::exec::write(&mut notes, format!("shoal: {}: {why}\n", args[0]).as_bytes()).await;
                         return status;
                     }
                 };
-                let memory_limit = match &container.kind {
-                    Kind::Command { memory_limit, .. } => Some(*memory_limit),
-                    _ => self.host.registry().by_name(&container.function).and_then(|target| {
-                        target.pools().next().map(|pool| pool.function().spec().limits.memory_bytes)
-                    }),
-                };
-                let bundle = Bundle::load(&container.bundle).ok();
-                let volumes = bundle.as_ref().map(Bundle::volumes).unwrap_or_default();
-                let rootfs = bundle.as_ref().map(Bundle::rootfs);
                 let invocation = command::Invocation {
                     args,
                     env,
-                    rootfs: rootfs.as_deref(),
+                    rootfs: Some(&rootfs),
                     volumes: &volumes,
-                    memory_limit,
+                    memory_limit: self.memory_limit(container),
                     stdio: command::Stdio::Pipes { stdin, stdout, stderr },
                 };
                 let engine = self.host.registry().engine().clone();
@@ -753,13 +764,9 @@ impl Node {
         }
     }
 
-    /// The program an exec names, read inside the container's rootfs and
-    /// compiled; or the status to exit with (127 missing, 126 not a
+    /// The program an exec names, read inside `rootfs` and compiled; or the status to exit with (127 missing, 126 not a
     /// program) and why.
-    async fn exec_program(&self, container: &Container, path: &str) -> Result<Program, (u32, String)> {
-        let rootfs = Bundle::load(&container.bundle)
-            .map(|bundle| bundle.rootfs())
-            .map_err(|err| (127, format!("the container's rootfs: {err}")))?;
+    async fn exec_program(&self, rootfs: PathBuf, path: &str) -> Result<Program, (u32, String)> {
         let (path, max_bytes) = (path.to_string(), self.max_wasm_bytes);
         let engine = self.host.registry().engine().clone();
         let compiled = tokio::task::spawn_blocking(move || {
@@ -967,6 +974,19 @@ impl Node {
         Ok(())
     }
 
+    /// The linear memory a container's wasm may hold: a program's own
+    /// limit, or its function's `memory_mb` (`None` once it is gone).
+    fn memory_limit(&self, container: &Container) -> Option<u64> {
+        match &container.kind {
+            Kind::Command { memory_limit, .. } => Some(*memory_limit),
+            _ => self
+                .host
+                .registry()
+                .by_name(&container.function)
+                .and_then(|target| target.pools().next().map(|pool| pool.function().spec().limits.memory_bytes)),
+        }
+    }
+
     fn stats(&self, container: &Container) -> CgroupMetrics {
         let registry = self.host.registry();
         let cpu_usec = (self.host.metrics().cpu_seconds(&container.function) * 1e6) as u64;
@@ -974,13 +994,7 @@ impl Node {
             .by_name(&container.function)
             .map(|target| target.pools().map(|pool| pool.resident_bytes()).sum())
             .unwrap_or(0);
-        let limit = match &container.kind {
-            Kind::Command { memory_limit, .. } => *memory_limit,
-            _ => registry
-                .by_name(&container.function)
-                .and_then(|target| target.pools().next().map(|pool| pool.function().spec().limits.memory_bytes))
-                .unwrap_or(0),
-        };
+        let limit = self.memory_limit(container).unwrap_or(0);
         // Throttling, as a CFS-limited cgroup reports it, from the quota
         // every version of the function keeps.
         let (throttled, throttled_periods) = registry
@@ -1077,40 +1091,24 @@ impl Task for TaskService {
 
     async fn state(&self, _ctx: &TtrpcContext, request: StateRequest) -> Reply<StateResponse> {
         let container = self.node.get(&request.id)?;
-        if !request.exec_id.is_empty() {
+        // The task's own state, or one of its execs'.
+        let (state, [stdin, stdout, stderr]) = if request.exec_id.is_empty() {
+            (container.state(), [&container.stdin, &container.stdout, &container.stderr].map(String::clone))
+        } else {
             let exec = container.exec(&request.exec_id).map_err(|err| err.for_container(&request.id))?;
-            let mut response = StateResponse {
-                id: container.id.clone(),
-                exec_id: exec.id.clone(),
-                bundle: container.bundle.display().to_string(),
-                pid: self.node.pid,
-                stdin: exec.stdin.clone(),
-                stdout: exec.stdout.clone(),
-                stderr: exec.stderr.clone(),
-                ..Default::default()
-            };
-            let status = match exec.state() {
-                ExecState::Created => Status::CREATED,
-                ExecState::Running => Status::RUNNING,
-                ExecState::Stopped { status, at } => {
-                    response.exit_status = status;
-                    response.exited_at = timestamp(at);
-                    Status::STOPPED
-                }
-            };
-            response.status = status.into();
-            return Ok(response);
-        }
+            (TaskState::from(exec.state()), [&exec.stdin, &exec.stdout, &exec.stderr].map(String::clone))
+        };
         let mut response = StateResponse {
             id: container.id.clone(),
+            exec_id: request.exec_id.clone(),
             bundle: container.bundle.display().to_string(),
             pid: self.node.pid,
-            stdin: container.stdin.clone(),
-            stdout: container.stdout.clone(),
-            stderr: container.stderr.clone(),
+            stdin,
+            stdout,
+            stderr,
             ..Default::default()
         };
-        let state = match container.state() {
+        let status = match state {
             TaskState::Created => Status::CREATED,
             TaskState::Running => Status::RUNNING,
             TaskState::Paused => Status::PAUSED,
@@ -1120,7 +1118,7 @@ impl Task for TaskService {
                 Status::STOPPED
             }
         };
-        response.status = state.into();
+        response.status = status.into();
         Ok(response)
     }
 
