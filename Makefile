@@ -8,7 +8,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup test-deps functions lint unit-and-integration bench images fuzz soak
+.PHONY: run test setup test-deps installer-image functions lang-functions lang-toolchains lint unit-and-integration bench images fuzz soak
 
 APT_INSTALL := $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y
 
@@ -22,14 +22,57 @@ setup:
 # Real servers the tests run (Debian packages): redis-server for the Redis
 # backend; containerd, runc, the CNI plugins and docker-registry for the
 # Kubernetes path.
-TEST_PACKAGES := redis-server containerd runc containernetworking-plugins docker-registry prometheus
+TEST_PACKAGES := redis-server containerd runc containernetworking-plugins docker-registry prometheus busybox-static
 test-deps:
-	@for tool in redis-server containerd runc /usr/lib/cni/bridge docker-registry promtool; do \
+	@for tool in redis-server containerd runc /usr/lib/cni/bridge docker-registry promtool /bin/busybox; do \
 		command -v $$tool >/dev/null || [ -x $$tool ] || missing=1; done; \
 	[ -z "$$missing" ] || { $(APT_INSTALL) $(TEST_PACKAGES); }
 
 functions: setup
 	cd functions && $(CARGO) build --release --target wasm32-wasip2
+
+# Functions in JavaScript, Python and C (functions/hello-{js,py,c}), each
+# built by its own language's toolchain, pinned here and installed when
+# missing: componentize-js and jco (npm, into each folder's node_modules),
+# componentize-py (PyPI), clang + lld + wasi-libc (Debian), wit-bindgen's
+# C generator (crates.io, into functions/target/tools).
+LANG_OUT := functions/target/lang
+COMPONENTIZE_PY_VERSION := 0.25.1
+WIT_BINDGEN_VERSION := 0.57.1
+WIT_FILES := $(wildcard abi/wit/*.wit abi/wit/deps/*/*.wit)
+WIT_BINDGEN := functions/target/tools/bin/wit-bindgen
+WASI_LIBC := /usr/lib/wasm32-wasi/libc.a
+
+lang-functions: $(LANG_OUT)/hello-js.wasm $(LANG_OUT)/hello-py.wasm $(LANG_OUT)/hello-c.wasm
+lang-toolchains: functions/hello-js/node_modules/.package-lock.json functions/hello-c/node_modules/.package-lock.json \
+	$(WIT_BINDGEN) $(WASI_LIBC) py-toolchain
+
+functions/%/node_modules/.package-lock.json: functions/%/package-lock.json
+	command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm; }
+	cd functions/$* && npm ci --no-audit --no-fund --prefer-offline
+
+.PHONY: py-toolchain
+py-toolchain:
+	@componentize-py --version 2>/dev/null | grep -q " $(COMPONENTIZE_PY_VERSION)" || \
+		python3 -m pip install --quiet componentize-py==$(COMPONENTIZE_PY_VERSION)
+
+$(WIT_BINDGEN):
+	$(CARGO) install --quiet --locked wit-bindgen-cli@$(WIT_BINDGEN_VERSION) --root functions/target/tools
+
+$(WASI_LIBC):
+	$(APT_INSTALL) clang lld wasi-libc libclang-rt-14-dev-wasm32
+
+$(LANG_OUT)/hello-js.wasm: functions/hello-js/index.js functions/hello-js/node_modules/.package-lock.json $(WIT_FILES)
+	cd functions/hello-js && npm run --silent build
+
+$(LANG_OUT)/hello-py.wasm: functions/hello-py/app.py $(WIT_FILES) | py-toolchain
+	mkdir -p $(LANG_OUT)
+	cd functions/hello-py && componentize-py -d ../../abi/wit -w shoal:runtime/http-function \
+		componentize app -o ../target/lang/hello-py.wasm
+
+$(LANG_OUT)/hello-c.wasm: functions/hello-c/hello.c functions/hello-c/node_modules/.package-lock.json $(WIT_FILES) \
+	$(WIT_BINDGEN) $(WASI_LIBC)
+	$(MAKE) -C functions/hello-c WIT_BINDGEN=$(CURDIR)/$(WIT_BINDGEN) OUT=$(CURDIR)/$@
 
 # Example wasm-in-OCI images (see images/README.md).
 images: functions
@@ -41,6 +84,16 @@ images: functions
 	./target/release/shoal image build $(FUNCTIONS_TARGET)/cli-hello.wasm --tag localhost/shoal/cli-hello:latest -o images/out/cli-hello.oci.tar
 	./target/release/shoal image build functions/target/wasm32-wasip1/release/cli-hello.wasm \
 		--tag localhost/shoal/cli-hello-p1:latest -o images/out/cli-hello-p1.oci.tar
+
+# The node installer's image (k8s/installer/daemonset.yaml runs it):
+# install.sh, the release binaries and a static busybox, as an OCI layout
+# tarball to push with `shoal image push` (INSTALLER_TAG names it).
+INSTALLER_TAG ?= registry.local:5000/shoal/installer:0.1.0
+installer-image: setup
+	$(CARGO) build --release --bins
+	[ -x /bin/busybox ] || { $(APT_INSTALL) busybox-static; }
+	mkdir -p images/out
+	./target/release/shoal image installer --tag $(INSTALLER_TAG) -o images/out/installer.oci.tar
 
 run: functions
 	$(CARGO) run --release --bin shoal -- serve functions/shoal.toml

@@ -18,6 +18,7 @@ use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
 use crate::metering::{LedgerPolicy, UsageGrouping, UsageQuery};
 use crate::registry::DeployItem;
+use crate::scaffold::Language;
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
 
@@ -82,6 +83,18 @@ enum Command {
         host: HostArgs,
         #[command(flatten)]
         backends: BackendArgs,
+    },
+    /// Write a new function project (source, shoal.toml, the Runtime ABI's
+    /// WIT) ready to build and serve.
+    New {
+        /// The function's name (lowercase letters, digits, '-').
+        name: String,
+        /// The language of the project.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: Language,
+        /// Where to write it [default: ./<name>]; must not exist or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Build and push wasm-in-OCI images.
     #[command(subcommand)]
@@ -260,6 +273,23 @@ enum ImageCommand {
         #[arg(long)]
         artifact: bool,
     },
+    /// Build the node installer's image (k8s/installer/daemonset.yaml):
+    /// install.sh, `shoal` and `containerd-shim-shoal-v1`, and a static
+    /// busybox for its shell, as an OCI layout tarball.
+    Installer {
+        /// The image's name (the DaemonSet names registry.local:5000/shoal/installer:0.1.0).
+        #[arg(long, short = 't', default_value = "registry.local:5000/shoal/installer:0.1.0")]
+        tag: String,
+        /// Where to write the tarball.
+        #[arg(long, short = 'o', default_value = "installer.oci.tar")]
+        output: PathBuf,
+        /// The folder with `shoal` and `containerd-shim-shoal-v1` [default: this binary's folder].
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// A statically linked busybox (Debian: apt install busybox-static).
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+    },
     /// Push an image tarball made by `shoal image build` to its registry.
     /// Credentials: SHOAL_REGISTRY_USER and SHOAL_REGISTRY_PASSWORD.
     Push {
@@ -367,6 +397,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             image_build(wasm, tag, output, labels, env, artifact)
         }
         Command::Image(ImageCommand::Push { layout, to, insecure }) => image_push(&layout, to, insecure).await,
+        Command::Image(ImageCommand::Installer { tag, output, bin_dir, busybox }) => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => std::env::current_exe()
+                    .context("cannot find this binary's folder: give --bin-dir")?
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .context("cannot find this binary's folder: give --bin-dir")?,
+            };
+            let spec = crate::image::InstallerSpec { reference: tag, bin_dir, busybox };
+            let image = crate::image::Image::installer(&spec)?;
+            image.write_layout(&output)?;
+            writeln!(std::io::stdout(), "built {} ({}) -> {}", image.reference, image.index.digest, output.display())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::New { name, lang, dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let project = crate::scaffold::new_project(&name, lang, &dir)?;
+            println!("created {name} ({}) in {}", lang.label(), project.dir.display());
+            println!("  cd {}", project.dir.display());
+            println!("  {}", project.build);
+            println!("  shoal serve .        # then: curl http://127.0.0.1:8080/{name}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Deploy { manifest } => deploy(&client, &manifest).await,
         Command::Undeploy { name } => {
             let info = client.undeploy(&name).await?;

@@ -258,6 +258,85 @@ impl Image {
     }
 }
 
+/// The node installer's image (what k8s/installer/daemonset.yaml runs): a
+/// Linux image for this machine's architecture holding `install.sh` at
+/// `/`, the two binaries it installs beside it, and a static busybox for
+/// the shell and tools the script uses (`/bin/sh`, `cp`, `nsenter`, ...).
+#[derive(Debug, Clone)]
+pub struct InstallerSpec {
+    /// The image's name, e.g. `registry.local:5000/shoal/installer:0.1.0`.
+    pub reference: String,
+    /// The folder holding `shoal` and `containerd-shim-shoal-v1`.
+    pub bin_dir: PathBuf,
+    /// A statically linked busybox (Debian's busybox-static: /bin/busybox).
+    pub busybox: PathBuf,
+}
+
+/// The script the installer image runs.
+const INSTALL_SH: &str = include_str!("../../k8s/installer/install.sh");
+
+/// The busybox applets `install.sh` runs (its shell builtins aside).
+const INSTALLER_APPLETS: [&str; 16] = [
+    "sh", "cat", "chmod", "cmp", "cp", "dirname", "grep", "head", "mkdir", "mv", "nsenter", "rm", "sed", "sleep",
+    "test", "[",
+];
+
+impl Image {
+    /// Build the node installer's image (see [`InstallerSpec`]).
+    pub fn installer(spec: &InstallerSpec) -> anyhow::Result<Image> {
+        validate_reference(&spec.reference)?;
+        let busybox = std::fs::read(&spec.busybox)
+            .with_context(|| format!("cannot read busybox at {}", spec.busybox.display()))?;
+        if busybox.get(..4) != Some(b"\x7fELF") {
+            bail!("{} is not an executable (ELF) file", spec.busybox.display());
+        }
+        let mut builder = tar::Builder::new(Vec::new());
+        append_mode(&mut builder, "install.sh", INSTALL_SH.as_bytes(), 0o755)?;
+        for bin in ["shoal", "containerd-shim-shoal-v1"] {
+            let path = spec.bin_dir.join(bin);
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!("cannot read {} (build it first: cargo build --release --bins)", path.display())
+            })?;
+            append_mode(&mut builder, bin, &bytes, 0o755)?;
+        }
+        append_mode(&mut builder, "bin/busybox", &busybox, 0o755)?;
+        for applet in INSTALLER_APPLETS {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            header.set_mode(0o777);
+            header.set_mtime(0);
+            builder.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
+        }
+        let layer = Blob::new(LAYER, builder.into_inner()?);
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let config = json!({
+            "architecture": architecture,
+            "os": "linux",
+            "config": { "Entrypoint": ["/install.sh"], "Env": ["PATH=/bin"] },
+            "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
+            "history": [{ "created_by": "shoal image installer" }],
+        });
+        let config = Blob::new(CONFIG, serde_json::to_vec(&config)?);
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": config.descriptor(),
+            "layers": [layer.descriptor()],
+        });
+        let manifest = Blob::new(MANIFEST, serde_json::to_vec(&manifest)?);
+        let mut entry = manifest.descriptor();
+        entry["platform"] = json!({ "architecture": architecture, "os": "linux" });
+        let index = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": [entry] });
+        let index = Blob::new(INDEX, serde_json::to_vec(&index)?);
+        Ok(Image { reference: spec.reference.clone(), layer, config, manifest, index })
+    }
+}
+
 /// The plain-tar layout: the file in a tar layer, named by the config's
 /// Entrypoint, labels and environment in the config.
 fn tar_image(spec: &ImageSpec, file_name: &str, kind: &str, wasm: &[u8]) -> anyhow::Result<(Blob, Blob)> {
@@ -309,9 +388,13 @@ fn layer_tar(file_name: &str, wasm: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 fn append(builder: &mut tar::Builder<Vec<u8>>, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    append_mode(builder, name, bytes, 0o644)
+}
+
+fn append_mode(builder: &mut tar::Builder<Vec<u8>>, name: &str, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     let mut header = tar::Header::new_gnu();
     header.set_size(bytes.len() as u64);
-    header.set_mode(0o644);
+    header.set_mode(mode);
     header.set_mtime(0);
     header.set_entry_type(tar::EntryType::Regular);
     builder.append_data(&mut header, name, bytes)?;

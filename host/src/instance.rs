@@ -59,6 +59,8 @@ pub struct Instance {
     started: bool,
     /// When the instance last finished a request (or was created).
     pub(crate) last_used: Instant,
+    /// Requests and messages it has served (for `max_requests_per_instance`).
+    pub(crate) served: u32,
 }
 
 impl Instance {
@@ -165,6 +167,7 @@ impl Instance {
             function: function.clone(),
             started: false,
             last_used: Instant::now(),
+            served: 0,
         })
     }
 

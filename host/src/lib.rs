@@ -63,6 +63,7 @@ pub mod node;
 pub mod pool;
 pub mod registry;
 pub mod request;
+pub mod scaffold;
 pub mod server;
 pub mod signals;
 pub mod trigger;

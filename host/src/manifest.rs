@@ -118,6 +118,7 @@ struct RawLimits {
     log_bytes_per_second: Option<u32>,
     max_request_bytes: Option<u64>,
     cpu_millis: Option<u32>,
+    max_requests_per_instance: Option<u32>,
 }
 
 /// A function's name: lowercase letters, digits and `-`, 1 to 63 long,
@@ -666,6 +667,17 @@ pub struct Limits {
     /// 100 ms period instead of running.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "non_zero_field::cpu_millis")]
     pub cpu_millis: Option<NonZeroU32>,
+    /// Requests (and messages) one instance serves before it is retired:
+    /// its `destroy` runs and the next request gets a fresh instance.
+    /// `None`: no limit. For guests whose runtime keeps each request's
+    /// state in the instance, e.g. JavaScript built with componentize-js
+    /// (StarlingMonkey answers one request per instance), set 1.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_zero_field::max_requests_per_instance"
+    )]
+    pub max_requests_per_instance: Option<NonZeroU32>,
 }
 
 /// Deserializing the `NonZero` limits with an error that names the field
@@ -703,6 +715,17 @@ mod non_zero_field {
             Some(millis) => NonZeroU32::new(millis)
                 .map(Some)
                 .ok_or_else(|| D::Error::custom("limits.cpu_millis must be greater than 0 (omit it for no limit)")),
+        }
+    }
+
+    pub fn max_requests_per_instance<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<NonZeroU32>, D::Error> {
+        match Option::<u32>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(count) => NonZeroU32::new(count).map(Some).ok_or_else(|| {
+                D::Error::custom("limits.max_requests_per_instance must be greater than 0 (omit it for no limit)")
+            }),
         }
     }
 
@@ -761,6 +784,7 @@ impl Default for Limits {
             publish_per_second: defaults::publish_per_second(),
             log_bytes_per_second: defaults::log_bytes_per_second(),
             cpu_millis: None,
+            max_requests_per_instance: None,
         }
     }
 }
@@ -950,6 +974,12 @@ impl RawLimits {
             cpu_millis: match self.cpu_millis {
                 Some(0) => return Err("limits.cpu_millis must be greater than 0 (omit it for no limit)".into()),
                 millis => millis.and_then(NonZeroU32::new),
+            },
+            max_requests_per_instance: match self.max_requests_per_instance {
+                Some(0) => {
+                    return Err("limits.max_requests_per_instance must be greater than 0 (omit it for no limit)".into());
+                }
+                count => count.and_then(NonZeroU32::new),
             },
         })
     }
@@ -1209,7 +1239,7 @@ mod tests {
                     prop::sample::select(vec![
                         "timeout_ms", "memory_mb", "max_concurrency", "queue_timeout_ms", "idle_timeout_s",
                         "fuel_per_request", "kv_max_key_bytes", "publish_per_second", "max_request_bytes",
-                        "log_bytes_per_second",
+                        "log_bytes_per_second", "max_requests_per_instance",
                     ]),
                     prop::sample::select(vec![1u64, 5000, 4096, 1, 5000, 0, 4097, 1 << 40]),
                     0..5,
@@ -1242,7 +1272,7 @@ mod tests {
                 let limit_ok = |field: &str, value: u64| match field {
                     "queue_timeout_ms" => true,
                     "memory_mb" => (1..=4096).contains(&value),
-                    "max_concurrency" | "publish_per_second" | "log_bytes_per_second" => {
+                    "max_concurrency" | "publish_per_second" | "log_bytes_per_second" | "max_requests_per_instance" => {
                         (1..=u64::from(u32::MAX)).contains(&value)
                     }
                     _ => value > 0,

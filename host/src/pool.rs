@@ -6,7 +6,9 @@
 //! (back to the idle list, most recent first) → … → idle past
 //! `idle_timeout` (or drain, or shutdown): `destroy` → dropped, its memory
 //! slot decommitted. An instance whose call failed is dropped at once,
-//! without `destroy`.
+//! without `destroy`. An instance that has served the function's
+//! `max_requests_per_instance` is retired like an idle one: `destroy`, then
+//! dropped.
 //!
 //! Concurrency is bounded by a semaphore of `max_concurrency` permits
 //! (never more than the engine's per-function instance share, so one
@@ -230,14 +232,18 @@ impl FunctionPool {
 
     /// Return an instance after a request (when its [`Lease`] drops). A
     /// `healthy` instance goes back to the idle list (or is destroyed if
-    /// the pool drains); an unhealthy one is dropped without `destroy`.
-    fn release(self: &Arc<Self>, instance: Instance, healthy: bool) {
+    /// the pool drains or it has served `max_requests_per_instance`); an
+    /// unhealthy one is dropped without `destroy`.
+    fn release(self: &Arc<Self>, mut instance: Instance, healthy: bool) {
         self.busy.fetch_sub(1, Ordering::AcqRel);
         self.last_memory.store(instance.memory_bytes(), Ordering::Relaxed);
+        instance.served = instance.served.saturating_add(1);
+        let retired =
+            self.function.spec().limits.max_requests_per_instance.is_some_and(|most| instance.served >= most.get());
         if !healthy || self.discarded.load(Ordering::Acquire) {
             drop(instance);
             self.add_live(-1);
-        } else if self.draining.load(Ordering::Acquire) {
+        } else if retired || self.draining.load(Ordering::Acquire) {
             self.destroy_later(instance);
         } else {
             self.lock_idle().push(instance);

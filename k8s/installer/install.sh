@@ -60,7 +60,8 @@ installed=0
 for bin in shoal containerd-shim-shoal-v1; do
     if [ -f "$SRC/$bin" ]; then
         mkdir -p "$BIN_DIR"
-        install -m 0755 "$SRC/$bin" "$BIN_DIR/$bin.new"
+        cp "$SRC/$bin" "$BIN_DIR/$bin.new"
+        chmod 0755 "$BIN_DIR/$bin.new"
         mv -f "$BIN_DIR/$bin.new" "$BIN_DIR/$bin"
         installed=$((installed + 1))
         say "installed $BIN_DIR/$bin"

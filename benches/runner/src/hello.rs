@@ -1,5 +1,6 @@
 //! W1: hello-world HTTP. The same `hello` component under `wasmtime serve`
-//! and Shoal (with and without fuel metering), native hyper as the ceiling.
+//! and Shoal (with and without fuel metering), native hyper as the ceiling;
+//! and the same function written in JavaScript and Python under Shoal.
 
 use serde_json::json;
 
@@ -21,7 +22,7 @@ struct Cell {
 pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     eprintln!("W1: hello-world HTTP ({} runs x {} s per cell)", args.runs, args.duration);
     let mut cells = Vec::new();
-    for peer in [Peer::Native, Peer::WasmtimeServe, Peer::Shoal, Peer::ShoalNoFuel] {
+    for peer in [Peer::Native, Peer::WasmtimeServe, Peer::Shoal, Peer::ShoalNoFuel, Peer::ShoalJs, Peer::ShoalPython] {
         let server = Server::start(tools, peer)?;
         for &connections in &args.concurrency {
             let mut samples = Vec::new();
@@ -89,8 +90,14 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
             metering * 100.0,
             verdict(metering <= 0.05)
         ));
+        let (js, python) = (rps(Peer::ShoalJs, c).unwrap_or(0.0), rps(Peer::ShoalPython, c).unwrap_or(0.0));
+        section.note(format!(
+            "c={c}: the same function in JavaScript {:.2}× and in Python {:.2}× the Rust one's req/s",
+            js / shoal,
+            python / shoal
+        ));
         ratios.push(json!({ "connections": c, "shoal_vs_native": vs_native, "shoal_vs_wasmtime_serve": vs_serve,
-            "metering_cost": metering }));
+            "metering_cost": metering, "js_vs_rust": js / shoal, "python_vs_rust": python / shoal }));
     }
     section.data = json!({
         "cells": cells.iter().map(|cell| json!({

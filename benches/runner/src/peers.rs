@@ -23,6 +23,11 @@ pub enum Peer {
     Shoal,
     /// The same with fuel metering off (`--no-fuel`; epochs still bound time).
     ShoalNoFuel,
+    /// `shoal serve` with `functions/hello-js` (componentize-js; a fresh
+    /// instance per request, as StarlingMonkey needs).
+    ShoalJs,
+    /// `shoal serve` with `functions/hello-py` (componentize-py).
+    ShoalPython,
 }
 
 impl Peer {
@@ -33,6 +38,8 @@ impl Peer {
             Peer::WasmtimeServe => "wasmtime-serve",
             Peer::Shoal => "shoal",
             Peer::ShoalNoFuel => "shoal-no-fuel",
+            Peer::ShoalJs => "shoal-js",
+            Peer::ShoalPython => "shoal-python",
         }
     }
 }
@@ -89,6 +96,10 @@ impl Tools {
                 .arg(&tools_dir))?;
         }
         run(Command::new("cargo").current_dir(root).args(["build", "--release", "--bin", "shoal"]))?;
+        if with_wasmtime {
+            // W1's JavaScript and Python rows (their toolchains install when missing).
+            run(Command::new("make").current_dir(root).arg("lang-functions"))?;
+        }
         run(Command::new("cargo").current_dir(root.join("functions")).args([
             "build",
             "--release",
@@ -205,6 +216,18 @@ impl Server {
             }
             Peer::Shoal => return Server::shoal(tools, &[hello], &[]),
             Peer::ShoalNoFuel => return Server::shoal(tools, &[hello], &["--no-fuel"]),
+            Peer::ShoalJs => {
+                let js = FunctionDef {
+                    wasm: tools.root.join("functions/target/lang/hello-js.wasm"),
+                    limits: "max_concurrency = 1000\nidle_timeout_s = 3600\nmax_requests_per_instance = 1",
+                    ..hello
+                };
+                return Server::shoal(tools, &[js], &[]);
+            }
+            Peer::ShoalPython => {
+                let python = FunctionDef { wasm: tools.root.join("functions/target/lang/hello-py.wasm"), ..hello };
+                return Server::shoal(tools, &[python], &[]);
+            }
         }
         Server::spawn(command, port, None, peer.name(), "/hello")
     }

@@ -21,6 +21,29 @@ async fn start_runs_once_before_the_first_request_and_the_instance_is_reused() {
 }
 
 #[tokio::test]
+async fn an_instance_is_retired_with_destroy_after_max_requests_per_instance() {
+    let host = TestHost::start().await;
+    let mut lifecycle = spec("lifecycle", "lifecycle", "/lc");
+    lifecycle.limits.max_requests_per_instance = std::num::NonZeroU32::new(2);
+    host.deploy(vec![lifecycle]).await;
+
+    let mut bodies = Vec::new();
+    for _ in 0..5 {
+        bodies.push(host.get("/lc").await.body);
+    }
+    let counts: Vec<&str> = bodies.iter().map(|body| body.split("\"served\":").nth(1).unwrap_or(body)).collect();
+    assert_eq!(counts, ["1}", "2}", "1}", "2}", "1}"], "each instance serves two requests, then a fresh one starts");
+    // The retired instances ran destroy (in the background, after their second response).
+    let retired = crate::support::eventually(std::time::Duration::from_secs(5), || async {
+        texts(&host).iter().filter(|line| *line == "lifecycle: destroy after 2 requests").count() == 2
+    })
+    .await;
+    assert!(retired, "{:?}", texts(&host));
+    assert_eq!(texts(&host).iter().filter(|line| *line == "lifecycle: start").count(), 3);
+    assert_eq!(host.live_instances("lifecycle").await, 1, "the third instance stays warm");
+}
+
+#[tokio::test]
 async fn destroy_runs_when_the_function_is_undeployed() {
     let host = TestHost::start().await;
     host.deploy(vec![spec("lifecycle", "lifecycle", "/lc")]).await;

@@ -104,6 +104,64 @@ fn the_installer_puts_both_binaries_in_place_and_refuses_a_config_without_a_vers
     assert!(String::from_utf8_lossy(&output.stderr).contains("no 'version = 2' or 'version = 3' line"));
 }
 
+#[tokio::test]
+async fn the_installer_image_runs_under_runc_and_installs_shoal_into_the_nodes_root() {
+    let _serial = crate::cluster::SERIAL.lock().await;
+    let work = tempfile::tempdir().unwrap();
+    // Stand-ins for the two binaries (the release ones are ≈60 MB and the
+    // debug ones ≈1 GB): the image copies whatever it holds.
+    let bins = work.path().join("bins");
+    std::fs::create_dir_all(&bins).unwrap();
+    for bin in ["shoal", "containerd-shim-shoal-v1"] {
+        std::fs::write(bins.join(bin), format!("#!/bin/sh\necho {bin}\n")).unwrap();
+    }
+    let tar = work.path().join("installer.oci.tar");
+    let tag = "localhost/shoal-test/installer:1";
+    let built = Command::new(crate::support::shoal_bin())
+        .args(["image", "installer", "--tag", tag, "--bin-dir"])
+        .arg(&bins)
+        .arg("-o")
+        .arg(&tar)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "shoal image installer: {}", String::from_utf8_lossy(&built.stderr));
+
+    let containerd = crate::cluster::Containerd::start(None);
+    let imported = containerd.ctr("default", &["images", "import", tar.to_str().unwrap()]);
+    assert!(imported.status.success(), "ctr images import: {}", String::from_utf8_lossy(&imported.stderr));
+    // The node's / as the DaemonSet mounts it, with a containerd 1.x config.
+    let node = work.path().join("node");
+    std::fs::create_dir_all(node.join("etc/containerd")).unwrap();
+    std::fs::write(node.join("etc/containerd/config.toml"), "version = 2\n").unwrap();
+    let mount = format!("type=bind,src={},dst=/host,options=rbind:rw", node.display());
+    let ran = containerd.ctr(
+        "default",
+        &[
+            "run",
+            "--rm",
+            "--mount",
+            &mount,
+            "--env",
+            "SHOAL_HOST_ROOT=/host",
+            "--env",
+            "SHOAL_RESTART=no",
+            tag,
+            "installer-1",
+        ],
+    );
+    let said = format!("{}{}", String::from_utf8_lossy(&ran.stdout), String::from_utf8_lossy(&ran.stderr));
+    assert!(ran.status.success() && said.contains("shoal-install: done"), "the installer under runc: {said}");
+    for bin in ["shoal", "containerd-shim-shoal-v1"] {
+        let installed = node.join("usr/local/bin").join(bin);
+        assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(bins.join(bin)).unwrap(), "{bin}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&installed).unwrap().permissions());
+        assert_eq!(mode & 0o755, 0o755, "{bin} is executable");
+    }
+    let config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(node.join("etc/containerd/config.toml")).unwrap()).unwrap();
+    assert_eq!(runtime(&config, "io.containerd.grpc.v1.cri")["runtime_type"].as_str(), Some("io.containerd.shoal.v1"));
+}
+
 /// kubectl's client-side dry run needs an API server's discovery
 /// documents (which kinds exist, which are namespaced) and a 404 for the
 /// objects it looks up. There is no kube-apiserver on this machine, so a

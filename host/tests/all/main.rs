@@ -17,6 +17,7 @@ mod invoke;
 mod isolation;
 mod keyvalue;
 mod kubernetes;
+mod languages;
 mod layering;
 mod ledger;
 mod limits;

@@ -1,0 +1,267 @@
+//! `shoal new`: a ready function project per language.
+//!
+//! Every project holds its source, a `shoal.toml` that serves it, a
+//! README with the two commands that build and serve it, and the Runtime
+//! ABI's WIT (`wit/`), written out of this binary so a project builds
+//! without this repository. The sources are the examples of `functions/`
+//! (the tests build both), with the example's name replaced.
+//!
+//! | language | toolchain | output |
+//! |---|---|---|
+//! | Rust | cargo, target `wasm32-wasip2`, with `shoal-sdk` in the project | `target/wasm32-wasip2/release/<name>.wasm` |
+//! | JavaScript | componentize-js (npm) | `dist/<name>.wasm` |
+//! | Python | componentize-py (PyPI) | `dist/<name>.wasm` |
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+use crate::manifest::validate_name;
+
+/// The languages `shoal new` writes projects for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Language {
+    /// Rust, with the shoal-sdk crate.
+    Rust,
+    /// JavaScript, through componentize-js.
+    #[value(alias = "javascript")]
+    Js,
+    /// Python, through componentize-py.
+    #[value(alias = "py")]
+    Python,
+}
+
+impl Language {
+    /// Its name, for people.
+    pub fn label(self) -> &'static str {
+        match self {
+            Language::Rust => "Rust",
+            Language::Js => "JavaScript",
+            Language::Python => "Python",
+        }
+    }
+}
+
+/// The componentize-js release projects are pinned to (the version whose
+/// `wasi:http` the WIT names; see abi/wit/deps/WASI.md).
+pub const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
+/// The componentize-py release projects are pinned to.
+pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+
+/// The Runtime ABI's WIT, as `wit/` of a project.
+const WIT: &[(&str, &str)] = &[
+    ("runtime.wit", include_str!("../../abi/wit/runtime.wit")),
+    ("lifecycle.wit", include_str!("../../abi/wit/lifecycle.wit")),
+    ("http.wit", include_str!("../../abi/wit/http.wit")),
+    ("deps/WASI.md", include_str!("../../abi/wit/deps/WASI.md")),
+    ("deps/config/config.wit", include_str!("../../abi/wit/deps/config/config.wit")),
+    ("deps/keyvalue/keyvalue.wit", include_str!("../../abi/wit/deps/keyvalue/keyvalue.wit")),
+    ("deps/cli/cli.wit", include_str!("../../abi/wit/deps/cli/cli.wit")),
+    ("deps/clocks/clocks.wit", include_str!("../../abi/wit/deps/clocks/clocks.wit")),
+    ("deps/filesystem/filesystem.wit", include_str!("../../abi/wit/deps/filesystem/filesystem.wit")),
+    ("deps/http/http.wit", include_str!("../../abi/wit/deps/http/http.wit")),
+    ("deps/io/io.wit", include_str!("../../abi/wit/deps/io/io.wit")),
+    ("deps/random/random.wit", include_str!("../../abi/wit/deps/random/random.wit")),
+    ("deps/sockets/sockets.wit", include_str!("../../abi/wit/deps/sockets/sockets.wit")),
+];
+
+/// The guest SDK, as `shoal-sdk/` of a Rust project (its bindings read
+/// `../wit`, the project's own copy).
+const SDK: &[(&str, &str)] = &[
+    ("Cargo.toml", include_str!("../../abi/sdk/Cargo.toml")),
+    ("src/lib.rs", include_str!("../../abi/sdk/src/lib.rs")),
+    ("src/config.rs", include_str!("../../abi/sdk/src/config.rs")),
+    ("src/events.rs", include_str!("../../abi/sdk/src/events.rs")),
+    ("src/http.rs", include_str!("../../abi/sdk/src/http.rs")),
+    ("src/invoke.rs", include_str!("../../abi/sdk/src/invoke.rs")),
+    ("src/kv.rs", include_str!("../../abi/sdk/src/kv.rs")),
+    ("src/pubsub.rs", include_str!("../../abi/sdk/src/pubsub.rs")),
+    ("src/secrets.rs", include_str!("../../abi/sdk/src/secrets.rs")),
+];
+
+const RUST_SOURCE: &str = include_str!("../../functions/hello/src/lib.rs");
+const JS_SOURCE: &str = include_str!("../../functions/hello-js/index.js");
+const PYTHON_SOURCE: &str = include_str!("../../functions/hello-py/app.py");
+
+/// What `new` wrote, for the message that follows.
+#[derive(Debug)]
+pub struct Project {
+    /// The project's folder.
+    pub dir: PathBuf,
+    /// The command that builds it, run in `dir`.
+    pub build: &'static str,
+}
+
+/// Write a project for a function `name` in `language` into `dir`, which
+/// must not exist or be empty. Nothing is written when the name is invalid.
+pub fn new_project(name: &str, language: Language, dir: &Path) -> anyhow::Result<Project> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    if let Ok(mut entries) = fs::read_dir(dir) {
+        if entries.next().is_some() {
+            bail!("{} already exists and is not empty: choose another name or --dir", dir.display());
+        }
+    } else if dir.exists() {
+        bail!("{} exists and is not a folder", dir.display());
+    }
+    let files = files(name, language);
+    for (path, text) in &files {
+        let path = dir.join(path);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let build = match language {
+        Language::Rust => "cargo build --release",
+        Language::Js => "npm install && npm run build",
+        Language::Python => "make",
+    };
+    Ok(Project { dir: dir.to_path_buf(), build })
+}
+
+/// Every file of the project: (path inside it, contents).
+fn files(name: &str, language: Language) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> =
+        WIT.iter().map(|(path, text)| (format!("wit/{path}"), (*text).to_string())).collect();
+    let (wasm, max_requests, grants) = match language {
+        Language::Rust => (format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_")), None, false),
+        // StarlingMonkey answers one request per instance (its FetchEvent
+        // state is not reset between requests: StarlingMonkey issue 247).
+        Language::Js => (format!("dist/{name}.wasm"), Some(1), true),
+        Language::Python => (format!("dist/{name}.wasm"), None, true),
+    };
+    files.push(("shoal.toml".into(), manifest(name, &wasm, max_requests, grants)));
+    match language {
+        Language::Rust => {
+            files.extend(SDK.iter().map(|(path, text)| (format!("shoal-sdk/{path}"), (*text).to_string())));
+            files.push(("src/lib.rs".into(), RUST_SOURCE.to_string()));
+            files.push(("Cargo.toml".into(), rust_cargo_toml(name)));
+            files.push((".cargo/config.toml".into(), "[build]\ntarget = \"wasm32-wasip2\"\n".into()));
+            files.push((".gitignore".into(), "/target\n".into()));
+            files.push((
+                "README.md".into(),
+                readme(name, language.label(), "rustup target add wasm32-wasip2\ncargo build --release"),
+            ));
+        }
+        Language::Js => {
+            files.push(("index.js".into(), JS_SOURCE.replace("hello-js", name)));
+            files.push(("package.json".into(), package_json(name)));
+            files.push((".gitignore".into(), "/node_modules\n/dist\n".into()));
+            files.push(("README.md".into(), readme(name, language.label(), "npm install\nnpm run build")));
+        }
+        Language::Python => {
+            files.push(("app.py".into(), PYTHON_SOURCE.replace("hello-py", name)));
+            files.push(("Makefile".into(), python_makefile(name)));
+            files.push((".gitignore".into(), "/dist\n__pycache__/\n".into()));
+            let setup = format!("pip install componentize-py=={COMPONENTIZE_PY_VERSION}\nmake");
+            files.push(("README.md".into(), readme(name, language.label(), &setup)));
+        }
+    }
+    files
+}
+
+fn manifest(name: &str, wasm: &str, max_requests: Option<u32>, grants: bool) -> String {
+    let mut text = format!(
+        "# Serve it: shoal serve .   (then: curl http://127.0.0.1:8080/{name})\n\
+         # Every field: the Shoal README, \"The manifest\".\n\n\
+         [[function]]\nname = \"{name}\"\nwasm = \"{wasm}\"\nroutes = [\"/{name}\"]\n"
+    );
+    if grants {
+        text.push_str(
+            "\n# What the function may reach through the Runtime ABI; anything else is refused.\n\
+             [function.grants]\n\
+             keyvalue = [\"default:hits\"]\n\
+             publish = [\"orders\"]\n\
+             config = { greeting = \"hello from shoal.toml\" }\n",
+        );
+    } else {
+        text.push_str(
+            "\n# What the function may reach through the Runtime ABI (nothing until granted):\n\
+             # [function.grants]\n\
+             # keyvalue = [\"default:hits\"]\n",
+        );
+    }
+    if let Some(count) = max_requests {
+        text.push_str(&format!(
+            "\n[function.limits]\n\
+             # componentize-js's engine serves one request per instance: a fresh one each time.\n\
+             max_requests_per_instance = {count}\n"
+        ));
+    }
+    text
+}
+
+fn rust_cargo_toml(name: &str) -> String {
+    format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n\n\
+         [dependencies]\nshoal-sdk = {{ path = \"shoal-sdk\" }}\n\n\
+         # Its own workspace, wherever the folder is.\n[workspace]\n\n\
+         [profile.release]\nopt-level = \"s\"\nlto = true\ncodegen-units = 1\nstrip = true\n"
+    )
+}
+
+fn package_json(name: &str) -> String {
+    format!(
+        "{{\n  \"name\": \"{name}\",\n  \"private\": true,\n  \"type\": \"module\",\n  \"scripts\": {{\n    \
+         \"build\": \"mkdir -p dist && componentize-js --wit wit --world-name shoal:runtime/http-function -o dist/{name}.wasm index.js\"\n  \
+         }},\n  \"devDependencies\": {{\n    \"@bytecodealliance/componentize-js\": \"{COMPONENTIZE_JS_VERSION}\"\n  }}\n}}\n"
+    )
+}
+
+fn python_makefile(name: &str) -> String {
+    format!(
+        "# componentize-py {COMPONENTIZE_PY_VERSION}: pip install componentize-py=={COMPONENTIZE_PY_VERSION}\n\
+         dist/{name}.wasm: app.py $(wildcard wit/*.wit wit/deps/*/*.wit)\n\
+         \tmkdir -p dist\n\
+         \tcomponentize-py -d wit -w shoal:runtime/http-function componentize app -o $@\n"
+    )
+}
+
+fn readme(name: &str, language: &str, build: &str) -> String {
+    format!(
+        "# {name}\n\nA Shoal function in {language}.\n\n```sh\n{build}\nshoal serve .\ncurl http://127.0.0.1:8080/{name}\n```\n\n\
+         `wit/` is the Runtime ABI (`shoal:runtime`) this function builds against;\n\
+         `shoal.toml` says what it may reach.\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_project_refuses_a_bad_name_and_a_folder_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = new_project("Bad_Name", Language::Js, &dir.path().join("x")).unwrap_err();
+        assert!(format!("{error:#}").contains("invalid name"), "{error:#}");
+        assert!(!dir.path().join("x").exists(), "nothing is written for a bad name");
+
+        fs::write(dir.path().join("keep"), "mine").unwrap();
+        let error = new_project("fine", Language::Python, dir.path()).unwrap_err();
+        assert!(format!("{error:#}").contains("not empty"), "{error:#}");
+        assert_eq!(fs::read_to_string(dir.path().join("keep")).unwrap(), "mine");
+    }
+
+    #[test]
+    fn each_projects_manifest_is_valid_and_names_its_build_output() {
+        for language in [Language::Rust, Language::Js, Language::Python] {
+            let dir = tempfile::tempdir().unwrap();
+            let project = dir.path().join("my-fn");
+            new_project("my-fn", language, &project).unwrap();
+            let manifest = crate::manifest::Manifest::load(&project.join("shoal.toml")).unwrap();
+            let specs = manifest.resolve().unwrap();
+            assert_eq!(specs[0].name.as_str(), "my-fn");
+            assert!(project.join("wit/http.wit").is_file() && project.join("wit/deps/http/http.wit").is_file());
+            let js = language == Language::Js;
+            assert_eq!(specs[0].limits.max_requests_per_instance.map(|n| n.get()), js.then_some(1), "{language:?}");
+        }
+    }
+}
