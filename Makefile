@@ -57,7 +57,8 @@ py-toolchain:
 		python3 -m pip install --quiet componentize-py==$(COMPONENTIZE_PY_VERSION)
 
 $(WIT_BINDGEN):
-	$(CARGO) install --quiet --locked wit-bindgen-cli@$(WIT_BINDGEN_VERSION) --root functions/target/tools
+	$(CARGO) install --quiet --locked wit-bindgen-cli@$(WIT_BINDGEN_VERSION) --no-default-features --features c \
+		--root functions/target/tools
 
 $(WASI_LIBC):
 	$(APT_INSTALL) clang lld wasi-libc libclang-rt-14-dev-wasm32
@@ -111,7 +112,7 @@ lint: setup
 # run (`shoal`, and the shim, whose own tests need it) with the same
 # features as the tests, so nothing compiles twice. The layering check
 # (tests/all/layering.rs) is part of the suite.
-unit-and-integration: functions test-deps
+unit-and-integration: functions lang-functions test-deps
 	cd functions && $(CARGO) build --release --target wasm32-wasip1 -p cli-hello
 	$(CARGO) test --workspace
 	cd abi/sdk && $(CARGO) test --doc

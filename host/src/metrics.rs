@@ -34,6 +34,11 @@ pub struct Metrics {
     tenant_requests: IntCounterVec,
     tenant_cpu_seconds: CounterVec,
     tenant_billed_seconds: CounterVec,
+    /// CPU the process used that no usage record carries (see `render`).
+    host_cpu_seconds: prometheus::Counter,
+    /// CPU every usage record so far carried, in µs (kept apart from
+    /// `cpu_seconds`, whose series go when their function does).
+    attributed_cpu_us: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -128,8 +133,14 @@ impl Metrics {
             tenant,
         )
         .expect("invariant: static metric definition");
+        let host_cpu_seconds = prometheus::Counter::new(
+            "shoal_host_cpu_seconds_total",
+            "CPU time of the host process not carried by any usage record (the process's CPU minus every request's)",
+        )
+        .expect("invariant: static metric definition");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(host_cpu_seconds.clone()),
             Box::new(cpu_throttled_seconds.clone()),
             Box::new(tenant_requests.clone()),
             Box::new(tenant_cpu_seconds.clone()),
@@ -172,6 +183,8 @@ impl Metrics {
             tenant_requests,
             tenant_cpu_seconds,
             tenant_billed_seconds,
+            host_cpu_seconds,
+            attributed_cpu_us: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -221,6 +234,7 @@ impl Metrics {
             self.fuel.with_label_values(&function).inc_by(fuel);
         }
         self.cpu_seconds.with_label_values(&function).inc_by(record.cpu_us as f64 / 1e6);
+        self.attributed_cpu_us.fetch_add(record.cpu_us, std::sync::atomic::Ordering::Relaxed);
         self.memory_byte_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e3);
         if record.throttled_us > 0 {
             self.cpu_throttled_seconds.with_label_values(&function).inc_by(record.throttled_us as f64 / 1e6);
@@ -278,11 +292,43 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        self.update_host_cpu();
         let mut buffer = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
         String::from_utf8_lossy(&buffer).into_owned()
     }
+}
+
+impl Metrics {
+    /// Bring `shoal_host_cpu_seconds_total` up to the process's CPU time
+    /// minus what the usage records carry, so that the two add up to the
+    /// process's CPU. A request's CPU lands in its record when it ends, so
+    /// while CPU-bound requests run the difference runs ahead of the host's
+    /// own share; the counter never goes back (counters only rise), and
+    /// the sum is exact again once those requests have ended and their
+    /// share has been outgrown.
+    fn update_host_cpu(&self) {
+        let process = process_cpu_seconds();
+        let attributed = self.attributed_cpu_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
+        let behind = (process - attributed) - self.host_cpu_seconds.get();
+        if behind > 0.0 {
+            self.host_cpu_seconds.inc_by(behind);
+        }
+    }
+
+    /// CPU every usage record so far carried, in seconds.
+    pub fn attributed_cpu_seconds(&self) -> f64 {
+        self.attributed_cpu_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+/// CPU time (user + system) of the whole process so far.
+pub fn process_cpu_seconds() -> f64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(|time| std::time::Duration::from(time).as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Remove the series of `vec` whose `function` label is `function`,

@@ -1,10 +1,13 @@
 //! W2: a CPU-bound function (`fib`, recursive) natively, under Shoal with
 //! epochs only (`--no-fuel`), and under Shoal with fuel metering: what
-//! metering costs on pure computation.
+//! metering costs on pure computation. Then metering truth: on fib(32),
+//! how much of the process's CPU the usage records carry, and where the
+//! rest went.
 
+use anyhow::Context as _;
 use serde_json::json;
 
-use crate::peers::{FunctionDef, Peer, Server, Tools};
+use crate::peers::{FunctionDef, Peer, Server, Tools, http_get};
 use crate::report::{Section, Spread, verdict};
 use crate::{Args, wrk};
 
@@ -60,11 +63,114 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         "the ≤ 5% metering target is stated for W1 throughput (see W1); on pure computation: {}",
         verdict(cost <= 0.05)
     ));
+    let truth = metering_truth(tools, args, fib())?;
+    section.note(truth.note());
     section.data = json!({
         "n": N,
         "peers": medians.iter().map(|(label, spread)| json!({ "peer": label, "us_per_request": spread }))
             .collect::<Vec<_>>(),
         "fuel_cost": cost,
+        "metering_truth": truth.json(),
     });
     Ok(section)
+}
+
+/// fib(32): tens of milliseconds per request, many epoch slices each.
+const TRUTH_N: u32 = 32;
+
+/// Where a CPU-bound run's CPU went, as shares of the process's CPU.
+struct Truth {
+    process_seconds: f64,
+    /// Carried by usage records (`shoal_cpu_seconds_total`).
+    records: f64,
+    /// `shoal_host_cpu_seconds_total`.
+    host: f64,
+    /// By thread name: the epoch clock, the runtime's workers, the rest.
+    threads: Vec<(String, f64)>,
+}
+
+impl Truth {
+    fn note(&self) -> String {
+        let threads: Vec<String> =
+            self.threads.iter().map(|(name, share)| format!("{name} {:.1}%", share * 100.0)).collect();
+        format!(
+            "metering truth, fib({TRUTH_N}) on 1 connection, {:.1} s of process CPU: usage records carry {:.1}% \
+             (target ≥ 97%: {}), `shoal_host_cpu_seconds_total` {:.1}%, together {:.1}% (target 100 ± 2%: {}); \
+             by thread: {}",
+            self.process_seconds,
+            self.records * 100.0,
+            verdict(self.records >= 0.97),
+            self.host * 100.0,
+            (self.records + self.host) * 100.0,
+            verdict((self.records + self.host - 1.0).abs() <= 0.02),
+            threads.join(", ")
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "n": TRUTH_N, "process_cpu_seconds": self.process_seconds, "records_share": self.records,
+            "host_share": self.host,
+            "threads": self.threads.iter().map(|(name, share)| json!({ "thread": name, "share": share }))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn metering_truth(tools: &Tools, args: &Args, fib: FunctionDef) -> anyhow::Result<Truth> {
+    eprintln!("W2: metering truth on fib({TRUTH_N}), {} s", args.duration * args.runs as u64);
+    let server = Server::shoal(tools, &[fib], &[])?;
+    // Warm: the instance exists, the compile is done.
+    wrk::run(&server.url(&format!("/fib?n={TRUTH_N}")), 1, 1)?;
+    let scrape = || -> anyhow::Result<(f64, f64)> {
+        let (_, text) = http_get(server.port(), "/metrics").context("scraping /metrics")?;
+        Ok((metric_sum(&text, "shoal_cpu_seconds_total"), metric_sum(&text, "shoal_host_cpu_seconds_total")))
+    };
+    let (threads_before, process_before) = (threads_by_name(server.pid())?, server.cpu_seconds()?);
+    let (records_before, host_before) = scrape()?;
+    wrk::run(&server.url(&format!("/fib?n={TRUTH_N}")), 1, args.duration * args.runs as u64)?;
+    let (records_after, host_after) = scrape()?;
+    // (/proc/<pid>/stat counts threads that ended too, in 10 ms ticks.)
+    let (threads_after, process) = (threads_by_name(server.pid())?, server.cpu_seconds()? - process_before);
+    let mut threads: Vec<(String, f64)> = threads_after
+        .iter()
+        .map(|(name, after)| (name.clone(), after - threads_before.get(name).copied().unwrap_or(0.0)))
+        .collect();
+    anyhow::ensure!(process > 0.0, "the server used no CPU");
+    threads.retain(|(_, seconds)| *seconds / process >= 0.001);
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (_, seconds) in &mut threads {
+        *seconds /= process;
+    }
+    Ok(Truth {
+        process_seconds: process,
+        records: (records_after - records_before) / process,
+        host: (host_after - host_before) / process,
+        threads,
+    })
+}
+
+/// The sum of a metric family's samples in a /metrics text.
+fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(family) && line[family.len()..].starts_with([' ', '{']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds per thread name of `pid` (from each thread's schedstat, in
+/// nanoseconds).
+fn threads_by_name(pid: u32) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let mut seconds = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = entry?.path();
+        let (Ok(name), Ok(stat)) =
+            (std::fs::read_to_string(path.join("comm")), std::fs::read_to_string(path.join("schedstat")))
+        else {
+            continue;
+        };
+        let ns: f64 = stat.split_whitespace().next().and_then(|ns| ns.parse().ok()).unwrap_or(0.0);
+        *seconds.entry(name.trim().to_string()).or_insert(0.0) += ns / 1e9;
+    }
+    Ok(seconds)
 }

@@ -33,3 +33,47 @@ async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     let totals = host.running.host().ledger().unwrap().summarize(Some("fib"), None).unwrap();
     assert_eq!((totals[0].requests, totals[0].cold_starts, totals[0].errors), (2, 1, 0));
 }
+
+/// The sum of a metric family's samples in a /metrics text.
+fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(family) && line[family.len()..].starts_with([' ', '{']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds of a process, from /proc (10 ms ticks).
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<f64> =
+        stat.rsplit_once(')').unwrap().1.split_whitespace().map(|field| field.parse().unwrap_or(0.0)).collect();
+    // utime and stime (fields 14 and 15 of the line), at 100 ticks a second.
+    (fields[11] + fields[12]) / 100.0
+}
+
+#[tokio::test]
+async fn the_requests_cpu_and_the_hosts_own_add_up_to_the_process_cpu() {
+    let state = tempfile::tempdir().unwrap();
+    let manifest = crate::support::write_manifest(state.path(), &crate::support::manifest_entry("fib", "fib", "/fib"));
+    let host = crate::support::HostProcess::spawn(state.path(), Some(&manifest));
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let answer = client.get(host.url("/fib?n=30")).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let scrape = || async { client.get(host.url("/metrics")).send().await.unwrap().text().await.unwrap() };
+    let first = scrape().await;
+    let process = process_cpu(host.child.id());
+    let (requests, own) =
+        (metric_sum(&first, "shoal_cpu_seconds_total"), metric_sum(&first, "shoal_host_cpu_seconds_total"));
+    assert!(requests > 0.05 && own > 0.0, "requests {requests} s, host {own} s:\n{first}");
+    // Read at the scrape and just after it: the same CPU within /proc's
+    // 10 ms ticks and the scrape's own work.
+    let sum = requests + own;
+    assert!(
+        (sum - process).abs() <= 0.03 + 0.02 * process,
+        "records {requests} + host {own} = {sum} s, process {process} s"
+    );
+    let second = scrape().await;
+    assert!(metric_sum(&second, "shoal_host_cpu_seconds_total") >= own, "a counter never goes back");
+}
