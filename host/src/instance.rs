@@ -12,9 +12,7 @@
 
 use std::future::Future;
 use std::num::NonZeroU64;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use wasmtime::{Store, UpdateDeadline};
@@ -28,7 +26,7 @@ use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
 use crate::engine::ClockHold;
 use crate::function::CompiledFunction;
 use crate::guest::GuestState;
-use crate::limits::{CpuQuota, DeadlineExceeded, Outcome};
+use crate::limits::{CpuQuota, CpuTimed, DeadlineExceeded, Outcome};
 use crate::logs::InstanceLog;
 use crate::metering::CallStats;
 use crate::request::RequestMeta;
@@ -389,43 +387,9 @@ async fn run_metered<R>(
     quota: Option<Arc<CpuQuota>>,
     call: impl Future<Output = wasmtime::Result<R>>,
 ) -> (Duration, Option<wasmtime::Result<R>>) {
-    let mut timed = std::pin::pin!(CpuTimed { inner: call, cpu: Duration::ZERO, quota });
+    let mut timed = std::pin::pin!(CpuTimed::new(call, quota));
     let result = tokio::time::timeout(timeout + Duration::from_millis(20), timed.as_mut()).await.ok();
-    (timed.cpu, result)
-}
-
-pin_project_lite::pin_project! {
-    /// Adds up the thread CPU time spent in each poll of `inner`: with
-    /// async calls, the guest runs inside `poll`, on whichever worker thread
-    /// polls it, so this is the guest's CPU time (plus its host calls).
-    struct CpuTimed<F> {
-        #[pin]
-        inner: F,
-        cpu: Duration,
-        // Charged with each poll's CPU time, when the function has a share.
-        quota: Option<Arc<CpuQuota>>,
-    }
-}
-
-impl<F: Future> Future for CpuTimed<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        let before = thread_cpu_time();
-        let poll = this.inner.poll(cx);
-        let used = thread_cpu_time().saturating_sub(before);
-        *this.cpu += used;
-        if let Some(quota) = this.quota {
-            quota.charge(used);
-        }
-        poll
-    }
-}
-
-fn thread_cpu_time() -> Duration {
-    use nix::time::{ClockId, clock_gettime};
-    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from).unwrap_or_default()
+    (timed.cpu(), result)
 }
 
 fn host_error(err: impl std::fmt::Display) -> InstanceError {

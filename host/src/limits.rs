@@ -296,6 +296,53 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// Adds up the thread CPU time spent in each poll of `inner`: with
+    /// async calls, the guest runs inside `poll`, on whichever worker thread
+    /// polls it, so this is the guest's CPU time (plus its host calls).
+    /// Each poll's time is also charged to `quota`, when there is one.
+    pub struct CpuTimed<F> {
+        #[pin]
+        inner: F,
+        cpu: Duration,
+        quota: Option<Arc<CpuQuota>>,
+    }
+}
+
+impl<F> CpuTimed<F> {
+    /// Measure `inner`, charging `quota`.
+    pub fn new(inner: F, quota: Option<Arc<CpuQuota>>) -> CpuTimed<F> {
+        CpuTimed { inner, cpu: Duration::ZERO, quota }
+    }
+
+    /// The CPU time of the polls so far.
+    pub fn cpu(&self) -> Duration {
+        self.cpu
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let before = thread_cpu_time();
+        let poll = this.inner.poll(cx);
+        let used = thread_cpu_time().saturating_sub(before);
+        *this.cpu += used;
+        if let Some(quota) = this.quota {
+            quota.charge(used);
+        }
+        poll
+    }
+}
+
+/// The calling thread's CPU time so far.
+pub fn thread_cpu_time() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

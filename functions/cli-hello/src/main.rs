@@ -1,7 +1,8 @@
 //! A plain WASI command (no HTTP handler): built as a `wasi:cli` component
 //! for wasm32-wasip2 and as a classic module for wasm32-wasip1. It prints
 //! its arguments and `GREETING_NAME` from the environment, lists the root
-//! directory it was given, and exits with `EXIT_CODE` (default 0).
+//! directory it was given, computes for `SPIN_MS` milliseconds of wall
+//! time when set, and exits with `EXIT_CODE` (default 0).
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -14,6 +15,14 @@ fn main() {
             entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into()).collect();
         names.sort();
         println!("root holds {names:?}");
+    }
+    if let Some(ms) = std::env::var("SPIN_MS").ok().and_then(|ms| ms.parse::<u64>().ok()) {
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+        let mut rounds = 0u64;
+        while std::time::Instant::now() < until {
+            rounds = std::hint::black_box(rounds + 1);
+        }
+        println!("spun {ms} ms ({rounds} rounds)");
     }
     eprintln!("cli-hello: done");
     let code = std::env::var("EXIT_CODE").ok().and_then(|code| code.parse().ok()).unwrap_or(0);

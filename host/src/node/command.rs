@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
-use wasmtime::{Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Linker, Module, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -19,6 +19,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, Wasi
 
 use super::error::NodeError;
 use crate::engine::WasmEngine;
+use crate::limits::{CpuQuota, CpuTimed};
 use crate::logs::{InstanceLog, Stream};
 
 /// The exit status of a command that trapped (as a process that aborted:
@@ -65,6 +66,10 @@ pub struct Invocation<'a> {
     pub volumes: &'a [crate::manifest::FileGrant],
     /// Linear memory cap in bytes.
     pub memory_limit: Option<u64>,
+    /// The container's CPU share (its `cpu_millis`), shared with its
+    /// function and its other execs: past it the program waits for the
+    /// next period, as the function's calls do.
+    pub cpu_quota: Option<Arc<CpuQuota>>,
     /// Where its input comes from and its output goes.
     pub stdio: Stdio,
 }
@@ -125,6 +130,7 @@ pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<
     // The program may run wasm at any time until it ends: keep the clock on.
     let _clock = engine.hold_clock();
     let memory_limit = invocation.memory_limit;
+    let quota = invocation.cpu_quota.clone();
     let result = match build_context(invocation) {
         Err(err) => Err(err),
         Ok(mut builder) => {
@@ -132,26 +138,26 @@ pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<
             match program {
                 Program::Component(pre) => {
                     let state = CommandState { wasi: builder.build(), table: ResourceTable::new(), limits };
-                    let mut store = store(engine, state);
-                    match pre.instantiate_async(&mut store).await {
-                        Ok(command) => match command.wasi_cli_run().call_run(&mut store).await {
-                            Ok(Ok(())) => Ok(0),
-                            Ok(Err(())) => Ok(1),
-                            Err(err) => Err(err),
-                        },
+                    let mut store = store(engine, state, quota.clone());
+                    let run = async {
+                        let command = pre.instantiate_async(&mut store).await?;
+                        command.wasi_cli_run().call_run(&mut store).await
+                    };
+                    match CpuTimed::new(run, quota).await {
+                        Ok(Ok(())) => Ok(0),
+                        Ok(Err(())) => Ok(1),
                         Err(err) => Err(err),
                     }
                 }
                 Program::Module(pre) => {
                     let state = P1State { wasi: builder.build_p1(), limits };
-                    let mut store = store(engine, state);
-                    async {
+                    let mut store = store(engine, state, quota.clone());
+                    let run = async {
                         let instance = pre.instantiate_async(&mut store).await?;
                         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                         start.call_async(&mut store, ()).await
-                    }
-                    .await
-                    .map(|()| 0)
+                    };
+                    CpuTimed::new(run, quota).await.map(|()| 0)
                 }
             }
         }
@@ -215,12 +221,28 @@ impl HasLimits for P1State {
     }
 }
 
-fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T) -> Store<T> {
+fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T, quota: Option<Arc<CpuQuota>>) -> Store<T> {
     let mut store = Store::new(engine.engine(), state);
     store.limiter(|state| state.limits());
     // A program runs as long as it likes, but yields at every epoch tick
     // so it never holds a host thread, and can be stopped by dropping it.
-    store.epoch_deadline_async_yield_and_update(1);
+    // Over its container's CPU share it waits for the next period instead.
+    match quota {
+        None => store.epoch_deadline_async_yield_and_update(1),
+        Some(quota) => {
+            store.epoch_deadline_callback(move |_| {
+                let now = std::time::Instant::now();
+                Ok(match quota.wait_until(now) {
+                    Some(until) => {
+                        quota.add_throttled(until.saturating_duration_since(now));
+                        UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep_until(until.into())))
+                    }
+                    None => UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())),
+                })
+            });
+            store.set_epoch_deadline(1);
+        }
+    }
     if engine.fuel_enabled() {
         let _ = store.set_fuel(u64::MAX);
     }

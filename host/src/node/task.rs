@@ -40,6 +40,7 @@ use super::stdio::{ContainerOutput, ContainerSinks};
 use super::{netns, rootfs};
 use crate::abi::Egress;
 use crate::host::Host;
+use crate::limits::CpuQuota;
 use crate::logs::{GuestLine, InstanceLog, LogBudget, LogSink, Stream};
 use crate::manifest::TenantName;
 use crate::registry::DeployItem;
@@ -111,6 +112,8 @@ enum Kind {
         env: Vec<(String, String)>,
         rootfs: PathBuf,
         memory_limit: u64,
+        /// Its CPU share (`cpu_millis`), shared with its execs.
+        cpu_quota: Option<Arc<CpuQuota>>,
         log_budget: Arc<LogBudget>,
     },
 }
@@ -326,6 +329,7 @@ impl Node {
                             env: bundle.env(),
                             rootfs: bundle.rootfs(),
                             memory_limit: spec.limits.memory_bytes,
+                            cpu_quota: spec.limits.cpu_millis.map(CpuQuota::new),
                             log_budget,
                         };
                         (kind, code_bytes)
@@ -506,7 +510,9 @@ impl Node {
     }
 
     async fn run_command(self: Arc<Self>, container: Arc<Container>) {
-        let Kind::Command { program, args, env, rootfs, memory_limit, log_budget } = &container.kind else { return };
+        let Kind::Command { program, args, env, rootfs, memory_limit, cpu_quota, log_budget } = &container.kind else {
+            return;
+        };
         let engine = self.host.registry().engine().clone();
         let log = InstanceLog::new(
             Arc::from(container.function.as_str()),
@@ -520,6 +526,7 @@ impl Node {
             rootfs: Some(rootfs.as_path()),
             volumes: &[],
             memory_limit: Some(*memory_limit),
+            cpu_quota: cpu_quota.clone(),
             stdio: command::Stdio::Log(log),
         };
         let (code, trap) = command::run(&engine, program, invocation).await;
@@ -752,6 +759,7 @@ impl Node {
                     rootfs: Some(&rootfs),
                     volumes: &volumes,
                     memory_limit: self.memory_limit(container),
+                    cpu_quota: self.cpu_quota(container),
                     stdio: command::Stdio::Pipes { stdin, stdout, stderr },
                 };
                 let engine = self.host.registry().engine().clone();
@@ -984,6 +992,19 @@ impl Node {
                 .registry()
                 .by_name(&container.function)
                 .and_then(|target| target.pools().next().map(|pool| pool.function().spec().limits.memory_bytes)),
+        }
+    }
+
+    /// The container's CPU share: its program's, or its function's (an
+    /// exec shares it, as a process shares its container's cgroup).
+    fn cpu_quota(&self, container: &Container) -> Option<Arc<CpuQuota>> {
+        match &container.kind {
+            Kind::Command { cpu_quota, .. } => cpu_quota.clone(),
+            _ => self
+                .host
+                .registry()
+                .by_name(&container.function)
+                .and_then(|target| target.pools().next().and_then(|pool| pool.function().cpu_quota().cloned())),
         }
     }
 

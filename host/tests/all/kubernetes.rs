@@ -663,3 +663,56 @@ async fn exec_sync_through_the_cri_answers_from_the_pods_function() {
     assert!(refused.message().contains("is not a wasm program"), "{refused}");
     cri.remove_pod(&pod).await;
 }
+#[tokio::test]
+async fn an_exec_computes_within_its_containers_cpu_limit_and_the_throttling_shows_in_its_stats() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    let root = tempfile::tempdir().unwrap();
+    std::fs::copy(guest("hello"), root.path().join("app.wasm")).unwrap();
+    std::fs::copy(guest("cli-hello"), root.path().join("spin.wasm")).unwrap();
+    let rootfs = root.path().to_str().unwrap();
+    // A tenth of a core, as `resources.limits.cpu: 100m` gives.
+    let run = containerd.ctr(
+        "default",
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--cpus",
+            "0.1",
+            "--env",
+            "SPIN_MS=1500",
+            "--rootfs",
+            rootfs,
+            "capped",
+            "/app.wasm",
+        ],
+    );
+    assert!(run.status.success(), "ctr run -d: {}\n{}", text(&run), containerd.host_log());
+    // The program (with the container's environment) computes for 1.5 s
+    // of wall time: at 100m it may use about 150 ms of CPU and spends the
+    // rest waiting for its share.
+    let exec = containerd.ctr("default", &["task", "exec", "--exec-id", "spin", "capped", "/spin.wasm"]);
+    assert!(exec.status.success(), "{}\n{}", text(&exec), containerd.host_log());
+    assert!(text(&exec).contains("spun 1500 ms"), "{}", text(&exec));
+    let metrics = containerd.ctr("default", &["task", "metrics", "--format", "json", "capped"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    let field = |name: &str| -> u64 {
+        let at = metrics.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        let digits: String =
+            metrics[at + name.len() + 3..].trim_start().chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap_or_else(|_| panic!("{name} in {metrics}"))
+    };
+    assert!(field("throttled_usec") > 800_000, "most of the exec's time was spent waiting: {metrics}");
+    assert!(field("nr_throttled") > 5, "{metrics}");
+    let _ = containerd.ctr("default", &["task", "kill", "-s", "SIGKILL", "capped"]);
+    until(
+        Duration::from_secs(10),
+        || !text(&containerd.ctr("default", &["task", "ls"])).contains("RUNNING"),
+        || text(&containerd.ctr("default", &["task", "ls"])),
+    )
+    .await;
+    let _ = containerd.ctr("default", &["task", "rm", "capped"]);
+    let _ = containerd.ctr("default", &["containers", "rm", "capped"]);
+}
