@@ -47,6 +47,10 @@ impl Language {
 /// The componentize-js release projects are pinned to (the version whose
 /// `wasi:http` the WIT names; see abi/wit/deps/WASI.md).
 pub const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
+/// preview2-shim, which componentize-js 0.23.0 imports at build time but
+/// declares only as a development dependency of its own: without it
+/// listed, `npm ci` leaves it out and the build fails to load.
+pub const PREVIEW2_SHIM_VERSION: &str = "0.25.0";
 /// The componentize-py release projects are pinned to.
 pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 
@@ -212,7 +216,8 @@ fn package_json(name: &str) -> String {
     format!(
         "{{\n  \"name\": \"{name}\",\n  \"private\": true,\n  \"type\": \"module\",\n  \"scripts\": {{\n    \
          \"build\": \"mkdir -p dist && componentize-js --wit wit --world-name shoal:runtime/http-function -o dist/{name}.wasm index.js\"\n  \
-         }},\n  \"devDependencies\": {{\n    \"@bytecodealliance/componentize-js\": \"{COMPONENTIZE_JS_VERSION}\"\n  }}\n}}\n"
+         }},\n  \"devDependencies\": {{\n    \"@bytecodealliance/componentize-js\": \"{COMPONENTIZE_JS_VERSION}\",\n    \
+         \"@bytecodealliance/preview2-shim\": \"{PREVIEW2_SHIM_VERSION}\"\n  }}\n}}\n"
     )
 }
 
@@ -261,6 +266,13 @@ mod tests {
             assert_eq!(specs[0].name.as_str(), "my-fn");
             assert!(project.join("wit/http.wit").is_file() && project.join("wit/deps/http/http.wit").is_file());
             let js = language == Language::Js;
+            if js {
+                let package: serde_json::Value =
+                    serde_json::from_str(&fs::read_to_string(project.join("package.json")).unwrap()).unwrap();
+                let tools = &package["devDependencies"];
+                assert_eq!(tools["@bytecodealliance/componentize-js"], COMPONENTIZE_JS_VERSION);
+                assert_eq!(tools["@bytecodealliance/preview2-shim"], PREVIEW2_SHIM_VERSION, "npm ci needs it listed");
+            }
             assert_eq!(specs[0].limits.max_requests_per_instance.map(|n| n.get()), js.then_some(1), "{language:?}");
         }
     }

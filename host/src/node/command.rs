@@ -82,21 +82,41 @@ pub enum Stdio {
     Pipes { stdin: Option<AsyncStdinStream>, stdout: AsyncStdoutStream, stderr: AsyncStdoutStream },
 }
 
-/// Whether `wasm` is a program (rather than a function component).
-pub fn is_program(engine: &WasmEngine, wasm: &[u8]) -> bool {
+/// Whether `wasm` is a program (rather than a function component): a core
+/// module, or a component that exports `wasi:cli/run` and not the HTTP
+/// handler. Read from the component's own export section, without
+/// compiling it (a compile here cost every pod start ≈100 ms; the host's
+/// cached compile follows for functions, and `compile` for programs).
+pub fn is_program(wasm: &[u8]) -> bool {
     if wasmparser::Parser::is_core_wasm(wasm) {
         return true;
     }
-    // A component is a program when it exports wasi:cli/run and not the
-    // HTTP handler.
-    let Ok(component) = Component::new(engine.engine(), wasm) else { return false };
-    let ty = component.component_type();
-    let names: Vec<String> = ty.exports(engine.engine()).map(|(name, _)| name.to_string()).collect();
+    let Ok(names) = component_exports(wasm) else { return false };
     let exports = |prefix: &str| names.iter().any(|name| name.starts_with(prefix));
     exports("wasi:cli/run@") && !exports("wasi:http/incoming-handler@")
 }
 
-/// Compile and link a program (CPU-heavy: call off the async threads).
+/// The names a component exports at its top level (nested modules and
+/// components each open with a header of their own and close with an end).
+fn component_exports(wasm: &[u8]) -> Result<Vec<String>, wasmparser::BinaryReaderError> {
+    use wasmparser::{Parser, Payload};
+    let mut depth = 0usize;
+    let mut names = Vec::new();
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload? {
+            Payload::Version { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentExportSection(exports) if depth == 1 => {
+                for export in exports {
+                    names.push(export?.name.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
 pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
     let invalid = |what: &str| {
         let what = what.to_string();
@@ -247,4 +267,34 @@ fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T, quota: Option<Arc<C
         let _ = store.set_fuel(u64::MAX);
     }
     store
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A component exporting `names`, each an instance holding one
+    /// function (enough for the export section; nothing is compiled).
+    fn component(names: &[&str]) -> Vec<u8> {
+        let exports: String = names.iter().map(|name| format!("(export \"{name}\" (instance $i))\n")).collect();
+        let text = format!(
+            "(component
+               (core module $m (func (export \"f\")))
+               (core instance $c (instantiate $m))
+               (func $f (canon lift (core func $c \"f\")))
+               (instance $i (export \"run\" (func $f)))
+               {exports})"
+        );
+        wat::parse_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_program_is_told_from_a_function_by_its_exports_alone() {
+        assert!(is_program(&component(&["wasi:cli/run@0.2.0"])));
+        assert!(!is_program(&component(&["wasi:cli/run@0.2.0", "wasi:http/incoming-handler@0.2.0"])));
+        assert!(!is_program(&component(&["wasi:http/incoming-handler@0.2.6"])));
+        assert!(!is_program(&component(&[])));
+        assert!(is_program(&wat::parse_str("(module (func (export \"_start\")))").unwrap()), "a core module");
+        assert!(!is_program(b"\0asm\x0d\0\x01\0 not a component"), "garbage is no program");
+    }
 }
