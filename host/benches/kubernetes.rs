@@ -70,6 +70,41 @@ fn main() {
             }));
             started.push(pod);
         }
+        // The node host's own account of each app container's Task
+        // Create (its "app timings" and "created" log lines), in order.
+        let log = containerd.host_log();
+        let field = |line: &str, key: &str| -> Option<f64> {
+            let at = line.find(&format!(" {key}="))? + key.len() + 2;
+            line[at..].split_whitespace().next()?.parse().ok()
+        };
+        let mut phases = Vec::new();
+        let mut pending: Option<(String, serde_json::Value)> = None;
+        for line in log.lines() {
+            let container = line.split(" container=").nth(1).and_then(|rest| rest.split_whitespace().next());
+            let Some(container) = container else { continue };
+            if line.contains("app timings") {
+                let ms = |key: &str| field(line, key).map(|us| us / 1e3);
+                pending = Some((
+                    container.to_string(),
+                    json!({ "labels_ms": ms("labels_us"), "read_ms": ms("read_us"), "deploy_ms": ms("deploy_us") }),
+                ));
+            } else if line.contains("create timings") {
+                if let Some((id, phase)) = pending.as_mut()
+                    && id == container
+                {
+                    phase["mount_ms"] = json!(field(line, "mount_us").map(|us| us / 1e3));
+                }
+            } else if line.contains(" created ")
+                && let Some((id, mut phase)) = pending.take()
+                && id == container
+            {
+                phase["task_create_ms"] = json!(field(line, "took_us").map(|us| us / 1e3));
+                phases.push(phase);
+            }
+        }
+        for (record, phase) in records.iter_mut().zip(phases) {
+            record["host"] = phase;
+        }
         for pod in &started {
             cri.remove_pod(pod).await;
         }

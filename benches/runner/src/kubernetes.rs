@@ -50,6 +50,9 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     let first_response: Vec<f64> = later.iter().map(|p| figure(p, "first_response_ms")).collect();
     let cri: Vec<f64> = later.iter().map(|p| figure(p, "cri_ms")).collect();
     let p50_of = |key: &str| percentile(&later.iter().map(|p| figure(p, key)).collect::<Vec<_>>(), 50.0);
+    // The node host's part of StartContainer (its Task Create), by phase.
+    let host_p50 =
+        |key: &str| percentile(&later.iter().map(|p| p["host"][key].as_f64().unwrap_or(0.0)).collect::<Vec<_>>(), 50.0);
     let rss_first = figure(&pods[0], "host_rss_kib");
     let rss_last = figure(&pods[pods.len() - 1], "host_rss_kib");
     let per_pod_kib = (rss_last - rss_first) / (pods.len() - 1) as f64;
@@ -83,6 +86,18 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
             ),
         ),
         (
+            "later pods: StartContainer's Task Create in the host (rootfs mount / labels over gRPC / wasm read / \
+             deploy / whole), p50 ms",
+            format!(
+                "{:.1} / {:.1} / {:.1} / {:.1} / {:.1}",
+                host_p50("mount_ms"),
+                host_p50("labels_ms"),
+                host_p50("read_ms"),
+                host_p50("deploy_ms"),
+                host_p50("task_create_ms")
+            ),
+        ),
+        (
             "later pods: to first HTTP response, p50 / p99 ms",
             format!("{p50:.1} / {:.1}", percentile(&first_response, 99.0)),
         ),
@@ -95,9 +110,12 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         section.row(vec![label.to_string(), value]);
     }
     section.note(format!(
-        "p50 to first response {p50:.1} ms (target ≤ 100 ms: {}); {per_pod_kib:.0} KiB per extra pod \
-         (target ≤ 1 MiB: {})",
+        "p50 to first response {p50:.1} ms (target ≤ 100 ms: {}; round 2: ≤ 50 ms: {}); StartContainer minus \
+         the host's Task Create ({:.1} ms) is the shim binary's start, containerd's own work and Start; \
+         {per_pod_kib:.0} KiB per extra pod (target ≤ 1 MiB: {})",
         verdict(p50 <= 100.0),
+        verdict(p50 <= 50.0),
+        p50_of("start_container_ms") - host_p50("task_create_ms"),
         verdict(per_pod_kib <= 1024.0)
     ));
     section.data = json!({
