@@ -134,6 +134,12 @@ impl Image {
             ImageFormat::Tar => tar_image(spec, &file_name, kind, &wasm)?,
             ImageFormat::WasmArtifact => artifact_image(spec, kind, wasm)?,
         };
+        Image::assemble(&spec.reference, layer, config, &PLATFORMS)
+    }
+
+    /// The manifest of one layer and its config, and an index listing it
+    /// for each of `platforms` (Linux architectures).
+    fn assemble(reference: &str, layer: Blob, config: Blob, platforms: &[&str]) -> anyhow::Result<Image> {
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": MANIFEST,
@@ -141,7 +147,7 @@ impl Image {
             "layers": [layer.descriptor()],
         });
         let manifest = Blob::new(MANIFEST, serde_json::to_vec(&manifest)?);
-        let entries: Vec<Value> = PLATFORMS
+        let entries: Vec<Value> = platforms
             .iter()
             .map(|arch| {
                 let mut descriptor = manifest.descriptor();
@@ -151,7 +157,7 @@ impl Image {
             .collect();
         let index = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": entries });
         let index = Blob::new(INDEX, serde_json::to_vec(&index)?);
-        Ok(Image { reference: spec.reference.clone(), layer, config, manifest, index })
+        Ok(Image { reference: reference.to_string(), layer, config, manifest, index })
     }
 
     /// Write the OCI image layout as a tarball (what `ctr images import`
@@ -322,18 +328,7 @@ impl Image {
             "history": [{ "created_by": "shoal image installer" }],
         });
         let config = Blob::new(CONFIG, serde_json::to_vec(&config)?);
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": MANIFEST,
-            "config": config.descriptor(),
-            "layers": [layer.descriptor()],
-        });
-        let manifest = Blob::new(MANIFEST, serde_json::to_vec(&manifest)?);
-        let mut entry = manifest.descriptor();
-        entry["platform"] = json!({ "architecture": architecture, "os": "linux" });
-        let index = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": [entry] });
-        let index = Blob::new(INDEX, serde_json::to_vec(&index)?);
-        Ok(Image { reference: spec.reference.clone(), layer, config, manifest, index })
+        Image::assemble(&spec.reference, layer, config, &[architecture])
     }
 }
 

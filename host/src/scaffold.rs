@@ -54,36 +54,28 @@ pub const PREVIEW2_SHIM_VERSION: &str = "0.25.0";
 /// The componentize-py release projects are pinned to.
 pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 
-/// The Runtime ABI's WIT, as `wit/` of a project.
-const WIT: &[(&str, &str)] = &[
-    ("runtime.wit", include_str!("../../abi/wit/runtime.wit")),
-    ("lifecycle.wit", include_str!("../../abi/wit/lifecycle.wit")),
-    ("http.wit", include_str!("../../abi/wit/http.wit")),
-    ("deps/WASI.md", include_str!("../../abi/wit/deps/WASI.md")),
-    ("deps/config/config.wit", include_str!("../../abi/wit/deps/config/config.wit")),
-    ("deps/keyvalue/keyvalue.wit", include_str!("../../abi/wit/deps/keyvalue/keyvalue.wit")),
-    ("deps/cli/cli.wit", include_str!("../../abi/wit/deps/cli/cli.wit")),
-    ("deps/clocks/clocks.wit", include_str!("../../abi/wit/deps/clocks/clocks.wit")),
-    ("deps/filesystem/filesystem.wit", include_str!("../../abi/wit/deps/filesystem/filesystem.wit")),
-    ("deps/http/http.wit", include_str!("../../abi/wit/deps/http/http.wit")),
-    ("deps/io/io.wit", include_str!("../../abi/wit/deps/io/io.wit")),
-    ("deps/random/random.wit", include_str!("../../abi/wit/deps/random/random.wit")),
-    ("deps/sockets/sockets.wit", include_str!("../../abi/wit/deps/sockets/sockets.wit")),
-];
+/// `(path, contents)` of files under one folder of this repository, read
+/// into the binary at build time.
+macro_rules! embed {
+    ($folder:literal: $($path:literal),* $(,)?) => {
+        &[$(($path, include_str!(concat!("../../", $folder, "/", $path)))),*]
+    };
+}
+
+/// The Runtime ABI's WIT, as `wit/` of a project (every file of abi/wit:
+/// a test checks none is missing).
+const WIT: &[(&str, &str)] = embed!("abi/wit":
+    "runtime.wit", "lifecycle.wit", "http.wit", "deps/WASI.md", "deps/config/config.wit",
+    "deps/keyvalue/keyvalue.wit", "deps/cli/cli.wit", "deps/clocks/clocks.wit", "deps/filesystem/filesystem.wit",
+    "deps/http/http.wit", "deps/io/io.wit", "deps/random/random.wit", "deps/sockets/sockets.wit",
+);
 
 /// The guest SDK, as `shoal-sdk/` of a Rust project (its bindings read
-/// `../wit`, the project's own copy).
-const SDK: &[(&str, &str)] = &[
-    ("Cargo.toml", include_str!("../../abi/sdk/Cargo.toml")),
-    ("src/lib.rs", include_str!("../../abi/sdk/src/lib.rs")),
-    ("src/config.rs", include_str!("../../abi/sdk/src/config.rs")),
-    ("src/events.rs", include_str!("../../abi/sdk/src/events.rs")),
-    ("src/http.rs", include_str!("../../abi/sdk/src/http.rs")),
-    ("src/invoke.rs", include_str!("../../abi/sdk/src/invoke.rs")),
-    ("src/kv.rs", include_str!("../../abi/sdk/src/kv.rs")),
-    ("src/pubsub.rs", include_str!("../../abi/sdk/src/pubsub.rs")),
-    ("src/secrets.rs", include_str!("../../abi/sdk/src/secrets.rs")),
-];
+/// `../wit`, the project's own copy; every source file: a test checks).
+const SDK: &[(&str, &str)] = embed!("abi/sdk":
+    "Cargo.toml", "src/lib.rs", "src/config.rs", "src/events.rs", "src/http.rs", "src/invoke.rs", "src/kv.rs",
+    "src/pubsub.rs", "src/secrets.rs",
+);
 
 const RUST_SOURCE: &str = include_str!("../../functions/hello/src/lib.rs");
 const JS_SOURCE: &str = include_str!("../../functions/hello-js/index.js");
@@ -253,6 +245,38 @@ mod tests {
         let error = new_project("fine", Language::Python, dir.path()).unwrap_err();
         assert!(format!("{error:#}").contains("not empty"), "{error:#}");
         assert_eq!(fs::read_to_string(dir.path().join("keep")).unwrap(), "mine");
+    }
+
+    /// Files under `folder` of the repository, relative to it, with
+    /// `extensions`.
+    fn files_under(folder: &str, extensions: &[&str]) -> Vec<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(folder);
+        let mut found = Vec::new();
+        let mut pending = vec![root.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    if !path.ends_with("target") {
+                        pending.push(path);
+                    }
+                } else if extensions.iter().any(|extension| path.to_string_lossy().ends_with(extension)) {
+                    found.push(path.strip_prefix(&root).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn a_project_carries_every_file_of_the_wit_and_of_the_sdk() {
+        for (folder, embedded, extensions) in
+            [("abi/wit", WIT, &[".wit", ".md"][..]), ("abi/sdk", SDK, &[".rs", "Cargo.toml"][..])]
+        {
+            for file in files_under(folder, extensions) {
+                assert!(embedded.iter().any(|(path, _)| *path == file), "{folder}/{file} is not written by shoal new");
+            }
+        }
     }
 
     #[test]
