@@ -44,6 +44,20 @@ async fn an_instance_is_retired_with_destroy_after_max_requests_per_instance() {
 }
 
 #[tokio::test]
+async fn a_fresh_instance_starts_pristine_when_freed_slots_keep_their_memory_resident() {
+    // Slots keep 8 MiB resident: the next instance's memory is restored in
+    // place from the image instead of being handed back to the kernel.
+    let host = TestHost::start_configured(|config| config.engine.keep_resident_bytes = 8 << 20).await;
+    let mut lifecycle = spec("lifecycle", "lifecycle", "/lc");
+    lifecycle.limits.max_requests_per_instance = std::num::NonZeroU32::new(1);
+    host.deploy(vec![lifecycle]).await;
+    for _ in 0..20 {
+        let reply = host.get("/lc").await;
+        assert_eq!(reply.body, r#"{"started":true,"served":1}"#, "no state survives into the next instance");
+    }
+}
+
+#[tokio::test]
 async fn destroy_runs_when_the_function_is_undeployed() {
     let host = TestHost::start().await;
     host.deploy(vec![spec("lifecycle", "lifecycle", "/lc")]).await;

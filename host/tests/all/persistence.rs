@@ -30,6 +30,7 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
         max_instances: 8,
         max_instances_per_function: None,
         cache_dir: Some(cache.path().into()),
+        keep_resident_bytes: 0,
     };
     let config = shoal::host::HostConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

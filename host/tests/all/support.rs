@@ -110,6 +110,7 @@ impl TestHost {
                 max_instances: 64,
                 max_instances_per_function: None,
                 cache_dir: Some(shared_cache()),
+                keep_resident_bytes: 0,
             },
             log_sink: logs.clone(),
             drain_timeout: Duration::from_secs(10),
