@@ -42,6 +42,21 @@ const BUSY_TICKS: u32 = 400;
 /// request cost more than the ticks), an idle one stops it within 100 ms.
 const IDLE_TICKS_BEFORE_SLEEP: u32 = 100;
 
+/// Hand the memory a compile freed back to the kernel. Cranelift's
+/// working memory is freed when a compile ends, but glibc keeps it in its
+/// (per-thread) arenas: with 300 distinct functions deployed, trimming
+/// after the deploy took the host's anonymous memory from 72.8 to
+/// 64.3 MB (≈28 KB per function). Called after a deploy that compiled; a
+/// no-op elsewhere than glibc.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own
+    // arenas; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Knobs for the engine, from the host's command line.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {

@@ -365,6 +365,7 @@ impl Registry {
         let mut next = functions.clone();
         let mut reports = Vec::new();
         let mut new_versions: BTreeMap<String, Vec<Arc<FunctionPool>>> = BTreeMap::new();
+        let mut compiled_any = false;
         let mut blobs = Vec::new();
         for (item, spec) in items.iter().zip(specs.iter_mut()) {
             let digest = sha256_hex(&item.wasm);
@@ -387,7 +388,10 @@ impl Registry {
                     // refused here, naming it, never at its first request.
                     Instance::trial(&compiled).await?;
                     let source = match source {
-                        CompileSource::Compiled => "compiled",
+                        CompileSource::Compiled => {
+                            compiled_any = true;
+                            "compiled"
+                        }
                         CompileSource::Cache => "cache",
                     };
                     blobs.push((digest.clone(), item.wasm.clone()));
@@ -396,6 +400,10 @@ impl Registry {
             };
             new_versions.entry(spec.name.to_string()).or_default().push(pool);
             reports.push(DeployReport { function: spec.name.to_string(), version, digest, source: source.to_string() });
+        }
+        if compiled_any {
+            // Off the request threads: trimming walks every arena.
+            tokio::task::spawn_blocking(crate::engine::release_freed_memory);
         }
         for (name, versions) in new_versions {
             next.insert(name, Deployed { versions });
