@@ -580,15 +580,7 @@ impl Node {
             }
         }
         self.sinks.detach(&container.function);
-        let event = TaskExit {
-            container_id: container.id.clone(),
-            id: container.id.clone(),
-            pid: self.pid,
-            exit_status: status,
-            exited_at: timestamp(at),
-            ..Default::default()
-        };
-        self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event)).await;
+        self.publish_exit(container, &container.id, status, at).await;
     }
 
     /// SIGTERM and friends: a function stops taking connections, finishes
@@ -773,13 +765,14 @@ impl Node {
                         return status;
                     }
                 };
+                let (memory_limit, cpu_quota) = self.limits(container);
                 let invocation = command::Invocation {
                     args,
                     env,
                     rootfs: Some(&rootfs),
                     volumes: &volumes,
-                    memory_limit: self.memory_limit(container),
-                    cpu_quota: self.cpu_quota(container),
+                    memory_limit,
+                    cpu_quota,
                     stdio: command::Stdio::Pipes { stdin, stdout, stderr },
                 };
                 let engine = self.host.registry().engine().clone();
@@ -862,9 +855,15 @@ impl Node {
     /// Tell containerd an exec ended.
     async fn exec_exited(&self, container: &Container, exec: &Exec) {
         let ExecState::Stopped { status, at } = exec.state() else { return };
+        self.publish_exit(container, &exec.id, status, at).await;
+    }
+
+    /// Tell containerd that process `id` of `container` (the task itself,
+    /// or one of its execs) exited with `status` at `at`.
+    async fn publish_exit(&self, container: &Container, id: &str, status: u32, at: SystemTime) {
         let event = TaskExit {
             container_id: container.id.clone(),
-            id: exec.id.clone(),
+            id: id.to_string(),
             pid: self.pid,
             exit_status: status,
             exited_at: timestamp(at),
@@ -1002,29 +1001,21 @@ impl Node {
         Ok(())
     }
 
-    /// The linear memory a container's wasm may hold: a program's own
-    /// limit, or its function's `memory_mb` (`None` once it is gone).
-    fn memory_limit(&self, container: &Container) -> Option<u64> {
+    /// What a container's wasm may use: the linear memory it may hold and
+    /// its CPU share — a program's own, or its function's (`memory_mb`,
+    /// `cpu_millis`; no memory limit once the function is gone). An exec
+    /// shares both, as a process shares its container's cgroup.
+    fn limits(&self, container: &Container) -> (Option<u64>, Option<Arc<CpuQuota>>) {
         match &container.kind {
-            Kind::Command { memory_limit, .. } => Some(*memory_limit),
-            _ => self
-                .host
-                .registry()
-                .by_name(&container.function)
-                .and_then(|target| target.pools().next().map(|pool| pool.function().spec().limits.memory_bytes)),
-        }
-    }
-
-    /// The container's CPU share: its program's, or its function's (an
-    /// exec shares it, as a process shares its container's cgroup).
-    fn cpu_quota(&self, container: &Container) -> Option<Arc<CpuQuota>> {
-        match &container.kind {
-            Kind::Command { cpu_quota, .. } => cpu_quota.clone(),
-            _ => self
-                .host
-                .registry()
-                .by_name(&container.function)
-                .and_then(|target| target.pools().next().and_then(|pool| pool.function().cpu_quota().cloned())),
+            Kind::Command { memory_limit, cpu_quota, .. } => (Some(*memory_limit), cpu_quota.clone()),
+            _ => {
+                let target = self.host.registry().by_name(&container.function);
+                let function = target.as_ref().and_then(|target| target.pools().next().map(|pool| pool.function()));
+                (
+                    function.map(|function| function.spec().limits.memory_bytes),
+                    function.and_then(|function| function.cpu_quota().cloned()),
+                )
+            }
         }
     }
 
@@ -1035,7 +1026,7 @@ impl Node {
             .by_name(&container.function)
             .map(|target| target.pools().map(|pool| pool.resident_bytes()).sum())
             .unwrap_or(0);
-        let limit = self.memory_limit(container).unwrap_or(0);
+        let limit = self.limits(container).0.unwrap_or(0);
         // Throttling, as a CFS-limited cgroup reports it, from the quota
         // every version of the function keeps.
         let (throttled, throttled_periods) = registry
