@@ -107,15 +107,12 @@ impl Instance {
             let now = Instant::now();
             if now >= state.deadline {
                 Err(wasmtime::Error::new(DeadlineExceeded))
-            } else if let Some(until) = state.cpu_quota.as_ref().and_then(|quota| quota.wait_until(now)) {
+            } else if let Some(until) =
+                state.cpu_quota.as_ref().and_then(|quota| quota.throttle(now, Some(state.deadline)))
+            {
                 // Over its CPU share: wait for the next period (never past
                 // the deadline, which the next tick then enforces).
-                let until = until.min(state.deadline);
-                let waited = until.saturating_duration_since(now);
-                state.throttled += waited;
-                if let Some(quota) = &state.cpu_quota {
-                    quota.add_throttled(waited);
-                }
+                state.throttled += until.saturating_duration_since(now);
                 Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep_until(until.into()))))
             } else {
                 // Hand the thread back to the scheduler once per tick, so a

@@ -108,6 +108,16 @@ impl CpuQuota {
         Some(window.start + CPU_PERIOD * debt_periods.max(1))
     }
 
+    /// When a call over the share must wait until (the period's end, never
+    /// past `cap`), that wait counted as throttled time; `None`: it may
+    /// run on.
+    pub fn throttle(&self, now: Instant, cap: Option<Instant>) -> Option<Instant> {
+        let until = self.wait_until(now)?;
+        let until = cap.map_or(until, |cap| until.min(cap));
+        self.add_throttled(until.saturating_duration_since(now));
+        Some(until)
+    }
+
     /// Count `waited` as throttled time.
     pub fn add_throttled(&self, waited: Duration) {
         self.throttled_ns.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
@@ -338,7 +348,7 @@ impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
 }
 
 /// The calling thread's CPU time so far.
-pub fn thread_cpu_time() -> Duration {
+fn thread_cpu_time() -> Duration {
     use nix::time::{ClockId, clock_gettime};
     clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from).unwrap_or_default()
 }

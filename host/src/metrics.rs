@@ -316,11 +316,6 @@ impl Metrics {
             self.host_cpu_seconds.inc_by(behind);
         }
     }
-
-    /// CPU every usage record so far carried, in seconds.
-    pub fn attributed_cpu_seconds(&self) -> f64 {
-        self.attributed_cpu_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
-    }
 }
 
 /// CPU time (user + system) of the whole process so far.

@@ -251,12 +251,8 @@ fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T, quota: Option<Arc<C
         None => store.epoch_deadline_async_yield_and_update(1),
         Some(quota) => {
             store.epoch_deadline_callback(move |_| {
-                let now = std::time::Instant::now();
-                Ok(match quota.wait_until(now) {
-                    Some(until) => {
-                        quota.add_throttled(until.saturating_duration_since(now));
-                        UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep_until(until.into())))
-                    }
+                Ok(match quota.throttle(std::time::Instant::now(), None) {
+                    Some(until) => UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep_until(until.into()))),
                     None => UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())),
                 })
             });
