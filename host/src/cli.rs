@@ -414,10 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .context("cannot find this binary's folder: give --bin-dir")?,
             };
             let spec = crate::image::InstallerSpec { reference: tag, bin_dir, busybox };
-            let image = crate::image::Image::installer(&spec)?;
-            image.write_layout(&output)?;
-            writeln!(std::io::stdout(), "built {} ({}) -> {}", image.reference, image.index.digest, output.display())?;
-            Ok(ExitCode::SUCCESS)
+            write_image(&crate::image::Image::installer(&spec)?, &output)
         }
         Command::New { name, lang, dir } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
@@ -481,7 +478,12 @@ fn image_build(
         let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
         PathBuf::from(format!("{stem}.oci.tar"))
     });
-    image.write_layout(&output)?;
+    write_image(&image, &output)
+}
+
+/// Write `image` as an OCI layout tarball at `output` and say so.
+fn write_image(image: &crate::image::Image, output: &Path) -> anyhow::Result<ExitCode> {
+    image.write_layout(output)?;
     writeln!(std::io::stdout(), "built {} ({}) -> {}", image.reference, image.index.digest, output.display())?;
     Ok(ExitCode::SUCCESS)
 }
