@@ -186,6 +186,10 @@ struct HostArgs {
     /// max_concurrency [default: a quarter of --max-instances].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_instances_per_function: Option<u32>,
+    /// Instances one tenant (a pod's namespace) may keep busy at once,
+    /// across all its functions [default: half of --max-instances].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_instances_per_tenant: Option<u32>,
     /// KiB of linear memory a freed instance slot keeps resident for the
     /// next instance of the same code (0: none). Makes a fresh instance per
     /// request cheaper (JavaScript functions) at the cost of idle RSS: up
@@ -234,6 +238,7 @@ impl HostArgs {
                 fuel: !self.no_fuel,
                 max_instances: self.max_instances,
                 max_instances_per_function: self.max_instances_per_function,
+                max_instances_per_tenant: self.max_instances_per_tenant,
                 cache_dir: None,
                 keep_resident_bytes: usize::try_from(self.keep_resident_kib.saturating_mul(1024)).unwrap_or(usize::MAX),
             },

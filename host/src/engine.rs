@@ -29,6 +29,9 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::manifest::MAX_MEMORY_BYTES;
 
+mod slots;
+pub use slots::{IdleInstances, InstanceSlots, Slot};
+
 /// How often the epoch advances while no guest runs long.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// How often it advances while guests run past ticks: the slice a
@@ -68,6 +71,10 @@ pub struct EngineOptions {
     /// `max_concurrency` says; `None`: a quarter of `max_instances`, so no
     /// function (no pod) can take every slot from the others.
     pub max_instances_per_function: Option<u32>,
+    /// Instances one tenant (a pod's namespace) may keep busy at once,
+    /// across all its functions; `None`: half of `max_instances`, and never
+    /// less than one function's share.
+    pub max_instances_per_tenant: Option<u32>,
     /// Where compiled code is cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
     /// Linear memory a freed instance slot keeps resident (its touched
@@ -86,6 +93,7 @@ impl Default for EngineOptions {
             fuel: true,
             max_instances: 1000,
             max_instances_per_function: None,
+            max_instances_per_tenant: None,
             cache_dir: None,
             keep_resident_bytes: 0,
         }
@@ -102,6 +110,7 @@ struct EngineInner {
     engine: Engine,
     fuel: bool,
     instance_share: u32,
+    slots: InstanceSlots,
     cache_dir: Option<PathBuf>,
     compat_hash: String,
     clock: Arc<EpochClock>,
@@ -243,14 +252,16 @@ impl WasmEngine {
             std::fs::create_dir_all(dir)
                 .map_err(|err| anyhow::anyhow!("cannot create cache dir {}: {err}", dir.display()))?;
         }
+        let max_instances = options.max_instances.max(1);
+        let instance_share = options.max_instances_per_function.unwrap_or(max_instances / 4).clamp(1, max_instances);
+        let tenant_share =
+            options.max_instances_per_tenant.unwrap_or(max_instances / 2).clamp(instance_share, max_instances);
         Ok(WasmEngine {
             inner: Arc::new(EngineInner {
                 engine,
                 fuel: options.fuel,
-                instance_share: options
-                    .max_instances_per_function
-                    .unwrap_or(options.max_instances / 4)
-                    .clamp(1, options.max_instances.max(1)),
+                instance_share,
+                slots: InstanceSlots::new(max_instances, tenant_share),
                 cache_dir: options.cache_dir.clone(),
                 compat_hash,
                 clock,
@@ -288,6 +299,11 @@ impl WasmEngine {
     /// The most instances one function version may hold at once.
     pub fn instance_share(&self) -> u32 {
         self.inner.instance_share
+    }
+
+    /// The instance slots every function, tenant and program shares.
+    pub fn slots(&self) -> &InstanceSlots {
+        &self.inner.slots
     }
 
     /// Whether fuel is metered.

@@ -23,7 +23,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
-use crate::engine::ClockHold;
+use crate::engine::{ClockHold, Slot};
 use crate::function::CompiledFunction;
 use crate::guest::GuestState;
 use crate::limits::{CpuQuota, CpuTimed, DeadlineExceeded, Outcome};
@@ -59,6 +59,8 @@ pub struct Instance {
     pub(crate) last_used: Instant,
     /// Requests and messages it has served (for `max_requests_per_instance`).
     pub(crate) served: u32,
+    /// Its instance slot: last, so it frees after the store's.
+    _slot: Slot,
 }
 
 impl Instance {
@@ -66,14 +68,16 @@ impl Instance {
     /// function that cannot instantiate is refused at deploy time, naming
     /// it, never at its first request.
     pub async fn trial(function: &CompiledFunction) -> Result<(), Error> {
-        Instance::instantiate(function)
-            .await
-            .map(drop)
-            .map_err(|err| Error::InstantiateFailed { function: function.name().to_string(), reason: err.message })
+        let failed = |reason: String| Error::InstantiateFailed { function: function.name().to_string(), reason };
+        let timeout = function.spec().limits.start_timeout;
+        let slot = function.engine.slots().acquire(tokio::time::Instant::now() + timeout).await.ok_or_else(|| {
+            failed(format!("no instance slot of the engine became free within its start_timeout of {timeout:?}"))
+        })?;
+        Instance::instantiate(function, slot).await.map(drop).map_err(|err| failed(err.message))
     }
 
-    /// Instantiate without running `start`.
-    async fn instantiate(function: &CompiledFunction) -> Result<Instance, InstanceError> {
+    /// Instantiate without running `start`, in `slot`.
+    async fn instantiate(function: &CompiledFunction, slot: Slot) -> Result<Instance, InstanceError> {
         let inner = &function.inner;
         let spec = &inner.spec;
         let log = InstanceLog::new(
@@ -163,12 +167,13 @@ impl Instance {
             started: false,
             last_used: Instant::now(),
             served: 0,
+            _slot: slot,
         })
     }
 
-    /// Instantiate and run the `start` hook (if exported).
-    pub async fn create(function: &CompiledFunction) -> Result<(Instance, CallStats), InstanceError> {
-        let mut instance = Instance::instantiate(function).await?;
+    /// Instantiate in `slot` and run the `start` hook (if exported).
+    pub async fn create(function: &CompiledFunction, slot: Slot) -> Result<(Instance, CallStats), InstanceError> {
+        let mut instance = Instance::instantiate(function, slot).await?;
         let stats = instance.start().await?;
         Ok((instance, stats))
     }

@@ -24,6 +24,7 @@ pub struct Metrics {
     cpu_seconds: CounterVec,
     memory_byte_seconds: CounterVec,
     ledger_errors: IntCounter,
+    instances_reclaimed: IntCounter,
     abi_denied: IntCounterVec,
     abi_limited: IntCounterVec,
     deliveries: IntCounterVec,
@@ -78,6 +79,11 @@ impl Metrics {
         let ledger_errors =
             IntCounter::new("shoal_ledger_write_errors_total", "Usage records that could not be written")
                 .expect("invariant: static metric definition");
+        let instances_reclaimed = IntCounter::new(
+            "shoal_instances_reclaimed_total",
+            "Idle instances destroyed early because every instance slot of the engine was taken",
+        )
+        .expect("invariant: static metric definition");
         let abi_denied = IntCounterVec::new(
             Opts::new("shoal_abi_denied_total", "Runtime ABI calls refused for lack of a grant"),
             &["function", "capability"],
@@ -153,6 +159,7 @@ impl Metrics {
             Box::new(cpu_seconds.clone()),
             Box::new(memory_byte_seconds.clone()),
             Box::new(ledger_errors.clone()),
+            Box::new(instances_reclaimed.clone()),
             Box::new(abi_denied.clone()),
             Box::new(abi_limited.clone()),
             Box::new(deliveries.clone()),
@@ -173,6 +180,7 @@ impl Metrics {
             cpu_seconds,
             memory_byte_seconds,
             ledger_errors,
+            instances_reclaimed,
             abi_denied,
             abi_limited,
             deliveries,
@@ -283,6 +291,11 @@ impl Metrics {
         forget(&self.deliveries, function);
         forget(&self.log_dropped, function);
         forget(&self.cpu_throttled_seconds, function);
+    }
+
+    /// Count an idle instance reclaimed for its slot.
+    pub fn instance_reclaimed(&self) {
+        self.instances_reclaimed.inc();
     }
 
     /// Count a usage record that could not be written.

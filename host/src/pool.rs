@@ -12,8 +12,12 @@
 //!
 //! Concurrency is bounded by a semaphore of `max_concurrency` permits
 //! (never more than the engine's per-function instance share, so one
-//! function cannot hold every slot of the engine). A
-//! request waits for a permit at most `queue_timeout`, then gets
+//! function cannot hold every slot of the engine), then by the tenant's
+//! busy-instance allowance (shared by all its functions), and a new
+//! instance needs one of the engine's slots: when none is free, the least
+//! recently used idle instance of any function gives its slot up (see
+//! [`crate::engine::InstanceSlots`]). A
+//! request waits for all of them at most `queue_timeout`, then gets
 //! [`AcquireError::Overloaded`] (503 with `Retry-After`): the wait queue is
 //! bounded by time, never unbounded. No lock is held across a guest call.
 //!
@@ -28,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::engine::IdleInstances;
 use crate::function::CompiledFunction;
 use crate::instance::{Instance, InstanceError};
 use crate::metrics::Metrics;
@@ -40,6 +45,8 @@ pub struct FunctionPool {
     concurrency: usize,
     idle: Mutex<Vec<Instance>>,
     slots: Arc<Semaphore>,
+    /// The busy-instance allowance of the function's tenant.
+    tenant: Arc<Semaphore>,
     live: AtomicUsize,
     busy: AtomicUsize,
     draining: AtomicBool,
@@ -67,6 +74,7 @@ pub struct Lease {
     healthy: bool,
     // Dropped after `drop` has returned the instance: the slot frees last.
     _permit: OwnedSemaphorePermit,
+    _tenant: OwnedSemaphorePermit,
 }
 
 impl Lease {
@@ -129,8 +137,10 @@ impl FunctionPool {
         // A function's concurrency is its own limit, within its share of
         // the engine's instance slots.
         let permits = function.spec().limits.max_concurrency.get().min(function.engine.instance_share()) as usize;
-        Arc::new(FunctionPool {
+        let tenant = function.engine.slots().tenant(function.spec().tenant.as_str());
+        let pool = Arc::new(FunctionPool {
             concurrency: permits,
+            tenant,
             function,
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(permits)),
@@ -142,7 +152,10 @@ impl FunctionPool {
             changed: Notify::new(),
             metrics,
             paused: tokio::sync::watch::Sender::new(false),
-        })
+        });
+        let holder: std::sync::Weak<dyn IdleInstances> = Arc::downgrade(&pool) as _;
+        pool.function.engine.slots().register(holder);
+        pool
     }
 
     /// Stop taking new requests (they wait, up to `queue_timeout`), or
@@ -200,16 +213,26 @@ impl FunctionPool {
             // Timed out, or the semaphore was closed (cannot happen: it never is).
             _ => return Err(AcquireError::Overloaded { retry_after }),
         };
+        let tenant = match tokio::time::timeout_at(deadline, self.tenant.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(AcquireError::Overloaded { retry_after }),
+        };
+        let permits = (permit, tenant);
         self.busy.fetch_add(1, Ordering::AcqRel);
         let warm = self.lock_idle().pop();
         if let Some(instance) = warm {
-            return Ok(self.lease(instance, false, None, permit));
+            return Ok(self.lease(instance, false, None, permits));
         }
+        let Some(slot) = self.function.engine.slots().acquire(deadline).await else {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            self.changed.notify_waiters();
+            return Err(AcquireError::Overloaded { retry_after });
+        };
         let started = Instant::now();
-        match Instance::create(&self.function).await {
+        match Instance::create(&self.function, slot).await {
             Ok((instance, _stats)) => {
                 self.add_live(1);
-                Ok(self.lease(instance, true, Some(started.elapsed()), permit))
+                Ok(self.lease(instance, true, Some(started.elapsed()), permits))
             }
             Err(error) => {
                 self.busy.fetch_sub(1, Ordering::AcqRel);
@@ -225,9 +248,17 @@ impl FunctionPool {
         instance: Instance,
         cold: bool,
         init: Option<Duration>,
-        permit: OwnedSemaphorePermit,
+        (permit, tenant): (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ) -> Lease {
-        Lease { pool: self.clone(), instance: Some(instance), cold, init, healthy: false, _permit: permit }
+        Lease {
+            pool: self.clone(),
+            instance: Some(instance),
+            cold,
+            init,
+            healthy: false,
+            _permit: permit,
+            _tenant: tenant,
+        }
     }
 
     /// Return an instance after a request (when its [`Lease`] drops). A
@@ -336,5 +367,24 @@ impl FunctionPool {
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
         self.idle.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl IdleInstances for FunctionPool {
+    fn oldest_idle(&self) -> Option<Instant> {
+        // Release order: the first is the least recently used.
+        self.lock_idle().first().map(|instance| instance.last_used)
+    }
+
+    fn reclaim_oldest(self: Arc<Self>) -> bool {
+        let oldest = {
+            let mut idle = self.lock_idle();
+            if idle.is_empty() { None } else { Some(idle.remove(0)) }
+        };
+        let Some(instance) = oldest else { return false };
+        tracing::info!(function = self.function.name(), "idle instance reclaimed: every instance slot was taken");
+        self.metrics.instance_reclaimed();
+        self.destroy_later(instance);
+        true
     }
 }

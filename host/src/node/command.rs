@@ -144,9 +144,18 @@ pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
     Ok(Program::Component(pre))
 }
 
+/// How long a program waits for an instance slot when every one is busy.
+const PROGRAM_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Run the program to its end; returns its exit status, and why it
 /// trapped if it did.
 pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<'_>) -> (i32, Option<String>) {
+    // A program's instance takes one of the engine's slots like a
+    // function's (an idle function instance gives its slot up if need be).
+    let Some(_slot) = engine.slots().acquire(tokio::time::Instant::now() + PROGRAM_SLOT_WAIT).await else {
+        let why = format!("no instance slot of the host's engine became free within {PROGRAM_SLOT_WAIT:?}");
+        return (TRAPPED, Some(why));
+    };
     // The program may run wasm at any time until it ends: keep the clock on.
     let _clock = engine.hold_clock();
     let memory_limit = invocation.memory_limit;

@@ -287,3 +287,65 @@ async fn one_function_holding_all_its_concurrency_leaves_instances_for_the_other
         assert_eq!(hog.await.unwrap().unwrap(), 200, "the rest of the hog's requests waited their turn");
     }
 }
+
+#[tokio::test]
+async fn idle_instances_of_other_functions_are_reclaimed_oldest_first_when_every_slot_is_taken() {
+    // 4 instance slots; five functions, called one after another, each
+    // keep an idle instance: the fifth needs a slot the first one holds.
+    let host = TestHost::start_configured(|config| config.engine.max_instances = 4).await;
+    let names = ["one", "two", "three", "four", "five"];
+    host.deploy(names.iter().map(|name| spec(name, "hello", &format!("/{name}"))).collect()).await;
+    for name in &names[..4] {
+        assert_eq!(host.get(&format!("/{name}")).await.status, 200);
+    }
+    let fifth = host.get("/five").await;
+    assert_eq!(fifth.status, 200, "an idle instance of another function gives its slot up: {}", fifth.body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(host.live_instances("one").await, 0, "the least recently used idle instance was reclaimed");
+    for name in &names[1..] {
+        assert_eq!(host.live_instances(name).await, 1, "{name} keeps its warm instance");
+    }
+    let metrics = host.get("/metrics").await.body;
+    assert!(metrics.lines().any(|line| line == "shoal_instances_reclaimed_total 1"), "{metrics}");
+    // The reclaimed function still answers: it takes a slot back in turn.
+    assert_eq!(host.get("/one").await.status, 200);
+}
+
+#[tokio::test]
+async fn one_tenant_busy_in_many_functions_leaves_instances_for_another_tenant() {
+    // 8 instance slots: a function may hold 2 of them, a tenant 4.
+    let host = TestHost::start_configured(|config| config.engine.max_instances = 8).await;
+    let tenant = |name: &str| shoal::manifest::TenantName::new(name).unwrap();
+    let mut specs = Vec::new();
+    for index in 0..4 {
+        let mut slow = spec(&format!("slow{index}"), "slow", &format!("/slow{index}"));
+        slow.tenant = tenant("greedy");
+        slow.limits.max_concurrency = std::num::NonZeroU32::new(2).unwrap();
+        slow.limits.queue_timeout = Duration::from_secs(20);
+        specs.push(slow);
+    }
+    let mut hello = spec("hello", "hello", "/hello");
+    hello.tenant = tenant("modest");
+    specs.push(hello);
+    host.deploy(specs).await;
+
+    let mut hogs = Vec::new();
+    for index in 0..4 {
+        for _ in 0..2 {
+            let client = host.client.clone();
+            let url = host.url(&format!("/slow{index}?ms=1500"));
+            hogs.push(tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut greedy_live = 0;
+    for index in 0..4 {
+        greedy_live += host.live_instances(&format!("slow{index}")).await;
+    }
+    assert_eq!(greedy_live, 4, "the tenant holds its share of the engine, not every slot");
+    let hello = host.get("/hello").await;
+    assert_eq!(hello.status, 200, "another tenant still gets an instance: {}", hello.body);
+    for hog in hogs {
+        assert_eq!(hog.await.unwrap().unwrap(), 200, "the tenant's other requests waited their turn");
+    }
+}

@@ -29,6 +29,7 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
         fuel: true,
         max_instances: 8,
         max_instances_per_function: None,
+        max_instances_per_tenant: None,
         cache_dir: Some(cache.path().into()),
         keep_resident_bytes: 0,
     };

@@ -109,6 +109,7 @@ impl TestHost {
                 fuel: true,
                 max_instances: 64,
                 max_instances_per_function: None,
+                max_instances_per_tenant: None,
                 cache_dir: Some(shared_cache()),
                 keep_resident_bytes: 0,
             },
