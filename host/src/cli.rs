@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::admin::Client;
-use crate::engine::EngineOptions;
+use crate::engine::{EngineOptions, FuelMetering};
 use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
@@ -176,8 +176,14 @@ impl BackendArgs {
 /// Options of every command that runs a host (`serve`, `node`).
 #[derive(Debug, clap::Args)]
 struct HostArgs {
-    /// Do not meter fuel (functions may then not set fuel_per_request).
-    #[arg(long)]
+    /// Which functions meter fuel: those that set fuel_per_request
+    /// (`limited`: the others run faster, without fuel instrumentation),
+    /// every function (`every-request`), or none (`off`: fuel_per_request
+    /// is refused).
+    #[arg(long, value_enum, default_value_t = FuelArg::Limited)]
+    fuel: FuelArg,
+    /// The same as --fuel off.
+    #[arg(long, conflicts_with = "fuel")]
     no_fuel: bool,
     /// Instances alive at once, across all functions.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -220,6 +226,14 @@ struct HostArgs {
     ledger_retention_days: u64,
 }
 
+/// `--fuel`: see [`FuelMetering`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FuelArg {
+    Off,
+    Limited,
+    EveryRequest,
+}
+
 /// What [`HostArgs`] set, once logging is started.
 struct HostSettings {
     engine: EngineOptions,
@@ -235,7 +249,15 @@ impl HostArgs {
         init_tracing(self.log_format);
         HostSettings {
             engine: EngineOptions {
-                fuel: !self.no_fuel,
+                fuel: if self.no_fuel {
+                    FuelMetering::Off
+                } else {
+                    match self.fuel {
+                        FuelArg::Off => FuelMetering::Off,
+                        FuelArg::Limited => FuelMetering::Limited,
+                        FuelArg::EveryRequest => FuelMetering::EveryRequest,
+                    }
+                },
                 max_instances: self.max_instances,
                 max_instances_per_function: self.max_instances_per_function,
                 max_instances_per_tenant: self.max_instances_per_tenant,

@@ -1,5 +1,6 @@
-//! The one [`wasmtime::Engine`] of a host process, its epoch clock, and the
-//! on-disk cache of compiled components.
+//! The [`wasmtime::Engine`]s of a host process (one without fuel
+//! instrumentation, one with), their shared epoch clock and instance
+//! slots, and the on-disk cache of compiled components.
 //!
 //! The engine uses the pooling instance allocator (instances come from
 //! pre-reserved slots, so instantiation costs microseconds), copy-on-write
@@ -13,9 +14,15 @@
 //! every guest call and instantiation) and for [`IDLE_TICKS_BEFORE_SLEEP`]
 //! ticks after: an idle host's clock thread sleeps, so an idle node costs
 //! no CPU for it (benchmark W8).
-//! Fuel is on engine-wide unless disabled in [`EngineOptions`]; a function
-//! without a fuel limit simply gets an unbounded budget, so every request's
-//! fuel is still metered.
+//!
+//! Fuel instrumentation is a compile-time setting of a wasmtime engine and
+//! costs a CPU-bound guest about a third of its speed (benchmark W2), so
+//! there are two engines: a fuel-free one for functions without
+//! `fuel_per_request` (their CPU time is still metered, from the thread's
+//! CPU clock), and one that meters fuel, for functions with a fuel limit
+//! (for every function with [`FuelMetering::EveryRequest`]; for none with
+//! [`FuelMetering::Off`]). Both share the epoch clock and the instance
+//! slots.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -60,11 +67,24 @@ pub fn release_freed_memory() {
     }
 }
 
+/// Which functions run with fuel metered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FuelMetering {
+    /// None: `fuel_per_request` is refused at deploy.
+    Off,
+    /// Functions with a `fuel_per_request` limit; the others run without
+    /// fuel instrumentation (their records carry no fuel).
+    #[default]
+    Limited,
+    /// Every function (records always carry fuel, at fuel's cost in speed).
+    EveryRequest,
+}
+
 /// Knobs for the engine, from the host's command line.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Meter fuel for every request (and allow `fuel_per_request` limits).
-    pub fuel: bool,
+    /// Which functions meter fuel (and whether `fuel_per_request` is allowed).
+    pub fuel: FuelMetering,
     /// Instances alive at once across all functions (pool slots).
     pub max_instances: u32,
     /// Instances one function version may hold at once, whatever its
@@ -90,7 +110,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            fuel: true,
+            fuel: FuelMetering::default(),
             max_instances: 1000,
             max_instances_per_function: None,
             max_instances_per_tenant: None,
@@ -100,19 +120,23 @@ impl Default for EngineOptions {
     }
 }
 
-/// The process's engine plus what goes with it.
+/// The process's engines plus what goes with them.
 #[derive(Clone)]
 pub struct WasmEngine {
     inner: Arc<EngineInner>,
 }
 
 struct EngineInner {
-    engine: Engine,
-    fuel: bool,
+    /// Without fuel instrumentation.
+    plain: Engine,
+    /// With it (absent when fuel is off).
+    metered: Option<Engine>,
+    fuel: FuelMetering,
     instance_share: u32,
     slots: InstanceSlots,
     cache_dir: Option<PathBuf>,
-    compat_hash: String,
+    /// The plain and the metered engine's compatibility hashes.
+    compat_hash: [String; 2],
     clock: Arc<EpochClock>,
 }
 
@@ -182,7 +206,6 @@ impl WasmEngine {
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
-            .consume_fuel(options.fuel)
             // No guest uses the component model's async ABI (wasi:http 0.2
             // and the Runtime ABI are synchronous to the guest); without it
             // every host call skips wasmtime's task bookkeeping
@@ -191,14 +214,21 @@ impl WasmEngine {
             .concurrency_support(false)
             .memory_init_cow(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config)?;
-
-        let mut hasher = HashToSha256(Sha256::new());
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let compat_hash = hex(&hasher.0.finalize()[..8]);
+        // Each engine has a pool of every slot: the instance slots shared
+        // by both ([`InstanceSlots`]) keep the total within `max_instances`.
+        let plain = Engine::new(config.clone().consume_fuel(false))?;
+        let metered = match options.fuel {
+            FuelMetering::Off => None,
+            FuelMetering::Limited | FuelMetering::EveryRequest => Some(Engine::new(config.consume_fuel(true))?),
+        };
+        let compat_hash = [&plain, metered.as_ref().unwrap_or(&plain)].map(|engine| {
+            let mut hasher = HashToSha256(Sha256::new());
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            hex(&hasher.0.finalize()[..8])
+        });
 
         let busy = Arc::new(AtomicBool::new(false));
-        let weak = engine.weak();
+        let weak = (plain.weak(), metered.as_ref().map(Engine::weak));
         // The thread learns its shared state through a channel: the state
         // holds the thread's own handle (to wake it), known only once it
         // is spawned.
@@ -230,9 +260,12 @@ impl WasmEngine {
                 let tick = if fast_ticks > 0 { BUSY_EPOCH_TICK } else { EPOCH_TICK };
                 fast_ticks = fast_ticks.saturating_sub(1);
                 std::thread::sleep(tick);
-                match weak.upgrade() {
+                match weak.0.upgrade() {
                     Some(engine) => {
                         engine.increment_epoch();
+                        if let Some(metered) = weak.1.as_ref().and_then(|weak| weak.upgrade()) {
+                            metered.increment_epoch();
+                        }
                         clock.ticks.fetch_add(1, Ordering::Relaxed);
                     }
                     None => break,
@@ -258,7 +291,8 @@ impl WasmEngine {
             options.max_instances_per_tenant.unwrap_or(max_instances / 2).clamp(instance_share, max_instances);
         Ok(WasmEngine {
             inner: Arc::new(EngineInner {
-                engine,
+                plain,
+                metered,
                 fuel: options.fuel,
                 instance_share,
                 slots: InstanceSlots::new(max_instances, tenant_share),
@@ -269,9 +303,23 @@ impl WasmEngine {
         })
     }
 
-    /// The wasmtime engine.
-    pub fn engine(&self) -> &Engine {
-        &self.inner.engine
+    /// The wasmtime engine for code that meters fuel (`fuel`, if fuel is
+    /// not off) or not. Programs (wasi:cli) never do.
+    pub fn engine(&self, fuel: bool) -> &Engine {
+        match &self.inner.metered {
+            Some(metered) if fuel => metered,
+            _ => &self.inner.plain,
+        }
+    }
+
+    /// Whether a function runs with fuel metered: it has a fuel limit
+    /// (`limited`), or fuel is metered for every request.
+    pub fn meters_fuel(&self, limited: bool) -> bool {
+        match self.inner.fuel {
+            FuelMetering::Off => false,
+            FuelMetering::Limited => limited,
+            FuelMetering::EveryRequest => true,
+        }
     }
 
     /// The flag a store's epoch callback raises when a guest call has run
@@ -306,17 +354,19 @@ impl WasmEngine {
         &self.inner.slots
     }
 
-    /// Whether fuel is metered.
+    /// Whether functions may set a fuel limit (fuel is not off).
     pub fn fuel_enabled(&self) -> bool {
-        self.inner.fuel
+        self.inner.metered.is_some()
     }
 
-    /// Compile `wasm` (whose sha256 is `digest`), or load it from the cache.
+    /// Compile `wasm` (whose sha256 is `digest`) for the engine that
+    /// meters `fuel` or not, or load it from the cache.
     ///
     /// The cache key is the wasm's digest plus the engine's compatibility
     /// hash, so a different wasmtime or engine setting never loads stale code.
-    pub fn load(&self, wasm: &[u8], digest: &str) -> anyhow::Result<(Component, CompileSource)> {
-        let cached = self.cache_path(digest);
+    pub fn load(&self, wasm: &[u8], digest: &str, fuel: bool) -> anyhow::Result<(Component, CompileSource)> {
+        let engine = self.engine(fuel);
+        let cached = self.cache_path(digest, fuel);
         if let Some(path) = &cached
             && path.is_file()
         {
@@ -325,7 +375,7 @@ impl WasmEngine {
             // compatibility hash) into a directory owned by the host, and is
             // renamed into place only once complete. wasmtime still checks
             // the header and refuses a mismatched artifact.
-            match unsafe { Component::deserialize_file(self.engine(), path) } {
+            match unsafe { Component::deserialize_file(engine, path) } {
                 Ok(component) => return Ok((component, CompileSource::Cache)),
                 Err(err) => {
                     tracing::warn!(path = %path.display(), error = %err, "discarding unusable cache entry");
@@ -333,7 +383,7 @@ impl WasmEngine {
                 }
             }
         }
-        let component = Component::new(self.engine(), wasm).map_err(anyhow::Error::from)?;
+        let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
         if let Some(path) = cached {
             match write_atomically(&path, &component.serialize()?) {
                 // Serve the code from the cache file's mapping rather than
@@ -341,7 +391,7 @@ impl WasmEngine {
                 // (in the page cache), so an idle function costs little
                 // memory (benchmark W5).
                 // SAFETY: as above; the file was just written by this engine.
-                Ok(()) => match unsafe { Component::deserialize_file(self.engine(), &path) } {
+                Ok(()) => match unsafe { Component::deserialize_file(engine, &path) } {
                     Ok(mapped) => return Ok((mapped, CompileSource::Compiled)),
                     Err(err) => tracing::warn!(path = %path.display(), error = %err, "cannot map compile cache entry"),
                 },
@@ -351,9 +401,10 @@ impl WasmEngine {
         Ok((component, CompileSource::Compiled))
     }
 
-    fn cache_path(&self, digest: &str) -> Option<PathBuf> {
+    fn cache_path(&self, digest: &str, fuel: bool) -> Option<PathBuf> {
         let dir = self.inner.cache_dir.as_ref()?;
-        Some(dir.join(format!("{digest}-{}.cwasm", self.inner.compat_hash)))
+        let compat = &self.inner.compat_hash[usize::from(fuel && self.inner.metered.is_some())];
+        Some(dir.join(format!("{digest}-{compat}.cwasm")))
     }
 }
 

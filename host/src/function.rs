@@ -1,7 +1,8 @@
 //! Turning a deployed spec and its wasm into something ready to instantiate.
 //!
-//! [`Runtime`] holds the engine and the one [`Linker`] of the process (WASI
-//! 0.2 and `wasi:http`), built once. [`Runtime::prepare`] checks the wasm,
+//! [`Runtime`] holds the engine and the process's [`Linker`]s (WASI 0.2,
+//! `wasi:http` and the Runtime ABI), built once per wasmtime engine: one
+//! for functions without fuel, one for those that meter it. [`Runtime::prepare`] checks the wasm,
 //! compiles it (or loads it from the cache), links it into an
 //! [`InstancePre`] and finds the HTTP handler and the optional lifecycle
 //! hooks. (The trial instantiation that completes the checks of a deploy
@@ -21,22 +22,27 @@ use crate::guest::GuestState;
 use crate::logs::{LogBudget, LogSink};
 use crate::manifest::FunctionSpec;
 
-/// The engine and linker shared by every function of a host.
+/// The engine and linkers shared by every function of a host.
 #[derive(Clone)]
 pub struct Runtime {
     engine: WasmEngine,
-    linker: Arc<Linker<GuestState>>,
+    /// For the fuel-free engine, and for the one that meters fuel.
+    linkers: Arc<[Linker<GuestState>; 2]>,
     services: Arc<Services>,
 }
 
 impl Runtime {
     /// Link WASI 0.2, `wasi:http` and the Runtime ABI once for all functions.
     pub fn new(engine: WasmEngine, services: Arc<Services>) -> anyhow::Result<Runtime> {
-        let mut linker = Linker::new(engine.engine());
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        crate::abi::add_to_linker(&mut linker)?;
-        Ok(Runtime { engine, linker: Arc::new(linker), services })
+        let link = |fuel: bool| -> anyhow::Result<Linker<GuestState>> {
+            let mut linker = Linker::new(engine.engine(fuel));
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+            wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+            crate::abi::add_to_linker(&mut linker)?;
+            Ok(linker)
+        };
+        let linkers = Arc::new([link(false)?, link(true)?]);
+        Ok(Runtime { engine, linkers, services })
     }
 
     /// The backends functions reach.
@@ -78,18 +84,18 @@ impl Runtime {
 
         // Compiling takes milliseconds to seconds of CPU: keep it off the
         // threads that serve requests.
+        let fuel = self.engine.meters_fuel(spec.limits.fuel_per_request.is_some());
         let engine = self.engine.clone();
         let (component, source) = {
             let digest = digest.clone();
             let wasm = wasm.clone();
-            tokio::task::spawn_blocking(move || engine.load(&wasm, &digest))
+            tokio::task::spawn_blocking(move || engine.load(&wasm, &digest, fuel))
                 .await
                 .map_err(|err| anyhow::anyhow!("compile task failed: {err}"))?
                 .map_err(|err| Error::InvalidWasm { function: function.clone(), reason: format!("{err:#}") })?
         };
 
-        let pre = self
-            .linker
+        let pre = self.linkers[usize::from(fuel)]
             .instantiate_pre(&component)
             .map_err(|err| Error::Link { function: function.clone(), reason: format!("{err:#}") })?;
         let handler = ProxyIndices::new(&pre).ok();
@@ -120,6 +126,7 @@ impl Runtime {
                 caps,
                 services: self.services.clone(),
                 cpu: spec_cpu,
+                fuel,
             }),
             engine: self.engine.clone(),
         };
@@ -150,12 +157,25 @@ pub(crate) struct CompiledInner {
     pub(crate) services: Arc<Services>,
     /// The CPU share all instances of this version share, if limited.
     pub(crate) cpu: Option<Arc<crate::limits::CpuQuota>>,
+    /// Whether it runs on the engine that meters fuel.
+    pub(crate) fuel: bool,
 }
 
 impl CompiledFunction {
     /// The version's CPU quota, if it has a CPU limit.
     pub fn cpu_quota(&self) -> Option<&Arc<crate::limits::CpuQuota>> {
         self.inner.cpu.as_ref()
+    }
+
+    /// Whether its requests meter fuel (it runs on the engine with fuel
+    /// instrumentation).
+    pub fn meters_fuel(&self) -> bool {
+        self.inner.fuel
+    }
+
+    /// The wasmtime engine its code was compiled for.
+    pub fn wasmtime_engine(&self) -> &wasmtime::Engine {
+        self.engine.engine(self.inner.fuel)
     }
 
     /// The function's name.

@@ -31,8 +31,9 @@ use crate::logs::InstanceLog;
 use crate::metering::CallStats;
 use crate::request::RequestMeta;
 
-/// Fuel given to calls without a fuel limit: effectively unbounded, but
-/// still metered.
+/// Fuel given to calls without a fuel limit on an engine that meters fuel
+/// ([`crate::engine::FuelMetering::EveryRequest`]): effectively unbounded,
+/// but still metered.
 const UNLIMITED_FUEL: u64 = i64::MAX as u64;
 
 /// The answer to `response-outparam.set`, handed to the HTTP side.
@@ -96,7 +97,7 @@ impl Instance {
         .map_err(|err| InstanceError { outcome: Outcome::StartFailed, message: format!("{err:#}") })?;
         let mut state = state;
         state.cpu_quota = inner.cpu.clone();
-        let mut store = Store::new(function.engine.engine(), state);
+        let mut store = Store::new(function.wasmtime_engine(), state);
         store.limiter(|state| &mut state.memory);
         let busy = function.engine.busy_flag();
         store.epoch_deadline_callback(move |mut context| {
@@ -128,7 +129,7 @@ impl Instance {
             }
         });
         store.set_epoch_deadline(1);
-        if function.engine.fuel_enabled() {
+        if function.meters_fuel() {
             store.set_fuel(UNLIMITED_FUEL).map_err(host_error)?;
         }
 
@@ -184,7 +185,7 @@ impl Instance {
             return Ok(CallStats::default());
         };
         let timeout = self.function.spec().limits.start_timeout;
-        let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
+        let window = Window::open(&mut self.store, timeout, None, self.function.meters_fuel());
         let quota = self.function.inner.cpu.clone();
         let call = hooks.call_start(&mut self.store);
         let (cpu, result) = run_metered(self.function.engine.hold_clock(), timeout, quota, call).await;
@@ -244,7 +245,7 @@ impl Instance {
             &mut self.store,
             limits.timeout,
             limits.fuel_per_request.map(NonZeroU64::get),
-            self.function.engine.fuel_enabled(),
+            self.function.meters_fuel(),
         );
         let quota = self.function.inner.cpu.clone();
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
@@ -274,7 +275,7 @@ impl Instance {
             &mut self.store,
             limits.timeout,
             limits.fuel_per_request.map(NonZeroU64::get),
-            self.function.engine.fuel_enabled(),
+            self.function.meters_fuel(),
         );
         let quota = self.function.inner.cpu.clone();
         let call = events.call_handle(&mut self.store, &message);
@@ -314,7 +315,7 @@ impl Instance {
             return Ok(CallStats::default());
         };
         let timeout = self.function.spec().limits.destroy_timeout;
-        let window = Window::open(&mut self.store, timeout, None, self.function.engine.fuel_enabled());
+        let window = Window::open(&mut self.store, timeout, None, self.function.meters_fuel());
         let quota = self.function.inner.cpu.clone();
         let call = hooks.call_destroy(&mut self.store);
         let (cpu, result) = run_metered(self.function.engine.hold_clock(), timeout, quota, call).await;

@@ -39,7 +39,7 @@
 //! - an [`instance`] of a [`function`] runs one call under its [`limits`],
 //!   with its store's [`guest`] state, which reaches infrastructure only
 //!   through the [`abi`] (capability checks) over the [`backends`];
-//! - at the bottom: the one [`engine`], the [`manifest`] types, [`logs`],
+//! - at the bottom: the [`engine`]s and their instance slots, the [`manifest`] types, [`logs`],
 //!   [`image`] building, [`signals`] and the shared [`request`] types.
 
 pub mod abi;

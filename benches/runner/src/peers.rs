@@ -214,8 +214,11 @@ impl Server {
                 // `-Scli`: Rust's std imports wasi:cli (environment, stdio).
                 command.arg(&tools.wasmtime).args(["serve", "-Scli", "--addr", &addr]).arg(&tools.hello_wasm);
             }
-            Peer::Shoal => return Server::shoal(tools, &[hello], &[]),
-            Peer::ShoalNoFuel => return Server::shoal(tools, &[hello], &["--no-fuel"]),
+            // Fuel metered for the request (hello sets no fuel limit, so
+            // by default it would run without): W1 measures the host with
+            // every meter on.
+            Peer::Shoal => return Server::shoal(tools, &[hello], &["--fuel", "every-request"]),
+            Peer::ShoalNoFuel => return Server::shoal(tools, &[hello], &["--fuel", "off"]),
             Peer::ShoalJs => {
                 let js = FunctionDef {
                     wasm: tools.root.join("functions/target/lang/hello-js.wasm"),

@@ -123,20 +123,20 @@ pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
         move |err: wasmtime::Error| NodeError::InvalidArgument(format!("{what}: {err:#}"))
     };
     if wasmparser::Parser::is_core_wasm(wasm) {
-        let module = Module::new(engine.engine(), wasm).map_err(invalid("invalid wasm module"))?;
+        let module = Module::new(engine.engine(false), wasm).map_err(invalid("invalid wasm module"))?;
         if module.get_export("_start").is_none() {
             return Err(NodeError::InvalidArgument(
                 "the module exports no `_start`: it is not a WASI command".to_string(),
             ));
         }
-        let mut linker: Linker<P1State> = Linker::new(engine.engine());
+        let mut linker: Linker<P1State> = Linker::new(engine.engine(false));
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state| &mut state.wasi)
             .map_err(|err| NodeError::Internal(format!("cannot link WASI 0.1: {err:#}")))?;
         let pre = linker.instantiate_pre(&module).map_err(invalid("cannot link the module"))?;
         return Ok(Program::Module(pre));
     }
-    let component = Component::new(engine.engine(), wasm).map_err(invalid("invalid component"))?;
-    let mut linker: ComponentLinker<CommandState> = ComponentLinker::new(engine.engine());
+    let component = Component::new(engine.engine(false), wasm).map_err(invalid("invalid component"))?;
+    let mut linker: ComponentLinker<CommandState> = ComponentLinker::new(engine.engine(false));
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .map_err(|err| NodeError::Internal(format!("cannot link WASI 0.2: {err:#}")))?;
     let pre = linker.instantiate_pre(&component).map_err(invalid("cannot link the component"))?;
@@ -251,7 +251,7 @@ impl HasLimits for P1State {
 }
 
 fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T, quota: Option<Arc<CpuQuota>>) -> Store<T> {
-    let mut store = Store::new(engine.engine(), state);
+    let mut store = Store::new(engine.engine(false), state);
     store.limiter(|state| state.limits());
     // A program runs as long as it likes, but yields at every epoch tick
     // so it never holds a host thread, and can be stopped by dropping it.
@@ -267,9 +267,6 @@ fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T, quota: Option<Arc<C
             });
             store.set_epoch_deadline(1);
         }
-    }
-    if engine.fuel_enabled() {
-        let _ = store.set_fuel(u64::MAX);
     }
     store
 }

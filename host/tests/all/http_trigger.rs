@@ -44,7 +44,10 @@ async fn metrics_count_requests_errors_by_kind_cold_starts_and_instances_per_fun
     let host = TestHost::start().await;
     let mut spin = spec("spin", "spin", "/spin");
     spin.limits.timeout = std::time::Duration::from_millis(100);
-    host.deploy(vec![spec("hello", "hello", "/hello"), spin]).await;
+    // A fuel limit, so that its requests meter fuel.
+    let mut hello = spec("hello", "hello", "/hello");
+    hello.limits.fuel_per_request = std::num::NonZeroU64::new(1 << 40);
+    host.deploy(vec![hello, spin]).await;
     for _ in 0..3 {
         host.get("/hello").await;
     }

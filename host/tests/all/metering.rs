@@ -9,7 +9,10 @@ async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     let host = TestHost::start_persistent().await;
     let mut spin = spec("spin", "spin", "/spin");
     spin.limits.timeout = std::time::Duration::from_millis(100);
-    host.deploy(vec![spec("fib", "fib", "/fib"), spin]).await;
+    // A fuel limit: the function runs on the engine that meters fuel.
+    let mut fib = spec("fib", "fib", "/fib");
+    fib.limits.fuel_per_request = std::num::NonZeroU64::new(u64::MAX / 4);
+    host.deploy(vec![fib, spin]).await;
     let first = host.get("/fib?n=27").await;
     let second = host.get("/fib?n=5").await;
     host.get("/spin").await;
@@ -76,4 +79,41 @@ async fn the_requests_cpu_and_the_hosts_own_add_up_to_the_process_cpu() {
     );
     let second = scrape().await;
     assert!(metric_sum(&second, "shoal_host_cpu_seconds_total") >= own, "a counter never goes back");
+}
+
+#[tokio::test]
+async fn a_function_without_a_fuel_limit_runs_without_fuel_and_its_cpu_is_still_metered() {
+    let host = TestHost::start_persistent().await;
+    let mut limited = spec("limited", "fib", "/limited");
+    limited.limits.fuel_per_request = std::num::NonZeroU64::new(u64::MAX / 4);
+    host.deploy(vec![spec("fib", "fib", "/fib"), limited]).await;
+    assert_eq!(host.get("/fib?n=27").await.status, 200);
+    assert_eq!(host.get("/limited?n=27").await.status, 200);
+
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
+    let (free, metered) = (&records[0], &records[1]);
+    assert_eq!(free.function, "fib");
+    assert_eq!(free.fuel, None, "no fuel instrumentation, so no fuel in the record: {free:?}");
+    assert!(free.cpu_us > 0 && free.cpu_us <= free.wall_us + 1000, "{free:?}");
+    assert!(metered.fuel.unwrap() > 1_000_000, "the limited function meters fuel: {metered:?}");
+    let metrics = host.get("/metrics").await.body;
+    assert!(!metrics.contains("shoal_fuel_consumed_total{function=\"fib\"}"), "{metrics}");
+    assert!(metrics.contains("shoal_fuel_consumed_total{function=\"limited\"}"), "{metrics}");
+}
+
+#[tokio::test]
+async fn with_fuel_metered_for_every_request_a_function_without_a_limit_carries_fuel() {
+    let host = TestHost::start_configured(|config| {
+        config.engine.fuel = shoal::engine::FuelMetering::EveryRequest;
+    })
+    .await;
+    host.deploy(vec![spec("fib", "fib", "/fib")]).await;
+    let reply = host.get("/fib?n=20").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let metrics = host.get("/metrics").await.body;
+    let fuel = metrics
+        .lines()
+        .find(|line| line.starts_with("shoal_fuel_consumed_total{function=\"fib\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(!fuel.ends_with(" 0"), "{fuel}");
 }

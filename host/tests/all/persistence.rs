@@ -26,7 +26,7 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
     // Two hosts, one cache: the second host finds the first one's code.
     let cache = tempfile::tempdir().unwrap();
     let options = shoal::engine::EngineOptions {
-        fuel: true,
+        fuel: shoal::engine::FuelMetering::default(),
         max_instances: 8,
         max_instances_per_function: None,
         max_instances_per_tenant: None,

@@ -106,7 +106,7 @@ impl TestHost {
             admin_socket: state_dir.as_ref().map(|dir| dir.join("admin.sock")),
             state_dir,
             engine: EngineOptions {
-                fuel: true,
+                fuel: shoal::engine::FuelMetering::default(),
                 max_instances: 64,
                 max_instances_per_function: None,
                 max_instances_per_tenant: None,
