@@ -8,8 +8,11 @@
 //! epoch, and each store's deadline callback uses it to enforce wall-clock
 //! limits and to yield a busy guest back to the scheduler. The clock ticks
 //! every [`EPOCH_TICK`], and every [`BUSY_EPOCH_TICK`] for a while after a
-//! guest call ran through more than one tick: CPU-bound guests then share a
-//! thread in short slices, while short requests keep the slower clock. It
+//! guest call ran through more than one tick while more guest calls were
+//! in flight than the runtime has worker threads: CPU-bound guests then
+//! share a thread in short slices, while short requests — and a busy guest
+//! with a thread to itself — keep the slower clock (each tick wakes the
+//! clock thread and yields the guest: at 250 µs that was 4% of a core). It
 //! runs only while some guest code may run (a [`ClockHold`] is held around
 //! every guest call and instantiation) and for [`IDLE_TICKS_BEFORE_SLEEP`]
 //! ticks after: an idle host's clock thread sleeps, so an idle node costs
@@ -157,6 +160,9 @@ struct EpochClock {
     /// Guest calls (and instantiations) running now; the clock sleeps
     /// while there are none.
     in_flight: AtomicUsize,
+    /// The threads guest calls are polled on: with no more calls than
+    /// these in flight, none waits for a thread, and slices can be long.
+    workers: usize,
     /// The clock thread, woken when the first call starts.
     ticker: std::thread::Thread,
     /// Ticks so far (the engine's epoch).
@@ -254,7 +260,10 @@ impl WasmEngine {
                 } else {
                     idle_ticks += 1;
                 }
-                if clock.busy.swap(false, Ordering::Relaxed) {
+                // Slices matter only when guest calls outnumber the threads
+                // that poll them (someone is waiting for a thread).
+                let crowded = clock.in_flight.load(Ordering::Relaxed) > clock.workers;
+                if clock.busy.swap(false, Ordering::Relaxed) && crowded {
                     fast_ticks = BUSY_TICKS;
                 }
                 let tick = if fast_ticks > 0 { BUSY_EPOCH_TICK } else { EPOCH_TICK };
@@ -276,6 +285,8 @@ impl WasmEngine {
             stop: AtomicBool::new(false),
             busy,
             in_flight: AtomicUsize::new(0),
+            // tokio's default worker count (the CPUs this process may use).
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
             ticker: ticker.thread().clone(),
             ticks: std::sync::atomic::AtomicU64::new(0),
         });
