@@ -202,6 +202,11 @@ struct HostArgs {
     /// to this much per warm slot.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1 << 22))]
     keep_resident_kib: u64,
+    /// Compile never-seen wasm with Cranelift before serving it. By default
+    /// it is served at once from Winch's quickly compiled (slower) code,
+    /// replaced by Cranelift's when that is ready (functions without fuel).
+    #[arg(long)]
+    no_tier_up: bool,
     /// Seconds that shutdown, undeploy, updates and SIGTERM of a container
     /// wait for requests to finish and destroy() to run.
     #[arg(long, default_value_t = 30)]
@@ -263,6 +268,7 @@ impl HostArgs {
                 max_instances_per_tenant: self.max_instances_per_tenant,
                 cache_dir: None,
                 keep_resident_bytes: usize::try_from(self.keep_resident_kib.saturating_mul(1024)).unwrap_or(usize::MAX),
+                tier_up: !self.no_tier_up,
             },
             kv_bytes_per_tenant: (self.kv_max_mb_per_tenant > 0)
                 .then(|| self.kv_max_mb_per_tenant.saturating_mul(1 << 20)),
@@ -546,20 +552,21 @@ async fn list(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
     }
     writeln!(
         out,
-        "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  ROUTES",
-        "NAME", "VERSION", "WEIGHT", "LIVE", "IDLE", "BUSY"
+        "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5} {:<9}  ROUTES",
+        "NAME", "VERSION", "WEIGHT", "LIVE", "IDLE", "BUSY", "CODE"
     )?;
     for function in functions {
         for version in &function.versions {
             writeln!(
                 out,
-                "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5}  {}",
+                "{:<24} {:<14} {:>6} {:>5} {:>5} {:>5} {:<9}  {}",
                 function.name,
                 version.version,
                 version.weight,
                 version.stats.live,
                 version.stats.idle,
                 version.stats.busy,
+                version.code,
                 function.routes.join(" ")
             )?;
         }

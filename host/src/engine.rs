@@ -26,6 +26,12 @@
 //! (for every function with [`FuelMetering::EveryRequest`]; for none with
 //! [`FuelMetering::Off`]). Both share the epoch clock and the instance
 //! slots.
+//!
+//! A third engine compiles with Winch, wasmtime's baseline compiler (a
+//! few times faster to compile, slower code): never-seen wasm of a function
+//! without fuel is served from Winch's code at once, while Cranelift
+//! compiles it in the background (see [`crate::function`]); unless
+//! [`EngineOptions::tier_up`] is off.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -108,6 +114,9 @@ pub struct EngineOptions {
     /// (`max_requests_per_instance = 1`, e.g. JavaScript) pay on every
     /// request.
     pub keep_resident_bytes: usize,
+    /// Serve never-seen wasm from Winch's quickly compiled code first, and
+    /// switch to Cranelift's when it is ready (functions without fuel).
+    pub tier_up: bool,
 }
 
 impl Default for EngineOptions {
@@ -119,6 +128,7 @@ impl Default for EngineOptions {
             max_instances_per_tenant: None,
             cache_dir: None,
             keep_resident_bytes: 0,
+            tier_up: true,
         }
     }
 }
@@ -134,6 +144,8 @@ struct EngineInner {
     plain: Engine,
     /// With it (absent when fuel is off).
     metered: Option<Engine>,
+    /// Winch's quick code, without fuel (absent without tier-up).
+    baseline: Option<Engine>,
     fuel: FuelMetering,
     instance_share: u32,
     slots: InstanceSlots,
@@ -189,6 +201,8 @@ pub enum CompileSource {
     Compiled,
     /// Loaded from the on-disk cache.
     Cache,
+    /// Compiled now by Winch; Cranelift's code replaces it when ready.
+    Baseline,
 }
 
 impl WasmEngine {
@@ -227,6 +241,10 @@ impl WasmEngine {
             FuelMetering::Off => None,
             FuelMetering::Limited | FuelMetering::EveryRequest => Some(Engine::new(config.consume_fuel(true))?),
         };
+        let baseline = match options.tier_up {
+            false => None,
+            true => Some(Engine::new(config.consume_fuel(false).strategy(wasmtime::Strategy::Winch))?),
+        };
         let compat_hash = [&plain, metered.as_ref().unwrap_or(&plain)].map(|engine| {
             let mut hasher = HashToSha256(Sha256::new());
             engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -234,7 +252,7 @@ impl WasmEngine {
         });
 
         let busy = Arc::new(AtomicBool::new(false));
-        let weak = (plain.weak(), metered.as_ref().map(Engine::weak));
+        let weak = (plain.weak(), [&metered, &baseline].map(|engine| engine.as_ref().map(Engine::weak)));
         // The thread learns its shared state through a channel: the state
         // holds the thread's own handle (to wake it), known only once it
         // is spawned.
@@ -272,8 +290,8 @@ impl WasmEngine {
                 match weak.0.upgrade() {
                     Some(engine) => {
                         engine.increment_epoch();
-                        if let Some(metered) = weak.1.as_ref().and_then(|weak| weak.upgrade()) {
-                            metered.increment_epoch();
+                        for other in weak.1.iter().flatten().filter_map(|weak| weak.upgrade()) {
+                            other.increment_epoch();
                         }
                         clock.ticks.fetch_add(1, Ordering::Relaxed);
                     }
@@ -304,6 +322,7 @@ impl WasmEngine {
             inner: Arc::new(EngineInner {
                 plain,
                 metered,
+                baseline,
                 fuel: options.fuel,
                 instance_share,
                 slots: InstanceSlots::new(max_instances, tenant_share),
@@ -320,6 +339,19 @@ impl WasmEngine {
         match &self.inner.metered {
             Some(metered) if fuel => metered,
             _ => &self.inner.plain,
+        }
+    }
+
+    /// The engine Winch's code runs on, if the host tiers up.
+    pub fn baseline(&self) -> Option<&Engine> {
+        self.inner.baseline.as_ref()
+    }
+
+    /// Compile with Winch (never cached: Cranelift's code replaces it).
+    pub fn compile_baseline(&self, wasm: &[u8]) -> anyhow::Result<Option<Component>> {
+        match &self.inner.baseline {
+            Some(engine) => Ok(Some(Component::new(engine, wasm)?)),
+            None => Ok(None),
         }
     }
 
@@ -376,6 +408,14 @@ impl WasmEngine {
     /// The cache key is the wasm's digest plus the engine's compatibility
     /// hash, so a different wasmtime or engine setting never loads stale code.
     pub fn load(&self, wasm: &[u8], digest: &str, fuel: bool) -> anyhow::Result<(Component, CompileSource)> {
+        if let Some(component) = self.cached(digest, fuel) {
+            return Ok((component, CompileSource::Cache));
+        }
+        self.compile(wasm, digest, fuel).map(|component| (component, CompileSource::Compiled))
+    }
+
+    /// The compiled code of `digest` from the on-disk cache, if there.
+    pub fn cached(&self, digest: &str, fuel: bool) -> Option<Component> {
         let engine = self.engine(fuel);
         let cached = self.cache_path(digest, fuel);
         if let Some(path) = &cached
@@ -387,13 +427,20 @@ impl WasmEngine {
             // renamed into place only once complete. wasmtime still checks
             // the header and refuses a mismatched artifact.
             match unsafe { Component::deserialize_file(engine, path) } {
-                Ok(component) => return Ok((component, CompileSource::Cache)),
+                Ok(component) => return Some(component),
                 Err(err) => {
                     tracing::warn!(path = %path.display(), error = %err, "discarding unusable cache entry");
                     let _ = std::fs::remove_file(path);
                 }
             }
         }
+        None
+    }
+
+    /// Compile `wasm` with Cranelift (and write it to the cache if there is one).
+    pub fn compile(&self, wasm: &[u8], digest: &str, fuel: bool) -> anyhow::Result<Component> {
+        let engine = self.engine(fuel);
+        let cached = self.cache_path(digest, fuel);
         let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
         if let Some(path) = cached {
             match write_atomically(&path, &component.serialize()?) {
@@ -403,13 +450,13 @@ impl WasmEngine {
                 // memory (benchmark W5).
                 // SAFETY: as above; the file was just written by this engine.
                 Ok(()) => match unsafe { Component::deserialize_file(engine, &path) } {
-                    Ok(mapped) => return Ok((mapped, CompileSource::Compiled)),
+                    Ok(mapped) => return Ok(mapped),
                     Err(err) => tracing::warn!(path = %path.display(), error = %err, "cannot map compile cache entry"),
                 },
                 Err(err) => tracing::warn!(path = %path.display(), error = %err, "cannot write compile cache entry"),
             }
         }
-        Ok((component, CompileSource::Compiled))
+        Ok(component)
     }
 
     fn cache_path(&self, digest: &str, fuel: bool) -> Option<PathBuf> {

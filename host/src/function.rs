@@ -2,7 +2,17 @@
 //!
 //! [`Runtime`] holds the engine and the process's [`Linker`]s (WASI 0.2,
 //! `wasi:http` and the Runtime ABI), built once per wasmtime engine: one
-//! for functions without fuel, one for those that meter it. [`Runtime::prepare`] checks the wasm,
+//! for functions without fuel, one for those that meter it, one for
+//! Winch's baseline code.
+//!
+//! **Tiering up.** Cranelift takes ≈80 ms of one core for a small Rust
+//! component; Winch a third of that. A function without fuel whose wasm
+//! has never been compiled is served from Winch's code, and Cranelift
+//! compiles it in the background (one compile at a time); when that is
+//! done the version's [`Code`] is swapped: new instances come from the
+//! optimized code, and instances of the baseline code are retired (with
+//! `destroy`) as their requests end. Cranelift's code goes to the cache,
+//! so the next deploy of the same wasm loads it directly. [`Runtime::prepare`] checks the wasm,
 //! compiles it (or loads it from the cache), links it into an
 //! [`InstancePre`] and finds the HTTP handler and the optional lifecycle
 //! hooks. (The trial instantiation that completes the checks of a deploy
@@ -26,23 +36,113 @@ use crate::manifest::FunctionSpec;
 #[derive(Clone)]
 pub struct Runtime {
     engine: WasmEngine,
-    /// For the fuel-free engine, and for the one that meters fuel.
-    linkers: Arc<[Linker<GuestState>; 2]>,
+    /// For the fuel-free engine, for the one that meters fuel, and for
+    /// Winch's (if the host tiers up).
+    linkers: Arc<[Option<Linker<GuestState>>; 3]>,
     services: Arc<Services>,
+    /// Background compiles to optimized code: one at a time.
+    optimizing: Arc<tokio::sync::Semaphore>,
+}
+
+/// Which compiler's code, for which engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Cranelift's, without fuel.
+    Optimized,
+    /// Cranelift's, metering fuel.
+    Metered,
+    /// Winch's, until Cranelift's is ready.
+    Baseline,
+}
+
+impl Tier {
+    /// Its name in `shoal ls` and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Optimized => "optimized",
+            Tier::Metered => "metered",
+            Tier::Baseline => "baseline",
+        }
+    }
 }
 
 impl Runtime {
     /// Link WASI 0.2, `wasi:http` and the Runtime ABI once for all functions.
     pub fn new(engine: WasmEngine, services: Arc<Services>) -> anyhow::Result<Runtime> {
-        let link = |fuel: bool| -> anyhow::Result<Linker<GuestState>> {
-            let mut linker = Linker::new(engine.engine(fuel));
+        let link = |engine: &wasmtime::Engine| -> anyhow::Result<Linker<GuestState>> {
+            let mut linker = Linker::new(engine);
             wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
             wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
             crate::abi::add_to_linker(&mut linker)?;
             Ok(linker)
         };
-        let linkers = Arc::new([link(false)?, link(true)?]);
-        Ok(Runtime { engine, linkers, services })
+        let linkers = Arc::new([
+            Some(link(engine.engine(false))?),
+            Some(link(engine.engine(true))?),
+            engine.baseline().map(link).transpose()?,
+        ]);
+        Ok(Runtime { engine, linkers, services, optimizing: Arc::new(tokio::sync::Semaphore::new(1)) })
+    }
+
+    /// Link `component` (compiled for `tier`'s engine) and find its exports.
+    fn link(&self, component: Component, tier: Tier, spec: &FunctionSpec) -> Result<Code, Error> {
+        let function = spec.name.to_string();
+        let linker = self.linkers[tier as usize].as_ref().expect("invariant: code of a tier the host has");
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|err| Error::Link { function: function.clone(), reason: format!("{err:#}") })?;
+        let handler = ProxyIndices::new(&pre).ok();
+        let lifecycle = LifecycleIndices::new(&pre).ok();
+        let events = EventsIndices::new(&pre).ok();
+        // A function serves HTTP, receives messages, or both.
+        if handler.is_none() && (events.is_none() || !spec.routes.is_empty()) {
+            return Err(Error::MissingHandler { function });
+        }
+        let engine = match tier {
+            Tier::Optimized => self.engine.engine(false).clone(),
+            Tier::Metered => self.engine.engine(true).clone(),
+            Tier::Baseline => self.engine.baseline().expect("invariant: linked above").clone(),
+        };
+        Ok(Code { component, pre, handler, lifecycle, events, engine, tier })
+    }
+
+    /// Compile `function`'s wasm with Cranelift in the background and swap
+    /// its code when done (see the module docs).
+    fn tier_up(&self, function: &CompiledFunction, wasm: Arc<[u8]>) {
+        let (runtime, target) = (self.clone(), Arc::downgrade(&function.inner));
+        let (name, digest) = (function.name().to_string(), function.digest().to_string());
+        tokio::spawn(async move {
+            let Ok(_turn) = runtime.optimizing.clone().acquire_owned().await else { return };
+            // Undeployed while waiting for its turn: nothing to do.
+            if target.strong_count() == 0 {
+                return;
+            }
+            let started = std::time::Instant::now();
+            let engine = runtime.engine.clone();
+            let compiled = tokio::task::spawn_blocking(move || engine.load(&wasm, &digest, false)).await;
+            let compile_ms = started.elapsed().as_millis() as u64;
+            let Some(inner) = target.upgrade() else { return };
+            let component = match compiled {
+                Ok(Ok((component, _))) => component,
+                Ok(Err(err)) => {
+                    tracing::warn!(function = %name, error = %format!("{err:#}"), "Cranelift cannot compile what Winch did; the baseline code keeps serving");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(function = %name, error = %err, "the optimizing compile failed; the baseline code keeps serving");
+                    return;
+                }
+            };
+            match runtime.link(component, Tier::Optimized, &inner.spec) {
+                Ok(code) => {
+                    *inner.code.write().unwrap_or_else(|poison| poison.into_inner()) = Arc::new(code);
+                    tracing::info!(function = %name, compile_ms, "optimized code in place");
+                }
+                Err(err) => tracing::warn!(function = %name, error = %err, "cannot link the optimized code"),
+            }
+            tokio::task::spawn_blocking(crate::engine::release_freed_memory);
+        });
     }
 
     /// The backends functions reach.
@@ -85,26 +185,36 @@ impl Runtime {
         // Compiling takes milliseconds to seconds of CPU: keep it off the
         // threads that serve requests.
         let fuel = self.engine.meters_fuel(spec.limits.fuel_per_request.is_some());
+        let tier = if fuel { Tier::Metered } else { Tier::Optimized };
         let engine = self.engine.clone();
-        let (component, source) = {
+        let (component, tier, source) = {
             let digest = digest.clone();
             let wasm = wasm.clone();
-            tokio::task::spawn_blocking(move || engine.load(&wasm, &digest, fuel))
-                .await
-                .map_err(|err| anyhow::anyhow!("compile task failed: {err}"))?
-                .map_err(|err| Error::InvalidWasm { function: function.clone(), reason: format!("{err:#}") })?
+            let name = function.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                if let Some(component) = engine.cached(&digest, fuel) {
+                    return Ok((component, tier, CompileSource::Cache));
+                }
+                if tier == Tier::Optimized {
+                    let started = std::time::Instant::now();
+                    match engine.compile_baseline(&wasm) {
+                        Ok(Some(component)) => {
+                            let compile_ms = started.elapsed().as_millis() as u64;
+                            tracing::info!(function = %name, compile_ms, "baseline code compiled");
+                            return Ok((component, Tier::Baseline, CompileSource::Baseline));
+                        }
+                        Ok(None) => {}
+                        // Winch lacks some wasm features Cranelift has.
+                        Err(err) => tracing::info!(function = %name, error = %format!("{err:#}"), "Winch cannot compile it; compiling with Cranelift now"),
+                    }
+                }
+                Ok((engine.compile(&wasm, &digest, fuel)?, tier, CompileSource::Compiled))
+            })
+            .await
+            .map_err(|err| anyhow::anyhow!("compile task failed: {err}"))?
+            .map_err(|err| Error::InvalidWasm { function: function.clone(), reason: format!("{err:#}") })?
         };
-
-        let pre = self.linkers[usize::from(fuel)]
-            .instantiate_pre(&component)
-            .map_err(|err| Error::Link { function: function.clone(), reason: format!("{err:#}") })?;
-        let handler = ProxyIndices::new(&pre).ok();
-        let lifecycle = LifecycleIndices::new(&pre).ok();
-        let events = EventsIndices::new(&pre).ok();
-        // A function serves HTTP, receives messages, or both.
-        if handler.is_none() && (events.is_none() || !spec.routes.is_empty()) {
-            return Err(Error::MissingHandler { function });
-        }
+        let code = self.link(component, tier, &spec)?;
         let caps = FunctionCaps::new(&spec);
         let log_budget = {
             let (metrics, name) = (self.services.metrics.clone(), spec.name.to_string());
@@ -112,15 +222,14 @@ impl Runtime {
         };
 
         let spec_cpu = spec.limits.cpu_millis.map(crate::limits::CpuQuota::new);
+        let (has_lifecycle, has_events) = (code.lifecycle.is_some(), code.events.is_some());
         let compiled = CompiledFunction {
             inner: Arc::new(CompiledInner {
                 spec,
                 digest,
-                component,
-                pre,
-                handler,
-                lifecycle,
-                events,
+                code: std::sync::RwLock::new(Arc::new(code)),
+                has_lifecycle,
+                has_events,
                 log_sink,
                 log_budget,
                 caps,
@@ -130,6 +239,9 @@ impl Runtime {
             }),
             engine: self.engine.clone(),
         };
+        if tier == Tier::Baseline {
+            self.tier_up(&compiled, wasm);
+        }
         Ok((compiled, source))
     }
 }
@@ -141,15 +253,26 @@ pub struct CompiledFunction {
     pub(crate) engine: WasmEngine,
 }
 
-pub(crate) struct CompiledInner {
-    pub(crate) spec: FunctionSpec,
-    pub(crate) digest: String,
+/// A version's compiled and linked code: what its instances are made of.
+pub(crate) struct Code {
     #[allow(dead_code, reason = "kept alive with the pre-instance; useful for introspection")]
     pub(crate) component: Component,
     pub(crate) pre: InstancePre<GuestState>,
     pub(crate) handler: Option<ProxyIndices>,
     pub(crate) lifecycle: Option<LifecycleIndices>,
     pub(crate) events: Option<EventsIndices>,
+    /// The engine it was compiled for (stores must come from it).
+    pub(crate) engine: wasmtime::Engine,
+    pub(crate) tier: Tier,
+}
+
+pub(crate) struct CompiledInner {
+    pub(crate) spec: FunctionSpec,
+    pub(crate) digest: String,
+    /// Swapped once, from Winch's code to Cranelift's (see the module docs).
+    pub(crate) code: std::sync::RwLock<Arc<Code>>,
+    has_lifecycle: bool,
+    has_events: bool,
     pub(crate) log_sink: Arc<dyn LogSink>,
     /// The output budget all instances of this version share.
     pub(crate) log_budget: Arc<LogBudget>,
@@ -173,9 +296,14 @@ impl CompiledFunction {
         self.inner.fuel
     }
 
-    /// The wasmtime engine its code was compiled for.
-    pub fn wasmtime_engine(&self) -> &wasmtime::Engine {
-        self.engine.engine(self.inner.fuel)
+    /// Its code now (new instances are made of it).
+    pub(crate) fn code(&self) -> Arc<Code> {
+        self.inner.code.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// Which compiler's code new instances get.
+    pub fn tier(&self) -> Tier {
+        self.code().tier
     }
 
     /// The function's name.
@@ -200,11 +328,11 @@ impl CompiledFunction {
 
     /// Whether the component exports `shoal:runtime/lifecycle`.
     pub fn has_lifecycle(&self) -> bool {
-        self.inner.lifecycle.is_some()
+        self.inner.has_lifecycle
     }
 
     /// Whether the component exports `shoal:runtime/events` (receives messages).
     pub fn has_events(&self) -> bool {
-        self.inner.events.is_some()
+        self.inner.has_events
     }
 }

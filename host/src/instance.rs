@@ -24,7 +24,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
 use crate::engine::{ClockHold, Slot};
-use crate::function::CompiledFunction;
+use crate::function::{Code, CompiledFunction};
 use crate::guest::GuestState;
 use crate::limits::{CpuQuota, CpuTimed, DeadlineExceeded, Outcome};
 use crate::logs::InstanceLog;
@@ -55,6 +55,8 @@ pub struct Instance {
     hooks: Option<lifecycle::Guest>,
     events: Option<events::Guest>,
     function: CompiledFunction,
+    /// The code it was made of (kept alive while it lives).
+    code: Arc<Code>,
     started: bool,
     /// When the instance last finished a request (or was created).
     pub(crate) last_used: Instant,
@@ -97,7 +99,8 @@ impl Instance {
         .map_err(|err| InstanceError { outcome: Outcome::StartFailed, message: format!("{err:#}") })?;
         let mut state = state;
         state.cpu_quota = inner.cpu.clone();
-        let mut store = Store::new(function.wasmtime_engine(), state);
+        let code = function.code();
+        let mut store = Store::new(&code.engine, state);
         store.limiter(|state| &mut state.memory);
         let busy = function.engine.busy_flag();
         store.epoch_deadline_callback(move |mut context| {
@@ -135,7 +138,7 @@ impl Instance {
 
         // Instantiation runs the guest's initializers: the clock must tick.
         let clock = function.engine.hold_clock();
-        let instance = tokio::time::timeout(spec.limits.start_timeout, inner.pre.instantiate_async(&mut store))
+        let instance = tokio::time::timeout(spec.limits.start_timeout, code.pre.instantiate_async(&mut store))
             .await
             .map_err(|_| InstanceError {
                 outcome: Outcome::StartFailed,
@@ -147,15 +150,15 @@ impl Instance {
                 InstanceError { outcome, message: format!("instantiation failed: {}", describe(&err)) }
             })?;
         drop(clock);
-        let proxy = match &inner.handler {
+        let proxy = match &code.handler {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
             None => None,
         };
-        let hooks = match &inner.lifecycle {
+        let hooks = match &code.lifecycle {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
             None => None,
         };
-        let events = match &inner.events {
+        let events = match &code.events {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
             None => None,
         };
@@ -165,11 +168,18 @@ impl Instance {
             hooks,
             events,
             function: function.clone(),
+            code,
             started: false,
             last_used: Instant::now(),
             served: 0,
             _slot: slot,
         })
+    }
+
+    /// Whether it was made of its version's code of now (not of code that
+    /// optimized code has replaced since).
+    pub fn runs_current_code(&self) -> bool {
+        Arc::ptr_eq(&self.code, &self.function.code())
     }
 
     /// Instantiate in `slot` and run the `start` hook (if exported).

@@ -219,9 +219,13 @@ impl FunctionPool {
         };
         let permits = (permit, tenant);
         self.busy.fetch_add(1, Ordering::AcqRel);
-        let warm = self.lock_idle().pop();
-        if let Some(instance) = warm {
-            return Ok(self.lease(instance, false, None, permits));
+        loop {
+            let Some(instance) = self.lock_idle().pop() else { break };
+            if instance.runs_current_code() {
+                return Ok(self.lease(instance, false, None, permits));
+            }
+            // Made of baseline code that optimized code has replaced.
+            self.destroy_later(instance);
         }
         let Some(slot) = self.function.engine.slots().acquire(deadline).await else {
             self.busy.fetch_sub(1, Ordering::AcqRel);
@@ -270,7 +274,8 @@ impl FunctionPool {
         self.last_memory.store(instance.memory_bytes(), Ordering::Relaxed);
         instance.served = instance.served.saturating_add(1);
         let retired =
-            self.function.spec().limits.max_requests_per_instance.is_some_and(|most| instance.served >= most.get());
+            self.function.spec().limits.max_requests_per_instance.is_some_and(|most| instance.served >= most.get())
+                || !instance.runs_current_code();
         if !healthy || self.discarded.load(Ordering::Acquire) {
             drop(instance);
             self.add_live(-1);

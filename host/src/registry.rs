@@ -76,6 +76,11 @@ pub struct VersionInfo {
     pub lifecycle: bool,
     /// Instance counters.
     pub stats: PoolStats,
+    /// Whose code new instances get: `optimized` (Cranelift), `metered`
+    /// (Cranelift, with fuel) or `baseline` (Winch, until Cranelift's is
+    /// ready).
+    #[serde(default)]
+    pub code: String,
     /// Its limits.
     pub limits: Limits,
 }
@@ -393,6 +398,10 @@ impl Registry {
                             "compiled"
                         }
                         CompileSource::Cache => "cache",
+                        CompileSource::Baseline => {
+                            compiled_any = true;
+                            "baseline"
+                        }
                     };
                     blobs.push((digest.clone(), item.wasm.clone()));
                     (FunctionPool::new(compiled, self.metrics.clone()), source)
@@ -678,6 +687,7 @@ fn info(name: &str, deployed: &Deployed) -> FunctionInfo {
                     weight: function.spec().weight,
                     lifecycle: function.has_lifecycle(),
                     stats: pool.stats(),
+                    code: function.tier().as_str().to_string(),
                     limits: function.spec().limits.clone(),
                 }
             })

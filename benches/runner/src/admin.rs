@@ -121,6 +121,21 @@ impl Admin {
             entry.and_then(|f| f["versions"].as_array()).with_context(|| format!("no function {function}"))?;
         Ok(versions.iter().filter_map(|v| v["stats"]["live"].as_u64()).sum())
     }
+
+    /// Versions still served from Winch's code (Cranelift's not in place yet).
+    pub fn baseline_versions(&self) -> anyhow::Result<usize> {
+        let list = self.list()?;
+        Ok(list.iter().filter_map(|f| f["versions"].as_array()).flatten().filter(|v| v["code"] == "baseline").count())
+    }
+
+    /// Whose code `function`'s first version runs (`optimized`, `baseline`...).
+    pub fn code(&self, function: &str) -> anyhow::Result<String> {
+        let list = self.list()?;
+        let entry = list.iter().find(|f| f["name"] == function);
+        let code =
+            entry.and_then(|f| f["versions"][0]["code"].as_str()).with_context(|| format!("no function {function}"))?;
+        Ok(code.to_string())
+    }
 }
 
 /// `wasm` with one more custom section carrying `tag`: a distinct binary

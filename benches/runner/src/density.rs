@@ -60,6 +60,13 @@ fn measure(tools: &Tools, functions: usize, binaries: usize) -> anyhow::Result<R
     }
     let deploy_s = started.elapsed().as_secs_f64();
     eprintln!(" in {deploy_s:.1} s");
+    // Measured once Cranelift's code has replaced Winch's everywhere (the
+    // steady state).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while admin.baseline_versions()? > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "Winch's code still served 10 minutes after the deploys");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let idle = settle(server.pid())?;
 
     for i in 0..functions {

@@ -28,5 +28,6 @@ mod pubsub;
 mod redis_backend;
 mod scale_to_zero;
 mod tenancy;
+mod tier_up;
 mod trace_context;
 mod versions;

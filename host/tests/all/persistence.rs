@@ -32,6 +32,9 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
         max_instances_per_tenant: None,
         cache_dir: Some(cache.path().into()),
         keep_resident_bytes: 0,
+        // Cranelift's code reaches the cache at deploy, not later in the
+        // background.
+        tier_up: false,
     };
     let config = shoal::host::HostConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -84,6 +84,15 @@ async fn memory_of_a_function_scaled_to_zero_goes_back_to_the_os() {
     );
     let host = HostProcess::spawn(state.path(), Some(&manifest));
     let pid = host.child.id();
+    // Served from Cranelift's code (a Winch instance would be retired as
+    // soon as that arrives, not by scaling to zero).
+    let code = || {
+        let out = host.cli(&["ls", "--json"]);
+        let listed = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        listed[0]["versions"][0]["code"].as_str().map(str::to_string)
+    };
+    let optimized = eventually(Duration::from_secs(60), || async { code().as_deref() == Some("optimized") }).await;
+    assert!(optimized, "Cranelift's code never arrived: {:?}", code());
     let body = reqwest::get(host.url("/hoard?mb=128")).await.unwrap().text().await.unwrap();
     assert_eq!(body, "holding 128 MiB\n");
     let holding = rss_bytes(pid);

@@ -112,6 +112,9 @@ impl TestHost {
                 max_instances_per_tenant: None,
                 cache_dir: Some(shared_cache()),
                 keep_resident_bytes: 0,
+                // Off, so instance counts and hooks stay deterministic; tiering up has
+                // its own tests (`tier_up`).
+                tier_up: false,
             },
             log_sink: logs.clone(),
             drain_timeout: Duration::from_secs(10),
