@@ -18,7 +18,8 @@
 //! hooks. (The trial instantiation that completes the checks of a deploy
 //! is [`crate::instance::Instance::trial`], one layer up.)
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
@@ -42,10 +43,44 @@ pub struct Runtime {
     services: Arc<Services>,
     /// Background compiles to optimized code: one at a time.
     optimizing: Arc<tokio::sync::Semaphore>,
+    /// The code of every digest and tier in use, shared by every function
+    /// and version of the same wasm (held weakly: it goes with its last
+    /// user).
+    shared: Arc<Mutex<SharedCode>>,
+}
+
+/// Linked code by (wasm digest, tier).
+#[derive(Default)]
+struct SharedCode {
+    codes: HashMap<(String, Tier), Weak<Code>>,
+    /// Inserts since dead entries were last dropped.
+    inserts: usize,
+}
+
+impl SharedCode {
+    fn get(&self, digest: &str, tier: Tier) -> Option<Arc<Code>> {
+        self.codes.get(&(digest.to_string(), tier)).and_then(Weak::upgrade)
+    }
+
+    /// Share `code`, or the code another deploy shared first.
+    fn share(&mut self, digest: &str, code: Code) -> Arc<Code> {
+        let key = (digest.to_string(), code.tier);
+        if let Some(existing) = self.codes.get(&key).and_then(Weak::upgrade) {
+            return existing;
+        }
+        self.inserts += 1;
+        if self.inserts >= 256 {
+            self.codes.retain(|_, code| code.strong_count() > 0);
+            self.inserts = 0;
+        }
+        let code = Arc::new(code);
+        self.codes.insert(key, Arc::downgrade(&code));
+        code
+    }
 }
 
 /// Which compiler's code, for which engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// Cranelift's, without fuel.
@@ -82,23 +117,28 @@ impl Runtime {
             Some(link(engine.engine(true))?),
             engine.baseline().map(link).transpose()?,
         ]);
-        Ok(Runtime { engine, linkers, services, optimizing: Arc::new(tokio::sync::Semaphore::new(1)) })
+        Ok(Runtime {
+            engine,
+            linkers,
+            services,
+            optimizing: Arc::new(tokio::sync::Semaphore::new(1)),
+            shared: Arc::default(),
+        })
+    }
+
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, SharedCode> {
+        self.shared.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Link `component` (compiled for `tier`'s engine) and find its exports.
-    fn link(&self, component: Component, tier: Tier, spec: &FunctionSpec) -> Result<Code, Error> {
-        let function = spec.name.to_string();
+    fn link(&self, component: Component, tier: Tier, function: &str) -> Result<Code, Error> {
         let linker = self.linkers[tier as usize].as_ref().expect("invariant: code of a tier the host has");
         let pre = linker
             .instantiate_pre(&component)
-            .map_err(|err| Error::Link { function: function.clone(), reason: format!("{err:#}") })?;
+            .map_err(|err| Error::Link { function: function.to_string(), reason: format!("{err:#}") })?;
         let handler = ProxyIndices::new(&pre).ok();
         let lifecycle = LifecycleIndices::new(&pre).ok();
         let events = EventsIndices::new(&pre).ok();
-        // A function serves HTTP, receives messages, or both.
-        if handler.is_none() && (events.is_none() || !spec.routes.is_empty()) {
-            return Err(Error::MissingHandler { function });
-        }
         let engine = match tier {
             Tier::Optimized => self.engine.engine(false).clone(),
             Tier::Metered => self.engine.engine(true).clone(),
@@ -115,11 +155,17 @@ impl Runtime {
         tokio::spawn(async move {
             let Ok(_turn) = runtime.optimizing.clone().acquire_owned().await else { return };
             // Undeployed while waiting for its turn: nothing to do.
-            if target.strong_count() == 0 {
+            let Some(inner) = target.upgrade() else { return };
+            // Another function of the same wasm tiered up first: share its code.
+            if let Some(code) = runtime.lock_shared().get(&digest, Tier::Optimized) {
+                *inner.code.write().unwrap_or_else(|poison| poison.into_inner()) = code;
+                tracing::info!(function = %name, "optimized code in place (shared)");
                 return;
             }
+            drop(inner);
             let started = std::time::Instant::now();
             let engine = runtime.engine.clone();
+            let digest_key = digest.clone();
             let compiled = tokio::task::spawn_blocking(move || engine.load(&wasm, &digest, false)).await;
             let compile_ms = started.elapsed().as_millis() as u64;
             let Some(inner) = target.upgrade() else { return };
@@ -134,9 +180,10 @@ impl Runtime {
                     return;
                 }
             };
-            match runtime.link(component, Tier::Optimized, &inner.spec) {
+            match runtime.link(component, Tier::Optimized, &name) {
                 Ok(code) => {
-                    *inner.code.write().unwrap_or_else(|poison| poison.into_inner()) = Arc::new(code);
+                    let code = runtime.lock_shared().share(&digest_key, code);
+                    *inner.code.write().unwrap_or_else(|poison| poison.into_inner()) = code;
                     tracing::info!(function = %name, compile_ms, "optimized code in place");
                 }
                 Err(err) => tracing::warn!(function = %name, error = %err, "cannot link the optimized code"),
@@ -186,11 +233,72 @@ impl Runtime {
         // threads that serve requests.
         let fuel = self.engine.meters_fuel(spec.limits.fuel_per_request.is_some());
         let tier = if fuel { Tier::Metered } else { Tier::Optimized };
+        let shared = {
+            let shared = self.lock_shared();
+            // The baseline code of wasm still tiering up is shared too; the
+            // tier-up of this function then finds Cranelift's in the map.
+            shared
+                .get(&digest, tier)
+                .or_else(|| (tier == Tier::Optimized).then(|| shared.get(&digest, Tier::Baseline)).flatten())
+        };
+        let (code, source) = match shared {
+            Some(code) if code.tier == Tier::Baseline => (code, CompileSource::Baseline),
+            Some(code) => (code, CompileSource::Cache),
+            None => {
+                let (code, source) = self.compile(&function, &wasm, &digest, tier).await?;
+                (self.lock_shared().share(&digest, code), source)
+            }
+        };
+        // A function serves HTTP, receives messages, or both.
+        if code.handler.is_none() && (code.events.is_none() || !spec.routes.is_empty()) {
+            return Err(Error::MissingHandler { function });
+        }
+        let tier = code.tier;
+        let caps = FunctionCaps::new(&spec);
+        let log_budget = {
+            let (metrics, name) = (self.services.metrics.clone(), spec.name.to_string());
+            LogBudget::new(spec.limits.log_bytes_per_second, Box::new(move |lines| metrics.log_dropped(&name, lines)))
+        };
+
+        let spec_cpu = spec.limits.cpu_millis.map(crate::limits::CpuQuota::new);
+        let (has_lifecycle, has_events) = (code.lifecycle.is_some(), code.events.is_some());
+        let compiled = CompiledFunction {
+            inner: Arc::new(CompiledInner {
+                spec,
+                digest,
+                code: std::sync::RwLock::new(code),
+                has_lifecycle,
+                has_events,
+                log_sink,
+                log_budget,
+                caps,
+                services: self.services.clone(),
+                cpu: spec_cpu,
+                fuel,
+            }),
+            engine: self.engine.clone(),
+        };
+        if tier == Tier::Baseline {
+            self.tier_up(&compiled, wasm);
+        }
+        Ok((compiled, source))
+    }
+
+    /// Load `wasm` from the cache or compile it (with Winch first when it
+    /// tiers up), and link it.
+    async fn compile(
+        &self,
+        function: &str,
+        wasm: &Arc<[u8]>,
+        digest: &str,
+        tier: Tier,
+    ) -> Result<(Code, CompileSource), Error> {
+        let fuel = tier == Tier::Metered;
         let engine = self.engine.clone();
         let (component, tier, source) = {
-            let digest = digest.clone();
+            let digest = digest.to_string();
             let wasm = wasm.clone();
-            let name = function.clone();
+            let name = function.to_string();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 if let Some(component) = engine.cached(&digest, fuel) {
                     return Ok((component, tier, CompileSource::Cache));
@@ -212,37 +320,9 @@ impl Runtime {
             })
             .await
             .map_err(|err| anyhow::anyhow!("compile task failed: {err}"))?
-            .map_err(|err| Error::InvalidWasm { function: function.clone(), reason: format!("{err:#}") })?
+            .map_err(|err| Error::InvalidWasm { function: function.to_string(), reason: format!("{err:#}") })?
         };
-        let code = self.link(component, tier, &spec)?;
-        let caps = FunctionCaps::new(&spec);
-        let log_budget = {
-            let (metrics, name) = (self.services.metrics.clone(), spec.name.to_string());
-            LogBudget::new(spec.limits.log_bytes_per_second, Box::new(move |lines| metrics.log_dropped(&name, lines)))
-        };
-
-        let spec_cpu = spec.limits.cpu_millis.map(crate::limits::CpuQuota::new);
-        let (has_lifecycle, has_events) = (code.lifecycle.is_some(), code.events.is_some());
-        let compiled = CompiledFunction {
-            inner: Arc::new(CompiledInner {
-                spec,
-                digest,
-                code: std::sync::RwLock::new(Arc::new(code)),
-                has_lifecycle,
-                has_events,
-                log_sink,
-                log_budget,
-                caps,
-                services: self.services.clone(),
-                cpu: spec_cpu,
-                fuel,
-            }),
-            engine: self.engine.clone(),
-        };
-        if tier == Tier::Baseline {
-            self.tier_up(&compiled, wasm);
-        }
-        Ok((compiled, source))
+        Ok((self.link(component, tier, function)?, source))
     }
 }
 

@@ -94,3 +94,22 @@ async fn a_function_that_no_longer_loads_is_kept_on_disk_while_the_others_serve(
     assert!(!registry.contains("\"lifecycle\""), "{registry}");
     drop(state_guard);
 }
+
+#[tokio::test]
+async fn functions_of_the_same_wasm_share_one_compiled_code() {
+    // No cache directory: a second "cache" can only be the shared code.
+    let host = TestHost::start_configured(|config| config.engine.cache_dir = None).await;
+    let report = host
+        .deploy(vec![spec("one", "hello", "/one"), spec("two", "hello", "/two"), spec("three", "lifecycle", "/three")])
+        .await;
+    let sources: Vec<&str> = report.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(sources, ["compiled", "cache", "compiled"], "one compile per distinct wasm");
+    for path in ["/one", "/two", "/three"] {
+        assert_eq!(host.get(path).await.status, 200, "{path}");
+    }
+    // Undeployed and deployed again: the code went with its last user.
+    host.running.host().registry().undeploy("one").await.unwrap();
+    host.running.host().registry().undeploy("two").await.unwrap();
+    let again = host.deploy(vec![spec("four", "hello", "/four")]).await;
+    assert_eq!(again[0].source, "compiled", "no function held the code any more");
+}
