@@ -30,7 +30,7 @@ fn first_response(server: &Server, path: &str) -> anyhow::Result<()> {
 pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     let samples = args.cold_samples;
     eprintln!("W4: cold start ({samples} samples each)");
-    let hello = FunctionDef {
+    let hello = || FunctionDef {
         name: "hello",
         wasm: tools.guest("hello"),
         route: "/hello",
@@ -38,7 +38,7 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         limits: "idle_timeout_s = 3600",
         grants: "",
     };
-    let server = Server::shoal(tools, &[hello], &[])?;
+    let server = Server::shoal(tools, &[hello()], &[])?;
     let state = server.state_dir().expect("a Shoal server has a state dir");
     let admin = Admin::new(server.admin_socket().expect("admin socket"), state)?;
     let wasm = std::fs::read(tools.guest("hello"))?;
@@ -67,15 +67,7 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     timings.push(("(a)", "deploy of a never-seen wasm → first response (Winch's code; Cranelift's later)", tiered));
     let compile_ms = compile_times(&server.log_text());
     {
-        let hello = FunctionDef {
-            name: "hello",
-            wasm: tools.guest("hello"),
-            route: "/hello",
-            probe: "/hello",
-            limits: "idle_timeout_s = 3600",
-            grants: "",
-        };
-        let direct_server = Server::shoal(tools, &[hello], &["--no-tier-up"])?;
+        let direct_server = Server::shoal(tools, &[hello()], &["--no-tier-up"])?;
         let direct_admin = Admin::new(
             direct_server.admin_socket().expect("admin socket"),
             direct_server.state_dir().expect("a Shoal server has a state dir"),
