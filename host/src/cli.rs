@@ -249,27 +249,32 @@ struct HostSettings {
 }
 
 impl HostArgs {
+    /// The engine's settings.
+    fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            fuel: if self.no_fuel {
+                FuelMetering::Off
+            } else {
+                match self.fuel {
+                    FuelArg::Off => FuelMetering::Off,
+                    FuelArg::Limited => FuelMetering::Limited,
+                    FuelArg::EveryRequest => FuelMetering::EveryRequest,
+                }
+            },
+            max_instances: self.max_instances,
+            max_instances_per_function: self.max_instances_per_function,
+            max_instances_per_tenant: self.max_instances_per_tenant,
+            cache_dir: None,
+            keep_resident_bytes: usize::try_from(self.keep_resident_kib.saturating_mul(1024)).unwrap_or(usize::MAX),
+            tier_up: !self.no_tier_up,
+        }
+    }
+
     /// Start logging; return the settings for the host.
     fn apply(&self) -> HostSettings {
         init_tracing(self.log_format);
         HostSettings {
-            engine: EngineOptions {
-                fuel: if self.no_fuel {
-                    FuelMetering::Off
-                } else {
-                    match self.fuel {
-                        FuelArg::Off => FuelMetering::Off,
-                        FuelArg::Limited => FuelMetering::Limited,
-                        FuelArg::EveryRequest => FuelMetering::EveryRequest,
-                    }
-                },
-                max_instances: self.max_instances,
-                max_instances_per_function: self.max_instances_per_function,
-                max_instances_per_tenant: self.max_instances_per_tenant,
-                cache_dir: None,
-                keep_resident_bytes: usize::try_from(self.keep_resident_kib.saturating_mul(1024)).unwrap_or(usize::MAX),
-                tier_up: !self.no_tier_up,
-            },
+            engine: self.engine_options(),
             kv_bytes_per_tenant: (self.kv_max_mb_per_tenant > 0)
                 .then(|| self.kv_max_mb_per_tenant.saturating_mul(1 << 20)),
             drain_timeout: Duration::from_secs(self.drain_timeout),
@@ -733,6 +738,23 @@ mod tests {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
         assert!(now - hour_ago >= 3_600_000 && now - hour_ago < 3_660_000);
         assert!(parse_since("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn fuel_is_metered_where_limited_unless_told_otherwise() {
+        use clap::Parser as _;
+        let fuel_of = |args: &[&str]| -> Result<FuelMetering, String> {
+            let cli = Cli::try_parse_from([&["shoal", "serve"], args].concat()).map_err(|err| err.to_string())?;
+            match cli.command {
+                Command::Serve { host, .. } => Ok(host.engine_options().fuel),
+                _ => unreachable!("parsed serve"),
+            }
+        };
+        assert_eq!(fuel_of(&[]), Ok(FuelMetering::Limited));
+        assert_eq!(fuel_of(&["--fuel", "every-request"]), Ok(FuelMetering::EveryRequest));
+        assert_eq!(fuel_of(&["--no-fuel"]), Ok(FuelMetering::Off));
+        let both = fuel_of(&["--no-fuel", "--fuel", "limited"]).unwrap_err();
+        assert!(both.contains("cannot be used with"), "{both}");
     }
 
     #[test]

@@ -102,6 +102,9 @@ async fn the_cli_invokes_lists_and_reports_usage() {
     assert_eq!(String::from_utf8_lossy(&invoke.stdout), "hello, cli\n");
     let ls = String::from_utf8_lossy(&host.cli(&["ls"]).stdout).into_owned();
     assert!(ls.lines().any(|l| l.starts_with("hello") && l.ends_with("/hello")), "{ls}");
+    assert!(ls.lines().next().is_some_and(|header| header.contains(" CODE ")), "{ls}");
+    let hello = ls.lines().find(|l| l.starts_with("hello")).unwrap_or_default();
+    assert!(hello.contains(" baseline ") || hello.contains(" optimized "), "whose code it runs: {ls}");
     let usage =
         String::from_utf8_lossy(&host.cli(&["usage", "--function", "hello", "--since", "1h"]).stdout).into_owned();
     let row = usage.lines().find(|l| l.starts_with("default ")).unwrap_or_else(|| panic!("{usage}"));
