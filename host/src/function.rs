@@ -80,8 +80,7 @@ impl SharedCode {
 }
 
 /// Which compiler's code, for which engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
     /// Cranelift's, without fuel.
     Optimized,
@@ -139,12 +138,7 @@ impl Runtime {
         let handler = ProxyIndices::new(&pre).ok();
         let lifecycle = LifecycleIndices::new(&pre).ok();
         let events = EventsIndices::new(&pre).ok();
-        let engine = match tier {
-            Tier::Optimized => self.engine.engine(false).clone(),
-            Tier::Metered => self.engine.engine(true).clone(),
-            Tier::Baseline => self.engine.baseline().expect("invariant: linked above").clone(),
-        };
-        Ok(Code { component, pre, handler, lifecycle, events, engine, tier })
+        Ok(Code { pre, handler, lifecycle, events, tier })
     }
 
     /// Compile `function`'s wasm with Cranelift in the background and swap
@@ -334,15 +328,13 @@ pub struct CompiledFunction {
 }
 
 /// A version's compiled and linked code: what its instances are made of.
+/// (The pre-instance holds the component and the engine it was compiled
+/// for; stores must come from that engine.)
 pub(crate) struct Code {
-    #[allow(dead_code, reason = "kept alive with the pre-instance; useful for introspection")]
-    pub(crate) component: Component,
     pub(crate) pre: InstancePre<GuestState>,
     pub(crate) handler: Option<ProxyIndices>,
     pub(crate) lifecycle: Option<LifecycleIndices>,
     pub(crate) events: Option<EventsIndices>,
-    /// The engine it was compiled for (stores must come from it).
-    pub(crate) engine: wasmtime::Engine,
     pub(crate) tier: Tier,
 }
 
@@ -379,6 +371,12 @@ impl CompiledFunction {
     /// Its code now (new instances are made of it).
     pub(crate) fn code(&self) -> Arc<Code> {
         self.inner.code.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// Whether `code` is its code now (not code replaced since). Called on
+    /// every acquire and release: compares under the read lock, no clone.
+    pub(crate) fn is_current(&self, code: &Arc<Code>) -> bool {
+        Arc::ptr_eq(code, &self.inner.code.read().unwrap_or_else(|poison| poison.into_inner()))
     }
 
     /// Which compiler's code new instances get.

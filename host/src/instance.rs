@@ -100,7 +100,7 @@ impl Instance {
         let mut state = state;
         state.cpu_quota = inner.cpu.clone();
         let code = function.code();
-        let mut store = Store::new(&code.engine, state);
+        let mut store = Store::new(code.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
         let busy = function.engine.busy_flag();
         store.epoch_deadline_callback(move |mut context| {
@@ -179,7 +179,7 @@ impl Instance {
     /// Whether it was made of its version's code of now (not of code that
     /// optimized code has replaced since).
     pub fn runs_current_code(&self) -> bool {
-        Arc::ptr_eq(&self.code, &self.function.code())
+        self.function.is_current(&self.code)
     }
 
     /// Instantiate in `slot` and run the `start` hook (if exported).
