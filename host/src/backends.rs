@@ -54,6 +54,11 @@ pub trait KeyValue: Send + Sync {
     /// Add `delta` to the decimal number at `key` (absent: 0), atomically;
     /// the new value.
     async fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, BackendError>;
+    /// Let go of the store for good (another process takes it over: an
+    /// embedded store allows one process at a time). Later calls fail.
+    fn close(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// A message as delivered to a subscriber.

@@ -58,11 +58,26 @@ enum Command {
         secrets_dir: Option<PathBuf>,
     },
     /// Serve containerd as the node's wasm runtime (started by
-    /// containerd-shim-shoal-v1; rarely run by hand).
+    /// containerd-shim-shoal-v1; rarely run by hand). With --upgrade, hand
+    /// running node hosts over to the `shoal` binary now installed.
     Node {
-        /// The ttrpc socket containerd connects to.
+        /// The ttrpc socket containerd connects to (with --upgrade: the
+        /// host to upgrade; default every host in --run-dir).
+        #[arg(long, required_unless_present = "upgrade")]
+        socket: Option<PathBuf>,
+        /// Hand every pod of the running node host over to a new host
+        /// process started from the binary installed where the running one
+        /// was started from, without containerd seeing a task exit; print
+        /// the progress and exit.
         #[arg(long)]
-        socket: PathBuf,
+        upgrade: bool,
+        /// Where containerd-shim-shoal-v1 keeps node host sockets (for --upgrade).
+        #[arg(long, env = "SHOAL_RUN_DIR", default_value = "/run/shoal")]
+        run_dir: PathBuf,
+        /// The hand-over socket inherited from the host being upgraded
+        /// (set by that host).
+        #[arg(long, hide = true)]
+        adopt_fd: Option<i32>,
         /// The containerd namespace served.
         #[arg(long, default_value = "k8s.io")]
         namespace: String,
@@ -415,7 +430,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             serve(manifest.as_deref(), config).await
         }
-        Command::Node { socket, namespace, containerd, ttrpc_address, max_wasm_mb, policy, host, backends } => {
+        Command::Node { upgrade: true, socket, run_dir, .. } => {
+            let sockets = match socket {
+                Some(socket) => vec![socket],
+                None => crate::node::node_sockets(&run_dir)?,
+            };
+            if sockets.is_empty() {
+                anyhow::bail!("no node host runs here: {} holds no host sockets", run_dir.display());
+            }
+            let mut failed = 0;
+            for socket in &sockets {
+                if let Err(err) = crate::node::upgrade(socket).await {
+                    eprintln!("error: {err:#}");
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} node hosts were not upgraded (each serves on as it was)", sockets.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node {
+            socket,
+            namespace,
+            containerd,
+            ttrpc_address,
+            max_wasm_mb,
+            policy,
+            host,
+            backends,
+            adopt_fd,
+            ..
+        } => {
+            let socket = socket.context("--socket is required")?;
             let HostSettings { engine, kv_bytes_per_tenant, drain_timeout, front_door, ledger } = host.apply();
             let (keyvalue, pubsub) = backends.backends();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
@@ -435,7 +482,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pubsub,
                 kv_bytes_per_tenant,
             };
-            crate::node::run(config).await?;
+            crate::node::run(config, adopt_fd).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Image(ImageCommand::Build { wasm, tag, output, labels, env, artifact }) => {

@@ -16,23 +16,34 @@
 //!
 //! Guest output goes to the container's own stdio FIFOs, so the CRI log
 //! file (`kubectl logs`) holds it. Stats come from Shoal's metering.
+//!
+//! `shoal node --upgrade` hands every pod over to a new host process
+//! started from the (newly installed) binary without containerd seeing a
+//! task exit: see [`handover`].
 
 mod command;
 mod container;
 mod containerd;
 mod error;
 mod exec;
+mod handover;
 mod netns;
 mod policy;
+mod relay;
 mod rootfs;
 mod stdio;
 mod task;
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_shim_protos::ttrpc::asynchronous::Server;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 
 use crate::Error;
 use crate::engine::EngineOptions;
@@ -40,11 +51,21 @@ use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::metering::LedgerPolicy;
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
+use handover::{Link, Said, SavedConnection, Snapshot};
+use relay::Relays;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
 pub use error::NodeError;
 pub use policy::{DEFAULT_POLICY_PATH, Policy};
 pub use rootfs::DEFAULT_MAX_WASM_BYTES;
+
+/// How long a new host may take to start and say hello.
+const HELLO_WAIT: Duration = Duration::from_secs(30);
+/// How long containerd's calls under way may take to finish once its
+/// connections are held.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+/// How long the new host may take to rebuild every container.
+const VERDICT_WAIT: Duration = Duration::from_secs(300);
 
 /// What `shoal node` needs to know.
 #[derive(Debug, Clone)]
@@ -79,12 +100,153 @@ pub struct NodeConfig {
     pub kv_bytes_per_tenant: Option<u64>,
 }
 
+/// The socket `shoal node --upgrade` talks to, beside the ttrpc socket.
+pub fn control_socket(socket: &Path) -> PathBuf {
+    socket.with_extension("upgrade")
+}
+
 /// Serve containerd until SIGTERM or SIGINT; then drain every function
-/// (requests finish, `destroy` runs) and exit.
-pub async fn run(config: NodeConfig) -> Result<(), Error> {
+/// (requests finish, `destroy` runs) and exit. With `adopt_fd`, take the
+/// node over from the host process that started this one.
+pub async fn run(config: NodeConfig, adopt_fd: Option<RawFd>) -> Result<(), Error> {
     let mut signals = StopSignals::install().map_err(|err| anyhow::anyhow!("cannot install signal handlers: {err}"))?;
-    let sinks = Arc::new(stdio::ContainerSinks::default());
-    let host_config = HostConfig {
+    // An upgrade starts the file this binary was started from, which the
+    // installer has replaced by then.
+    let exe = std::env::current_exe().map_err(|err| anyhow::anyhow!("cannot find this binary: {err}"))?;
+    let (mut old_host, mut carried) = (None, None);
+    if let Some(fd) = adopt_fd {
+        let (link, snapshot) = take_over(fd, &config).await?;
+        old_host = Some(link);
+        carried = Some(snapshot);
+    }
+    loop {
+        let opened = Session::open(&config, carried.take()).await;
+        if let Some(mut link) = old_host.take() {
+            let said = match &opened {
+                Ok(_) => Said::Serving { pid: std::process::id() },
+                Err(err) => Said::Failed { error: format!("{err:#}") },
+            };
+            let _ = tokio::task::spawn_blocking(move || link.say(&said)).await;
+        }
+        let mut session = opened?;
+        loop {
+            match session.next(&mut signals).await {
+                Next::Stop(signal) => {
+                    tracing::info!("{signal}: draining every function");
+                    session.stop(&config).await;
+                    return Ok(());
+                }
+                Next::Upgrade(control) => match session.hand_over(control, &exe, &config).await {
+                    Outcome::Upgraded => return Ok(()),
+                    Outcome::Refused(same) => session = *same,
+                    Outcome::TakeBack(snapshot) => {
+                        carried = Some(snapshot);
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The new host's side: say hello, then wait for the old host's snapshot.
+async fn take_over(fd: RawFd, config: &NodeConfig) -> Result<(Link, (Snapshot, Vec<OwnedFd>)), Error> {
+    // SAFETY: the old host passed this descriptor to this process alone
+    // (`--adopt-fd`), and nothing else here uses it.
+    let mut link = unsafe { Link::inherited(fd) }
+        .map_err(|err| anyhow::anyhow!("--adopt-fd {fd} is not the hand-over socket: {err}"))?;
+    let wait = config.drain_timeout + Duration::from_secs(60);
+    let received = tokio::task::spawn_blocking(move || {
+        link.say(&Said::Hello { pid: std::process::id(), version: env!("CARGO_PKG_VERSION").to_string() })?;
+        link.set_timeout(Some(wait))?;
+        let snapshot = link.recv_snapshot()?;
+        Ok::<_, std::io::Error>((link, snapshot))
+    })
+    .await
+    .map_err(anyhow::Error::from)?
+    .map_err(|err| anyhow::anyhow!("the old host's hand-over broke off: {err}"))?;
+    let (snapshot, _) = &received.1;
+    tracing::info!(
+        containers = snapshot.containers.len(),
+        connections = snapshot.connections.len(),
+        "taking the node over from the old host"
+    );
+    Ok(received)
+}
+
+/// Why a session stopped serving.
+enum Next {
+    Stop(&'static str),
+    Upgrade(UnixStream),
+}
+
+/// How a hand-over ended.
+enum Outcome {
+    /// The new host serves everything; this process exits.
+    Upgraded,
+    /// Nothing was handed over; this session serves on.
+    Refused(Box<Session>),
+    /// The new host failed after this one let go: take everything back.
+    TakeBack((Snapshot, Vec<OwnedFd>)),
+}
+
+/// The accept loop of containerd's socket, which gives the listener back
+/// when stopped.
+struct Accepting {
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<UnixListener>>,
+}
+
+impl Accepting {
+    fn start(listener: UnixListener, relays: Arc<Relays>) -> Accepting {
+        let stop = watch::Sender::new(false);
+        let mut stopped = stop.subscribe();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((socket, _)) => {
+                            if let Err(err) = relays.relay(socket, None).await {
+                                tracing::warn!(error = %err, "cannot serve a containerd connection");
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "accept on the task socket failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    },
+                    changed = stopped.changed() => {
+                        if changed.is_err() || *stopped.borrow() {
+                            break;
+                        }
+                    }
+                }
+            }
+            listener
+        });
+        Accepting { stop, task: Some(task) }
+    }
+
+    async fn stop(&mut self) -> Result<UnixListener, Error> {
+        self.stop.send_replace(true);
+        let task =
+            self.task.take().ok_or_else(|| anyhow::anyhow!("the task socket's accept loop was stopped before"))?;
+        task.await.map_err(|err| anyhow::anyhow!("the task socket's accept loop failed: {err}").into())
+    }
+}
+
+/// One host serving the node: its functions, containers and sockets.
+struct Session {
+    running: RunningHost,
+    node: Arc<task::Node>,
+    relays: Arc<Relays>,
+    server: Server,
+    accepting: Accepting,
+    control: UnixListener,
+}
+
+fn host_config(config: &NodeConfig, sinks: &Arc<stdio::ContainerSinks>) -> Result<HostConfig, Error> {
+    Ok(HostConfig {
         // The node's own listener only answers /healthz, /readyz and
         // /metrics; functions listen in their pods.
         listen: "127.0.0.1:0".parse().map_err(anyhow::Error::from)?,
@@ -100,32 +262,439 @@ pub async fn run(config: NodeConfig) -> Result<(), Error> {
         pubsub: config.pubsub.clone(),
         kv_bytes_per_tenant: config.kv_bytes_per_tenant,
         ..HostConfig::new()
-    };
-    let running = RunningHost::start(host_config).await?;
-    let publisher = containerd_shim::asynchronous::publisher::RemotePublisher::new(&config.ttrpc_address)
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot reach containerd's event service at {}: {err}", config.ttrpc_address))?;
-    let node = task::Node::new(running.host().clone(), sinks, publisher, &config);
-    let service = Arc::new(task::TaskService::new(node.clone()));
+    })
+}
 
-    if let Some(dir) = config.socket.parent() {
+/// Bind a Unix socket at `path`, removing a stale file first.
+fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
+    if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     }
-    let _ = std::fs::remove_file(&config.socket);
-    let mut server = Server::new()
-        .bind(&format!("unix://{}", config.socket.display()))
-        .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.socket.display()))?;
-    for (name, methods) in task::services(service) {
-        server = server.register_service([(name, methods)].into_iter().collect());
-    }
-    server.start().await.map_err(|err| anyhow::anyhow!("cannot serve ttrpc on {}: {err}", config.socket.display()))?;
-    tracing::info!(socket = %config.socket.display(), namespace = %config.namespace, pid = std::process::id(), "node host serving containerd");
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", path.display()).into())
+}
 
-    let signal = signals.recv().await;
-    tracing::info!("{signal}: draining every function");
-    let _ = server.shutdown().await;
-    node.stop_all().await;
-    running.shutdown().await;
-    let _ = std::fs::remove_file(&config.socket);
-    Ok(())
+fn take_fd(fds: &mut [Option<OwnedFd>], index: usize) -> Result<OwnedFd, Error> {
+    fds.get_mut(index)
+        .and_then(Option::take)
+        .ok_or_else(|| anyhow::anyhow!("the hand-over lacks descriptor {index}").into())
+}
+
+fn unix_listener(fd: OwnedFd) -> Result<UnixListener, Error> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true).map_err(anyhow::Error::from)?;
+    Ok(UnixListener::from_std(listener).map_err(anyhow::Error::from)?)
+}
+
+impl Session {
+    /// Start a host; serve containerd's socket, new or `carried` over from
+    /// a host process before this one with everything it served.
+    async fn open(config: &NodeConfig, carried: Option<(Snapshot, Vec<OwnedFd>)>) -> Result<Session, Error> {
+        let sinks = Arc::new(stdio::ContainerSinks::default());
+        let running = RunningHost::start(host_config(config, &sinks)?).await?;
+        let publisher =
+            match containerd_shim::asynchronous::publisher::RemotePublisher::new(&config.ttrpc_address).await {
+                Ok(publisher) => publisher,
+                Err(err) => {
+                    let host = running.host().clone();
+                    running.shutdown().await;
+                    let _ = host.services().kv.close();
+                    return Err(anyhow::anyhow!(
+                        "cannot reach containerd's event service at {}: {err}",
+                        config.ttrpc_address
+                    )
+                    .into());
+                }
+            };
+        let node = task::Node::new(running.host().clone(), sinks, publisher, config);
+        match Session::serve(config, &node, carried).await {
+            Ok((relays, server, accepting, control)) => {
+                tracing::info!(
+                    socket = %config.socket.display(),
+                    namespace = %config.namespace,
+                    pid = std::process::id(),
+                    "node host serving containerd"
+                );
+                Ok(Session { running, node, relays, server, accepting, control })
+            }
+            Err(err) => {
+                // Let go of everything (the old host may take it back).
+                node.stop_serving().await;
+                let host = running.host().clone();
+                running.shutdown().await;
+                let _ = host.services().kv.close();
+                Err(err)
+            }
+        }
+    }
+
+    async fn serve(
+        config: &NodeConfig,
+        node: &Arc<task::Node>,
+        carried: Option<(Snapshot, Vec<OwnedFd>)>,
+    ) -> Result<(Arc<Relays>, Server, Accepting, UnixListener), Error> {
+        let (relays, incoming) = Relays::new();
+        let mut server = Server::new().add_listener(incoming);
+        for (name, methods) in task::services(Arc::new(task::TaskService::new(node.clone()))) {
+            server = server.register_service([(name, methods)].into_iter().collect());
+        }
+        server.start().await.map_err(|err| anyhow::anyhow!("cannot start the ttrpc server: {err}"))?;
+        let (listener, control) = match carried {
+            None => (bind_socket(&config.socket)?, bind_socket(&control_socket(&config.socket))?),
+            Some((snapshot, fds)) => {
+                let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+                node.adopt(snapshot.containers, &mut fds)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("cannot take the containers over: {err}"))?;
+                let listener = unix_listener(take_fd(&mut fds, snapshot.task_listener)?)?;
+                let control = unix_listener(take_fd(&mut fds, snapshot.control_listener)?)?;
+                for SavedConnection { socket, replay, partial } in snapshot.connections {
+                    let socket = std::os::unix::net::UnixStream::from(take_fd(&mut fds, socket)?);
+                    socket.set_nonblocking(true).map_err(anyhow::Error::from)?;
+                    let socket = UnixStream::from_std(socket).map_err(anyhow::Error::from)?;
+                    relays
+                        .relay(socket, Some((replay, partial)))
+                        .await
+                        .map_err(|err| anyhow::anyhow!("cannot relay a containerd connection: {err}"))?;
+                }
+                (listener, control)
+            }
+        };
+        let accepting = Accepting::start(listener, relays.clone());
+        Ok((relays, server, accepting, control))
+    }
+
+    /// Wait for a stop signal or an upgrade request.
+    async fn next(&mut self, signals: &mut StopSignals) -> Next {
+        loop {
+            tokio::select! {
+                signal = signals.recv() => return Next::Stop(signal),
+                accepted = self.control.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    match upgrade_request(stream).await {
+                        Ok(stream) => return Next::Upgrade(stream),
+                        Err(why) => tracing::warn!("refused a control request: {why}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop for good: containerd's connections close, every function
+    /// drains.
+    async fn stop(mut self, config: &NodeConfig) {
+        let _ = self.server.shutdown().await;
+        if let Ok(listener) = self.accepting.stop().await {
+            drop(listener);
+        }
+        self.node.stop_all().await;
+        self.running.shutdown().await;
+        let _ = std::fs::remove_file(&config.socket);
+        let _ = std::fs::remove_file(control_socket(&config.socket));
+    }
+
+    /// Hand everything to a host process started from `exe`, telling
+    /// `control` how it goes.
+    async fn hand_over(mut self, mut control: UnixStream, exe: &Path, config: &NodeConfig) -> Outcome {
+        if let Some(why) = self.node.refuse_hand_over() {
+            tell(&mut control, &format!("error: cannot upgrade now: {why}")).await;
+            return Outcome::Refused(Box::new(self));
+        }
+        let (mut link, mut child) = match start_new_host(exe) {
+            Ok(started) => started,
+            Err(err) => {
+                tell(&mut control, &format!("error: cannot start {}: {err}", exe.display())).await;
+                return Outcome::Refused(Box::new(self));
+            }
+        };
+        tell(&mut control, &format!("started {} as pid {}", exe.display(), child.id())).await;
+        let hello = blocking(move || {
+            link.set_timeout(Some(HELLO_WAIT))?;
+            let said = link.hear()?;
+            Ok((link, said))
+        })
+        .await;
+        let mut link = match hello {
+            Ok((link, Said::Hello { pid, version })) => {
+                tell(&mut control, &format!("new host pid {pid} (shoal {version}) is up; holding containerd's calls"))
+                    .await;
+                link
+            }
+            Ok((_, said)) => {
+                end_child(child).await;
+                tell(&mut control, &format!("error: the new host said {said:?} instead of hello")).await;
+                return Outcome::Refused(Box::new(self));
+            }
+            Err(err) => {
+                let why = match exit_status(&mut child).await {
+                    Some(status) => format!("it exited ({status}) before saying hello"),
+                    None => format!("it did not say hello ({err})"),
+                };
+                end_child(child).await;
+                tell(
+                    &mut control,
+                    &format!("error: the new host did not start: {why}; its output is in this host's log"),
+                )
+                .await;
+                return Outcome::Refused(Box::new(self));
+            }
+        };
+
+        // Hold containerd's requests at a frame boundary and let the calls
+        // under way finish (a `Wait` is carried over instead).
+        let listener = match self.accepting.stop().await {
+            Ok(listener) => listener,
+            Err(err) => {
+                end_child(child).await;
+                tell(&mut control, &format!("error: {err:#}")).await;
+                return Outcome::Refused(Box::new(self));
+            }
+        };
+        self.relays.hold();
+        let settle = Instant::now();
+        let mut fds = Vec::new();
+        let settled = loop {
+            if self.relays.busy() == 0 && !self.node.stopping() {
+                break match self.node.refuse_hand_over() {
+                    Some(why) => Err(why),
+                    None => self.node.save(&mut fds),
+                };
+            }
+            if settle.elapsed() > SETTLE_WAIT {
+                break Err(format!("containerd's calls under way did not finish within {SETTLE_WAIT:?}; try again"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let containers = match settled {
+            Ok(containers) => containers,
+            Err(why) => {
+                self.relays.resume();
+                self.accepting = Accepting::start(listener, self.relays.clone());
+                end_child(child).await;
+                tell(&mut control, &format!("error: cannot upgrade now: {why}")).await;
+                return Outcome::Refused(Box::new(self));
+            }
+        };
+        tracing::info!(took_ms = settle.elapsed().as_millis() as u64, "containerd's calls held for the hand-over");
+
+        // From here on this host lets go; a failure takes everything back.
+        let Session { running, node, relays, server, accepting: _, control: control_listener } = self;
+        let connections = relays.detach().await;
+        let mut push = |fd: OwnedFd| {
+            fds.push(fd);
+            fds.len() - 1
+        };
+        let task_listener = listener.into_std().map(|l| push(OwnedFd::from(l)));
+        let control_listener = control_listener.into_std().map(|l| push(OwnedFd::from(l)));
+        let connections: Vec<SavedConnection> = connections
+            .into_iter()
+            .map(|c| SavedConnection { socket: push(c.socket), replay: c.replay, partial: c.partial })
+            .collect();
+        let (Ok(task_listener), Ok(control_listener)) = (task_listener, control_listener) else {
+            // Without its listeners this host cannot go on either; the
+            // snapshot it would take back would lack them too.
+            tracing::error!("cannot take the listeners out of the event loop; stopping");
+            std::process::exit(1);
+        };
+        let snapshot = Snapshot { containers, connections, task_listener, control_listener };
+        node.stop_serving().await;
+        let host = running.host().clone();
+        running.shutdown().await;
+        if let Err(err) = host.services().kv.close() {
+            tracing::error!(error = %err, "cannot close the key-value store for the new host");
+        }
+        drop(server);
+        drop(node);
+        tell(
+            &mut control,
+            &format!(
+                "old host drained; handing over {} containers, {} containerd connections and {} waiting calls",
+                snapshot.containers.len(),
+                snapshot.connections.len(),
+                snapshot.connections.iter().map(|c| c.replay.len()).sum::<usize>()
+            ),
+        )
+        .await;
+        let verdict = blocking(move || {
+            link.send_snapshot(&snapshot, &fds)?;
+            link.set_timeout(Some(VERDICT_WAIT))?;
+            let said = link.hear();
+            Ok((snapshot, fds, said))
+        })
+        .await;
+        let (snapshot, fds, why) = match verdict {
+            Ok((_, _, Ok(Said::Serving { pid }))) => {
+                tell(&mut control, &format!("upgraded: pid {} handed the node to pid {pid}", std::process::id())).await;
+                tracing::info!(new_pid = pid, "the new host serves the node; exiting");
+                let _ = config;
+                return Outcome::Upgraded;
+            }
+            Ok((snapshot, fds, Ok(Said::Failed { error }))) => (snapshot, fds, error),
+            Ok((snapshot, fds, Ok(said))) => (snapshot, fds, format!("it answered {said:?}")),
+            Ok((snapshot, fds, Err(err))) => (snapshot, fds, format!("it went silent ({err})")),
+            Err(err) => {
+                tracing::error!(error = %err, "the hand-over broke off before the snapshot was sent; stopping");
+                std::process::exit(1);
+            }
+        };
+        end_child(child).await;
+        tracing::error!(why = %why, "the new host failed; taking the node back");
+        tell(&mut control, &format!("error: the new host failed: {why}; the old host serves on")).await;
+        Outcome::TakeBack((snapshot, fds))
+    }
+}
+
+/// Run blocking hand-over I/O off the async threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?
+}
+
+/// Write a progress line to `shoal node --upgrade` (and the log).
+async fn tell(control: &mut UnixStream, line: &str) {
+    tracing::info!("upgrade: {line}");
+    let _ = control.write_all(format!("{line}\n").as_bytes()).await;
+}
+
+/// The new host's exit status, if it ends within a second.
+async fn exit_status(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    for _ in 0..100 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Kill the new host (if it still runs) and reap it: once it is gone, its
+/// hold on the state directory is too.
+async fn end_child(mut child: std::process::Child) {
+    let _ = child.kill();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+}
+
+/// Start `exe` as the next host: this process's own arguments, plus the
+/// descriptor of the hand-over link. It gets its own session (it outlives
+/// this process) and this process's output (the host log).
+fn start_new_host(exe: &Path) -> std::io::Result<(Link, std::process::Child)> {
+    use std::os::unix::process::CommandExt as _;
+    let (link, theirs) = Link::pair()?;
+    let fd = theirs.as_raw_fd();
+    let mut command = std::process::Command::new(exe);
+    command.args(without_adopt_fd(std::env::args_os().skip(1))).arg("--adopt-fd").arg(fd.to_string());
+    command.stdin(std::process::Stdio::null());
+    // SAFETY: setsid and fcntl are async-signal-safe and touch no memory of
+    // the parent; the descriptor is open (owned by `theirs` until spawn
+    // returns).
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    drop(theirs);
+    Ok((link, child))
+}
+
+/// Arguments less a previous `--adopt-fd N` (a host that was itself
+/// started by an upgrade).
+fn without_adopt_fd(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut kept = Vec::new();
+    let mut skip_next = false;
+    for arg in args {
+        if std::mem::take(&mut skip_next) {
+            continue;
+        }
+        match arg.to_str() {
+            Some("--adopt-fd") => skip_next = true,
+            Some(text) if text.starts_with("--adopt-fd=") => {}
+            _ => kept.push(arg),
+        }
+    }
+    kept
+}
+
+/// Read an upgrade request from a peer of this host's own user.
+async fn upgrade_request(stream: UnixStream) -> Result<UnixStream, String> {
+    let peer = stream.peer_cred().map_err(|err| format!("cannot tell who is asking: {err}"))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut stream = tokio::io::BufReader::new(stream);
+    if peer.uid() != me {
+        let _ = stream.get_mut().write_all(format!("error: only uid {me} may upgrade this host\n").as_bytes()).await;
+        return Err(format!("uid {} may not upgrade this host", peer.uid()));
+    }
+    let mut line = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut limited = (&mut stream).take(64);
+        limited.read_line(&mut line).await
+    })
+    .await;
+    match read {
+        Ok(Ok(_)) if line.trim() == "upgrade" => Ok(stream.into_inner()),
+        _ => {
+            let _ = stream.get_mut().write_all(b"error: the only request is `upgrade`\n").await;
+            Err(format!("unknown request {:?}", line.trim()))
+        }
+    }
+}
+
+/// `shoal node --upgrade`: ask the host behind `socket` to hand over to
+/// the binary now installed where it was started from; print its progress.
+/// The last line says how it ended.
+pub async fn upgrade(socket: &Path) -> Result<String, Error> {
+    let control = control_socket(socket);
+    let stream = UnixStream::connect(&control)
+        .await
+        .map_err(|err| anyhow::anyhow!("no node host answers at {}: {err}", control.display()))?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"upgrade\n").await.map_err(anyhow::Error::from)?;
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let mut last = String::new();
+    while let Some(line) = lines.next_line().await.map_err(anyhow::Error::from)? {
+        println!("{}: {line}", socket.display());
+        last = line;
+    }
+    match last.strip_prefix("error: ") {
+        Some(why) => Err(anyhow::anyhow!("{}: {why}", socket.display()).into()),
+        None if last.starts_with("upgraded") => Ok(last),
+        None => {
+            Err(anyhow::anyhow!("{}: the host closed the connection before the hand-over ended", socket.display())
+                .into())
+        }
+    }
+}
+
+/// The node hosts' sockets in `run_dir` (what `containerd-shim-shoal-v1`
+/// starts them with).
+pub fn node_sockets(run_dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let entries = std::fs::read_dir(run_dir).map_err(Error::io(run_dir))?;
+    let mut sockets: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "upgrade"))
+        .map(|path| path.with_extension("sock"))
+        .collect();
+    sockets.sort();
+    Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_host_gets_the_old_hosts_arguments_without_its_adopt_fd() {
+        let args = ["node", "--socket", "/run/s.sock", "--adopt-fd", "7", "--adopt-fd=9", "--fuel", "off"];
+        let kept = without_adopt_fd(args.iter().map(OsString::from));
+        assert_eq!(kept, ["node", "--socket", "/run/s.sock", "--fuel", "off"].map(OsString::from));
+        assert_eq!(
+            control_socket(Path::new("/run/shoal/k8s.io-0123.sock")),
+            Path::new("/run/shoal/k8s.io-0123.upgrade")
+        );
+    }
 }

@@ -14,6 +14,10 @@
 #   SHOAL_BIN_DIR            where the binaries go ($ROOT/usr/local/bin)
 #   SHOAL_SOURCE_DIR         where the binaries are (this script's folder)
 #   SHOAL_RESTART            "no": do not restart containerd
+#   SHOAL_RUN_DIR            where running node hosts keep their sockets
+#                            ($ROOT/run/shoal); each is handed over to the new
+#                            binary (`shoal node --upgrade`), its pods running on
+#   SHOAL_UPGRADE            "no": leave running node hosts on their binary
 #   SHOAL_POLICY_SOURCE      the node policy to install ($SRC/policy.toml, or the
 #                            shoal-policy ConfigMap the DaemonSet mounts)
 #   SHOAL_POLICY             where the node host reads it ($ROOT/etc/shoal/policy.toml)
@@ -70,6 +74,20 @@ done
 [ "$installed" -eq 2 ] || [ "$installed" -eq 0 ] || fail "found only one of shoal, containerd-shim-shoal-v1 in $SRC"
 [ "$installed" -eq 2 ] || say "no binaries in $SRC; configuring containerd only"
 
+# 1b. Running node hosts move to the new binary; their pods keep running
+#     and containerd sees no task exit. A host that cannot hand over serves
+#     on with its old binary (and says why).
+RUN_DIR="${SHOAL_RUN_DIR:-$ROOT/run/shoal}"
+upgrade_failed=0
+if [ "$installed" -eq 2 ] && [ "${SHOAL_UPGRADE:-yes}" = "yes" ] && ls "$RUN_DIR"/*.upgrade >/dev/null 2>&1; then
+    if "$BIN_DIR/shoal" node --upgrade --run-dir "$RUN_DIR"; then
+        say "running node hosts now run the new binary"
+    else
+        upgrade_failed=1
+        say "a running node host was not upgraded; it serves on with its old binary (run again to retry)"
+    fi
+fi
+
 # 2. containerd's config.
 if [ ! -f "$CONFIG" ]; then
     major=$( (containerd --version 2>/dev/null || true) | sed -n 's/.* v\{0,1\}\([0-9]\)\.[0-9][0-9]*\.[0-9].*/\1/p' | head -n 1)
@@ -121,4 +139,5 @@ fi
 if [ -n "${NODE_NAME:-}" ] && command -v kubectl >/dev/null 2>&1; then
     kubectl label node "$NODE_NAME" shoal.dev/runtime=true --overwrite
 fi
+[ "$upgrade_failed" -eq 0 ] || fail "installed, but a running node host was not upgraded (see above)"
 say "done"

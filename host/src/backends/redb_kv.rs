@@ -52,6 +52,8 @@ struct Store {
     /// everything until the database is opened again, which the next call
     /// does first.
     poisoned: AtomicBool,
+    /// Set by [`KeyValue::close`]: the file is another process's now.
+    closed: AtomicBool,
     /// The most bytes one tenant may hold (`None`: no limit).
     quota: Option<u64>,
     /// Transactions committed by the writer (each holding one or more writes).
@@ -116,6 +118,7 @@ impl RedbKeyValue {
             path: path.to_path_buf(),
             db: std::sync::RwLock::new(Some(Arc::new(db))),
             poisoned: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             quota,
             commits: AtomicU64::new(0),
         });
@@ -189,9 +192,33 @@ impl RedbKeyValue {
     }
 }
 
+/// Drop the database once no call holds it (within 2 s), which releases
+/// its file lock; else give it back.
+fn close_when_unused(mut db: Arc<Database>) -> Result<(), Arc<Database>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match Arc::try_unwrap(db) {
+            Ok(db) => {
+                drop(db);
+                return Ok(());
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                db = shared;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(shared) => return Err(shared),
+        }
+    }
+}
+
 impl Store {
     /// The open database (reopening it first if an I/O error poisoned it).
     fn database(&self) -> Result<Arc<Database>, BackendError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BackendError::Failed(
+                "the key-value store is closed: this host handed it over to a new host process".to_string(),
+            ));
+        }
         if self.poisoned.load(Ordering::Acquire) {
             self.reopen()?;
         }
@@ -215,28 +242,13 @@ impl Store {
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(old) = slot.take() {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            let mut old = old;
-            // The file lock goes with the last handle.
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(db) => {
-                        drop(db);
-                        break;
-                    }
-                    Err(shared) if std::time::Instant::now() < deadline => {
-                        old = shared;
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
-                    Err(shared) => {
-                        *slot = Some(shared);
-                        return Err(BackendError::Failed(
-                            "the key-value store needs reopening after an I/O error and is still in use".to_string(),
-                        ));
-                    }
-                }
-            }
+        if let Some(old) = slot.take()
+            && let Err(old) = close_when_unused(old)
+        {
+            *slot = Some(old);
+            return Err(BackendError::Failed(
+                "the key-value store needs reopening after an I/O error and is still in use".to_string(),
+            ));
         }
         match Database::create(&self.path) {
             Ok(db) => {
@@ -375,6 +387,18 @@ fn apply(txn: &redb::WriteTransaction, op: &WriteOp) -> Result<u64, BackendError
 
 #[async_trait]
 impl KeyValue for RedbKeyValue {
+    fn close(&self) -> Result<(), BackendError> {
+        self.store.closed.store(true, Ordering::Release);
+        let mut slot = self.store.db.write().unwrap_or_else(|poison| poison.into_inner());
+        match slot.take().map(close_when_unused) {
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(db)) => {
+                *slot = Some(db);
+                Err(BackendError::Failed("the key-value store is still in use after 2 s".to_string()))
+            }
+        }
+    }
+
     async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
         let (bucket, key) = (bucket.to_string(), key.to_string());
         self.blocking(move |db| {

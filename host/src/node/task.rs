@@ -35,6 +35,7 @@ use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
 use super::containerd::ContainerRecord;
 use super::error::{NodeError, task_failed};
 use super::exec::{Exec, ExecCommand, ExecState, ExecStdio};
+use super::handover::{SavedContainer, SavedState};
 use super::policy::PolicyFile;
 use super::stdio::{ContainerOutput, ContainerSinks};
 use super::{netns, rootfs};
@@ -105,6 +106,9 @@ enum Kind {
     Sandbox { netns: Option<Arc<OwnedFd>>, namespace: Option<String> },
     /// An HTTP function listening in its pod.
     Service { netns: Option<Arc<OwnedFd>>, port: u16 },
+    /// A container that had stopped before this host took it over: only
+    /// its exit status is left to report.
+    Ended,
     /// A program that runs once.
     Command {
         program: Program,
@@ -120,6 +124,8 @@ enum Kind {
 
 struct Container {
     id: String,
+    /// What containerd asked for (a hand-over replays it).
+    request: CreateTaskRequest,
     bundle: PathBuf,
     function: String,
     stdin: String,
@@ -131,6 +137,9 @@ struct Container {
     state: watch::Sender<TaskState>,
     stop: watch::Sender<bool>,
     runner: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A second descriptor of its pod listener (a running HTTP function),
+    /// kept so the listener outlives its serving loop in a hand-over.
+    listener: Mutex<Option<OwnedFd>>,
     /// Its execs (`kubectl exec`), by exec id.
     execs: Mutex<HashMap<String, Arc<Exec>>>,
 }
@@ -223,6 +232,172 @@ impl Node {
         futures_util::future::join_all(stops).await;
     }
 
+    /// Why this host cannot hand its containers over now, if it cannot: a
+    /// running program or an exec (their wasm state cannot move).
+    pub fn refuse_hand_over(&self) -> Option<String> {
+        for container in self.lock().values() {
+            if matches!(container.kind, Kind::Command { .. }) && container.state().is_live() {
+                return Some(format!(
+                    "container {} runs a wasi:cli program, whose state cannot move to another process; \
+                     upgrade once it has ended",
+                    container.id
+                ));
+            }
+            if let Some(exec) = container.lock_execs().keys().next() {
+                return Some(format!(
+                    "container {} has exec {exec} (kubectl exec); upgrade once containerd has removed it",
+                    container.id
+                ));
+            }
+        }
+        None
+    }
+
+    /// Whether a function is still draining after a stop signal (its exit
+    /// is yet to be reported).
+    pub fn stopping(&self) -> bool {
+        self.lock().values().any(|container| container.state().is_live() && *container.stop.borrow())
+    }
+
+    /// Describe every container for the next host, adding the descriptors
+    /// it needs (network namespaces, pod listeners) to `fds`. Sandboxes
+    /// come first. Called with containerd's connections held, so nothing
+    /// changes the containers meanwhile.
+    pub fn save(&self, fds: &mut Vec<OwnedFd>) -> Result<Vec<SavedContainer>, String> {
+        let mut containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
+        containers.sort_by_key(|container| !matches!(container.kind, Kind::Sandbox { .. }));
+        let mut saved = Vec::with_capacity(containers.len());
+        let mut keep = |fd: &OwnedFd, what: &str| -> Result<usize, String> {
+            fds.push(fd.try_clone().map_err(|err| format!("cannot duplicate {what}: {err}"))?);
+            Ok(fds.len() - 1)
+        };
+        for container in containers {
+            let state = match container.state() {
+                TaskState::Created => SavedState::Created,
+                TaskState::Running => SavedState::Running,
+                TaskState::Paused => SavedState::Paused,
+                TaskState::Stopped { status, at } => SavedState::Stopped { status, at },
+            };
+            let netns = match &container.kind {
+                Kind::Sandbox { netns, .. } | Kind::Service { netns, .. } => netns.as_deref(),
+                _ => None,
+            };
+            let netns = match (netns, state) {
+                (Some(netns), state) if !matches!(state, SavedState::Stopped { .. }) => {
+                    Some(keep(netns, &format!("the network namespace of {}", container.id))?)
+                }
+                _ => None,
+            };
+            let listener = match &*container.listener.lock().unwrap_or_else(|p| p.into_inner()) {
+                Some(listener) if container.state().is_live() => {
+                    Some(keep(listener, &format!("the listener of {}", container.id))?)
+                }
+                _ => None,
+            };
+            saved.push(SavedContainer {
+                request: container
+                    .request
+                    .write_to_bytes()
+                    .map_err(|err| format!("cannot encode the request of {}: {err}", container.id))?,
+                function: container.function.clone(),
+                rootfs: container.rootfs.clone(),
+                state,
+                netns,
+                listener,
+            });
+        }
+        Ok(saved)
+    }
+
+    /// Stop serving every pod listener (the listeners stay open, their
+    /// connections queue) and let the requests under way finish.
+    pub async fn stop_serving(&self) {
+        let containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
+        for container in containers {
+            if let Some(runner) = container.take_runner() {
+                container.stop.send_replace(true);
+                let _ = runner.await;
+            }
+        }
+    }
+
+    /// Take over the containers another host process saved: each is built
+    /// again from containerd's request (its function deployed, its rootfs
+    /// left mounted), keeps its network namespace, and a running function
+    /// serves the listener it had. containerd is not told anything: for it
+    /// nothing happened.
+    pub async fn adopt(
+        self: &Arc<Self>,
+        saved: Vec<SavedContainer>,
+        fds: &mut [Option<OwnedFd>],
+    ) -> Result<(), NodeError> {
+        let mut take = |index: Option<usize>| -> Result<Option<OwnedFd>, NodeError> {
+            index
+                .map(|index| {
+                    fds.get_mut(index)
+                        .and_then(Option::take)
+                        .ok_or_else(|| NodeError::Internal(format!("the hand-over lacks descriptor {index}")))
+                })
+                .transpose()
+        };
+        for saved in saved {
+            let request = CreateTaskRequest::parse_from_bytes(&saved.request)
+                .map_err(|err| NodeError::Internal(format!("a saved container's request: {err}")))?;
+            let (netns, listener) = (take(saved.netns)?, take(saved.listener)?);
+            let id = request.id.clone();
+            let container = match saved.state {
+                SavedState::Stopped { status, at } => Arc::new(Container {
+                    id: id.clone(),
+                    bundle: PathBuf::from(&request.bundle),
+                    function: saved.function.clone(),
+                    stdin: request.stdin.clone(),
+                    stdout: request.stdout.clone(),
+                    stderr: request.stderr.clone(),
+                    rootfs: saved.rootfs.clone(),
+                    code_bytes: 0,
+                    kind: Kind::Ended,
+                    state: watch::Sender::new(TaskState::Stopped { status, at }),
+                    stop: watch::Sender::new(true),
+                    runner: Mutex::new(None),
+                    listener: Mutex::new(None),
+                    execs: Mutex::new(HashMap::new()),
+                    request,
+                }),
+                _ => {
+                    let bundle = PathBuf::from(&request.bundle);
+                    let container = self
+                        .prepare(&request, &bundle, saved.rootfs.clone(), netns.map(Arc::new))
+                        .await
+                        .map_err(|err| NodeError::Internal(format!("container {id}: {err}")))?;
+                    if matches!(saved.state, SavedState::Running | SavedState::Paused) {
+                        match (&container.kind, listener) {
+                            (Kind::Service { .. }, Some(listener)) => {
+                                self.serve(&container, std::net::TcpListener::from(listener))?
+                            }
+                            (Kind::Sandbox { .. }, _) => {}
+                            _ => {
+                                return Err(NodeError::Internal(format!(
+                                    "container {id} was running, and cannot be taken over running"
+                                )));
+                            }
+                        }
+                        let paused = saved.state == SavedState::Paused;
+                        if paused && matches!(container.kind, Kind::Service { .. }) {
+                            self.host
+                                .registry()
+                                .set_paused(&container.function, true)
+                                .map_err(|err| NodeError::Internal(format!("pausing {id}: {err}")))?;
+                        }
+                        container.state.send_replace(if paused { TaskState::Paused } else { TaskState::Running });
+                    }
+                    container
+                }
+            };
+            self.lock().insert(id, container);
+        }
+        Ok(())
+    }
+
     async fn create(self: &Arc<Self>, request: CreateTaskRequest) -> Result<u32, NodeError> {
         if self.lock().contains_key(&request.id) {
             return Err(NodeError::AlreadyExists(format!("container {} already exists", request.id)));
@@ -255,7 +430,7 @@ impl Node {
             Some(target)
         };
         let mounted = began.elapsed();
-        match self.prepare(&request, &bundle_path, rootfs.clone()).await {
+        match self.prepare(&request, &bundle_path, rootfs.clone(), None).await {
             Ok(container) => {
                 // Where a pod start's time goes (benchmark W7 reads these).
                 tracing::info!(
@@ -292,18 +467,26 @@ impl Node {
         }
     }
 
+    /// Build a container (deploying its function, compiling its program);
+    /// `netns` is the network namespace it had in the host it came from.
     async fn prepare(
         self: &Arc<Self>,
         request: &CreateTaskRequest,
         bundle_path: &std::path::Path,
         rootfs: Option<PathBuf>,
+        netns: Option<Arc<OwnedFd>>,
     ) -> Result<Arc<Container>, NodeError> {
+        let inherited = netns;
         let id = request.id.clone();
         let bundle = Bundle::load(bundle_path)?;
         let function = function_name(&id, bundle.container_name().as_deref());
         let (kind, code_bytes) = match bundle.role() {
             Role::Sandbox => {
-                (Kind::Sandbox { netns: self.open_netns(&bundle.netns())?, namespace: bundle.pod_namespace() }, 0)
+                let netns = match inherited {
+                    Some(netns) => Some(netns),
+                    None => self.open_netns(&bundle.netns())?,
+                };
+                (Kind::Sandbox { netns, namespace: bundle.pod_namespace() }, 0)
             }
             Role::App { sandbox_id } => {
                 let asked = Instant::now();
@@ -350,6 +533,7 @@ impl Node {
                         let port = bundle.port()?;
                         let netns = match sandbox_id.as_deref().and_then(|sandbox| self.sandbox_netns(sandbox)) {
                             Some(netns) => netns,
+                            None if inherited.is_some() => inherited,
                             None => self.open_netns(&bundle.netns())?,
                         };
                         // Outbound calls leave from the pod's network
@@ -387,6 +571,7 @@ impl Node {
         self.sinks.attach(&function, Arc::new(output));
         Ok(Arc::new(Container {
             id,
+            request: request.clone(),
             bundle: bundle_path.to_path_buf(),
             function,
             stdin: request.stdin.clone(),
@@ -398,6 +583,7 @@ impl Node {
             state: watch::Sender::new(TaskState::Created),
             stop: watch::Sender::new(false),
             runner: Mutex::new(None),
+            listener: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
         }))
     }
@@ -502,19 +688,11 @@ impl Node {
             return Err(NodeError::FailedPrecondition("it was already started".to_string()));
         }
         match &container.kind {
-            Kind::Sandbox { .. } => {}
+            Kind::Sandbox { .. } | Kind::Ended => {}
             Kind::Service { netns, port } => {
                 let addr = std::net::SocketAddr::from(([0, 0, 0, 0], *port));
                 let listener = netns::bind(netns.as_deref(), addr)?;
-                let listener = tokio::net::TcpListener::from_std(listener)
-                    .map_err(|err| NodeError::Internal(format!("cannot serve the listener: {err}")))?;
-                let serve = serve_routed(
-                    listener,
-                    self.host.clone(),
-                    Routing::Function(Arc::from(container.function.as_str())),
-                    container.stop.subscribe(),
-                );
-                *container.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(serve));
+                self.serve(&container, listener)?;
             }
             Kind::Command { .. } => {
                 let node = self.clone();
@@ -527,6 +705,23 @@ impl Node {
         let event = TaskStart { container_id: container.id.clone(), pid: self.pid, ..Default::default() };
         self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event)).await;
         Ok(self.pid)
+    }
+
+    /// Serve an HTTP function's pod listener.
+    fn serve(&self, container: &Container, listener: std::net::TcpListener) -> Result<(), NodeError> {
+        let kept =
+            listener.try_clone().map_err(|err| NodeError::Internal(format!("cannot duplicate the listener: {err}")))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|err| NodeError::Internal(format!("cannot serve the listener: {err}")))?;
+        let serve = serve_routed(
+            listener,
+            self.host.clone(),
+            Routing::Function(Arc::from(container.function.as_str())),
+            container.stop.subscribe(),
+        );
+        *container.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(OwnedFd::from(kept));
+        *container.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(serve));
+        Ok(())
     }
 
     async fn run_command(self: Arc<Self>, container: Arc<Container>) {
@@ -587,7 +782,7 @@ impl Node {
     /// its requests and runs `destroy`, then exits 0.
     async fn terminate(self: &Arc<Self>, container: Arc<Container>, signal: u32) {
         let status = match &container.kind {
-            Kind::Sandbox { .. } => 0,
+            Kind::Sandbox { .. } | Kind::Ended => 0,
             Kind::Service { .. } => {
                 container.stop.send_replace(true);
                 if let Some(runner) = container.take_runner() {

@@ -47,7 +47,6 @@ pub async fn serve_routed(
     routing: Routing,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let front = host.front_door().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -79,11 +78,14 @@ pub async fn serve_routed(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                // Set once the connection's first request reaches us.
+                let first_request = Arc::new(tokio::sync::Notify::new());
                 let service = {
-                    let (host, routing) = (host.clone(), routing.clone());
+                    let (host, routing, first_request) = (host.clone(), routing.clone(), first_request.clone());
                     hyper::service::service_fn(move |request| {
                         let host = host.clone();
                         let routing = routing.clone();
+                        first_request.notify_one();
                         async move {
                             let response = match &routing {
                                 Routing::Table => handle(&host, request).await,
@@ -93,7 +95,7 @@ pub async fn serve_routed(
                         }
                     })
                 };
-                let (host, builder, watcher) = (host.clone(), builder.clone(), graceful.watcher());
+                let (host, builder, mut stopping) = (host.clone(), builder.clone(), shutdown.clone());
                 let timeout = front.header_read_timeout;
                 connections.spawn(async move {
                     let _slot = slot;
@@ -104,7 +106,25 @@ pub async fn serve_routed(
                     // here, before hyper's own header timeout applies.
                     if wait_for_request_start(&stream, timeout).await {
                         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        if let Err(err) = watcher.watch(connection.into_owned()).await {
+                        tokio::pin!(connection);
+                        let ended = tokio::select! {
+                            ended = connection.as_mut() => ended,
+                            _ = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+                                // The host stops: this connection ends after
+                                // the request under way. One whose first
+                                // request has arrived but is not read yet
+                                // gets it served: closing it unread would
+                                // reset it.
+                                tokio::select! {
+                                    ended = connection.as_mut() => ended,
+                                    _ = first_request.notified() => {
+                                        connection.as_mut().graceful_shutdown();
+                                        connection.await
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(err) = ended {
                             let timed_out = err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
                             if timed_out {
                                 metrics.connection_closed("header_timeout");
@@ -121,7 +141,6 @@ pub async fn serve_routed(
         }
     }
     drop(listener);
-    graceful.shutdown().await;
     while connections.join_next().await.is_some() {}
 }
 

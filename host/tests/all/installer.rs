@@ -15,6 +15,8 @@ fn install(config: &Path, source: &Path, bin: &Path) -> std::process::Output {
         .env("SHOAL_SOURCE_DIR", source)
         .env("SHOAL_BIN_DIR", bin)
         .env("SHOAL_RESTART", "no")
+        // No node hosts to hand over (never the machine's own).
+        .env("SHOAL_RUN_DIR", config.with_file_name("no-run-dir"))
         .env("SHOAL_POLICY", config.with_file_name("installed-policy.toml"))
         .env_remove("NODE_NAME")
         .output()

@@ -716,3 +716,147 @@ async fn an_exec_computes_within_its_containers_cpu_limit_and_the_throttling_sho
     let _ = containerd.ctr("default", &["task", "rm", "capped"]);
     let _ = containerd.ctr("default", &["containers", "rm", "capped"]);
 }
+
+/// A bounded loop of requests to `pods` (one at a time, a new connection
+/// each, as a load balancer's probes would) until `stop`: how many were
+/// served, and what every failed one got.
+fn load(pods: Vec<std::path::PathBuf>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> (u32, Vec<String>) {
+    let (mut served, mut failed) = (0u32, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && served < 100_000 {
+        for netns in &pods {
+            match get_in_netns(netns, "127.0.0.1:8080", "/hello") {
+                Ok((200, _)) => served += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+        }
+    }
+    (served, failed)
+}
+
+/// `shoal node --upgrade` with `binary` installed where the host was
+/// started from.
+fn upgrade(containerd: &Containerd, installed: &std::path::Path, binary: &[u8]) -> std::process::Output {
+    // As an installer does: a new file renamed over the old one.
+    let staged = installed.with_extension("new");
+    std::fs::write(&staged, binary).unwrap();
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, installed).unwrap();
+    std::process::Command::new(crate::support::shoal_bin())
+        .args(["node", "--upgrade", "--run-dir"])
+        .arg(&containerd.run_dir)
+        .output()
+        .unwrap()
+}
+
+/// The binary a process runs.
+fn exe_of(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap().display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_task_exit() {
+    let _serial = SERIAL.lock().await;
+    let bin = tempfile::tempdir().unwrap();
+    let installed = bin.path().join("shoal");
+    let real = std::fs::read(crate::support::shoal_bin()).unwrap();
+    std::fs::write(&installed, &real).unwrap();
+    std::fs::set_permissions(&installed, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let registry = crate::cluster::Registry::start();
+    let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
+    let containerd = Containerd::start_with_env(Some(&registry), &[("SHOAL_BIN", installed.to_str().unwrap())]);
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
+    let pods = [
+        cri.run_pod(&containerd.log_dir, "old-a", &image, &[], 0).await,
+        cri.run_pod(&containerd.log_dir, "old-b", &image, &[], 0).await,
+    ];
+    let old = containerd.node_hosts();
+    assert_eq!(old.len(), 1);
+    let events_file = containerd.dir.path().join("events.txt");
+    let mut events = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&containerd.address)
+        .arg("events")
+        .stdout(std::fs::File::create(&events_file).unwrap())
+        .spawn()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, netns) = (stop.clone(), pods.iter().map(|pod| pod.netns.clone()).collect());
+        std::thread::spawn(move || load(netns, stop))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A binary that does not start: refused before anything is let go.
+    let output = upgrade(&containerd, &installed, b"#!/bin/sh\necho broken build >&2\nexit 3\n");
+    assert!(!output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("the new host did not start: it exited (exit status: 3)"), "{}", text(&output));
+    assert_eq!(containerd.node_hosts(), old, "the old host serves on");
+
+    // A binary that starts, then cannot open the state the old host let
+    // go of: the old host takes every pod back.
+    let failing = format!(
+        "#!/bin/bash\nargs=(); next=0\nfor a in \"$@\"; do\n  if [ $next = 1 ]; then args+=(/dev/null/state); next=0; continue; fi\n  [ \"$a\" = --state-dir ] && next=1\n  args+=(\"$a\")\ndone\nexec {} \"${{args[@]}}\"\n",
+        crate::support::shoal_bin()
+    );
+    let output = upgrade(&containerd, &installed, failing.as_bytes());
+    assert!(!output.status.success(), "{}", text(&output));
+    let said = text(&output);
+    assert!(said.contains("the new host failed") && said.contains("/dev/null/state"), "{said}");
+    assert_eq!(containerd.node_hosts(), old, "the old host took the pods back");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The installer puts the real new binary in place: every pod moves to it.
+    let source = tempfile::tempdir().unwrap();
+    std::fs::write(source.path().join("shoal"), &real).unwrap();
+    std::fs::copy(crate::cluster::shim_bin(), source.path().join("containerd-shim-shoal-v1")).unwrap();
+    let output = std::process::Command::new("sh")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s/installer/install.sh"))
+        .env("SHOAL_SOURCE_DIR", source.path())
+        .env("SHOAL_BIN_DIR", bin.path())
+        .env("SHOAL_CONTAINERD_CONFIG", source.path().join("config.toml"))
+        .env("SHOAL_POLICY", source.path().join("policy.toml"))
+        .env("SHOAL_RESTART", "no")
+        .env("SHOAL_RUN_DIR", &containerd.run_dir)
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}\n{}", text(&output), containerd.host_log());
+    assert!(text(&output).contains("upgraded: pid"), "{}", text(&output));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failed) = load.join().unwrap();
+    assert!(failed.is_empty(), "{} of {served} requests failed across the upgrades: {failed:?}", failed.len());
+    assert!(served > 20, "the load ran throughout: {served} requests");
+
+    let new = containerd.node_hosts();
+    assert_eq!(new.len(), 1, "one host: {new:?}");
+    assert_ne!(new, old, "a new host process");
+    assert_eq!(exe_of(new[0]), installed.display().to_string(), "running the newly installed file");
+    for pod in &pods {
+        let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+        assert_eq!((status, body.trim()), (200, "hello, world"));
+        assert_eq!(cri.container_state(&pod.container_id).await.0, CONTAINER_RUNNING);
+    }
+    let tasks = text(&containerd.ctr("k8s.io", &["tasks", "ls"]));
+    assert!(tasks.contains(&new[0].to_string()) && !tasks.contains(&old[0].to_string()), "{tasks}");
+    let _ = events.kill();
+    let _ = events.wait();
+    let seen = std::fs::read_to_string(&events_file).unwrap();
+    assert!(!seen.contains("/tasks/exit"), "containerd saw a task exit:\n{seen}");
+
+    // The new host serves the task API: containerd's `Wait`, carried over,
+    // ends when the pod stops.
+    cri.runtime
+        .stop_container(k8s_cri::v1::StopContainerRequest { container_id: pods[0].container_id.clone(), timeout: 10 })
+        .await
+        .unwrap();
+    assert_eq!(cri.container_state(&pods[0].container_id).await, (CONTAINER_EXITED, 0));
+    for pod in &pods {
+        cri.remove_pod(pod).await;
+    }
+    let again = cri.run_pod(&containerd.log_dir, "after", &image, &[], 0).await;
+    assert_eq!(get_in_netns(&again.netns, "127.0.0.1:8080", "/hello").unwrap().0, 200);
+    assert_eq!(containerd.node_hosts(), new, "new pods go to the new host");
+    cri.remove_pod(&again).await;
+}
