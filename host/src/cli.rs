@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::admin::Client;
-use crate::engine::{EngineOptions, FuelMetering};
+use crate::engine::{EngineOptions, FuelMetering, LimitedPriority};
 use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::logs::TracingSink;
 use crate::manifest::{FunctionSpec, Manifest};
@@ -222,6 +222,12 @@ struct HostArgs {
     /// replaced by Cranelift's when that is ready (functions without fuel).
     #[arg(long)]
     no_tier_up: bool,
+    /// How calls of functions with a CPU limit (cpu_millis, a pod's
+    /// resources.limits.cpu) compete with the others: `idle` (their own
+    /// threads at idle priority: they never delay other functions, and get
+    /// only CPU left over) or `normal` (the same threads as every call).
+    #[arg(long, value_enum, default_value_t = LimitedPriorityArg::Idle)]
+    cpu_limited_priority: LimitedPriorityArg,
     /// Seconds that shutdown, undeploy, updates and SIGTERM of a container
     /// wait for requests to finish and destroy() to run.
     #[arg(long, default_value_t = 30)]
@@ -244,6 +250,13 @@ struct HostArgs {
     /// Days ledger files are kept.
     #[arg(long, default_value_t = LedgerPolicy::default().retention.as_secs() / 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     ledger_retention_days: u64,
+}
+
+/// `--cpu-limited-priority`: see [`LimitedPriority`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LimitedPriorityArg {
+    Idle,
+    Normal,
 }
 
 /// `--fuel`: see [`FuelMetering`].
@@ -282,6 +295,10 @@ impl HostArgs {
             cache_dir: None,
             keep_resident_bytes: usize::try_from(self.keep_resident_kib.saturating_mul(1024)).unwrap_or(usize::MAX),
             tier_up: !self.no_tier_up,
+            limited_priority: match self.cpu_limited_priority {
+                LimitedPriorityArg::Idle => LimitedPriority::Idle,
+                LimitedPriorityArg::Normal => LimitedPriority::Normal,
+            },
         }
     }
 

@@ -26,6 +26,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 
 use crate::abi::bindings::exports::shoal::runtime::events::Message;
 use crate::backends::Delivery;
+use crate::engine::LimitedPriority;
 use crate::instance::{InstanceError, ResponseResult};
 use crate::limits::Outcome;
 use crate::metering::{CallStats, Ledger, UsageRecord};
@@ -39,6 +40,7 @@ use crate::request::{
 pub struct Dispatcher {
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    limited_priority: LimitedPriority,
 }
 
 /// Where the end of every call goes: the ledger (if any) and the metrics.
@@ -114,8 +116,18 @@ impl Recorder {
 
 impl Dispatcher {
     /// A dispatcher writing usage to `ledger` (if any) and `metrics`.
-    pub fn new(ledger: Option<Arc<Ledger>>, metrics: Arc<Metrics>) -> Dispatcher {
-        Dispatcher { recorder: Recorder { ledger, metrics: metrics.clone() }, metrics }
+    pub fn new(ledger: Option<Arc<Ledger>>, metrics: Arc<Metrics>, limited_priority: LimitedPriority) -> Dispatcher {
+        Dispatcher { recorder: Recorder { ledger, metrics: metrics.clone() }, metrics, limited_priority }
+    }
+
+    /// Where the calls of `pool`'s function run: a function with a CPU
+    /// share, at idle priority, on the threads kept for those
+    /// ([`crate::limits::limited_calls`]); others where the request came in.
+    fn runtime_for(&self, pool: &FunctionPool) -> tokio::runtime::Handle {
+        match (pool.function().cpu_quota(), self.limited_priority) {
+            (Some(_), LimitedPriority::Idle) => crate::limits::limited_calls().clone(),
+            _ => tokio::runtime::Handle::current(),
+        }
     }
 
     /// Serve `request` (from a trigger) with a version from `pool`. Its
@@ -214,7 +226,7 @@ impl Dispatcher {
         let recorder = self.recorder.clone();
         // Its own task: the call finishes (and the instance goes back to its
         // pool) even if whoever waits for it goes away.
-        let task = tokio::spawn(
+        let task = self.runtime_for(&pool).spawn(
             async move {
                 let mut lease = lease;
                 let started = SystemTime::now();
@@ -351,7 +363,7 @@ impl Dispatcher {
         let (done_tx, done_rx) = oneshot::channel::<bool>();
         let recorder = self.recorder.clone();
         let started = SystemTime::now();
-        let task = tokio::spawn(
+        let task = self.runtime_for(&pool).spawn(
             async move {
                 let mut lease = lease;
                 let (stats, result) = lease.instance().handle(request, &meta, respond).await;

@@ -117,6 +117,24 @@ pub struct EngineOptions {
     /// Serve never-seen wasm from Winch's quickly compiled code first, and
     /// switch to Cranelift's when it is ready (functions without fuel).
     pub tier_up: bool,
+    /// How calls of functions with a CPU share (`cpu_millis`) compete for
+    /// the CPU with everyone else's.
+    pub limited_priority: LimitedPriority,
+}
+
+/// Where the calls of a function with a CPU share run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LimitedPriority {
+    /// On threads of their own at idle priority: they never delay another
+    /// function's request (the kernel preempts them at once), and when the
+    /// CPU is busy with other work they get only what is left — their share
+    /// is a cap, never a guarantee.
+    #[default]
+    Idle,
+    /// On the threads every call runs on: a request arriving while a
+    /// CPU-limited guest computes waits for its next epoch tick (up to
+    /// 250 µs), and under load each gets its turn.
+    Normal,
 }
 
 impl Default for EngineOptions {
@@ -129,6 +147,7 @@ impl Default for EngineOptions {
             cache_dir: None,
             keep_resident_bytes: 0,
             tier_up: true,
+            limited_priority: LimitedPriority::default(),
         }
     }
 }

@@ -238,7 +238,7 @@ impl Host {
         )?;
         let host = Arc::new(Host {
             registry,
-            dispatcher: Dispatcher::new(ledger.clone(), metrics.clone()),
+            dispatcher: Dispatcher::new(ledger.clone(), metrics.clone(), config.engine.limited_priority),
             metrics,
             ledger,
             services: services.clone(),

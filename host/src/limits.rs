@@ -27,6 +27,41 @@ use wasmtime::{ResourceLimiter, Trap};
 /// The period of CPU quotas (as CFS's default).
 pub const CPU_PERIOD: Duration = Duration::from_millis(100);
 
+/// The threads on which calls of functions with a CPU share run when
+/// [`crate::engine::LimitedPriority::Idle`]: their own, at the kernel's
+/// idle priority (`SCHED_IDLE`). A guest yields only at epoch ticks (every
+/// 250 µs); a request for another function arriving meanwhile would wait
+/// for the tick on a shared thread, while a thread of idle priority is
+/// preempted by the kernel as soon as any other thread of the node wants
+/// the CPU. The share itself is still [`CpuQuota`]'s to enforce; the
+/// priority decides who goes first. Built on first use (hosts without CPU
+/// limits never start these threads), shared by every host of the process.
+pub fn limited_calls() -> &'static tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("shoal-limited")
+                .on_thread_start(|| {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: sched_setscheduler reads `param` only; pid 0
+                    // names the calling thread. Lowering one's own
+                    // priority needs no privilege; on failure the thread
+                    // keeps the normal priority, which is only slower to
+                    // give way.
+                    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot lower a CPU-limited thread's priority");
+                    }
+                })
+                .enable_all()
+                .build()
+                .expect("invariant: a tokio runtime can be built (threads and an epoll instance)")
+        })
+        .handle()
+}
+
 /// A function's share of CPU time, as CFS bandwidth control gives a
 /// cgroup: `millis` thousandths of a core, i.e. `CPU_PERIOD × millis /
 /// 1000` of CPU time per period, shared by all its instances. CPU is

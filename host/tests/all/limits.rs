@@ -349,3 +349,46 @@ async fn one_tenant_busy_in_many_functions_leaves_instances_for_another_tenant()
         assert_eq!(hog.await.unwrap().unwrap(), 200, "the tenant's other requests waited their turn");
     }
 }
+
+/// Threads of this process named `name`: (scheduling policy, CPU ticks).
+fn threads_named(name: &str) -> Vec<(u32, u64)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis: state is 3rd,
+        // utime 14th, stime 15th, policy 41st (proc(5)).
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        found.push((field(41) as u32, field(14) + field(15)));
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cpu_limited_function_computes_on_threads_of_idle_priority_that_give_way_to_every_other() {
+    const SCHED_IDLE: u32 = 5;
+    let host = TestHost::start().await;
+    let mut spin = spec("spin", "spin", "/spin");
+    spin.limits.timeout = Duration::from_millis(1000);
+    spin.limits.cpu_millis = std::num::NonZeroU32::new(500);
+    host.deploy(vec![spin, spec("hello", "hello", "/hello")]).await;
+    let before: u64 = threads_named("shoal-limited").iter().map(|(_, ticks)| ticks).sum();
+
+    let (spun, hello) = tokio::join!(host.get("/spin"), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        host.get("/hello").await
+    });
+    assert_eq!(spun.status, 504, "{}", spun.body);
+    assert_eq!(hello.status, 200, "{}", hello.body);
+    let threads = threads_named("shoal-limited");
+    assert!(!threads.is_empty(), "the CPU-limited call ran on its own threads");
+    assert!(threads.iter().all(|(policy, _)| *policy == SCHED_IDLE), "all at idle priority: {threads:?}");
+    let after: u64 = threads.iter().map(|(_, ticks)| ticks).sum();
+    // Half a core for a second: about 50 ticks of 10 ms; the guest's CPU
+    // was spent there, not on the threads serving everyone else.
+    assert!(after - before >= 20, "the spinning guest computed on them: {before} → {after} ticks");
+}

@@ -35,6 +35,7 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
         // Cranelift's code reaches the cache at deploy, not later in the
         // background.
         tier_up: false,
+        ..shoal::engine::EngineOptions::default()
     };
     let config = shoal::host::HostConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

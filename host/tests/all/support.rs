@@ -115,6 +115,7 @@ impl TestHost {
                 // Off, so instance counts and hooks stay deterministic; tiering up has
                 // its own tests (`tier_up`).
                 tier_up: false,
+                ..EngineOptions::default()
             },
             log_sink: logs.clone(),
             drain_timeout: Duration::from_secs(10),
