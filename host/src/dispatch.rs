@@ -120,12 +120,17 @@ impl Dispatcher {
         Dispatcher { recorder: Recorder { ledger, metrics: metrics.clone() }, metrics, limited_priority }
     }
 
-    /// Where the calls of `pool`'s function run: a function with a CPU
-    /// share, at idle priority, on the threads kept for those
-    /// ([`crate::limits::limited_calls`]); others where the request came in.
+    /// Where the calls of `pool`'s function run.
     fn runtime_for(&self, pool: &FunctionPool) -> tokio::runtime::Handle {
-        match (pool.function().cpu_quota(), self.limited_priority) {
-            (Some(_), LimitedPriority::Idle) => crate::limits::limited_calls().clone(),
+        self.runtime(pool.function().cpu_quota().is_some())
+    }
+
+    /// Where wasm with (`cpu_limited`) or without a CPU share runs: the
+    /// former, at idle priority, on the threads kept for those
+    /// ([`crate::limits::limited_calls`]); the latter where it was called.
+    pub fn runtime(&self, cpu_limited: bool) -> tokio::runtime::Handle {
+        match (cpu_limited, self.limited_priority) {
+            (true, LimitedPriority::Idle) => crate::limits::limited_calls().clone(),
             _ => tokio::runtime::Handle::current(),
         }
     }

@@ -694,10 +694,12 @@ impl Node {
                 let listener = netns::bind(netns.as_deref(), addr)?;
                 self.serve(&container, listener)?;
             }
-            Kind::Command { .. } => {
+            Kind::Command { cpu_quota, .. } => {
                 let node = self.clone();
                 let running = container.clone();
-                let handle = tokio::spawn(async move { node.run_command(running).await });
+                // A program with a CPU share computes where every such call does.
+                let runtime = self.host.dispatcher().runtime(cpu_quota.is_some());
+                let handle = runtime.spawn(async move { node.run_command(running).await });
                 *container.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
             }
         }
@@ -921,7 +923,9 @@ impl Node {
         exec.state.send_replace(ExecState::Running);
         let node = self.clone();
         let (running, started) = (container.clone(), exec.clone());
-        let runner = tokio::spawn(async move {
+        // It shares its container's CPU share, and so its threads.
+        let runtime = self.host.dispatcher().runtime(self.limits(&container).1.is_some());
+        let runner = runtime.spawn(async move {
             let status = node.run_exec(&running, &started, stdio).await;
             if started.finish(status) {
                 node.exec_exited(&running, &started).await;
