@@ -448,16 +448,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serve(manifest.as_deref(), config).await
         }
         Command::Node { upgrade: true, socket, run_dir, .. } => {
-            let sockets = match socket {
-                Some(socket) => vec![socket],
-                None => crate::node::node_sockets(&run_dir)?,
+            // Sockets found in the run directory may be left by hosts that
+            // ended; one named by --socket must answer.
+            let (sockets, skip_stale) = match socket {
+                Some(socket) => (vec![socket], false),
+                None => (crate::node::node_sockets(&run_dir)?, true),
             };
             if sockets.is_empty() {
-                anyhow::bail!("no node host runs here: {} holds no host sockets", run_dir.display());
+                anyhow::bail!("no node host runs here: {} holds no host sockets (see --run-dir)", run_dir.display());
             }
             let mut failed = 0;
             for socket in &sockets {
-                if let Err(err) = crate::node::upgrade(socket).await {
+                if let Err(err) = crate::node::upgrade(socket, skip_stale).await {
                     eprintln!("error: {err:#}");
                     failed += 1;
                 }

@@ -645,12 +645,18 @@ async fn upgrade_request(stream: UnixStream) -> Result<UnixStream, String> {
 
 /// `shoal node --upgrade`: ask the host behind `socket` to hand over to
 /// the binary now installed where it was started from; print its progress.
-/// The last line says how it ended.
-pub async fn upgrade(socket: &Path) -> Result<String, Error> {
+/// The last line says how it ended; `None` when no host runs there (a
+/// socket file left by a host that died) and `skip_stale` says to pass.
+pub async fn upgrade(socket: &Path, skip_stale: bool) -> Result<Option<String>, Error> {
     let control = control_socket(socket);
-    let stream = UnixStream::connect(&control)
-        .await
-        .map_err(|err| anyhow::anyhow!("no node host answers at {}: {err}", control.display()))?;
+    let stream = match UnixStream::connect(&control).await {
+        Ok(stream) => stream,
+        Err(err) if skip_stale && err.kind() == std::io::ErrorKind::ConnectionRefused => {
+            println!("{}: no host runs there (left by a host that ended); skipped", socket.display());
+            return Ok(None);
+        }
+        Err(err) => return Err(anyhow::anyhow!("no node host answers at {}: {err}", control.display()).into()),
+    };
     let (read, mut write) = stream.into_split();
     write.write_all(b"upgrade\n").await.map_err(anyhow::Error::from)?;
     let mut lines = tokio::io::BufReader::new(read).lines();
@@ -661,7 +667,7 @@ pub async fn upgrade(socket: &Path) -> Result<String, Error> {
     }
     match last.strip_prefix("error: ") {
         Some(why) => Err(anyhow::anyhow!("{}: {why}", socket.display()).into()),
-        None if last.starts_with("upgraded") => Ok(last),
+        None if last.starts_with("upgraded") => Ok(Some(last)),
         None => {
             Err(anyhow::anyhow!("{}: the host closed the connection before the hand-over ended", socket.display())
                 .into())
@@ -672,7 +678,11 @@ pub async fn upgrade(socket: &Path) -> Result<String, Error> {
 /// The node hosts' sockets in `run_dir` (what `containerd-shim-shoal-v1`
 /// starts them with).
 pub fn node_sockets(run_dir: &Path) -> Result<Vec<PathBuf>, Error> {
-    let entries = std::fs::read_dir(run_dir).map_err(Error::io(run_dir))?;
+    let entries = match std::fs::read_dir(run_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(anyhow::anyhow!("cannot list {}: {err}", run_dir.display()).into()),
+    };
     let mut sockets: Vec<PathBuf> = entries
         .flatten()
         .map(|entry| entry.path())
