@@ -226,7 +226,7 @@ struct HostArgs {
     /// resources.limits.cpu) compete with the others: `idle` (their own
     /// threads at idle priority: they never delay other functions, and get
     /// only CPU left over) or `normal` (the same threads as every call).
-    #[arg(long, value_enum, default_value_t = LimitedPriorityArg::Idle)]
+    #[arg(long, value_enum, env = "SHOAL_CPU_LIMITED_PRIORITY", default_value_t = LimitedPriorityArg::Idle)]
     cpu_limited_priority: LimitedPriorityArg,
     /// Seconds that shutdown, undeploy, updates and SIGTERM of a container
     /// wait for requests to finish and destroy() to run.

@@ -388,8 +388,14 @@ async fn a_pods_cpu_limit_holds_its_function_to_its_share_and_its_stats_show_the
     use containerd_shim_protos::protobuf::Message as _;
 
     let _serial = SERIAL.lock().await;
-    let (_registry, containerd, mut cri, image) =
-        cri_node(&guest("spin"), "shoal-test/spin:1", &["--label", "shoal.dev/limits.timeout_ms=1500"]).await;
+    // Calls on the shared threads: at idle priority the spinner would also
+    // wait for the CPU while other tests keep it busy, which is not
+    // throttling (that priority has its own test, limits::a_cpu_limited_…).
+    let registry = crate::cluster::Registry::start();
+    let image = registry.push(&guest("spin"), "shoal-test/spin:1", &["--label", "shoal.dev/limits.timeout_ms=1500"]);
+    let containerd = Containerd::start_with_env(Some(&registry), &[("SHOAL_CPU_LIMITED_PRIORITY", "normal")]);
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
     let options = crate::cluster::PodOptions { cpu_millis: 100, ..crate::cluster::PodOptions::new("spinner", &image) };
     let pod = cri.try_run_pod(&containerd.log_dir, options).await.unwrap_or_else(|err| panic!("{err}"));
     let (status, _) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/").unwrap();
@@ -666,7 +672,8 @@ async fn exec_sync_through_the_cri_answers_from_the_pods_function() {
 #[tokio::test]
 async fn an_exec_computes_within_its_containers_cpu_limit_and_the_throttling_shows_in_its_stats() {
     let _serial = SERIAL.lock().await;
-    let containerd = Containerd::start(None);
+    // On the shared threads, as in a_pods_cpu_limit_holds_…
+    let containerd = Containerd::start_with_env(None, &[("SHOAL_CPU_LIMITED_PRIORITY", "normal")]);
     let root = tempfile::tempdir().unwrap();
     std::fs::copy(guest("hello"), root.path().join("app.wasm")).unwrap();
     std::fs::copy(guest("cli-hello"), root.path().join("spin.wasm")).unwrap();
