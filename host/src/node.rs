@@ -136,7 +136,7 @@ pub async fn run(config: NodeConfig, adopt_fd: Option<RawFd>) -> Result<(), Erro
                     session.stop(&config).await;
                     return Ok(());
                 }
-                Next::Upgrade(control) => match session.hand_over(control, &exe, &config).await {
+                Next::Upgrade(control) => match session.hand_over(control, &exe).await {
                     Outcome::Upgraded => return Ok(()),
                     Outcome::Refused(same) => session = *same,
                     Outcome::TakeBack(snapshot) => {
@@ -395,7 +395,7 @@ impl Session {
 
     /// Hand everything to a host process started from `exe`, telling
     /// `control` how it goes.
-    async fn hand_over(mut self, mut control: UnixStream, exe: &Path, config: &NodeConfig) -> Outcome {
+    async fn hand_over(mut self, mut control: UnixStream, exe: &Path) -> Outcome {
         if let Some(why) = self.node.refuse_hand_over() {
             tell(&mut control, &format!("error: cannot upgrade now: {why}")).await;
             return Outcome::Refused(Box::new(self));
@@ -526,7 +526,6 @@ impl Session {
             Ok((_, _, Ok(Said::Serving { pid }))) => {
                 tell(&mut control, &format!("upgraded: pid {} handed the node to pid {pid}", std::process::id())).await;
                 tracing::info!(new_pid = pid, "the new host serves the node; exiting");
-                let _ = config;
                 return Outcome::Upgraded;
             }
             Ok((snapshot, fds, Ok(Said::Failed { error }))) => (snapshot, fds, error),
