@@ -44,6 +44,8 @@ pub struct SavedContainer {
     pub netns: Option<usize>,
     /// Index of its pod listener (a running HTTP function).
     pub listener: Option<usize>,
+    /// Indexes of its stdout and stderr FIFOs, as opened.
+    pub output: [Option<usize>; 2],
 }
 
 /// A task's state across the hand-over.
@@ -233,6 +235,7 @@ mod tests {
                 state: SavedState::Stopped { status: 137, at: SystemTime::UNIX_EPOCH },
                 netns: Some(3),
                 listener: None,
+                output: [None, None],
             }],
             connections: vec![],
             task_listener: 0,

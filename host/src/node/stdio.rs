@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,28 @@ impl ContainerOutput {
     /// lines, never a host thread.
     pub fn open(stdout: &str, stderr: &str) -> Result<ContainerOutput, NodeError> {
         Ok(ContainerOutput { stdout: open_fifo(stdout)?.map(Mutex::new), stderr: open_fifo(stderr)?.map(Mutex::new) })
+    }
+
+    /// The FIFOs as another host process had them open (a hand-over: they
+    /// are passed, not opened again, so containerd's reading end never
+    /// sees every writer gone, which would end the container's log).
+    pub fn from_descriptors(stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> ContainerOutput {
+        let file = |fd: Option<OwnedFd>| fd.map(|fd| Mutex::new(File::from(fd)));
+        ContainerOutput { stdout: file(stdout), stderr: file(stderr) }
+    }
+
+    /// Second descriptors of the FIFOs (for a hand-over).
+    pub fn descriptors(&self) -> std::io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+        let dup = |file: &Option<Mutex<File>>| -> std::io::Result<Option<OwnedFd>> {
+            match file {
+                Some(file) => {
+                    let file = file.lock().unwrap_or_else(|poison| poison.into_inner());
+                    Ok(Some(OwnedFd::from(file.try_clone()?)))
+                }
+                None => Ok(None),
+            }
+        };
+        Ok((dup(&self.stdout)?, dup(&self.stderr)?))
     }
 
     fn write(&self, stream: Stream, text: &str) {

@@ -122,6 +122,15 @@ enum Kind {
     },
 }
 
+/// What a container brings from the host process it was handed over from.
+#[derive(Default)]
+struct Inherited {
+    /// Its network namespace.
+    netns: Option<Arc<OwnedFd>>,
+    /// Its stdout and stderr FIFOs, as opened there.
+    output: Option<ContainerOutput>,
+}
+
 struct Container {
     id: String,
     /// What containerd asked for (a hand-over replays it).
@@ -137,6 +146,8 @@ struct Container {
     state: watch::Sender<TaskState>,
     stop: watch::Sender<bool>,
     runner: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Its stdout and stderr FIFOs (also in the node's sinks while it runs).
+    output: Option<Arc<ContainerOutput>>,
     /// A second descriptor of its pod listener (a running HTTP function),
     /// kept so the listener outlives its serving loop in a hand-over.
     listener: Mutex<Option<OwnedFd>>,
@@ -294,6 +305,17 @@ impl Node {
                 }
                 _ => None,
             };
+            let mut output = [None, None];
+            if let (Some(fifos), false) = (&container.output, matches!(state, SavedState::Stopped { .. })) {
+                let (stdout, stderr) = fifos
+                    .descriptors()
+                    .map_err(|err| format!("cannot duplicate the output of {}: {err}", container.id))?;
+                for (slot, fd) in output.iter_mut().zip([stdout, stderr]) {
+                    if let Some(fd) = fd {
+                        *slot = Some(keep(&fd, &format!("the output of {}", container.id))?);
+                    }
+                }
+            }
             saved.push(SavedContainer {
                 request: container
                     .request
@@ -304,6 +326,7 @@ impl Node {
                 state,
                 netns,
                 listener,
+                output,
             });
         }
         Ok(saved)
@@ -344,6 +367,7 @@ impl Node {
             let request = CreateTaskRequest::parse_from_bytes(&saved.request)
                 .map_err(|err| NodeError::Internal(format!("a saved container's request: {err}")))?;
             let (netns, listener) = (take(saved.netns)?, take(saved.listener)?);
+            let output = ContainerOutput::from_descriptors(take(saved.output[0])?, take(saved.output[1])?);
             let id = request.id.clone();
             let container = match saved.state {
                 SavedState::Stopped { status, at } => Arc::new(Container {
@@ -359,14 +383,16 @@ impl Node {
                     state: watch::Sender::new(TaskState::Stopped { status, at }),
                     stop: watch::Sender::new(true),
                     runner: Mutex::new(None),
+                    output: None,
                     listener: Mutex::new(None),
                     execs: Mutex::new(HashMap::new()),
                     request,
                 }),
                 _ => {
                     let bundle = PathBuf::from(&request.bundle);
+                    let inherited = Inherited { netns: netns.map(Arc::new), output: Some(output) };
                     let container = self
-                        .prepare(&request, &bundle, saved.rootfs.clone(), netns.map(Arc::new))
+                        .prepare(&request, &bundle, saved.rootfs.clone(), inherited)
                         .await
                         .map_err(|err| NodeError::Internal(format!("container {id}: {err}")))?;
                     if matches!(saved.state, SavedState::Running | SavedState::Paused) {
@@ -430,7 +456,7 @@ impl Node {
             Some(target)
         };
         let mounted = began.elapsed();
-        match self.prepare(&request, &bundle_path, rootfs.clone(), None).await {
+        match self.prepare(&request, &bundle_path, rootfs.clone(), Inherited::default()).await {
             Ok(container) => {
                 // Where a pod start's time goes (benchmark W7 reads these).
                 tracing::info!(
@@ -467,16 +493,16 @@ impl Node {
         }
     }
 
-    /// Build a container (deploying its function, compiling its program);
-    /// `netns` is the network namespace it had in the host it came from.
+    /// Build a container (deploying its function, compiling its program),
+    /// with what it `inherited` from the host it came from.
     async fn prepare(
         self: &Arc<Self>,
         request: &CreateTaskRequest,
         bundle_path: &std::path::Path,
         rootfs: Option<PathBuf>,
-        netns: Option<Arc<OwnedFd>>,
+        inherited: Inherited,
     ) -> Result<Arc<Container>, NodeError> {
-        let inherited = netns;
+        let Inherited { netns: inherited, output } = inherited;
         let id = request.id.clone();
         let bundle = Bundle::load(bundle_path)?;
         let function = function_name(&id, bundle.container_name().as_deref());
@@ -567,8 +593,11 @@ impl Node {
                 }
             }
         };
-        let output = ContainerOutput::open(&request.stdout, &request.stderr)?;
-        self.sinks.attach(&function, Arc::new(output));
+        let output = Arc::new(match output {
+            Some(output) => output,
+            None => ContainerOutput::open(&request.stdout, &request.stderr)?,
+        });
+        self.sinks.attach(&function, output.clone());
         Ok(Arc::new(Container {
             id,
             request: request.clone(),
@@ -583,6 +612,7 @@ impl Node {
             state: watch::Sender::new(TaskState::Created),
             stop: watch::Sender::new(false),
             runner: Mutex::new(None),
+            output: Some(output),
             listener: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
         }))

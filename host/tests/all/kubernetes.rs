@@ -727,11 +727,14 @@ async fn an_exec_computes_within_its_containers_cpu_limit_and_the_throttling_sho
 /// A bounded loop of requests to `pods` (one at a time, a new connection
 /// each, as a load balancer's probes would) until `stop`: how many were
 /// served, and what every failed one got.
-fn load(pods: Vec<std::path::PathBuf>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> (u32, Vec<String>) {
+fn load(
+    pods: Vec<(std::path::PathBuf, &str)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u32, Vec<String>) {
     let (mut served, mut failed) = (0u32, Vec::new());
     while !stop.load(std::sync::atomic::Ordering::Relaxed) && served < 100_000 {
-        for netns in &pods {
-            match get_in_netns(netns, "127.0.0.1:8080", "/hello") {
+        for (netns, path) in &pods {
+            match get_in_netns(netns, "127.0.0.1:8080", path) {
                 Ok((200, _)) => served += 1,
                 other => failed.push(format!("{other:?}")),
             }
@@ -770,13 +773,17 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     std::fs::set_permissions(&installed, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let registry = crate::cluster::Registry::start();
     let image = registry.push(&guest("hello"), "shoal-test/hello:1", &[]);
+    let lifecycle = registry.push(&guest("lifecycle"), "shoal-test/lifecycle:1", &["--env", "SHOAL_HTTP_PORT=8080"]);
     let containerd = Containerd::start_with_env(Some(&registry), &[("SHOAL_BIN", installed.to_str().unwrap())]);
     let mut cri = containerd.cri().await;
     cri.pull(&image).await;
+    cri.pull(&lifecycle).await;
+    // A hello pod, and one whose function logs its start and destroy hooks.
     let pods = [
         cri.run_pod(&containerd.log_dir, "old-a", &image, &[], 0).await,
-        cri.run_pod(&containerd.log_dir, "old-b", &image, &[], 0).await,
+        cri.run_pod(&containerd.log_dir, "old-b", &lifecycle, &[], 0).await,
     ];
+    let paths = ["/hello", "/"];
     let old = containerd.node_hosts();
     assert_eq!(old.len(), 1);
     let events_file = containerd.dir.path().join("events.txt");
@@ -789,7 +796,7 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
         .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
-        let (stop, netns) = (stop.clone(), pods.iter().map(|pod| pod.netns.clone()).collect());
+        let (stop, netns) = (stop.clone(), pods.iter().map(|pod| pod.netns.clone()).zip(paths).collect());
         std::thread::spawn(move || load(netns, stop))
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -840,11 +847,22 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     assert_eq!(new.len(), 1, "one host: {new:?}");
     assert_ne!(new, old, "a new host process");
     assert_eq!(exe_of(new[0]), installed.display().to_string(), "running the newly installed file");
-    for pod in &pods {
-        let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
-        assert_eq!((status, body.trim()), (200, "hello, world"));
+    for (pod, path) in pods.iter().zip(paths) {
+        let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", path).unwrap();
+        assert_eq!(status, 200, "{body}");
         assert_eq!(cri.container_state(&pod.container_id).await.0, CONTAINER_RUNNING);
     }
+    // Each host that let the function go ran its destroy hook, each that
+    // took it ran start — and the pod's log (`kubectl logs`) has them all:
+    // the hosts after the first write to the same container output.
+    // (Tiering up may add a pair of its own: the baseline code's instance
+    // retired for the optimized code's.)
+    let log = std::fs::read_to_string(&pods[1].log_file).unwrap();
+    let (starts, destroys) = (log.matches("lifecycle: start").count(), log.matches("lifecycle: destroy").count());
+    assert!(destroys >= 2, "the old host drained it at the take-back and at the upgrade:\n{log}");
+    assert_eq!(starts, destroys + 1, "every instance but the new host's was destroyed:\n{log}");
+    let last_hook = log.lines().rfind(|line| line.contains("lifecycle: start") || line.contains("lifecycle: destroy"));
+    assert!(last_hook.is_some_and(|line| line.contains("start")), "the new host's instance started last:\n{log}");
     let tasks = text(&containerd.ctr("k8s.io", &["tasks", "ls"]));
     assert!(tasks.contains(&new[0].to_string()) && !tasks.contains(&old[0].to_string()), "{tasks}");
     let _ = events.kill();
