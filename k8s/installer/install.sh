@@ -77,10 +77,29 @@ done
 # 1b. Running node hosts move to the new binary; their pods keep running
 #     and containerd sees no task exit. A host that cannot hand over serves
 #     on with its old binary (and says why).
+#     From the DaemonSet ($ROOT set) the new binary runs in the node's own
+#     namespaces, as systemctl does below: it is linked against the node's
+#     libc, which this image does not have.
 RUN_DIR="${SHOAL_RUN_DIR:-$ROOT/run/shoal}"
+upgrade() {
+    if [ -n "$ROOT" ]; then
+        nsenter --target 1 --mount --uts --ipc --net --pid -- \
+            "${BIN_DIR#"$ROOT"}/shoal" node --upgrade --run-dir "${RUN_DIR#"$ROOT"}"
+    else
+        "$BIN_DIR/shoal" node --upgrade --run-dir "$RUN_DIR"
+    fi
+}
+# Whether a node host runs (its upgrade socket is there); a shell glob, as
+# the installer image has no `ls`.
+hosts_running() {
+    for socket in "$RUN_DIR"/*.upgrade; do
+        [ -e "$socket" ] && return 0
+    done
+    return 1
+}
 upgrade_failed=0
-if [ "$installed" -eq 2 ] && [ "${SHOAL_UPGRADE:-yes}" = "yes" ] && ls "$RUN_DIR"/*.upgrade >/dev/null 2>&1; then
-    if "$BIN_DIR/shoal" node --upgrade --run-dir "$RUN_DIR"; then
+if [ "$installed" -eq 2 ] && [ "${SHOAL_UPGRADE:-yes}" = "yes" ] && hosts_running; then
+    if upgrade; then
         say "running node hosts now run the new binary"
     else
         upgrade_failed=1
