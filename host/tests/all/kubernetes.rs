@@ -883,5 +883,17 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     let again = cri.run_pod(&containerd.log_dir, "after", &image, &[], 0).await;
     assert_eq!(get_in_netns(&again.netns, "127.0.0.1:8080", "/hello").unwrap().0, 200);
     assert_eq!(containerd.node_hosts(), new, "new pods go to the new host");
+
+    // A paused pod stays paused across an upgrade and resumes in the next host.
+    let paused = containerd.ctr("k8s.io", &["tasks", "pause", &again.container_id]);
+    assert!(paused.status.success(), "{}", text(&paused));
+    let output = upgrade(&containerd, &installed, &real);
+    assert!(output.status.success(), "{}\n{}", text(&output), containerd.host_log());
+    let tasks = text(&containerd.ctr("k8s.io", &["tasks", "ls"]));
+    let line = tasks.lines().find(|line| line.starts_with(&again.container_id)).unwrap_or_else(|| panic!("{tasks}"));
+    assert!(line.contains("PAUSED"), "{tasks}");
+    let resumed = containerd.ctr("k8s.io", &["tasks", "resume", &again.container_id]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert_eq!(get_in_netns(&again.netns, "127.0.0.1:8080", "/hello").unwrap().0, 200);
     cri.remove_pod(&again).await;
 }
