@@ -51,7 +51,7 @@ use crate::host::{Backend, FrontDoor, HostConfig};
 use crate::metering::LedgerPolicy;
 use crate::server::RunningHost;
 use crate::signals::StopSignals;
-use handover::{Link, Said, SavedConnection, Snapshot};
+use handover::{Descriptors, Link, Said, SavedConnection, Snapshot};
 use relay::Relays;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
@@ -150,7 +150,7 @@ pub async fn run(config: NodeConfig, adopt_fd: Option<RawFd>) -> Result<(), Erro
 }
 
 /// The new host's side: say hello, then wait for the old host's snapshot.
-async fn take_over(fd: RawFd, config: &NodeConfig) -> Result<(Link, (Snapshot, Vec<OwnedFd>)), Error> {
+async fn take_over(fd: RawFd, config: &NodeConfig) -> Result<(Link, (Snapshot, Descriptors)), Error> {
     // SAFETY: the old host passed this descriptor to this process alone
     // (`--adopt-fd`), and nothing else here uses it.
     let mut link = unsafe { Link::inherited(fd) }
@@ -187,7 +187,7 @@ enum Outcome {
     /// Nothing was handed over; this session serves on.
     Refused(Box<Session>),
     /// The new host failed after this one let go: take everything back.
-    TakeBack((Snapshot, Vec<OwnedFd>)),
+    TakeBack((Snapshot, Descriptors)),
 }
 
 /// The accept loop of containerd's socket, which gives the listener back
@@ -274,12 +274,6 @@ fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     UnixListener::bind(path).map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", path.display()).into())
 }
 
-fn take_fd(fds: &mut [Option<OwnedFd>], index: usize) -> Result<OwnedFd, Error> {
-    fds.get_mut(index)
-        .and_then(Option::take)
-        .ok_or_else(|| anyhow::anyhow!("the hand-over lacks descriptor {index}").into())
-}
-
 fn unix_listener(fd: OwnedFd) -> Result<UnixListener, Error> {
     let listener = std::os::unix::net::UnixListener::from(fd);
     listener.set_nonblocking(true).map_err(anyhow::Error::from)?;
@@ -289,7 +283,7 @@ fn unix_listener(fd: OwnedFd) -> Result<UnixListener, Error> {
 impl Session {
     /// Start a host; serve containerd's socket, new or `carried` over from
     /// a host process before this one with everything it served.
-    async fn open(config: &NodeConfig, carried: Option<(Snapshot, Vec<OwnedFd>)>) -> Result<Session, Error> {
+    async fn open(config: &NodeConfig, carried: Option<(Snapshot, Descriptors)>) -> Result<Session, Error> {
         let sinks = Arc::new(stdio::ContainerSinks::default());
         let running = RunningHost::start(host_config(config, &sinks)?).await?;
         let publisher =
@@ -331,7 +325,7 @@ impl Session {
     async fn serve(
         config: &NodeConfig,
         node: &Arc<task::Node>,
-        carried: Option<(Snapshot, Vec<OwnedFd>)>,
+        carried: Option<(Snapshot, Descriptors)>,
     ) -> Result<(Arc<Relays>, Server, Accepting, UnixListener), Error> {
         let (relays, incoming) = Relays::new();
         let mut server = Server::new().add_listener(incoming);
@@ -342,14 +336,15 @@ impl Session {
         let (listener, control) = match carried {
             None => (bind_socket(&config.socket)?, bind_socket(&control_socket(&config.socket))?),
             Some((snapshot, fds)) => {
-                let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+                let mut fds = fds;
                 node.adopt(snapshot.containers, &mut fds)
                     .await
                     .map_err(|err| anyhow::anyhow!("cannot take the containers over: {err}"))?;
-                let listener = unix_listener(take_fd(&mut fds, snapshot.task_listener)?)?;
-                let control = unix_listener(take_fd(&mut fds, snapshot.control_listener)?)?;
+                let listener = unix_listener(fds.take(snapshot.task_listener).map_err(anyhow::Error::msg)?)?;
+                let control = unix_listener(fds.take(snapshot.control_listener).map_err(anyhow::Error::msg)?)?;
                 for SavedConnection { socket, replay, partial } in snapshot.connections {
-                    let socket = std::os::unix::net::UnixStream::from(take_fd(&mut fds, socket)?);
+                    let socket = fds.take(socket).map_err(anyhow::Error::msg)?;
+                    let socket = std::os::unix::net::UnixStream::from(socket);
                     socket.set_nonblocking(true).map_err(anyhow::Error::from)?;
                     let socket = UnixStream::from_std(socket).map_err(anyhow::Error::from)?;
                     relays
@@ -384,9 +379,7 @@ impl Session {
     /// drains.
     async fn stop(mut self, config: &NodeConfig) {
         let _ = self.server.shutdown().await;
-        if let Ok(listener) = self.accepting.stop().await {
-            drop(listener);
-        }
+        let _ = self.accepting.stop().await;
         self.node.stop_all().await;
         self.running.shutdown().await;
         let _ = std::fs::remove_file(&config.socket);
@@ -452,7 +445,7 @@ impl Session {
         };
         self.relays.hold();
         let settle = Instant::now();
-        let mut fds = Vec::new();
+        let mut fds = Descriptors::default();
         let settled = loop {
             if self.relays.busy() == 0 && !self.node.stopping() {
                 break match self.node.refuse_hand_over() {
@@ -480,15 +473,11 @@ impl Session {
         // From here on this host lets go; a failure takes everything back.
         let Session { running, node, relays, server, accepting: _, control: control_listener } = self;
         let connections = relays.detach().await;
-        let mut push = |fd: OwnedFd| {
-            fds.push(fd);
-            fds.len() - 1
-        };
-        let task_listener = listener.into_std().map(|l| push(OwnedFd::from(l)));
-        let control_listener = control_listener.into_std().map(|l| push(OwnedFd::from(l)));
+        let task_listener = listener.into_std().map(|l| fds.add(OwnedFd::from(l)));
+        let control_listener = control_listener.into_std().map(|l| fds.add(OwnedFd::from(l)));
         let connections: Vec<SavedConnection> = connections
             .into_iter()
-            .map(|c| SavedConnection { socket: push(c.socket), replay: c.replay, partial: c.partial })
+            .map(|c| SavedConnection { socket: fds.add(c.socket), replay: c.replay, partial: c.partial })
             .collect();
         let (Ok(task_listener), Ok(control_listener)) = (task_listener, control_listener) else {
             // Without its listeners this host cannot go on either; the

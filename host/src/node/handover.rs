@@ -80,6 +80,39 @@ pub struct Snapshot {
     pub control_listener: usize,
 }
 
+/// The descriptors a [`Snapshot`] names by index: added by the old host,
+/// taken (each once) by whichever host adopts the snapshot.
+#[derive(Debug, Default)]
+pub struct Descriptors(Vec<Option<OwnedFd>>);
+
+impl Descriptors {
+    /// Add `fd`; its index.
+    pub fn add(&mut self, fd: OwnedFd) -> usize {
+        self.0.push(Some(fd));
+        self.0.len() - 1
+    }
+
+    /// A second descriptor of `fd` added; its index.
+    pub fn add_copy(&mut self, fd: &OwnedFd, what: &str) -> Result<usize, String> {
+        let copy = fd.try_clone().map_err(|err| format!("cannot duplicate {what}: {err}"))?;
+        Ok(self.add(copy))
+    }
+
+    /// Take the descriptor at `index` (it can be taken once).
+    pub fn take(&mut self, index: usize) -> Result<OwnedFd, String> {
+        self.0.get_mut(index).and_then(Option::take).ok_or_else(|| format!("the hand-over lacks descriptor {index}"))
+    }
+
+    /// [`Descriptors::take`], for an index that may be absent.
+    pub fn take_some(&mut self, index: Option<usize>) -> Result<Option<OwnedFd>, String> {
+        index.map(|index| self.take(index)).transpose()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// What the new host says.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Said {
@@ -129,12 +162,17 @@ impl Link {
         self.recv_json()
     }
 
-    /// Send the snapshot and its descriptors.
-    pub fn send_snapshot(&mut self, snapshot: &Snapshot, fds: &[OwnedFd]) -> std::io::Result<()> {
+    /// Send the snapshot and its descriptors (all still there: none taken).
+    pub fn send_snapshot(&mut self, snapshot: &Snapshot, fds: &Descriptors) -> std::io::Result<()> {
+        let raw = fds
+            .0
+            .iter()
+            .map(|fd| fd.as_ref().map(|fd| fd.as_raw_fd()))
+            .collect::<Option<Vec<RawFd>>>()
+            .ok_or_else(|| std::io::Error::other("a descriptor of the snapshot was taken before it was sent"))?;
         self.send_json(&(snapshot, fds.len()))?;
-        for batch in fds.chunks(FDS_PER_MESSAGE) {
-            let raw: Vec<RawFd> = batch.iter().map(|fd| fd.as_raw_fd()).collect();
-            let rights = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+        for raw in raw.chunks(FDS_PER_MESSAGE) {
+            let rights = [nix::sys::socket::ControlMessage::ScmRights(raw)];
             let byte = [0u8];
             let iov = [std::io::IoSlice::new(&byte)];
             nix::sys::socket::sendmsg::<()>(
@@ -150,7 +188,7 @@ impl Link {
     }
 
     /// Receive a snapshot and its descriptors.
-    pub fn recv_snapshot(&mut self) -> std::io::Result<(Snapshot, Vec<OwnedFd>)> {
+    pub fn recv_snapshot(&mut self) -> std::io::Result<(Snapshot, Descriptors)> {
         let (snapshot, count): (Snapshot, usize) = self.recv_json()?;
         let mut fds = Vec::with_capacity(count);
         while fds.len() < count {
@@ -182,7 +220,7 @@ impl Link {
         if fds.len() != count {
             return Err(std::io::Error::other(format!("expected {count} descriptors, got {}", fds.len())));
         }
-        Ok((snapshot, fds))
+        Ok((snapshot, Descriptors(fds.into_iter().map(Some).collect())))
     }
 
     fn send_json(&mut self, value: &impl Serialize) -> std::io::Result<()> {
@@ -221,10 +259,10 @@ mod tests {
         // More descriptors than one message carries, each a pipe whose
         // other end tells it apart.
         let mut ends = Vec::new();
-        let mut sent = Vec::new();
+        let mut sent = Descriptors::default();
         for _ in 0..(FDS_PER_MESSAGE + 5) {
             let (read, write) = nix::unistd::pipe().unwrap();
-            sent.push(write);
+            sent.add(write);
             ends.push(read);
         }
         let snapshot = Snapshot {
@@ -242,16 +280,17 @@ mod tests {
             control_listener: 1,
         };
         old.send_snapshot(&snapshot, &sent).unwrap();
-        let (got, fds) = new.recv_snapshot().unwrap();
+        let (got, mut fds) = new.recv_snapshot().unwrap();
         assert_eq!(got.containers[0].request, vec![1, 2, 3]);
         assert_eq!(got.containers[0].state, SavedState::Stopped { status: 137, at: SystemTime::UNIX_EPOCH });
         assert_eq!(fds.len(), sent.len());
-        for (n, (fd, end)) in fds.into_iter().zip(&ends).enumerate() {
-            let mut file = std::fs::File::from(fd);
+        for (n, end) in ends.iter().enumerate() {
+            let mut file = std::fs::File::from(fds.take(n).unwrap());
             file.write_all(&[n as u8]).unwrap();
             let mut byte = [0u8];
             nix::unistd::read(end, &mut byte).unwrap();
             assert_eq!(byte[0], n as u8, "descriptor {n} arrived in order");
         }
+        assert!(fds.take(0).is_err(), "a descriptor is taken once");
     }
 }

@@ -35,7 +35,7 @@ use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
 use super::containerd::ContainerRecord;
 use super::error::{NodeError, task_failed};
 use super::exec::{Exec, ExecCommand, ExecState, ExecStdio};
-use super::handover::{SavedContainer, SavedState};
+use super::handover::{Descriptors, SavedContainer, SavedState};
 use super::policy::PolicyFile;
 use super::stdio::{ContainerOutput, ContainerSinks};
 use super::{netns, rootfs};
@@ -156,6 +156,35 @@ struct Container {
 }
 
 impl Container {
+    /// The container `request` asked for, serving as `kind`, in `state`.
+    fn new(
+        request: &CreateTaskRequest,
+        function: String,
+        rootfs: Option<PathBuf>,
+        (kind, code_bytes): (Kind, u64),
+        output: Option<Arc<ContainerOutput>>,
+        state: TaskState,
+    ) -> Container {
+        Container {
+            id: request.id.clone(),
+            request: request.clone(),
+            bundle: PathBuf::from(&request.bundle),
+            function,
+            stdin: request.stdin.clone(),
+            stdout: request.stdout.clone(),
+            stderr: request.stderr.clone(),
+            rootfs,
+            code_bytes,
+            kind,
+            state: watch::Sender::new(state),
+            stop: watch::Sender::new(false),
+            runner: Mutex::new(None),
+            output,
+            listener: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn state(&self) -> TaskState {
         *self.state.borrow()
     }
@@ -271,17 +300,13 @@ impl Node {
     }
 
     /// Describe every container for the next host, adding the descriptors
-    /// it needs (network namespaces, pod listeners) to `fds`. Sandboxes
-    /// come first. Called with containerd's connections held, so nothing
-    /// changes the containers meanwhile.
-    pub fn save(&self, fds: &mut Vec<OwnedFd>) -> Result<Vec<SavedContainer>, String> {
+    /// it needs (network namespaces, pod listeners, output FIFOs) to `fds`.
+    /// Sandboxes come first. Called with containerd's connections held, so
+    /// nothing changes the containers meanwhile.
+    pub fn save(&self, fds: &mut Descriptors) -> Result<Vec<SavedContainer>, String> {
         let mut containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         containers.sort_by_key(|container| !matches!(container.kind, Kind::Sandbox { .. }));
         let mut saved = Vec::with_capacity(containers.len());
-        let mut keep = |fd: &OwnedFd, what: &str| -> Result<usize, String> {
-            fds.push(fd.try_clone().map_err(|err| format!("cannot duplicate {what}: {err}"))?);
-            Ok(fds.len() - 1)
-        };
         for container in containers {
             let state = match container.state() {
                 TaskState::Created => SavedState::Created,
@@ -295,13 +320,13 @@ impl Node {
             };
             let netns = match (netns, state) {
                 (Some(netns), state) if !matches!(state, SavedState::Stopped { .. }) => {
-                    Some(keep(netns, &format!("the network namespace of {}", container.id))?)
+                    Some(fds.add_copy(netns, &format!("the network namespace of {}", container.id))?)
                 }
                 _ => None,
             };
             let listener = match &*container.listener.lock().unwrap_or_else(|p| p.into_inner()) {
                 Some(listener) if container.state().is_live() => {
-                    Some(keep(listener, &format!("the listener of {}", container.id))?)
+                    Some(fds.add_copy(listener, &format!("the listener of {}", container.id))?)
                 }
                 _ => None,
             };
@@ -310,11 +335,7 @@ impl Node {
                 let (stdout, stderr) = fifos
                     .descriptors()
                     .map_err(|err| format!("cannot duplicate the output of {}: {err}", container.id))?;
-                for (slot, fd) in output.iter_mut().zip([stdout, stderr]) {
-                    if let Some(fd) = fd {
-                        *slot = Some(keep(&fd, &format!("the output of {}", container.id))?);
-                    }
-                }
+                output = [stdout.map(|fd| fds.add(fd)), stderr.map(|fd| fds.add(fd))];
             }
             saved.push(SavedContainer {
                 request: container
@@ -349,20 +370,8 @@ impl Node {
     /// left mounted), keeps its network namespace, and a running function
     /// serves the listener it had. containerd is not told anything: for it
     /// nothing happened.
-    pub async fn adopt(
-        self: &Arc<Self>,
-        saved: Vec<SavedContainer>,
-        fds: &mut [Option<OwnedFd>],
-    ) -> Result<(), NodeError> {
-        let mut take = |index: Option<usize>| -> Result<Option<OwnedFd>, NodeError> {
-            index
-                .map(|index| {
-                    fds.get_mut(index)
-                        .and_then(Option::take)
-                        .ok_or_else(|| NodeError::Internal(format!("the hand-over lacks descriptor {index}")))
-                })
-                .transpose()
-        };
+    pub async fn adopt(self: &Arc<Self>, saved: Vec<SavedContainer>, fds: &mut Descriptors) -> Result<(), NodeError> {
+        let mut take = |index: Option<usize>| fds.take_some(index).map_err(NodeError::Internal);
         for saved in saved {
             let request = CreateTaskRequest::parse_from_bytes(&saved.request)
                 .map_err(|err| NodeError::Internal(format!("a saved container's request: {err}")))?;
@@ -370,24 +379,14 @@ impl Node {
             let output = ContainerOutput::from_descriptors(take(saved.output[0])?, take(saved.output[1])?);
             let id = request.id.clone();
             let container = match saved.state {
-                SavedState::Stopped { status, at } => Arc::new(Container {
-                    id: id.clone(),
-                    bundle: PathBuf::from(&request.bundle),
-                    function: saved.function.clone(),
-                    stdin: request.stdin.clone(),
-                    stdout: request.stdout.clone(),
-                    stderr: request.stderr.clone(),
-                    rootfs: saved.rootfs.clone(),
-                    code_bytes: 0,
-                    kind: Kind::Ended,
-                    state: watch::Sender::new(TaskState::Stopped { status, at }),
-                    stop: watch::Sender::new(true),
-                    runner: Mutex::new(None),
-                    output: None,
-                    listener: Mutex::new(None),
-                    execs: Mutex::new(HashMap::new()),
-                    request,
-                }),
+                SavedState::Stopped { status, at } => Arc::new(Container::new(
+                    &request,
+                    saved.function.clone(),
+                    saved.rootfs.clone(),
+                    (Kind::Ended, 0),
+                    None,
+                    TaskState::Stopped { status, at },
+                )),
                 _ => {
                     let bundle = PathBuf::from(&request.bundle);
                     let inherited = Inherited { netns: netns.map(Arc::new), output: Some(output) };
@@ -598,24 +597,7 @@ impl Node {
             None => ContainerOutput::open(&request.stdout, &request.stderr)?,
         });
         self.sinks.attach(&function, output.clone());
-        Ok(Arc::new(Container {
-            id,
-            request: request.clone(),
-            bundle: bundle_path.to_path_buf(),
-            function,
-            stdin: request.stdin.clone(),
-            stdout: request.stdout.clone(),
-            stderr: request.stderr.clone(),
-            rootfs,
-            code_bytes,
-            kind,
-            state: watch::Sender::new(TaskState::Created),
-            stop: watch::Sender::new(false),
-            runner: Mutex::new(None),
-            output: Some(output),
-            listener: Mutex::new(None),
-            execs: Mutex::new(HashMap::new()),
-        }))
+        Ok(Arc::new(Container::new(request, function, rootfs, (kind, code_bytes), Some(output), TaskState::Created)))
     }
 
     /// The function spec of an app container: its image labels, then its
