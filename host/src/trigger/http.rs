@@ -221,5 +221,33 @@ pub fn request_id<B>(request: &Request<B>) -> Arc<str> {
         .and_then(|value| value.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(Arc::from)
-        .unwrap_or_else(|| Arc::from(uuid::Uuid::new_v4().to_string()))
+        .unwrap_or_else(|| Arc::from(new_request_id().as_str()))
+}
+
+/// A random (version 4) UUID from the thread's userspace generator:
+/// `Uuid::new_v4` asks the kernel (`getrandom(2)`) for every id, which
+/// showed as ≈1.2% of a W1 profile.
+fn new_request_id() -> String {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid().hyphenated().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_an_id_gets_a_fresh_version_4_uuid_and_a_valid_one_keeps_its_own() {
+        let bare = || Request::builder().body(()).expect("request");
+        let (first, second) = (request_id(&bare()), request_id(&bare()));
+        assert_ne!(first, second);
+        for id in [&first, &second] {
+            let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(uuid.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+        let given = Request::builder().header(REQUEST_ID_HEADER, "order-42").body(()).expect("request");
+        assert_eq!(&*request_id(&given), "order-42");
+        let unprintable = Request::builder().header(REQUEST_ID_HEADER, "a b").body(()).expect("request");
+        assert_ne!(&*request_id(&unprintable), "a b");
+    }
 }
