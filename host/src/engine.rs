@@ -8,7 +8,7 @@
 //! epoch, and each store's deadline callback uses it to enforce wall-clock
 //! limits and to yield a busy guest back to the scheduler. The clock ticks
 //! every [`EPOCH_TICK`], and every [`BUSY_EPOCH_TICK`] for a while after a
-//! guest call ran through more than one tick while more guest calls were
+//! guest call computed for a whole tick (its CPU time) while more guest calls were
 //! in flight than the runtime has worker threads: CPU-bound guests then
 //! share a thread in short slices, while short requests — and a busy guest
 //! with a thread to itself — keep the slower clock (each tick wakes the
@@ -185,8 +185,8 @@ impl Drop for EngineInner {
 struct EpochClock {
     /// Set when the engine is dropped: the thread ends.
     stop: AtomicBool,
-    /// Raised by a store's epoch callback when a call ran through more
-    /// than one tick: the clock ticks faster for a while.
+    /// Raised by a store's epoch callback when a call has computed for a
+    /// whole tick: the clock ticks faster for a while.
     busy: Arc<AtomicBool>,
     /// Guest calls (and instantiations) running now; the clock sleeps
     /// while there are none.
@@ -384,8 +384,8 @@ impl WasmEngine {
         }
     }
 
-    /// The flag a store's epoch callback raises when a guest call has run
-    /// through more than one tick: the clock then ticks faster for a while.
+    /// The flag a store's epoch callback raises when a guest call has
+    /// computed for a whole tick: the clock then ticks faster for a while.
     pub fn busy_flag(&self) -> Arc<AtomicBool> {
         self.inner.clock.busy.clone()
     }

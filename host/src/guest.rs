@@ -15,7 +15,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::abi::{AbiHost, AbiState, AbiView, FunctionCaps, OutboundHttp, Services};
-use crate::limits::{CpuQuota, MemoryMeter};
+use crate::limits::{CallCpu, CpuQuota, MemoryMeter};
 use crate::logs::{InstanceLog, Stream};
 use crate::request::RequestMeta;
 
@@ -29,8 +29,8 @@ pub struct GuestState {
     pub(crate) memory: MemoryMeter,
     /// When the current call must end.
     pub(crate) deadline: Instant,
-    /// Epoch ticks the current call has run through.
-    pub(crate) ticks: u32,
+    /// The CPU time of the call under way, as it goes.
+    pub(crate) call_cpu: Arc<CallCpu>,
     /// The function's CPU share, if limited.
     pub(crate) cpu_quota: Option<Arc<CpuQuota>>,
     /// Time the current call waited for CPU (its function over its share).
@@ -81,7 +81,7 @@ impl GuestState {
             abi: AbiState::new(caps, services, log.clone()),
             memory: MemoryMeter::new(memory_bytes),
             deadline,
-            ticks: 0,
+            call_cpu: Arc::new(CallCpu::default()),
             cpu_quota: None,
             throttled: std::time::Duration::ZERO,
             log,

@@ -23,10 +23,10 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
-use crate::engine::{ClockHold, Slot};
+use crate::engine::{ClockHold, EPOCH_TICK, Slot};
 use crate::function::{Code, CompiledFunction};
 use crate::guest::GuestState;
-use crate::limits::{CpuQuota, CpuTimed, DeadlineExceeded, Outcome};
+use crate::limits::{CallCpu, CpuQuota, CpuTimed, DeadlineExceeded, Outcome};
 use crate::logs::InstanceLog;
 use crate::metering::CallStats;
 use crate::request::RequestMeta;
@@ -105,11 +105,13 @@ impl Instance {
         let busy = function.engine.busy_flag();
         store.epoch_deadline_callback(move |mut context| {
             let state = context.data_mut();
-            state.ticks += 1;
-            // A call that outlives a whole tick is CPU-bound: speed the
-            // clock up so it shares its thread in short slices. (Short
-            // calls that merely straddle one tick leave it alone.)
-            if state.ticks >= 2 {
+            // A call that has computed for a whole tick is CPU-bound: speed
+            // the clock up so it shares its thread in short slices. Its CPU
+            // time, not the ticks it saw: a short call on a crowded thread
+            // waits a tick or more for its turn (after a yield, or for the
+            // client to take its response), and counting those ticks kept
+            // W1's hello requests on the fast clock most of the time.
+            if state.call_cpu.so_far() >= EPOCH_TICK {
                 busy.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let now = Instant::now();
@@ -197,8 +199,9 @@ impl Instance {
         let timeout = self.function.spec().limits.start_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.meters_fuel());
         let quota = self.function.inner.cpu.clone();
+        let probe = self.store.data().call_cpu.clone();
         let call = hooks.call_start(&mut self.store);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         let start_error = |message: String| InstanceError { outcome: Outcome::StartFailed, message };
         match result {
@@ -258,8 +261,9 @@ impl Instance {
             self.function.meters_fuel(),
         );
         let quota = self.function.inner.cpu.clone();
+        let probe = self.store.data().call_cpu.clone();
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), limits.timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, limits.timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -288,8 +292,9 @@ impl Instance {
             self.function.meters_fuel(),
         );
         let quota = self.function.inner.cpu.clone();
+        let probe = self.store.data().call_cpu.clone();
         let call = events.call_handle(&mut self.store, &message);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), limits.timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, limits.timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -327,8 +332,9 @@ impl Instance {
         let timeout = self.function.spec().limits.destroy_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.meters_fuel());
         let quota = self.function.inner.cpu.clone();
+        let probe = self.store.data().call_cpu.clone();
         let call = hooks.call_destroy(&mut self.store);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), timeout, quota, call).await;
+        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, timeout, quota, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         result.map(|()| stats).map_err(|error| InstanceError {
             message: format!("destroy hook failed ({}): {}", error.outcome, error.message),
@@ -354,7 +360,6 @@ impl Window {
         let data = store.data_mut();
         data.memory.reset_window();
         data.deadline = start + timeout;
-        data.ticks = 0;
         data.throttled = Duration::ZERO;
         store.set_epoch_deadline(1);
         let fuel_given = fuel_enabled.then(|| fuel.unwrap_or(UNLIMITED_FUEL));
@@ -396,11 +401,12 @@ impl Window {
 /// throughout. `None`: the limit cut the call off.
 async fn run_metered<R>(
     _clock: ClockHold,
+    probe: Arc<CallCpu>,
     timeout: Duration,
     quota: Option<Arc<CpuQuota>>,
     call: impl Future<Output = wasmtime::Result<R>>,
 ) -> (Duration, Option<wasmtime::Result<R>>) {
-    let mut timed = std::pin::pin!(CpuTimed::new(call, quota));
+    let mut timed = std::pin::pin!(CpuTimed::with_probe(call, quota, probe));
     let result = tokio::time::timeout(timeout + Duration::from_millis(20), timed.as_mut()).await.ok();
     (timed.cpu(), result)
 }

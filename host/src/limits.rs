@@ -341,6 +341,45 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// The CPU time of the guest call under way on an instance, readable
+/// from inside the call (its epoch callback) while [`CpuTimed`] measures
+/// it: what earlier polls used plus what the current one has so far.
+#[derive(Debug)]
+pub struct CallCpu {
+    /// CPU time of the call's finished polls, in nanoseconds.
+    polls_ns: AtomicU64,
+    /// The polling thread's CPU clock when the current poll began;
+    /// [`CallCpu::NOT_POLLED`] between polls (and outside measured calls,
+    /// such as an instantiation).
+    poll_began_ns: AtomicU64,
+}
+
+impl Default for CallCpu {
+    fn default() -> CallCpu {
+        CallCpu { polls_ns: AtomicU64::new(0), poll_began_ns: AtomicU64::new(CallCpu::NOT_POLLED) }
+    }
+}
+
+impl CallCpu {
+    const NOT_POLLED: u64 = u64::MAX;
+
+    /// The call's CPU time so far: its finished polls, plus the current
+    /// poll's when asked on the thread polling it (the epoch callback runs
+    /// there).
+    pub fn so_far(&self) -> Duration {
+        let polls = self.polls_ns.load(Ordering::Relaxed);
+        let current = match self.poll_began_ns.load(Ordering::Relaxed) {
+            CallCpu::NOT_POLLED => 0,
+            began => duration_ns(thread_cpu_time()).saturating_sub(began),
+        };
+        Duration::from_nanos(polls.saturating_add(current))
+    }
+}
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 pin_project_lite::pin_project! {
     /// Adds up the thread CPU time spent in each poll of `inner`: with
     /// async calls, the guest runs inside `poll`, on whichever worker thread
@@ -351,13 +390,21 @@ pin_project_lite::pin_project! {
         inner: F,
         cpu: Duration,
         quota: Option<Arc<CpuQuota>>,
+        probe: Option<Arc<CallCpu>>,
     }
 }
 
 impl<F> CpuTimed<F> {
     /// Measure `inner`, charging `quota`.
     pub fn new(inner: F, quota: Option<Arc<CpuQuota>>) -> CpuTimed<F> {
-        CpuTimed { inner, cpu: Duration::ZERO, quota }
+        CpuTimed { inner, cpu: Duration::ZERO, quota, probe: None }
+    }
+
+    /// The same, keeping `probe` up to date as the call goes (it starts
+    /// again from zero).
+    pub fn with_probe(inner: F, quota: Option<Arc<CpuQuota>>, probe: Arc<CallCpu>) -> CpuTimed<F> {
+        probe.polls_ns.store(0, Ordering::Relaxed);
+        CpuTimed { inner, cpu: Duration::ZERO, quota, probe: Some(probe) }
     }
 
     /// The CPU time of the polls so far.
@@ -372,9 +419,16 @@ impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
         let this = self.project();
         let before = thread_cpu_time();
+        if let Some(probe) = this.probe {
+            probe.poll_began_ns.store(duration_ns(before), Ordering::Relaxed);
+        }
         let poll = this.inner.poll(cx);
         let used = thread_cpu_time().saturating_sub(before);
         *this.cpu += used;
+        if let Some(probe) = this.probe {
+            probe.polls_ns.store(duration_ns(*this.cpu), Ordering::Relaxed);
+            probe.poll_began_ns.store(CallCpu::NOT_POLLED, Ordering::Relaxed);
+        }
         if let Some(quota) = this.quota {
             quota.charge(used);
         }
@@ -391,6 +445,47 @@ fn thread_cpu_time() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Spin until this thread has used `cpu` more CPU time.
+    fn compute(cpu: Duration) {
+        let start = thread_cpu_time();
+        while thread_cpu_time().saturating_sub(start) < cpu {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[test]
+    fn a_calls_cpu_so_far_counts_its_polls_and_the_one_under_way_but_not_the_waits_between() {
+        let probe = Arc::new(CallCpu::default());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut polls = 0;
+        let call = {
+            let (probe, seen) = (probe.clone(), seen.clone());
+            std::future::poll_fn(move |_| {
+                polls += 1;
+                compute(Duration::from_millis(20));
+                seen.lock().unwrap().push(probe.so_far());
+                if polls == 2 { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+            })
+        };
+        let mut timed = std::pin::pin!(CpuTimed::with_probe(call, None, probe.clone()));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(timed.as_mut().poll(&mut cx).is_pending());
+        // Waiting between polls (here sleeping) is not the call's CPU.
+        std::thread::sleep(Duration::from_millis(60));
+        let between = probe.so_far();
+        assert!(timed.as_mut().poll(&mut cx).is_ready());
+        let seen = seen.lock().unwrap().clone();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        assert!((20.0..40.0).contains(&ms(seen[0])), "inside the first poll: {seen:?}");
+        assert!((20.0..40.0).contains(&ms(between)), "between the polls: {between:?}");
+        assert!((40.0..80.0).contains(&ms(seen[1])), "inside the second poll: {seen:?}");
+        assert!(ms(timed.cpu()) >= 40.0, "{:?}", timed.cpu());
+        // A new call starts again from zero.
+        let again = CpuTimed::with_probe(std::future::ready(()), None, probe.clone());
+        assert!(probe.so_far() < Duration::from_millis(1), "{:?}", probe.so_far());
+        drop(again);
+    }
 
     #[test]
     fn a_cpu_quota_waits_out_a_spent_period_and_carries_debt() {
