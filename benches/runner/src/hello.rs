@@ -22,7 +22,15 @@ struct Cell {
 pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     eprintln!("W1: hello-world HTTP ({} runs x {} s per cell)", args.runs, args.duration);
     let mut cells = Vec::new();
-    for peer in [Peer::Native, Peer::WasmtimeServe, Peer::Shoal, Peer::ShoalNoFuel, Peer::ShoalJs, Peer::ShoalPython] {
+    for peer in [
+        Peer::Native,
+        Peer::WasmtimeServe,
+        Peer::WasmtimeServeReuse,
+        Peer::Shoal,
+        Peer::ShoalNoFuel,
+        Peer::ShoalJs,
+        Peer::ShoalPython,
+    ] {
         let server = Server::start(tools, peer)?;
         for &connections in &args.concurrency {
             let mut samples = Vec::new();
@@ -74,8 +82,25 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     let rps = |peer: Peer, c: u32| {
         cells.iter().find(|cell| cell.peer.name() == peer.name() && cell.connections == c).map(|cell| cell.rps.median)
     };
+    let cpu = |peer: Peer, c: u32| {
+        cells
+            .iter()
+            .find(|cell| cell.peer.name() == peer.name() && cell.connections == c)
+            .map(|cell| cell.cpu_us.median)
+    };
     let mut ratios = Vec::new();
     for &c in &args.concurrency {
+        if let (Some(shoal), Some(floor), Some(native)) =
+            (cpu(Peer::Shoal, c), cpu(Peer::WasmtimeServeReuse, c), cpu(Peer::Native, c))
+        {
+            section.note(format!(
+                "c={c}: server CPU per request: Shoal {shoal:.1} µs (target ≤ 15: {}), `wasmtime serve` reusing \
+                 instances {floor:.1} µs (the upstream host for this guest, nothing metered, recorded or logged), \
+                 native {native:.1} µs; Shoal's own work {:.1} µs over that floor",
+                verdict(shoal <= 15.0),
+                shoal - floor
+            ));
+        }
         let (Some(shoal), Some(native), Some(serve), Some(unmetered)) =
             (rps(Peer::Shoal, c), rps(Peer::Native, c), rps(Peer::WasmtimeServe, c), rps(Peer::ShoalNoFuel, c))
         else {

@@ -19,6 +19,10 @@ pub enum Peer {
     Native,
     /// `wasmtime serve hello.wasm` (a new instance per request).
     WasmtimeServe,
+    /// `wasmtime serve` reusing each instance for every request: the
+    /// upstream host's floor for this guest (hyper and wasmtime-wasi-http
+    /// with nothing metered, recorded or logged per request).
+    WasmtimeServeReuse,
     /// `shoal serve` with `hello` deployed (instances reused, metered).
     Shoal,
     /// The same with fuel metering off (`--no-fuel`; epochs still bound time).
@@ -36,6 +40,7 @@ impl Peer {
         match self {
             Peer::Native => "native-hyper",
             Peer::WasmtimeServe => "wasmtime-serve",
+            Peer::WasmtimeServeReuse => "wasmtime-serve-reuse",
             Peer::Shoal => "shoal",
             Peer::ShoalNoFuel => "shoal-no-fuel",
             Peer::ShoalJs => "shoal-js",
@@ -213,6 +218,14 @@ impl Server {
             Peer::WasmtimeServe => {
                 // `-Scli`: Rust's std imports wasi:cli (environment, stdio).
                 command.arg(&tools.wasmtime).args(["serve", "-Scli", "--addr", &addr]).arg(&tools.hello_wasm);
+            }
+            Peer::WasmtimeServeReuse => {
+                // One instance serves request after request (wasip2 calls
+                // do not overlap, so concurrent requests get more of them).
+                command
+                    .arg(&tools.wasmtime)
+                    .args(["serve", "-Scli", "--max-instance-reuse-count", "1000000000", "--addr", &addr])
+                    .arg(&tools.hello_wasm);
             }
             // Fuel metered for the request (hello sets no fuel limit, so
             // by default it would run without): W1 measures the host with
