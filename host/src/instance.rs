@@ -198,10 +198,9 @@ impl Instance {
         };
         let timeout = self.function.spec().limits.start_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.meters_fuel());
-        let quota = self.function.inner.cpu.clone();
-        let probe = self.store.data().call_cpu.clone();
+        let meters = self.meters();
         let call = hooks.call_start(&mut self.store);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, timeout, quota, call).await;
+        let (cpu, result) = run_metered(meters, timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         let start_error = |message: String| InstanceError { outcome: Outcome::StartFailed, message };
         match result {
@@ -214,6 +213,15 @@ impl Instance {
                 Err(start_error(format!("start hook ran past its start_timeout of {timeout:?}")))
             }
             Err(error) => Err(start_error(format!("start hook failed ({}): {}", error.outcome, error.message))),
+        }
+    }
+
+    /// The clock hold, CPU probe and CPU share for a call about to start.
+    fn meters(&self) -> Meters {
+        Meters {
+            clock: self.function.engine.hold_clock(),
+            probe: self.store.data().call_cpu.clone(),
+            quota: self.function.inner.cpu.clone(),
         }
     }
 
@@ -260,10 +268,9 @@ impl Instance {
             limits.fuel_per_request.map(NonZeroU64::get),
             self.function.meters_fuel(),
         );
-        let quota = self.function.inner.cpu.clone();
-        let probe = self.store.data().call_cpu.clone();
+        let meters = self.meters();
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, limits.timeout, quota, call).await;
+        let (cpu, result) = run_metered(meters, limits.timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -291,10 +298,9 @@ impl Instance {
             limits.fuel_per_request.map(NonZeroU64::get),
             self.function.meters_fuel(),
         );
-        let quota = self.function.inner.cpu.clone();
-        let probe = self.store.data().call_cpu.clone();
+        let meters = self.meters();
         let call = events.call_handle(&mut self.store, &message);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, limits.timeout, quota, call).await;
+        let (cpu, result) = run_metered(meters, limits.timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -331,10 +337,9 @@ impl Instance {
         };
         let timeout = self.function.spec().limits.destroy_timeout;
         let window = Window::open(&mut self.store, timeout, None, self.function.meters_fuel());
-        let quota = self.function.inner.cpu.clone();
-        let probe = self.store.data().call_cpu.clone();
+        let meters = self.meters();
         let call = hooks.call_destroy(&mut self.store);
-        let (cpu, result) = run_metered(self.function.engine.hold_clock(), probe, timeout, quota, call).await;
+        let (cpu, result) = run_metered(meters, timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         result.map(|()| stats).map_err(|error| InstanceError {
             message: format!("destroy hook failed ({}): {}", error.outcome, error.message),
@@ -395,17 +400,27 @@ impl Window {
     }
 }
 
+/// What a guest call on an instance is measured and limited with,
+/// taken before the call borrows the instance's store.
+struct Meters {
+    /// Keeps the epoch clock running during the call.
+    clock: ClockHold,
+    /// The call's CPU time as it goes, for the epoch callback.
+    probe: Arc<CallCpu>,
+    /// The function's CPU share, if limited.
+    quota: Option<Arc<CpuQuota>>,
+}
+
 /// Run `call` with a wall-clock limit (a little past `timeout`, as a
 /// backstop for guests blocked in host calls, which epochs cannot
 /// interrupt), measuring CPU time, with the epoch clock held running
 /// throughout. `None`: the limit cut the call off.
 async fn run_metered<R>(
-    _clock: ClockHold,
-    probe: Arc<CallCpu>,
+    meters: Meters,
     timeout: Duration,
-    quota: Option<Arc<CpuQuota>>,
     call: impl Future<Output = wasmtime::Result<R>>,
 ) -> (Duration, Option<wasmtime::Result<R>>) {
+    let Meters { clock: _clock, probe, quota } = meters;
     let mut timed = std::pin::pin!(CpuTimed::with_probe(call, quota, probe));
     let result = tokio::time::timeout(timeout + Duration::from_millis(20), timed.as_mut()).await.ok();
     (timed.cpu(), result)

@@ -79,15 +79,9 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
             cell.errors.to_string(),
         ]);
     }
-    let rps = |peer: Peer, c: u32| {
-        cells.iter().find(|cell| cell.peer.name() == peer.name() && cell.connections == c).map(|cell| cell.rps.median)
-    };
-    let cpu = |peer: Peer, c: u32| {
-        cells
-            .iter()
-            .find(|cell| cell.peer.name() == peer.name() && cell.connections == c)
-            .map(|cell| cell.cpu_us.median)
-    };
+    let cell = |peer: Peer, c: u32| cells.iter().find(|cell| cell.peer.name() == peer.name() && cell.connections == c);
+    let rps = |peer: Peer, c: u32| cell(peer, c).map(|cell| cell.rps.median);
+    let cpu = |peer: Peer, c: u32| cell(peer, c).map(|cell| cell.cpu_us.median);
     let mut ratios = Vec::new();
     for &c in &args.concurrency {
         if let (Some(shoal), Some(floor), Some(native)) =
