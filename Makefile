@@ -128,7 +128,7 @@ test: lint unit-and-integration
 # in host/proptest-regressions/ (commit it: every run replays it first).
 FUZZ_CASES ?= 40000
 fuzz: setup
-	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p shoal-host --lib fuzz_
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p shoal-host -p shoal-node -p shoal-images --lib fuzz_
 
 # Benchmarks W1-W7 against native hyper and `wasmtime serve`; writes
 # bench-results/latest.{md,json}. BENCH_ARGS passes options (see --help).

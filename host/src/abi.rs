@@ -107,6 +107,12 @@ pub struct Services {
 }
 
 impl Services {
+    /// Let go of the key-value store for good (a node host handing over
+    /// to the next process: an embedded store allows one at a time).
+    pub fn close_keyvalue(&self) -> Result<(), crate::backends::BackendError> {
+        self.kv.close()
+    }
+
     /// Backends and metrics for the ABI. `invoke` answers "unavailable"
     /// until [`Services::set_invoker`] is called.
     pub fn new(

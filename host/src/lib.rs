@@ -28,9 +28,9 @@
 //! The modules are layered, and each depends only on modules below it
 //! (a test, `layering`, keeps it so). From the top:
 //!
-//! - [`cli`], [`node`] (containerd's shim task API for every wasm
-//!   container of a node) and [`server`] (a host that serves: listeners and
-//!   background tasks) start things;
+//! - [`server`] (a host that serves: listeners and background tasks)
+//!   starts things (the `shoal` binary and the node host, `shoal-node`,
+//!   are crates above this one);
 //! - [`admin`] (the control API the CLI talks to) and the [`trigger`]s
 //!   (HTTP, messages) turn the outside world into calls on the [`host`];
 //! - [`host`] is the shared state: [`registry`] of deployed functions, the
@@ -40,30 +40,26 @@
 //!   with its store's [`guest`] state, which reaches infrastructure only
 //!   through the [`abi`] (capability checks) over the [`backends`];
 //! - at the bottom: the [`engine`]s and their instance slots, the [`manifest`] types, [`logs`],
-//!   [`image`] building, [`signals`] and the shared [`request`] types.
+//!   [`signals`] and the shared [`request`] types.
 
 pub mod abi;
 pub mod admin;
 pub mod backends;
-pub mod cli;
 pub mod dispatch;
 pub mod engine;
 mod error;
 pub mod function;
 pub mod guest;
 pub mod host;
-pub mod image;
 pub mod instance;
 pub mod limits;
 pub mod logs;
 pub mod manifest;
 pub mod metering;
 pub mod metrics;
-pub mod node;
 pub mod pool;
 pub mod registry;
 pub mod request;
-pub mod scaffold;
 pub mod server;
 pub mod signals;
 pub mod trigger;

@@ -23,7 +23,7 @@ pub fn build(tools: &Tools) -> anyhow::Result<()> {
     crate::peers::run(Command::new("cargo").current_dir(&tools.root).args([
         "bench",
         "-p",
-        "shoal-host",
+        "shoal-cli",
         "--bench",
         "kubernetes",
         "--no-run",
@@ -36,7 +36,7 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     crate::peers::run(
         Command::new("cargo")
             .current_dir(&tools.root)
-            .args(["bench", "-p", "shoal-host", "--bench", "kubernetes"])
+            .args(["bench", "-p", "shoal-cli", "--bench", "kubernetes"])
             .env("SHOAL_BENCH_OUT", &out)
             .env("SHOAL_BENCH_PODS", args.pods.to_string()),
     )?;

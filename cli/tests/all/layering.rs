@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Where the README lists the layers: the fenced block after this line.
-const MARKER: &str = "<!-- host/src layers, top to bottom (checked by tests/all/layering.rs) -->";
+const MARKER: &str = "<!-- host/src layers, top to bottom (checked by cli/tests/all/layering.rs) -->";
 
 /// One `crate::` reference: which module it names, from which file and line.
 #[derive(Debug)]
@@ -110,7 +110,7 @@ fn readme_layers(readme: &str) -> Vec<String> {
 
 #[test]
 fn every_module_depends_only_on_modules_below_it_in_the_readme() {
-    let host = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host");
     let src = host.join("src");
     let readme = std::fs::read_to_string(host.join("../README.md")).unwrap();
     let layers = readme_layers(&readme);
@@ -132,7 +132,7 @@ fn every_module_depends_only_on_modules_below_it_in_the_readme() {
                 "{} → {} ({}:{})",
                 reference.from,
                 reference.to,
-                reference.file.strip_prefix(host).unwrap_or(&reference.file).display(),
+                reference.file.strip_prefix(&host).unwrap_or(&reference.file).display(),
                 reference.line
             )
         })

@@ -26,8 +26,8 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use super::error::NodeError;
-use crate::manifest::{Grants, KeyGrant, TenantName};
+use crate::error::NodeError;
+use shoal::manifest::{Grants, KeyGrant, TenantName};
 
 /// The default place of the policy file.
 pub const DEFAULT_POLICY_PATH: &str = "/etc/shoal/policy.toml";
@@ -237,7 +237,7 @@ fn special_address(authority: &str) -> Option<&'static str> {
     if host.eq_ignore_ascii_case("localhost") {
         return Some("loopback");
     }
-    host.parse::<IpAddr>().ok().and_then(|ip| crate::abi::special_kind(ip, &crate::abi::node_addresses()))
+    host.parse::<IpAddr>().ok().and_then(|ip| shoal::abi::special_kind(ip, &shoal::abi::node_addresses()))
 }
 
 /// `*`-only glob match. Hand-written: a glob crate's character classes and
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_policy_parses_and_means_what_it_says() {
-        let policy = Policy::parse(include_str!("../../../k8s/policy.toml"), "k8s/policy.toml").unwrap();
+        let policy = Policy::parse(include_str!("../../k8s/policy.toml"), "k8s/policy.toml").unwrap();
         let stripe = grants(&["ledger:*"], &["payments.done"], &["api.stripe.com:443"]);
         assert!(policy.check(&tenant("payments"), &stripe).is_ok());
         assert!(policy.check(&tenant("shop"), &stripe).is_err(), "no egress for everyone else");

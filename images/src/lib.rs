@@ -24,7 +24,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::engine::sha256_hex;
+use sha2::{Digest as _, Sha256};
+
+/// The lowercase hex sha256 of `bytes` (an OCI digest without its `sha256:`).
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Write `bytes` to `path` so that readers see either nothing or all of it
+/// (a temporary file beside it, synced, renamed over it).
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|err| err.error)?;
+    Ok(())
+}
 
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -177,7 +194,7 @@ impl Image {
             append(&mut builder, &format!("blobs/sha256/{hex}"), &blob.bytes)?;
         }
         let bytes = builder.into_inner()?;
-        crate::engine::write_atomically(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
+        write_atomically(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Read an image layout tarball written by [`Image::write_layout`]

@@ -9,8 +9,8 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::error::NodeError;
-use crate::logs::{GuestLine, LogSink, Stream, TracingSink};
+use crate::error::NodeError;
+use shoal::logs::{GuestLine, LogSink, Stream, TracingSink};
 
 /// A container's stdout and stderr FIFOs.
 pub struct ContainerOutput {

@@ -17,10 +17,10 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::error::NodeError;
-use crate::engine::WasmEngine;
-use crate::limits::{CpuQuota, CpuTimed};
-use crate::logs::{InstanceLog, Stream};
+use crate::error::NodeError;
+use shoal::engine::WasmEngine;
+use shoal::limits::{CpuQuota, CpuTimed};
+use shoal::logs::{InstanceLog, Stream};
 
 /// The exit status of a command that trapped (as a process that aborted:
 /// 128 + SIGABRT).
@@ -63,7 +63,7 @@ pub struct Invocation<'a> {
     /// Mounted read-only at `/`, when present.
     pub rootfs: Option<&'a Path>,
     /// The container's volumes, preopened at their mount paths.
-    pub volumes: &'a [crate::manifest::FileGrant],
+    pub volumes: &'a [shoal::manifest::FileGrant],
     /// Linear memory cap in bytes.
     pub memory_limit: Option<u64>,
     /// The container's CPU share (its `cpu_millis`), shared with its

@@ -18,7 +18,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
-use super::error::NodeError;
+use crate::error::NodeError;
 
 /// The largest wasm file read out of a rootfs unless configured otherwise.
 pub const DEFAULT_MAX_WASM_BYTES: u64 = 256 << 20;

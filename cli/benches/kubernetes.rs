@@ -9,13 +9,7 @@
 
 #![allow(clippy::unwrap_used, reason = "a fixture failure should stop the benchmark with its message")]
 
-#[allow(dead_code, reason = "shared with the integration tests; the benchmark uses a part")]
-#[path = "../tests/all/support.rs"]
-mod support;
-
-#[allow(dead_code, reason = "shared with the integration tests; the benchmark uses a part")]
-#[path = "../tests/all/cluster.rs"]
-mod cluster;
+use shoal_testing::{cluster, support};
 
 use std::time::{Duration, Instant};
 

@@ -7,8 +7,8 @@ use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-use super::error::NodeError;
-use crate::manifest::{FileGrant, FunctionSpec, Manifest, PodIdentity, VolumeKind};
+use crate::error::NodeError;
+use shoal::manifest::{FileGrant, FunctionSpec, Manifest, PodIdentity, VolumeKind};
 
 /// Labels and annotations under this prefix carry grants and limits.
 pub const ANNOTATION_PREFIX: &str = "shoal.dev/";
@@ -229,7 +229,7 @@ impl Bundle {
 
     /// The entrypoint (`args[0]`) as the container names it, refusing
     /// paths that climb out of the rootfs with `..` (reading it resolves it
-    /// inside the rootfs: [`super::rootfs::read_inside`]).
+    /// inside the rootfs: [`crate::rootfs::read_inside`]).
     pub fn entrypoint(&self) -> Result<String, NodeError> {
         let args = self.args();
         let Some(entry) = args.first().filter(|entry| !entry.is_empty()) else {
@@ -365,7 +365,7 @@ pub fn function_name(container_id: &str, container_name: Option<&str>) -> String
     if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
         name.insert_str(0, "c-");
     }
-    let digest = crate::engine::sha256_hex(container_id.as_bytes());
+    let digest = shoal::engine::sha256_hex(container_id.as_bytes());
     format!("{}-{}", name.trim_end_matches('-'), &digest[..8])
 }
 
@@ -463,8 +463,8 @@ mod tests {
         let b = function_name("77aa00bb11", Some("web"));
         assert_ne!(a, b);
         assert!(a.starts_with("web-"));
-        assert!(crate::manifest::validate_name(&a).is_ok(), "{a}");
+        assert!(shoal::manifest::validate_name(&a).is_ok(), "{a}");
         let c = function_name(&"9".repeat(64), None);
-        assert!(crate::manifest::validate_name(&c).is_ok(), "{c}");
+        assert!(shoal::manifest::validate_name(&c).is_ok(), "{c}");
     }
 }

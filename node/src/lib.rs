@@ -45,14 +45,14 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::Error;
-use crate::engine::EngineOptions;
-use crate::host::{Backend, FrontDoor, HostConfig};
-use crate::metering::LedgerPolicy;
-use crate::server::RunningHost;
-use crate::signals::StopSignals;
 use handover::{Descriptors, Link, Said, SavedConnection, Snapshot};
 use relay::Relays;
+use shoal::Error;
+use shoal::engine::EngineOptions;
+use shoal::host::{Backend, FrontDoor, HostConfig};
+use shoal::metering::LedgerPolicy;
+use shoal::server::RunningHost;
+use shoal::signals::StopSignals;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
 pub use error::NodeError;
@@ -292,7 +292,7 @@ impl Session {
                 Err(err) => {
                     let host = running.host().clone();
                     running.shutdown().await;
-                    let _ = host.services().kv.close();
+                    let _ = host.services().close_keyvalue();
                     return Err(anyhow::anyhow!(
                         "cannot reach containerd's event service at {}: {err}",
                         config.ttrpc_address
@@ -316,7 +316,7 @@ impl Session {
                 node.stop_serving().await;
                 let host = running.host().clone();
                 running.shutdown().await;
-                let _ = host.services().kv.close();
+                let _ = host.services().close_keyvalue();
                 Err(err)
             }
         }
@@ -489,7 +489,7 @@ impl Session {
         node.stop_serving().await;
         let host = running.host().clone();
         running.shutdown().await;
-        if let Err(err) = host.services().kv.close() {
+        if let Err(err) = host.services().close_keyvalue() {
             tracing::error!(error = %err, "cannot close the key-value store for the new host");
         }
         drop(server);

@@ -69,9 +69,18 @@ pub struct TestHost {
     pub state: Option<tempfile::TempDir>,
 }
 
+/// The folder of the build profile the running test or benchmark was
+/// built in (`target/debug`, `target/release`): cargo puts the test
+/// executables in its `deps/`, and the workspace's binaries beside it.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let deps = exe.parent().expect("the executable's folder");
+    deps.parent().map(Path::to_path_buf).expect("cargo's profile folder above deps/")
+}
+
 /// A compile cache shared by all tests of this process (keeps them fast).
 fn shared_cache() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("shoal-test-cache");
+    let dir = profile_dir().join("../tmp/shoal-test-cache");
     std::fs::create_dir_all(&dir).expect("cache dir");
     dir
 }
@@ -236,9 +245,19 @@ pub struct HostProcess {
     _stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
-/// The `shoal` binary.
+/// The `shoal` binary, built beside the tests (`cargo test --workspace`
+/// builds every binary of the workspace with the tests).
 pub fn shoal_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_shoal")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = profile_dir().join("shoal");
+        assert!(
+            bin.is_file(),
+            "{} is missing: build it first (`cargo build -p shoal-cli`; `make test` does)",
+            bin.display()
+        );
+        bin.display().to_string()
+    })
 }
 
 /// Write a manifest with `body` into `dir` and return its path.

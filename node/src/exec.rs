@@ -20,7 +20,7 @@ use containerd_shim_protos::api::ExecProcessRequest;
 use tokio::sync::watch;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 
-use super::error::NodeError;
+use crate::error::NodeError;
 
 /// How much output a program may have written but not yet drained to its
 /// FIFO before its writes wait (per stream).

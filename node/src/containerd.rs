@@ -13,8 +13,8 @@ use containerd_client::tonic::Request;
 use containerd_client::with_namespace;
 use serde_json::Value;
 
-use super::error::NodeError;
-use crate::image::{WASM_COMPONENT_LAYER, WASM_LAYER};
+use crate::error::NodeError;
+use shoal_images::{WASM_COMPONENT_LAYER, WASM_LAYER};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest manifest or index read from the content store.
@@ -147,7 +147,7 @@ async fn read(
             return Err(NodeError::InvalidArgument(format!("blob {digest} is larger than {limit} bytes")));
         }
     }
-    if crate::engine::sha256_hex(&bytes) != expected {
+    if shoal::engine::sha256_hex(&bytes) != expected {
         return Err(NodeError::InvalidArgument(format!(
             "blob {digest} read from the content store does not match its digest"
         )));

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
-use crate::manifest::validate_name;
+use shoal::manifest::validate_name;
 
 /// The languages `shoal new` writes projects for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -285,7 +285,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let project = dir.path().join("my-fn");
             new_project("my-fn", language, &project).unwrap();
-            let manifest = crate::manifest::Manifest::load(&project.join("shoal.toml")).unwrap();
+            let manifest = shoal::manifest::Manifest::load(&project.join("shoal.toml")).unwrap();
             let specs = manifest.resolve().unwrap();
             assert_eq!(specs[0].name.as_str(), "my-fn");
             assert!(project.join("wit/http.wit").is_file() && project.join("wit/deps/http/http.wit").is_file());

@@ -29,23 +29,23 @@ use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::asynchronous::Service;
 use tokio::sync::watch;
 
-use super::NodeConfig;
-use super::command::{self, Program};
-use super::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
-use super::containerd::ContainerRecord;
-use super::error::{NodeError, task_failed};
-use super::exec::{Exec, ExecCommand, ExecState, ExecStdio};
-use super::handover::{Descriptors, SavedContainer, SavedState};
-use super::policy::PolicyFile;
-use super::stdio::{ContainerOutput, ContainerSinks};
-use super::{netns, rootfs};
-use crate::abi::Egress;
-use crate::host::Host;
-use crate::limits::CpuQuota;
-use crate::logs::{GuestLine, InstanceLog, LogBudget, LogSink, Stream};
-use crate::manifest::TenantName;
-use crate::registry::DeployItem;
-use crate::trigger::http::{Routing, serve_routed};
+use crate::NodeConfig;
+use crate::command::{self, Program};
+use crate::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
+use crate::containerd::ContainerRecord;
+use crate::error::{NodeError, task_failed};
+use crate::exec::{Exec, ExecCommand, ExecState, ExecStdio};
+use crate::handover::{Descriptors, SavedContainer, SavedState};
+use crate::policy::PolicyFile;
+use crate::stdio::{ContainerOutput, ContainerSinks};
+use crate::{netns, rootfs};
+use shoal::abi::Egress;
+use shoal::host::Host;
+use shoal::limits::CpuQuota;
+use shoal::logs::{GuestLine, InstanceLog, LogBudget, LogSink, Stream};
+use shoal::manifest::TenantName;
+use shoal::registry::DeployItem;
+use shoal::trigger::http::{Routing, serve_routed};
 
 /// `128 + signal`, the status of a task ended by a signal.
 fn signalled(signal: u32) -> u32 {
@@ -515,7 +515,7 @@ impl Node {
             }
             Role::App { sandbox_id } => {
                 let asked = Instant::now();
-                let record = match super::containerd::container(&self.containerd, &self.namespace, &id).await {
+                let record = match crate::containerd::container(&self.containerd, &self.namespace, &id).await {
                     Ok(record) => record,
                     Err(err) => {
                         tracing::warn!(container = %id, error = %err, "no image labels; using annotations only");
@@ -614,7 +614,7 @@ impl Node {
         sandbox_id: Option<&str>,
         file: &std::path::Path,
         (memory_limit, cpu_limit): (Option<u64>, Option<u32>),
-    ) -> Result<crate::manifest::FunctionSpec, NodeError> {
+    ) -> Result<shoal::manifest::FunctionSpec, NodeError> {
         let mut settings = KubernetesSettings::collect([&record.labels, &bundle.annotations()], memory_limit);
         settings.cpu_limit = cpu_limit;
         let mut spec = settings.function_spec(function, file, &format!("container {id} labels/annotations"))?;
@@ -661,7 +661,7 @@ impl Node {
         if record.image.is_empty() || !rootfs_empty {
             return Err(from_rootfs);
         }
-        let (digest, wasm) = super::containerd::artifact_wasm(&self.containerd, &self.namespace, &record.image)
+        let (digest, wasm) = crate::containerd::artifact_wasm(&self.containerd, &self.namespace, &record.image)
             .await
             .map_err(|err| err.context("the rootfs is empty and the image is not a wasm artifact"))?;
         let name = format!("{}@{digest}", record.image);
@@ -965,14 +965,14 @@ impl Node {
                     Ok(bundle) => (bundle.rootfs(), bundle.volumes()),
                     Err(err) => {
                         let why = format!("shoal: {}: the container's bundle: {err}\n", args[0]);
-                        super::exec::write(&mut notes, why.as_bytes()).await;
+                        crate::exec::write(&mut notes, why.as_bytes()).await;
                         return 127;
                     }
                 };
                 let program = match self.exec_program(rootfs.clone(), &args[0]).await {
                     Ok(program) => program,
                     Err((status, why)) => {
-                        super::exec::write(&mut notes, format!("shoal: {}: {why}\n", args[0]).as_bytes()).await;
+                        crate::exec::write(&mut notes, format!("shoal: {}: {why}\n", args[0]).as_bytes()).await;
                         return status;
                     }
                 };
@@ -989,7 +989,7 @@ impl Node {
                 let engine = self.host.registry().engine().clone();
                 let (code, trap) = command::run(&engine, &program, invocation).await;
                 if let Some(trap) = trap {
-                    super::exec::write(&mut notes, format!("shoal: the program trapped: {trap}\n").as_bytes()).await;
+                    crate::exec::write(&mut notes, format!("shoal: the program trapped: {trap}\n").as_bytes()).await;
                 }
                 code as u32
             }
@@ -1020,7 +1020,7 @@ impl Node {
         use http_body_util::BodyExt as _;
         let ExecStdio { mut stdout, mut notes, .. } = stdio;
         let Some(target) = self.host.registry().by_name(&container.function) else {
-            super::exec::write(&mut notes, b"shoal invoke: the pod's function is not running\n").await;
+            crate::exec::write(&mut notes, b"shoal invoke: the pod's function is not running\n").await;
             return 1;
         };
         let request = http::Request::builder()
@@ -1034,7 +1034,7 @@ impl Node {
         let request = match request {
             Ok(request) => request,
             Err(err) => {
-                super::exec::write(&mut notes, format!("shoal invoke: bad path {path:?}: {err}\n").as_bytes()).await;
+                crate::exec::write(&mut notes, format!("shoal invoke: bad path {path:?}: {err}\n").as_bytes()).await;
                 return 2;
             }
         };
@@ -1046,18 +1046,18 @@ impl Node {
             match frame {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
-                        super::exec::write(&mut stdout, &data).await;
+                        crate::exec::write(&mut stdout, &data).await;
                     }
                 }
                 Err(err) => {
-                    super::exec::write(&mut notes, format!("shoal invoke: the body broke off: {err}\n").as_bytes())
+                    crate::exec::write(&mut notes, format!("shoal invoke: the body broke off: {err}\n").as_bytes())
                         .await;
                     return 1;
                 }
             }
         }
         if status.as_u16() >= 400 {
-            super::exec::write(&mut notes, format!("shoal invoke: {path} answered {status}\n").as_bytes()).await;
+            crate::exec::write(&mut notes, format!("shoal invoke: {path} answered {status}\n").as_bytes()).await;
             return 1;
         }
         0
@@ -1176,10 +1176,10 @@ impl Node {
             return Err(NodeError::Internal("an HTTP function's bundle names no app container".to_string()));
         };
         let record =
-            super::containerd::container(&self.containerd, &self.namespace, &container.id).await.unwrap_or_default();
+            crate::containerd::container(&self.containerd, &self.namespace, &container.id).await.unwrap_or_default();
         let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
         let running = self.host.registry().by_name(&container.function);
-        let digest = crate::engine::sha256_hex(&wasm);
+        let digest = shoal::engine::sha256_hex(&wasm);
         if running
             .as_ref()
             .and_then(|target| target.pools().next())

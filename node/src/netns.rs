@@ -12,7 +12,7 @@ use std::path::Path;
 
 use nix::sched::CloneFlags;
 
-use super::error::NodeError;
+use crate::error::NodeError;
 
 /// Open a namespace file (`/var/run/netns/cni-...`, `/proc/<pid>/ns/net`);
 /// holding the descriptor keeps the namespace alive.

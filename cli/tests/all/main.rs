@@ -4,9 +4,9 @@
 // Test code may unwrap: a panic is how a test reports failure.
 #![allow(clippy::unwrap_used)]
 
-mod cluster;
+use shoal_testing::{cluster, support};
+
 mod faults;
-mod support;
 
 mod bad_input;
 mod grants;

@@ -11,16 +11,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::admin::Client;
-use crate::engine::{EngineOptions, FuelMetering, LimitedPriority};
-use crate::host::{Backend, FrontDoor, HostConfig};
-use crate::logs::TracingSink;
-use crate::manifest::{FunctionSpec, Manifest};
-use crate::metering::{LedgerPolicy, UsageGrouping, UsageQuery};
-use crate::registry::DeployItem;
 use crate::scaffold::Language;
-use crate::server::RunningHost;
-use crate::signals::StopSignals;
+use shoal::admin::Client;
+use shoal::engine::{EngineOptions, FuelMetering, LimitedPriority};
+use shoal::host::{Backend, FrontDoor, HostConfig};
+use shoal::logs::TracingSink;
+use shoal::manifest::{FunctionSpec, Manifest};
+use shoal::metering::{LedgerPolicy, UsageGrouping, UsageQuery};
+use shoal::registry::DeployItem;
+use shoal::server::RunningHost;
+use shoal::signals::StopSignals;
 
 /// Shoal: many sandboxed WebAssembly functions in one host process.
 #[derive(Debug, Parser)]
@@ -88,11 +88,11 @@ enum Command {
         #[arg(long)]
         ttrpc_address: Option<String>,
         /// The largest wasm file read out of a container's image, in MiB.
-        #[arg(long, default_value_t = crate::node::DEFAULT_MAX_WASM_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        #[arg(long, default_value_t = shoal_node::DEFAULT_MAX_WASM_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..=4096))]
         max_wasm_mb: u64,
         /// The node policy: what pods may grant themselves, per namespace
         /// (the built-in policy while the file does not exist).
-        #[arg(long, env = "SHOAL_POLICY", default_value = crate::node::DEFAULT_POLICY_PATH)]
+        #[arg(long, env = "SHOAL_POLICY", default_value = shoal_node::DEFAULT_POLICY_PATH)]
         policy: PathBuf,
         #[command(flatten)]
         host: HostArgs,
@@ -245,7 +245,7 @@ struct HostArgs {
     #[arg(long, default_value_t = LedgerPolicy::default().partition.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     ledger_partition_secs: u64,
     /// MiB of key-value keys and values one tenant (namespace) may keep; 0: no limit.
-    #[arg(long, default_value_t = crate::host::DEFAULT_KV_BYTES_PER_TENANT >> 20)]
+    #[arg(long, default_value_t = shoal::host::DEFAULT_KV_BYTES_PER_TENANT >> 20)]
     kv_max_mb_per_tenant: u64,
     /// Days ledger files are kept.
     #[arg(long, default_value_t = LedgerPolicy::default().retention.as_secs() / 86_400, value_parser = clap::value_parser!(u64).range(1..))]
@@ -452,14 +452,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // ended; one named by --socket must answer.
             let (sockets, skip_stale) = match socket {
                 Some(socket) => (vec![socket], false),
-                None => (crate::node::node_sockets(&run_dir)?, true),
+                None => (shoal_node::node_sockets(&run_dir)?, true),
             };
             if sockets.is_empty() {
                 anyhow::bail!("no node host runs here: {} holds no host sockets (see --run-dir)", run_dir.display());
             }
             let mut failed = 0;
             for socket in &sockets {
-                if let Err(err) = crate::node::upgrade(socket, skip_stale).await {
+                if let Err(err) = shoal_node::upgrade(socket, skip_stale).await {
                     eprintln!("error: {err:#}");
                     failed += 1;
                 }
@@ -485,7 +485,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let HostSettings { engine, kv_bytes_per_tenant, drain_timeout, front_door, ledger } = host.apply();
             let (keyvalue, pubsub) = backends.backends();
             let ttrpc_address = ttrpc_address.unwrap_or_else(|| format!("{}.ttrpc", containerd.display()));
-            let config = crate::node::NodeConfig {
+            let config = shoal_node::NodeConfig {
                 socket,
                 namespace,
                 containerd,
@@ -501,7 +501,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pubsub,
                 kv_bytes_per_tenant,
             };
-            crate::node::run(config, adopt_fd).await?;
+            shoal_node::run(config, adopt_fd).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Image(ImageCommand::Build { wasm, tag, output, labels, env, artifact }) => {
@@ -517,8 +517,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map(Path::to_path_buf)
                     .context("cannot find this binary's folder: give --bin-dir")?,
             };
-            let spec = crate::image::InstallerSpec { reference: tag, bin_dir, busybox };
-            write_image(&crate::image::Image::installer(&spec)?, &output)
+            let spec = shoal_images::InstallerSpec { reference: tag, bin_dir, busybox };
+            write_image(&shoal_images::Image::installer(&spec)?, &output)
         }
         Command::New { name, lang, dir } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
@@ -570,14 +570,14 @@ fn image_build(
     env: Vec<(String, String)>,
     artifact: bool,
 ) -> anyhow::Result<ExitCode> {
-    let spec = crate::image::ImageSpec {
+    let spec = shoal_images::ImageSpec {
         reference: tag,
         wasm: wasm.clone(),
         labels: labels.into_iter().collect(),
         env: env.into_iter().map(|(name, value)| format!("{name}={value}")).collect(),
-        format: if artifact { crate::image::ImageFormat::WasmArtifact } else { crate::image::ImageFormat::Tar },
+        format: if artifact { shoal_images::ImageFormat::WasmArtifact } else { shoal_images::ImageFormat::Tar },
     };
-    let image = crate::image::Image::build(&spec)?;
+    let image = shoal_images::Image::build(&spec)?;
     let output = output.unwrap_or_else(|| {
         let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
         PathBuf::from(format!("{stem}.oci.tar"))
@@ -586,7 +586,7 @@ fn image_build(
 }
 
 /// Write `image` as an OCI layout tarball at `output` and say so.
-fn write_image(image: &crate::image::Image, output: &Path) -> anyhow::Result<ExitCode> {
+fn write_image(image: &shoal_images::Image, output: &Path) -> anyhow::Result<ExitCode> {
     image.write_layout(output)?;
     writeln!(std::io::stdout(), "built {} ({}) -> {}", image.reference, image.index.digest, output.display())?;
     Ok(ExitCode::SUCCESS)
@@ -594,7 +594,7 @@ fn write_image(image: &crate::image::Image, output: &Path) -> anyhow::Result<Exi
 
 /// `shoal image push`: send a layout's image to a registry.
 async fn image_push(layout: &Path, to: Option<String>, insecure: bool) -> anyhow::Result<ExitCode> {
-    let image = crate::image::Image::read_layout(layout)?;
+    let image = shoal_images::Image::read_layout(layout)?;
     let name = to.clone().unwrap_or_else(|| image.reference.clone());
     eprintln!("pushing {name} ...");
     let digest = image.push(to.as_deref(), insecure).await?;
@@ -651,7 +651,7 @@ async fn invoke(client: &Client, name: &str, path: &str, body: Vec<u8>, include:
     let response = client.invoke(name, path, body).await?;
     // Function responses carry a request id; the admin API's own
     // errors (unknown function...) do not.
-    if !response.headers.contains_key(crate::request::REQUEST_ID_HEADER) {
+    if !response.headers.contains_key(shoal::request::REQUEST_ID_HEADER) {
         let message = serde_json::from_slice::<serde_json::Value>(&response.body)
             .ok()
             .and_then(|value| value.get("error").and_then(|e| e.as_str()).map(str::to_string))

@@ -38,7 +38,7 @@ pub enum NodeError {
         /// The entrypoint or image the wasm came from.
         entry: String,
         /// What the host said.
-        source: crate::Error,
+        source: shoal::Error,
     },
     /// The node failed at something it needed (a mount, a namespace, a
     /// socket, a task).
@@ -57,9 +57,9 @@ impl NodeError {
             NodeError::Unimplemented(_) => Code::UNIMPLEMENTED,
             NodeError::Unavailable(_) => Code::UNAVAILABLE,
             NodeError::Deploy { source, .. } => match source {
-                crate::Error::RouteConflict { .. } => Code::ALREADY_EXISTS,
-                crate::Error::UnknownFunction { .. } => Code::NOT_FOUND,
-                crate::Error::Io { .. } | crate::Error::Internal(_) => Code::INTERNAL,
+                shoal::Error::RouteConflict { .. } => Code::ALREADY_EXISTS,
+                shoal::Error::UnknownFunction { .. } => Code::NOT_FOUND,
+                shoal::Error::Io { .. } | shoal::Error::Internal(_) => Code::INTERNAL,
                 _ => Code::INVALID_ARGUMENT,
             },
             NodeError::Internal(_) => Code::INTERNAL,
@@ -117,9 +117,9 @@ mod tests {
         for (error, code) in cases {
             assert_eq!(error.code(), code, "{error:?}");
         }
-        let conflict = crate::Error::RouteConflict { route: "/".into(), function: "a".into(), owner: "b".into() };
+        let conflict = shoal::Error::RouteConflict { route: "/".into(), function: "a".into(), owner: "b".into() };
         assert_eq!(NodeError::Deploy { entry: "/app.wasm".into(), source: conflict }.code(), Code::ALREADY_EXISTS);
-        let bad = crate::Error::NotAComponent { function: "a".into() };
+        let bad = shoal::Error::NotAComponent { function: "a".into() };
         let error = NodeError::Deploy { entry: "/app.wasm".into(), source: bad };
         assert_eq!(error.code(), Code::INVALID_ARGUMENT);
         let ttrpc::Error::RpcStatus(status) = error.for_container("c1") else { panic!("a status") };

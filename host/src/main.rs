@@ -1,7 +1,0 @@
-//! `shoal`: run a Shoal host, or manage a running one.
-
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    shoal::cli::main()
-}
