@@ -8,7 +8,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup test-deps installer-image functions lang-functions lang-toolchains lint unit-and-integration bench images fuzz soak
+.PHONY: run test setup test-deps containerd2 installer-image functions lang-functions lang-toolchains lint unit-and-integration bench images fuzz soak
 
 APT_INSTALL := $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y
 
@@ -27,6 +27,25 @@ test-deps:
 	@for tool in redis-server containerd runc /usr/lib/cni/bridge docker-registry promtool /bin/busybox; do \
 		command -v $$tool >/dev/null || [ -x $$tool ] || missing=1; done; \
 	[ -z "$$missing" ] || { $(APT_INSTALL) $(TEST_PACKAGES); }
+
+# containerd 2.3.4 (the long-term-support line: no supported Kubernetes
+# runs containerd 1.x), its ctr and runc shim, and crictl 1.36 (the
+# kubelet's CRI client) for the Kubernetes tests and W7. They are copied
+# from CONTAINERD2_SOURCE (a folder with bin/; this machine has them built
+# from the public tags in ../shared/tools) into target/tools, each checked
+# against the digests pinned in testing/tools/ (CONTAINERD2_SUMS names
+# another list, e.g. for the projects' release tarballs: see README).
+CONTAINERD2_SOURCE ?= ../shared/tools/containerd-2.3.4
+CONTAINERD2_SUMS ?= testing/tools/containerd-2.3.4.sha256
+CONTAINERD2_DIR := target/tools/containerd-2.3.4
+containerd2: $(CONTAINERD2_DIR)/.verified
+$(CONTAINERD2_DIR)/.verified: $(CONTAINERD2_SUMS)
+	@[ -d "$(CONTAINERD2_SOURCE)/bin" ] || { echo "containerd 2.3.4 is not in $(CONTAINERD2_SOURCE)/bin: set CONTAINERD2_SOURCE (see README, Running on Kubernetes)" >&2; exit 1; }
+	rm -rf $(CONTAINERD2_DIR) && mkdir -p $(CONTAINERD2_DIR)/bin
+	cp $(CONTAINERD2_SOURCE)/bin/containerd $(CONTAINERD2_SOURCE)/bin/ctr \
+		$(CONTAINERD2_SOURCE)/bin/containerd-shim-runc-v2 $(CONTAINERD2_SOURCE)/bin/crictl $(CONTAINERD2_DIR)/bin/
+	cd $(CONTAINERD2_DIR)/bin && sha256sum --check --strict $(abspath $(CONTAINERD2_SUMS))
+	touch $@
 
 functions: setup
 	cd functions && $(CARGO) build --release --target wasm32-wasip2
@@ -112,7 +131,7 @@ lint: setup
 # run (`shoal`, and the shim, whose own tests need it) with the same
 # features as the tests, so nothing compiles twice. The layering check
 # (tests/all/layering.rs) is part of the suite.
-unit-and-integration: functions lang-functions test-deps
+unit-and-integration: functions lang-functions test-deps containerd2
 	cd functions && $(CARGO) build --release --target wasm32-wasip1 -p cli-hello
 	$(CARGO) test --workspace
 	cd abi/sdk && $(CARGO) test --doc
@@ -133,7 +152,7 @@ fuzz: setup
 # Benchmarks W1-W7 against native hyper and `wasmtime serve`; writes
 # bench-results/latest.{md,json}. BENCH_ARGS passes options (see --help).
 # W7 needs the Kubernetes test servers (containerd, CNI, registry).
-bench: functions test-deps
+bench: functions test-deps containerd2
 	cd benches && $(CARGO) run --release -p shoal-bench -- $(BENCH_ARGS)
 
 # Soak and overload (not part of the tests; ~13 min at the defaults): a

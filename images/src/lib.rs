@@ -7,9 +7,12 @@
 //! wasm artifact media types), so the same image runs through `ctr run`,
 //! the CRI and a registry.
 //!
-//! The image's index lists the one manifest for `linux/amd64` and
-//! `linux/arm64`: wasm runs anywhere, and containerd picks manifests by
-//! the node's platform.
+//! The image's index lists one manifest per platform, `linux/amd64` and
+//! `linux/arm64`, each with a config of that platform over the same
+//! layer: wasm runs anywhere, containerd picks the manifest by the node's
+//! platform, and containerd 2.3 unpacks only layers whose *config* names
+//! a Linux platform (`os: wasip2` is fetched and never unpacked). The
+//! wasm's own kind is the config label [`WASM_KIND_LABEL`].
 //!
 //! `--artifact` builds the CNCF wasm artifact layout instead: the wasm
 //! itself is the one layer ([`WASM_COMPONENT_LAYER`] or [`WASM_LAYER`]),
@@ -52,6 +55,9 @@ const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
 pub const WASM_COMPONENT_LAYER: &str = "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm";
 /// The CNCF wasm artifact layer of a core module.
 pub const WASM_LAYER: &str = "application/wasm";
+/// The config label saying what the image's wasm is: `wasip2` (a
+/// component) or `wasip1` (a core module).
+pub const WASM_KIND_LABEL: &str = "dev.shoal.wasm.kind";
 
 /// How the wasm is packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -114,12 +120,38 @@ pub struct Image {
     pub reference: String,
     /// The layer holding the wasm.
     pub layer: Blob,
+    /// The config and manifest of each platform (all over the one layer;
+    /// several platforms may share one manifest).
+    pub platforms: Vec<PlatformImage>,
+    /// The image index listing the manifest per platform.
+    pub index: Blob,
+}
+
+/// One platform's entry of an image.
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    /// Its architecture (the OS is Linux).
+    pub architecture: String,
     /// The image config.
     pub config: Blob,
     /// The image manifest.
     pub manifest: Blob,
-    /// The image index listing the manifest per platform.
-    pub index: Blob,
+}
+
+impl Image {
+    /// Every blob of the image, each once, layer first and index last.
+    pub fn blobs(&self) -> Vec<&Blob> {
+        let mut blobs = vec![&self.layer];
+        for platform in &self.platforms {
+            for blob in [&platform.config, &platform.manifest] {
+                if !blobs.iter().any(|seen| seen.digest == blob.digest) {
+                    blobs.push(blob);
+                }
+            }
+        }
+        blobs.push(&self.index);
+        blobs
+    }
 }
 
 impl Image {
@@ -147,34 +179,51 @@ impl Image {
         }
         validate_reference(&spec.reference)?;
 
-        let (layer, config) = match spec.format {
-            ImageFormat::Tar => tar_image(spec, &file_name, kind, &wasm)?,
-            ImageFormat::WasmArtifact => artifact_image(spec, kind, wasm)?,
-        };
-        Image::assemble(&spec.reference, layer, config, &PLATFORMS)
+        match spec.format {
+            ImageFormat::Tar => {
+                let layer = Blob::new(LAYER, layer_tar(&file_name, &wasm)?);
+                let configs = PLATFORMS
+                    .iter()
+                    .map(|arch| Ok((arch.to_string(), tar_config(spec, &file_name, kind, arch, &layer)?)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                Image::assemble(&spec.reference, layer, configs)
+            }
+            ImageFormat::WasmArtifact => {
+                // Never unpacked, so its config keeps the artifact's own
+                // platform; the index still lists Linux ones (the CRI
+                // pulls only the node's platform).
+                let (layer, config) = artifact_image(spec, kind, wasm)?;
+                let configs = PLATFORMS.iter().map(|arch| (arch.to_string(), config.clone())).collect();
+                Image::assemble(&spec.reference, layer, configs)
+            }
+        }
     }
 
-    /// The manifest of one layer and its config, and an index listing it
-    /// for each of `platforms` (Linux architectures).
-    fn assemble(reference: &str, layer: Blob, config: Blob, platforms: &[&str]) -> anyhow::Result<Image> {
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": MANIFEST,
-            "config": config.descriptor(),
-            "layers": [layer.descriptor()],
-        });
-        let manifest = Blob::new(MANIFEST, serde_json::to_vec(&manifest)?);
+    /// A manifest of `layer` per config, and an index listing each for
+    /// its Linux architecture (configs that are the same share a manifest).
+    fn assemble(reference: &str, layer: Blob, configs: Vec<(String, Blob)>) -> anyhow::Result<Image> {
+        let mut platforms = Vec::with_capacity(configs.len());
+        for (architecture, config) in configs {
+            let manifest = json!({
+                "schemaVersion": 2,
+                "mediaType": MANIFEST,
+                "config": config.descriptor(),
+                "layers": [layer.descriptor()],
+            });
+            let manifest = Blob::new(MANIFEST, serde_json::to_vec(&manifest)?);
+            platforms.push(PlatformImage { architecture, config, manifest });
+        }
         let entries: Vec<Value> = platforms
             .iter()
-            .map(|arch| {
-                let mut descriptor = manifest.descriptor();
-                descriptor["platform"] = json!({ "architecture": arch, "os": "linux" });
+            .map(|platform| {
+                let mut descriptor = platform.manifest.descriptor();
+                descriptor["platform"] = json!({ "architecture": platform.architecture, "os": "linux" });
                 descriptor
             })
             .collect();
         let index = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": entries });
         let index = Blob::new(INDEX, serde_json::to_vec(&index)?);
-        Ok(Image { reference: reference.to_string(), layer, config, manifest, index })
+        Ok(Image { reference: reference.to_string(), layer, platforms, index })
     }
 
     /// Write the OCI image layout as a tarball (what `ctr images import`
@@ -189,7 +238,7 @@ impl Image {
         let mut builder = tar::Builder::new(Vec::new());
         append(&mut builder, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         append(&mut builder, "index.json", &index_json)?;
-        for blob in [&self.layer, &self.config, &self.manifest, &self.index] {
+        for blob in self.blobs() {
             let hex = blob.digest.trim_start_matches("sha256:");
             append(&mut builder, &format!("blobs/sha256/{hex}"), &blob.bytes)?;
         }
@@ -198,7 +247,7 @@ impl Image {
     }
 
     /// Read an image layout tarball written by [`Image::write_layout`]
-    /// (one image: its index, one manifest, one layer).
+    /// (one image: its index, a manifest and config per platform, one layer).
     pub fn read_layout(path: &Path) -> anyhow::Result<Image> {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut blobs = BTreeMap::new();
@@ -230,11 +279,24 @@ impl Image {
         };
         let index = take(entry, INDEX)?;
         let index_value: Value = serde_json::from_slice(&index.bytes)?;
-        let manifest = take(&index_value["manifests"][0], MANIFEST)?;
-        let manifest_value: Value = serde_json::from_slice(&manifest.bytes)?;
-        let config = take(&manifest_value["config"], CONFIG)?;
-        let layer = take(&manifest_value["layers"][0], LAYER)?;
-        Ok(Image { reference, layer, config, manifest, index })
+        let entries = index_value["manifests"].as_array().filter(|entries| !entries.is_empty());
+        let entries = entries.ok_or_else(|| bad("the image index lists no manifest"))?;
+        let mut platforms = Vec::with_capacity(entries.len());
+        let mut layer: Option<Blob> = None;
+        for entry in entries {
+            let architecture = entry["platform"]["architecture"].as_str().unwrap_or("").to_string();
+            let manifest = take(entry, MANIFEST)?;
+            let manifest_value: Value = serde_json::from_slice(&manifest.bytes)?;
+            let config = take(&manifest_value["config"], CONFIG)?;
+            let this_layer = take(&manifest_value["layers"][0], LAYER)?;
+            if layer.as_ref().is_some_and(|layer| layer.digest != this_layer.digest) {
+                bail!(bad("its manifests name different layers"));
+            }
+            layer = Some(this_layer);
+            platforms.push(PlatformImage { architecture, config, manifest });
+        }
+        let layer = layer.ok_or_else(|| bad("the image index lists no manifest"))?;
+        Ok(Image { reference, layer, platforms, index })
     }
 
     /// Push the image to its registry (`reference` overrides the name it
@@ -262,17 +324,20 @@ impl Image {
             .auth(&target, &auth, RegistryOperation::Push)
             .await
             .with_context(|| format!("cannot authenticate to {}", target.registry()))?;
-        for blob in [&self.layer, &self.config] {
+        let blobs = self.blobs();
+        for blob in blobs.iter().filter(|blob| blob.media_type != MANIFEST && blob.media_type != INDEX) {
             client
                 .push_blob(&target, blob.bytes.clone(), &blob.digest)
                 .await
                 .with_context(|| format!("cannot push blob {} to {name}", blob.digest))?;
         }
-        let by_digest = target.clone_with_digest(self.manifest.digest.clone());
-        client
-            .push_manifest_raw(&by_digest, self.manifest.bytes.clone(), MANIFEST.parse()?)
-            .await
-            .with_context(|| format!("cannot push the manifest to {name}"))?;
+        for manifest in blobs.iter().filter(|blob| blob.media_type == MANIFEST) {
+            let by_digest = target.clone_with_digest(manifest.digest.clone());
+            client
+                .push_manifest_raw(&by_digest, manifest.bytes.clone(), MANIFEST.parse()?)
+                .await
+                .with_context(|| format!("cannot push manifest {} to {name}", manifest.digest))?;
+        }
         client
             .push_manifest_raw(&target, self.index.bytes.clone(), INDEX.parse()?)
             .await
@@ -299,9 +364,9 @@ pub struct InstallerSpec {
 const INSTALL_SH: &str = include_str!("../../k8s/installer/install.sh");
 
 /// The busybox applets `install.sh` runs (its shell builtins aside).
-const INSTALLER_APPLETS: [&str; 16] = [
+const INSTALLER_APPLETS: [&str; 17] = [
     "sh", "cat", "chmod", "cmp", "cp", "dirname", "grep", "head", "mkdir", "mv", "nsenter", "rm", "sed", "sleep",
-    "test", "[",
+    "test", "tr", "[",
 ];
 
 impl Image {
@@ -345,26 +410,28 @@ impl Image {
             "history": [{ "created_by": "shoal image installer" }],
         });
         let config = Blob::new(CONFIG, serde_json::to_vec(&config)?);
-        Image::assemble(&spec.reference, layer, config, &[architecture])
+        Image::assemble(&spec.reference, layer, vec![(architecture.to_string(), config)])
     }
 }
 
-/// The plain-tar layout: the file in a tar layer, named by the config's
-/// Entrypoint, labels and environment in the config.
-fn tar_image(spec: &ImageSpec, file_name: &str, kind: &str, wasm: &[u8]) -> anyhow::Result<(Blob, Blob)> {
-    let layer = Blob::new(LAYER, layer_tar(file_name, wasm)?);
+/// The plain-tar layout's config for Linux on `architecture`: the file in
+/// `layer` named by the Entrypoint, labels (and the wasm's kind) and
+/// environment.
+fn tar_config(spec: &ImageSpec, file_name: &str, kind: &str, architecture: &str, layer: &Blob) -> anyhow::Result<Blob> {
+    let mut labels = spec.labels.clone();
+    labels.insert(WASM_KIND_LABEL.to_string(), kind.to_string());
     let config = json!({
-        "architecture": "wasm",
-        "os": kind,
+        "architecture": architecture,
+        "os": "linux",
         "config": {
             "Entrypoint": [format!("/{file_name}")],
             "Env": spec.env,
-            "Labels": spec.labels,
+            "Labels": labels,
         },
         "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
         "history": [{ "created_by": format!("shoal image build {file_name}") }],
     });
-    Ok((layer, Blob::new(CONFIG, serde_json::to_vec(&config)?)))
+    Ok(Blob::new(CONFIG, serde_json::to_vec(&config)?))
 }
 
 /// The CNCF wasm artifact layout: the wasm is the layer. Its config has no
@@ -459,7 +526,7 @@ mod tests {
                 }
                 std::fs::write(&out, &bytes).unwrap();
                 if let Ok(back) = Image::read_layout(&out) {
-                    for blob in [&back.layer, &back.config, &back.manifest, &back.index] {
+                    for blob in back.blobs() {
                         prop_assert_eq!(format!("sha256:{}", sha256_hex(&blob.bytes)), blob.digest.clone());
                     }
                 }
@@ -483,11 +550,23 @@ mod tests {
         let back = Image::read_layout(&out).unwrap();
         assert_eq!(back.reference, "localhost:5000/tiny:1");
         assert_eq!(back.index.digest, image.index.digest);
-        let config: Value = serde_json::from_slice(&back.config.bytes).unwrap();
-        assert_eq!(config["config"]["Entrypoint"][0], "/tiny.wasm");
-        assert_eq!(config["config"]["Labels"]["shoal.dev/limits.timeout_ms"], "100");
-        assert_eq!(config["os"], "wasip1");
-        assert_eq!(config["rootfs"]["diff_ids"][0], json!(image.layer.digest));
+        let architectures: Vec<&str> = back.platforms.iter().map(|p| p.architecture.as_str()).collect();
+        assert_eq!(architectures, PLATFORMS);
+        for platform in &back.platforms {
+            // containerd 2.3 unpacks only layers whose config is Linux's.
+            let config: Value = serde_json::from_slice(&platform.config.bytes).unwrap();
+            assert_eq!(config["os"], "linux");
+            assert_eq!(config["architecture"], platform.architecture);
+            assert_eq!(config["config"]["Entrypoint"][0], "/tiny.wasm");
+            assert_eq!(config["config"]["Labels"]["shoal.dev/limits.timeout_ms"], "100");
+            assert_eq!(config["config"]["Labels"][WASM_KIND_LABEL], "wasip1");
+            assert_eq!(config["rootfs"]["diff_ids"][0], json!(image.layer.digest));
+        }
+        let index: Value = serde_json::from_slice(&back.index.bytes).unwrap();
+        for (entry, platform) in index["manifests"].as_array().unwrap().iter().zip(&back.platforms) {
+            assert_eq!(entry["platform"], json!({ "architecture": platform.architecture, "os": "linux" }));
+            assert_eq!(entry["digest"], json!(platform.manifest.digest));
+        }
     }
 
     #[test]
@@ -523,9 +602,12 @@ mod tests {
         let back = Image::read_layout(&out).unwrap();
         assert_eq!(back.layer.media_type, WASM_LAYER, "a core module is application/wasm");
         assert_eq!(back.layer.bytes, std::fs::read(&wasm).unwrap());
-        assert_eq!(back.config.media_type, WASM_CONFIG);
-        let manifest: Value = serde_json::from_slice(&back.manifest.bytes).unwrap();
-        assert_eq!(manifest["config"]["mediaType"], WASM_CONFIG);
+        assert_eq!(back.platforms.len(), PLATFORMS.len());
+        for platform in &back.platforms {
+            assert_eq!(platform.config.media_type, WASM_CONFIG);
+            let manifest: Value = serde_json::from_slice(&platform.manifest.bytes).unwrap();
+            assert_eq!(manifest["config"]["mediaType"], WASM_CONFIG);
+        }
 
         let labelled = ImageSpec { labels: [("a".to_string(), "b".to_string())].into(), ..spec };
         let err = Image::build(&labelled).unwrap_err().to_string();

@@ -1,9 +1,15 @@
 #!/bin/sh
 # Install Shoal on a node: put `shoal` and `containerd-shim-shoal-v1` in
-# the binary directory, add the `shoal` runtime to containerd's config
-# (config version 2 = containerd 1.x, version 3 = containerd 2.x) and
-# restart containerd. Safe to run again: a config that already names the
-# runtime is left alone.
+# the binary directory, add the `shoal` runtime to containerd's config and
+# restart containerd. Config versions 2 (containerd 1.x, also read by 2.x),
+# 3 and 4 (containerd 2.x; 4 is what 2.3 writes) are known. Where the config
+# imports a drop-in folder (containerd 2.x's default config imports
+# /etc/containerd/conf.d/*.toml) the runtime goes into a file of its own
+# there, shoal.toml, and the operator's config is not edited; otherwise it
+# is appended to the config (the previous file kept beside it). On
+# containerd 2.x the runtime owns its pods' sandboxes (sandboxer = "shim":
+# containerd's Sandbox API, no pause container). Safe to run again: a config
+# that already names the runtime is left alone; the drop-in is rewritten.
 #
 # Run on the node itself (sudo ./install.sh), or from the DaemonSet in
 # daemonset.yaml, which mounts the node's / at $SHOAL_HOST_ROOT.
@@ -11,6 +17,12 @@
 # Settings (environment):
 #   SHOAL_HOST_ROOT          the node's / as this script sees it ("")
 #   SHOAL_CONTAINERD_CONFIG  containerd's config ($ROOT/etc/containerd/config.toml)
+#   SHOAL_CONTAINERD         the node's containerd binary, asked for its version and,
+#                            when there is no config yet, its default config (run as
+#                            named; unset: `containerd`, in the node's namespaces when
+#                            $ROOT is set)
+#   SHOAL_SANDBOXER          on containerd 2.x: "shim" (the default: Shoal serves the
+#                            Sandbox API) or "podsandbox" (containerd's pause containers)
 #   SHOAL_BIN_DIR            where the binaries go ($ROOT/usr/local/bin)
 #   SHOAL_SOURCE_DIR         where the binaries are (this script's folder)
 #   SHOAL_RESTART            "no": do not restart containerd
@@ -108,36 +120,78 @@ if [ "$installed" -eq 2 ] && [ "${SHOAL_UPGRADE:-yes}" = "yes" ] && hosts_runnin
 fi
 
 # 2. containerd's config.
+# The node's containerd: its major version, and its default config.
+node_containerd() {
+    if [ -n "${SHOAL_CONTAINERD:-}" ]; then
+        "$SHOAL_CONTAINERD" "$@"
+    elif [ -n "$ROOT" ]; then
+        nsenter --target 1 --mount --uts --ipc --net --pid -- containerd "$@"
+    else
+        containerd "$@"
+    fi
+}
+major=$( (node_containerd --version 2>/dev/null || true) | sed -n 's/.* v\{0,1\}\([0-9][0-9]*\)\.[0-9][0-9]*\.[0-9].*/\1/p' | head -n 1)
 if [ ! -f "$CONFIG" ]; then
-    major=$( (containerd --version 2>/dev/null || true) | sed -n 's/.* v\{0,1\}\([0-9]\)\.[0-9][0-9]*\.[0-9].*/\1/p' | head -n 1)
-    case "$major" in
-        2) version=3 ;;
-        *) version=2 ;;
-    esac
     mkdir -p "$(dirname "$CONFIG")"
-    echo "version = $version" > "$CONFIG"
-    say "created $CONFIG (config version $version)"
+    # containerd 2.x reads the drop-in folder only through its config's
+    # `imports`: start from its own default config, which has them.
+    if [ "$major" = 2 ] && node_containerd config default > "$CONFIG.new" 2>/dev/null && [ -s "$CONFIG.new" ]; then
+        mv -f "$CONFIG.new" "$CONFIG"
+        say "created $CONFIG from containerd's default config"
+    else
+        rm -f "$CONFIG.new"
+        echo "version = 2" > "$CONFIG"
+        say "created $CONFIG (config version 2)"
+    fi
 fi
 version=$(sed -n 's/^[[:space:]]*version[[:space:]]*=[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$CONFIG" | head -n 1)
 case "$version" in
     2) table='plugins."io.containerd.grpc.v1.cri".containerd.runtimes.shoal' ;;
-    3) table='plugins."io.containerd.cri.v1.runtime".containerd.runtimes.shoal' ;;
-    "") fail "$CONFIG has no 'version = 2' or 'version = 3' line (config version 1 is not supported)" ;;
-    *) fail "$CONFIG has config version $version; Shoal knows versions 2 and 3" ;;
+    3|4) table='plugins."io.containerd.cri.v1.runtime".containerd.runtimes.shoal' ;;
+    "") fail "$CONFIG has no 'version = 2', 'version = 3' or 'version = 4' line (config version 1 is not supported)" ;;
+    *) fail "$CONFIG has config version $version; Shoal knows versions 2, 3 and 4" ;;
 esac
+# containerd 2.x: Shoal owns its pods' sandboxes (containerd 1.x has no
+# Sandbox API, and a version 3 or 4 config is containerd 2.x's).
+sandboxer=""
+if [ "$major" = 2 ] || [ "$version" -ge 3 ]; then
+    case "${SHOAL_SANDBOXER:-shim}" in
+        shim|podsandbox) sandboxer="${SHOAL_SANDBOXER:-shim}" ;;
+        *) fail "SHOAL_SANDBOXER=${SHOAL_SANDBOXER} is neither shim nor podsandbox" ;;
+    esac
+fi
+runtime_table() {
+    echo "[$table]"
+    echo "  runtime_type = \"io.containerd.shoal.v1\""
+    [ -z "$sandboxer" ] || echo "  sandboxer = \"$sandboxer\""
+    echo "  pod_annotations = [\"shoal.dev/*\"]"
+    echo "  container_annotations = [\"shoal.dev/*\"]"
+}
+# The drop-in folder the config imports (a `*.toml` glob), if any; as the
+# node names it.
+dropin_dir=$(sed -n 's/^[[:space:]]*imports[[:space:]]*=[[:space:]]*\[\(.*\)\].*/\1/p' "$CONFIG" | head -n 1 \
+    | tr ',' '\n' | sed -n "s/^[[:space:]]*[\"']\(.*\)\/\*\.toml[\"'][[:space:]]*$/\1/p" | head -n 1)
 if grep -qF "[$table]" "$CONFIG"; then
     say "$CONFIG already has the shoal runtime"
+elif [ -n "$dropin_dir" ]; then
+    dropin="$ROOT$dropin_dir/shoal.toml"
+    mkdir -p "$(dirname "$dropin")"
+    {
+        echo "# Written by Shoal's installer (rewritten on every install): wasm pods with runtimeClassName: shoal."
+        echo "version = $version"
+        echo ""
+        runtime_table
+    } > "$dropin.new"
+    mv -f "$dropin.new" "$dropin"
+    say "wrote the shoal runtime to $dropin (imported by $CONFIG, config version $version${sandboxer:+, sandboxer $sandboxer})"
 else
     cp -p "$CONFIG" "$CONFIG.before-shoal"
     {
         echo ""
         echo "# Added by Shoal's installer: wasm pods with runtimeClassName: shoal."
-        echo "[$table]"
-        echo "  runtime_type = \"io.containerd.shoal.v1\""
-        echo "  pod_annotations = [\"shoal.dev/*\"]"
-        echo "  container_annotations = [\"shoal.dev/*\"]"
+        runtime_table
     } >> "$CONFIG"
-    say "added the shoal runtime to $CONFIG (config version $version; previous file kept as $CONFIG.before-shoal)"
+    say "added the shoal runtime to $CONFIG (config version $version${sandboxer:+, sandboxer $sandboxer}; previous file kept as $CONFIG.before-shoal)"
 fi
 
 # 3. The node policy (without one the built-in policy applies: no egress).

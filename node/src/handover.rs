@@ -48,6 +48,20 @@ pub struct SavedContainer {
     pub output: [Option<usize>; 2],
 }
 
+/// A pod sandbox the old host owned (containerd's Sandbox API).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SavedSandbox {
+    /// containerd's `CreateSandboxRequest` (protobuf), replayed to rebuild it.
+    pub request: Vec<u8>,
+    pub created_at: SystemTime,
+    /// Whether `StartSandbox` came.
+    pub started: bool,
+    /// The status and time it stopped with, once `StopSandbox` came.
+    pub stopped: Option<(u32, SystemTime)>,
+    /// Index in the snapshot's descriptors of its network namespace.
+    pub netns: Option<usize>,
+}
+
 /// A task's state across the hand-over.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SavedState {
@@ -71,7 +85,13 @@ pub struct SavedConnection {
 /// Everything the next host needs; the descriptors travel beside it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Snapshot {
-    /// Sandboxes first: an app container finds its pod's namespace there.
+    /// The pods whose sandboxes the host owns (adopted before containers,
+    /// which find their pod's namespace there; absent from a host before
+    /// the Sandbox API).
+    #[serde(default)]
+    pub sandboxes: Vec<SavedSandbox>,
+    /// Pause-container sandboxes first: an app container finds its pod's
+    /// namespace there.
     pub containers: Vec<SavedContainer>,
     pub connections: Vec<SavedConnection>,
     /// Index of the ttrpc socket containerd connects to.
@@ -266,6 +286,13 @@ mod tests {
             ends.push(read);
         }
         let snapshot = Snapshot {
+            sandboxes: vec![SavedSandbox {
+                request: vec![4, 5],
+                created_at: SystemTime::UNIX_EPOCH,
+                started: true,
+                stopped: None,
+                netns: Some(2),
+            }],
             containers: vec![SavedContainer {
                 request: vec![1, 2, 3],
                 function: "f".into(),
@@ -281,6 +308,8 @@ mod tests {
         };
         old.send_snapshot(&snapshot, &sent).unwrap();
         let (got, mut fds) = new.recv_snapshot().unwrap();
+        assert_eq!(got.sandboxes[0].request, vec![4, 5]);
+        assert_eq!((got.sandboxes[0].started, got.sandboxes[0].netns), (true, Some(2)));
         assert_eq!(got.containers[0].request, vec![1, 2, 3]);
         assert_eq!(got.containers[0].state, SavedState::Stopped { status: 137, at: SystemTime::UNIX_EPOCH });
         assert_eq!(fds.len(), sent.len());

@@ -329,7 +329,7 @@ impl Session {
     ) -> Result<(Arc<Relays>, Server, Accepting, UnixListener), Error> {
         let (relays, incoming) = Relays::new();
         let mut server = Server::new().add_listener(incoming);
-        for (name, methods) in task::services(Arc::new(task::TaskService::new(node.clone()))) {
+        for (name, methods) in task::services(node) {
             server = server.register_service([(name, methods)].into_iter().collect());
         }
         server.start().await.map_err(|err| anyhow::anyhow!("cannot start the ttrpc server: {err}"))?;
@@ -337,7 +337,7 @@ impl Session {
             None => (bind_socket(&config.socket)?, bind_socket(&control_socket(&config.socket))?),
             Some((snapshot, fds)) => {
                 let mut fds = fds;
-                node.adopt(snapshot.containers, &mut fds)
+                node.adopt((snapshot.sandboxes, snapshot.containers), &mut fds)
                     .await
                     .map_err(|err| anyhow::anyhow!("cannot take the containers over: {err}"))?;
                 let listener = unix_listener(fds.take(snapshot.task_listener).map_err(anyhow::Error::msg)?)?;
@@ -458,8 +458,8 @@ impl Session {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let containers = match settled {
-            Ok(containers) => containers,
+        let (sandboxes, containers) = match settled {
+            Ok(saved) => saved,
             Err(why) => {
                 self.relays.resume();
                 self.accepting = Accepting::start(listener, self.relays.clone());
@@ -485,7 +485,7 @@ impl Session {
             tracing::error!("cannot take the listeners out of the event loop; stopping");
             std::process::exit(1);
         };
-        let snapshot = Snapshot { containers, connections, task_listener, control_listener };
+        let snapshot = Snapshot { sandboxes, containers, connections, task_listener, control_listener };
         node.stop_serving().await;
         let host = running.host().clone();
         running.shutdown().await;
@@ -497,7 +497,9 @@ impl Session {
         tell(
             &mut control,
             &format!(
-                "old host drained; handing over {} containers, {} containerd connections and {} waiting calls",
+                "old host drained; handing over {} pod sandboxes, {} containers, {} containerd connections and {} \
+                 waiting calls",
+                snapshot.sandboxes.len(),
                 snapshot.containers.len(),
                 snapshot.connections.len(),
                 snapshot.connections.iter().map(|c| c.replay.len()).sum::<usize>()

@@ -59,8 +59,9 @@ pub struct Detached {
 /// A request the server has not answered yet.
 struct Pending {
     frame: Vec<u8>,
-    /// `Wait` blocks until a task ends; it is the one call replayed to the
-    /// next host instead of being waited for.
+    /// `Wait` blocks until a task ends (`WaitSandbox` until a pod stops);
+    /// these are the calls replayed to the next host instead of being
+    /// waited for.
     long_poll: bool,
 }
 
@@ -176,9 +177,10 @@ fn frame_type(frame: &[u8]) -> u8 {
     frame[8]
 }
 
-/// Whether a request frame is a task `Wait`.
+/// Whether a request frame is a task's `Wait` or a pod's `WaitSandbox`.
 fn is_long_poll(frame: &[u8]) -> bool {
-    ttrpc::proto::Request::parse_from_bytes(&frame[HEADER..]).is_ok_and(|request| request.method == "Wait")
+    ttrpc::proto::Request::parse_from_bytes(&frame[HEADER..])
+        .is_ok_and(|request| request.method == "Wait" || request.method == "WaitSandbox")
 }
 
 /// Note a request from containerd.

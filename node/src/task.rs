@@ -29,13 +29,18 @@ use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::asynchronous::Service;
 use tokio::sync::watch;
 
+mod sandbox;
+
+pub use sandbox::SandboxService;
+use sandbox::Sandboxes;
+
 use crate::NodeConfig;
 use crate::command::{self, Program};
 use crate::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
 use crate::containerd::ContainerRecord;
 use crate::error::{NodeError, task_failed};
 use crate::exec::{Exec, ExecCommand, ExecState, ExecStdio};
-use crate::handover::{Descriptors, SavedContainer, SavedState};
+use crate::handover::{Descriptors, SavedContainer, SavedSandbox, SavedState};
 use crate::policy::PolicyFile;
 use crate::stdio::{ContainerOutput, ContainerSinks};
 use crate::{netns, rootfs};
@@ -64,6 +69,8 @@ pub struct Node {
     namespace: String,
     containerd: PathBuf,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// The pods whose sandboxes this host owns (containerd's Sandbox API).
+    sandboxes: Sandboxes,
     pid: u32,
     /// The largest wasm read out of a container's rootfs.
     max_wasm_bytes: u64,
@@ -137,6 +144,8 @@ struct Container {
     request: CreateTaskRequest,
     bundle: PathBuf,
     function: String,
+    /// The pod sandbox it belongs to, when the CRI made it.
+    sandbox: Option<String>,
     stdin: String,
     stdout: String,
     stderr: String,
@@ -146,8 +155,11 @@ struct Container {
     state: watch::Sender<TaskState>,
     stop: watch::Sender<bool>,
     runner: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Its stdout and stderr FIFOs (also in the node's sinks while it runs).
-    output: Option<Arc<ContainerOutput>>,
+    /// Its stdout and stderr FIFOs (also in the node's sinks while it
+    /// runs), closed when it exits: the CRI reads them to their end before
+    /// it deletes the task, so holding them past the exit would hang
+    /// StopContainer.
+    output: Mutex<Option<Arc<ContainerOutput>>>,
     /// A second descriptor of its pod listener (a running HTTP function),
     /// kept so the listener outlives its serving loop in a hand-over.
     listener: Mutex<Option<OwnedFd>>,
@@ -170,6 +182,7 @@ impl Container {
             request: request.clone(),
             bundle: PathBuf::from(&request.bundle),
             function,
+            sandbox: None,
             stdin: request.stdin.clone(),
             stdout: request.stdout.clone(),
             stderr: request.stderr.clone(),
@@ -179,10 +192,16 @@ impl Container {
             state: watch::Sender::new(state),
             stop: watch::Sender::new(false),
             runner: Mutex::new(None),
-            output,
+            output: Mutex::new(output),
             listener: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same container, as part of pod sandbox `sandbox`.
+    fn in_sandbox(mut self, sandbox: Option<String>) -> Container {
+        self.sandbox = sandbox;
+        self
     }
 
     fn state(&self) -> TaskState {
@@ -227,6 +246,7 @@ impl Node {
             namespace: config.namespace.clone(),
             containerd: config.containerd.clone(),
             containers: Mutex::new(HashMap::new()),
+            sandboxes: Sandboxes::default(),
             pid: std::process::id(),
             max_wasm_bytes: config.max_wasm_bytes,
             policy: PolicyFile::new(&config.policy),
@@ -303,7 +323,8 @@ impl Node {
     /// it needs (network namespaces, pod listeners, output FIFOs) to `fds`.
     /// Sandboxes come first. Called with containerd's connections held, so
     /// nothing changes the containers meanwhile.
-    pub fn save(&self, fds: &mut Descriptors) -> Result<Vec<SavedContainer>, String> {
+    pub fn save(&self, fds: &mut Descriptors) -> Result<(Vec<SavedSandbox>, Vec<SavedContainer>), String> {
+        let sandboxes = self.sandboxes.save(fds)?;
         let mut containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         containers.sort_by_key(|container| !matches!(container.kind, Kind::Sandbox { .. }));
         let mut saved = Vec::with_capacity(containers.len());
@@ -331,7 +352,8 @@ impl Node {
                 _ => None,
             };
             let mut output = [None, None];
-            if let (Some(fifos), false) = (&container.output, matches!(state, SavedState::Stopped { .. })) {
+            let fifos = container.output.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+            if let (Some(fifos), false) = (fifos, matches!(state, SavedState::Stopped { .. })) {
                 let (stdout, stderr) = fifos
                     .descriptors()
                     .map_err(|err| format!("cannot duplicate the output of {}: {err}", container.id))?;
@@ -350,7 +372,7 @@ impl Node {
                 output,
             });
         }
-        Ok(saved)
+        Ok((sandboxes, saved))
     }
 
     /// Stop serving every pod listener (the listeners stay open, their
@@ -370,7 +392,12 @@ impl Node {
     /// left mounted), keeps its network namespace, and a running function
     /// serves the listener it had. containerd is not told anything: for it
     /// nothing happened.
-    pub async fn adopt(self: &Arc<Self>, saved: Vec<SavedContainer>, fds: &mut Descriptors) -> Result<(), NodeError> {
+    pub async fn adopt(
+        self: &Arc<Self>,
+        (sandboxes, saved): (Vec<SavedSandbox>, Vec<SavedContainer>),
+        fds: &mut Descriptors,
+    ) -> Result<(), NodeError> {
+        self.sandboxes.adopt(sandboxes, fds)?;
         let mut take = |index: Option<usize>| fds.take_some(index).map_err(NodeError::Internal);
         for saved in saved {
             let request = CreateTaskRequest::parse_from_bytes(&saved.request)
@@ -505,6 +532,10 @@ impl Node {
         let id = request.id.clone();
         let bundle = Bundle::load(bundle_path)?;
         let function = function_name(&id, bundle.container_name().as_deref());
+        let sandbox = match bundle.role() {
+            Role::App { sandbox_id } => sandbox_id,
+            Role::Sandbox => None,
+        };
         let (kind, code_bytes) = match bundle.role() {
             Role::Sandbox => {
                 let netns = match inherited {
@@ -556,7 +587,11 @@ impl Node {
                     }
                     None => {
                         let port = bundle.port()?;
-                        let netns = match sandbox_id.as_deref().and_then(|sandbox| self.sandbox_netns(sandbox)) {
+                        let pod_netns = match sandbox_id.as_deref() {
+                            Some(sandbox) => self.sandbox_netns(sandbox)?,
+                            None => None,
+                        };
+                        let netns = match pod_netns {
                             Some(netns) => netns,
                             None if inherited.is_some() => inherited,
                             None => self.open_netns(&bundle.netns())?,
@@ -565,7 +600,11 @@ impl Node {
                         // namespace, so its NetworkPolicy applies to them.
                         let egress = match (&netns, spec.grants.outbound_http.is_empty()) {
                             (Some(netns), false) => {
-                                let resolv_conf = bundle.resolv_conf()?;
+                                let resolv_conf = match bundle.resolv_conf()? {
+                                    Some(text) => Some(text),
+                                    // A pod whose sandbox this host owns: its DNS is ours to say.
+                                    None => sandbox_id.as_deref().and_then(|pod| self.sandboxes.resolv_conf(pod)),
+                                };
                                 Some(Egress::in_netns(netns, &function, resolv_conf.as_deref()).map_err(|err| {
                                     NodeError::Internal(format!("cannot start the pod's egress: {err}"))
                                 })?)
@@ -597,7 +636,8 @@ impl Node {
             None => ContainerOutput::open(&request.stdout, &request.stderr)?,
         });
         self.sinks.attach(&function, output.clone());
-        Ok(Arc::new(Container::new(request, function, rootfs, (kind, code_bytes), Some(output), TaskState::Created)))
+        let container = Container::new(request, function, rootfs, (kind, code_bytes), Some(output), TaskState::Created);
+        Ok(Arc::new(container.in_sandbox(sandbox)))
     }
 
     /// The function spec of an app container: its image labels, then its
@@ -678,6 +718,9 @@ impl Node {
 
     /// The Kubernetes namespace of sandbox `id`, as the CRI told it.
     fn sandbox_namespace(&self, id: &str) -> Option<String> {
+        if self.sandboxes.contains(id) {
+            return self.sandboxes.namespace(id);
+        }
         match &self.lock().get(id)?.kind {
             Kind::Sandbox { namespace, .. } => namespace.clone(),
             _ => None,
@@ -687,12 +730,15 @@ impl Node {
     /// The network namespace held by sandbox `id`. (The CRI points an app
     /// container at `/proc/<sandbox pid>/ns/net`, which for a sandbox
     /// served by this host is the host's own: the sandbox is asked instead.)
-    fn sandbox_netns(&self, id: &str) -> Option<Option<Arc<OwnedFd>>> {
-        let containers = self.lock();
-        match &containers.get(id)?.kind {
-            Kind::Sandbox { netns, .. } => Some(netns.clone()),
-            _ => None,
+    fn sandbox_netns(&self, id: &str) -> Result<Option<Option<Arc<OwnedFd>>>, NodeError> {
+        if let Some(netns) = self.sandboxes.netns(id) {
+            return netns.map(Some);
         }
+        let containers = self.lock();
+        Ok(match containers.get(id).map(|container| &container.kind) {
+            Some(Kind::Sandbox { netns, .. }) => Some(netns.clone()),
+            _ => None,
+        })
     }
 
     async fn start(self: &Arc<Self>, container: Arc<Container>) -> Result<u32, NodeError> {
@@ -788,7 +834,10 @@ impl Node {
                 self.exec_exited(container, &exec).await;
             }
         }
+        // Close its output: containerd's CRI waits for the FIFOs' end
+        // before it deletes the task (kubectl logs ends there too).
         self.sinks.detach(&container.function);
+        container.output.lock().unwrap_or_else(|poison| poison.into_inner()).take();
         self.publish_exit(container, &container.id, status, at).await;
     }
 
@@ -1291,8 +1340,9 @@ impl TaskService {
 }
 
 /// The task service under the names containerd 1.x (`v2`) and 2.x (`v3`)
-/// call it by; the messages are the same.
-pub fn services(service: Arc<TaskService>) -> Vec<(String, Service)> {
+/// call it by (the messages are the same), and the Sandbox API.
+pub fn services(node: &Arc<Node>) -> Vec<(String, Service)> {
+    let service = Arc::new(TaskService::new(node.clone()));
     let mut services: Vec<(String, Service)> =
         containerd_shim_protos::shim_async::create_task(service.clone()).into_iter().collect();
     let v2: Vec<(String, Service)> = containerd_shim_protos::shim_async::create_task(service)
@@ -1300,6 +1350,7 @@ pub fn services(service: Arc<TaskService>) -> Vec<(String, Service)> {
         .map(|(name, methods)| (name.replace("containerd.task.v3.", "containerd.task.v2."), methods))
         .collect();
     services.extend(v2);
+    services.extend(SandboxService::new(node.clone()).service());
     services
 }
 
@@ -1422,13 +1473,20 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, request: PidsRequest) -> Reply<PidsResponse> {
-        self.node.get(&request.id)?;
+        // containerd asks this of a pod sandbox too when it reconnects.
+        if !self.node.sandboxes.contains(&request.id) {
+            self.node.get(&request.id)?;
+        }
         let process = ProcessInfo { pid: self.node.pid, ..Default::default() };
         Ok(PidsResponse { processes: vec![process], ..Default::default() })
     }
 
     async fn connect(&self, _ctx: &TtrpcContext, request: ConnectRequest) -> Reply<ConnectResponse> {
-        self.node.get(&request.id)?;
+        // containerd connects to a pod sandbox's shim with the task API
+        // when it restarts, then asks the Sandbox API.
+        if !self.node.sandboxes.contains(&request.id) {
+            self.node.get(&request.id)?;
+        }
         Ok(ConnectResponse {
             shim_pid: self.node.pid,
             task_pid: self.node.pid,

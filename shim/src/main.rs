@@ -7,8 +7,11 @@
 //! and prints that host's socket. Every wasm container of the namespace is
 //! then served by the one host process; this binary exits at once.
 //!
-//! `delete` is what containerd runs after a host died: it unmounts the
-//! container's rootfs and reports the task as killed.
+//! `delete` is what containerd runs when it lets go of a shim connection:
+//! after a task's or a pod sandbox's end (containerd 2.x runs it after
+//! every `ShutdownSandbox`), and when a host died. It only unmounts a
+//! rootfs the host left mounted and reports the task as killed; the node
+//! host and its other pods are never touched.
 //!
 //! Settings come from the environment containerd passes on:
 //! `SHOAL_BIN` (the `shoal` binary; default: next to this one),
@@ -70,9 +73,9 @@ impl Shim for ShoalShim {
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse> {
-        // The host that served this container is gone (containerd only
-        // runs `delete` when the task API is unreachable). What is left
-        // behind is the rootfs mount.
+        // containerd is done with this container or pod (or the host that
+        // served it died): what may be left behind is a rootfs mount. The
+        // host serves every other pod on; it is not stopped here.
         let rootfs = self.bundle.join("rootfs");
         if let Some(rootfs) = rootfs.to_str()
             && rootfs_is_mounted(rootfs)

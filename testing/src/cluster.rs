@@ -1,6 +1,6 @@
-//! Fixtures for the Kubernetes path: a real containerd (Debian's package)
-//! with a private root, state and socket, the CRI plugin, a CNI bridge and
-//! the `shoal` runtime; a real OCI registry (`docker-registry`) on
+//! Fixtures for the Kubernetes path: a real containerd (2.3.4 from
+//! `target/tools`, or Debian's 1.6.20) with a private root, state and
+//! socket, the CRI plugin, a CNI bridge and the `shoal` runtime; a real OCI registry (`docker-registry`) on
 //! loopback; a CRI client; and a way into a pod's network namespace.
 //!
 //! Traffic goes only to 127.0.0.0/8 or, from inside a pod's namespace, to
@@ -129,6 +129,55 @@ impl Drop for Registry {
     }
 }
 
+/// Which containerd a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// containerd 2.3.4, the long-term-support line every supported
+    /// Kubernetes runs on (installed into `target/tools` by `make test`).
+    V2,
+    /// Debian's containerd 1.6.20: the check that older nodes keep working.
+    V1_6,
+}
+
+/// How the CRI of a containerd 2.x runs Shoal's pod sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sandboxer {
+    /// containerd's Sandbox API served by the node host: no pause
+    /// container (`sandboxer = "shim"`, what the installer sets on 2.x).
+    Shim,
+    /// The CRI's own controller, which runs a pause container through the
+    /// task API (`"podsandbox"`, containerd's default; the only one on 1.x).
+    PodSandbox,
+}
+
+/// containerd 2.3.4's binaries (containerd, ctr, the runc shim, crictl),
+/// as `make containerd2` installs them.
+pub fn containerd2_bin_dir() -> PathBuf {
+    let dir = crate::support::functions_dir().join("../target/tools/containerd-2.3.4/bin");
+    assert!(
+        dir.join("containerd").is_file(),
+        "{} has no containerd 2.3.4: install it first (`make containerd2`; `make test` does)",
+        dir.display()
+    );
+    dir
+}
+
+/// What a test's containerd is.
+#[derive(Debug, Clone)]
+pub struct ContainerdOptions<'a> {
+    pub release: Release,
+    /// On 2.x, how Shoal's pod sandboxes run (1.6 has only the pause container).
+    pub sandboxer: Sandboxer,
+    /// More environment for containerd (and so the shim and Shoal host).
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Default for ContainerdOptions<'_> {
+    fn default() -> Self {
+        ContainerdOptions { release: Release::V2, sandboxer: Sandboxer::Shim, env: &[] }
+    }
+}
+
 /// A containerd of the test's own.
 pub struct Containerd {
     pub dir: tempfile::TempDir,
@@ -137,21 +186,30 @@ pub struct Containerd {
     /// Where the shim keeps node host sockets and logs.
     pub run_dir: PathBuf,
     pub log_dir: PathBuf,
+    pub release: Release,
+    pub sandboxer: Sandboxer,
+    /// Where its binaries are (`None`: on the PATH, Debian's 1.6).
+    bin_dir: Option<PathBuf>,
     bridge: String,
     /// More environment for containerd (and so the shim and Shoal host).
     env: Vec<(String, String)>,
 }
 
 impl Containerd {
-    /// Start containerd; `registry` is reachable over plain HTTP, and its
-    /// `shoal-test/pause:1` image is the pod sandbox image.
+    /// Start containerd 2.3.4 with the Sandbox API; `registry` is reachable
+    /// over plain HTTP, and its `shoal-test/pause:1` image is the pause image.
     pub fn start(registry: Option<&Registry>) -> Containerd {
-        Containerd::start_with_env(registry, &[])
+        Containerd::start_with(registry, ContainerdOptions::default())
     }
 
-    /// Start containerd with `env` added to its environment, which the
-    /// shim and the Shoal host it starts inherit.
+    /// Start containerd 2.3.4 with `env` added to its environment, which
+    /// the shim and the Shoal host it starts inherit.
     pub fn start_with_env(registry: Option<&Registry>, env: &[(&str, &str)]) -> Containerd {
+        Containerd::start_with(registry, ContainerdOptions { env, ..Default::default() })
+    }
+
+    /// Start the containerd `options` describe.
+    pub fn start_with(registry: Option<&Registry>, options: ContainerdOptions<'_>) -> Containerd {
         let dir = tempfile::Builder::new().prefix("shoal-ctd").tempdir().unwrap();
         let net = NEXT_NET.fetch_add(1, Ordering::SeqCst) + std::process::id() % 50 * 4;
         let bridge = format!("shoalt{}", net % 1000);
@@ -170,61 +228,57 @@ impl Containerd {
         )
         .unwrap();
         let address = dir.path().join("containerd.sock");
-        let mut config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{address}"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{root}/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.shoal]
-      runtime_type = "io.containerd.shoal.v1"
-      pod_annotations = ["shoal.dev/*"]
-      container_annotations = ["shoal.dev/*"]
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-"#,
-            root = dir.path().join("root").display(),
-            state = dir.path().join("state").display(),
-            address = address.display(),
-            pause = registry.map(|r| format!("{}/shoal-test/pause:1", r.addr)).unwrap_or_else(|| "none".into()),
-            cni = cni.display(),
-        );
+        let pause = registry.map(|r| format!("{}/shoal-test/pause:1", r.addr)).unwrap_or_else(|| "none".into());
+        let config = match options.release {
+            Release::V2 => config_v2_3(dir.path(), &address, &pause, &cni, registry, options.sandboxer),
+            Release::V1_6 => config_v1_6(dir.path(), &address, &pause, &cni, registry),
+        };
         if let Some(registry) = registry {
-            config.push_str(&format!(
-                "  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n    endpoint = [\"http://{addr}\"]\n",
-                addr = registry.addr
-            ));
             registry.push(&guest("hello"), "shoal-test/pause:1", &[]);
         }
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
         let run_dir = dir.path().join("shoal-run");
         let log_dir = dir.path().join("pod-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut containerd = Containerd { child: None, address, run_dir, log_dir, bridge, dir, env };
+        let env = options.env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let bin_dir = (options.release == Release::V2).then(containerd2_bin_dir);
+        let sandboxer = if options.release == Release::V2 { options.sandboxer } else { Sandboxer::PodSandbox };
+        let mut containerd = Containerd {
+            child: None,
+            address,
+            run_dir,
+            log_dir,
+            release: options.release,
+            sandboxer,
+            bin_dir,
+            bridge,
+            dir,
+            env,
+        };
         containerd.launch();
         containerd
     }
 
+    /// The path of one of this containerd's programs (`containerd`, `ctr`,
+    /// `crictl`, `containerd-shim-runc-v2`).
+    pub fn program(&self, name: &str) -> PathBuf {
+        match &self.bin_dir {
+            Some(dir) => dir.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+
     fn launch(&mut self) {
+        // Its own runc shim (2.x) before Debian's, Shoal's shim first.
+        let release_bin = self.bin_dir.as_ref().map(|dir| format!("{}:", dir.display())).unwrap_or_default();
         let path = format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "{}:{release_bin}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             self.dir.path().join("bin").display()
         );
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("containerd.log")).unwrap();
         let _ = std::fs::remove_file(&self.address);
-        let child = Command::new("containerd")
+        let child = Command::new(self.program("containerd"))
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
             .env("PATH", path)
@@ -274,10 +328,21 @@ state = "{state}"
 
     /// `ctr` against this containerd.
     pub fn ctr(&self, namespace: &str, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.address)
-            .args(["--namespace", namespace])
+        self.ctr_command(namespace).args(args).output().unwrap()
+    }
+
+    /// A `ctr` command against this containerd, in `namespace`.
+    pub fn ctr_command(&self, namespace: &str) -> Command {
+        let mut command = Command::new(self.program("ctr"));
+        command.arg("--address").arg(&self.address).args(["--namespace", namespace]);
+        command
+    }
+
+    /// `crictl` (the kubelet's CRI client, 1.36) against this containerd's CRI.
+    pub fn crictl(&self, args: &[&str]) -> Output {
+        let endpoint = format!("unix://{}", self.address.display());
+        Command::new(containerd2_bin_dir().join("crictl"))
+            .args(["--runtime-endpoint", &endpoint, "--image-endpoint", &endpoint, "--timeout", "60s"])
             .args(args)
             .output()
             .unwrap()
@@ -381,13 +446,134 @@ impl Drop for Containerd {
     }
 }
 
+/// A containerd 2.3 config (version 4, containerd 2.3's own) for a test:
+/// private root, state and sockets, the CRI with a CNI bridge, registries
+/// by `hosts.toml`, and the `shoal` runtime with `sandboxer`.
+fn config_v2_3(
+    dir: &Path,
+    address: &Path,
+    pause: &str,
+    cni: &Path,
+    registry: Option<&Registry>,
+    sandboxer: Sandboxer,
+) -> String {
+    let certs = dir.join("certs.d");
+    if let Some(registry) = registry {
+        let host = certs.join(&registry.addr);
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(
+            host.join("hosts.toml"),
+            format!(
+                "server = \"http://{addr}\"\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n  skip_verify = true\n",
+                addr = registry.addr
+            ),
+        )
+        .unwrap();
+    }
+    let sandboxer = match sandboxer {
+        Sandboxer::Shim => "shim",
+        Sandboxer::PodSandbox => "podsandbox",
+    };
+    format!(
+        r#"version = 4
+root = "{root}"
+state = "{state}"
+[plugins.'io.containerd.server.v1.grpc']
+  address = "{address}"
+[plugins.'io.containerd.server.v1.ttrpc']
+  address = "{address}.ttrpc"
+[plugins.'io.containerd.server.v1.debug']
+  address = ""
+[plugins.'io.containerd.internal.v1.opt']
+  path = "{root}/opt"
+[plugins.'io.containerd.nri.v1.nri']
+  disable = true
+[plugins.'io.containerd.transfer.v1.local']
+  config_path = "{certs}"
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "{pause}"
+  [plugins.'io.containerd.cri.v1.images'.registry]
+    config_path = "{certs}"
+[plugins.'io.containerd.cri.v1.runtime']
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
+    default_runtime_name = "runc"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.shoal]
+      runtime_type = "io.containerd.shoal.v1"
+      sandboxer = "{sandboxer}"
+      pod_annotations = ["shoal.dev/*"]
+      container_annotations = ["shoal.dev/*"]
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{cni}"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        address = address.display(),
+        certs = certs.display(),
+        cni = cni.display(),
+    )
+}
+
+/// A containerd 1.6 config (version 2) for a test.
+fn config_v1_6(dir: &Path, address: &Path, pause: &str, cni: &Path, registry: Option<&Registry>) -> String {
+    let mut config = format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.shoal]
+      runtime_type = "io.containerd.shoal.v1"
+      pod_annotations = ["shoal.dev/*"]
+      container_annotations = ["shoal.dev/*"]
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        address = address.display(),
+        cni = cni.display(),
+    );
+    if let Some(registry) = registry {
+        config.push_str(&format!(
+            "  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n    endpoint = [\"http://{addr}\"]\n",
+            addr = registry.addr
+        ));
+    }
+    config
+}
+
 /// The kubelet's starting point: a registry holding `wasm` as image
 /// `name` (built with `extra` options), a containerd using it, a CRI
 /// client, and the image pulled. Returns the image's full name last.
 pub async fn cri_node(wasm: &Path, name: &str, extra: &[&str]) -> (Registry, Containerd, Cri, String) {
+    cri_node_with(ContainerdOptions::default(), wasm, name, extra).await
+}
+
+/// [`cri_node`] on the containerd `options` describe.
+pub async fn cri_node_with(
+    options: ContainerdOptions<'_>,
+    wasm: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (Registry, Containerd, Cri, String) {
     let registry = Registry::start();
     let image = registry.push(wasm, name, extra);
-    let containerd = Containerd::start(Some(&registry));
+    let containerd = Containerd::start_with(Some(&registry), options);
     let mut cri = containerd.cri().await;
     cri.pull(&image).await;
     (registry, containerd, cri, image)

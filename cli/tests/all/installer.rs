@@ -103,7 +103,7 @@ fn the_installer_puts_both_binaries_in_place_and_refuses_a_config_without_a_vers
     std::fs::write(&config, "[plugins]\n").unwrap();
     let output = install(&config, &source, &bin);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("no 'version = 2' or 'version = 3' line"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no 'version = 2', 'version = 3' or 'version = 4' line"));
 }
 
 #[tokio::test]

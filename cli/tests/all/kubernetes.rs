@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use crate::cluster::{Containerd, SERIAL, build_image, cri_node, get_in_netns, guest_p1, until};
+use crate::cluster::{
+    Containerd, ContainerdOptions, Release, SERIAL, Sandboxer, build_image, cri_node, cri_node_with, get_in_netns,
+    guest_p1, until,
+};
 use crate::support::guest;
 
 const RUNTIME: &str = "io.containerd.shoal.v1";
@@ -154,13 +157,8 @@ async fn ctr_run_runs_a_wasm_image_and_reports_its_output_and_exit_code() {
     assert!(out.contains("hello from a wasi:cli command, args []"), "{out}");
 
     // containerd heard the task's life in order.
-    let mut events = std::process::Command::new("ctr")
-        .arg("--address")
-        .arg(&containerd.address)
-        .args(["events"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut events =
+        containerd.ctr_command("default").args(["events"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let output = containerd
         .ctr("default", &["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "watched"]);
@@ -196,8 +194,42 @@ async fn ctr_run_of_an_image_whose_wasm_is_missing_fails_with_a_clear_error() {
     assert!(!output.status.success());
     assert!(out.contains("/nothing-here.wasm"), "the error names the missing entrypoint: {out}");
     // The host answers NOT_FOUND, which containerd carries to its client as
-    // such ("...: not found"), not as an invalid argument.
-    assert!(out.contains(": not found"), "containerd sees NOT_FOUND: {out}");
+    // such, not as an invalid argument.
+    let created = containerd.ctr(
+        "default",
+        &[
+            "containers",
+            "create",
+            "--runtime",
+            RUNTIME,
+            "localhost/shoal-test/cli-hello:1",
+            "coded",
+            "/nothing-here.wasm",
+        ],
+    );
+    assert!(created.status.success(), "{}", text(&created));
+    use containerd_client::tonic::Request;
+    let client = containerd_client::Client::from_path(&containerd.address).await.unwrap();
+    let request = containerd_client::with_namespace!(
+        containerd_client::services::v1::snapshots::MountsRequest {
+            snapshotter: "overlayfs".into(),
+            key: "coded".into()
+        },
+        "default"
+    );
+    let rootfs = client.snapshots().mounts(request).await.unwrap().into_inner().mounts;
+    let request = containerd_client::with_namespace!(
+        containerd_client::services::v1::CreateTaskRequest {
+            container_id: "coded".into(),
+            rootfs,
+            ..Default::default()
+        },
+        "default"
+    );
+    let refused = client.tasks().create(request).await.expect_err("no task of a missing entrypoint");
+    assert_eq!(refused.code(), containerd_client::tonic::Code::NotFound, "containerd sees NOT_FOUND: {refused}");
+    assert!(refused.message().contains("/nothing-here.wasm"), "{refused}");
+    let _ = containerd.ctr("default", &["containers", "rm", "coded"]);
     // The host that refused it keeps serving.
     let output =
         containerd.ctr("default", &["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "right"]);
@@ -276,6 +308,85 @@ async fn a_pod_runs_through_the_cri_like_a_container() {
     assert!(!pod.netns.exists(), "the pod's network namespace is gone");
     let listed = containerd.ctr("k8s.io", &["tasks", "ls", "-q"]);
     assert!(String::from_utf8_lossy(&listed.stdout).trim().is_empty(), "no tasks left: {}", text(&listed));
+}
+
+/// The core of the CRI lifecycle on the containerd `options` describe: a
+/// pod runs and serves on its address, ExecSync answers from its function,
+/// its log and stats come through, containerd restarts under it, and
+/// StopContainer drains it (exit 0) and removal leaves nothing behind.
+async fn core_lifecycle(options: ContainerdOptions<'_>) {
+    let (_registry, mut containerd, mut cri, image) =
+        cri_node_with(options, &guest("lifecycle"), "shoal-test/lifecycle:1", &["--env", "SHOAL_HTTP_PORT=8080"]).await;
+    let pod = cri.run_pod(&containerd.log_dir, "core", &image, &[], 64 << 20).await;
+    let (status, body) = get_in_netns(&pod.netns, &format!("{}:8080", pod.ip), "/").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let reply = cri
+        .runtime
+        .exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: pod.container_id.clone(),
+            cmd: ["shoal", "invoke", "/"].map(String::from).to_vec(),
+            timeout: 20,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.exit_code, 0, "{reply:?}");
+    assert!(String::from_utf8_lossy(&reply.stdout).contains(r#""started":true"#), "{reply:?}");
+    let log = pod.log_file.clone();
+    until(
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("stdout F lifecycle: start")),
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+    .await;
+    let stats = cri
+        .runtime
+        .container_stats(k8s_cri::v1::ContainerStatsRequest { container_id: pod.container_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.cpu.and_then(|cpu| cpu.usage_core_nano_seconds).is_some_and(|v| v.value > 0));
+
+    containerd.restart();
+    let mut cri = containerd.cri().await;
+    cri.wait_ready().await;
+    assert_eq!(cri.container_state(&pod.container_id).await.0, CONTAINER_RUNNING, "reconnected after the restart");
+    let (status, _) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/").unwrap();
+    assert_eq!(status, 200, "still serving");
+
+    cri.runtime
+        .stop_container(k8s_cri::v1::StopContainerRequest { container_id: pod.container_id.clone(), timeout: 10 })
+        .await
+        .unwrap();
+    assert_eq!(cri.container_state(&pod.container_id).await, (CONTAINER_EXITED, 0));
+    cri.runtime
+        .remove_container(k8s_cri::v1::RemoveContainerRequest { container_id: pod.container_id.clone() })
+        .await
+        .unwrap();
+    cri.remove_pod(&pod).await;
+    let listed = containerd.ctr("k8s.io", &["tasks", "ls", "-q"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).trim().is_empty(), "no tasks left: {}", text(&listed));
+    assert!(!pod.netns.exists(), "the pod's network namespace is gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_core_cri_lifecycle_works_on_containerd_1_6() {
+    let _serial = SERIAL.lock().await;
+    core_lifecycle(ContainerdOptions { release: Release::V1_6, ..Default::default() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_core_cri_lifecycle_works_on_containerd_2_with_pause_containers_too() {
+    let _serial = SERIAL.lock().await;
+    core_lifecycle(ContainerdOptions { sandboxer: Sandboxer::PodSandbox, ..Default::default() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_core_cri_lifecycle_works_on_containerd_2_with_the_sandbox_api() {
+    let _serial = SERIAL.lock().await;
+    core_lifecycle(ContainerdOptions::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -787,9 +898,8 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     let old = containerd.node_hosts();
     assert_eq!(old.len(), 1);
     let events_file = containerd.dir.path().join("events.txt");
-    let mut events = std::process::Command::new("ctr")
-        .arg("--address")
-        .arg(&containerd.address)
+    let mut events = containerd
+        .ctr_command("default")
         .arg("events")
         .stdout(std::fs::File::create(&events_file).unwrap())
         .spawn()

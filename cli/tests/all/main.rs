@@ -16,6 +16,7 @@ mod installer;
 mod invoke;
 mod isolation;
 mod keyvalue;
+mod kubelet;
 mod kubernetes;
 mod languages;
 mod layering;
