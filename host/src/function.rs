@@ -107,6 +107,7 @@ impl Runtime {
         let link = |engine: &wasmtime::Engine| -> anyhow::Result<Linker<GuestState>> {
             let mut linker = Linker::new(engine);
             wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+            crate::files::add_to_linker(&mut linker)?;
             wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
             crate::abi::add_to_linker(&mut linker)?;
             Ok(linker)

@@ -39,8 +39,9 @@
 //! - an [`instance`] of a [`function`] runs one call under its [`limits`],
 //!   with its store's [`guest`] state, which reaches infrastructure only
 //!   through the [`abi`] (capability checks) over the [`backends`];
-//! - at the bottom: the [`engine`]s and their instance slots, the [`manifest`] types, [`logs`],
-//!   [`signals`] and the shared [`request`] types.
+//! - at the bottom: the [`engine`]s and their instance slots, [`files`]
+//!   (`wasi:filesystem` limited to ordinary files), the [`manifest`] types,
+//!   [`logs`], [`signals`] and the shared [`request`] types.
 
 pub mod abi;
 pub mod admin;
@@ -48,6 +49,7 @@ pub mod backends;
 pub mod dispatch;
 pub mod engine;
 mod error;
+pub mod files;
 pub mod function;
 pub mod guest;
 pub mod host;

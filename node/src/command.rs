@@ -4,6 +4,13 @@
 //! process: args and environment from the spec, the rootfs as a read-only
 //! `/`, output to the container's FIFOs, and its exit code is the task's.
 //!
+//! A `wasm32-wasip1` module is made a component first, with wasmtime's
+//! WASI 0.1 adapter (what `cargo component` and `wasm-tools component
+//! new` do), so every program reaches files through the one
+//! `wasi:filesystem` Shoal limits to ordinary files
+//! ([`shoal::files`]): wasmtime's own WASI 0.1 would open whatever a path
+//! names.
+//!
 //! Commands get WASI only, not the Runtime ABI: a program that needs state
 //! or messages is written as a function.
 
@@ -11,9 +18,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
-use wasmtime::{Linker, Module, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
-use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -26,14 +32,9 @@ use shoal::logs::{InstanceLog, Stream};
 /// 128 + SIGABRT).
 pub const TRAPPED: i32 = 134;
 
-/// A compiled program, ready to run.
+/// A compiled program (a `wasi:cli/run` component), ready to run.
 #[derive(Clone)]
-pub enum Program {
-    /// A `wasi:cli/run` component.
-    Component(CommandPre<CommandState>),
-    /// A WASI 0.1 module exporting `_start`.
-    Module(wasmtime::InstancePre<P1State>),
-}
+pub struct Program(CommandPre<CommandState>);
 
 /// Store data of a component command.
 pub struct CommandState {
@@ -46,12 +47,6 @@ impl WasiView for CommandState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
-}
-
-/// Store data of a WASI 0.1 command.
-pub struct P1State {
-    wasi: WasiP1Ctx,
-    limits: StoreLimits,
 }
 
 /// What the program is run with.
@@ -122,26 +117,110 @@ pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
         let what = what.to_string();
         move |err: wasmtime::Error| NodeError::InvalidArgument(format!("{what}: {err:#}"))
     };
-    if wasmparser::Parser::is_core_wasm(wasm) {
-        let module = Module::new(engine.engine(false), wasm).map_err(invalid("invalid wasm module"))?;
-        if module.get_export("_start").is_none() {
-            return Err(NodeError::InvalidArgument(
-                "the module exports no `_start`: it is not a WASI command".to_string(),
-            ));
-        }
-        let mut linker: Linker<P1State> = Linker::new(engine.engine(false));
-        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state| &mut state.wasi)
-            .map_err(|err| NodeError::Internal(format!("cannot link WASI 0.1: {err:#}")))?;
-        let pre = linker.instantiate_pre(&module).map_err(invalid("cannot link the module"))?;
-        return Ok(Program::Module(pre));
-    }
+    let adapted;
+    let wasm = if wasmparser::Parser::is_core_wasm(wasm) {
+        adapted = adapt(wasm)?;
+        &adapted
+    } else {
+        wasm
+    };
     let component = Component::new(engine.engine(false), wasm).map_err(invalid("invalid component"))?;
     let mut linker: ComponentLinker<CommandState> = ComponentLinker::new(engine.engine(false));
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .and_then(|()| shoal::files::add_to_linker(&mut linker))
+        .and_then(|()| link_exit_code(&mut linker))
         .map_err(|err| NodeError::Internal(format!("cannot link WASI 0.2: {err:#}")))?;
     let pre = linker.instantiate_pre(&component).map_err(invalid("cannot link the component"))?;
     let pre = CommandPre::new(pre).map_err(invalid("the component exports no wasi:cli/run"))?;
-    Ok(Program::Component(pre))
+    Ok(Program(pre))
+}
+
+/// A WASI 0.1 command module as a `wasi:cli/run` component (its `_start`
+/// is the `run` export; its imports go through wasmtime's adapter).
+///
+/// The adapter reports every non-zero `proc_exit` as plain failure (1),
+/// while a process's exit code is what containerd and `kubectl` show. So
+/// the module's `proc_exit` import is renamed, before the adapter sees it,
+/// to [`EXIT_INTERFACE`]'s `exit`, a component import the host answers
+/// with the code itself ([`link_exit_code`]).
+fn adapt(module: &[u8]) -> Result<Vec<u8>, NodeError> {
+    use wasi_preview1_component_adapter_provider::{
+        WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
+    };
+    let invalid = |err: anyhow::Error| {
+        NodeError::InvalidArgument(format!("invalid wasm module (as a WASI 0.1 command): {err:#}"))
+    };
+    let exports_start = wasmparser::Parser::new(0).parse_all(module).any(|payload| match payload {
+        Ok(wasmparser::Payload::ExportSection(exports)) => {
+            exports.into_iter().any(|export| export.is_ok_and(|export| export.name == "_start"))
+        }
+        _ => false,
+    });
+    if !exports_start {
+        return Err(NodeError::InvalidArgument("the module exports no `_start`: it is not a WASI command".to_string()));
+    }
+    let mut module = rename_proc_exit(module).map_err(invalid)?;
+    let mut resolve = wit_parser::Resolve::default();
+    let package = resolve.push_str("shoal-program-exit.wit", EXIT_WIT).map_err(invalid)?;
+    let world = resolve.select_world(&[package], Some("program")).map_err(invalid)?;
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8)
+        .map_err(invalid)?;
+    wit_component::ComponentEncoder::default()
+        .module(&module)
+        .and_then(|encoder| {
+            encoder.adapter(WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER)
+        })
+        .and_then(|encoder| encoder.validate(true).encode())
+        .map_err(invalid)
+}
+
+/// The interface a WASI 0.1 program's `proc_exit` is imported from once
+/// adapted; it is Shoal's own, answered only for programs.
+const EXIT_INTERFACE: &str = "shoal:program/exit@0.1.0";
+
+/// Its WIT: `exit` ends the program with `code` as its status.
+const EXIT_WIT: &str = "package shoal:program@0.1.0;
+interface exit { exit: func(code: u32); }
+world program { import exit; }
+";
+
+/// `module` with its `wasi_snapshot_preview1.proc_exit` import taken from
+/// [`EXIT_INTERFACE`] instead (same signature: one `i32`).
+fn rename_proc_exit(module: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use wasm_encoder::reencode::{Error, Reencode, RoundtripReencoder};
+
+    struct Renamer;
+    impl Reencode for Renamer {
+        type Error = std::convert::Infallible;
+
+        fn parse_import_section(
+            &mut self,
+            imports: &mut wasm_encoder::ImportSection,
+            section: wasmparser::ImportSectionReader<'_>,
+        ) -> Result<(), Error<Self::Error>> {
+            for import in section.into_imports() {
+                let import = import?;
+                let (module, name) = match (import.module, import.name) {
+                    ("wasi_snapshot_preview1", "proc_exit") => (EXIT_INTERFACE, "exit"),
+                    other => other,
+                };
+                imports.import(module, name, RoundtripReencoder.entity_type(import.ty)?);
+            }
+            Ok(())
+        }
+    }
+
+    let mut encoded = wasm_encoder::Module::new();
+    Renamer.parse_core_module(&mut encoded, wasmparser::Parser::new(0), module)?;
+    Ok(encoded.finish())
+}
+
+/// Answer [`EXIT_INTERFACE`] for an adapted WASI 0.1 program: its exit
+/// code ends it, as `proc_exit` would.
+fn link_exit_code(linker: &mut ComponentLinker<CommandState>) -> wasmtime::Result<()> {
+    linker.instance(EXIT_INTERFACE)?.func_wrap("exit", |_, (code,): (u32,)| -> wasmtime::Result<()> {
+        Err(I32Exit(i32::try_from(code).unwrap_or(i32::MAX)).into())
+    })
 }
 
 /// How long a program waits for an instance slot when every one is busy.
@@ -163,31 +242,17 @@ pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<
     let result = match build_context(invocation) {
         Err(err) => Err(err),
         Ok(mut builder) => {
-            let limits = limits(memory_limit);
-            match program {
-                Program::Component(pre) => {
-                    let state = CommandState { wasi: builder.build(), table: ResourceTable::new(), limits };
-                    let mut store = store(engine, state, quota.clone());
-                    let run = async {
-                        let command = pre.instantiate_async(&mut store).await?;
-                        command.wasi_cli_run().call_run(&mut store).await
-                    };
-                    match CpuTimed::new(run, quota).await {
-                        Ok(Ok(())) => Ok(0),
-                        Ok(Err(())) => Ok(1),
-                        Err(err) => Err(err),
-                    }
-                }
-                Program::Module(pre) => {
-                    let state = P1State { wasi: builder.build_p1(), limits };
-                    let mut store = store(engine, state, quota.clone());
-                    let run = async {
-                        let instance = pre.instantiate_async(&mut store).await?;
-                        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                        start.call_async(&mut store, ()).await
-                    };
-                    CpuTimed::new(run, quota).await.map(|()| 0)
-                }
+            let state =
+                CommandState { wasi: builder.build(), table: ResourceTable::new(), limits: limits(memory_limit) };
+            let mut store = store(engine, state, quota.clone());
+            let run = async {
+                let command = program.0.instantiate_async(&mut store).await?;
+                command.wasi_cli_run().call_run(&mut store).await
+            };
+            match CpuTimed::new(run, quota).await {
+                Ok(Ok(())) => Ok(0),
+                Ok(Err(())) => Ok(1),
+                Err(err) => Err(err),
             }
         }
     };
@@ -234,25 +299,9 @@ fn limits(memory_limit: Option<u64>) -> StoreLimits {
     limits.build()
 }
 
-trait HasLimits {
-    fn limits(&mut self) -> &mut StoreLimits;
-}
-
-impl HasLimits for CommandState {
-    fn limits(&mut self) -> &mut StoreLimits {
-        &mut self.limits
-    }
-}
-
-impl HasLimits for P1State {
-    fn limits(&mut self) -> &mut StoreLimits {
-        &mut self.limits
-    }
-}
-
-fn store<T: HasLimits + Send>(engine: &WasmEngine, state: T, quota: Option<Arc<CpuQuota>>) -> Store<T> {
+fn store(engine: &WasmEngine, state: CommandState, quota: Option<Arc<CpuQuota>>) -> Store<CommandState> {
     let mut store = Store::new(engine.engine(false), state);
-    store.limiter(|state| state.limits());
+    store.limiter(|state| &mut state.limits);
     // A program runs as long as it likes, but yields at every epoch tick
     // so it never holds a host thread, and can be stopped by dropping it.
     // Over its container's CPU share it waits for the next period instead.

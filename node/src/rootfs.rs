@@ -20,6 +20,33 @@ use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
 use crate::error::NodeError;
 
+/// Make the mounted rootfs at `target` `nodev` and `nosuid`, whatever
+/// containerd's mount options said: a device node in an image then opens
+/// as nothing (`EACCES`) even for the host's root, and no set-id bit
+/// means anything. It is remounted as a bind of itself, which changes the
+/// mount's own flags and keeps the others (read-only, noexec, atime).
+pub fn harden(target: &Path) -> Result<(), NodeError> {
+    use nix::mount::MsFlags;
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let failed = |what: &str, err: Errno| {
+        NodeError::Internal(format!("cannot {what} the rootfs {} nodev,nosuid: {err}", target.display()))
+    };
+    let current = statvfs(target).map_err(|err| failed("read the mount flags of", err))?.flags();
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    for (has, keep) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.contains(has) {
+            flags |= keep;
+        }
+    }
+    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|err| failed("remount", err))
+}
+
 /// The largest wasm file read out of a rootfs unless configured otherwise.
 pub const DEFAULT_MAX_WASM_BYTES: u64 = 256 << 20;
 

@@ -475,7 +475,13 @@ impl Node {
                     containerd_shim::mount::mount_rootfs(Some(fs_type), Some(source), options, &mount_target)
                         .map_err(|err| NodeError::Internal(format!("cannot mount the rootfs ({fs_type}): {err}")))?;
                 }
-                Ok(())
+                // What an image holds is the image author's: no device
+                // opens as one, no set-id bit counts.
+                rootfs::harden(&mount_target).inspect_err(|_| {
+                    if let Some(path) = mount_target.to_str() {
+                        let _ = containerd_shim::mount::umount_recursive(Some(path), libc::MNT_DETACH);
+                    }
+                })
             })
             .await
             .map_err(task_failed("mounting the rootfs"))??;

@@ -24,6 +24,7 @@ mod ledger;
 mod limits;
 mod metering;
 mod multi_tenant;
+mod node_boundary;
 mod persistence;
 mod pubsub;
 mod redis_backend;

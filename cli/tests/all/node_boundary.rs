@@ -1,0 +1,236 @@
+//! The node boundary: what an image, a pod's volume or an exec can reach
+//! of the node that runs it. Images here are written by the test as an
+//! attacker would: a layer holding device nodes, a FIFO and a tty.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use crate::cluster::{Containerd, SERIAL};
+use crate::support::guest;
+
+const RUNTIME: &str = "io.containerd.shoal.v1";
+
+fn text(output: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+/// A special file of a hostile layer.
+enum Special {
+    Char(u32, u32),
+    Block(u32, u32),
+    Fifo,
+}
+
+/// An OCI image layout tarball named `reference` whose one layer holds
+/// `wasm` at `/program.wasm` and `specials` at their paths, for Linux on
+/// this machine's architecture (as any image author can write it).
+fn hostile_image(wasm: &Path, reference: &str, specials: &[(&str, Special)], out: &Path) {
+    let mut layer = tar::Builder::new(Vec::new());
+    let wasm = std::fs::read(wasm).unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_size(wasm.len() as u64);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    layer.append_data(&mut header, "program.wasm", wasm.as_slice()).unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_size(4);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    layer.append_data(&mut header, "plain.txt", &b"ok!\n"[..]).unwrap();
+    for (path, special) in specials {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(0);
+        header.set_mode(0o666);
+        let (kind, (major, minor)) = match special {
+            Special::Char(major, minor) => (tar::EntryType::Char, (*major, *minor)),
+            Special::Block(major, minor) => (tar::EntryType::Block, (*major, *minor)),
+            Special::Fifo => (tar::EntryType::Fifo, (0, 0)),
+        };
+        header.set_entry_type(kind);
+        header.set_device_major(major).unwrap();
+        header.set_device_minor(minor).unwrap();
+        layer.append_data(&mut header, path, std::io::empty()).unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+    let config = serde_json::to_vec(&json!({
+        "architecture": arch, "os": "linux",
+        "config": { "Entrypoint": ["/program.wasm"] },
+        "rootfs": { "type": "layers", "diff_ids": [digest(&layer)] },
+    }))
+    .unwrap();
+    let descriptor = |media_type: &str, bytes: &[u8]| json!({ "mediaType": media_type, "digest": digest(bytes), "size": bytes.len() });
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
+    }))
+    .unwrap();
+    let mut top = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
+    top["annotations"] =
+        json!({ "io.containerd.image.name": reference, "org.opencontainers.image.ref.name": reference });
+    let index = serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [top] })).unwrap();
+    let mut layout = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        layout.append_data(&mut header, name, bytes).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", &index);
+    for blob in [&layer, &config, &manifest] {
+        add(&format!("blobs/sha256/{}", digest(blob).trim_start_matches("sha256:")), blob);
+    }
+    std::fs::write(out, layout.into_inner().unwrap()).unwrap();
+}
+
+/// What a program made to read every special file of its image sees.
+fn read_specials(containerd: &Containerd, id: &str, image: &str, paths: &[&str]) -> String {
+    let read = format!("READ_FILES={}", paths.join(","));
+    let began = Instant::now();
+    let mut child = containerd
+        .ctr_command("default")
+        .args(["run", "--rm", "--runtime", RUNTIME, "--env", &read, image, id, "/program.wasm"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // No open may block: a FIFO without a writer would hold the program
+    // (and a host thread) for good.
+    while child.try_wait().unwrap().is_none() {
+        if began.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = containerd.ctr("default", &["task", "kill", "-s", "SIGKILL", id]);
+            panic!("the program blocked for 30 s reading {paths:?}\n{}", containerd.host_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    let out = text(&output);
+    assert!(output.status.success(), "the program ran to its end: {out}\n{}", containerd.host_log());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_nodes_and_fifos_in_an_image_cannot_be_opened_by_its_program() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let specials = [
+        ("random", Special::Char(1, 8)),
+        ("kmsg", Special::Char(1, 11)),
+        ("tty", Special::Char(5, 0)),
+        ("disk", Special::Block(7, 0)),
+        ("fifo", Special::Fifo),
+    ];
+    let paths: Vec<&str> = ["/plain.txt", "/random", "/kmsg", "/tty", "/disk", "/fifo"].into();
+    for (wasm, tag) in [(guest("cli-hello"), "p2"), (crate::cluster::guest_p1("cli-hello"), "p1")] {
+        let tar = dir.path().join(format!("hostile-{tag}.tar"));
+        let image = format!("localhost/shoal-test/hostile-{tag}:1");
+        hostile_image(&wasm, &image, &specials, &tar);
+        let imported = containerd.ctr("default", &["images", "import", tar.to_str().unwrap()]);
+        assert!(imported.status.success(), "ctr images import: {}", text(&imported));
+        let out = read_specials(&containerd, &format!("hostile-{tag}"), &image, &paths);
+        assert!(out.contains("/plain.txt: read 4 bytes"), "{tag}: a regular file of the image reads: {out}");
+        for special in &paths[1..] {
+            assert!(
+                out.contains(&format!("{special}: cannot open: Permission denied")),
+                "{tag}: {special} is refused without being opened: {out}"
+            );
+        }
+    }
+    // The host serves on: the rootfs is mounted nodev,nosuid.
+    let output =
+        containerd.ctr("default", &["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/hostile-p2:1", "after"]);
+    assert!(output.status.success(), "{}", text(&output));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_program_runs_on_a_rootfs_mounted_nodev_and_nosuid() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("hostile.tar");
+    let image = "localhost/shoal-test/hostile-mount:1";
+    hostile_image(&guest("cli-hello"), image, &[("random", Special::Char(1, 8))], &tar);
+    let imported = containerd.ctr("default", &["images", "import", tar.to_str().unwrap()]);
+    assert!(imported.status.success(), "ctr images import: {}", text(&imported));
+    let run = containerd.ctr(
+        "default",
+        &["run", "-d", "--runtime", RUNTIME, "--env", "SPIN_MS=30000", image, "mounted", "/program.wasm"],
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let host = containerd.node_hosts()[0];
+    let mountinfo = std::fs::read_to_string(format!("/proc/{host}/mountinfo")).unwrap();
+    let rootfs = mountinfo
+        .lines()
+        .find(|line| line.split(' ').nth(4).is_some_and(|target| target.contains("/mounted/rootfs")))
+        .unwrap_or_else(|| panic!("the container's rootfs is mounted: {mountinfo}"));
+    let options: Vec<&str> = rootfs.split(' ').nth(5).unwrap().split(',').collect();
+    assert!(options.contains(&"nodev") && options.contains(&"nosuid"), "{rootfs}");
+    let _ = containerd.ctr("default", &["task", "kill", "-s", "SIGKILL", "mounted"]);
+    let _ = containerd.ctr("default", &["task", "rm", "-f", "mounted"]);
+    let _ = containerd.ctr("default", &["containers", "rm", "mounted"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_functions_volume_holding_a_fifo_or_a_device_is_refused_not_opened() {
+    use shoal::manifest::{FileGrant, VolumeKind};
+
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("plain.txt"), "ok!\n").unwrap();
+    nix::unistd::mkfifo(&volume.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    nix::sys::stat::mknod(
+        &volume.path().join("random"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        nix::sys::stat::makedev(1, 8),
+    )
+    .unwrap();
+    let host = crate::support::TestHost::start().await;
+    let mut spec = crate::support::spec("settings", "settings", "/settings");
+    spec.grants.files = vec![FileGrant {
+        host: volume.path().to_path_buf(),
+        guest: "/vol".into(),
+        read_only: true,
+        kind: VolumeKind::Directory,
+    }];
+    host.deploy(vec![spec]).await;
+
+    let reply = host.get("/settings/file?path=/vol/plain.txt").await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "ok!\n"), "a regular file of the volume reads");
+    for special in ["/vol/fifo", "/vol/random"] {
+        // From a thread of its own, bounded: an open that blocks (a FIFO
+        // with no writer) would never answer, and may hold host threads.
+        let addr = host.running.http_addr();
+        let path = format!("/settings/file?path={special}");
+        let reply = std::thread::spawn(move || -> std::io::Result<String> {
+            use std::io::{Read as _, Write as _};
+            let mut stream = std::net::TcpStream::connect(addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: shoal\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .join()
+        .unwrap();
+        let refused =
+            reply.as_ref().is_ok_and(|reply| reply.starts_with("HTTP/1.1 500") && reply.contains("Permission denied"));
+        if !refused {
+            // A blocked open would hold the host's shutdown too: leave it.
+            std::mem::forget(host);
+            panic!("{special} is refused without being opened, at once: {reply:?}");
+        }
+    }
+}
