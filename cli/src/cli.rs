@@ -367,6 +367,22 @@ enum ImageCommand {
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
     },
+    /// Make an image built for a wasm platform by other tools (`docker
+    /// buildx --platform wasi/wasm`, runwasi's `wasip1/wasm`) into one
+    /// every containerd runs: the same layers, listed and configured for
+    /// linux/amd64 and linux/arm64 (containerd's CRI pulls only the node's
+    /// platform, and containerd 2.3 unpacks only Linux layers).
+    Convert {
+        /// The image as an OCI layout tarball (`docker buildx build
+        /// --output type=oci,dest=app.tar`, or any tool's export).
+        layout: PathBuf,
+        /// The converted image's name [default: the one the layout gives].
+        #[arg(long, short = 't')]
+        tag: Option<String>,
+        /// Where to write the converted tarball.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+    },
     /// Push an image tarball made by `shoal image build` to its registry.
     /// Credentials: SHOAL_REGISTRY_USER and SHOAL_REGISTRY_PASSWORD.
     Push {
@@ -508,6 +524,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             image_build(wasm, tag, output, labels, env, artifact)
         }
         Command::Image(ImageCommand::Push { layout, to, insecure }) => image_push(&layout, to, insecure).await,
+        Command::Image(ImageCommand::Convert { layout, tag, output }) => {
+            let (image, was) = shoal_images::Image::convert(&layout, tag.as_deref())?;
+            eprintln!("{}: {was} image, listed for linux/amd64 and linux/arm64", layout.display());
+            write_image(&image, &output)
+        }
         Command::Image(ImageCommand::Installer { tag, output, bin_dir, busybox }) => {
             let bin_dir = match bin_dir {
                 Some(dir) => dir,

@@ -21,13 +21,18 @@
 //! layer from containerd's content store (see `node::containerd`).
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use sha2::{Digest as _, Sha256};
+
+mod convert;
+mod installer;
+mod layout;
+
+pub use installer::InstallerSpec;
 
 /// The lowercase hex sha256 of `bytes` (an OCI digest without its `sha256:`).
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -70,10 +75,6 @@ pub enum ImageFormat {
     WasmArtifact,
 }
 
-/// The static media type string for `text`, if it is one this module writes.
-fn known_media_type(text: &str) -> Option<&'static str> {
-    [MANIFEST, INDEX, CONFIG, LAYER, WASM_CONFIG, WASM_COMPONENT_LAYER, WASM_LAYER].into_iter().find(|t| *t == text)
-}
 /// The platforms an image is listed for.
 pub const PLATFORMS: [&str; 2] = ["amd64", "arm64"];
 
@@ -98,14 +99,14 @@ pub struct Blob {
     /// `sha256:<hex>`.
     pub digest: String,
     /// The media type it is referenced with.
-    pub media_type: &'static str,
+    pub media_type: String,
     /// The bytes.
     pub bytes: Vec<u8>,
 }
 
 impl Blob {
-    fn new(media_type: &'static str, bytes: Vec<u8>) -> Blob {
-        Blob { digest: format!("sha256:{}", sha256_hex(&bytes)), media_type, bytes }
+    fn new(media_type: &str, bytes: Vec<u8>) -> Blob {
+        Blob { digest: format!("sha256:{}", sha256_hex(&bytes)), media_type: media_type.to_string(), bytes }
     }
 
     fn descriptor(&self) -> Value {
@@ -118,10 +119,10 @@ impl Blob {
 pub struct Image {
     /// Its name.
     pub reference: String,
-    /// The layer holding the wasm.
-    pub layer: Blob,
-    /// The config and manifest of each platform (all over the one layer;
-    /// several platforms may share one manifest).
+    /// Its layers (Shoal's own images: one, holding the wasm).
+    pub layers: Vec<Blob>,
+    /// The config and manifest of each platform (all over the same
+    /// layers; several platforms may share one manifest).
     pub platforms: Vec<PlatformImage>,
     /// The image index listing the manifest per platform.
     pub index: Blob,
@@ -139,9 +140,9 @@ pub struct PlatformImage {
 }
 
 impl Image {
-    /// Every blob of the image, each once, layer first and index last.
+    /// Every blob of the image, each once, layers first and index last.
     pub fn blobs(&self) -> Vec<&Blob> {
-        let mut blobs = vec![&self.layer];
+        let mut blobs: Vec<&Blob> = self.layers.iter().collect();
         for platform in &self.platforms {
             for blob in [&platform.config, &platform.manifest] {
                 if !blobs.iter().any(|seen| seen.digest == blob.digest) {
@@ -186,7 +187,7 @@ impl Image {
                     .iter()
                     .map(|arch| Ok((arch.to_string(), tar_config(spec, &file_name, kind, arch, &layer)?)))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                Image::assemble(&spec.reference, layer, configs)
+                Image::assemble(&spec.reference, vec![layer], configs)
             }
             ImageFormat::WasmArtifact => {
                 // Never unpacked, so its config keeps the artifact's own
@@ -194,21 +195,22 @@ impl Image {
                 // pulls only the node's platform).
                 let (layer, config) = artifact_image(spec, kind, wasm)?;
                 let configs = PLATFORMS.iter().map(|arch| (arch.to_string(), config.clone())).collect();
-                Image::assemble(&spec.reference, layer, configs)
+                Image::assemble(&spec.reference, vec![layer], configs)
             }
         }
     }
 
-    /// A manifest of `layer` per config, and an index listing each for
+    /// A manifest of `layers` per config, and an index listing each for
     /// its Linux architecture (configs that are the same share a manifest).
-    fn assemble(reference: &str, layer: Blob, configs: Vec<(String, Blob)>) -> anyhow::Result<Image> {
+    fn assemble(reference: &str, layers: Vec<Blob>, configs: Vec<(String, Blob)>) -> anyhow::Result<Image> {
         let mut platforms = Vec::with_capacity(configs.len());
+        let descriptors: Vec<Value> = layers.iter().map(Blob::descriptor).collect();
         for (architecture, config) in configs {
             let manifest = json!({
                 "schemaVersion": 2,
                 "mediaType": MANIFEST,
                 "config": config.descriptor(),
-                "layers": [layer.descriptor()],
+                "layers": descriptors,
             });
             let manifest = Blob::new(MANIFEST, serde_json::to_vec(&manifest)?);
             platforms.push(PlatformImage { architecture, config, manifest });
@@ -223,7 +225,7 @@ impl Image {
             .collect();
         let index = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": entries });
         let index = Blob::new(INDEX, serde_json::to_vec(&index)?);
-        Ok(Image { reference: reference.to_string(), layer, platforms, index })
+        Ok(Image { reference: reference.to_string(), layers, platforms, index })
     }
 
     /// Write the OCI image layout as a tarball (what `ctr images import`
@@ -244,59 +246,6 @@ impl Image {
         }
         let bytes = builder.into_inner()?;
         write_atomically(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
-    }
-
-    /// Read an image layout tarball written by [`Image::write_layout`]
-    /// (one image: its index, a manifest and config per platform, one layer).
-    pub fn read_layout(path: &Path) -> anyhow::Result<Image> {
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut blobs = BTreeMap::new();
-        let mut index_json = None;
-        let mut archive = tar::Archive::new(file);
-        for entry in archive.entries().with_context(|| format!("{} is not a tar archive", path.display()))? {
-            let mut entry = entry.with_context(|| format!("{} is a damaged tar archive", path.display()))?;
-            let name = entry.path()?.to_string_lossy().trim_start_matches("./").to_string();
-            let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes)?;
-            if name == "index.json" {
-                index_json = Some(bytes);
-            } else if let Some(hex) = name.strip_prefix("blobs/sha256/") {
-                if sha256_hex(&bytes) != hex {
-                    bail!("{}: blob {hex} does not match its digest", path.display());
-                }
-                blobs.insert(format!("sha256:{hex}"), bytes);
-            }
-        }
-        let bad = |what: &str| anyhow::anyhow!("{}: not a Shoal image layout: {what}", path.display());
-        let top: Value = serde_json::from_slice(&index_json.ok_or_else(|| bad("no index.json"))?)?;
-        let entry = top["manifests"].get(0).ok_or_else(|| bad("index.json lists no image"))?;
-        let reference = entry["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap_or("").to_string();
-        let take = |descriptor: &Value, media_type: &'static str| -> anyhow::Result<Blob> {
-            let media_type = descriptor["mediaType"].as_str().and_then(known_media_type).unwrap_or(media_type);
-            let digest = descriptor["digest"].as_str().ok_or_else(|| bad("a descriptor has no digest"))?;
-            let bytes = blobs.get(digest).cloned().ok_or_else(|| bad(&format!("blob {digest} is missing")))?;
-            Ok(Blob { digest: digest.to_string(), media_type, bytes })
-        };
-        let index = take(entry, INDEX)?;
-        let index_value: Value = serde_json::from_slice(&index.bytes)?;
-        let entries = index_value["manifests"].as_array().filter(|entries| !entries.is_empty());
-        let entries = entries.ok_or_else(|| bad("the image index lists no manifest"))?;
-        let mut platforms = Vec::with_capacity(entries.len());
-        let mut layer: Option<Blob> = None;
-        for entry in entries {
-            let architecture = entry["platform"]["architecture"].as_str().unwrap_or("").to_string();
-            let manifest = take(entry, MANIFEST)?;
-            let manifest_value: Value = serde_json::from_slice(&manifest.bytes)?;
-            let config = take(&manifest_value["config"], CONFIG)?;
-            let this_layer = take(&manifest_value["layers"][0], LAYER)?;
-            if layer.as_ref().is_some_and(|layer| layer.digest != this_layer.digest) {
-                bail!(bad("its manifests name different layers"));
-            }
-            layer = Some(this_layer);
-            platforms.push(PlatformImage { architecture, config, manifest });
-        }
-        let layer = layer.ok_or_else(|| bad("the image index lists no manifest"))?;
-        Ok(Image { reference, layer, platforms, index })
     }
 
     /// Push the image to its registry (`reference` overrides the name it
@@ -346,74 +295,6 @@ impl Image {
     }
 }
 
-/// The node installer's image (what k8s/installer/daemonset.yaml runs): a
-/// Linux image for this machine's architecture holding `install.sh` at
-/// `/`, the two binaries it installs beside it, and a static busybox for
-/// the shell and tools the script uses (`/bin/sh`, `cp`, `nsenter`, ...).
-#[derive(Debug, Clone)]
-pub struct InstallerSpec {
-    /// The image's name, e.g. `registry.local:5000/shoal/installer:0.1.0`.
-    pub reference: String,
-    /// The folder holding `shoal` and `containerd-shim-shoal-v1`.
-    pub bin_dir: PathBuf,
-    /// A statically linked busybox (Debian's busybox-static: /bin/busybox).
-    pub busybox: PathBuf,
-}
-
-/// The script the installer image runs.
-const INSTALL_SH: &str = include_str!("../../k8s/installer/install.sh");
-
-/// The busybox applets `install.sh` runs (its shell builtins aside).
-const INSTALLER_APPLETS: [&str; 17] = [
-    "sh", "cat", "chmod", "cmp", "cp", "dirname", "grep", "head", "mkdir", "mv", "nsenter", "rm", "sed", "sleep",
-    "test", "tr", "[",
-];
-
-impl Image {
-    /// Build the node installer's image (see [`InstallerSpec`]).
-    pub fn installer(spec: &InstallerSpec) -> anyhow::Result<Image> {
-        validate_reference(&spec.reference)?;
-        let busybox = std::fs::read(&spec.busybox)
-            .with_context(|| format!("cannot read busybox at {}", spec.busybox.display()))?;
-        if busybox.get(..4) != Some(b"\x7fELF") {
-            bail!("{} is not an executable (ELF) file", spec.busybox.display());
-        }
-        let mut builder = tar::Builder::new(Vec::new());
-        append_mode(&mut builder, "install.sh", INSTALL_SH.as_bytes(), 0o755)?;
-        for bin in ["shoal", "containerd-shim-shoal-v1"] {
-            let path = spec.bin_dir.join(bin);
-            let bytes = std::fs::read(&path).with_context(|| {
-                format!("cannot read {} (build it first: cargo build --release --bins)", path.display())
-            })?;
-            append_mode(&mut builder, bin, &bytes, 0o755)?;
-        }
-        append_mode(&mut builder, "bin/busybox", &busybox, 0o755)?;
-        for applet in INSTALLER_APPLETS {
-            let mut header = tar::Header::new_gnu();
-            header.set_entry_type(tar::EntryType::Symlink);
-            header.set_size(0);
-            header.set_mode(0o777);
-            header.set_mtime(0);
-            builder.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
-        }
-        let layer = Blob::new(LAYER, builder.into_inner()?);
-        let architecture = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            other => other,
-        };
-        let config = json!({
-            "architecture": architecture,
-            "os": "linux",
-            "config": { "Entrypoint": ["/install.sh"], "Env": ["PATH=/bin"] },
-            "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
-            "history": [{ "created_by": "shoal image installer" }],
-        });
-        let config = Blob::new(CONFIG, serde_json::to_vec(&config)?);
-        Image::assemble(&spec.reference, layer, vec![(architecture.to_string(), config)])
-    }
-}
-
 /// The plain-tar layout's config for Linux on `architecture`: the file in
 /// `layer` named by the Entrypoint, labels (and the wasm's kind) and
 /// environment.
@@ -451,6 +332,15 @@ fn artifact_image(spec: &ImageSpec, kind: &str, wasm: Vec<u8>) -> anyhow::Result
         "layerDigests": [layer.digest],
     });
     Ok((layer, Blob::new(WASM_CONFIG, serde_json::to_vec(&config)?)))
+}
+
+/// This machine's architecture in OCI's (Go's) names.
+fn linux_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
 }
 
 fn validate_reference(reference: &str) -> anyhow::Result<()> {
@@ -560,7 +450,7 @@ mod tests {
             assert_eq!(config["config"]["Entrypoint"][0], "/tiny.wasm");
             assert_eq!(config["config"]["Labels"]["shoal.dev/limits.timeout_ms"], "100");
             assert_eq!(config["config"]["Labels"][WASM_KIND_LABEL], "wasip1");
-            assert_eq!(config["rootfs"]["diff_ids"][0], json!(image.layer.digest));
+            assert_eq!(config["rootfs"]["diff_ids"][0], json!(image.layers[0].digest));
         }
         let index: Value = serde_json::from_slice(&back.index.bytes).unwrap();
         for (entry, platform) in index["manifests"].as_array().unwrap().iter().zip(&back.platforms) {
@@ -600,8 +490,8 @@ mod tests {
         let out = dir.path().join("tiny.tar");
         image.write_layout(&out).unwrap();
         let back = Image::read_layout(&out).unwrap();
-        assert_eq!(back.layer.media_type, WASM_LAYER, "a core module is application/wasm");
-        assert_eq!(back.layer.bytes, std::fs::read(&wasm).unwrap());
+        assert_eq!(back.layers[0].media_type, WASM_LAYER, "a core module is application/wasm");
+        assert_eq!(back.layers[0].bytes, std::fs::read(&wasm).unwrap());
         assert_eq!(back.platforms.len(), PLATFORMS.len());
         for platform in &back.platforms {
             assert_eq!(platform.config.media_type, WASM_CONFIG);

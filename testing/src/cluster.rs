@@ -601,6 +601,8 @@ pub struct PodOptions<'a> {
     pub dns_servers: &'a [&'a str],
     /// `resources.limits.cpu` in thousandths of a core (0: none).
     pub cpu_millis: i64,
+    /// The pod spec's `command` (empty: the image's entrypoint).
+    pub command: &'a [&'a str],
 }
 
 impl<'a> PodOptions<'a> {
@@ -617,6 +619,7 @@ impl<'a> PodOptions<'a> {
             env: &[],
             dns_servers: &[],
             cpu_millis: 0,
+            command: &[],
         }
     }
 }
@@ -669,6 +672,7 @@ impl Cri {
             env,
             dns_servers,
             cpu_millis,
+            command,
         } = options;
         let log_directory = log_dir.join(format!("{namespace}-{name}"));
         std::fs::create_dir_all(&log_directory).unwrap();
@@ -703,6 +707,7 @@ impl Cri {
             metadata: Some(ContainerMetadata { name: container_name.into(), attempt: 0 }),
             image: Some(ImageSpec { image: image.into(), ..Default::default() }),
             log_path: "web.log".into(),
+            command: command.iter().map(|word| word.to_string()).collect(),
             annotations,
             envs: env.iter().map(|(key, value)| KeyValue { key: key.to_string(), value: value.to_string() }).collect(),
             mounts: mounts

@@ -7,4 +7,5 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod layout;
 pub mod support;

@@ -291,3 +291,136 @@ async fn every_manifest_passes_kubectl_apply_dry_run() {
     let example = std::fs::read_to_string(k8s_dir().join("example/hello.yaml")).unwrap();
     assert!(example.contains("runtimeClassName: shoal"));
 }
+
+/// Start containerd 2.3.4 on `config` (a node's config, its node paths
+/// moved under `scratch` so the test owns them); its CRI's view of the
+/// config, as `crictl info` shows it.
+fn crictl_info_of(config: &str, scratch: &Path) -> serde_json::Value {
+    let bin = crate::cluster::containerd2_bin_dir();
+    let socket = scratch.join("containerd.sock");
+    let moved = config
+        .replace("'/var/lib/containerd'", &format!("'{}'", scratch.join("root").display()))
+        .replace("'/run/containerd'", &format!("'{}'", scratch.join("state").display()))
+        .replace("'/run/containerd/containerd.sock'", &format!("'{}'", socket.display()))
+        .replace("'/run/containerd/containerd.sock.ttrpc'", &format!("'{}.ttrpc'", socket.display()))
+        .replace("'/opt/containerd'", &format!("'{}'", scratch.join("opt").display()))
+        .replace("'/var/run/nri/nri.sock'", &format!("'{}'", scratch.join("nri.sock").display()));
+    let path = scratch.join("config.toml");
+    std::fs::write(&path, moved).unwrap();
+    let log = std::fs::File::create(scratch.join("containerd.log")).unwrap();
+    let mut child = Command::new(bin.join("containerd")).arg("--config").arg(&path).stderr(log).spawn().unwrap();
+    let endpoint = format!("unix://{}", socket.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let info = loop {
+        let output = Command::new(bin.join("crictl"))
+            .args(["--runtime-endpoint", &endpoint, "--timeout", "5s", "info"])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "containerd 2.3.4 did not serve the installed config: {}\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                std::fs::read_to_string(scratch.join("containerd.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+    let _ = child.wait();
+    info
+}
+
+#[test]
+fn the_installer_adds_shoal_to_containerd_2_3s_own_default_config_as_a_drop_in_with_the_sandbox_api() {
+    let bin = crate::cluster::containerd2_bin_dir();
+    let node = tempfile::tempdir().unwrap();
+    let etc = node.path().join("etc/containerd");
+    std::fs::create_dir_all(&etc).unwrap();
+    let default = Command::new(bin.join("containerd")).args(["config", "default"]).output().unwrap();
+    assert!(default.status.success());
+    let config = etc.join("config.toml");
+    std::fs::write(&config, &default.stdout).unwrap();
+    let operators = std::fs::read(&config).unwrap();
+    let output = Command::new("sh")
+        .arg(k8s_dir().join("installer/install.sh"))
+        .env("SHOAL_HOST_ROOT", node.path())
+        .env("SHOAL_CONTAINERD", bin.join("containerd"))
+        .env("SHOAL_SOURCE_DIR", node.path())
+        .env("SHOAL_RESTART", "no")
+        .env("SHOAL_POLICY", node.path().join("policy.toml"))
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{said}");
+    assert_eq!(std::fs::read(&config).unwrap(), operators, "the operator's config is not edited: {said}");
+    let dropin = std::fs::read_to_string(etc.join("conf.d/shoal.toml")).unwrap();
+    assert!(said.contains("conf.d/shoal.toml") && said.contains("sandboxer shim"), "{said}");
+
+    // containerd 2.3.4 itself, on the default config and the drop-in it
+    // imports (node paths moved under the test's own folder).
+    let scratch = tempfile::tempdir().unwrap();
+    let imports = format!("'{}/*.toml'", etc.join("conf.d").display());
+    let config_text = String::from_utf8(operators).unwrap().replace("'/etc/containerd/conf.d/*.toml'", &imports);
+    let info = crictl_info_of(&config_text, scratch.path());
+    let runtimes = &info["config"]["containerd"]["runtimes"];
+    assert_eq!(runtimes["shoal"]["runtimeType"], "io.containerd.shoal.v1", "{dropin}\n{:#}", info["config"]);
+    assert_eq!(runtimes["shoal"]["sandboxer"], "shim", "{:#}", runtimes["shoal"]);
+    assert_eq!(runtimes["shoal"]["PodAnnotations"][0], "shoal.dev/*", "{:#}", runtimes["shoal"]);
+    assert_eq!(runtimes["runc"]["runtimeType"], "io.containerd.runc.v2", "runc is untouched");
+
+    // A second run rewrites its own drop-in and nothing else.
+    let again = Command::new("sh")
+        .arg(k8s_dir().join("installer/install.sh"))
+        .env("SHOAL_HOST_ROOT", node.path())
+        .env("SHOAL_CONTAINERD", bin.join("containerd"))
+        .env("SHOAL_SOURCE_DIR", node.path())
+        .env("SHOAL_RESTART", "no")
+        .env("SHOAL_POLICY", node.path().join("policy.toml"))
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(std::fs::read_to_string(etc.join("conf.d/shoal.toml")).unwrap(), dropin);
+}
+
+#[test]
+fn the_installer_creates_a_containerd_2_config_from_containerds_own_default_when_the_node_has_none() {
+    let bin = crate::cluster::containerd2_bin_dir();
+    let node = tempfile::tempdir().unwrap();
+    let output = Command::new("sh")
+        .arg(k8s_dir().join("installer/install.sh"))
+        .env("SHOAL_HOST_ROOT", node.path())
+        .env("SHOAL_CONTAINERD", bin.join("containerd"))
+        .env("SHOAL_SOURCE_DIR", node.path())
+        .env("SHOAL_RESTART", "no")
+        .env("SHOAL_POLICY", node.path().join("policy.toml"))
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{said}");
+    let config = std::fs::read_to_string(node.path().join("etc/containerd/config.toml")).unwrap();
+    assert!(config.starts_with("version = 4"), "containerd 2.3's own default config: {config}");
+    let dropin = std::fs::read_to_string(node.path().join("etc/containerd/conf.d/shoal.toml")).unwrap();
+    assert!(dropin.contains("sandboxer = \"shim\""), "{dropin}");
+}
+
+#[test]
+fn the_installer_appends_to_a_version_4_config_that_imports_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 4\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]\n  runtime_type = 'io.containerd.runc.v2'\n",
+    )
+    .unwrap();
+    let output = install(&config, dir.path(), &dir.path().join("bin"));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let parsed: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let shoal = runtime(&parsed, "io.containerd.cri.v1.runtime");
+    assert_eq!(shoal["sandboxer"].as_str(), Some("shim"));
+    assert_eq!(shoal["runtime_type"].as_str(), Some("io.containerd.shoal.v1"));
+}

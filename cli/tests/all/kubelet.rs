@@ -167,6 +167,41 @@ async fn a_kubelet_runs_probes_reads_logs_and_stats_and_stops_a_shoal_pod_within
     let logs = containerd.crictl(&["logs", &container]);
     assert!(text(&logs).contains("lifecycle: start"), "{}", text(&logs));
 
+    // kubectl attach: the CRI streams the container's output as it is
+    // written (it copies it from the container's FIFOs itself).
+    let mut attach = std::process::Command::new(crate::cluster::containerd2_bin_dir().join("crictl"))
+        .args(["--runtime-endpoint", &format!("unix://{}", containerd.address.display()), "attach", &container])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (status, _) = get_in_netns(&netns, &format!("{ip}:8080"), "/?attached").unwrap();
+    assert_eq!(status, 200);
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = attach.kill(); // crictl ignores SIGTERM while attached
+    let attached = attach.wait_with_output().unwrap();
+    let attached = String::from_utf8_lossy(&attached.stdout);
+    assert!(attached.contains("lifecycle: request"), "kubectl attach shows what the function writes: {attached:?}");
+
+    // Log rotation: the kubelet renames the file and asks the CRI to reopen it.
+    let rotated = log_file.with_extension("log.20261205-000000");
+    std::fs::rename(&log_file, &rotated).unwrap();
+    let mut cri = containerd.cri().await;
+    cri.runtime
+        .reopen_container_log(k8s_cri::v1::ReopenContainerLogRequest { container_id: container.clone() })
+        .await
+        .unwrap();
+    let (status, _) = get_in_netns(&netns, &format!("{ip}:8080"), "/?rotated").unwrap();
+    assert_eq!(status, 200);
+    until(
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&log_file).is_ok_and(|t| t.contains("lifecycle: request")),
+        || format!("new log: {:?}", std::fs::read_to_string(&log_file)),
+    )
+    .await;
+
     // kubectl top: container stats, and pod stats, from Shoal's metering.
     let stats = json_of(&crictl(&containerd, &["stats", "-o", "json", "--id", &container]));
     let cpu = stats["stats"][0]["cpu"]["usageCoreNanoSeconds"]["value"].as_str().unwrap_or("0").parse::<u64>().unwrap();
@@ -179,6 +214,26 @@ async fn a_kubelet_runs_probes_reads_logs_and_stats_and_stops_a_shoal_pod_within
     let in_pod = &entry["linux"]["containers"][0];
     assert_eq!(in_pod["attributes"]["id"], container.as_str(), "{pod_stats:#}");
     assert!(in_pod["cpu"]["usageCoreNanoSeconds"]["value"].as_str().is_some_and(|v| v != "0"), "{pod_stats:#}");
+
+    // The pod's own metrics through containerd's sandbox controller
+    // (SandboxMetrics): its containers' usage, from Shoal's metering.
+    {
+        use containerd_client::services::v1::sandbox::ControllerMetricsRequest;
+        use containerd_client::tonic::Request;
+        use containerd_shim_protos::cgroups_v2::metrics::Metrics as CgroupMetrics;
+        use containerd_shim_protos::protobuf::Message as _;
+        let client = containerd_client::Client::from_path(&containerd.address).await.unwrap();
+        let request = containerd_client::with_namespace!(
+            ControllerMetricsRequest { sandbox_id: pod.clone(), sandboxer: "shim".into() },
+            "k8s.io"
+        );
+        let metric = client.sandbox_controller().metrics(request).await.unwrap().into_inner().metrics.unwrap();
+        let data = metric.data.unwrap();
+        assert_eq!(data.type_url, "io.containerd.cgroups.v2.Metrics");
+        let metrics = CgroupMetrics::parse_from_bytes(&data.value).unwrap();
+        assert!(metrics.cpu.usage_usec > 0, "{metrics:?}");
+        assert!(metrics.memory.usage > 0 && metrics.memory.usage_limit == 64 << 20, "{metrics:?}");
+    }
 
     // StopContainer with a grace period: SIGTERM drains, destroy() runs,
     // exit 0, well within the grace period.

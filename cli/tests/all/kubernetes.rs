@@ -1007,3 +1007,71 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     assert_eq!(get_in_netns(&again.netns, "127.0.0.1:8080", "/hello").unwrap().0, 200);
     cri.remove_pod(&again).await;
 }
+
+/// Every kind of wasm image through containerd 2.3's CRI (pulled from a
+/// registry, as a kubelet does): the CNCF wasm artifact layout runs from
+/// the content store; an image other tools list only for `wasi/wasm`
+/// cannot be pulled at all (the CRI pulls the node's platform), and runs
+/// once `shoal image convert` has listed it for Linux. (Shoal's own
+/// images are what every other test runs.)
+#[tokio::test(flavor = "multi_thread")]
+async fn wasm_artifacts_and_converted_images_of_other_tools_run_through_the_cri() {
+    use shoal_testing::layout::{Entry, write_image};
+
+    let _serial = SERIAL.lock().await;
+    let registry = crate::cluster::Registry::start();
+    let containerd = Containerd::start(Some(&registry));
+    let mut cri = containerd.cri().await;
+
+    let artifact = registry.push(&guest("hello"), "shoal-test/hello-artifact:1", &["--artifact"]);
+    cri.pull(&artifact).await;
+    // An artifact's config names no entrypoint, and the CRI wants a
+    // command: any names it (the host reads the image's wasm layer).
+    let options = crate::cluster::PodOptions {
+        command: &["hello.wasm"],
+        ..crate::cluster::PodOptions::new("artifact", &artifact)
+    };
+    let pod = cri.try_run_pod(&containerd.log_dir, options).await.unwrap_or_else(|err| panic!("{err}"));
+    let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!((status, body.as_str()), (200, "hello, world\n"), "{}", containerd.host_log());
+    cri.remove_pod(&pod).await;
+
+    // As `docker buildx --platform wasi/wasm` writes it.
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = std::fs::read(guest("hello")).unwrap();
+    let foreign = dir.path().join("buildx.tar");
+    let config = serde_json::json!({
+        "os": "wasi", "architecture": "wasm",
+        "config": { "Entrypoint": ["/hello.wasm"], "Env": ["SHOAL_HTTP_PORT=8080"] },
+    });
+    let platform = serde_json::json!({ "os": "wasi", "architecture": "wasm" });
+    let name = format!("{}/shoal-test/hello-wasi:1", registry.addr);
+    write_image(&name, &[("hello.wasm", Entry::File(&wasm))], config, Some(platform), &foreign);
+    let shoal = |args: &[&str]| {
+        let output = std::process::Command::new(crate::support::shoal_bin()).args(args).output().unwrap();
+        assert!(output.status.success(), "shoal {}: {}", args.join(" "), text(&output));
+        text(&output)
+    };
+    shoal(&["image", "push", "--insecure", foreign.to_str().unwrap()]);
+    let refused = cri
+        .images
+        .pull_image(k8s_cri::v1::PullImageRequest {
+            image: Some(k8s_cri::v1::ImageSpec { image: name.clone(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the CRI pulls only the node's platform");
+    assert!(refused.message().contains("no match for platform"), "{refused}");
+
+    let converted = dir.path().join("converted.tar");
+    let tag = format!("{}/shoal-test/hello-wasi:2", registry.addr);
+    let said =
+        shoal(&["image", "convert", foreign.to_str().unwrap(), "--tag", &tag, "-o", converted.to_str().unwrap()]);
+    assert!(said.contains("wasi/wasm image, listed for linux/amd64 and linux/arm64"), "{said}");
+    shoal(&["image", "push", "--insecure", converted.to_str().unwrap()]);
+    cri.pull(&tag).await;
+    let pod = cri.run_pod(&containerd.log_dir, "converted", &tag, &[], 0).await;
+    let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!((status, body.as_str()), (200, "hello, world\n"), "{}", containerd.host_log());
+    cri.remove_pod(&pod).await;
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
+use shoal_testing::layout::{Entry, architecture, write_image};
 
 use crate::cluster::{Containerd, SERIAL};
 use crate::support::guest;
@@ -17,81 +17,16 @@ fn text(output: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
 
-fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(bytes))
-}
-
-/// A special file of a hostile layer.
-enum Special {
-    Char(u32, u32),
-    Block(u32, u32),
-    Fifo,
-}
-
 /// An OCI image layout tarball named `reference` whose one layer holds
-/// `wasm` at `/program.wasm` and `specials` at their paths, for Linux on
-/// this machine's architecture (as any image author can write it).
-fn hostile_image(wasm: &Path, reference: &str, specials: &[(&str, Special)], out: &Path) {
-    let mut layer = tar::Builder::new(Vec::new());
+/// `wasm` at `/program.wasm`, a regular `/plain.txt` and `specials`, for
+/// Linux on this machine's architecture (as any image author can write it).
+fn hostile_image(wasm: &Path, reference: &str, specials: &[(&str, Entry<'_>)], out: &Path) {
     let wasm = std::fs::read(wasm).unwrap();
-    let mut header = tar::Header::new_gnu();
-    header.set_size(wasm.len() as u64);
-    header.set_mode(0o644);
-    header.set_entry_type(tar::EntryType::Regular);
-    layer.append_data(&mut header, "program.wasm", wasm.as_slice()).unwrap();
-    let mut header = tar::Header::new_gnu();
-    header.set_size(4);
-    header.set_mode(0o644);
-    header.set_entry_type(tar::EntryType::Regular);
-    layer.append_data(&mut header, "plain.txt", &b"ok!\n"[..]).unwrap();
-    for (path, special) in specials {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(0);
-        header.set_mode(0o666);
-        let (kind, (major, minor)) = match special {
-            Special::Char(major, minor) => (tar::EntryType::Char, (*major, *minor)),
-            Special::Block(major, minor) => (tar::EntryType::Block, (*major, *minor)),
-            Special::Fifo => (tar::EntryType::Fifo, (0, 0)),
-        };
-        header.set_entry_type(kind);
-        header.set_device_major(major).unwrap();
-        header.set_device_minor(minor).unwrap();
-        layer.append_data(&mut header, path, std::io::empty()).unwrap();
-    }
-    let layer = layer.into_inner().unwrap();
-    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-    let config = serde_json::to_vec(&json!({
-        "architecture": arch, "os": "linux",
-        "config": { "Entrypoint": ["/program.wasm"] },
-        "rootfs": { "type": "layers", "diff_ids": [digest(&layer)] },
-    }))
-    .unwrap();
-    let descriptor = |media_type: &str, bytes: &[u8]| json!({ "mediaType": media_type, "digest": digest(bytes), "size": bytes.len() });
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
-    }))
-    .unwrap();
-    let mut top = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
-    top["annotations"] =
-        json!({ "io.containerd.image.name": reference, "org.opencontainers.image.ref.name": reference });
-    let index = serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [top] })).unwrap();
-    let mut layout = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, bytes: &[u8]| {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o644);
-        header.set_entry_type(tar::EntryType::Regular);
-        layout.append_data(&mut header, name, bytes).unwrap();
-    };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add("index.json", &index);
-    for blob in [&layer, &config, &manifest] {
-        add(&format!("blobs/sha256/{}", digest(blob).trim_start_matches("sha256:")), blob);
-    }
-    std::fs::write(out, layout.into_inner().unwrap()).unwrap();
+    let mut entries = vec![("program.wasm", Entry::File(&wasm)), ("plain.txt", Entry::File(b"ok!\n"))];
+    entries.extend(specials.iter().copied());
+    let config =
+        json!({ "architecture": architecture(), "os": "linux", "config": { "Entrypoint": ["/program.wasm"] } });
+    write_image(reference, &entries, config, None, out);
 }
 
 /// What a program made to read every special file of its image sees.
@@ -127,11 +62,11 @@ async fn device_nodes_and_fifos_in_an_image_cannot_be_opened_by_its_program() {
     let containerd = Containerd::start(None);
     let dir = tempfile::tempdir().unwrap();
     let specials = [
-        ("random", Special::Char(1, 8)),
-        ("kmsg", Special::Char(1, 11)),
-        ("tty", Special::Char(5, 0)),
-        ("disk", Special::Block(7, 0)),
-        ("fifo", Special::Fifo),
+        ("random", Entry::CharDevice(1, 8)),
+        ("kmsg", Entry::CharDevice(1, 11)),
+        ("tty", Entry::CharDevice(5, 0)),
+        ("disk", Entry::BlockDevice(7, 0)),
+        ("fifo", Entry::Fifo),
     ];
     let paths: Vec<&str> = ["/plain.txt", "/random", "/kmsg", "/tty", "/disk", "/fifo"].into();
     for (wasm, tag) in [(guest("cli-hello"), "p2"), (crate::cluster::guest_p1("cli-hello"), "p1")] {
@@ -162,7 +97,7 @@ async fn a_program_runs_on_a_rootfs_mounted_nodev_and_nosuid() {
     let dir = tempfile::tempdir().unwrap();
     let tar = dir.path().join("hostile.tar");
     let image = "localhost/shoal-test/hostile-mount:1";
-    hostile_image(&guest("cli-hello"), image, &[("random", Special::Char(1, 8))], &tar);
+    hostile_image(&guest("cli-hello"), image, &[("random", Entry::CharDevice(1, 8))], &tar);
     let imported = containerd.ctr("default", &["images", "import", tar.to_str().unwrap()]);
     assert!(imported.status.success(), "ctr images import: {}", text(&imported));
     let run = containerd.ctr(
