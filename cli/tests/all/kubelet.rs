@@ -118,11 +118,13 @@ async fn a_kubelet_runs_probes_reads_logs_and_stats_and_stops_a_shoal_pod_within
     let _serial = SERIAL.lock().await;
     let registry = Registry::start();
     let image = registry.push(&guest("lifecycle"), "shoal-test/lifecycle:1", &["--env", "SHOAL_HTTP_PORT=8080"]);
+    let debug_image = registry.push(&guest("cli-hello"), "shoal-test/debug:1", &["--env", "GREETING_NAME=debugger"]);
     let containerd = Containerd::start(Some(&registry));
     let work = tempfile::tempdir().unwrap();
     // The CRI pulls the image and unpacks it (containerd 2.3 unpacks only
     // layers whose config names a Linux platform).
     crictl(&containerd, &["pull", &image]);
+    crictl(&containerd, &["pull", &debug_image]);
 
     let uid = "6f0c1b2e-0000-4000-8000-000000000001";
     let cgroup = PodCgroup::create(uid);
@@ -155,6 +157,27 @@ async fn a_kubelet_runs_probes_reads_logs_and_stats_and_stops_a_shoal_pod_within
     assert_eq!(status, 200, "{body}");
     let probe = crictl(&containerd, &["exec", "--sync", "--timeout", "5", &container, "shoal", "invoke", "/"]);
     assert!(probe.contains(r#""started":true"#), "the probe's output is the function's answer: {probe}");
+
+    // kubectl debug: another container in the running pod (an ephemeral
+    // container is a CreateContainer like any), here a wasi:cli program.
+    let debug_json = write_json(work.path(), "debug.json", &container_config(&debug_image, "debugger"));
+    let debugger = crictl(&containerd, &["create", &pod, &debug_json, &pod_json]);
+    crictl(&containerd, &["start", &debugger]);
+    until(
+        Duration::from_secs(10),
+        || {
+            containerd
+                .crictl(&["inspect", "-o", "json", &debugger])
+                .stdout
+                .windows(16)
+                .any(|w| w == b"CONTAINER_EXITED")
+        },
+        || text(&containerd.crictl(&["inspect", &debugger])),
+    )
+    .await;
+    let said = crictl(&containerd, &["logs", &debugger]);
+    assert!(said.contains("hello, debugger"), "the debug program ran in the pod: {said}");
+    crictl(&containerd, &["rm", &debugger]);
 
     // kubectl logs: the container's log file, through the CRI.
     let log_file = log_directory.join("web/0.log");
