@@ -5,7 +5,9 @@
 //! Run by `shoal-bench` (see benches/), never by the tests; it reuses the
 //! integration tests' containerd, registry and CRI fixtures. Environment:
 //! `SHOAL_BENCH_OUT` (where the JSON goes, required), `SHOAL_BENCH_PODS`
-//! (pods started one after another, default 10).
+//! (pods started one after another, default 10), `SHOAL_BENCH_CONTAINERD`
+//! (`2.3`: containerd 2.3.4 with the Sandbox API, the default; `2.3-pause`:
+//! 2.3.4 with pause containers; `1.6`: Debian's 1.6.20).
 
 #![allow(clippy::unwrap_used, reason = "a fixture failure should stop the benchmark with its message")]
 
@@ -28,9 +30,17 @@ fn rss_kib(pid: i32) -> u64 {
 fn main() {
     let out = std::env::var_os("SHOAL_BENCH_OUT").expect("SHOAL_BENCH_OUT names the JSON output file");
     let pods: usize = std::env::var("SHOAL_BENCH_PODS").ok().and_then(|n| n.parse().ok()).unwrap_or(10);
+    let which = std::env::var("SHOAL_BENCH_CONTAINERD").unwrap_or_else(|_| "2.3".to_string());
+    let options = match which.as_str() {
+        "2.3" => cluster::ContainerdOptions::default(),
+        "2.3-pause" => cluster::ContainerdOptions { sandboxer: cluster::Sandboxer::PodSandbox, ..Default::default() },
+        "1.6" => cluster::ContainerdOptions { release: cluster::Release::V1_6, ..Default::default() },
+        other => panic!("SHOAL_BENCH_CONTAINERD={other:?}: say 2.3, 2.3-pause or 1.6"),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let result = runtime.block_on(async move {
-        let (_registry, containerd, mut cri, image) = cluster::cri_node(&support::guest("hello"), "hello", &[]).await;
+        let (_registry, containerd, mut cri, image) =
+            cluster::cri_node_with(options, &support::guest("hello"), "hello", &[]).await;
         let mut records = Vec::new();
         let mut started = Vec::new();
         for i in 0..pods {
@@ -72,10 +82,16 @@ fn main() {
             line[at..].split_whitespace().next()?.parse().ok()
         };
         let mut phases = Vec::new();
+        let mut sandbox_phases = Vec::new();
         let mut pending: Option<(String, serde_json::Value)> = None;
         for line in log.lines() {
             let container = line.split(" container=").nth(1).and_then(|rest| rest.split_whitespace().next());
             let Some(container) = container else { continue };
+            if line.contains("pod sandbox created") || line.contains("pod sandbox started") {
+                let key = if line.contains("created") { "sandbox_create_ms" } else { "sandbox_start_ms" };
+                sandbox_phases.push((key, field(line, "took_us").map(|us| us / 1e3)));
+                continue;
+            }
             if line.contains("app timings") {
                 let ms = |key: &str| field(line, key).map(|us| us / 1e3);
                 pending = Some((
@@ -99,10 +115,17 @@ fn main() {
         for (record, phase) in records.iter_mut().zip(phases) {
             record["host"] = phase;
         }
+        // The Sandbox API's calls, when the host owns the pods' sandboxes.
+        let creates = sandbox_phases.iter().filter(|(key, _)| *key == "sandbox_create_ms").map(|(_, ms)| *ms);
+        let starts = sandbox_phases.iter().filter(|(key, _)| *key == "sandbox_start_ms").map(|(_, ms)| *ms);
+        for ((record, create), start) in records.iter_mut().zip(creates).zip(starts) {
+            record["host"]["sandbox_create_ms"] = json!(create);
+            record["host"]["sandbox_start_ms"] = json!(start);
+        }
         for pod in &started {
             cri.remove_pod(pod).await;
         }
-        json!({ "pods": records })
+        json!({ "containerd": which, "pods": records })
     });
     std::fs::write(&out, serde_json::to_vec_pretty(&result).unwrap()).unwrap();
 }

@@ -270,7 +270,6 @@ impl Node {
         if pods.contains_key(&id) {
             return Err(NodeError::AlreadyExists(format!("pod sandbox {id} already exists")));
         }
-        tracing::info!(sandbox = %id, namespace = ?pod.namespace, pod = ?pod.name, "pod sandbox created");
         pods.insert(id, Arc::new(pod));
         Ok(())
     }
@@ -450,17 +449,24 @@ fn failed(id: &str, err: NodeError) -> containerd_shim_protos::ttrpc::Error {
 impl Sandbox for SandboxService {
     async fn create_sandbox(&self, _ctx: &TtrpcContext, request: CreateSandboxRequest) -> Reply<CreateSandboxResponse> {
         let id = request.sandbox_id.clone();
+        let began = std::time::Instant::now();
         self.node.create_sandbox(request).await.map_err(|err| {
             tracing::warn!(sandbox = %id, error = %err, "create sandbox failed");
             failed(&id, err)
         })?;
+        let (namespace, pod) =
+            self.node.sandboxes.get(&id).map(|pod| (pod.namespace.clone(), pod.name.clone())).unwrap_or_default();
+        let took_us = began.elapsed().as_micros() as u64;
+        tracing::info!(sandbox = %id, ?namespace, ?pod, took_us, "pod sandbox created");
         Ok(CreateSandboxResponse::new())
     }
 
     async fn start_sandbox(&self, _ctx: &TtrpcContext, request: StartSandboxRequest) -> Reply<StartSandboxResponse> {
+        let began = std::time::Instant::now();
         let created_at =
             self.node.start_sandbox(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
-        tracing::info!(sandbox = %request.sandbox_id, "pod sandbox started");
+        let took_us = began.elapsed().as_micros() as u64;
+        tracing::info!(sandbox = %request.sandbox_id, took_us, "pod sandbox started");
         Ok(StartSandboxResponse { pid: self.node.pid, created_at: timestamp(created_at), ..Default::default() })
     }
 
