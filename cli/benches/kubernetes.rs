@@ -85,13 +85,13 @@ fn main() {
         let mut sandbox_phases = Vec::new();
         let mut pending: Option<(String, serde_json::Value)> = None;
         for line in log.lines() {
-            let container = line.split(" container=").nth(1).and_then(|rest| rest.split_whitespace().next());
-            let Some(container) = container else { continue };
             if line.contains("pod sandbox created") || line.contains("pod sandbox started") {
                 let key = if line.contains("created") { "sandbox_create_ms" } else { "sandbox_start_ms" };
                 sandbox_phases.push((key, field(line, "took_us").map(|us| us / 1e3)));
                 continue;
             }
+            let container = line.split(" container=").nth(1).and_then(|rest| rest.split_whitespace().next());
+            let Some(container) = container else { continue };
             if line.contains("app timings") {
                 let ms = |key: &str| field(line, key).map(|us| us / 1e3);
                 pending = Some((

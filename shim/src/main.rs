@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{Shim, publisher::RemotePublisher, run};
 use containerd_shim::error::{Error, Result};
+use containerd_shim::protos::bootstrap_api::{BootstrapParams, BootstrapResult};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::shim::shim::DeleteResponse;
 use containerd_shim::protos::shim_async::Task;
@@ -219,6 +220,40 @@ impl NodeHost {
     }
 }
 
+/// The task API version the node host serves to containerd 2.x
+/// (`containerd.task.v3.Task`, and the Sandbox API beside it).
+const TASK_API_VERSION: i32 = 3;
+
+/// The largest bootstrap message read from containerd.
+const MAX_BOOTSTRAP_BYTES: u64 = 1 << 20;
+
+/// containerd 2.x's bootstrap parameters for this `start`, if it sent
+/// them (1.x sends nothing, or a runtime options `Any`).
+fn bootstrap_params(flags: &containerd_shim::Flags) -> Option<BootstrapParams> {
+    use containerd_shim::protos::protobuf::Message as _;
+    use std::io::{IsTerminal as _, Read as _};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return None;
+    }
+    let mut input = Vec::new();
+    stdin.lock().take(MAX_BOOTSTRAP_BYTES).read_to_end(&mut input).ok()?;
+    let params = BootstrapParams::parse_from_bytes(&input).ok()?;
+    (params.instance_id == flags.id && params.namespace == flags.namespace).then_some(params)
+}
+
+/// The bootstrap result naming the node host's socket (`unix://...`).
+fn bootstrap_result(address: &str) -> std::result::Result<Vec<u8>, String> {
+    use containerd_shim::protos::protobuf::Message as _;
+    let result = BootstrapResult {
+        version: TASK_API_VERSION,
+        address: address.to_string(),
+        protocol: "ttrpc".to_string(),
+        ..Default::default()
+    };
+    result.write_to_bytes().map_err(|err| err.to_string())
+}
+
 fn shoal_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("SHOAL_BIN") {
         return Ok(PathBuf::from(path));
@@ -254,18 +289,39 @@ fn main() {
         );
         std::process::exit(0);
     }
-    // `start` answers with the bare address: containerd 1.x reads nothing
-    // else, and 2.x takes a bare address as the v2 task API (which the node
-    // host serves). The crate's `run` would answer 1.x with JSON.
+    // `start` answers containerd 2.x (which sends its bootstrap parameters
+    // on stdin) with a bootstrap result of task API version 3: the pod's
+    // containers then reach the node host on the pod's connection, without
+    // a `start` and a `delete` of this binary each. containerd 1.x sends
+    // none and reads only the bare address (the crate's `run` would answer
+    // it with JSON).
     if let Ok(flags) = &flags
         && flags.action == "start"
     {
-        let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_else(|_| format!("{}.ttrpc", flags.address));
+        let bootstrap = bootstrap_params(flags);
+        let ttrpc_address = match &bootstrap {
+            Some(params) if !params.containerd_ttrpc_address.is_empty() => params.containerd_ttrpc_address.clone(),
+            _ => std::env::var("TTRPC_ADDRESS").unwrap_or_else(|_| format!("{}.ttrpc", flags.address)),
+        };
         let bundle = std::env::current_dir().unwrap_or_default();
         match start(&flags.address, &flags.namespace, &ttrpc_address, &bundle) {
             Ok(address) => {
-                print!("{address}");
-                std::process::exit(0);
+                let reply = match bootstrap {
+                    Some(_) => bootstrap_result(&address),
+                    None => Ok(address.into_bytes()),
+                };
+                match reply {
+                    Ok(reply) => {
+                        use std::io::Write as _;
+                        let mut stdout = std::io::stdout().lock();
+                        let written = stdout.write_all(&reply).and_then(|()| stdout.flush());
+                        std::process::exit(if written.is_ok() { 0 } else { 1 });
+                    }
+                    Err(err) => {
+                        eprintln!("containerd-shim-shoal-v1: cannot encode the bootstrap result: {err}");
+                        std::process::exit(1);
+                    }
+                }
             }
             Err(err) => {
                 eprintln!("containerd-shim-shoal-v1: {err}");
