@@ -71,6 +71,12 @@ enum Command {
         /// the progress and exit.
         #[arg(long)]
         upgrade: bool,
+        /// With --upgrade: a wasi:cli program or `kubectl exec` still running
+        /// (its state cannot move to another process) refuses the upgrade,
+        /// unless this says how long they may take to end; past it they are
+        /// ended (exit 137, a line in their container's log), e.g. 60s.
+        #[arg(long, requires = "upgrade", value_parser = humantime::parse_duration)]
+        end_programs_after: Option<Duration>,
         /// Where containerd-shim-shoal-v1 keeps node host sockets (for --upgrade).
         #[arg(long, env = "SHOAL_RUN_DIR", default_value = "/run/shoal")]
         run_dir: PathBuf,
@@ -94,6 +100,11 @@ enum Command {
         /// (the built-in policy while the file does not exist).
         #[arg(long, env = "SHOAL_POLICY", default_value = shoal_node::DEFAULT_POLICY_PATH)]
         policy: PathBuf,
+        /// Serve the host's /healthz, /readyz and /metrics on this address
+        /// [default: nowhere]. /metrics names every tenant's functions:
+        /// choose an address only the node's monitoring reaches.
+        #[arg(long, env = "SHOAL_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         host: HostArgs,
         #[command(flatten)]
@@ -214,7 +225,9 @@ struct HostArgs {
     /// KiB of linear memory a freed instance slot keeps resident for the
     /// next instance of the same code (0: none). Makes a fresh instance per
     /// request cheaper (JavaScript functions) at the cost of idle RSS: up
-    /// to this much per warm slot.
+    /// to this much per warm slot. Refused while swap is on: a page
+    /// swapped out of a freed slot would not be reset for the next
+    /// instance, of any tenant.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1 << 22))]
     keep_resident_kib: u64,
     /// Compile never-seen wasm with Cranelift before serving it. By default
@@ -444,10 +457,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::new(&admin_socket);
     match cli.command {
         Command::Serve { manifest, listen, host, backends, secrets_dir } => {
+            shoal::server::private_files();
             let (keyvalue, pubsub) = backends.backends();
             let HostSettings { engine, kv_bytes_per_tenant, drain_timeout, front_door, ledger } = host.apply();
             let config = HostConfig {
-                listen,
+                listen: Some(listen),
                 admin_socket: Some(admin_socket),
                 state_dir: Some(state_dir),
                 engine,
@@ -463,7 +477,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             serve(manifest.as_deref(), config).await
         }
-        Command::Node { upgrade: true, socket, run_dir, .. } => {
+        Command::Node { upgrade: true, socket, run_dir, end_programs_after, .. } => {
+            let request = shoal_node::UpgradeRequest { end_programs_after };
             // Sockets found in the run directory may be left by hosts that
             // ended; one named by --socket must answer.
             let (sockets, skip_stale) = match socket {
@@ -475,7 +490,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let mut failed = 0;
             for socket in &sockets {
-                if let Err(err) = shoal_node::upgrade(socket, skip_stale).await {
+                if let Err(err) = shoal_node::upgrade(socket, request, skip_stale).await {
                     eprintln!("error: {err:#}");
                     failed += 1;
                 }
@@ -492,6 +507,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ttrpc_address,
             max_wasm_mb,
             policy,
+            metrics_listen,
             host,
             backends,
             adopt_fd,
@@ -510,6 +526,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine,
                 drain_timeout,
                 max_wasm_bytes: max_wasm_mb << 20,
+                metrics_listen,
                 front_door,
                 ledger,
                 policy,
@@ -731,7 +748,7 @@ async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<Ex
     // Check the manifest before anything starts: a typo fails fast.
     let items = manifest.map(load_manifest).transpose()?;
     let mut signals = StopSignals::install().context("cannot install the SIGTERM/SIGINT handlers")?;
-    let listen = config.listen;
+    let listen = config.listen.map(|addr| addr.to_string()).unwrap_or_default();
     // Ready (for `/readyz`) only once the manifest's functions are served.
     let running = match items {
         Some(items) => RunningHost::start_with(config, items)
@@ -739,7 +756,7 @@ async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<Ex
             .context("cannot start the host with the manifest's functions")?,
         None => RunningHost::start(config).await.context("cannot start the host")?,
     };
-    let addr = running.http_addr();
+    let addr = running.http_addr().map(|addr| addr.to_string()).unwrap_or_default();
     let functions = running.host().registry().list().await;
     println!("shoal: serving {} function(s) on http://{addr} (requested {listen})", functions.len());
     for function in &functions {

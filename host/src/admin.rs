@@ -61,6 +61,20 @@ pub async fn serve(listener: UnixListener, host: Arc<Host>, mut shutdown: watch:
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // Only this host's own user administers it (the socket is
+                // created for that user alone; the peer is checked too).
+                let me = nix::unistd::geteuid().as_raw();
+                match stream.peer_cred() {
+                    Ok(peer) if peer.uid() == me => {}
+                    Ok(peer) => {
+                        tracing::warn!(uid = peer.uid(), "refused an admin connection of another user");
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "refused an admin connection: cannot tell who it is");
+                        continue;
+                    }
+                }
                 let host = host.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {

@@ -97,6 +97,47 @@ pub trait Subscription: Send {
     async fn nack(&mut self, delivery: &Delivery) -> Result<(), BackendError>;
 }
 
+/// Each tenant's budget of undelivered message bytes, across its topics:
+/// one default, and the figure the node policy sets for the tenants of its
+/// rules (`limits.queued_bytes`). Shared by the broker and whoever applies
+/// the policy.
+#[derive(Debug)]
+pub struct QueueBudgets {
+    default: usize,
+    set: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl QueueBudgets {
+    /// Every tenant may hold `default` bytes undelivered.
+    pub fn new(default: usize) -> QueueBudgets {
+        QueueBudgets { default, set: std::sync::Mutex::default() }
+    }
+
+    /// The budget of `tenant`.
+    pub fn of(&self, tenant: &str) -> usize {
+        self.lock().get(tenant).copied().unwrap_or(self.default)
+    }
+
+    /// Give `tenant` a budget of its own (`None`: the default again).
+    pub fn set(&self, tenant: &str, bytes: Option<usize>) {
+        let mut set = self.lock();
+        match bytes {
+            Some(bytes) => set.insert(tenant.to_string(), bytes),
+            None => set.remove(tenant),
+        };
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.set.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl Default for QueueBudgets {
+    fn default() -> Self {
+        QueueBudgets::new(broker::DEFAULT_TENANT_QUEUE_BYTES)
+    }
+}
+
 /// The tenant a backend bucket name belongs to: what comes before its `/`
 /// (see [`crate::manifest::TenantName::scope`]), or the default tenant.
 pub(crate) fn tenant_of(bucket: &str) -> &str {

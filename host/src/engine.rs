@@ -224,9 +224,35 @@ pub enum CompileSource {
     Baseline,
 }
 
+/// The top of each async stack zeroed by `memset` when it goes back to the
+/// pool (what a call uses); the rest is decommitted.
+const STACK_KEEP_RESIDENT: usize = 64 << 10;
+
+/// Why a freed slot may not keep its memory resident on this machine, if
+/// it may not: `swaps` is `/proc/swaps`. A slot that keeps its memory is
+/// reset in place by asking the kernel which pages were written
+/// (PAGEMAP_SCAN); a page swapped out meanwhile is not reported, so it
+/// would keep one instance's data for the next — of any tenant.
+fn keep_resident_refused(swaps: &str) -> Option<String> {
+    let devices: Vec<&str> = swaps.lines().skip(1).filter_map(|line| line.split_whitespace().next()).collect();
+    (!devices.is_empty()).then(|| {
+        format!(
+            "swap is on ({}): a page swapped out of a freed slot would not be reset, and the next instance \
+             (of any tenant) could read it; turn swap off or drop the option",
+            devices.join(", ")
+        )
+    })
+}
+
 impl WasmEngine {
     /// Build the engine and start its epoch clock.
     pub fn new(options: &EngineOptions) -> anyhow::Result<WasmEngine> {
+        if options.keep_resident_bytes > 0 {
+            let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+            if let Some(why) = keep_resident_refused(&swaps) {
+                anyhow::bail!("--keep-resident-kib is refused: {why}");
+            }
+        }
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(options.max_instances)
             .total_core_instances(options.max_instances * 4)
@@ -239,6 +265,9 @@ impl WasmEngine {
             .linear_memory_keep_resident(options.keep_resident_bytes)
             .pagemap_scan(if options.keep_resident_bytes > 0 { wasmtime::Enabled::Auto } else { wasmtime::Enabled::No })
             .table_keep_resident(options.keep_resident_bytes)
+            // Stacks pass from one guest (one tenant) to the next: zeroed in
+            // between, the hot top by memset, the rest handed back.
+            .async_stack_keep_resident(STACK_KEEP_RESIDENT)
             .max_unused_warm_slots(options.max_instances.min(100));
 
         let mut config = Config::new();
@@ -252,6 +281,7 @@ impl WasmEngine {
             // `perf` profile of `hello`.
             .concurrency_support(false)
             .memory_init_cow(true)
+            .async_stack_zeroing(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         // Each engine has a pool of every slot: the instance slots shared
         // by both ([`InstanceSlots`]) keep the total within `max_instances`.
@@ -525,6 +555,15 @@ impl Hasher for HashToSha256 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keeping_freed_memory_resident_is_refused_while_swap_is_on() {
+        let off = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n";
+        assert_eq!(keep_resident_refused(off), None);
+        let on = format!("{off}/swapfile                               file\t\t1048572\t\t0\t\t-2\n");
+        let why = keep_resident_refused(&on).expect("refused");
+        assert!(why.contains("swap is on (/swapfile)") && why.contains("any tenant"), "{why}");
+    }
 
     #[test]
     fn the_epoch_clock_ticks_only_while_a_call_holds_it() {

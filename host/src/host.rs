@@ -19,11 +19,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::Error;
 use crate::abi::{InvokeError, Invoker, Services};
-use crate::backends::broker::LocalBroker;
+use crate::backends::broker::{DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_CAPACITY, LocalBroker};
 use crate::backends::redb_kv::RedbKeyValue;
 use crate::backends::redis::Redis;
 use crate::backends::secrets::SecretStore;
-use crate::backends::{Broker, KeyValue};
+use crate::backends::{Broker, KeyValue, QueueBudgets};
 use crate::dispatch::Dispatcher;
 use crate::engine::{EngineOptions, WasmEngine};
 use crate::function::Runtime;
@@ -37,8 +37,10 @@ use crate::request::{RequestMeta, ShoalBody};
 /// Everything a host needs to start.
 #[derive(Clone)]
 pub struct HostConfig {
-    /// Where the HTTP trigger listens (port 0: any free port).
-    pub listen: SocketAddr,
+    /// Where the HTTP trigger (routes, `/healthz`, `/readyz`, `/metrics`)
+    /// listens (port 0: any free port); `None`: nowhere (a node host,
+    /// whose functions listen in their pods).
+    pub listen: Option<SocketAddr>,
     /// The admin API's Unix socket; `None`: no admin API.
     pub admin_socket: Option<PathBuf>,
     /// Where functions, compiled code and the ledger are kept; `None`:
@@ -123,7 +125,7 @@ impl HostConfig {
     /// Defaults: `127.0.0.1:8080`, no admin socket, no state.
     pub fn new() -> HostConfig {
         HostConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             admin_socket: None,
             state_dir: None,
             engine: EngineOptions::default(),
@@ -156,6 +158,7 @@ pub struct Host {
     front_door: FrontDoor,
     connection_slots: Arc<Semaphore>,
     ready: AtomicBool,
+    queue_budgets: Arc<QueueBudgets>,
     /// Holds the embedded key-value file of a host without a state directory.
     _scratch: Option<tempfile::TempDir>,
 }
@@ -184,6 +187,11 @@ impl Host {
     /// The Runtime ABI's backends.
     pub fn services(&self) -> &Arc<Services> {
         &self.services
+    }
+
+    /// Each tenant's budget of undelivered message bytes (the broker's).
+    pub fn queue_budgets(&self) -> &Arc<QueueBudgets> {
+        &self.queue_budgets
     }
 
     /// The limits every HTTP listener enforces.
@@ -220,7 +228,8 @@ impl Host {
         }
         let engine = WasmEngine::new(&engine_options)?;
         let metrics = Arc::new(Metrics::new());
-        let (services, scratch) = build_services(config, metrics.clone()).await?;
+        let queue_budgets = Arc::new(QueueBudgets::default());
+        let (services, scratch) = build_services(config, metrics.clone(), queue_budgets.clone()).await?;
         let runtime = Runtime::new(engine, services.clone())?;
         let ledger = match &config.state_dir {
             Some(dir) => {
@@ -245,6 +254,7 @@ impl Host {
             front_door: config.front_door.clone(),
             connection_slots: Arc::new(Semaphore::new(config.front_door.max_connections)),
             ready: AtomicBool::new(false),
+            queue_budgets,
             _scratch: scratch,
         });
         // The host runs what its functions invoke; a weak reference, so the
@@ -284,6 +294,7 @@ impl Invoker for HostInvoker {
 async fn build_services(
     config: &HostConfig,
     metrics: Arc<Metrics>,
+    queue_budgets: Arc<QueueBudgets>,
 ) -> Result<(Arc<Services>, Option<tempfile::TempDir>), Error> {
     let mut scratch = None;
     let kv: Arc<dyn KeyValue> = match &config.keyvalue {
@@ -309,8 +320,12 @@ async fn build_services(
         ),
     };
     let broker: Arc<dyn Broker> = match &config.pubsub {
-        Backend::Embedded => Arc::new(LocalBroker::default()),
-        Backend::Redis { url } => Arc::new(Redis::connect(url).await.map_err(|err| Error::Internal(err.into()))?),
+        Backend::Embedded => {
+            Arc::new(LocalBroker::with_budgets(DEFAULT_QUEUE_CAPACITY, DEFAULT_QUEUE_BYTES, queue_budgets))
+        }
+        Backend::Redis { url } => Arc::new(
+            Redis::connect(url).await.map_err(|err| Error::Internal(err.into()))?.with_queue_budgets(queue_budgets),
+        ),
     };
     let secrets = SecretStore::new(config.secrets_dir.clone());
     Ok((Services::new(kv, broker, secrets, metrics), scratch))

@@ -19,7 +19,7 @@
 //!     })
 //!     .collect();
 //! running.host().registry().deploy(items).await?;
-//! println!("curl http://{}/hello", running.http_addr());
+//! println!("curl http://{}/hello", running.http_addr().expect("it listens"));
 //! running.shutdown().await;
 //! # Ok(())
 //! # }

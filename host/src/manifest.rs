@@ -802,6 +802,23 @@ impl Limits {
         if let Some((field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
             return Err(format!("limits.{field} must be greater than 0"));
         }
+        // Every time a function (or a pod, through its annotations) sets is
+        // bounded: a `start` or a queue that may wait for ever holds what it
+        // holds for ever.
+        let bounded = [
+            ("timeout_ms", self.timeout, MAX_TIMEOUT),
+            ("queue_timeout_ms", self.queue_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
+            ("start_timeout_ms", self.start_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
+            ("destroy_timeout_ms", self.destroy_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
+            ("idle_timeout_s", self.idle_timeout, MAX_IDLE_TIMEOUT),
+        ];
+        if let Some((field, value, max)) = bounded.iter().find(|(_, value, max)| value > max) {
+            return Err(format!(
+                "limits.{field} = {} is over the host's maximum of {}",
+                humantime::format_duration(*value),
+                humantime::format_duration(*max)
+            ));
+        }
         if self.memory_bytes == 0 {
             return Err("limits.memory_mb must be greater than 0".to_string());
         }
@@ -830,6 +847,12 @@ impl Limits {
 /// Largest linear memory a function may ask for; the engine's pool reserves
 /// address space for this much per memory slot.
 pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
+/// Longest `timeout_ms` (a request's wall time): 15 minutes, as Lambda's.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Longest `start_timeout_ms`, `destroy_timeout_ms` and `queue_timeout_ms`.
+pub const MAX_HOOK_OR_QUEUE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Longest `idle_timeout_s`: a day.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Durations are kept in the registry file as whole milliseconds.
 mod humantime_serde_ms {
@@ -1059,6 +1082,23 @@ mod tests {
     }
 
     #[test]
+    fn every_time_a_function_sets_is_bounded_by_the_hosts_maximum() {
+        let entry =
+            |limit: &str| format!("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.limits]\n{limit}\n");
+        for (limit, says) in [
+            ("start_timeout_ms = 300001", "limits.start_timeout_ms = 5m 1ms is over the host's maximum of 5m"),
+            ("destroy_timeout_ms = 86400000", "limits.destroy_timeout_ms = 1day is over the host's maximum of 5m"),
+            ("queue_timeout_ms = 600000", "limits.queue_timeout_ms = 10m is over the host's maximum of 5m"),
+            ("timeout_ms = 3600000", "limits.timeout_ms = 1h is over the host's maximum of 15m"),
+            ("idle_timeout_s = 90000", "limits.idle_timeout_s = 1day 1h is over the host's maximum of 1day"),
+        ] {
+            let err = resolve(&entry(limit)).unwrap_err().to_string();
+            assert!(err.contains(says), "{limit}: {err}");
+        }
+        assert!(resolve(&entry("start_timeout_ms = 300000\ntimeout_ms = 900000\nidle_timeout_s = 86400")).is_ok());
+    }
+
+    #[test]
     fn a_manifest_names_its_tenant_env_and_files() {
         let specs = resolve(
             "tenant = \"team-a\"\n[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n\
@@ -1270,7 +1310,9 @@ mod tests {
                 // (How often each kind of case comes up, for a run with --nocapture.)
                 let _ = (name_ok, version_ok, route_ok, outbound_ok);
                 let limit_ok = |field: &str, value: u64| match field {
-                    "queue_timeout_ms" => true,
+                    "queue_timeout_ms" => value <= 300_000,
+                    "timeout_ms" => (1..=900_000).contains(&value),
+                    "idle_timeout_s" => (1..=86_400).contains(&value),
                     "memory_mb" => (1..=4096).contains(&value),
                     "max_concurrency" | "publish_per_second" | "log_bytes_per_second" | "max_requests_per_instance" => {
                         (1..=u64::from(u32::MAX)).contains(&value)

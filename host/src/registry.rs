@@ -1,9 +1,12 @@
 //! Deployed functions: their versions, traffic weights and routes, kept on
 //! disk so a restarted host serves the same functions.
 //!
-//! Changes (deploy, undeploy) are serialized by one async mutex and applied
-//! atomically: everything in a deploy is compiled and checked first, the new
-//! state is written to disk, and only then is the route table swapped.
+//! Changes (deploy, undeploy) are applied atomically: everything in a
+//! deploy is compiled and instantiated on trial first, outside any lock (a
+//! slow compile or `start` of one tenant's function delays no one else's
+//! deploy or undeploy); then, under one async mutex, the new state is
+//! checked again, written to disk, and only then is the route table
+//! swapped.
 //! Requests read the table through a short `RwLock` read of an `Arc`, so no
 //! lock is held across a request, and a request that already picked a
 //! version finishes on it while new requests go to the new one; the old
@@ -317,7 +320,7 @@ impl Registry {
                 }
             }
             let result = if items.len() == versions.len() {
-                self.deploy_versions(items, false).await
+                self.deploy_versions(items, Deploying::Restored).await
             } else {
                 Err(Error::Internal(anyhow::anyhow!("wasm missing")))
             };
@@ -338,81 +341,91 @@ impl Registry {
     /// unchanged keeps its warm instances; versions no longer listed drain.
     /// All or nothing: on error, nothing changed.
     pub async fn deploy(&self, items: Vec<DeployItem>) -> Result<Vec<DeployReport>, Error> {
-        self.deploy_versions(items, true).await
+        self.deploy_versions(items, Deploying::New).await
     }
 
-    async fn deploy_versions(&self, items: Vec<DeployItem>, persist: bool) -> Result<Vec<DeployReport>, Error> {
+    /// Deploy versions another host process was serving (a node host's
+    /// hand-over): as [`Registry::deploy`], but with no trial instance —
+    /// each was tried when it was first deployed, and a `start` failing
+    /// now (a backend down for a moment) must not end a running pod.
+    pub async fn adopt(&self, items: Vec<DeployItem>) -> Result<Vec<DeployReport>, Error> {
+        self.deploy_versions(items, Deploying::Adopted).await
+    }
+
+    async fn deploy_versions(&self, items: Vec<DeployItem>, how: Deploying) -> Result<Vec<DeployReport>, Error> {
+        let persist = how == Deploying::New;
         let mut specs: Vec<FunctionSpec> = items.iter().map(|item| item.spec.clone()).collect();
-        let refused = |message: String| crate::manifest::ManifestError { file: "<deploy>".into(), message };
         // The same checks as the manifest's, whoever built the spec.
         for spec in &specs {
             spec.check().map_err(|message| refused(format!("function {:?}: {message}", spec.name.as_str())))?;
         }
         check_versions(&specs).map_err(refused)?;
+        let digests: Vec<String> = items.iter().map(|item| sha256_hex(&item.wasm)).collect();
+        for (spec, digest) in specs.iter_mut().zip(&digests) {
+            let version = spec.version.clone().unwrap_or_else(|| default_version(digest, &spec.limits));
+            spec.version = Some(version);
+        }
+
+        // Compile and instantiate on trial outside the registry's lock: a
+        // function whose compile or `start` takes its whole budget holds
+        // no other tenant's create, stop or resize. What is deployed
+        // unchanged is reused, as it was when the deploy began.
+        let before = self.functions.lock().await.clone();
+        check_owners(&before, &specs)?;
+        let mut prepared: Vec<Option<(Arc<FunctionPool>, &'static str)>> = Vec::with_capacity(items.len());
+        let mut blobs = Vec::new();
+        for ((item, spec), digest) in items.iter().zip(&specs).zip(&digests) {
+            if existing_pool(&before, spec, digest).is_some() {
+                prepared.push(None);
+                continue;
+            }
+            let (compiled, source) =
+                self.runtime.prepare(spec.clone(), item.wasm.clone(), digest.clone(), self.log_sink.clone()).await?;
+            // Instantiate once on trial: a function that cannot is refused
+            // here, naming it, never at its first request.
+            if how != Deploying::Adopted {
+                Instance::trial(&compiled).await?;
+            }
+            let source = match source {
+                CompileSource::Compiled => "compiled",
+                CompileSource::Cache => "cache",
+                CompileSource::Baseline => "baseline",
+            };
+            blobs.push((digest.clone(), item.wasm.clone()));
+            prepared.push(Some((FunctionPool::new(compiled, self.metrics.clone()), source)));
+        }
+        if prepared.iter().flatten().any(|(_, source)| *source != "cache") {
+            // Off the request threads: trimming walks every arena.
+            tokio::task::spawn_blocking(crate::engine::release_freed_memory);
+        }
 
         let mut functions = self.functions.lock().await;
-        // A function belongs to one tenant: no deploy hands another
-        // tenant's function (its name, its routes) to a new owner.
-        for spec in &specs {
-            if let Some(deployed) = functions.get(spec.name.as_str())
-                && let Some(owner) = deployed.versions.first().map(|pool| pool.function().spec().tenant.clone())
-                && owner != spec.tenant
-            {
-                return Err(refused(format!(
-                    "function {:?} belongs to tenant {:?}; tenant {:?} cannot replace it",
-                    spec.name.as_str(),
-                    owner.as_str(),
-                    spec.tenant.as_str()
-                ))
-                .into());
-            }
-        }
+        // Checked again: another deploy may have changed owners meanwhile.
+        check_owners(&functions, &specs)?;
         let mut next = functions.clone();
         let mut reports = Vec::new();
         let mut new_versions: BTreeMap<String, Vec<Arc<FunctionPool>>> = BTreeMap::new();
-        let mut compiled_any = false;
-        let mut blobs = Vec::new();
-        for (item, spec) in items.iter().zip(specs.iter_mut()) {
-            let digest = sha256_hex(&item.wasm);
-            let version = spec.version.clone().unwrap_or_else(|| default_version(&digest, &spec.limits));
-            spec.version = Some(version.clone());
-            let existing = functions.get(spec.name.as_str()).and_then(|deployed| {
-                deployed
-                    .versions
-                    .iter()
-                    .find(|pool| pool.function().spec() == spec && pool.function().digest() == digest)
-            });
-            let (pool, source) = match existing {
-                Some(pool) => (pool.clone(), "unchanged"),
-                None => {
-                    let (compiled, source) = self
+        for (((item, spec), digest), prepared) in items.iter().zip(&specs).zip(digests).zip(prepared) {
+            let (pool, source) = match (existing_pool(&functions, spec, &digest), prepared) {
+                (Some(pool), _) => (pool.clone(), "unchanged"),
+                (None, Some(prepared)) => prepared,
+                // Deployed as is when the deploy began, and gone since (a
+                // concurrent undeploy): compiled now, under the lock (rare).
+                (None, None) => {
+                    let (compiled, _) = self
                         .runtime
                         .prepare(spec.clone(), item.wasm.clone(), digest.clone(), self.log_sink.clone())
                         .await?;
-                    // Instantiate once on trial: a function that cannot is
-                    // refused here, naming it, never at its first request.
-                    Instance::trial(&compiled).await?;
-                    let source = match source {
-                        CompileSource::Compiled => {
-                            compiled_any = true;
-                            "compiled"
-                        }
-                        CompileSource::Cache => "cache",
-                        CompileSource::Baseline => {
-                            compiled_any = true;
-                            "baseline"
-                        }
-                    };
+                    if how != Deploying::Adopted {
+                        Instance::trial(&compiled).await?;
+                    }
                     blobs.push((digest.clone(), item.wasm.clone()));
-                    (FunctionPool::new(compiled, self.metrics.clone()), source)
+                    (FunctionPool::new(compiled, self.metrics.clone()), "compiled")
                 }
             };
             new_versions.entry(spec.name.to_string()).or_default().push(pool);
+            let version = spec.version.clone().unwrap_or_default();
             reports.push(DeployReport { function: spec.name.to_string(), version, digest, source: source.to_string() });
-        }
-        if compiled_any {
-            // Off the request threads: trimming walks every arena.
-            tokio::task::spawn_blocking(crate::engine::release_freed_memory);
         }
         for (name, versions) in new_versions {
             next.insert(name, Deployed { versions });
@@ -659,6 +672,55 @@ fn check_routes(functions: &BTreeMap<String, Deployed>) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Where the versions of a deploy come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deploying {
+    /// Asked for now: tried, then kept on disk.
+    New,
+    /// Read back from disk at start: tried, not written again.
+    Restored,
+    /// Taken over from another host process: neither tried nor written.
+    Adopted,
+}
+
+/// A refusal of a deploy, in the manifest's terms.
+fn refused(message: String) -> crate::manifest::ManifestError {
+    crate::manifest::ManifestError { file: "<deploy>".into(), message }
+}
+
+/// A function belongs to one tenant: no deploy hands another tenant's
+/// function (its name, its routes) to a new owner.
+fn check_owners(functions: &BTreeMap<String, Deployed>, specs: &[FunctionSpec]) -> Result<(), Error> {
+    for spec in specs {
+        if let Some(deployed) = functions.get(spec.name.as_str())
+            && let Some(owner) = deployed.versions.first().map(|pool| pool.function().spec().tenant.clone())
+            && owner != spec.tenant
+        {
+            return Err(refused(format!(
+                "function {:?} belongs to tenant {:?}; tenant {:?} cannot replace it",
+                spec.name.as_str(),
+                owner.as_str(),
+                spec.tenant.as_str()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// The pool already serving `spec` with the wasm of `digest`, if any.
+fn existing_pool<'a>(
+    functions: &'a BTreeMap<String, Deployed>,
+    spec: &FunctionSpec,
+    digest: &str,
+) -> Option<&'a Arc<FunctionPool>> {
+    functions
+        .get(spec.name.as_str())?
+        .versions
+        .iter()
+        .find(|pool| pool.function().spec() == spec && pool.function().digest() == digest)
 }
 
 fn retired_pools(before: &BTreeMap<String, Deployed>, after: &BTreeMap<String, Deployed>) -> Vec<Arc<FunctionPool>> {

@@ -21,6 +21,15 @@ use crate::host::{Host, HostConfig};
 use crate::metering::{Ledger, SYNC_INTERVAL};
 use crate::registry::DeployItem;
 
+/// Make every file and socket this process creates from now on its own
+/// user's alone (umask 077): the key-value store and the usage ledger hold
+/// every tenant's state and bills, and the admin socket deploys functions.
+/// For the binaries (`shoal serve`, `shoal node`) to call first: a umask is
+/// the whole process's.
+pub fn private_files() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 impl RunningHost {
     /// Build a host and start serving.
     pub async fn start(config: HostConfig) -> Result<RunningHost, Error> {
@@ -34,10 +43,16 @@ impl RunningHost {
     pub async fn start_with(config: HostConfig, items: Vec<DeployItem>) -> Result<RunningHost, Error> {
         let host = Host::build(&config).await?;
 
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot listen on {}: {err}", config.listen))?;
-        let http_addr = listener.local_addr().map_err(anyhow::Error::from)?;
+        let listener = match config.listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))?,
+            ),
+            None => None,
+        };
+        let http_addr =
+            listener.as_ref().map(|listener| listener.local_addr()).transpose().map_err(anyhow::Error::from)?;
         let admin_listener = match &config.admin_socket {
             Some(path) => Some(bind_unix(path)?),
             None => None,
@@ -50,7 +65,9 @@ impl RunningHost {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        tasks.spawn(crate::trigger::http::serve(listener, host.clone(), shutdown_rx.clone()));
+        if let Some(listener) = listener {
+            tasks.spawn(crate::trigger::http::serve(listener, host.clone(), shutdown_rx.clone()));
+        }
         if let Some(listener) = admin_listener {
             tasks.spawn(crate::admin::serve(listener, host.clone(), shutdown_rx.clone()));
         }
@@ -161,7 +178,7 @@ async fn sync_ledger(ledger: Arc<Ledger>, mut shutdown: watch::Receiver<bool>) {
 /// A host that is serving.
 pub struct RunningHost {
     host: Arc<Host>,
-    http_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
     shutdown_tx: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -175,7 +192,7 @@ impl RunningHost {
     }
 
     /// The address the HTTP trigger is bound to.
-    pub fn http_addr(&self) -> SocketAddr {
+    pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
     }
 

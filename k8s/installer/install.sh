@@ -30,6 +30,9 @@
 #                            ($ROOT/run/shoal); each is handed over to the new
 #                            binary (`shoal node --upgrade`), its pods running on
 #   SHOAL_UPGRADE            "no": leave running node hosts on their binary
+#   SHOAL_END_PROGRAMS_AFTER how long running wasi:cli programs and execs may take to
+#                            end before an upgrade ends them (e.g. 60s; unset: they
+#                            refuse the upgrade)
 #   SHOAL_POLICY_SOURCE      the node policy to install ($SRC/policy.toml, or the
 #                            shoal-policy ConfigMap the DaemonSet mounts)
 #   SHOAL_POLICY             where the node host reads it ($ROOT/etc/shoal/policy.toml)
@@ -96,9 +99,11 @@ RUN_DIR="${SHOAL_RUN_DIR:-$ROOT/run/shoal}"
 upgrade() {
     if [ -n "$ROOT" ]; then
         nsenter --target 1 --mount --uts --ipc --net --pid -- \
-            "${BIN_DIR#"$ROOT"}/shoal" node --upgrade --run-dir "${RUN_DIR#"$ROOT"}"
+            "${BIN_DIR#"$ROOT"}/shoal" node --upgrade --run-dir "${RUN_DIR#"$ROOT"}" \
+            ${SHOAL_END_PROGRAMS_AFTER:+--end-programs-after "$SHOAL_END_PROGRAMS_AFTER"}
     else
-        "$BIN_DIR/shoal" node --upgrade --run-dir "$RUN_DIR"
+        "$BIN_DIR/shoal" node --upgrade --run-dir "$RUN_DIR" \
+            ${SHOAL_END_PROGRAMS_AFTER:+--end-programs-after "$SHOAL_END_PROGRAMS_AFTER"}
     fi
 }
 # Whether a node host runs (its upgrade socket is there); a shell glob, as

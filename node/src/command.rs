@@ -67,6 +67,9 @@ pub struct Invocation<'a> {
     pub cpu_quota: Option<Arc<CpuQuota>>,
     /// Where its input comes from and its output goes.
     pub stdio: Stdio,
+    /// Whose it is (a pod's namespace): its instance counts against the
+    /// tenant's busy instances, as a function's does.
+    pub tenant: &'a str,
 }
 
 /// A program's standard streams.
@@ -230,8 +233,19 @@ const PROGRAM_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30
 /// trapped if it did.
 pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<'_>) -> (i32, Option<String>) {
     // A program's instance takes one of the engine's slots like a
-    // function's (an idle function instance gives its slot up if need be).
-    let Some(_slot) = engine.slots().acquire(tokio::time::Instant::now() + PROGRAM_SLOT_WAIT).await else {
+    // function's (an idle function instance gives its slot up if need
+    // be), and counts against its tenant's busy instances.
+    let deadline = tokio::time::Instant::now() + PROGRAM_SLOT_WAIT;
+    let allowance = engine.slots().tenant(invocation.tenant);
+    let Ok(Ok(_busy)) = tokio::time::timeout_at(deadline, allowance.acquire_owned()).await else {
+        let why = format!(
+            "namespace {:?} kept all {} of its busy instances for {PROGRAM_SLOT_WAIT:?}",
+            invocation.tenant,
+            engine.slots().per_tenant()
+        );
+        return (TRAPPED, Some(why));
+    };
+    let Some(_slot) = engine.slots().acquire(deadline).await else {
         let why = format!("no instance slot of the host's engine became free within {PROGRAM_SLOT_WAIT:?}");
         return (TRAPPED, Some(why));
     };

@@ -19,8 +19,6 @@ use shoal_images::{WASM_COMPONENT_LAYER, WASM_LAYER};
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest manifest or index read from the content store.
 const MAX_MANIFEST: usize = 4 << 20;
-/// Largest wasm layer read from the content store.
-const MAX_WASM: usize = 512 << 20;
 
 /// What containerd holds about one container.
 #[derive(Debug, Default)]
@@ -59,7 +57,12 @@ pub async fn container(socket: &Path, namespace: &str, id: &str) -> Result<Conta
 /// The wasm layer of `image` (a CNCF wasm artifact: a layer of media type
 /// `application/wasm` or the component layer type), read from the content
 /// store and checked against its digest.
-pub async fn artifact_wasm(socket: &Path, namespace: &str, image: &str) -> Result<(String, Vec<u8>), NodeError> {
+pub async fn artifact_wasm(
+    socket: &Path,
+    namespace: &str,
+    image: &str,
+    max_bytes: u64,
+) -> Result<(String, Vec<u8>), NodeError> {
     let client = within(socket, client(socket)).await?;
     let request = with_namespace!(GetImageRequest { name: image.to_string() }, namespace);
     let target = within(socket, async {
@@ -114,7 +117,13 @@ pub async fn artifact_wasm(socket: &Path, namespace: &str, image: &str) -> Resul
             ))
         })?;
     let digest = layer["digest"].as_str().unwrap_or_default().to_string();
-    let wasm = read(&client, namespace, &digest, MAX_WASM).await?;
+    // The manifest says how large the layer is: refused before a byte is read.
+    if let Some(size) = layer["size"].as_u64().filter(|size| *size > max_bytes) {
+        return Err(NodeError::InvalidArgument(format!(
+            "image {image}: its wasm layer {digest} is {size} bytes, over the cap of {max_bytes} bytes"
+        )));
+    }
+    let wasm = read(&client, namespace, &digest, usize::try_from(max_bytes).unwrap_or(usize::MAX)).await?;
     Ok((digest, wasm))
 }
 

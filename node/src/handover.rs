@@ -46,6 +46,13 @@ pub struct SavedContainer {
     pub listener: Option<usize>,
     /// Indexes of its stdout and stderr FIFOs, as opened.
     pub output: [Option<usize>; 2],
+    /// An HTTP function's spec as resolved when it was created (image
+    /// labels, annotations, the policy then): adopted as it is.
+    #[serde(default)]
+    pub spec: Option<shoal::manifest::FunctionSpec>,
+    /// The sha256 of its wasm, kept in the node's wasm store.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// A pod sandbox the old host owned (containerd's Sandbox API).
@@ -301,6 +308,8 @@ mod tests {
                 netns: Some(3),
                 listener: None,
                 output: [None, None],
+                spec: None,
+                digest: None,
             }],
             connections: vec![],
             task_listener: 0,

@@ -33,6 +33,7 @@ mod relay;
 mod rootfs;
 mod stdio;
 mod task;
+mod wasm_store;
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
@@ -98,6 +99,9 @@ pub struct NodeConfig {
     pub pubsub: Backend,
     /// The most key-value bytes one tenant (namespace) may keep.
     pub kv_bytes_per_tenant: Option<u64>,
+    /// Where the host's `/healthz`, `/readyz` and `/metrics` listen, if
+    /// anywhere (they name every tenant's functions).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The socket `shoal node --upgrade` talks to, beside the ttrpc socket.
@@ -109,6 +113,8 @@ pub fn control_socket(socket: &Path) -> PathBuf {
 /// (requests finish, `destroy` runs) and exit. With `adopt_fd`, take the
 /// node over from the host process that started this one.
 pub async fn run(config: NodeConfig, adopt_fd: Option<RawFd>) -> Result<(), Error> {
+    // Sockets, key-value store and ledger: root's alone (containerd is root).
+    shoal::server::private_files();
     let mut signals = StopSignals::install().map_err(|err| anyhow::anyhow!("cannot install signal handlers: {err}"))?;
     // An upgrade starts the file this binary was started from, which the
     // installer has replaced by then.
@@ -136,7 +142,7 @@ pub async fn run(config: NodeConfig, adopt_fd: Option<RawFd>) -> Result<(), Erro
                     session.stop(&config).await;
                     return Ok(());
                 }
-                Next::Upgrade(control) => match session.hand_over(control, &exe).await {
+                Next::Upgrade(control, request) => match session.hand_over(control, request, &exe).await {
                     Outcome::Upgraded => return Ok(()),
                     Outcome::Refused(same) => session = *same,
                     Outcome::TakeBack(snapshot) => {
@@ -177,7 +183,7 @@ async fn take_over(fd: RawFd, config: &NodeConfig) -> Result<(Link, (Snapshot, D
 /// Why a session stopped serving.
 enum Next {
     Stop(&'static str),
-    Upgrade(UnixStream),
+    Upgrade(UnixStream, UpgradeRequest),
 }
 
 /// How a hand-over ended.
@@ -206,6 +212,13 @@ impl Accepting {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((socket, _)) => {
+                            // The socket is root's alone (umask 077); the
+                            // peer is checked too, so a socket handed to
+                            // another user never serves it.
+                            if let Err(why) = same_user(&socket) {
+                                tracing::warn!("refused a connection to the task socket: {why}");
+                                continue;
+                            }
                             if let Err(err) = relays.relay(socket, None).await {
                                 tracing::warn!(error = %err, "cannot serve a containerd connection");
                             }
@@ -247,9 +260,10 @@ struct Session {
 
 fn host_config(config: &NodeConfig, sinks: &Arc<stdio::ContainerSinks>) -> Result<HostConfig, Error> {
     Ok(HostConfig {
-        // The node's own listener only answers /healthz, /readyz and
-        // /metrics; functions listen in their pods.
-        listen: "127.0.0.1:0".parse().map_err(anyhow::Error::from)?,
+        // Functions listen in their pods. The host's own /healthz,
+        // /readyz and /metrics (every tenant's function names) are served
+        // only where the operator says (--metrics-listen).
+        listen: config.metrics_listen,
         admin_socket: Some(config.state_dir.join("admin.sock")),
         state_dir: Some(config.state_dir.clone()),
         engine: config.engine.clone(),
@@ -301,6 +315,9 @@ impl Session {
                 }
             };
         let node = task::Node::new(running.host().clone(), sinks, publisher, config);
+        if carried.is_none() {
+            node.forget_kept_wasm();
+        }
         match Session::serve(config, &node, carried).await {
             Ok((relays, server, accepting, control)) => {
                 tracing::info!(
@@ -367,7 +384,7 @@ impl Session {
                 accepted = self.control.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
                     match upgrade_request(stream).await {
-                        Ok(stream) => return Next::Upgrade(stream),
+                        Ok((stream, request)) => return Next::Upgrade(stream, request),
                         Err(why) => tracing::warn!("refused a control request: {why}"),
                     }
                 }
@@ -388,7 +405,23 @@ impl Session {
 
     /// Hand everything to a host process started from `exe`, telling
     /// `control` how it goes.
-    async fn hand_over(mut self, mut control: UnixStream, exe: &Path) -> Outcome {
+    async fn hand_over(mut self, mut control: UnixStream, request: UpgradeRequest, exe: &Path) -> Outcome {
+        if let (Some(why), Some(after)) = (self.node.refuse_hand_over(), request.end_programs_after) {
+            tell(&mut control, &format!("waiting up to {after:?} for programs and execs to end: {why}")).await;
+            let deadline = Instant::now() + after;
+            while self.node.refuse_hand_over().is_some() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let ended = self.node.end_programs("ended by the node host's upgrade (its deadline passed)").await;
+            if ended > 0 {
+                tell(&mut control, &format!("ended {ended} programs and execs still running at the deadline")).await;
+                // containerd removes the ended execs once it has their exits.
+                let removed = Instant::now() + SETTLE_WAIT;
+                while self.node.refuse_hand_over().is_some() && Instant::now() < removed {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
         if let Some(why) = self.node.refuse_hand_over() {
             tell(&mut control, &format!("error: cannot upgrade now: {why}")).await;
             return Outcome::Refused(Box::new(self));
@@ -608,15 +641,55 @@ fn without_adopt_fd(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     kept
 }
 
-/// Read an upgrade request from a peer of this host's own user.
-async fn upgrade_request(stream: UnixStream) -> Result<UnixStream, String> {
+/// Whether the peer of `stream` runs as this host's own user: `Err` says
+/// who it is.
+fn same_user(stream: &UnixStream) -> Result<(), String> {
     let peer = stream.peer_cred().map_err(|err| format!("cannot tell who is asking: {err}"))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    let mut stream = tokio::io::BufReader::new(stream);
+    let me = nix::unistd::geteuid().as_raw();
     if peer.uid() != me {
+        return Err(format!("uid {} is not this host's uid {me}", peer.uid()));
+    }
+    Ok(())
+}
+
+/// An upgrade request: `upgrade`, or `upgrade end-programs-after=<ms>`
+/// (programs and execs still running that long are ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    /// How long running programs and execs may take to end before they
+    /// are ended; `None`: a running one refuses the upgrade.
+    pub end_programs_after: Option<Duration>,
+}
+
+impl UpgradeRequest {
+    fn line(&self) -> String {
+        match self.end_programs_after {
+            None => "upgrade\n".to_string(),
+            Some(after) => format!("upgrade end-programs-after={}\n", after.as_millis()),
+        }
+    }
+
+    fn parse(line: &str) -> Option<UpgradeRequest> {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("upgrade") {
+            return None;
+        }
+        let end_programs_after = match words.next() {
+            None => None,
+            Some(word) => Some(Duration::from_millis(word.strip_prefix("end-programs-after=")?.parse().ok()?)),
+        };
+        words.next().is_none().then_some(UpgradeRequest { end_programs_after })
+    }
+}
+
+/// Read an upgrade request from a peer of this host's own user.
+async fn upgrade_request(stream: UnixStream) -> Result<(UnixStream, UpgradeRequest), String> {
+    let refused = same_user(&stream);
+    let mut stream = tokio::io::BufReader::new(stream);
+    if let Err(why) = refused {
+        let me = nix::unistd::geteuid().as_raw();
         let _ = stream.get_mut().write_all(format!("error: only uid {me} may upgrade this host\n").as_bytes()).await;
-        return Err(format!("uid {} may not upgrade this host", peer.uid()));
+        return Err(why);
     }
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
@@ -624,10 +697,11 @@ async fn upgrade_request(stream: UnixStream) -> Result<UnixStream, String> {
         limited.read_line(&mut line).await
     })
     .await;
-    match read {
-        Ok(Ok(_)) if line.trim() == "upgrade" => Ok(stream.into_inner()),
-        _ => {
-            let _ = stream.get_mut().write_all(b"error: the only request is `upgrade`\n").await;
+    match read.ok().and_then(Result::ok).and_then(|_| UpgradeRequest::parse(&line)) {
+        Some(request) => Ok((stream.into_inner(), request)),
+        None => {
+            let _ =
+                stream.get_mut().write_all(b"error: the only request is `upgrade [end-programs-after=<ms>]`\n").await;
             Err(format!("unknown request {:?}", line.trim()))
         }
     }
@@ -637,7 +711,7 @@ async fn upgrade_request(stream: UnixStream) -> Result<UnixStream, String> {
 /// the binary now installed where it was started from; print its progress.
 /// The last line says how it ended; `None` when no host runs there (a
 /// socket file left by a host that died) and `skip_stale` says to pass.
-pub async fn upgrade(socket: &Path, skip_stale: bool) -> Result<Option<String>, Error> {
+pub async fn upgrade(socket: &Path, request: UpgradeRequest, skip_stale: bool) -> Result<Option<String>, Error> {
     let control = control_socket(socket);
     let stream = match UnixStream::connect(&control).await {
         Ok(stream) => stream,
@@ -648,7 +722,7 @@ pub async fn upgrade(socket: &Path, skip_stale: bool) -> Result<Option<String>, 
         Err(err) => return Err(anyhow::anyhow!("no node host answers at {}: {err}", control.display()).into()),
     };
     let (read, mut write) = stream.into_split();
-    write.write_all(b"upgrade\n").await.map_err(anyhow::Error::from)?;
+    write.write_all(request.line().as_bytes()).await.map_err(anyhow::Error::from)?;
     let mut lines = tokio::io::BufReader::new(read).lines();
     let mut last = String::new();
     while let Some(line) = lines.next_line().await.map_err(anyhow::Error::from)? {
@@ -686,6 +760,21 @@ pub fn node_sockets(run_dir: &Path) -> Result<Vec<PathBuf>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_request_says_how_long_programs_may_take_to_end() {
+        let plain = UpgradeRequest { end_programs_after: None };
+        let bounded = UpgradeRequest { end_programs_after: Some(Duration::from_secs(60)) };
+        for request in [plain, bounded] {
+            assert_eq!(UpgradeRequest::parse(&request.line()), Some(request));
+        }
+        assert_eq!(bounded.line(), "upgrade end-programs-after=60000\n");
+        for refused in
+            ["", "upgrades", "upgrade now", "upgrade end-programs-after=soon", "upgrade end-programs-after=1 x"]
+        {
+            assert_eq!(UpgradeRequest::parse(refused), None, "{refused:?}");
+        }
+    }
 
     #[test]
     fn a_new_host_gets_the_old_hosts_arguments_without_its_adopt_fd() {

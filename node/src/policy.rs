@@ -17,7 +17,8 @@
 //! HTTP. The file is read again whenever it changes; a file that does not
 //! parse refuses every container (naming the file and the error) until it
 //! is fixed, rather than falling back to something the operator did not
-//! write.
+//! write; a file that is deleted leaves the last one read in force (and
+//! says so in the log).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use crate::error::NodeError;
-use shoal::manifest::{Grants, KeyGrant, TenantName};
+use shoal::manifest::{Grants, KeyGrant, Limits, TenantName};
 
 /// The default place of the policy file.
 pub const DEFAULT_POLICY_PATH: &str = "/etc/shoal/policy.toml";
@@ -68,6 +69,102 @@ pub struct Rule {
     /// that names the address itself (no pattern covers them).
     #[serde(default)]
     pub outbound_http: Vec<String>,
+    /// What a pod of these namespaces may set for itself, and what the
+    /// namespace's pods may hold together ([`TenantLimits`]).
+    #[serde(default)]
+    pub limits: TenantLimits,
+}
+
+/// Bounds of one rule's namespaces: the most each pod may set
+/// (`shoal.dev/limits.*`, `resources.limits`), and the most the
+/// namespace's pods may hold at once. A field a rule does not set takes
+/// its default (`TenantLimits::DEFAULTS`), which keeps one namespace from
+/// taking the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// The longest `timeout_ms` a pod may set.
+    pub timeout_ms: Option<u64>,
+    /// The longest `queue_timeout_ms`.
+    pub queue_timeout_ms: Option<u64>,
+    /// The longest `start_timeout_ms`.
+    pub start_timeout_ms: Option<u64>,
+    /// The longest `destroy_timeout_ms`.
+    pub destroy_timeout_ms: Option<u64>,
+    /// The longest `idle_timeout_s`.
+    pub idle_timeout_s: Option<u64>,
+    /// The most `memory_mb` (per instance).
+    pub memory_mb: Option<u64>,
+    /// The most `max_concurrency` (requests at once, per function).
+    pub max_concurrency: Option<u32>,
+    /// The most `cpu_millis`.
+    pub cpu_millis: Option<u32>,
+    /// wasi:cli programs and `kubectl exec`s the namespace runs at once.
+    pub programs: Option<u32>,
+    /// Instances the namespace's functions keep busy at once, together
+    /// (unset: the host's `--max-instances-per-tenant`).
+    pub instances: Option<u32>,
+    /// Payload bytes of messages published by the namespace's functions
+    /// and not yet delivered to every subscriber, across its topics
+    /// (unset: 256 MiB).
+    pub queued_bytes: Option<u64>,
+}
+
+impl TenantLimits {
+    /// The bounds a rule gets for what it does not say.
+    pub const DEFAULTS: TenantLimits = TenantLimits {
+        timeout_ms: Some(5 * 60 * 1000),
+        queue_timeout_ms: Some(60 * 1000),
+        start_timeout_ms: Some(60 * 1000),
+        destroy_timeout_ms: Some(30 * 1000),
+        idle_timeout_s: Some(3600),
+        memory_mb: Some(1024),
+        max_concurrency: Some(500),
+        cpu_millis: None,
+        programs: Some(16),
+        instances: None,
+        queued_bytes: None,
+    };
+
+    /// These bounds, each one not set taken from `defaults`.
+    fn or(&self, defaults: &TenantLimits) -> TenantLimits {
+        TenantLimits {
+            timeout_ms: self.timeout_ms.or(defaults.timeout_ms),
+            queue_timeout_ms: self.queue_timeout_ms.or(defaults.queue_timeout_ms),
+            start_timeout_ms: self.start_timeout_ms.or(defaults.start_timeout_ms),
+            destroy_timeout_ms: self.destroy_timeout_ms.or(defaults.destroy_timeout_ms),
+            idle_timeout_s: self.idle_timeout_s.or(defaults.idle_timeout_s),
+            memory_mb: self.memory_mb.or(defaults.memory_mb),
+            max_concurrency: self.max_concurrency.or(defaults.max_concurrency),
+            cpu_millis: self.cpu_millis.or(defaults.cpu_millis),
+            programs: self.programs.or(defaults.programs),
+            instances: self.instances.or(defaults.instances),
+            queued_bytes: self.queued_bytes.or(defaults.queued_bytes),
+        }
+    }
+
+    /// The first of `limits` over these bounds: (the `shoal.dev/limits.`
+    /// field, its value, the bound).
+    fn over(&self, limits: &Limits) -> Option<(&'static str, u64, u64)> {
+        let millis = |duration: std::time::Duration| duration.as_millis().try_into().unwrap_or(u64::MAX);
+        let checks: [(&'static str, u64, Option<u64>); 8] = [
+            ("timeout_ms", millis(limits.timeout), self.timeout_ms),
+            ("queue_timeout_ms", millis(limits.queue_timeout), self.queue_timeout_ms),
+            ("start_timeout_ms", millis(limits.start_timeout), self.start_timeout_ms),
+            ("destroy_timeout_ms", millis(limits.destroy_timeout), self.destroy_timeout_ms),
+            ("idle_timeout_s", limits.idle_timeout.as_secs(), self.idle_timeout_s),
+            ("memory_mb", limits.memory_bytes >> 20, self.memory_mb),
+            ("max_concurrency", u64::from(limits.max_concurrency.get()), self.max_concurrency.map(u64::from)),
+            (
+                "cpu_millis",
+                limits.cpu_millis.map_or(u64::MAX, |millis| u64::from(millis.get())),
+                self.cpu_millis.map(u64::from),
+            ),
+        ];
+        checks
+            .into_iter()
+            .find_map(|(field, value, bound)| bound.filter(|bound| value > *bound).map(|bound| (field, value, bound)))
+    }
 }
 
 /// The policy in force.
@@ -91,6 +188,7 @@ impl Policy {
                 subscribe: any.clone(),
                 invoke: any,
                 outbound_http: Vec::new(),
+                limits: TenantLimits::default(),
             }],
             source: "the built-in policy".to_string(),
         }
@@ -127,6 +225,33 @@ impl Policy {
             .enumerate()
             .find(|(_, rule)| rule.namespaces.iter().any(|pattern| glob(pattern, namespace)))
             .map(|(index, rule)| (index + 1, rule))
+    }
+
+    /// The bounds for `tenant`'s pods: its rule's, defaults for the rest
+    /// (a namespace no rule matches gets the defaults).
+    pub fn limits_for(&self, tenant: &TenantName) -> TenantLimits {
+        match self.rule_for(tenant.as_str()) {
+            Some((_, rule)) => rule.limits.or(&TenantLimits::DEFAULTS),
+            None => TenantLimits::DEFAULTS,
+        }
+    }
+
+    /// Check the limits a pod of `tenant` set for itself against its
+    /// rule's bounds: an INVALID_ARGUMENT naming the field, the value, the
+    /// bound and where it comes from.
+    pub fn check_limits(&self, tenant: &TenantName, limits: &Limits) -> Result<(), NodeError> {
+        let Some((field, value, bound)) = self.limits_for(tenant).over(limits) else { return Ok(()) };
+        let namespace = tenant.as_str();
+        let whose = match self.rule_for(namespace) {
+            Some((number, rule)) if rule.limits.over(limits).is_some() => {
+                format!("rule {number} of {} (namespaces {:?})", self.source, rule.namespaces)
+            }
+            _ => format!("the node's default for namespaces (set `limits.{field}` in a rule of {})", self.source),
+        };
+        let value = if field == "cpu_millis" && value == u64::MAX { "no limit".to_string() } else { value.to_string() };
+        Err(NodeError::InvalidArgument(format!(
+            "shoal.dev/limits.{field} = {value} is over the {bound} that {whose} allows for namespace {namespace:?}"
+        )))
     }
 
     /// Check `grants` asked for by a pod of `tenant`: `Ok` when the rule
@@ -262,6 +387,8 @@ fn glob(pattern: &str, text: &str) -> bool {
 pub struct PolicyFile {
     path: PathBuf,
     cached: Mutex<Option<(FileStamp, Loaded)>>,
+    /// The last policy the file held (kept when the file goes away).
+    last_file: Mutex<Option<Arc<Policy>>>,
 }
 
 /// A policy as last read: in force, or why the file was refused.
@@ -277,7 +404,7 @@ enum FileStamp {
 impl PolicyFile {
     /// The policy at `path` (the built-in policy while there is no file).
     pub fn new(path: &Path) -> PolicyFile {
-        PolicyFile { path: path.to_path_buf(), cached: Mutex::new(None) }
+        PolicyFile { path: path.to_path_buf(), cached: Mutex::new(None), last_file: Mutex::new(None) }
     }
 
     /// The policy in force now.
@@ -296,14 +423,33 @@ impl PolicyFile {
         {
             return policy.clone().map_err(NodeError::FailedPrecondition);
         }
-        let policy = match stamp {
-            FileStamp::Missing => Ok(Arc::new(Policy::builtin())),
-            FileStamp::Seen { .. } => self.read().map(Arc::new),
+        let mut last_file = self.last_file.lock().unwrap_or_else(|poison| poison.into_inner());
+        let policy = match (&stamp, last_file.as_ref()) {
+            // A policy file that goes away leaves the last one read in
+            // force: a deleted file must not widen what pods may grant.
+            (FileStamp::Missing, Some(last)) => {
+                tracing::error!(
+                    policy = %self.path.display(),
+                    "the node policy file is gone: the last one read stays in force until a new one is written"
+                );
+                Ok(last.clone())
+            }
+            (FileStamp::Missing, None) => {
+                tracing::info!(policy = %self.path.display(), "no node policy file: the built-in policy applies");
+                Ok(Arc::new(Policy::builtin()))
+            }
+            (FileStamp::Seen { .. }, _) => {
+                let read = self.read().map(Arc::new);
+                match &read {
+                    Ok(policy) => {
+                        tracing::info!(policy = %self.path.display(), "node policy loaded");
+                        *last_file = Some(policy.clone());
+                    }
+                    Err(err) => tracing::error!(policy = %self.path.display(), error = %err, "node policy refused"),
+                }
+                read
+            }
         };
-        match &policy {
-            Ok(_) => tracing::info!(policy = %self.path.display(), "node policy loaded"),
-            Err(err) => tracing::error!(policy = %self.path.display(), error = %err, "node policy refused"),
-        }
         *cached = Some((stamp, policy.clone()));
         policy.map_err(NodeError::FailedPrecondition)
     }
@@ -427,5 +573,20 @@ mod tests {
         let policy = file.current().unwrap();
         assert!(policy.check(&tenant("a"), &grants(&["x:y"], &[], &[])).is_ok());
         assert!(policy.check(&tenant("a"), &grants(&["z:y"], &[], &[])).is_err());
+    }
+
+    #[test]
+    fn a_deleted_policy_file_leaves_the_last_one_in_force_not_the_permissive_built_in_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let file = PolicyFile::new(&path);
+        std::fs::write(&path, "[[rule]]\nnamespaces = [\"a\"]\nkeyvalue = [\"x:*\"]\n").unwrap();
+        assert!(file.current().unwrap().check(&tenant("a"), &grants(&["z:y"], &[], &[])).is_err());
+        std::fs::remove_file(&path).unwrap();
+        let kept = file.current().unwrap();
+        assert!(kept.check(&tenant("a"), &grants(&["z:y"], &[], &[])).is_err(), "still the file's rule");
+        assert!(kept.check(&tenant("b"), &grants(&["x:y"], &[], &[])).is_err(), "no rule for b, as before");
+        std::fs::write(&path, "[[rule]]\nnamespaces = [\"*\"]\nkeyvalue = [\"*:*\"]\n").unwrap();
+        assert!(file.current().unwrap().check(&tenant("b"), &grants(&["x:y"], &[], &[])).is_ok(), "a new file");
     }
 }

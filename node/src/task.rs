@@ -43,12 +43,13 @@ use crate::exec::{Exec, ExecCommand, ExecState, ExecStdio};
 use crate::handover::{Descriptors, SavedContainer, SavedSandbox, SavedState};
 use crate::policy::PolicyFile;
 use crate::stdio::{ContainerOutput, ContainerSinks};
+use crate::wasm_store::WasmStore;
 use crate::{netns, rootfs};
 use shoal::abi::Egress;
 use shoal::host::Host;
 use shoal::limits::CpuQuota;
 use shoal::logs::{GuestLine, InstanceLog, LogBudget, LogSink, Stream};
-use shoal::manifest::TenantName;
+use shoal::manifest::{FunctionSpec, TenantName};
 use shoal::registry::DeployItem;
 use shoal::trigger::http::{Routing, serve_routed};
 
@@ -60,6 +61,9 @@ const SIGINT: u32 = 2;
 const SIGQUIT: u32 = 3;
 const SIGKILL: u32 = 9;
 const SIGTERM: u32 = 15;
+/// The exit status of a container a host could not take over (as a task
+/// whose process could not be found: 255).
+const ADOPTION_FAILED: u32 = 255;
 
 /// The node's containers and what serves them.
 pub struct Node {
@@ -71,6 +75,10 @@ pub struct Node {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// The pods whose sandboxes this host owns (containerd's Sandbox API).
     sandboxes: Sandboxes,
+    /// The wasm every HTTP function container was created with.
+    wasm: WasmStore,
+    /// Programs and program execs running, by tenant.
+    programs: Arc<Mutex<HashMap<String, usize>>>,
     pid: u32,
     /// The largest wasm read out of a container's rootfs.
     max_wasm_bytes: u64,
@@ -136,6 +144,35 @@ struct Inherited {
     netns: Option<Arc<OwnedFd>>,
     /// Its stdout and stderr FIFOs, as opened there.
     output: Option<ContainerOutput>,
+    /// An HTTP function's spec as resolved at its creation, and its wasm's
+    /// digest: served as it was, whatever its image, annotations or the
+    /// node policy say now.
+    function: Option<Kept>,
+}
+
+/// One running program of a tenant, counted until it is dropped.
+struct ProgramPermit {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    tenant: String,
+}
+
+impl Drop for ProgramPermit {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Some(running) = counts.get_mut(&self.tenant) {
+            *running = running.saturating_sub(1);
+            if *running == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// What an HTTP function container was created with, for the next host.
+#[derive(Clone)]
+pub(crate) struct Kept {
+    pub(crate) spec: FunctionSpec,
+    pub(crate) digest: String,
 }
 
 struct Container {
@@ -146,6 +183,8 @@ struct Container {
     function: String,
     /// The pod sandbox it belongs to, when the CRI made it.
     sandbox: Option<String>,
+    /// Whose it is: its pod's namespace.
+    tenant: String,
     stdin: String,
     stdout: String,
     stderr: String,
@@ -165,6 +204,9 @@ struct Container {
     listener: Mutex<Option<OwnedFd>>,
     /// Its execs (`kubectl exec`), by exec id.
     execs: Mutex<HashMap<String, Arc<Exec>>>,
+    /// An HTTP function's resolved spec and wasm digest (kept in the node's
+    /// wasm store while the container exists).
+    kept: Option<Kept>,
 }
 
 impl Container {
@@ -183,6 +225,7 @@ impl Container {
             bundle: PathBuf::from(&request.bundle),
             function,
             sandbox: None,
+            tenant: String::new(),
             stdin: request.stdin.clone(),
             stdout: request.stdout.clone(),
             stderr: request.stderr.clone(),
@@ -195,12 +238,16 @@ impl Container {
             output: Mutex::new(output),
             listener: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
+            kept: None,
         }
     }
 
-    /// The same container, as part of pod sandbox `sandbox`.
-    fn in_sandbox(mut self, sandbox: Option<String>) -> Container {
+    /// The same container, as part of pod sandbox `sandbox`, serving the
+    /// function `kept` (if an HTTP function).
+    fn with(mut self, sandbox: Option<String>, tenant: String, kept: Option<Kept>) -> Container {
         self.sandbox = sandbox;
+        self.tenant = tenant;
+        self.kept = kept;
         self
     }
 
@@ -247,6 +294,8 @@ impl Node {
             containerd: config.containerd.clone(),
             containers: Mutex::new(HashMap::new()),
             sandboxes: Sandboxes::default(),
+            wasm: WasmStore::new(&config.state_dir.join("container-wasm")),
+            programs: Arc::default(),
             pid: std::process::id(),
             max_wasm_bytes: config.max_wasm_bytes,
             policy: PolicyFile::new(&config.policy),
@@ -255,6 +304,31 @@ impl Node {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
         self.containers.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Room for one more program (a container's own, or an exec's) of
+    /// `tenant`, within what the node policy lets its namespace run at
+    /// once; held until the program ends.
+    fn admit_program(&self, tenant: &str) -> Result<ProgramPermit, NodeError> {
+        let name = TenantName::new(tenant).map_err(|err| NodeError::Internal(format!("tenant {tenant:?}: {err}")))?;
+        let allowed = self.policy.current()?.limits_for(&name).programs;
+        let mut counts = self.programs.lock().unwrap_or_else(|poison| poison.into_inner());
+        let running = counts.entry(tenant.to_string()).or_default();
+        if let Some(allowed) = allowed
+            && *running >= allowed as usize
+        {
+            return Err(NodeError::FailedPrecondition(format!(
+                "namespace {tenant:?} runs {running} wasi:cli programs and execs at once, the most the node policy \
+                 allows it (`limits.programs`); try again when one has ended"
+            )));
+        }
+        *running += 1;
+        Ok(ProgramPermit { counts: self.programs.clone(), tenant: tenant.to_string() })
+    }
+
+    /// A host starting afresh: no container uses any wasm kept before.
+    pub fn forget_kept_wasm(&self) {
+        self.wasm.clear();
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>, NodeError> {
@@ -311,6 +385,28 @@ impl Node {
             }
         }
         None
+    }
+
+    /// End every running program and exec now (as SIGKILL would, 137),
+    /// saying `why` in its container's log; how many there were.
+    pub async fn end_programs(&self, why: &str) -> usize {
+        let containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
+        let mut ended = 0;
+        for container in containers {
+            let execs: Vec<Arc<Exec>> =
+                container.lock_execs().values().filter(|exec| exec.state() == ExecState::Running).cloned().collect();
+            for exec in execs {
+                self.tell(&container, &format!("exec {}: {why}", exec.id));
+                self.exec_kill(&container, &exec, SIGKILL).await;
+                ended += 1;
+            }
+            if matches!(container.kind, Kind::Command { .. }) && container.state().is_live() {
+                self.tell(&container, why);
+                self.kill_now(&container).await;
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Whether a function is still draining after a stop signal (its exit
@@ -370,6 +466,8 @@ impl Node {
                 netns,
                 listener,
                 output,
+                spec: container.kept.as_ref().map(|kept| kept.spec.clone()),
+                digest: container.kept.as_ref().map(|kept| kept.digest.clone()),
             });
         }
         Ok((sandboxes, saved))
@@ -398,56 +496,89 @@ impl Node {
         fds: &mut Descriptors,
     ) -> Result<(), NodeError> {
         self.sandboxes.adopt(sandboxes, fds)?;
-        let mut take = |index: Option<usize>| fds.take_some(index).map_err(NodeError::Internal);
         for saved in saved {
             let request = CreateTaskRequest::parse_from_bytes(&saved.request)
                 .map_err(|err| NodeError::Internal(format!("a saved container's request: {err}")))?;
-            let (netns, listener) = (take(saved.netns)?, take(saved.listener)?);
-            let output = ContainerOutput::from_descriptors(take(saved.output[0])?, take(saved.output[1])?);
             let id = request.id.clone();
-            let container = match saved.state {
-                SavedState::Stopped { status, at } => Arc::new(Container::new(
-                    &request,
-                    saved.function.clone(),
-                    saved.rootfs.clone(),
-                    (Kind::Ended, 0),
-                    None,
-                    TaskState::Stopped { status, at },
-                )),
-                _ => {
-                    let bundle = PathBuf::from(&request.bundle);
-                    let inherited = Inherited { netns: netns.map(Arc::new), output: Some(output) };
-                    let container = self
-                        .prepare(&request, &bundle, saved.rootfs.clone(), inherited)
-                        .await
-                        .map_err(|err| NodeError::Internal(format!("container {id}: {err}")))?;
-                    if matches!(saved.state, SavedState::Running | SavedState::Paused) {
-                        match (&container.kind, listener) {
-                            (Kind::Service { .. }, Some(listener)) => {
-                                self.serve(&container, std::net::TcpListener::from(listener))?
-                            }
-                            (Kind::Sandbox { .. }, _) => {}
-                            _ => {
-                                return Err(NodeError::Internal(format!(
-                                    "container {id} was running, and cannot be taken over running"
-                                )));
-                            }
-                        }
-                        let paused = saved.state == SavedState::Paused;
-                        if paused && matches!(container.kind, Kind::Service { .. }) {
-                            self.host
-                                .registry()
-                                .set_paused(&container.function, true)
-                                .map_err(|err| NodeError::Internal(format!("pausing {id}: {err}")))?;
-                        }
-                        container.state.send_replace(if paused { TaskState::Paused } else { TaskState::Running });
-                    }
-                    container
+            // One container that cannot be taken over ends alone (containerd
+            // is told it exited); every other pod serves on.
+            let container = match self.adopt_one(&request, saved, fds).await {
+                Ok(container) => container,
+                Err(err) => {
+                    tracing::error!(container = %id, error = %err, "cannot take the container over: it ends");
+                    let at = SystemTime::now();
+                    let ended = Arc::new(Container::new(
+                        &request,
+                        String::new(),
+                        None,
+                        (Kind::Ended, 0),
+                        None,
+                        TaskState::Stopped { status: ADOPTION_FAILED, at },
+                    ));
+                    self.publish_exit(&ended, &id, ADOPTION_FAILED, at).await;
+                    ended
                 }
             };
             self.lock().insert(id, container);
         }
         Ok(())
+    }
+
+    /// Build one container another host process saved: its function from
+    /// the spec and wasm it was created with, its namespace, listener and
+    /// output as they were handed over.
+    async fn adopt_one(
+        self: &Arc<Self>,
+        request: &CreateTaskRequest,
+        saved: SavedContainer,
+        fds: &mut Descriptors,
+    ) -> Result<Arc<Container>, NodeError> {
+        let mut take = |index: Option<usize>| fds.take_some(index).map_err(NodeError::Internal);
+        let (netns, listener) = (take(saved.netns)?, take(saved.listener)?);
+        let output = ContainerOutput::from_descriptors(take(saved.output[0])?, take(saved.output[1])?);
+        let id = &request.id;
+        if let SavedState::Stopped { status, at } = saved.state {
+            return Ok(Arc::new(Container::new(
+                request,
+                saved.function.clone(),
+                saved.rootfs.clone(),
+                (Kind::Ended, 0),
+                None,
+                TaskState::Stopped { status, at },
+            )));
+        }
+        let bundle = PathBuf::from(&request.bundle);
+        let function = match (saved.spec, saved.digest) {
+            (Some(spec), Some(digest)) => Some(Kept { spec, digest }),
+            _ => None,
+        };
+        let inherited = Inherited { netns: netns.map(Arc::new), output: Some(output), function };
+        let container = self
+            .prepare(request, &bundle, saved.rootfs.clone(), inherited)
+            .await
+            .map_err(|err| err.context(format_args!("container {id}")))?;
+        if matches!(saved.state, SavedState::Running | SavedState::Paused) {
+            match (&container.kind, listener) {
+                (Kind::Service { .. }, Some(listener)) => {
+                    self.serve(&container, std::net::TcpListener::from(listener))?
+                }
+                (Kind::Sandbox { .. }, _) => {}
+                _ => {
+                    return Err(NodeError::Internal(format!(
+                        "container {id} was running, and cannot be taken over running"
+                    )));
+                }
+            }
+            let paused = saved.state == SavedState::Paused;
+            if paused && matches!(container.kind, Kind::Service { .. }) {
+                self.host
+                    .registry()
+                    .set_paused(&container.function, true)
+                    .map_err(|err| NodeError::Internal(format!("pausing {id}: {err}")))?;
+            }
+            container.state.send_replace(if paused { TaskState::Paused } else { TaskState::Running });
+        }
+        Ok(container)
     }
 
     async fn create(self: &Arc<Self>, request: CreateTaskRequest) -> Result<u32, NodeError> {
@@ -534,7 +665,9 @@ impl Node {
         rootfs: Option<PathBuf>,
         inherited: Inherited,
     ) -> Result<Arc<Container>, NodeError> {
-        let Inherited { netns: inherited, output } = inherited;
+        let Inherited { netns: inherited, output, function: adopted } = inherited;
+        let mut kept = None;
+        let mut tenant = self.namespace.clone();
         let id = request.id.clone();
         let bundle = Bundle::load(bundle_path)?;
         let function = function_name(&id, bundle.container_name().as_deref());
@@ -548,27 +681,44 @@ impl Node {
                     Some(netns) => Some(netns),
                     None => self.open_netns(&bundle.netns())?,
                 };
+                if let Some(namespace) = bundle.pod_namespace() {
+                    tenant = namespace;
+                }
                 (Kind::Sandbox { netns, namespace: bundle.pod_namespace() }, 0)
             }
             Role::App { sandbox_id } => {
                 let asked = Instant::now();
-                let record = match crate::containerd::container(&self.containerd, &self.namespace, &id).await {
-                    Ok(record) => record,
-                    Err(err) => {
-                        tracing::warn!(container = %id, error = %err, "no image labels; using annotations only");
-                        Default::default()
+                let (entry, spec, wasm, labels_us) = match &adopted {
+                    // Taken over: what it was created with, never what its
+                    // image or the policy say now.
+                    Some(Kept { spec, digest }) => {
+                        let wasm = self.wasm.read(digest, self.max_wasm_bytes)?;
+                        (format!("{} (sha256:{digest})", spec.wasm.display()), spec.clone(), wasm, 0)
+                    }
+                    None => {
+                        let record = match crate::containerd::container(&self.containerd, &self.namespace, &id).await {
+                            Ok(record) => record,
+                            Err(err) => {
+                                tracing::warn!(container = %id, error = %err, "no image labels; using annotations only");
+                                Default::default()
+                            }
+                        };
+                        let labels_us = asked.elapsed().as_micros() as u64;
+                        let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
+                        let resources = (bundle.memory_limit(), bundle.cpu_limit_millis());
+                        let spec =
+                            self.app_spec(&id, &function, &bundle, &record, sandbox_id.as_deref(), &file, resources)?;
+                        (entry, spec, wasm, labels_us)
                     }
                 };
-                let labels_us = asked.elapsed().as_micros() as u64;
-                let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
-                let read_us = asked.elapsed().as_micros() as u64 - labels_us;
-                let resources = (bundle.memory_limit(), bundle.cpu_limit_millis());
-                let spec = self.app_spec(&id, &function, &bundle, &record, sandbox_id.as_deref(), &file, resources)?;
+                let read_us = (asked.elapsed().as_micros() as u64).saturating_sub(labels_us);
+                tenant = spec.tenant.as_str().to_string();
                 let code_bytes = wasm.len() as u64;
                 let engine = self.host.registry().engine().clone();
                 let probe = wasm.clone();
+                let function_only = adopted.is_some();
                 let program = tokio::task::spawn_blocking(move || {
-                    command::is_program(&probe).then(|| command::compile(&engine, &probe))
+                    (!function_only && command::is_program(&probe)).then(|| command::compile(&engine, &probe))
                 })
                 .await
                 .map_err(task_failed("compiling the program"))?;
@@ -619,12 +769,33 @@ impl Node {
                         };
                         let services = self.host.services().clone();
                         services.set_egress(&function, egress);
-                        let item = DeployItem { spec, wasm: wasm.into() };
+                        let item = DeployItem { spec: spec.clone(), wasm: wasm.clone().into() };
                         let deploying = Instant::now();
-                        if let Err(source) = self.host.registry().deploy(vec![item]).await {
+                        let deployed = match &adopted {
+                            Some(_) => self.host.registry().adopt(vec![item]).await,
+                            None => self.host.registry().deploy(vec![item]).await,
+                        };
+                        let digest = match deployed {
+                            Ok(reports) => reports.into_iter().next().map(|report| report.digest).unwrap_or_default(),
+                            Err(source) => {
+                                services.set_egress(&function, None);
+                                return Err(NodeError::Deploy { entry: entry.clone(), source });
+                            }
+                        };
+                        // Kept for whichever host serves it next.
+                        let kept_now = match &adopted {
+                            Some(_) => {
+                                self.wasm.count(&digest);
+                                Ok(())
+                            }
+                            None => self.wasm.keep(&digest, &wasm),
+                        };
+                        if let Err(err) = kept_now {
+                            let _ = self.host.registry().kill(&function).await;
                             services.set_egress(&function, None);
-                            return Err(NodeError::Deploy { entry: entry.clone(), source });
+                            return Err(err);
                         }
+                        kept = Some(Kept { spec, digest });
                         tracing::info!(
                             container = %id,
                             labels_us,
@@ -643,7 +814,7 @@ impl Node {
         });
         self.sinks.attach(&function, output.clone());
         let container = Container::new(request, function, rootfs, (kind, code_bytes), Some(output), TaskState::Created);
-        Ok(Arc::new(container.in_sandbox(sandbox)))
+        Ok(Arc::new(container.with(sandbox, tenant, kept)))
     }
 
     /// The function spec of an app container: its image labels, then its
@@ -673,7 +844,15 @@ impl Node {
             .unwrap_or_else(|| self.namespace.clone());
         spec.tenant = TenantName::new(&namespace)
             .map_err(|err| NodeError::InvalidArgument(format!("the container's namespace: {err}")))?;
-        self.policy.current()?.check(&spec.tenant, &spec.grants)?;
+        let policy = self.policy.current()?;
+        policy.check(&spec.tenant, &spec.grants)?;
+        policy.check_limits(&spec.tenant, &spec.limits)?;
+        // What the namespace's functions hold together, as its rule says
+        // now (a changed rule applies from the namespace's next container).
+        let bounds = policy.limits_for(&spec.tenant);
+        self.host.registry().engine().slots().set_tenant_share(spec.tenant.as_str(), bounds.instances);
+        let queued = bounds.queued_bytes.map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX));
+        self.host.queue_budgets().set(spec.tenant.as_str(), queued);
         spec.pod = bundle.pod_identity();
         spec.env = bundle.env().into_iter().collect();
         spec.grants.files = bundle.volumes();
@@ -707,9 +886,10 @@ impl Node {
         if record.image.is_empty() || !rootfs_empty {
             return Err(from_rootfs);
         }
-        let (digest, wasm) = crate::containerd::artifact_wasm(&self.containerd, &self.namespace, &record.image)
-            .await
-            .map_err(|err| err.context("the rootfs is empty and the image is not a wasm artifact"))?;
+        let (digest, wasm) =
+            crate::containerd::artifact_wasm(&self.containerd, &self.namespace, &record.image, self.max_wasm_bytes)
+                .await
+                .map_err(|err| err.context("the rootfs is empty and the image is not a wasm artifact"))?;
         let name = format!("{}@{digest}", record.image);
         Ok((name.clone(), PathBuf::from(name), wasm))
     }
@@ -759,11 +939,15 @@ impl Node {
                 self.serve(&container, listener)?;
             }
             Kind::Command { cpu_quota, .. } => {
+                let permit = self.admit_program(&container.tenant)?;
                 let node = self.clone();
                 let running = container.clone();
                 // A program with a CPU share computes where every such call does.
                 let runtime = self.host.dispatcher().runtime(cpu_quota.is_some());
-                let handle = runtime.spawn(async move { node.run_command(running).await });
+                let handle = runtime.spawn(async move {
+                    let _running = permit;
+                    node.run_command(running).await
+                });
                 *container.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
             }
         }
@@ -809,6 +993,7 @@ impl Node {
             memory_limit: Some(*memory_limit),
             cpu_quota: cpu_quota.clone(),
             stdio: command::Stdio::Log(log),
+            tenant: &container.tenant,
         };
         let (code, trap) = command::run(&engine, program, invocation).await;
         if let Some(trap) = trap {
@@ -929,6 +1114,9 @@ impl Node {
             TaskState::Stopped { status, at } => (status, at),
         };
         self.lock().remove(id);
+        if let Some(kept) = &container.kept {
+            self.wasm.release(&kept.digest);
+        }
         self.sinks.detach(&container.function);
         // Its series go with it (Stats may have touched them since it stopped).
         self.host.metrics().forget_function(&container.function);
@@ -986,6 +1174,12 @@ impl Node {
         if exec.state() != ExecState::Created {
             return Err(NodeError::FailedPrecondition(format!("exec {} was already started", exec.id)));
         }
+        // A program counts among its namespace's programs; `shoal invoke`
+        // is a request like any.
+        let permit = match exec.command {
+            ExecCommand::Program { .. } => Some(self.admit_program(&container.tenant)?),
+            ExecCommand::Invoke { .. } => None,
+        };
         let stdio = ExecStdio::open(&exec)?;
         exec.state.send_replace(ExecState::Running);
         let node = self.clone();
@@ -993,6 +1187,7 @@ impl Node {
         // It shares its container's CPU share, and so its threads.
         let runtime = self.host.dispatcher().runtime(self.limits(&container).1.is_some());
         let runner = runtime.spawn(async move {
+            let _running = permit;
             let status = node.run_exec(&running, &started, stdio).await;
             if started.finish(status) {
                 node.exec_exited(&running, &started).await;
@@ -1040,6 +1235,7 @@ impl Node {
                     memory_limit,
                     cpu_quota,
                     stdio: command::Stdio::Pipes { stdin, stdout, stderr },
+                    tenant: &container.tenant,
                 };
                 let engine = self.host.registry().engine().clone();
                 let (code, trap) = command::run(&engine, &program, invocation).await;

@@ -19,7 +19,8 @@
 //! `SHOAL_STATE_DIR` (compiled code cache and usage ledger; default
 //! `/var/lib/shoal`).
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -155,7 +156,14 @@ impl NodeHost {
             std::fs::create_dir_all(dir)
                 .map_err(|err| Error::Other(format!("cannot create {}: {err}", dir.display())))?;
         }
-        let lock = File::create(&self.lock)
+        // The lock and the host's log are root's alone (the log names every
+        // tenant's functions and requests).
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&self.lock)
             .map_err(|err| Error::Other(format!("cannot create {}: {err}", self.lock.display())))?;
         let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, err)| Error::Other(format!("cannot lock {}: {err}", self.lock.display())))?;
@@ -166,8 +174,12 @@ impl NodeHost {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.log)
             .map_err(|err| Error::Other(format!("cannot open {}: {err}", self.log.display())))?;
+        // (A log an older shim made kept the umask's mode.)
+        log.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|err| Error::Other(format!("cannot make {} root's alone: {err}", self.log.display())))?;
         let log_err = log.try_clone().map_err(|err| Error::Other(err.to_string()))?;
         let mut command = Command::new(&shoal);
         command

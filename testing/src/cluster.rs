@@ -170,11 +170,16 @@ pub struct ContainerdOptions<'a> {
     pub sandboxer: Sandboxer,
     /// More environment for containerd (and so the shim and Shoal host).
     pub env: &'a [(&'a str, &'a str)],
+    /// A node's own containerd 2.x config (as `containerd config default`
+    /// writes it, plus whatever was installed), run as it is but for its
+    /// node paths, moved into the test's folder: root, state, sockets, CNI,
+    /// the pause image and registries. `sandboxer` is then the config's.
+    pub node_config: Option<&'a str>,
 }
 
 impl Default for ContainerdOptions<'_> {
     fn default() -> Self {
-        ContainerdOptions { release: Release::V2, sandboxer: Sandboxer::Shim, env: &[] }
+        ContainerdOptions { release: Release::V2, sandboxer: Sandboxer::Shim, env: &[], node_config: None }
     }
 }
 
@@ -229,9 +234,10 @@ impl Containerd {
         .unwrap();
         let address = dir.path().join("containerd.sock");
         let pause = registry.map(|r| format!("{}/shoal-test/pause:1", r.addr)).unwrap_or_else(|| "none".into());
-        let config = match options.release {
-            Release::V2 => config_v2_3(dir.path(), &address, &pause, &cni, registry, options.sandboxer),
-            Release::V1_6 => config_v1_6(dir.path(), &address, &pause, &cni, registry),
+        let config = match (options.release, options.node_config) {
+            (Release::V2, Some(node)) => moved_node_config(node, dir.path(), &address, &pause, &cni, registry),
+            (Release::V2, None) => config_v2_3(dir.path(), &address, &pause, &cni, registry, options.sandboxer),
+            (Release::V1_6, _) => config_v1_6(dir.path(), &address, &pause, &cni, registry),
         };
         if let Some(registry) = registry {
             registry.push(&guest("hello"), "shoal-test/pause:1", &[]);
@@ -446,17 +452,9 @@ impl Drop for Containerd {
     }
 }
 
-/// A containerd 2.3 config (version 4, containerd 2.3's own) for a test:
-/// private root, state and sockets, the CRI with a CNI bridge, registries
-/// by `hosts.toml`, and the `shoal` runtime with `sandboxer`.
-fn config_v2_3(
-    dir: &Path,
-    address: &Path,
-    pause: &str,
-    cni: &Path,
-    registry: Option<&Registry>,
-    sandboxer: Sandboxer,
-) -> String {
+/// Where a test's containerd finds its registry: a `hosts.toml` per
+/// registry under `certs.d` (plain HTTP to the loopback registry).
+fn registry_hosts(dir: &Path, registry: Option<&Registry>) -> PathBuf {
     let certs = dir.join("certs.d");
     if let Some(registry) = registry {
         let host = certs.join(&registry.addr);
@@ -470,6 +468,53 @@ fn config_v2_3(
         )
         .unwrap();
     }
+    certs
+}
+
+/// `node`, a node's containerd 2.x config in containerd's own format
+/// (single-quoted TOML strings), with every node path moved into `dir`.
+fn moved_node_config(
+    node: &str,
+    dir: &Path,
+    address: &Path,
+    pause: &str,
+    cni: &Path,
+    registry: Option<&Registry>,
+) -> String {
+    let certs = registry_hosts(dir, registry);
+    let quoted = |path: &Path| format!("'{}'", path.display());
+    let moves = [
+        ("root = '/var/lib/containerd'", format!("root = {}", quoted(&dir.join("root")))),
+        ("state = '/run/containerd'", format!("state = {}", quoted(&dir.join("state")))),
+        ("address = '/run/containerd/containerd.sock'", format!("address = {}", quoted(address))),
+        ("address = '/run/containerd/containerd.sock.ttrpc'", format!("address = '{}.ttrpc'", address.display())),
+        ("path = '/opt/containerd'", format!("path = {}", quoted(&dir.join("root/opt")))),
+        ("socket_path = '/var/run/nri/nri.sock'", format!("socket_path = {}", quoted(&dir.join("nri.sock")))),
+        ("bin_dirs = ['/opt/cni/bin']", "bin_dirs = ['/usr/lib/cni']".to_string()),
+        ("conf_dir = '/etc/cni/net.d'", format!("conf_dir = {}", quoted(cni))),
+        ("sandbox = 'registry.k8s.io/pause:3.10.2'", format!("sandbox = '{pause}'")),
+        ("config_path = ''", format!("config_path = {}", quoted(&certs))),
+    ];
+    let mut config = node.to_string();
+    for (from, to) in moves {
+        assert!(config.contains(from), "the node's config has no {from:?}: is it containerd 2.3's own?");
+        config = config.replace(from, &to);
+    }
+    config
+}
+
+/// A containerd 2.3 config (version 4, containerd 2.3's own) for a test:
+/// private root, state and sockets, the CRI with a CNI bridge, registries
+/// by `hosts.toml`, and the `shoal` runtime with `sandboxer`.
+fn config_v2_3(
+    dir: &Path,
+    address: &Path,
+    pause: &str,
+    cni: &Path,
+    registry: Option<&Registry>,
+    sandboxer: Sandboxer,
+) -> String {
+    let certs = registry_hosts(dir, registry);
     let sandboxer = match sandboxer {
         Sandboxer::Shim => "shim",
         Sandboxer::PodSandbox => "podsandbox",

@@ -106,3 +106,46 @@ pub fn write_image(
 pub fn architecture() -> &'static str {
     if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" }
 }
+
+/// A CNCF wasm artifact layout tarball at `out` of image `reference`:
+/// `wasm` (any bytes: an attacker's too) is the one layer, listed for
+/// `linux/amd64` and `linux/arm64`.
+pub fn write_artifact(reference: &str, wasm: &[u8], out: &Path) {
+    let config =
+        serde_json::to_vec(&json!({ "architecture": "wasm", "os": "wasip2", "layerDigests": [digest(wasm)] })).unwrap();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": descriptor("application/vnd.wasm.config.v0+json", &config),
+        "layers": [descriptor("application/wasm", wasm)],
+    }))
+    .unwrap();
+    let entries: Vec<Value> = ["amd64", "arm64"]
+        .iter()
+        .map(|arch| {
+            let mut entry = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
+            entry["platform"] = json!({ "os": "linux", "architecture": arch });
+            entry
+        })
+        .collect();
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }))
+    .unwrap();
+    let mut top = descriptor("application/vnd.oci.image.index.v1+json", &index);
+    top["annotations"] =
+        json!({ "io.containerd.image.name": reference, "org.opencontainers.image.ref.name": reference });
+    let mut layout = tar::Builder::new(Vec::new());
+    tar_file(&mut layout, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    tar_file(
+        &mut layout,
+        "index.json",
+        &serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [top] })).unwrap(),
+    );
+    for blob in [wasm, &config, &manifest, &index] {
+        tar_file(&mut layout, &format!("blobs/sha256/{}", digest(blob).trim_start_matches("sha256:")), blob);
+    }
+    std::fs::write(out, layout.into_inner().unwrap()).unwrap();
+}

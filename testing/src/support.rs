@@ -111,7 +111,7 @@ impl TestHost {
     pub async fn start_full(state_dir: Option<PathBuf>, configure: impl FnOnce(&mut HostConfig)) -> TestHost {
         let logs = Arc::new(MemorySink::default());
         let config = HostConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
             admin_socket: state_dir.as_ref().map(|dir| dir.join("admin.sock")),
             state_dir,
             engine: EngineOptions {
@@ -145,7 +145,7 @@ impl TestHost {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.running.http_addr())
+        format!("http://{}{path}", self.running.http_addr().expect("a test host listens"))
     }
 
     pub async fn get(&self, path: &str) -> Reply {

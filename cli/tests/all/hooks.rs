@@ -107,3 +107,32 @@ async fn a_trap_in_start_answers_503_naming_the_hook_and_other_functions_keep_se
     assert_eq!(host.live_instances("trap-start").await, 0, "a failed instance is not kept");
     assert_eq!(host.get("/hello").await.body, "hello, world\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_a_slot_keeps_resident_carries_nothing_from_one_tenants_instance_to_anothers() {
+    use shoal::manifest::TenantName;
+    // Few slots, each keeping 64 MiB resident: the instances of the two
+    // tenants' functions take turns on the same slots and pages.
+    let host = TestHost::start_configured(|config| {
+        config.engine.keep_resident_bytes = 64 << 20;
+        config.engine.max_instances = 2;
+        config.engine.max_instances_per_function = Some(2);
+        config.engine.max_instances_per_tenant = Some(2);
+    })
+    .await;
+    let mut writer = spec("marker-a", "marker", "/a");
+    writer.tenant = TenantName::new("a").unwrap();
+    writer.limits.max_requests_per_instance = std::num::NonZeroU32::new(1);
+    let mut looker = spec("marker-b", "marker", "/b");
+    looker.tenant = TenantName::new("b").unwrap();
+    looker.limits.max_requests_per_instance = std::num::NonZeroU32::new(1);
+    host.deploy(vec![writer, looker]).await;
+    for round in 0..10 {
+        let wrote = host.get("/a/write?mb=16&tag=tenant-a").await;
+        assert!(wrote.body.starts_with("wrote 16 MiB"), "{}", wrote.body);
+        let looked = host.get("/b/look?mb=16").await;
+        assert_eq!(looked.body, "clean\n", "round {round}: tenant b's fresh memory held tenant a's data");
+        let again = host.get("/a/look?mb=16").await;
+        assert_eq!(again.body, "clean\n", "round {round}: a fresh instance of a saw its predecessor's data");
+    }
+}

@@ -145,7 +145,7 @@ async fn clients_that_stall_before_a_whole_request_head_are_disconnected() {
     })
     .await;
     host.deploy(vec![spec("hello", "hello", "/hello")]).await;
-    let addr = host.running.http_addr();
+    let addr = host.running.http_addr().unwrap();
 
     // Half a request head; nothing at all; half of HTTP/2's preface.
     let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -178,7 +178,7 @@ async fn clients_that_stall_before_a_whole_request_head_are_disconnected() {
 async fn connections_past_the_limit_are_closed_at_once_and_others_still_serve() {
     let host = TestHost::start_configured(|config| config.front_door.max_connections = 3).await;
     host.deploy(vec![spec("hello", "hello", "/hello")]).await;
-    let addr = host.running.http_addr();
+    let addr = host.running.http_addr().unwrap();
     let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(addr))).await;
     let mut held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
     // Every slot is taken: the next connection is accepted and closed.

@@ -424,3 +424,43 @@ fn the_installer_appends_to_a_version_4_config_that_imports_nothing() {
     assert_eq!(shoal["sandboxer"].as_str(), Some("shim"));
     assert_eq!(shoal["runtime_type"].as_str(), Some("io.containerd.shoal.v1"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_containerd_2_3_node_serves_shoal_pods_from_its_own_default_config_once_installed() {
+    let _serial = crate::cluster::SERIAL.lock().await;
+    let bin = crate::cluster::containerd2_bin_dir();
+    let node = tempfile::tempdir().unwrap();
+    let etc = node.path().join("etc/containerd");
+    std::fs::create_dir_all(&etc).unwrap();
+    let default = Command::new(bin.join("containerd")).args(["config", "default"]).output().unwrap();
+    std::fs::write(etc.join("config.toml"), &default.stdout).unwrap();
+    let output = Command::new("sh")
+        .arg(k8s_dir().join("installer/install.sh"))
+        .env("SHOAL_HOST_ROOT", node.path())
+        .env("SHOAL_CONTAINERD", bin.join("containerd"))
+        .env("SHOAL_SOURCE_DIR", node.path())
+        .env("SHOAL_RESTART", "no")
+        .env("SHOAL_POLICY", node.path().join("policy.toml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    // The node's config as installed, its drop-in folder where the test
+    // put the node's /etc; its other node paths moved by the fixture.
+    let imports = format!("'{}/*.toml'", etc.join("conf.d").display());
+    let config =
+        std::fs::read_to_string(etc.join("config.toml")).unwrap().replace("'/etc/containerd/conf.d/*.toml'", &imports);
+    let registry = crate::cluster::Registry::start();
+    let image = registry.push(&crate::support::guest("hello"), "shoal-test/hello:1", &[]);
+    let options = crate::cluster::ContainerdOptions { node_config: Some(&config), ..Default::default() };
+    let containerd = crate::cluster::Containerd::start_with(Some(&registry), options);
+    let mut cri = containerd.cri().await;
+    cri.pull(&image).await;
+    let pod = cri.run_pod(&containerd.log_dir, "installed", &image, &[], 0).await;
+    let (status, body) = crate::cluster::get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!((status, body.as_str()), (200, "hello, world\n"));
+    // No pause container: the host owns the pod's sandbox.
+    let containers = containerd.ctr("k8s.io", &["containers", "ls", "-q"]);
+    assert_eq!(String::from_utf8_lossy(&containers.stdout).trim(), pod.container_id);
+    cri.remove_pod(&pod).await;
+}

@@ -917,6 +917,20 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     assert!(text(&output).contains("the new host did not start: it exited (exit status: 3)"), "{}", text(&output));
     assert_eq!(containerd.node_hosts(), old, "the old host serves on");
 
+    // What the pods were created with changes under them: the node policy
+    // is left unparseable, then tightened below what a pod was granted,
+    // and a pod's artifact image is pushed again as garbage (and pulled).
+    // A take-back serves every pod as it was created, whatever they say now.
+    let artifact = registry.push(&guest("hello"), "shoal-test/hello-artifact:1", &["--artifact"]);
+    cri.pull(&artifact).await;
+    let options = crate::cluster::PodOptions {
+        command: &["hello.wasm"],
+        annotations: &[("shoal.dev/grants.keyvalue", "default:*")],
+        ..crate::cluster::PodOptions::new("old-c", &artifact)
+    };
+    let granted = cri.try_run_pod(&containerd.log_dir, options).await.unwrap_or_else(|err| panic!("{err}"));
+    std::fs::write(containerd.policy_file(), "[[rule]\nnot toml at all\n").unwrap();
+
     // A binary that starts, then cannot open the state the old host let
     // go of: the old host takes every pod back.
     let failing = format!(
@@ -929,6 +943,24 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     assert!(said.contains("the new host failed") && said.contains("/dev/null/state"), "{said}");
     assert_eq!(containerd.node_hosts(), old, "the old host took the pods back");
     std::thread::sleep(Duration::from_millis(300));
+
+    // Once more, with the policy granting nothing and the artifact garbage.
+    std::fs::write(containerd.policy_file(), "[[rule]]\nnamespaces = [\"*\"]\n").unwrap();
+    let garbage = containerd.dir.path().join("garbage.tar");
+    shoal_testing::layout::write_artifact(&artifact, b"\0asm, or so it says", &garbage);
+    let pushed = std::process::Command::new(crate::support::shoal_bin())
+        .args(["image", "push", "--insecure"])
+        .arg(&garbage)
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "{}", text(&pushed));
+    cri.pull(&artifact).await;
+    let output = upgrade(&containerd, &installed, failing.as_bytes());
+    assert!(!output.status.success(), "{}", text(&output));
+    assert_eq!(containerd.node_hosts(), old, "the old host took the pods back again:\n{}", containerd.host_log());
+    let (status, body) = get_in_netns(&granted.netns, "127.0.0.1:8080", "/hello").unwrap();
+    assert_eq!((status, body.as_str()), (200, "hello, world\n"), "the artifact pod serves what it was created with");
+    assert_eq!(cri.container_state(&granted.container_id).await.0, CONTAINER_RUNNING);
 
     // The installer puts the real new binary in place: every pod moves to it.
     let source = tempfile::tempdir().unwrap();
@@ -957,7 +989,7 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
     assert_eq!(new.len(), 1, "one host: {new:?}");
     assert_ne!(new, old, "a new host process");
     assert_eq!(exe_of(new[0]), installed.display().to_string(), "running the newly installed file");
-    for (pod, path) in pods.iter().zip(paths) {
+    for (pod, path) in pods.iter().chain([&granted]).zip(paths.into_iter().chain(["/hello"])) {
         let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", path).unwrap();
         assert_eq!(status, 200, "{body}");
         assert_eq!(cri.container_state(&pod.container_id).await.0, CONTAINER_RUNNING);
@@ -987,7 +1019,7 @@ async fn an_upgrade_hands_every_pod_to_a_new_host_without_a_failed_request_or_a_
         .await
         .unwrap();
     assert_eq!(cri.container_state(&pods[0].container_id).await, (CONTAINER_EXITED, 0));
-    for pod in &pods {
+    for pod in pods.iter().chain([&granted]) {
         cri.remove_pod(pod).await;
     }
     let again = cri.run_pod(&containerd.log_dir, "after", &image, &[], 0).await;
@@ -1074,4 +1106,48 @@ async fn wasm_artifacts_and_converted_images_of_other_tools_run_through_the_cri(
     let (status, body) = get_in_netns(&pod.netns, "127.0.0.1:8080", "/hello").unwrap();
     assert_eq!((status, body.as_str()), (200, "hello, world\n"), "{}", containerd.host_log());
     cri.remove_pod(&pod).await;
+}
+
+/// A wasi:cli program running (its state cannot move) refuses an upgrade,
+/// unless the operator gives it a deadline: then it is ended (137) when
+/// the deadline passes, and the upgrade goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_with_a_deadline_ends_the_programs_still_running_and_goes_on() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    import(&containerd, &guest("cli-hello"), "localhost/shoal-test/cli-hello:1", &["-e", "SPIN_MS=120000"]);
+    let run = containerd.ctr(
+        "default",
+        &["run", "-d", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "long", "/cli-hello.wasm"],
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let old = containerd.node_hosts();
+    let upgrade = |extra: &[&str]| {
+        std::process::Command::new(crate::support::shoal_bin())
+            .args(["node", "--upgrade", "--run-dir"])
+            .arg(&containerd.run_dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = upgrade(&[]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("container long runs a wasi:cli program"), "{}", text(&refused));
+    assert_eq!(containerd.node_hosts(), old, "the old host serves on");
+
+    let began = std::time::Instant::now();
+    let upgraded = upgrade(&["--end-programs-after", "1s"]);
+    let said = text(&upgraded);
+    assert!(upgraded.status.success(), "{said}\n{}", containerd.host_log());
+    assert!(said.contains("waiting up to 1s for programs and execs to end"), "{said}");
+    assert!(said.contains("ended 1 programs and execs still running at the deadline"), "{said}");
+    assert!(began.elapsed() >= Duration::from_secs(1), "the program had its deadline");
+    assert_ne!(containerd.node_hosts(), old, "a new host serves the node");
+    let tasks = text(&containerd.ctr("default", &["task", "ls"]));
+    let line = tasks.lines().find(|line| line.starts_with("long")).unwrap_or_else(|| panic!("{tasks}"));
+    assert!(line.contains("STOPPED"), "{tasks}");
+    // (`ctr task rm` of containerd 2.x says the task's exit status.)
+    let removed = text(&containerd.ctr("default", &["task", "rm", "long"]));
+    assert!(removed.contains("task long exit with non-zero exit code 137"), "ended as by SIGKILL: {removed}");
+    let _ = containerd.ctr("default", &["containers", "rm", "long"]);
 }

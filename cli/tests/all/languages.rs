@@ -14,9 +14,9 @@ use shoal::manifest::{FunctionSpec, KeyGrant};
 use crate::pubsub::{inbox_receives, subscriber};
 use crate::support::{HostProcess, TestHost, functions_dir, item, spec};
 
-/// A function of `functions/hello-<lang>`, building all three once per
+/// A function of `functions/hello-<lang>`, building all four once per
 /// test process (`make lang-functions` installs a missing toolchain).
-fn lang_guest(name: &str) -> PathBuf {
+pub(crate) fn lang_guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let status = Command::new("make")

@@ -214,7 +214,7 @@ async fn a_request_body_over_max_request_bytes_gets_413_and_the_function_never_a
     assert!(reply.text().await.unwrap().contains("max_request_bytes = 1000"));
 
     // A streamed body (chunked, no length): cut off as it passes the limit.
-    let mut stream = tokio::net::TcpStream::connect(host.running.http_addr()).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host.running.http_addr().unwrap()).await.unwrap();
     let mut request =
         b"PUT /kv/set?key=data/streamed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..6 {

@@ -356,3 +356,56 @@ async fn a_pods_env_volumes_and_secrets_reach_its_function_and_it_calls_out_from
     cri.remove_pod(&fetcher).await;
     cri.remove_pod(&pod).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_bounds_the_limits_a_pod_sets_and_what_its_namespace_holds_at_once() {
+    let _serial = SERIAL.lock().await;
+    let (registry, containerd, mut cri, slow) = cri_node(&guest("slow"), "shoal-test/slow:1", &[]).await;
+    let rule = "[[rule]]\nnamespaces = [\"team-*\"]\n[rule.limits]\nmemory_mb = 64\ninstances = 1\n";
+    std::fs::write(containerd.policy_file(), rule).unwrap();
+
+    // A limit over the rule's bound, or over the node's default for what
+    // the rule leaves unset, fails creation naming both.
+    let refusals: [(&str, (&str, &str), &[&str]); 2] = [
+        (
+            "big",
+            ("shoal.dev/limits.memory_mb", "128"),
+            &["shoal.dev/limits.memory_mb = 128 is over the 64 that rule 1 of", "policy.toml", "team-a"],
+        ),
+        (
+            "long",
+            ("shoal.dev/limits.timeout_ms", "600000"),
+            &["shoal.dev/limits.timeout_ms = 600000 is over the 300000", "the node's default", "limits.timeout_ms"],
+        ),
+    ];
+    for (name, annotation, reasons) in refusals {
+        let annotations = [annotation];
+        let options = PodOptions { namespace: "team-a", annotations: &annotations, ..PodOptions::new(name, &slow) };
+        let err = cri.try_run_pod(&containerd.log_dir, options).await.unwrap_err();
+        for reason in reasons {
+            assert!(err.contains(reason), "{reason:?} in {err}");
+        }
+    }
+
+    // team-a's functions keep one instance busy at once, together: while
+    // one request of its `first` sleeps, its `second` answers 503 once its
+    // queue time is up. team-b (the same rule) has its own one.
+    let short_queue = [("shoal.dev/limits.queue_timeout_ms", "300")];
+    let first = pod(&mut cri, &containerd, "team-a", "first", "first", &slow, &short_queue).await;
+    let second = pod(&mut cri, &containerd, "team-a", "second", "second", &slow, &short_queue).await;
+    let other = pod(&mut cri, &containerd, "team-b", "other", "other", &slow, &short_queue).await;
+    assert_eq!(get(&second, "/?ms=1").0, 200);
+    let netns = first.netns.clone();
+    let sleeping = std::thread::spawn(move || get_in_netns(&netns, "127.0.0.1:8080", "/?ms=3000"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, body) = get(&second, "/?ms=1");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(get(&other, "/?ms=1").0, 200, "another namespace is served meanwhile");
+    assert_eq!(sleeping.join().unwrap().unwrap().0, 200);
+    assert_eq!(get(&second, "/?ms=1").0, 200, "once it is free the namespace is served again");
+
+    for pod in [&first, &second, &other] {
+        cri.remove_pod(pod).await;
+    }
+    drop(registry);
+}

@@ -2,6 +2,7 @@
 //! of the node that runs it. Images here are written by the test as an
 //! attacker would: a layer holding device nodes, a FIFO and a tty.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -147,7 +148,7 @@ async fn a_functions_volume_holding_a_fifo_or_a_device_is_refused_not_opened() {
     for special in ["/vol/fifo", "/vol/random"] {
         // From a thread of its own, bounded: an open that blocks (a FIFO
         // with no writer) would never answer, and may hold host threads.
-        let addr = host.running.http_addr();
+        let addr = host.running.http_addr().unwrap();
         let path = format!("/settings/file?path={special}");
         let reply = std::thread::spawn(move || -> std::io::Result<String> {
             use std::io::{Read as _, Write as _};
@@ -168,4 +169,55 @@ async fn a_functions_volume_holding_a_fifo_or_a_device_is_refused_not_opened() {
             panic!("{special} is refused without being opened, at once: {reply:?}");
         }
     }
+}
+
+/// Every file and socket under `dir`, with its mode.
+fn modes(dir: &Path, found: &mut Vec<(std::path::PathBuf, u32)>) {
+    use std::os::unix::fs::MetadataExt as _;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        found.push((path.clone(), meta.mode()));
+        if meta.is_dir() {
+            modes(&path, found);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_hosts_sockets_state_and_bills_are_roots_alone() {
+    let _serial = SERIAL.lock().await;
+    let (_registry, containerd, mut cri, image) =
+        crate::cluster::cri_node(&guest("kv"), "shoal-test/kv:1", &["--label", "shoal.dev/grants.keyvalue=default:*"])
+            .await;
+    let pod = cri.run_pod(&containerd.log_dir, "modes", &image, &[], 0).await;
+    let (status, body) = crate::cluster::get_in_netns(&pod.netns, "127.0.0.1:8080", "/kv/incr?key=k").unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Its sockets (task API, upgrade, admin), its key-value store, its
+    // usage ledger and registry: none readable or writable by others.
+    let mut found = Vec::new();
+    modes(&containerd.run_dir, &mut found);
+    modes(&containerd.dir.path().join("shoal-state"), &mut found);
+    let names: Vec<String> = found.iter().map(|(path, _)| path.display().to_string()).collect();
+    for wanted in [".sock", ".upgrade", "admin.sock", "kv.redb", "usage-"] {
+        assert!(names.iter().any(|name| name.contains(wanted)), "no {wanted} among {names:#?}");
+    }
+    let open: Vec<String> = found
+        .iter()
+        .filter(|(path, mode)| mode & 0o077 != 0 && !path.ends_with("shoal-state") && !path.ends_with("shoal-run"))
+        .map(|(path, mode)| format!("{} {:o}", path.display(), mode & 0o7777))
+        .collect();
+    assert!(open.is_empty(), "open to others: {open:#?}");
+
+    // And another user cannot connect to the task socket.
+    let socket = found.iter().find(|(path, _)| path.extension().is_some_and(|e| e == "sock")).unwrap().0.clone();
+    let tried = std::process::Command::new("python3")
+        .args(["-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])"])
+        .arg(&socket)
+        .uid(65534)
+        .output()
+        .unwrap();
+    assert!(!tried.status.success(), "nobody connected to {}", socket.display());
+    assert!(String::from_utf8_lossy(&tried.stderr).contains("Permission denied"), "{}", text(&tried));
+    cri.remove_pod(&pod).await;
 }

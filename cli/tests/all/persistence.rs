@@ -38,7 +38,7 @@ async fn deploying_already_compiled_wasm_loads_it_from_the_cache() {
         ..shoal::engine::EngineOptions::default()
     };
     let config = shoal::host::HostConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: Some("127.0.0.1:0".parse().unwrap()),
         engine: options,
         ..shoal::host::HostConfig::new()
     };

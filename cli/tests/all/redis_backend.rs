@@ -105,3 +105,45 @@ async fn a_subscriber_whose_group_redis_lost_gets_what_is_published_after() {
     let delivered = inbox_receives(&host, "second").await;
     assert!(delivered, "nothing delivered after the group was lost: {}", host.get("/inbox").await.body);
 }
+
+#[tokio::test]
+async fn a_tenants_undelivered_messages_on_redis_are_held_to_its_budget_and_freed_once_acknowledged() {
+    let redis = RedisServer::start().await;
+    let host = host_on(&redis).await;
+    host.running.host().queue_budgets().set("default", Some(3000));
+    host.deploy(vec![publisher("orders"), subscriber("orders")]).await;
+    let redis_cli = |args: &[&str]| {
+        let output = std::process::Command::new("redis-cli").args(["-u", &redis.url]).args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    // A second subscriber group that reads nothing (a subscriber whose
+    // host is down): what it has not acknowledged counts.
+    assert_eq!(redis_cli(&["XGROUP", "CREATE", "shoal:topic:orders", "away", "$", "MKSTREAM"]), "OK");
+    let payload = "x".repeat(900);
+    for n in 0..3 {
+        assert_eq!(publish(&host, "orders", &format!("{n}{payload}")).await.status, 202);
+    }
+    let refused = publish(&host, "orders", &format!("3{payload}")).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.body.contains("has 2703 bytes of messages undelivered across its topics (at most 3000)"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(redis_cli(&["GET", "shoal:topic-bytes:default"]), "2703");
+    // The live subscriber got all three meanwhile; nothing was dropped.
+    assert!(inbox_shows(&host, "deliveries=3").await, "{}", host.get("/inbox").await.body);
+    assert_eq!(redis_cli(&["XLEN", "shoal:topic:orders"]), "3");
+
+    // Once the other group is gone, the next publish trims what every
+    // remaining group acknowledged and the tenant has its budget again.
+    assert_eq!(redis_cli(&["XGROUP", "DESTROY", "shoal:topic:orders", "away"]), "1");
+    let acknowledged = crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        redis_cli(&["XINFO", "GROUPS", "shoal:topic:orders"]).contains("pending\n0\n")
+    })
+    .await;
+    assert!(acknowledged, "{}", redis_cli(&["XINFO", "GROUPS", "shoal:topic:orders"]));
+    assert_eq!(publish(&host, "orders", &format!("4{payload}")).await.status, 202);
+    assert_eq!(redis_cli(&["GET", "shoal:topic-bytes:default"]), "901");
+    assert!(inbox_receives(&host, &format!("4{payload}")).await, "{}", host.get("/inbox").await.body);
+}

@@ -4,7 +4,7 @@
 //! outbound names never lead to the node itself.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shoal::manifest::{FileGrant, FunctionSpec, KeyGrant, PodIdentity, TenantName, VolumeKind};
 use shoal::metering::{UsageGrouping, UsageQuery};
@@ -210,6 +210,23 @@ async fn each_namespace_is_held_to_its_key_value_quota(host: &TestHost) {
     assert_eq!(put("/a/kv/set?key=two", 3000).await.status, 200, "deleting made room");
     let metrics = host.get("/metrics").await.body;
     assert!(metrics.contains("shoal_abi_limited_total{capability=\"keyvalue.set\",function=\"kv-a\"} 1"), "{metrics}");
+
+    // Increments are writes too: counters of fresh keys fill the quota and
+    // then are refused, while one that stays as long goes on.
+    let mut counters = 0;
+    let refused = loop {
+        let reply = host.get(&format!("/a/kv/incr?key=counter-{counters:06}")).await;
+        if reply.status != 200 {
+            break reply;
+        }
+        counters += 1;
+        assert!(counters < 200, "1096 bytes of room hold far fewer counters of 15 bytes");
+    };
+    assert_eq!(refused.status, 422, "an error value: {}", refused.body);
+    assert!(refused.body.contains("quota of 4096 bytes"), "{}", refused.body);
+    assert!(counters > 10, "the room left was used: {counters} counters");
+    assert_eq!(host.get(&format!("/a/kv/get?key=counter-{counters:06}")).await.status, 404, "nothing kept");
+    assert_eq!(host.get("/a/kv/incr?key=counter-000000").await.status, 200, "1 -> 2 grows nothing");
 }
 
 #[tokio::test]
@@ -223,4 +240,36 @@ async fn each_namespace_is_held_to_its_key_value_quota_on_redis() {
     let redis = RedisServer::start().await;
     let host = crate::redis_backend::host_on_configured(&redis, |config| config.kv_bytes_per_tenant = Some(4096)).await;
     each_namespace_is_held_to_its_key_value_quota(&host).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_slow_compile_holds_no_other_tenants_deploy() {
+    // No compile cache: the compile happens here, whatever ran before.
+    let host = TestHost::start_configured(|config| config.engine.cache_dir = None).await;
+    // Tenant a deploys a 19 MB Python component with fuel metering, which
+    // only Cranelift compiles: seconds of work for the registry.
+    let mut slow = in_tenant(spec("big", "hello", "/big"), "a");
+    slow.wasm = crate::languages::lang_guest("hello-py");
+    slow.limits.fuel_per_request = std::num::NonZeroU64::new(10_000_000_000);
+    let shared = host.running.host().clone();
+    let began = Instant::now();
+    let slow_deploy = tokio::spawn({
+        let item = crate::support::item(slow);
+        async move { shared.registry().deploy(vec![item]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile tenant b deploys, lists and undeploys as if alone.
+    let quick = Instant::now();
+    host.deploy(vec![in_tenant(spec("hello", "hello", "/hello"), "b")]).await;
+    assert_eq!(host.get("/hello").await.status, 200);
+    let listed = host.running.host().registry().list().await;
+    assert!(listed.iter().any(|f| f.name == "hello"));
+    host.running.host().registry().undeploy("hello").await.unwrap();
+    let took = quick.elapsed();
+    assert!(!slow_deploy.is_finished(), "tenant a's compile ({:?} so far) outlasts tenant b's work", began.elapsed());
+    let deployed = slow_deploy.await.unwrap().expect("tenant a's deploy completes");
+    let slow_took = began.elapsed();
+    assert_eq!(deployed[0].source, "compiled");
+    assert!(took * 2 < slow_took, "tenant b took {took:?} beside tenant a's compile of {slow_took:?}");
+    assert_eq!(host.get("/big?name=ann").await.body, "hello, ann\n");
 }

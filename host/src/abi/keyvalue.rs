@@ -130,6 +130,9 @@ impl store::HostBucket for AbiView<'_> {
 impl atomics::Host for AbiView<'_> {
     async fn increment(&mut self, bucket: Resource<BucketHandle>, key: String, delta: u64) -> Result<u64, KvError> {
         let name = self.check_key("keyvalue.increment", &bucket, &key)?;
-        self.state.services.kv.increment(&name, &key, delta).await.map_err(backend)
+        match self.state.services.kv.increment(&name, &key, delta).await {
+            Err(BackendError::Full(message)) => Err(self.state.limited("keyvalue.increment", message).into()),
+            done => done.map_err(backend),
+        }
     }
 }

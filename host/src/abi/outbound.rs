@@ -119,15 +119,48 @@ impl WasiHttpHooks for OutboundHttp {
     }
 }
 
+/// Cloud metadata services that are neither loopback nor link-local:
+/// AWS's IPv6 one, Alibaba Cloud's, Azure's wire server.
+const METADATA_SERVICES: [IpAddr; 3] = [
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254)),
+    IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(std::net::Ipv4Addr::new(168, 63, 129, 16)),
+];
+
+/// The IPv4 address an IPv6 one stands for, in every form that reaches an
+/// IPv4 host: mapped (`::ffff:a.b.c.d`), compatible (`::a.b.c.d`,
+/// deprecated but still routed by some stacks) and NAT64's well-known
+/// prefix (`64:ff9b::a.b.c.d`).
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let segments = v6.segments();
+    let low = std::net::Ipv4Addr::new(
+        (segments[6] >> 8) as u8,
+        segments[6] as u8,
+        (segments[7] >> 8) as u8,
+        segments[7] as u8,
+    );
+    let compatible = segments[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified();
+    let nat64 = segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    (compatible || nat64).then_some(low)
+}
+
 /// Why an address is off limits unless granted by its literal value:
-/// unspecified, loopback, link-local, or one of `node` (the node's own
-/// addresses). `None` for an ordinary address.
+/// unspecified, loopback, link-local, a cloud metadata service, or one of
+/// `node` (the node's own addresses), in any IPv6 form of an IPv4 one.
+/// `None` for an ordinary address.
 pub fn special_kind(ip: IpAddr, node: &[IpAddr]) -> Option<&'static str> {
+    if METADATA_SERVICES.contains(&ip) {
+        return Some("a cloud metadata service");
+    }
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => embedded_ipv4(v6).map_or(ip, IpAddr::V4),
         v4 => v4,
     };
     match ip {
+        _ if METADATA_SERVICES.contains(&ip) => Some("a cloud metadata service"),
         _ if ip.is_unspecified() => Some("unspecified"),
         _ if ip.is_loopback() => Some("loopback"),
         IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
@@ -358,5 +391,20 @@ mod tests {
         assert_eq!(kind("10.1.2.3"), Some("the node's own"));
         assert_eq!(kind("10.1.2.4"), None);
         assert_eq!(kind("93.184.216.34"), None);
+        // Metadata services off the link-local range, and IPv4 in IPv6.
+        for metadata in ["fd00:ec2::254", "100.100.100.200", "168.63.129.16", "::ffff:168.63.129.16"] {
+            assert_eq!(kind(metadata), Some("a cloud metadata service"), "{metadata}");
+        }
+        for (hidden, what) in [
+            ("::127.0.0.1", "loopback"),
+            ("::169.254.169.254", "link-local"),
+            ("64:ff9b::127.0.0.1", "loopback"),
+            ("64:ff9b::a9fe:a9fe", "link-local"),
+            ("64:ff9b::10.1.2.3", "the node's own"),
+        ] {
+            assert_eq!(kind(hidden), Some(what), "{hidden}");
+        }
+        assert_eq!(kind("64:ff9b::5db8:d822"), None, "NAT64 of an ordinary address");
+        assert_eq!(kind("2001:db8::1"), None);
     }
 }

@@ -5,7 +5,9 @@
 //! delivery leaves the queue when handed out; a `nack` puts it back after a
 //! back-off, with `attempt` counted up, so delivery is at least once while
 //! the host runs. A full queue — by count or by bytes — refuses publishes
-//! (the publisher gets an error value) instead of growing host memory.
+//! (the publisher gets an error value) instead of growing host memory, and
+//! so does a tenant whose queues together hold its byte budget (one tenant
+//! with many topics and subscribers must not take the host's memory).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{BackendError, Broker, Delivery, Subscription};
+use super::{BackendError, Broker, Delivery, QueueBudgets, Subscription};
 
 /// Messages a group may have waiting before publishes to its topic fail.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
@@ -23,6 +25,9 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
 /// fail (with `message_max_bytes` of 256 KiB, the count alone would let
 /// one queue hold 2.5 GB).
 pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
+
+/// Payload bytes one tenant's queues may hold together.
+pub const DEFAULT_TENANT_QUEUE_BYTES: usize = 256 << 20;
 
 /// First redelivery delay; doubles per attempt up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -34,11 +39,16 @@ pub fn backoff(attempt: u32) -> Duration {
     FIRST_BACKOFF.saturating_mul(1 << attempt.min(16).saturating_sub(1)).min(MAX_BACKOFF)
 }
 
-#[derive(Default)]
 struct GroupQueue {
     queue: Mutex<Waiting>,
     ready: Notify,
+    /// Its tenant's count of waiting bytes, shared by all its queues.
+    tenant: Arc<TenantBytes>,
 }
+
+/// The payload bytes waiting in one tenant's queues.
+#[derive(Default)]
+struct TenantBytes(std::sync::atomic::AtomicUsize);
 
 /// A group's waiting deliveries and their payload bytes.
 #[derive(Default)]
@@ -55,6 +65,7 @@ impl GroupQueue {
     fn push(&self, delivery: Delivery) {
         let mut waiting = self.lock();
         waiting.bytes += delivery.payload.len();
+        self.tenant.0.fetch_add(delivery.payload.len(), std::sync::atomic::Ordering::AcqRel);
         waiting.deliveries.push_back(delivery);
         drop(waiting);
         self.ready.notify_one();
@@ -64,6 +75,7 @@ impl GroupQueue {
         let mut waiting = self.lock();
         let delivery = waiting.deliveries.pop_front()?;
         waiting.bytes -= delivery.payload.len();
+        self.tenant.0.fetch_sub(delivery.payload.len(), std::sync::atomic::Ordering::AcqRel);
         Some(delivery)
     }
 
@@ -79,6 +91,17 @@ pub struct LocalBroker {
     topics: Mutex<HashMap<String, HashMap<String, Arc<GroupQueue>>>>,
     capacity: usize,
     byte_capacity: usize,
+    /// Each tenant's waiting bytes, and how many it may have.
+    tenants: Mutex<HashMap<String, Arc<TenantBytes>>>,
+    budgets: Arc<QueueBudgets>,
+}
+
+impl Drop for GroupQueue {
+    fn drop(&mut self) {
+        // A queue that goes (its subscription ended) takes its bytes along.
+        let bytes = self.lock().bytes;
+        self.tenant.0.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl LocalBroker {
@@ -91,7 +114,25 @@ impl LocalBroker {
     /// A broker whose group queues hold at most `capacity` messages and
     /// `byte_capacity` bytes of payload.
     pub fn with_limits(capacity: usize, byte_capacity: usize) -> LocalBroker {
-        LocalBroker { topics: Mutex::new(HashMap::new()), capacity, byte_capacity }
+        LocalBroker::with_budgets(capacity, byte_capacity, Arc::default())
+    }
+
+    /// ...and each tenant's queues together at most its budget of payload
+    /// bytes.
+    pub fn with_budgets(capacity: usize, byte_capacity: usize, budgets: Arc<QueueBudgets>) -> LocalBroker {
+        LocalBroker {
+            topics: Mutex::new(HashMap::new()),
+            capacity,
+            byte_capacity,
+            tenants: Mutex::new(HashMap::new()),
+            budgets,
+        }
+    }
+
+    /// The waiting-bytes count of the tenant of `topic`.
+    fn tenant_of(&self, topic: &str) -> Arc<TenantBytes> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|poison| poison.into_inner());
+        tenants.entry(super::tenant_of(topic).to_string()).or_default().clone()
     }
 
     fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Arc<GroupQueue>>>> {
@@ -126,6 +167,18 @@ impl Broker for LocalBroker {
                 )));
             }
         }
+        if !groups.is_empty() {
+            let tenant = self.tenant_of(topic);
+            let waiting = tenant.0.load(std::sync::atomic::Ordering::Acquire);
+            let name = super::tenant_of(topic);
+            let budget = self.budgets.of(name);
+            if waiting + payload.len() * groups.len() > budget {
+                return Err(BackendError::Full(format!(
+                    "tenant {name:?} has {waiting} bytes of messages undelivered across its topics (at most \
+                     {budget}); its subscribers are behind"
+                )));
+            }
+        }
         for group in groups {
             group.push(Delivery { id: id.clone(), topic: topic.to_string(), payload: payload.clone(), attempt: 1 });
         }
@@ -133,7 +186,16 @@ impl Broker for LocalBroker {
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>, BackendError> {
-        let queue = self.topics().entry(topic.to_string()).or_default().entry(group.to_string()).or_default().clone();
+        let tenant = self.tenant_of(topic);
+        let queue = self
+            .topics()
+            .entry(topic.to_string())
+            .or_default()
+            .entry(group.to_string())
+            .or_insert_with(|| {
+                Arc::new(GroupQueue { queue: Mutex::default(), ready: Notify::new(), tenant: tenant.clone() })
+            })
+            .clone();
         Ok(Box::new(LocalSubscription { queue }))
     }
 
@@ -215,6 +277,33 @@ mod tests {
         assert!(matches!(&refused, Err(BackendError::Full(message)) if message.contains("600 bytes")), "{refused:?}");
         assert_eq!(sub.next().await.unwrap().payload.len(), 600);
         broker.publish("t", vec![0; 600]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_tenants_queues_together_hold_its_byte_budget_and_no_more() {
+        let broker = LocalBroker::with_budgets(1000, 1 << 20, Arc::new(QueueBudgets::new(3000)));
+        // Tenant a's many topics and subscribers, each queue well within
+        // its own budget, together reach the tenant's.
+        let mut subs = Vec::new();
+        for n in 0..3 {
+            subs.push(broker.subscribe(&format!("a/t{n}"), "g").await.unwrap());
+        }
+        let _b = broker.subscribe("b/t", "g").await.unwrap();
+        for n in 0..3 {
+            broker.publish(&format!("a/t{n}"), vec![0; 900]).await.unwrap();
+        }
+        let refused = broker.publish("a/t0", vec![0; 900]).await;
+        assert!(
+            matches!(&refused, Err(BackendError::Full(message)) if message.contains("tenant \"a\" has 2700 bytes")),
+            "{refused:?}"
+        );
+        broker.publish("b/t", vec![0; 900]).await.expect("tenant b's budget is its own");
+        assert_eq!(subs[1].next().await.unwrap().payload.len(), 900);
+        broker.publish("a/t0", vec![0; 900]).await.expect("a delivery made room");
+        // A subscription that goes takes its queue's bytes with it.
+        broker.unsubscribe("a/t2", "g").await;
+        drop(subs.pop());
+        broker.publish("a/t1", vec![0; 900]).await.expect("the dropped queue's bytes were freed");
     }
 
     #[test]

@@ -450,8 +450,9 @@ impl KeyValue for RedbKeyValue {
 
     async fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, BackendError> {
         // Writes apply one after another in the writer: the
-        // read-modify-write is atomic.
-        self.write(bucket, key, Change::Increment(delta), None).await
+        // read-modify-write is atomic. Counted against the quota like a set:
+        // increments of new keys are writes too.
+        self.write(bucket, key, Change::Increment(delta), self.store.quota).await
     }
 }
 
@@ -504,6 +505,28 @@ mod tests {
             62,
             "the count is durable"
         );
+    }
+
+    #[tokio::test]
+    async fn increments_count_against_the_quota_and_new_keys_past_it_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = RedbKeyValue::open(&dir.path().join("kv.redb"), Some(40)).unwrap();
+        // Counters of fresh keys: each a key and a few digits.
+        let mut made = 0;
+        for n in 0..100 {
+            match kv.increment("a/b", &format!("counter-{n:04}"), 1).await {
+                Ok(1) => made += 1,
+                Ok(other) => panic!("a fresh counter is 1, not {other}"),
+                Err(err) => {
+                    assert!(matches!(err, BackendError::Full(_)), "{err:?}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(made, 3, "3 counters of 13 bytes fit in 40");
+        assert!(kv.tenant_bytes("a").unwrap() <= 40);
+        assert_eq!(kv.get("a/b", "counter-0003").await.unwrap(), None, "the refused increment left nothing");
+        assert_eq!(kv.increment("a/b", "counter-0000", 1).await.unwrap(), 2, "one that stays as long is fine");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,14 +5,18 @@
 //! strings (`INCRBY`), as in the embedded store. Each tenant's bytes are
 //! counted at `shoal:kv-bytes:{tenant}`, changed by the same Lua script as
 //! the write, so count and data never disagree. Pubsub: one stream per
-//! topic (`shoal:topic:{topic}`, capped near [`STREAM_MAX_LEN`] entries) and
-//! one consumer group per subscribing function. A message is acknowledged
+//! topic (`shoal:topic:{topic}`) and one consumer group per subscribing
+//! function. A publish first trims what every group has acknowledged, then
+//! is refused when the stream holds [`STREAM_MAX_LEN`] entries or when its
+//! tenant's undelivered payload bytes (`shoal:topic-bytes:{tenant}`, kept
+//! by the same script) would pass the tenant's budget. A message is acknowledged
 //! (`XACK`) only after its handler succeeds; a message not acknowledged —
 //! nacked, or held by a host that died — is claimed again (`XAUTOCLAIM`)
 //! once it has been idle for the back-off, so delivery is at least once
 //! across hosts and host crashes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,9 +25,9 @@ use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 
 use super::broker::backoff;
-use super::{BackendError, Broker, Delivery, KeyValue, Subscription, over_quota, tenant_of};
+use super::{BackendError, Broker, Delivery, KeyValue, QueueBudgets, Subscription, over_quota, tenant_of};
 
-/// Streams are trimmed to about this many entries.
+/// The most entries a stream holds; publishes beyond are refused.
 pub const STREAM_MAX_LEN: usize = 100_000;
 
 /// How long one blocking read waits before checking for redeliveries.
@@ -43,6 +47,8 @@ pub struct Redis {
     consumer: String,
     /// The most bytes one tenant may hold (`None`: no limit).
     quota: Option<u64>,
+    /// Each tenant's budget of undelivered message bytes.
+    queue_budgets: Arc<QueueBudgets>,
 }
 
 /// Write an entry and count its tenant's bytes, or refuse (returning -1)
@@ -69,22 +75,106 @@ static WRITE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// `INCRBY` an entry and count its tenant's bytes (increments are never
-/// refused). KEYS: the entry, the tenant's count. ARGV: delta, key length.
+/// `INCRBY` an entry and count its tenant's bytes, or undo it and refuse
+/// (returning `{0, 0}`) when the tenant would grow past the quota (ARGV[3],
+/// 0: none); `{1, value}` when done. KEYS: the entry, the tenant's count.
+/// ARGV: delta, key length, quota.
 static INCREMENT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
         local keylen = tonumber(ARGV[2])
+        local quota = tonumber(ARGV[3])
+        local existed = redis.call('EXISTS', KEYS[1]) == 1
         local before = 0
-        if redis.call('EXISTS', KEYS[1]) == 1 then before = redis.call('STRLEN', KEYS[1]) + keylen end
+        if existed then before = redis.call('STRLEN', KEYS[1]) + keylen end
         local value = redis.call('INCRBY', KEYS[1], ARGV[1])
         local after = redis.call('STRLEN', KEYS[1]) + keylen
         local held = tonumber(redis.call('GET', KEYS[2]) or '0')
-        redis.call('SET', KEYS[2], math.max(0, held - before + after))
-        return value
+        local next = math.max(0, held - before + after)
+        if quota > 0 and after > before and next > quota then
+            if existed then redis.call('DECRBY', KEYS[1], ARGV[1]) else redis.call('DEL', KEYS[1]) end
+            return {0, 0}
+        end
+        redis.call('SET', KEYS[2], next)
+        return {1, value}
         ",
     )
 });
+
+/// Publish to a stream, held to its tenant's budget of undelivered bytes.
+///
+/// First trims, from the stream's start, up to `ARGV[4]` entries that no
+/// group needs any more (every group has acknowledged them; a stream with
+/// no group delivers nothing more), and takes their bytes off the tenant's
+/// count. Then refuses with `{0, held}` when the payload would take the
+/// tenant's count past its budget (ARGV[2], 0: none), or with `{-1, length}`
+/// when the stream holds ARGV[3] entries; else appends and counts it:
+/// `{1, id}`. Nothing undelivered is ever trimmed (`MAXLEN` would drop
+/// messages no subscriber has seen). KEYS: the stream, the tenant's count.
+/// ARGV: payload, budget, most entries, trim batch.
+static PUBLISH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local function parse(id)
+            local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+            return tonumber(ms), tonumber(seq)
+        end
+        -- Is `a` (inclusive when `ai`) a lower bound than `b`?
+        local function lower(a, ai, b, bi)
+            local ams, aseq = parse(a)
+            local bms, bseq = parse(b)
+            if ams ~= bms then return ams < bms end
+            if aseq ~= bseq then return aseq < bseq end
+            return bi and not ai
+        end
+        if redis.call('EXISTS', KEYS[1]) == 1 then
+            -- The entries every group is done with: up to (and with) its
+            -- last delivered entry when nothing is pending, else those
+            -- before its oldest pending one.
+            local bound, inclusive = '+', true
+            local first = true
+            for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+                local info = {}
+                for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+                local id, incl = info['last-delivered-id'], true
+                if tonumber(info['pending']) > 0 then
+                    id = redis.call('XPENDING', KEYS[1], info['name'])[2]
+                    incl = false
+                end
+                if first or lower(id, incl, bound, inclusive) then bound, inclusive = id, incl end
+                first = false
+            end
+            local upto = bound
+            if not inclusive then upto = '(' .. bound end
+            local done = redis.call('XRANGE', KEYS[1], '-', upto, 'COUNT', tonumber(ARGV[4]))
+            if #done > 0 then
+                local freed, ids = 0, {}
+                for _, entry in ipairs(done) do
+                    local fields = entry[2]
+                    for i = 1, #fields, 2 do
+                        if fields[i] == 'p' then freed = freed + string.len(fields[i + 1]) end
+                    end
+                    ids[#ids + 1] = entry[1]
+                end
+                redis.call('XDEL', KEYS[1], unpack(ids))
+                local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+                redis.call('SET', KEYS[2], math.max(0, held - freed))
+            end
+        end
+        local held = tonumber(redis.call('GET', KEYS[2]) or '0')
+        local budget = tonumber(ARGV[2])
+        if budget > 0 and held + string.len(ARGV[1]) > budget then return {0, tostring(held)} end
+        local length = redis.call('XLEN', KEYS[1])
+        if length >= tonumber(ARGV[3]) then return {-1, tostring(length)} end
+        local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1])
+        redis.call('SET', KEYS[2], held + string.len(ARGV[1]))
+        return {1, id}
+        ",
+    )
+});
+
+/// Entries a publish trims at most (the script runs alone on the server).
+const TRIM_BATCH: usize = 256;
 
 fn failed(err: redis::RedisError) -> BackendError {
     BackendError::Failed(format!("redis: {err}"))
@@ -107,12 +197,24 @@ impl Redis {
             .get_connection_manager_with_config(config)
             .await
             .map_err(|err| BackendError::Failed(format!("cannot connect to redis at {url}: {err}")))?;
-        Ok(Redis { client, conn, consumer: format!("host-{}", uuid::Uuid::new_v4()), quota: None })
+        Ok(Redis {
+            client,
+            conn,
+            consumer: format!("host-{}", uuid::Uuid::new_v4()),
+            quota: None,
+            queue_budgets: Arc::default(),
+        })
     }
 
     /// Hold each tenant to `quota` bytes of keys and values.
     pub fn with_kv_quota(mut self, quota: Option<u64>) -> Redis {
         self.quota = quota;
+        self
+    }
+
+    /// Hold each tenant's undelivered messages to `budgets`.
+    pub fn with_queue_budgets(mut self, budgets: Arc<QueueBudgets>) -> Redis {
+        self.queue_budgets = budgets;
         self
     }
 
@@ -206,15 +308,17 @@ impl KeyValue for Redis {
 
     async fn increment(&self, bucket: &str, key: &str, delta: u64) -> Result<u64, BackendError> {
         let delta = i64::try_from(delta).map_err(|_| BackendError::Invalid("increment delta too large".into()))?;
-        let value: Result<i64, _> = INCREMENT
+        let value: Result<(i64, i64), _> = INCREMENT
             .key(Self::key(bucket, key))
             .key(Self::tenant_bytes_key(bucket))
             .arg(delta)
             .arg(key.len())
+            .arg(self.quota.unwrap_or(0))
             .invoke_async(&mut self.conn.clone())
             .await;
         match value {
-            Ok(value) => Ok(value as u64),
+            Ok((1, value)) => Ok(value as u64),
+            Ok(_) => Err(over_quota(tenant_of(bucket), self.quota.unwrap_or(0))),
             Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
                 Err(BackendError::Invalid("the value at this key is not a decimal number".to_string()))
             }
@@ -226,18 +330,28 @@ impl KeyValue for Redis {
 #[async_trait]
 impl Broker for Redis {
     async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<String, BackendError> {
-        let id: String = self
-            .conn
-            .clone()
-            .xadd_maxlen(
-                Self::stream(topic),
-                redis::streams::StreamMaxlen::Approx(STREAM_MAX_LEN),
-                "*",
-                &[("p", payload)],
-            )
+        let tenant = tenant_of(topic);
+        let budget = self.queue_budgets.of(tenant);
+        let (status, said): (i64, String) = PUBLISH
+            .key(Self::stream(topic))
+            .key(format!("shoal:topic-bytes:{tenant}"))
+            .arg(payload)
+            .arg(budget)
+            .arg(STREAM_MAX_LEN)
+            .arg(TRIM_BATCH)
+            .invoke_async(&mut self.conn.clone())
             .await
             .map_err(failed)?;
-        Ok(id)
+        match status {
+            1 => Ok(said),
+            0 => Err(BackendError::Full(format!(
+                "tenant {tenant:?} has {said} bytes of messages undelivered across its topics (at most {budget}); \
+                 its subscribers are behind"
+            ))),
+            _ => Err(BackendError::Full(format!(
+                "topic {topic:?} holds {said} messages not yet delivered to every subscriber (at most {STREAM_MAX_LEN})"
+            ))),
+        }
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>, BackendError> {

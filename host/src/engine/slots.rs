@@ -44,10 +44,15 @@ pub trait IdleInstances: Send + Sync {
 /// The slots, the tenants' shares, and who may give slots back.
 pub struct InstanceSlots {
     free: Arc<Semaphore>,
+    total: usize,
     per_tenant: usize,
     /// Each tenant's busy-instance allowance, shared by its pools (held
-    /// weakly here: a tenant with no pool left has no entry for long).
-    tenants: Mutex<HashMap<String, Weak<Semaphore>>>,
+    /// weakly here: a tenant with no pool left has no entry for long), and
+    /// its size.
+    tenants: Mutex<HashMap<String, (Weak<Semaphore>, usize)>>,
+    /// Tenants whose allowance is not `per_tenant` (the node policy's
+    /// `limits.instances`).
+    shares: Mutex<HashMap<String, usize>>,
     holders: Mutex<Vec<Weak<dyn IdleInstances>>>,
     reclaimed: AtomicU64,
 }
@@ -57,8 +62,10 @@ impl InstanceSlots {
     pub fn new(total: u32, per_tenant: u32) -> InstanceSlots {
         InstanceSlots {
             free: Arc::new(Semaphore::new(total as usize)),
+            total: total as usize,
             per_tenant: per_tenant as usize,
             tenants: Mutex::new(HashMap::new()),
+            shares: Mutex::new(HashMap::new()),
             holders: Mutex::new(Vec::new()),
             reclaimed: AtomicU64::new(0),
         }
@@ -83,13 +90,53 @@ impl InstanceSlots {
     /// every pool of its functions).
     pub fn tenant(&self, tenant: &str) -> Arc<Semaphore> {
         let mut tenants = lock(&self.tenants);
-        if let Some(shared) = tenants.get(tenant).and_then(Weak::upgrade) {
+        if let Some(shared) = tenants.get(tenant).and_then(|(allowance, _)| allowance.upgrade()) {
             return shared;
         }
-        tenants.retain(|_, allowance| allowance.strong_count() > 0);
-        let allowance = Arc::new(Semaphore::new(self.per_tenant));
-        tenants.insert(tenant.to_string(), Arc::downgrade(&allowance));
+        tenants.retain(|_, (allowance, _)| allowance.strong_count() > 0);
+        let size = self.share_of(tenant);
+        let allowance = Arc::new(Semaphore::new(size));
+        tenants.insert(tenant.to_string(), (Arc::downgrade(&allowance), size));
         allowance
+    }
+
+    /// The most instances `tenant` may keep busy at once.
+    pub fn share_of(&self, tenant: &str) -> usize {
+        lock(&self.shares).get(tenant).copied().unwrap_or(self.per_tenant)
+    }
+
+    /// Let `tenant` keep `share` instances busy at once (`None`: the
+    /// default share again), never more than the engine has. A live
+    /// allowance grows at once; it shrinks as busy instances finish.
+    pub fn set_tenant_share(&self, tenant: &str, share: Option<u32>) {
+        let size = share.map_or(self.per_tenant, |share| (share as usize).min(self.total));
+        {
+            let mut shares = lock(&self.shares);
+            match share {
+                Some(_) => shares.insert(tenant.to_string(), size),
+                None => shares.remove(tenant),
+            };
+        }
+        let mut tenants = lock(&self.tenants);
+        let Some((weak, old)) = tenants.get_mut(tenant) else { return };
+        let Some(allowance) = weak.upgrade() else { return };
+        if size > *old {
+            allowance.add_permits(size - *old);
+        } else if size < *old {
+            // Busy instances keep theirs; the allowance shrinks as they
+            // finish (forgotten permits never come back).
+            let mut owed = *old - size;
+            owed -= allowance.forget_permits(owed);
+            if owed > 0 {
+                let allowance = allowance.clone();
+                tokio::spawn(async move {
+                    if let Ok(permits) = allowance.acquire_many(owed as u32).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        *old = size;
     }
 
     /// Let `holder`'s idle instances be reclaimed when slots run out.
@@ -208,5 +255,30 @@ mod tests {
         drop((first, second));
         let _c = slots.tenant("c");
         assert!(!lock(&slots.tenants).contains_key("a"), "a tenant without pools is forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_tenants_own_share_applies_to_its_allowance_now_and_later() {
+        let slots = InstanceSlots::new(8, 4);
+        slots.set_tenant_share("a", Some(2));
+        let a = slots.tenant("a");
+        assert_eq!(a.available_permits(), 2, "a new allowance takes the tenant's share");
+        assert_eq!(slots.tenant("b").available_permits(), 4, "others keep the default");
+
+        slots.set_tenant_share("a", Some(6));
+        assert_eq!(a.available_permits(), 6, "a live allowance grows at once");
+        let busy = a.clone().try_acquire_many_owned(5).unwrap();
+        slots.set_tenant_share("a", Some(3));
+        assert_eq!(a.available_permits(), 0, "one idle permit forgotten, two owed by the busy ones");
+        drop(busy);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.available_permits(), 3, "once they finish the tenant has its new share");
+
+        slots.set_tenant_share("a", Some(100));
+        assert_eq!(a.available_permits(), 8, "never more than the engine's slots");
+        slots.set_tenant_share("a", None);
+        assert_eq!(slots.share_of("a"), 4);
     }
 }
