@@ -35,8 +35,8 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -172,6 +172,29 @@ struct EngineInner {
     /// The plain and the metered engine's compatibility hashes.
     compat_hash: [String; 2],
     clock: Arc<EpochClock>,
+    /// The engines' settings, for the concurrent engines built later.
+    config: Config,
+    /// Engines with the component model's concurrency on, for WASI 0.3
+    /// components; built when the first one is deployed (its pooling
+    /// allocator reserves address space, and concurrency costs WASI 0.2
+    /// guests 4-15% per request: they never run on these).
+    concurrent: OnceLock<Result<ConcurrentEngines, String>>,
+}
+
+/// The engines WASI 0.3 components run on.
+struct ConcurrentEngines {
+    plain: Engine,
+    metered: Option<Engine>,
+    compat_hash: [String; 2],
+}
+
+/// Which engine a component is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flavor {
+    /// With fuel metering (if fuel is not off).
+    pub fuel: bool,
+    /// With the component model's concurrency (WASI 0.3 components).
+    pub concurrent: bool,
 }
 
 impl Drop for EngineInner {
@@ -198,6 +221,8 @@ struct EpochClock {
     ticker: std::thread::Thread,
     /// Ticks so far (the engine's epoch).
     ticks: std::sync::atomic::AtomicU64,
+    /// The engines for WASI 0.3 components, once built.
+    concurrent: OnceLock<Vec<wasmtime::EngineWeak>>,
 }
 
 /// Keeps the epoch clock ticking while held: taken around every stretch of
@@ -285,6 +310,7 @@ impl WasmEngine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         // Each engine has a pool of every slot: the instance slots shared
         // by both ([`InstanceSlots`]) keep the total within `max_instances`.
+        let base = config.clone();
         let plain = Engine::new(config.clone().consume_fuel(false))?;
         let metered = match options.fuel {
             FuelMetering::Off => None,
@@ -342,6 +368,9 @@ impl WasmEngine {
                         for other in weak.1.iter().flatten().filter_map(|weak| weak.upgrade()) {
                             other.increment_epoch();
                         }
+                        for other in clock.concurrent.get().into_iter().flatten().filter_map(|weak| weak.upgrade()) {
+                            other.increment_epoch();
+                        }
                         clock.ticks.fetch_add(1, Ordering::Relaxed);
                     }
                     None => break,
@@ -356,6 +385,7 @@ impl WasmEngine {
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             ticker: ticker.thread().clone(),
             ticks: std::sync::atomic::AtomicU64::new(0),
+            concurrent: OnceLock::new(),
         });
         send_clock.send(clock.clone()).expect("invariant: the clock thread waits for its state");
 
@@ -378,6 +408,8 @@ impl WasmEngine {
                 cache_dir: options.cache_dir.clone(),
                 compat_hash,
                 clock,
+                config: base,
+                concurrent: OnceLock::new(),
             }),
         })
     }
@@ -389,6 +421,41 @@ impl WasmEngine {
             Some(metered) if fuel => metered,
             _ => &self.inner.plain,
         }
+    }
+
+    /// The wasmtime engine for code of `flavor` (the concurrent ones are
+    /// built on first use).
+    pub fn engine_for(&self, flavor: Flavor) -> anyhow::Result<&Engine> {
+        if !flavor.concurrent {
+            return Ok(self.engine(flavor.fuel));
+        }
+        let engines = self.concurrent()?;
+        Ok(match &engines.metered {
+            Some(metered) if flavor.fuel => metered,
+            _ => &engines.plain,
+        })
+    }
+
+    fn concurrent(&self) -> anyhow::Result<&ConcurrentEngines> {
+        let built = self.inner.concurrent.get_or_init(|| {
+            let build = || -> anyhow::Result<ConcurrentEngines> {
+                let mut config = self.inner.config.clone();
+                config.concurrency_support(true);
+                let plain = Engine::new(config.clone().consume_fuel(false))?;
+                let metered =
+                    self.inner.metered.is_some().then(|| Engine::new(config.consume_fuel(true))).transpose()?;
+                let compat_hash = [&plain, metered.as_ref().unwrap_or(&plain)].map(|engine| {
+                    let mut hasher = HashToSha256(Sha256::new());
+                    engine.precompile_compatibility_hash().hash(&mut hasher);
+                    hex(&hasher.0.finalize()[..8])
+                });
+                let weak = std::iter::once(&plain).chain(metered.as_ref()).map(Engine::weak).collect();
+                let _ = self.inner.clock.concurrent.set(weak);
+                Ok(ConcurrentEngines { plain, metered, compat_hash })
+            };
+            build().map_err(|err| format!("cannot build the engine for WASI 0.3 components: {err:#}"))
+        });
+        built.as_ref().map_err(|why| anyhow::anyhow!("{why}"))
     }
 
     /// The engine Winch's code runs on, if the host tiers up.
@@ -456,17 +523,17 @@ impl WasmEngine {
     ///
     /// The cache key is the wasm's digest plus the engine's compatibility
     /// hash, so a different wasmtime or engine setting never loads stale code.
-    pub fn load(&self, wasm: &[u8], digest: &str, fuel: bool) -> anyhow::Result<(Component, CompileSource)> {
-        if let Some(component) = self.cached(digest, fuel) {
+    pub fn load(&self, wasm: &[u8], digest: &str, flavor: Flavor) -> anyhow::Result<(Component, CompileSource)> {
+        if let Some(component) = self.cached(digest, flavor) {
             return Ok((component, CompileSource::Cache));
         }
-        self.compile(wasm, digest, fuel).map(|component| (component, CompileSource::Compiled))
+        self.compile(wasm, digest, flavor).map(|component| (component, CompileSource::Compiled))
     }
 
     /// The compiled code of `digest` from the on-disk cache, if there.
-    pub fn cached(&self, digest: &str, fuel: bool) -> Option<Component> {
-        let engine = self.engine(fuel);
-        let cached = self.cache_path(digest, fuel);
+    pub fn cached(&self, digest: &str, flavor: Flavor) -> Option<Component> {
+        let engine = self.engine_for(flavor).ok()?;
+        let cached = self.cache_path(digest, flavor);
         if let Some(path) = &cached
             && path.is_file()
         {
@@ -487,9 +554,9 @@ impl WasmEngine {
     }
 
     /// Compile `wasm` with Cranelift (and write it to the cache if there is one).
-    pub fn compile(&self, wasm: &[u8], digest: &str, fuel: bool) -> anyhow::Result<Component> {
-        let engine = self.engine(fuel);
-        let cached = self.cache_path(digest, fuel);
+    pub fn compile(&self, wasm: &[u8], digest: &str, flavor: Flavor) -> anyhow::Result<Component> {
+        let engine = self.engine_for(flavor)?;
+        let cached = self.cache_path(digest, flavor);
         let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
         if let Some(path) = cached {
             match write_atomically(&path, &component.serialize()?) {
@@ -508,9 +575,13 @@ impl WasmEngine {
         Ok(component)
     }
 
-    fn cache_path(&self, digest: &str, fuel: bool) -> Option<PathBuf> {
+    fn cache_path(&self, digest: &str, flavor: Flavor) -> Option<PathBuf> {
         let dir = self.inner.cache_dir.as_ref()?;
-        let compat = &self.inner.compat_hash[usize::from(fuel && self.inner.metered.is_some())];
+        let hashes = match flavor.concurrent {
+            false => &self.inner.compat_hash,
+            true => &self.concurrent().ok()?.compat_hash,
+        };
+        let compat = &hashes[usize::from(flavor.fuel && self.inner.metered.is_some())];
         Some(dir.join(format!("{digest}-{compat}.cwasm")))
     }
 }

@@ -3,7 +3,9 @@
 //! [`Runtime`] holds the engine and the process's [`Linker`]s (WASI 0.2,
 //! `wasi:http` and the Runtime ABI), built once per wasmtime engine: one
 //! for functions without fuel, one for those that meter it, one for
-//! Winch's baseline code.
+//! Winch's baseline code; and two more (WASI 0.3 and `wasi:http@0.3` on
+//! top) for WASI 0.3 components, on engines with the component model's
+//! concurrency, built when the first such component comes.
 //!
 //! **Tiering up.** Cranelift takes ≈80 ms of one core for a small Rust
 //! component; Winch a third of that. A function without fuel whose wasm
@@ -23,12 +25,13 @@ use std::sync::{Arc, Mutex, Weak};
 
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
+use wasmtime_wasi_http::p3::bindings::ServiceIndices;
 
 use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::events::GuestIndices as EventsIndices;
 use crate::abi::bindings::exports::shoal::runtime::lifecycle::GuestIndices as LifecycleIndices;
 use crate::abi::{FunctionCaps, Services};
-use crate::engine::{CompileSource, WasmEngine};
+use crate::engine::{CompileSource, Flavor, WasmEngine};
 use crate::guest::GuestState;
 use crate::logs::{LogBudget, LogSink};
 use crate::manifest::FunctionSpec;
@@ -37,9 +40,10 @@ use crate::manifest::FunctionSpec;
 #[derive(Clone)]
 pub struct Runtime {
     engine: WasmEngine,
-    /// For the fuel-free engine, for the one that meters fuel, and for
-    /// Winch's (if the host tiers up).
-    linkers: Arc<[Option<Linker<GuestState>>; 3]>,
+    /// For the fuel-free engine, for the one that meters fuel, for
+    /// Winch's (if the host tiers up), and for the two concurrent engines
+    /// (built on first use); by [`Tier`].
+    linkers: Arc<[std::sync::OnceLock<Option<Linker<GuestState>>>; 5]>,
     services: Arc<Services>,
     /// Background compiles to optimized code: one at a time.
     optimizing: Arc<tokio::sync::Semaphore>,
@@ -86,8 +90,12 @@ pub enum Tier {
     Optimized,
     /// Cranelift's, metering fuel.
     Metered,
-    /// Winch's, until Cranelift's is ready.
+    /// Winch's quick code, until Cranelift's is ready.
     Baseline,
+    /// Cranelift's, without fuel, for a WASI 0.3 component.
+    Concurrent,
+    /// Cranelift's, metering fuel, for a WASI 0.3 component.
+    ConcurrentMetered,
 }
 
 impl Tier {
@@ -97,26 +105,71 @@ impl Tier {
             Tier::Optimized => "optimized",
             Tier::Metered => "metered",
             Tier::Baseline => "baseline",
+            Tier::Concurrent => "optimized, concurrent",
+            Tier::ConcurrentMetered => "metered, concurrent",
         }
     }
+
+    /// The engine its code is for (the baseline one aside).
+    fn flavor(self) -> Flavor {
+        Flavor {
+            fuel: matches!(self, Tier::Metered | Tier::ConcurrentMetered),
+            concurrent: matches!(self, Tier::Concurrent | Tier::ConcurrentMetered),
+        }
+    }
+}
+
+/// How a component answers HTTP requests.
+pub(crate) enum HttpHandler {
+    /// `wasi:http/incoming-handler@0.2`: one request per call.
+    P2(ProxyIndices),
+    /// `wasi:http/handler@0.3`: an async export, on a concurrent engine.
+    P3(ServiceIndices),
+}
+
+/// Whether a component imports or exports a WASI 0.3 interface (any
+/// `wasi:…@0.3.x`), so it needs the component model's concurrency. Only
+/// the top-level names are read; nothing is compiled.
+pub fn uses_wasi_0_3(wasm: &[u8]) -> Result<bool, wasmparser::BinaryReaderError> {
+    let is_0_3 = |name: &str| name.starts_with("wasi:") && name.contains("@0.3.");
+    let mut depth = 0u32;
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        match payload? {
+            wasmparser::Payload::ModuleSection { .. } | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::End(_) if depth == 0 => break,
+            wasmparser::Payload::End(_) => depth -= 1,
+            wasmparser::Payload::ComponentImportSection(reader) if depth == 0 => {
+                for import in reader {
+                    if is_0_3(import?.name.name) {
+                        return Ok(true);
+                    }
+                }
+            }
+            wasmparser::Payload::ComponentExportSection(reader) if depth == 0 => {
+                for export in reader {
+                    if is_0_3(export?.name.name) {
+                        return Ok(true);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 impl Runtime {
     /// Link WASI 0.2, `wasi:http` and the Runtime ABI once for all functions.
     pub fn new(engine: WasmEngine, services: Arc<Services>) -> anyhow::Result<Runtime> {
-        let link = |engine: &wasmtime::Engine| -> anyhow::Result<Linker<GuestState>> {
-            let mut linker = Linker::new(engine);
-            wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-            crate::files::add_to_linker(&mut linker)?;
-            wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-            crate::abi::add_to_linker(&mut linker)?;
-            Ok(linker)
-        };
-        let linkers = Arc::new([
-            Some(link(engine.engine(false))?),
-            Some(link(engine.engine(true))?),
-            engine.baseline().map(link).transpose()?,
-        ]);
+        let linkers: Arc<[std::sync::OnceLock<Option<Linker<GuestState>>>; 5]> = Arc::default();
+        let eager = [
+            (Tier::Optimized, Some(engine.engine(false))),
+            (Tier::Metered, Some(engine.engine(true))),
+            (Tier::Baseline, engine.baseline()),
+        ];
+        for (tier, engine) in eager {
+            let _ = linkers[tier as usize].set(engine.map(|engine| link(engine, false)).transpose()?);
+        }
         Ok(Runtime {
             engine,
             linkers,
@@ -130,13 +183,25 @@ impl Runtime {
         self.shared.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
+    /// The linker of `tier`'s engine (the concurrent ones' on first use).
+    fn linker(&self, tier: Tier) -> anyhow::Result<&Linker<GuestState>> {
+        let slot = &self.linkers[tier as usize];
+        if let Some(linker) = slot.get() {
+            return linker.as_ref().ok_or_else(|| anyhow::anyhow!("this host has no {} code", tier.as_str()));
+        }
+        let built = link(self.engine.engine_for(tier.flavor())?, true)?;
+        Ok(slot.get_or_init(|| Some(built)).as_ref().expect("invariant: set just now"))
+    }
+
     /// Link `component` (compiled for `tier`'s engine) and find its exports.
     fn link(&self, component: Component, tier: Tier, function: &str) -> Result<Code, Error> {
-        let linker = self.linkers[tier as usize].as_ref().expect("invariant: code of a tier the host has");
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(|err| Error::Link { function: function.to_string(), reason: format!("{err:#}") })?;
-        let handler = ProxyIndices::new(&pre).ok();
+        let failed = |err: anyhow::Error| Error::Link { function: function.to_string(), reason: format!("{err:#}") };
+        let linker = self.linker(tier).map_err(failed)?;
+        let pre = linker.instantiate_pre(&component).map_err(|err| failed(err.into()))?;
+        let handler = match tier.flavor().concurrent {
+            false => ProxyIndices::new(&pre).ok().map(HttpHandler::P2),
+            true => ServiceIndices::new(&pre).ok().map(HttpHandler::P3),
+        };
         let lifecycle = LifecycleIndices::new(&pre).ok();
         let events = EventsIndices::new(&pre).ok();
         Ok(Code { pre, handler, lifecycle, events, tier })
@@ -161,7 +226,8 @@ impl Runtime {
             let started = std::time::Instant::now();
             let engine = runtime.engine.clone();
             let digest_key = digest.clone();
-            let compiled = tokio::task::spawn_blocking(move || engine.load(&wasm, &digest, false)).await;
+            let flavor = Flavor { fuel: false, concurrent: false };
+            let compiled = tokio::task::spawn_blocking(move || engine.load(&wasm, &digest, flavor)).await;
             let compile_ms = started.elapsed().as_millis() as u64;
             let Some(inner) = target.upgrade() else { return };
             let component = match compiled {
@@ -227,7 +293,14 @@ impl Runtime {
         // Compiling takes milliseconds to seconds of CPU: keep it off the
         // threads that serve requests.
         let fuel = self.engine.meters_fuel(spec.limits.fuel_per_request.is_some());
-        let tier = if fuel { Tier::Metered } else { Tier::Optimized };
+        let concurrent = uses_wasi_0_3(&wasm)
+            .map_err(|err| Error::InvalidWasm { function: function.clone(), reason: err.to_string() })?;
+        let tier = match (concurrent, fuel) {
+            (false, false) => Tier::Optimized,
+            (false, true) => Tier::Metered,
+            (true, false) => Tier::Concurrent,
+            (true, true) => Tier::ConcurrentMetered,
+        };
         let shared = {
             let shared = self.lock_shared();
             // The baseline code of wasm still tiering up is shared too; the
@@ -288,14 +361,14 @@ impl Runtime {
         digest: &str,
         tier: Tier,
     ) -> Result<(Code, CompileSource), Error> {
-        let fuel = tier == Tier::Metered;
+        let flavor = tier.flavor();
         let engine = self.engine.clone();
         let (component, tier, source) = {
             let digest = digest.to_string();
             let wasm = wasm.clone();
             let name = function.to_string();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                if let Some(component) = engine.cached(&digest, fuel) {
+                if let Some(component) = engine.cached(&digest, flavor) {
                     return Ok((component, tier, CompileSource::Cache));
                 }
                 if tier == Tier::Optimized {
@@ -311,7 +384,7 @@ impl Runtime {
                         Err(err) => tracing::info!(function = %name, error = %format!("{err:#}"), "Winch cannot compile it; compiling with Cranelift now"),
                     }
                 }
-                Ok((engine.compile(&wasm, &digest, fuel)?, tier, CompileSource::Compiled))
+                Ok((engine.compile(&wasm, &digest, flavor)?, tier, CompileSource::Compiled))
             })
             .await
             .map_err(|err| anyhow::anyhow!("compile task failed: {err}"))?
@@ -319,6 +392,29 @@ impl Runtime {
         };
         Ok((self.link(component, tier, function)?, source))
     }
+}
+
+/// The linker for functions on `engine`: WASI 0.2 (Shoal's files in place
+/// of wasi:filesystem's), `wasi:http` 0.2 and the Runtime ABI; with
+/// `concurrent`, WASI 0.3's cli, clocks, random and sockets and
+/// `wasi:http@0.3` too (Rust's standard library still imports WASI 0.2
+/// from a 0.3 component). Not 0.3's `wasi:filesystem`: its opens would not
+/// go through [`crate::files`]' check (regular files and directories
+/// only), so a component importing it fails to link, naming the import.
+fn link(engine: &wasmtime::Engine, concurrent: bool) -> anyhow::Result<Linker<GuestState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    crate::files::add_to_linker(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    crate::abi::add_to_linker(&mut linker)?;
+    if concurrent {
+        wasmtime_wasi::p3::cli::add_to_linker(&mut linker)?;
+        wasmtime_wasi::p3::clocks::add_to_linker(&mut linker)?;
+        wasmtime_wasi::p3::random::add_to_linker(&mut linker)?;
+        wasmtime_wasi::p3::sockets::add_to_linker(&mut linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+    }
+    Ok(linker)
 }
 
 /// One version of a function, compiled and linked, ready to instantiate.
@@ -333,7 +429,7 @@ pub struct CompiledFunction {
 /// for; stores must come from that engine.)
 pub(crate) struct Code {
     pub(crate) pre: InstancePre<GuestState>,
-    pub(crate) handler: Option<ProxyIndices>,
+    pub(crate) handler: Option<HttpHandler>,
     pub(crate) lifecycle: Option<LifecycleIndices>,
     pub(crate) events: Option<EventsIndices>,
     pub(crate) tier: Tier,

@@ -15,16 +15,20 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use wasmtime::component::Accessor;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p3::bindings::Service;
 
 use crate::Error;
 use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
 use crate::engine::{ClockHold, EPOCH_TICK, Slot};
-use crate::function::{Code, CompiledFunction};
+use crate::function::{Code, CompiledFunction, HttpHandler};
 use crate::guest::GuestState;
 use crate::limits::{CallCpu, CpuQuota, CpuTimed, DeadlineExceeded, Outcome};
 use crate::logs::InstanceLog;
@@ -36,8 +40,65 @@ use crate::request::RequestMeta;
 /// but still metered.
 const UNLIMITED_FUEL: u64 = i64::MAX as u64;
 
-/// The answer to `response-outparam.set`, handed to the HTTP side.
-pub type ResponseResult = Result<hyper::Response<HyperOutgoingBody>, ErrorCode>;
+/// The answer to `response-outparam.set` (WASI 0.2) or of `handle`
+/// (WASI 0.3), handed to the HTTP side.
+pub type ResponseResult = Result<hyper::Response<ResponseBody>, ErrorCode>;
+
+pin_project_lite::pin_project! {
+    /// A guest's response body.
+    #[project = ResponseBodyProj]
+    pub enum ResponseBody {
+        /// Written through WASI 0.2's `outgoing-body`.
+        P2 { #[pin] body: HyperOutgoingBody },
+        /// A WASI 0.3 stream, fed by its instance's event loop, which runs
+        /// until the body ends (`done` fires then, or when it is dropped).
+        P3 { #[pin] body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>, done: Option<tokio::sync::oneshot::Sender<()>> },
+    }
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.project() {
+            ResponseBodyProj::P2 { body } => body.poll_frame(cx).map(|frame| frame.map(|f| f.map_err(Into::into))),
+            ResponseBodyProj::P3 { body, done } => {
+                let frame = std::task::ready!(body.poll_frame(cx));
+                if !matches!(frame, Some(Ok(_))) {
+                    // The end, or a failure: either way the instance's part is over.
+                    if let Some(done) = done.take() {
+                        let _ = done.send(());
+                    }
+                }
+                std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::P2 { body } => body.is_end_stream(),
+            ResponseBody::P3 { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ResponseBody::P2 { body } => body.size_hint(),
+            ResponseBody::P3 { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// A loaded HTTP export.
+enum Handler {
+    P2(Proxy),
+    P3(Arc<Service>),
+}
 
 /// A guest call that failed, and why.
 #[derive(Debug, Clone)]
@@ -51,7 +112,7 @@ pub struct InstanceError {
 /// A live instance of one function version.
 pub struct Instance {
     store: Store<GuestState>,
-    proxy: Option<Proxy>,
+    handler: Option<Handler>,
     hooks: Option<lifecycle::Guest>,
     events: Option<events::Guest>,
     function: CompiledFunction,
@@ -152,8 +213,13 @@ impl Instance {
                 InstanceError { outcome, message: format!("instantiation failed: {}", describe(&err)) }
             })?;
         drop(clock);
-        let proxy = match &code.handler {
-            Some(indices) => Some(indices.load(&mut store, &instance).map_err(host_error)?),
+        let handler = match &code.handler {
+            Some(HttpHandler::P2(indices)) => {
+                Some(Handler::P2(indices.load(&mut store, &instance).map_err(host_error)?))
+            }
+            Some(HttpHandler::P3(indices)) => {
+                Some(Handler::P3(Arc::new(indices.load(&mut store, &instance).map_err(host_error)?)))
+            }
             None => None,
         };
         let hooks = match &code.lifecycle {
@@ -166,7 +232,7 @@ impl Instance {
         };
         Ok(Instance {
             store,
-            proxy,
+            handler,
             hooks,
             events,
             function: function.clone(),
@@ -238,17 +304,27 @@ impl Instance {
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let Some(proxy) = &self.proxy else {
-            let error = InstanceError {
-                outcome: Outcome::NoResponse,
-                message: "has no HTTP handler (it only receives messages)".to_string(),
-            };
-            return (CallStats::default(), Err(error));
+        if let Some(Handler::P3(service)) = &self.handler {
+            let service = service.clone();
+            return self.handle_p3(service, request, meta, respond).await;
+        }
+        let proxy = match &self.handler {
+            Some(Handler::P2(proxy)) => proxy,
+            Some(Handler::P3(_)) | None => {
+                let error = InstanceError {
+                    outcome: Outcome::NoResponse,
+                    message: "has no HTTP handler (it only receives messages)".to_string(),
+                };
+                return (CallStats::default(), Err(error));
+            }
         };
         let limits = &self.function.inner.spec.limits;
         self.store.data_mut().begin_request(meta);
         let resources = {
             let mut http = self.store.data_mut().http();
+            let respond = move |result: Result<hyper::Response<HyperOutgoingBody>, ErrorCode>| {
+                respond(result.map(|response| response.map(|body| ResponseBody::P2 { body })));
+            };
             http.new_incoming_request(Scheme::Http, request)
                 .and_then(|req| Ok((req, http.new_response_outparam_from_callback(respond)?)))
         };
@@ -270,6 +346,61 @@ impl Instance {
         );
         let meters = self.meters();
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
+        let (cpu, result) = run_metered(meters, limits.timeout, call).await;
+        let (stats, result) = window.close(&mut self.store, cpu, result);
+        self.store.data_mut().end_request();
+        (stats, self.explain(result))
+    }
+
+    /// Serve one HTTP request through a WASI 0.3 `handle` export: one
+    /// request at a time in this instance, so its limits and its usage
+    /// record are its own, as for WASI 0.2. The call lasts until the
+    /// response body has been sent (the instance's event loop feeds it).
+    async fn handle_p3<B>(
+        &mut self,
+        service: Arc<Service>,
+        request: hyper::Request<B>,
+        meta: &RequestMeta,
+        respond: impl FnOnce(ResponseResult) + Send + Sync + 'static,
+    ) -> (CallStats, Result<(), InstanceError>)
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let limits = &self.function.inner.spec.limits;
+        self.store.data_mut().begin_request(meta);
+        let window = Window::open(
+            &mut self.store,
+            limits.timeout,
+            limits.fuel_per_request.map(NonZeroU64::get),
+            self.function.meters_fuel(),
+        );
+        let meters = self.meters();
+        let request = with_scheme_and_authority(request);
+        let call = self.store.run_concurrent(async move |accessor: &Accessor<GuestState>| -> wasmtime::Result<()> {
+            let (request, sent) = accessor.with(|mut access| {
+                let hooks = access.get().http().hooks;
+                let (request, sent) = wasmtime_wasi_http::p3::Request::from_http(hooks, request);
+                let sent: std::pin::Pin<Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>> =
+                    Box::pin(sent);
+                (request, sent)
+            });
+            match service.handle(accessor, request).await? {
+                Err(code) => {
+                    respond(Err(p2_error_code(&code)));
+                    Ok(())
+                }
+                Ok(response) => {
+                    let response = accessor.with(|mut access| response.into_http(&mut access, sent))?;
+                    let (done, finished) = tokio::sync::oneshot::channel();
+                    respond(Ok(response.map(|body| ResponseBody::P3 { body, done: Some(done) })));
+                    // Until the client has the whole body (or is gone).
+                    let _ = finished.await;
+                    Ok(())
+                }
+            }
+        });
+        let call = async move { call.await.and_then(|result| result) };
         let (cpu, result) = run_metered(meters, limits.timeout, call).await;
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
@@ -424,6 +555,36 @@ async fn run_metered<R>(
     let mut timed = std::pin::pin!(CpuTimed::with_probe(call, quota, probe));
     let result = tokio::time::timeout(timeout + Duration::from_millis(20), timed.as_mut()).await.ok();
     (timed.cpu(), result)
+}
+
+/// `request` with an absolute URI (`http`, and the authority of its `Host`
+/// header when it names one), as WASI 0.3 requests carry them; the header
+/// itself is one a guest may not see in 0.3.
+fn with_scheme_and_authority<B>(request: hyper::Request<B>) -> hyper::Request<B> {
+    let (mut parts, body) = request.into_parts();
+    let authority = parts
+        .headers
+        .get(hyper::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .and_then(|host| host.parse::<hyper::http::uri::Authority>().ok());
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.authority = Some(authority.unwrap_or_else(|| hyper::http::uri::Authority::from_static("localhost")));
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = hyper::Uri::from_parts(uri).unwrap_or_default();
+    hyper::Request::from_parts(parts, body)
+}
+
+/// A WASI 0.3 error code as the 0.2 one the HTTP side knows (the body size
+/// one keeps its meaning: 413).
+fn p2_error_code(code: &wasmtime_wasi_http::p3::bindings::http::types::ErrorCode) -> ErrorCode {
+    use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode as P3;
+    match code {
+        P3::HttpRequestBodySize(size) => ErrorCode::HttpRequestBodySize(*size),
+        other => ErrorCode::InternalError(Some(format!("{other:?}"))),
+    }
 }
 
 fn host_error(err: impl std::fmt::Display) -> InstanceError {

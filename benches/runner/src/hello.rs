@@ -30,6 +30,8 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         Peer::ShoalNoFuel,
         Peer::ShoalJs,
         Peer::ShoalPython,
+        Peer::ShoalGo,
+        Peer::ShoalP3,
     ] {
         let server = Server::start(tools, peer)?;
         for &connections in &args.concurrency {
@@ -110,13 +112,18 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
             verdict(metering <= 0.05)
         ));
         let (js, python) = (rps(Peer::ShoalJs, c).unwrap_or(0.0), rps(Peer::ShoalPython, c).unwrap_or(0.0));
+        let (go, p3) = (rps(Peer::ShoalGo, c).unwrap_or(0.0), rps(Peer::ShoalP3, c).unwrap_or(0.0));
         section.note(format!(
-            "c={c}: the same function in JavaScript {:.2}× and in Python {:.2}× the Rust one's req/s",
+            "c={c}: the same function in JavaScript {:.2}×, in Python {:.2}× and in Go {:.2}× the Rust one's \
+             req/s; a Rust hello written for WASI 0.3 (functions/hello-p3, fuel metered too) {:.2}×",
             js / shoal,
-            python / shoal
+            python / shoal,
+            go / shoal,
+            p3 / shoal
         ));
         ratios.push(json!({ "connections": c, "shoal_vs_native": vs_native, "shoal_vs_wasmtime_serve": vs_serve,
-            "metering_cost": metering, "js_vs_rust": js / shoal, "python_vs_rust": python / shoal }));
+            "metering_cost": metering, "js_vs_rust": js / shoal, "python_vs_rust": python / shoal,
+            "go_vs_rust": go / shoal, "wasi_0_3_vs_0_2": p3 / shoal }));
     }
     section.data = json!({
         "cells": cells.iter().map(|cell| json!({

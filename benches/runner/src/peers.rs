@@ -32,6 +32,11 @@ pub enum Peer {
     ShoalJs,
     /// `shoal serve` with `functions/hello-py` (componentize-py).
     ShoalPython,
+    /// `shoal serve` with `functions/hello-go` (stock Go + wit-bindgen).
+    ShoalGo,
+    /// `shoal serve` with `functions/hello-p3` (a WASI 0.3 component,
+    /// `wasip3` bindings; on the concurrent engine).
+    ShoalP3,
 }
 
 impl Peer {
@@ -45,6 +50,8 @@ impl Peer {
             Peer::ShoalNoFuel => "shoal-no-fuel",
             Peer::ShoalJs => "shoal-js",
             Peer::ShoalPython => "shoal-python",
+            Peer::ShoalGo => "shoal-go",
+            Peer::ShoalP3 => "shoal-wasi-0.3",
         }
     }
 }
@@ -243,6 +250,14 @@ impl Server {
             Peer::ShoalPython => {
                 let python = FunctionDef { wasm: tools.root.join("functions/target/lang/hello-py.wasm"), ..hello };
                 return Server::shoal(tools, &[python], &[]);
+            }
+            Peer::ShoalGo => {
+                let go = FunctionDef { wasm: tools.root.join("functions/target/lang/hello-go.wasm"), ..hello };
+                return Server::shoal(tools, &[go], &[]);
+            }
+            Peer::ShoalP3 => {
+                let p3 = FunctionDef { wasm: tools.guest("hello_p3"), ..hello };
+                return Server::shoal(tools, &[p3], &["--fuel", "every-request"]);
             }
         }
         Server::spawn(command, port, None, peer.name(), "/hello")

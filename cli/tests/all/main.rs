@@ -33,3 +33,4 @@ mod tenancy;
 mod tier_up;
 mod trace_context;
 mod versions;
+mod wasi_p3;

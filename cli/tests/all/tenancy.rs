@@ -244,8 +244,14 @@ async fn each_namespace_is_held_to_its_key_value_quota_on_redis() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenants_slow_compile_holds_no_other_tenants_deploy() {
-    // No compile cache: the compile happens here, whatever ran before.
-    let host = TestHost::start_configured(|config| config.engine.cache_dir = None).await;
+    // A compile cache of its own: tenant a's compile happens here whatever
+    // ran before, and tenant b's function is in it (what b does below needs
+    // the registry, not the compiler, which both would share).
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_path_buf();
+    let host = TestHost::start_configured(move |config| config.engine.cache_dir = Some(dir)).await;
+    host.deploy(vec![in_tenant(spec("hello", "hello", "/hello"), "b")]).await;
+    host.running.host().registry().undeploy("hello").await.unwrap();
     // Tenant a deploys a 19 MB Python component with fuel metering, which
     // only Cranelift compiles: seconds of work for the registry.
     let mut slow = in_tenant(spec("big", "hello", "/big"), "a");

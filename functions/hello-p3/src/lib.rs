@@ -1,0 +1,127 @@
+//! A WASI 0.3 HTTP function (`wasi:http/handler@0.3.0`, async Rust with
+//! the `wasip3` bindings) that reaches the Runtime ABI as the 0.2 ones do:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET …?name=x` | `hello, x` |
+//! | `POST …/count` | increments `hits` in bucket `default` (key-value) |
+//! | `GET …/greeting` | the `greeting` config value |
+//! | `POST …/publish?msg=m` | publishes `m` on topic `orders` |
+//! | `GET …/invoke?fn=f` | invokes function `f` at `/` and answers its body |
+//! | `GET …/sleep/<ms>` | waits on `wasi:clocks` (other requests run meanwhile) |
+//! | `GET …/spin/<n>` | computes for `n` rounds (fuel, timeouts) |
+//!
+//! The Runtime ABI's functions are synchronous in its WIT, so a call
+//! blocks this instance's other requests until it returns.
+
+use wasip3::http::types::{ErrorCode, Fields, Request, Response};
+use wasip3::{wit_bindgen, wit_future, wit_stream};
+
+mod abi {
+    wit_bindgen::generate!({
+        path: "../../abi/wit",
+        world: "shoal:runtime/imports",
+        generate_all,
+    });
+}
+
+use abi::shoal::runtime::{invoke, pubsub, types};
+use abi::wasi::config::store as config;
+use abi::wasi::keyvalue::{atomics, store};
+
+wasip3::http::service::export!(HelloP3);
+
+struct HelloP3;
+
+/// A text response, its body written by a task of its own (the handler
+/// returns the response first; the body streams after).
+fn text(status: u16, body: String) -> Response {
+    let (mut body_tx, body_rx) = wit_stream::new();
+    let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
+    drop(trailers_tx);
+    let headers = Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())]).expect("a valid header");
+    let (response, _sent) = Response::new(headers, Some(body_rx), trailers_rx);
+    let _ = response.set_status_code(status);
+    wit_bindgen::spawn_local(async move {
+        body_tx.write_all(body.into_bytes()).await;
+    });
+    response
+}
+
+fn refused(error: &types::Error) -> (u16, String) {
+    let (status, what) = match error {
+        types::Error::Denied(why) => (403, why),
+        types::Error::Limited(why) => (429, why),
+        types::Error::NotFound(why) => (404, why),
+        types::Error::Backend(why) => (502, why),
+    };
+    (status, format!("refused: {what}\n"))
+}
+
+fn query<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn count() -> (u16, String) {
+    let bucket = match store::open("default") {
+        Ok(bucket) => bucket,
+        Err(err) => return (403, format!("refused: {err:?}\n")),
+    };
+    match atomics::increment(&bucket, "hits", 1) {
+        Ok(hits) => (200, format!("{hits}\n")),
+        Err(err) => (403, format!("refused: {err:?}\n")),
+    }
+}
+
+fn greeting() -> (u16, String) {
+    match config::get("greeting") {
+        Ok(Some(value)) => (200, format!("{value}\n")),
+        Ok(None) => (404, "no greeting\n".to_string()),
+        Err(err) => (403, format!("refused: {err:?}\n")),
+    }
+}
+
+fn publish(message: &str) -> (u16, String) {
+    match pubsub::publish("orders", message.as_bytes()) {
+        Ok(()) => (202, "published\n".to_string()),
+        Err(err) => refused(&err),
+    }
+}
+
+fn call(function: &str) -> (u16, String) {
+    let request = types::Request { method: "GET".into(), path: "/".into(), headers: Vec::new(), body: Vec::new() };
+    match invoke::call(function, &request) {
+        Ok(response) => (response.status, String::from_utf8_lossy(&response.body).into_owned()),
+        Err(err) => refused(&err),
+    }
+}
+
+impl wasip3::exports::http::handler::Guest for HelloP3 {
+    async fn handle(request: Request) -> Result<Response, ErrorCode> {
+        let target = request.get_path_with_query().unwrap_or_default();
+        let (path, query_string) = target.split_once('?').unwrap_or((&target, ""));
+        let mut segments = path.rsplit('/');
+        let (last, before) = (segments.next().unwrap_or(""), segments.next().unwrap_or(""));
+        let (status, body) = match (before, last) {
+            (_, "count") => count(),
+            (_, "greeting") => greeting(),
+            (_, "publish") => publish(query(query_string, "msg").unwrap_or("")),
+            (_, "invoke") => call(query(query_string, "fn").unwrap_or("")),
+            ("sleep", ms) => {
+                let ms: u64 = ms.parse().unwrap_or(0);
+                wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
+                (200, format!("slept {ms} ms\n"))
+            }
+            ("spin", rounds) => {
+                let rounds: u64 = rounds.parse().unwrap_or(0);
+                let mut x = 0u64;
+                for i in 0..rounds {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                }
+                (200, format!("spun {rounds}: {x}\n"))
+            }
+            _ => (200, format!("hello, {}\n", query(query_string, "name").unwrap_or("world"))),
+        };
+        Ok(text(status, body))
+    }
+}
