@@ -9,6 +9,7 @@
 //! | language | toolchain | output |
 //! |---|---|---|
 //! | Rust | cargo, target `wasm32-wasip2`, with `shoal-sdk` in the project | `target/wasm32-wasip2/release/<name>.wasm` |
+//! | Rust, WASI 0.3 | cargo, target `wasm32-wasip2`, async Rust with `wasip3` and bindings of `wit/` | `target/wasm32-wasip2/release/<name>.wasm` |
 //! | JavaScript | componentize-js (npm) | `dist/<name>.wasm` |
 //! | Python | componentize-py (PyPI) | `dist/<name>.wasm` |
 //! | Go | Go 1.25+, wit-bindgen's Go generator, wasm-tools, the WASI preview1 reactor adapter | `dist/<name>.wasm` |
@@ -26,6 +27,10 @@ use shoal::manifest::validate_name;
 pub enum Language {
     /// Rust, with the shoal-sdk crate.
     Rust,
+    /// Rust for WASI 0.3: an async `wasi:http/handler@0.3` with the
+    /// `wasip3` bindings, and the Runtime ABI's bindings from `wit/`.
+    #[value(name = "rust-0.3", alias = "rust-p3")]
+    RustP3,
     /// JavaScript, through componentize-js.
     #[value(alias = "javascript")]
     Js,
@@ -42,6 +47,7 @@ impl Language {
     pub fn label(self) -> &'static str {
         match self {
             Language::Rust => "Rust",
+            Language::RustP3 => "Rust, WASI 0.3",
             Language::Js => "JavaScript",
             Language::Python => "Python",
             Language::Go => "Go",
@@ -90,6 +96,7 @@ const SDK: &[(&str, &str)] = embed!("abi/sdk":
 );
 
 const RUST_SOURCE: &str = include_str!("../../functions/hello/src/lib.rs");
+const RUST_P3_SOURCE: &str = include_str!("../../functions/hello-p3/src/lib.rs");
 const JS_SOURCE: &str = include_str!("../../functions/hello-js/index.js");
 const PYTHON_SOURCE: &str = include_str!("../../functions/hello-py/app.py");
 const GO_MAIN: &str = include_str!("../../functions/hello-go/main.go");
@@ -130,7 +137,7 @@ pub fn new_project(name: &str, language: Language, dir: &Path) -> anyhow::Result
         file.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     let build = match language {
-        Language::Rust => "cargo build --release",
+        Language::Rust | Language::RustP3 => "cargo build --release",
         Language::Js => "npm install && npm run build",
         Language::Python | Language::Go => "make",
     };
@@ -143,6 +150,7 @@ fn files(name: &str, language: Language) -> Vec<(String, String)> {
         WIT.iter().map(|(path, text)| (format!("wit/{path}"), (*text).to_string())).collect();
     let (wasm, max_requests, grants) = match language {
         Language::Rust => (format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_")), None, false),
+        Language::RustP3 => (format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_")), None, true),
         // StarlingMonkey answers one request per instance (its FetchEvent
         // state is not reset between requests: StarlingMonkey issue 247).
         Language::Js => (format!("dist/{name}.wasm"), Some(1), true),
@@ -154,6 +162,16 @@ fn files(name: &str, language: Language) -> Vec<(String, String)> {
             files.extend(SDK.iter().map(|(path, text)| (format!("shoal-sdk/{path}"), (*text).to_string())));
             files.push(("src/lib.rs".into(), RUST_SOURCE.to_string()));
             files.push(("Cargo.toml".into(), rust_cargo_toml(name)));
+            files.push((".cargo/config.toml".into(), "[build]\ntarget = \"wasm32-wasip2\"\n".into()));
+            files.push((".gitignore".into(), "/target\n".into()));
+            files.push((
+                "README.md".into(),
+                readme(name, language.label(), "rustup target add wasm32-wasip2\ncargo build --release"),
+            ));
+        }
+        Language::RustP3 => {
+            files.push(("src/lib.rs".into(), RUST_P3_SOURCE.replace("\"../../abi/wit\"", "\"wit\"")));
+            files.push(("Cargo.toml".into(), rust_p3_cargo_toml(name)));
             files.push((".cargo/config.toml".into(), "[build]\ntarget = \"wasm32-wasip2\"\n".into()));
             files.push((".gitignore".into(), "/target\n".into()));
             files.push((
@@ -230,7 +248,7 @@ fn go_makefile(name: &str) -> String {
 fn manifest(name: &str, wasm: &str, max_requests: Option<u32>, grants: bool) -> String {
     let mut text = format!(
         "# Serve it: shoal serve .   (then: curl http://127.0.0.1:8080/{name})\n\
-         # Every field: the Shoal README, \"The manifest\".\n\n\
+         # Every field: the Shoal book, \"The manifest\" (docs/src/manifest.md).\n\n\
          [[function]]\nname = \"{name}\"\nwasm = \"{wasm}\"\nroutes = [\"/{name}\"]\n"
     );
     if grants {
@@ -263,6 +281,20 @@ fn rust_cargo_toml(name: &str) -> String {
         "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
          [lib]\ncrate-type = [\"cdylib\"]\n\n\
          [dependencies]\nshoal-sdk = {{ path = \"shoal-sdk\" }}\n\n\
+         # Its own workspace, wherever the folder is.\n[workspace]\n\n\
+         [profile.release]\nopt-level = \"s\"\nlto = true\ncodegen-units = 1\nstrip = true\n"
+    )
+}
+
+fn rust_p3_cargo_toml(name: &str) -> String {
+    format!(
+        "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+         [lib]\ncrate-type = [\"cdylib\"]\n\n\
+         [dependencies]\n\
+         # WASI 0.3.0, what Shoal's wasmtime serves.\n\
+         wasip3 = {{ version = \"=0.9.0\", features = [\"async-spawn\"] }}\n\
+         # The wit-bindgen of wasip3 0.9, for the Runtime ABI's bindings (wit/).\n\
+         wit-bindgen = {{ version = \"0.62\", default-features = false, features = [\"macros\", \"realloc\", \"std\", \"async\", \"async-spawn\"] }}\n\n\
          # Its own workspace, wherever the folder is.\n[workspace]\n\n\
          [profile.release]\nopt-level = \"s\"\nlto = true\ncodegen-units = 1\nstrip = true\n"
     )
@@ -345,7 +377,7 @@ mod tests {
 
     #[test]
     fn each_projects_manifest_is_valid_and_names_its_build_output() {
-        for language in [Language::Rust, Language::Js, Language::Python, Language::Go] {
+        for language in [Language::Rust, Language::RustP3, Language::Js, Language::Python, Language::Go] {
             let dir = tempfile::tempdir().unwrap();
             let project = dir.path().join("my-fn");
             new_project("my-fn", language, &project).unwrap();

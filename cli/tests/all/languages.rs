@@ -118,9 +118,10 @@ async fn shoal_new_writes_projects_that_build_with_their_toolchain_and_answer() 
         ("js", &["npm install --no-audit --no-fund --prefer-offline", "npm run build"][..]),
         ("python", &["make"][..]),
         ("rust", &["cargo build --release"][..]),
+        ("rust-0.3", &["cargo build --release"][..]),
         ("go", &[go_make.as_str()][..]),
     ] {
-        let name = format!("my-{lang}");
+        let name = format!("my-{}", lang.replace('.', ""));
         let dir = work.path().join(&name);
         let created = Command::new(crate::support::shoal_bin())
             .args(["new", &name, "--lang", lang, "--dir"])
