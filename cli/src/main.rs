@@ -4,6 +4,7 @@
 //! command line.
 
 mod cli;
+mod image;
 mod scaffold;
 
 fn main() -> std::process::ExitCode {

@@ -6,6 +6,7 @@
 
 use shoal_testing::{cluster, support};
 
+mod exec;
 mod faults;
 
 mod bad_input;
@@ -32,5 +33,6 @@ mod scale_to_zero;
 mod tenancy;
 mod tier_up;
 mod trace_context;
+mod upgrade;
 mod versions;
 mod wasi_p3;

@@ -1,0 +1,260 @@
+//! Per-function limits, their defaults and the host's maxima.
+
+use super::*;
+
+/// Per-function resource limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) one request may burn; `None`: unlimited.
+    #[serde(default, deserialize_with = "non_zero_field::fuel_per_request")]
+    pub fuel_per_request: Option<NonZeroU64>,
+    /// Wall-clock time one request may take.
+    #[serde(with = "humantime_serde_ms")]
+    pub timeout: Duration,
+    /// Linear memory one instance may hold, in bytes.
+    pub memory_bytes: u64,
+    /// Requests served at once; the rest wait up to `queue_timeout`.
+    #[serde(deserialize_with = "non_zero_field::max_concurrency")]
+    pub max_concurrency: NonZeroU32,
+    /// How long a request waits for a free slot before a 503.
+    #[serde(with = "humantime_serde_ms")]
+    pub queue_timeout: Duration,
+    /// An instance idle this long is destroyed (scale to zero).
+    #[serde(with = "humantime_serde_ms")]
+    pub idle_timeout: Duration,
+    /// Time limit for the `start` hook.
+    #[serde(with = "humantime_serde_ms")]
+    pub start_timeout: Duration,
+    /// Time limit for the `destroy` hook.
+    #[serde(with = "humantime_serde_ms")]
+    pub destroy_timeout: Duration,
+    /// Largest HTTP request body, in bytes; past it the client gets 413
+    /// (at once when the length is declared, else when the body passes it).
+    #[serde(default = "defaults::max_request_bytes")]
+    pub max_request_bytes: u64,
+    /// Longest key-value key.
+    #[serde(default = "defaults::kv_max_key_bytes")]
+    pub kv_max_key_bytes: usize,
+    /// Largest key-value value.
+    #[serde(default = "defaults::kv_max_value_bytes")]
+    pub kv_max_value_bytes: usize,
+    /// Largest published message (and invoke request/response body).
+    #[serde(default = "defaults::message_max_bytes")]
+    pub message_max_bytes: usize,
+    /// Runtime ABI calls per second, across the function's instances.
+    #[serde(default = "defaults::abi_calls_per_second", deserialize_with = "non_zero_field::abi_calls_per_second")]
+    pub abi_calls_per_second: NonZeroU32,
+    /// Messages published per second, across the function's instances.
+    #[serde(default = "defaults::publish_per_second", deserialize_with = "non_zero_field::publish_per_second")]
+    pub publish_per_second: NonZeroU32,
+    /// Bytes of stdout and stderr per second, across the function's
+    /// instances; lines past it are dropped and counted.
+    #[serde(default = "defaults::log_bytes_per_second", deserialize_with = "non_zero_field::log_bytes_per_second")]
+    pub log_bytes_per_second: NonZeroU32,
+    /// CPU time per second of wall time, in thousandths of a core, across
+    /// the function's instances (Kubernetes' `resources.limits.cpu`);
+    /// `None`: no limit. Past it, the function's calls wait for the next
+    /// 100 ms period instead of running.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "non_zero_field::cpu_millis")]
+    pub cpu_millis: Option<NonZeroU32>,
+    /// Requests (and messages) one instance serves before it is retired:
+    /// its `destroy` runs and the next request gets a fresh instance.
+    /// `None`: no limit. For guests whose runtime keeps each request's
+    /// state in the instance, e.g. JavaScript built with componentize-js
+    /// (StarlingMonkey answers one request per instance), set 1.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_zero_field::max_requests_per_instance"
+    )]
+    pub max_requests_per_instance: Option<NonZeroU32>,
+}
+
+/// Deserializing the `NonZero` limits with an error that names the field
+/// (serde's own says only "expected a nonzero u32").
+mod non_zero_field {
+    use std::num::{NonZeroU32, NonZeroU64};
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+
+    fn non_zero<'de, D: Deserializer<'de>>(deserializer: D, field: &str) -> Result<NonZeroU32, D::Error> {
+        let value = u32::deserialize(deserializer)?;
+        NonZeroU32::new(value).ok_or_else(|| D::Error::custom(format!("limits.{field} must be greater than 0")))
+    }
+
+    pub fn max_concurrency<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "max_concurrency")
+    }
+
+    pub fn abi_calls_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "abi_calls_per_second")
+    }
+
+    pub fn publish_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "publish_per_second")
+    }
+
+    pub fn log_bytes_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "log_bytes_per_second")
+    }
+
+    pub fn cpu_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU32>, D::Error> {
+        match Option::<u32>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(millis) => NonZeroU32::new(millis)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom("limits.cpu_millis must be greater than 0 (omit it for no limit)")),
+        }
+    }
+
+    pub fn max_requests_per_instance<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<NonZeroU32>, D::Error> {
+        match Option::<u32>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(count) => NonZeroU32::new(count).map(Some).ok_or_else(|| {
+                D::Error::custom("limits.max_requests_per_instance must be greater than 0 (omit it for no limit)")
+            }),
+        }
+    }
+
+    pub fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
+        match Option::<u64>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(fuel) => NonZeroU64::new(fuel).map(Some).ok_or_else(|| {
+                D::Error::custom("limits.fuel_per_request must be greater than 0 (omit it for no limit)")
+            }),
+        }
+    }
+}
+
+mod defaults {
+    use std::num::NonZeroU32;
+
+    pub fn max_request_bytes() -> u64 {
+        10 << 20
+    }
+    pub fn kv_max_key_bytes() -> usize {
+        1024
+    }
+    pub fn kv_max_value_bytes() -> usize {
+        1 << 20
+    }
+    pub fn message_max_bytes() -> usize {
+        256 << 10
+    }
+    pub fn abi_calls_per_second() -> NonZeroU32 {
+        NonZeroU32::new(100_000).expect("invariant: not zero")
+    }
+    pub fn publish_per_second() -> NonZeroU32 {
+        NonZeroU32::new(1_000).expect("invariant: not zero")
+    }
+    pub fn log_bytes_per_second() -> NonZeroU32 {
+        NonZeroU32::new(256 << 10).expect("invariant: not zero")
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel_per_request: None,
+            timeout: Duration::from_secs(10),
+            memory_bytes: 64 << 20,
+            max_concurrency: NonZeroU32::new(100).expect("invariant: not zero"),
+            queue_timeout: Duration::from_millis(1000),
+            idle_timeout: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(5),
+            destroy_timeout: Duration::from_secs(2),
+            max_request_bytes: defaults::max_request_bytes(),
+            kv_max_key_bytes: defaults::kv_max_key_bytes(),
+            kv_max_value_bytes: defaults::kv_max_value_bytes(),
+            message_max_bytes: defaults::message_max_bytes(),
+            abi_calls_per_second: defaults::abi_calls_per_second(),
+            publish_per_second: defaults::publish_per_second(),
+            log_bytes_per_second: defaults::log_bytes_per_second(),
+            cpu_millis: None,
+            max_requests_per_instance: None,
+        }
+    }
+}
+
+impl Limits {
+    /// Check what the types alone cannot: durations and sizes above zero,
+    /// memory within what the engine reserves per slot.
+    pub fn check(&self) -> Result<(), String> {
+        let durations = [
+            ("timeout_ms", self.timeout),
+            ("idle_timeout_s", self.idle_timeout),
+            ("start_timeout_ms", self.start_timeout),
+            ("destroy_timeout_ms", self.destroy_timeout),
+        ];
+        if let Some((field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
+            return Err(format!("limits.{field} must be greater than 0"));
+        }
+        // Every time a function (or a pod, through its annotations) sets is
+        // bounded: a `start` or a queue that may wait for ever holds what it
+        // holds for ever.
+        let bounded = [
+            ("timeout_ms", self.timeout, MAX_TIMEOUT),
+            ("queue_timeout_ms", self.queue_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
+            ("start_timeout_ms", self.start_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
+            ("destroy_timeout_ms", self.destroy_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
+            ("idle_timeout_s", self.idle_timeout, MAX_IDLE_TIMEOUT),
+        ];
+        if let Some((field, value, max)) = bounded.iter().find(|(_, value, max)| value > max) {
+            return Err(format!(
+                "limits.{field} = {} is over the host's maximum of {}",
+                humantime::format_duration(*value),
+                humantime::format_duration(*max)
+            ));
+        }
+        if self.memory_bytes == 0 {
+            return Err("limits.memory_mb must be greater than 0".to_string());
+        }
+        if self.memory_bytes > MAX_MEMORY_BYTES {
+            return Err(format!(
+                "limits.memory_mb = {} is over the host's maximum of {} MiB",
+                self.memory_bytes >> 20,
+                MAX_MEMORY_BYTES >> 20
+            ));
+        }
+        if self.max_request_bytes == 0 {
+            return Err("limits.max_request_bytes must be greater than 0".to_string());
+        }
+        let sizes = [
+            ("kv_max_key_bytes", self.kv_max_key_bytes),
+            ("kv_max_value_bytes", self.kv_max_value_bytes),
+            ("message_max_bytes", self.message_max_bytes),
+        ];
+        if let Some((field, _)) = sizes.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("limits.{field} must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Largest linear memory a function may ask for; the engine's pool reserves
+/// address space for this much per memory slot.
+pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
+/// Longest `timeout_ms` (a request's wall time): 15 minutes, as Lambda's.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Longest `start_timeout_ms`, `destroy_timeout_ms` and `queue_timeout_ms`.
+pub const MAX_HOOK_OR_QUEUE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Longest `idle_timeout_s`: a day.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Durations are kept in the registry file as whole milliseconds.
+mod humantime_serde_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
