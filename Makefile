@@ -3,12 +3,14 @@
 #   make test   lint and run the whole test suite
 # Both install what they need on a fresh machine (wasm targets, ...).
 # Benchmarks (not part of the tests): make bench
+# The book (docs/, mdBook; the README links its chapters): make docs,
+# which make test runs too.
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUNCTIONS_TARGET := functions/target/wasm32-wasip2/release
 
-.PHONY: run test setup test-deps containerd2 installer-image functions lang-functions lang-toolchains lint unit-and-integration bench images fuzz soak
+.PHONY: run test setup test-deps containerd2 installer-image functions lang-functions lang-toolchains lint docs unit-and-integration bench images fuzz soak
 
 APT_INSTALL := $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y
 
@@ -34,13 +36,13 @@ test-deps:
 # from CONTAINERD2_SOURCE (a folder with bin/; this machine has them built
 # from the public tags in ../shared/tools) into target/tools, each checked
 # against the digests pinned in testing/tools/ (CONTAINERD2_SUMS names
-# another list, e.g. for the projects' release tarballs: see README).
+# another list, e.g. for the projects' release tarballs: see docs/src/layout.md).
 CONTAINERD2_SOURCE ?= ../shared/tools/containerd-2.3.4
 CONTAINERD2_SUMS ?= testing/tools/containerd-2.3.4.sha256
 CONTAINERD2_DIR := target/tools/containerd-2.3.4
 containerd2: $(CONTAINERD2_DIR)/.verified
 $(CONTAINERD2_DIR)/.verified: $(CONTAINERD2_SUMS)
-	@[ -d "$(CONTAINERD2_SOURCE)/bin" ] || { echo "containerd 2.3.4 is not in $(CONTAINERD2_SOURCE)/bin: set CONTAINERD2_SOURCE (see README, Running on Kubernetes)" >&2; exit 1; }
+	@[ -d "$(CONTAINERD2_SOURCE)/bin" ] || { echo "containerd 2.3.4 is not in $(CONTAINERD2_SOURCE)/bin: set CONTAINERD2_SOURCE (see docs/src/layout.md, Tests)" >&2; exit 1; }
 	rm -rf $(CONTAINERD2_DIR) && mkdir -p $(CONTAINERD2_DIR)/bin
 	cp $(CONTAINERD2_SOURCE)/bin/containerd $(CONTAINERD2_SOURCE)/bin/ctr \
 		$(CONTAINERD2_SOURCE)/bin/containerd-shim-runc-v2 $(CONTAINERD2_SOURCE)/bin/crictl $(CONTAINERD2_DIR)/bin/
@@ -159,7 +161,35 @@ run: functions
 # (on a fresh machine that was 23 of make test's 66 minutes).
 LINTED := RUSTC_WORKSPACE_WRAPPER=clippy-driver CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
 
-lint: setup
+# The book, docs/src -> docs/book, by mdBook (crates.io), pinned here and
+# installed into target/tools when missing (without its serve and watch
+# features: only `build` is used). mdBook has no switch to fail on its own
+# warnings and exits 0 after logging them (an unclosed HTML tag, an
+# {{#include}} of a missing file), so any WARN or ERROR line in its log
+# fails the target. Two checks it does not make come first: every README
+# anchor the chapters include must be marked in README.md (the Getting
+# started and Kubernetes chapters include its intro, quick start and
+# containerd table; mdBook includes nothing for an unknown anchor, without
+# a word), and every link to a chapter must name an existing file.
+MDBOOK_VERSION := 0.5.4
+MDBOOK := target/tools/mdbook-$(MDBOOK_VERSION)/bin/mdbook
+$(MDBOOK):
+	$(CARGO) install --quiet --locked mdbook@$(MDBOOK_VERSION) --no-default-features --features search \
+		--root target/tools/mdbook-$(MDBOOK_VERSION)
+
+docs: $(MDBOOK)
+	@for anchor in $$(grep -oh 'README\.md:[a-z-]*' docs/src/*.md | cut -d: -f2); do \
+		grep -q "ANCHOR: $$anchor -->" README.md && grep -q "ANCHOR_END: $$anchor -->" README.md || \
+		{ echo "make docs: docs/src includes README.md:$$anchor, which README.md does not mark" >&2; exit 1; }; done
+	@for page in $$(grep -oh '][(]docs/src/[a-z-]*\.md' README.md | cut -c3-) \
+		$$(grep -oh '][(][a-z-]*\.md' docs/src/*.md | sed 's|](|docs/src/|'); do \
+		[ -f $$page ] || { echo "make docs: a link names $$page, which does not exist" >&2; exit 1; }; done
+	@log=$$($(MDBOOK) build docs 2>&1); status=$$?; printf '%s\n' "$$log"; \
+	[ $$status = 0 ] && ! printf '%s\n' "$$log" | grep -qE 'WARN|ERROR' || \
+		{ echo "make docs: mdbook failed or warned (above); warnings are failures here" >&2; exit 1; }
+
+# The book is part of lint: make test fails on a chapter that no longer builds.
+lint: setup docs
 	$(CARGO) fmt --all -- --check
 	cd functions && $(CARGO) fmt --all -- --check
 	cd abi/sdk && $(CARGO) fmt -- --check

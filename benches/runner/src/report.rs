@@ -1,5 +1,5 @@
 //! The results: one section per workload, written as markdown (for the
-//! README) and JSON (for tools).
+//! book's Benchmarks chapter, docs/src/benchmarks.md) and JSON (for tools).
 
 use std::path::Path;
 

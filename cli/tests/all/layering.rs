@@ -1,13 +1,13 @@
-//! The modules of `host/src` are layered: the README lists them top to
-//! bottom, and each may depend only on modules listed after it. This test
-//! reads every `crate::` path in the sources (imports and inline paths
-//! alike) and fails on any dependency that points up the list — which is
-//! also what any import cycle would need.
+//! The modules of `host/src` are layered: the book's Layout chapter
+//! (`docs/src/layout.md`) lists them top to bottom, and each may depend
+//! only on modules listed after it. This test reads every `crate::` path in
+//! the sources (imports and inline paths alike) and fails on any dependency
+//! that points up the list — which is also what any import cycle would need.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Where the README lists the layers: the fenced block after this line.
+/// Where the Layout chapter lists the layers: the fenced block after this line.
 const MARKER: &str = "<!-- host/src layers, top to bottom (checked by cli/tests/all/layering.rs) -->";
 
 /// One `crate::` reference: which module it names, from which file and line.
@@ -94,9 +94,9 @@ fn references(src: &Path) -> Vec<Reference> {
     found
 }
 
-/// The layers as the README lists them, top first.
+/// The layers as the Layout chapter lists them, top first.
 fn readme_layers(readme: &str) -> Vec<String> {
-    let after = readme.split_once(MARKER).unwrap_or_else(|| panic!("README.md has no line {MARKER:?}")).1;
+    let after = readme.split_once(MARKER).unwrap_or_else(|| panic!("docs/src/layout.md has no line {MARKER:?}")).1;
     let block = after.split("```").nth(1).expect("a fenced block follows the marker");
     block
         .lines()
@@ -112,16 +112,16 @@ fn readme_layers(readme: &str) -> Vec<String> {
 fn every_module_depends_only_on_modules_below_it_in_the_readme() {
     let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("../host");
     let src = host.join("src");
-    let readme = std::fs::read_to_string(host.join("../README.md")).unwrap();
+    let readme = std::fs::read_to_string(host.join("../docs/src/layout.md")).unwrap();
     let layers = readme_layers(&readme);
     let rank: BTreeMap<&str, usize> = layers.iter().enumerate().map(|(at, name)| (name.as_str(), at)).collect();
-    assert_eq!(rank.len(), layers.len(), "a module is listed twice in the README's layers: {layers:?}");
+    assert_eq!(rank.len(), layers.len(), "a module is listed twice in the Layout chapter's layers: {layers:?}");
 
     let mut files = Vec::new();
     source_files(&src, &mut files);
     let modules: BTreeSet<String> = files.iter().filter_map(|file| module_of(&src, file)).collect();
     let listed: BTreeSet<String> = layers.iter().cloned().collect();
-    assert_eq!(modules, listed, "the README's layers must list exactly the modules of host/src");
+    assert_eq!(modules, listed, "the Layout chapter's layers must list exactly the modules of host/src");
 
     let upward: Vec<String> = references(&src)
         .into_iter()
@@ -139,7 +139,7 @@ fn every_module_depends_only_on_modules_below_it_in_the_readme() {
         .collect();
     assert!(
         upward.is_empty(),
-        "these dependencies point up the README's layers (move the code, or the module in the list, \
+        "these dependencies point up the Layout chapter's layers (move the code, or the module in the list, \
          if the layering really changed):\n{}",
         upward.join("\n")
     );
