@@ -351,7 +351,7 @@ enum LogFormat {
 }
 
 /// Run the CLI; errors are printed as `shoal: error: ...` with their causes.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -671,7 +671,7 @@ async fn serve(manifest: Option<&Path>, config: HostConfig) -> anyhow::Result<Ex
 }
 
 /// Parse, validate and read the wasm of every function of a manifest.
-pub fn load_manifest(path: &Path) -> anyhow::Result<Vec<DeployItem>> {
+pub(crate) fn load_manifest(path: &Path) -> anyhow::Result<Vec<DeployItem>> {
     let specs: Vec<FunctionSpec> = Manifest::load(path)?.resolve()?;
     specs
         .into_iter()

@@ -24,7 +24,7 @@ use shoal::manifest::validate_name;
 
 /// The languages `shoal new` writes projects for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Language {
+pub(crate) enum Language {
     /// Rust, with the shoal-sdk crate.
     Rust,
     /// Rust for WASI 0.3: an async `wasi:http/handler@0.3` with the
@@ -44,7 +44,7 @@ pub enum Language {
 
 impl Language {
     /// Its name, for people.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Language::Rust => "Rust",
             Language::RustP3 => "Rust, WASI 0.3",
@@ -57,20 +57,20 @@ impl Language {
 
 /// The componentize-js release projects are pinned to (the version whose
 /// `wasi:http` the WIT names; see abi/wit/deps/WASI.md).
-pub const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
+pub(crate) const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
 /// preview2-shim, which componentize-js 0.23.0 imports at build time but
 /// declares only as a development dependency of its own: without it
 /// listed, `npm ci` leaves it out and the build fails to load.
-pub const PREVIEW2_SHIM_VERSION: &str = "0.25.0";
+pub(crate) const PREVIEW2_SHIM_VERSION: &str = "0.25.0";
 /// The componentize-py release projects are pinned to.
-pub const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
+pub(crate) const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 /// The wit-bindgen whose Go generator Go projects use (its Go bindings
 /// import go.bytecodealliance.org/pkg v0.2.1, which the wit-bindgen-go
 /// crate of the same version ships).
-pub const WIT_BINDGEN_VERSION: &str = "0.57.1";
+pub(crate) const WIT_BINDGEN_VERSION: &str = "0.57.1";
 /// The WASI preview1 reactor adapter Go projects apply: the release of
 /// the host's wasmtime.
-pub const WASI_ADAPTER_VERSION: &str = "48.0.8";
+pub(crate) const WASI_ADAPTER_VERSION: &str = "48.0.8";
 
 /// `(path, contents)` of files under one folder of this repository, read
 /// into the binary at build time.
@@ -105,7 +105,7 @@ const GO_CRATE_DIR: &str = include_str!("../../functions/hello-go/crate-dir.sh")
 
 /// What `new` wrote, for the message that follows.
 #[derive(Debug)]
-pub struct Project {
+pub(crate) struct Project {
     /// The project's folder.
     pub dir: PathBuf,
     /// The command that builds it, run in `dir`.
@@ -114,7 +114,7 @@ pub struct Project {
 
 /// Write a project for a function `name` in `language` into `dir`, which
 /// must not exist or be empty. Nothing is written when the name is invalid.
-pub fn new_project(name: &str, language: Language, dir: &Path) -> anyhow::Result<Project> {
+pub(crate) fn new_project(name: &str, language: Language, dir: &Path) -> anyhow::Result<Project> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     if let Ok(mut entries) = fs::read_dir(dir) {
         if entries.next().is_some() {

@@ -124,6 +124,7 @@ impl Error {
         }
     }
 
+    /// The error for an I/O failure on `path` (for `map_err`).
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { path, source }

@@ -45,7 +45,9 @@ const UNLIMITED_FUEL: u64 = i64::MAX as u64;
 pub type ResponseResult = Result<hyper::Response<ResponseBody>, ErrorCode>;
 
 pin_project_lite::pin_project! {
-    /// A guest's response body.
+    /// A guest's response body. (Its variants' fields say what they are:
+    /// pin_project_lite takes no doc comments on them.)
+    #[allow(missing_docs)]
     #[project = ResponseBodyProj]
     pub enum ResponseBody {
         /// Written through WASI 0.2's `outgoing-body`.

@@ -30,14 +30,14 @@ use shoal::logs::{InstanceLog, Stream};
 
 /// The exit status of a command that trapped (as a process that aborted:
 /// 128 + SIGABRT).
-pub const TRAPPED: i32 = 134;
+pub(crate) const TRAPPED: i32 = 134;
 
 /// A compiled program (a `wasi:cli/run` component), ready to run.
 #[derive(Clone)]
-pub struct Program(CommandPre<CommandState>);
+pub(crate) struct Program(CommandPre<CommandState>);
 
 /// Store data of a component command.
-pub struct CommandState {
+pub(crate) struct CommandState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
@@ -50,7 +50,7 @@ impl WasiView for CommandState {
 }
 
 /// What the program is run with.
-pub struct Invocation<'a> {
+pub(crate) struct Invocation<'a> {
     /// `argv`, `args[0]` being the program's path.
     pub args: &'a [String],
     /// The environment.
@@ -73,7 +73,7 @@ pub struct Invocation<'a> {
 }
 
 /// A program's standard streams.
-pub enum Stdio {
+pub(crate) enum Stdio {
     /// The container's: no input, output lines to its log (budgeted).
     Log(Arc<InstanceLog>),
     /// An exec's own FIFOs, byte for byte.
@@ -85,7 +85,7 @@ pub enum Stdio {
 /// handler. Read from the component's own export section, without
 /// compiling it (a compile here cost every pod start ≈100 ms; the host's
 /// cached compile follows for functions, and `compile` for programs).
-pub fn is_program(wasm: &[u8]) -> bool {
+pub(crate) fn is_program(wasm: &[u8]) -> bool {
     if wasmparser::Parser::is_core_wasm(wasm) {
         return true;
     }
@@ -115,7 +115,7 @@ fn component_exports(wasm: &[u8]) -> Result<Vec<String>, wasmparser::BinaryReade
     Ok(names)
 }
 
-pub fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
+pub(crate) fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
     let invalid = |what: &str| {
         let what = what.to_string();
         move |err: wasmtime::Error| NodeError::InvalidArgument(format!("{what}: {err:#}"))
@@ -231,7 +231,7 @@ const PROGRAM_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30
 
 /// Run the program to its end; returns its exit status, and why it
 /// trapped if it did.
-pub async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<'_>) -> (i32, Option<String>) {
+pub(crate) async fn run(engine: &WasmEngine, program: &Program, invocation: Invocation<'_>) -> (i32, Option<String>) {
     // A program's instance takes one of the engine's slots like a
     // function's (an idle function instance gives its slot up if need
     // be), and counts against its tenant's busy instances.

@@ -22,12 +22,12 @@ const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
 const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
 
 /// The environment variable naming an HTTP function's port.
-pub const PORT_ENV: &str = "SHOAL_HTTP_PORT";
+pub(crate) const PORT_ENV: &str = "SHOAL_HTTP_PORT";
 const DEFAULT_PORT: u16 = 8080;
 
 /// Where a container's network namespace comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Netns {
+pub(crate) enum Netns {
     /// An existing namespace (the pod's, made by the CRI and its CNI).
     Path(PathBuf),
     /// The spec asks for a namespace of its own without naming one
@@ -39,7 +39,7 @@ pub enum Netns {
 
 /// A container as its bundle describes it.
 #[derive(Debug, Clone)]
-pub struct Bundle {
+pub(crate) struct Bundle {
     /// The bundle directory.
     pub path: PathBuf,
     /// `config.json`.
@@ -48,7 +48,7 @@ pub struct Bundle {
 
 /// What the container is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// The pod's sandbox ("pause") container.
     Sandbox,
     /// An app container of a pod, or a plain container.
@@ -74,7 +74,7 @@ pub struct KubernetesSettings {
 
 impl Bundle {
     /// Read `<bundle>/config.json`.
-    pub fn load(path: &Path) -> Result<Bundle, NodeError> {
+    pub(crate) fn load(path: &Path) -> Result<Bundle, NodeError> {
         let config = path.join("config.json");
         let spec = Spec::load(&config).map_err(|err| {
             NodeError::InvalidArgument(format!("cannot read the OCI spec {}: {err}", config.display()))
@@ -83,12 +83,12 @@ impl Bundle {
     }
 
     /// The annotations of the spec.
-    pub fn annotations(&self) -> BTreeMap<String, String> {
+    pub(crate) fn annotations(&self) -> BTreeMap<String, String> {
         self.spec.annotations().clone().unwrap_or_default().into_iter().collect()
     }
 
     /// Sandbox or app container.
-    pub fn role(&self) -> Role {
+    pub(crate) fn role(&self) -> Role {
         let annotations = self.annotations();
         match annotations.get(CONTAINER_TYPE).map(String::as_str) {
             Some("sandbox") => Role::Sandbox,
@@ -97,17 +97,17 @@ impl Bundle {
     }
 
     /// The Kubernetes container name, if the CRI made this container.
-    pub fn container_name(&self) -> Option<String> {
+    pub(crate) fn container_name(&self) -> Option<String> {
         self.annotations().get(CONTAINER_NAME).cloned()
     }
 
     /// The pod's Kubernetes namespace, if the CRI says.
-    pub fn pod_namespace(&self) -> Option<String> {
+    pub(crate) fn pod_namespace(&self) -> Option<String> {
         self.annotations().get(SANDBOX_NAMESPACE).cloned()
     }
 
     /// The pod and container this container is, when the CRI made it.
-    pub fn pod_identity(&self) -> Option<PodIdentity> {
+    pub(crate) fn pod_identity(&self) -> Option<PodIdentity> {
         let annotations = self.annotations();
         Some(PodIdentity {
             pod: annotations.get(SANDBOX_NAME)?.clone(),
@@ -118,7 +118,7 @@ impl Bundle {
 
     /// The pod's `/etc/resolv.conf` as the CRI mounts it (read up to 64
     /// KiB), if the container has one.
-    pub fn resolv_conf(&self) -> Result<Option<Vec<u8>>, NodeError> {
+    pub(crate) fn resolv_conf(&self) -> Result<Option<Vec<u8>>, NodeError> {
         use std::io::Read as _;
         const MAX_BYTES: u64 = 64 << 10;
         let mounts = self.spec.mounts().clone().unwrap_or_default();
@@ -144,7 +144,7 @@ impl Bundle {
     /// container and read-only where the mount is. The runtime's own mounts
     /// (`/proc`, `/sys`, `/dev`, the `/etc` files the CRI writes) and
     /// single-file mounts are not filesystems a function is given.
-    pub fn volumes(&self) -> Vec<FileGrant> {
+    pub(crate) fn volumes(&self) -> Vec<FileGrant> {
         let mounts = self.spec.mounts().clone().unwrap_or_default();
         let mut grants = Vec::new();
         for mount in mounts {
@@ -169,18 +169,18 @@ impl Bundle {
     }
 
     /// The rootfs directory (`root.path`, relative to the bundle).
-    pub fn rootfs(&self) -> PathBuf {
+    pub(crate) fn rootfs(&self) -> PathBuf {
         let root = self.spec.root().as_ref().map(|root| root.path().clone()).unwrap_or_else(|| "rootfs".into());
         if root.is_absolute() { root } else { self.path.join(root) }
     }
 
     /// The process's arguments (`args[0]` is the wasm's path in the rootfs).
-    pub fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         self.spec.process().as_ref().and_then(|process| process.args().clone()).unwrap_or_default()
     }
 
     /// The process's environment as `(name, value)` pairs.
-    pub fn env(&self) -> Vec<(String, String)> {
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
         let env = self.spec.process().as_ref().and_then(|process| process.env().clone()).unwrap_or_default();
         env.iter()
             .filter_map(|entry| entry.split_once('=').map(|(name, value)| (name.to_string(), value.to_string())))
@@ -188,7 +188,7 @@ impl Bundle {
     }
 
     /// The HTTP port: `SHOAL_HTTP_PORT` from the environment, else 8080.
-    pub fn port(&self) -> Result<u16, NodeError> {
+    pub(crate) fn port(&self) -> Result<u16, NodeError> {
         match self.env().into_iter().find(|(name, _)| name == PORT_ENV) {
             None => Ok(DEFAULT_PORT),
             Some((_, value)) => value.parse::<u16>().ok().filter(|port| *port != 0).ok_or_else(|| {
@@ -198,7 +198,7 @@ impl Bundle {
     }
 
     /// The network namespace the spec asks for.
-    pub fn netns(&self) -> Netns {
+    pub(crate) fn netns(&self) -> Netns {
         let namespaces = self.spec.linux().as_ref().and_then(|linux| linux.namespaces().clone()).unwrap_or_default();
         match namespaces.iter().find(|ns| ns.typ() == LinuxNamespaceType::Network) {
             None => Netns::Node,
@@ -211,7 +211,7 @@ impl Bundle {
 
     /// The CPU limit from `linux.resources.cpu` (`quota / period`, as the
     /// kubelet writes `resources.limits.cpu`), in thousandths of a core.
-    pub fn cpu_limit_millis(&self) -> Option<u32> {
+    pub(crate) fn cpu_limit_millis(&self) -> Option<u32> {
         let cpu = self.spec.linux().as_ref()?.resources().as_ref()?.cpu().as_ref()?.clone();
         let (quota, period) = (cpu.quota()?, cpu.period()?);
         if quota <= 0 || period == 0 {
@@ -222,7 +222,7 @@ impl Bundle {
     }
 
     /// The memory limit from `linux.resources.memory.limit`.
-    pub fn memory_limit(&self) -> Option<u64> {
+    pub(crate) fn memory_limit(&self) -> Option<u64> {
         let limit = self.spec.linux().as_ref()?.resources().as_ref()?.memory().as_ref()?.limit()?;
         u64::try_from(limit).ok().filter(|limit| *limit > 0)
     }
@@ -230,7 +230,7 @@ impl Bundle {
     /// The entrypoint (`args[0]`) as the container names it, refusing
     /// paths that climb out of the rootfs with `..` (reading it resolves it
     /// inside the rootfs: [`crate::rootfs::read_inside`]).
-    pub fn entrypoint(&self) -> Result<String, NodeError> {
+    pub(crate) fn entrypoint(&self) -> Result<String, NodeError> {
         let args = self.args();
         let Some(entry) = args.first().filter(|entry| !entry.is_empty()) else {
             return Err(NodeError::InvalidArgument(
@@ -358,7 +358,7 @@ fn volume_kind(source: &Path) -> VolumeKind {
 
 /// A function name for a container: its Kubernetes name (or id), made a
 /// valid name, plus a short hash of the id so two pods never collide.
-pub fn function_name(container_id: &str, container_name: Option<&str>) -> String {
+pub(crate) fn function_name(container_id: &str, container_name: Option<&str>) -> String {
     let base = container_name.unwrap_or(container_id);
     let mut name: String =
         base.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(48).collect();

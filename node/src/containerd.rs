@@ -22,7 +22,7 @@ const MAX_MANIFEST: usize = 4 << 20;
 
 /// What containerd holds about one container.
 #[derive(Debug, Default)]
-pub struct ContainerRecord {
+pub(crate) struct ContainerRecord {
     /// Its labels.
     pub labels: BTreeMap<String, String>,
     /// The image it was created from (empty for `ctr run --rootfs`).
@@ -42,7 +42,7 @@ async fn within<T>(socket: &Path, work: impl Future<Output = Result<T, NodeError
 }
 
 /// Container `id` of `namespace`: labels and image name.
-pub async fn container(socket: &Path, namespace: &str, id: &str) -> Result<ContainerRecord, NodeError> {
+pub(crate) async fn container(socket: &Path, namespace: &str, id: &str) -> Result<ContainerRecord, NodeError> {
     within(socket, async {
         let request = with_namespace!(GetContainerRequest { id: id.to_string() }, namespace);
         let response = client(socket).await?.containers().get(request).await.map_err(|status| {
@@ -57,7 +57,7 @@ pub async fn container(socket: &Path, namespace: &str, id: &str) -> Result<Conta
 /// The wasm layer of `image` (a CNCF wasm artifact: a layer of media type
 /// `application/wasm` or the component layer type), read from the content
 /// store and checked against its digest.
-pub async fn artifact_wasm(
+pub(crate) async fn artifact_wasm(
     socket: &Path,
     namespace: &str,
     image: &str,

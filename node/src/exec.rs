@@ -28,7 +28,7 @@ const PIPE_BUDGET: usize = 64 * 1024;
 
 /// What an exec runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecCommand {
+pub(crate) enum ExecCommand {
     /// `shoal invoke [PATH]`.
     Invoke { path: String },
     /// A wasm program of the rootfs, with its `argv` and environment.
@@ -37,14 +37,14 @@ pub enum ExecCommand {
 
 /// Where an exec is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExecState {
+pub(crate) enum ExecState {
     Created,
     Running,
     Stopped { status: u32, at: SystemTime },
 }
 
 /// One exec of a container.
-pub struct Exec {
+pub(crate) struct Exec {
     pub id: String,
     pub command: ExecCommand,
     pub stdin: String,
@@ -56,7 +56,7 @@ pub struct Exec {
 
 impl Exec {
     /// Read containerd's request: the OCI process spec (JSON) in `spec`.
-    pub fn parse(request: &ExecProcessRequest) -> Result<Exec, NodeError> {
+    pub(crate) fn parse(request: &ExecProcessRequest) -> Result<Exec, NodeError> {
         if request.terminal {
             return Err(NodeError::Unimplemented("a terminal (tty) is not supported: run exec without -t".to_string()));
         }
@@ -85,12 +85,12 @@ impl Exec {
         })
     }
 
-    pub fn state(&self) -> ExecState {
+    pub(crate) fn state(&self) -> ExecState {
         *self.state.borrow()
     }
 
     /// Record its end; `false` if it had ended already.
-    pub fn finish(&self, status: u32) -> bool {
+    pub(crate) fn finish(&self, status: u32) -> bool {
         self.state.send_if_modified(|state| {
             if matches!(state, ExecState::Stopped { .. }) {
                 return false;
@@ -100,7 +100,7 @@ impl Exec {
         })
     }
 
-    pub fn take_runner(&self) -> Option<tokio::task::JoinHandle<()>> {
+    pub(crate) fn take_runner(&self) -> Option<tokio::task::JoinHandle<()>> {
         self.runner.lock().unwrap_or_else(|poison| poison.into_inner()).take()
     }
 }
@@ -133,7 +133,7 @@ fn command_of(args: Vec<String>, env: Vec<(String, String)>) -> Result<ExecComma
 }
 
 /// An exec's streams, opened on its FIFOs (`None`: not asked for).
-pub struct ExecStdio {
+pub(crate) struct ExecStdio {
     pub stdin: Option<tokio::net::unix::pipe::Receiver>,
     pub stdout: Option<Sender>,
     pub stderr: Option<Sender>,
@@ -151,7 +151,7 @@ impl ExecStdio {
     /// its end when the client closes it. A client that never connects
     /// (`ctr` with nothing on its stdin never opens it) leaves a program
     /// that reads stdin waiting, as a process would.
-    pub fn open(exec: &Exec) -> Result<ExecStdio, NodeError> {
+    pub(crate) fn open(exec: &Exec) -> Result<ExecStdio, NodeError> {
         let stdin = match fifo_path(&exec.stdin) {
             None => None,
             Some(path) => Some(
@@ -170,7 +170,7 @@ impl ExecStdio {
 
     /// The streams as a WASI program's (output that is not asked for is
     /// discarded).
-    pub fn into_wasi(self) -> (Option<AsyncStdinStream>, AsyncStdoutStream, AsyncStdoutStream, Option<Sender>) {
+    pub(crate) fn into_wasi(self) -> (Option<AsyncStdinStream>, AsyncStdoutStream, AsyncStdoutStream, Option<Sender>) {
         let stream = |sender: Option<Sender>| match sender {
             Some(sender) => AsyncStdoutStream::new(PIPE_BUDGET, sender),
             None => AsyncStdoutStream::new(PIPE_BUDGET, tokio::io::sink()),
@@ -180,7 +180,7 @@ impl ExecStdio {
 }
 
 /// A FIFO's writing end.
-pub type Sender = tokio::net::unix::pipe::Sender;
+pub(crate) type Sender = tokio::net::unix::pipe::Sender;
 
 fn fifo_path(path: &str) -> Option<&str> {
     let path = path.strip_prefix("file://").unwrap_or(path);
@@ -198,7 +198,7 @@ fn output(path: &str) -> Result<Option<Sender>, NodeError> {
 
 /// Write `bytes` to `sender`, if there is one (a failed write is only
 /// logged: the exec's status says how it ended).
-pub async fn write(sender: &mut Option<Sender>, bytes: &[u8]) {
+pub(crate) async fn write(sender: &mut Option<Sender>, bytes: &[u8]) {
     use tokio::io::AsyncWriteExt as _;
     if let Some(sender) = sender
         && let Err(err) = sender.write_all(bytes).await

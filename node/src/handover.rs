@@ -32,7 +32,7 @@ const FDS_PER_MESSAGE: usize = 200;
 
 /// A container as the old host left it.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct SavedContainer {
+pub(crate) struct SavedContainer {
     /// containerd's `CreateTaskRequest` (protobuf), replayed to rebuild it.
     pub request: Vec<u8>,
     /// The function name it was given.
@@ -57,7 +57,7 @@ pub struct SavedContainer {
 
 /// A pod sandbox the old host owned (containerd's Sandbox API).
 #[derive(Debug, Serialize, Deserialize)]
-pub struct SavedSandbox {
+pub(crate) struct SavedSandbox {
     /// containerd's `CreateSandboxRequest` (protobuf), replayed to rebuild it.
     pub request: Vec<u8>,
     pub created_at: SystemTime,
@@ -71,7 +71,7 @@ pub struct SavedSandbox {
 
 /// A task's state across the hand-over.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub enum SavedState {
+pub(crate) enum SavedState {
     Created,
     Running,
     Paused,
@@ -80,7 +80,7 @@ pub enum SavedState {
 
 /// One of containerd's connections, stopped between two frames.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct SavedConnection {
+pub(crate) struct SavedConnection {
     /// Index of the socket in the snapshot's descriptors.
     pub socket: usize,
     /// Requests the old host had not answered (`Wait`s), whole frames.
@@ -91,7 +91,7 @@ pub struct SavedConnection {
 
 /// Everything the next host needs; the descriptors travel beside it.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// The pods whose sandboxes the host owns (adopted before containers,
     /// which find their pod's namespace there; absent from a host before
     /// the Sandbox API).
@@ -110,28 +110,28 @@ pub struct Snapshot {
 /// The descriptors a [`Snapshot`] names by index: added by the old host,
 /// taken (each once) by whichever host adopts the snapshot.
 #[derive(Debug, Default)]
-pub struct Descriptors(Vec<Option<OwnedFd>>);
+pub(crate) struct Descriptors(Vec<Option<OwnedFd>>);
 
 impl Descriptors {
     /// Add `fd`; its index.
-    pub fn add(&mut self, fd: OwnedFd) -> usize {
+    pub(crate) fn add(&mut self, fd: OwnedFd) -> usize {
         self.0.push(Some(fd));
         self.0.len() - 1
     }
 
     /// A second descriptor of `fd` added; its index.
-    pub fn add_copy(&mut self, fd: &OwnedFd, what: &str) -> Result<usize, String> {
+    pub(crate) fn add_copy(&mut self, fd: &OwnedFd, what: &str) -> Result<usize, String> {
         let copy = fd.try_clone().map_err(|err| format!("cannot duplicate {what}: {err}"))?;
         Ok(self.add(copy))
     }
 
     /// Take the descriptor at `index` (it can be taken once).
-    pub fn take(&mut self, index: usize) -> Result<OwnedFd, String> {
+    pub(crate) fn take(&mut self, index: usize) -> Result<OwnedFd, String> {
         self.0.get_mut(index).and_then(Option::take).ok_or_else(|| format!("the hand-over lacks descriptor {index}"))
     }
 
     /// [`Descriptors::take`], for an index that may be absent.
-    pub fn take_some(&mut self, index: Option<usize>) -> Result<Option<OwnedFd>, String> {
+    pub(crate) fn take_some(&mut self, index: Option<usize>) -> Result<Option<OwnedFd>, String> {
         index.map(|index| self.take(index)).transpose()
     }
 
@@ -142,7 +142,7 @@ impl Descriptors {
 
 /// What the new host says.
 #[derive(Debug, Serialize, Deserialize)]
-pub enum Said {
+pub(crate) enum Said {
     /// It started and waits for the snapshot.
     Hello { pid: u32, version: String },
     /// It serves everything it was given.
@@ -152,13 +152,13 @@ pub enum Said {
 }
 
 /// One end of the hand-over's socket pair.
-pub struct Link {
+pub(crate) struct Link {
     stream: UnixStream,
 }
 
 impl Link {
     /// A pair: the old host's end, and the end the new host inherits.
-    pub fn pair() -> std::io::Result<(Link, OwnedFd)> {
+    pub(crate) fn pair() -> std::io::Result<(Link, OwnedFd)> {
         let (ours, theirs) = UnixStream::pair()?;
         Ok((Link { stream: ours }, OwnedFd::from(theirs)))
     }
@@ -167,7 +167,7 @@ impl Link {
     ///
     /// # Safety
     /// `fd` must be an open socket this process owns and uses nowhere else.
-    pub unsafe fn inherited(fd: RawFd) -> std::io::Result<Link> {
+    pub(crate) unsafe fn inherited(fd: RawFd) -> std::io::Result<Link> {
         // SAFETY: the caller guarantees the descriptor is ours alone.
         let stream = unsafe { UnixStream::from_raw_fd(fd) };
         // It was inherited without close-on-exec; set it now.
@@ -177,20 +177,20 @@ impl Link {
     }
 
     /// Wait at most `timeout` for each later read.
-    pub fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+    pub(crate) fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
         self.stream.set_read_timeout(timeout)
     }
 
-    pub fn say(&mut self, said: &Said) -> std::io::Result<()> {
+    pub(crate) fn say(&mut self, said: &Said) -> std::io::Result<()> {
         self.send_json(said)
     }
 
-    pub fn hear(&mut self) -> std::io::Result<Said> {
+    pub(crate) fn hear(&mut self) -> std::io::Result<Said> {
         self.recv_json()
     }
 
     /// Send the snapshot and its descriptors (all still there: none taken).
-    pub fn send_snapshot(&mut self, snapshot: &Snapshot, fds: &Descriptors) -> std::io::Result<()> {
+    pub(crate) fn send_snapshot(&mut self, snapshot: &Snapshot, fds: &Descriptors) -> std::io::Result<()> {
         let raw = fds
             .0
             .iter()
@@ -215,7 +215,7 @@ impl Link {
     }
 
     /// Receive a snapshot and its descriptors.
-    pub fn recv_snapshot(&mut self) -> std::io::Result<(Snapshot, Descriptors)> {
+    pub(crate) fn recv_snapshot(&mut self) -> std::io::Result<(Snapshot, Descriptors)> {
         let (snapshot, count): (Snapshot, usize) = self.recv_json()?;
         let mut fds = Vec::with_capacity(count);
         while fds.len() < count {

@@ -16,7 +16,7 @@ use crate::error::NodeError;
 
 /// Open a namespace file (`/var/run/netns/cni-...`, `/proc/<pid>/ns/net`);
 /// holding the descriptor keeps the namespace alive.
-pub fn open(path: &Path) -> Result<OwnedFd, NodeError> {
+pub(crate) fn open(path: &Path) -> Result<OwnedFd, NodeError> {
     std::fs::File::open(path).map(OwnedFd::from).map_err(|err| {
         let message = format!("cannot open the network namespace {}: {err}", path.display());
         if err.kind() == std::io::ErrorKind::NotFound {
@@ -29,7 +29,7 @@ pub fn open(path: &Path) -> Result<OwnedFd, NodeError> {
 
 /// A new network namespace with its loopback interface up (what a
 /// container gets from `ctr run` without `--net-host`).
-pub fn create() -> Result<OwnedFd, NodeError> {
+pub(crate) fn create() -> Result<OwnedFd, NodeError> {
     on_thread(|| {
         nix::sched::unshare(CloneFlags::CLONE_NEWNET)
             .map_err(|err| NodeError::Internal(format!("cannot create a network namespace: {err}")))?;
@@ -41,7 +41,7 @@ pub fn create() -> Result<OwnedFd, NodeError> {
 
 /// Bind a TCP listener at `addr` inside `netns` (the node's own
 /// namespace when `None`).
-pub fn bind(netns: Option<&OwnedFd>, addr: SocketAddr) -> Result<TcpListener, NodeError> {
+pub(crate) fn bind(netns: Option<&OwnedFd>, addr: SocketAddr) -> Result<TcpListener, NodeError> {
     let Some(netns) = netns else {
         return bind_here(addr);
     };

@@ -48,7 +48,7 @@ struct PolicyText {
 /// Patterns take `*` for any run of characters.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// Namespace patterns (`team-*`, `*`).
     pub namespaces: Vec<String>,
     /// `bucket:key` patterns: the bucket a pattern (`*` for any), the key
@@ -384,7 +384,7 @@ fn glob(pattern: &str, text: &str) -> bool {
 }
 
 /// The policy file, read again when it changes.
-pub struct PolicyFile {
+pub(crate) struct PolicyFile {
     path: PathBuf,
     cached: Mutex<Option<(FileStamp, Loaded)>>,
     /// The last policy the file held (kept when the file goes away).
@@ -403,12 +403,12 @@ enum FileStamp {
 
 impl PolicyFile {
     /// The policy at `path` (the built-in policy while there is no file).
-    pub fn new(path: &Path) -> PolicyFile {
+    pub(crate) fn new(path: &Path) -> PolicyFile {
         PolicyFile { path: path.to_path_buf(), cached: Mutex::new(None), last_file: Mutex::new(None) }
     }
 
     /// The policy in force now.
-    pub fn current(&self) -> Result<Arc<Policy>, NodeError> {
+    pub(crate) fn current(&self) -> Result<Arc<Policy>, NodeError> {
         use std::os::unix::fs::MetadataExt as _;
         let stamp = match std::fs::metadata(&self.path) {
             Ok(meta) => FileStamp::Seen { modified: meta.modified().ok(), len: meta.len(), inode: meta.ino() },

@@ -50,7 +50,7 @@ enum Phase {
 /// sent again to the next server), and the start of a request already
 /// read from containerd but not yet whole.
 #[derive(Debug)]
-pub struct Detached {
+pub(crate) struct Detached {
     pub socket: OwnedFd,
     pub replay: Vec<Vec<u8>>,
     pub partial: Vec<u8>,
@@ -85,14 +85,14 @@ impl Relay {
 type Running = (Arc<Relay>, JoinHandle<Option<Detached>>);
 
 /// Every relayed connection of the host, and the way to the ttrpc server.
-pub struct Relays {
+pub(crate) struct Relays {
     relays: Mutex<Vec<Running>>,
     to_server: mpsc::Sender<std::io::Result<DuplexStream>>,
 }
 
 impl Relays {
     /// The relays, and the listener to give the ttrpc server.
-    pub fn new() -> (Arc<Relays>, ttrpc::asynchronous::transport::Listener) {
+    pub(crate) fn new() -> (Arc<Relays>, ttrpc::asynchronous::transport::Listener) {
         let (to_server, incoming) = mpsc::channel(BACKLOG);
         let incoming = futures_util::stream::unfold(incoming, |mut incoming| async move {
             incoming.recv().await.map(|pipe| (pipe, incoming))
@@ -107,7 +107,11 @@ impl Relays {
 
     /// Relay a connection from containerd; `carried` is what a previous
     /// host left of it (requests to send again, a partial frame).
-    pub async fn relay(&self, socket: UnixStream, carried: Option<(Vec<Vec<u8>>, Vec<u8>)>) -> std::io::Result<()> {
+    pub(crate) async fn relay(
+        &self,
+        socket: UnixStream,
+        carried: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+    ) -> std::io::Result<()> {
         let (server_end, relay_end) = tokio::io::duplex(PIPE_BYTES);
         self.to_server.send(Ok(server_end)).await.map_err(|_| std::io::Error::other("the task service has stopped"))?;
         let relay = Arc::new(Relay { phase: watch::Sender::new(Phase::Open), pending: Mutex::new(HashMap::new()) });
@@ -120,28 +124,28 @@ impl Relays {
     }
 
     /// Stop reading containerd's requests (answers still flow).
-    pub fn hold(&self) {
+    pub(crate) fn hold(&self) {
         for (relay, _) in self.lock().iter() {
             relay.phase.send_replace(Phase::Hold);
         }
     }
 
     /// Read containerd's requests again.
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         for (relay, _) in self.lock().iter() {
             relay.phase.send_replace(Phase::Open);
         }
     }
 
     /// Requests under way, long polls (`Wait`) aside.
-    pub fn busy(&self) -> usize {
+    pub(crate) fn busy(&self) -> usize {
         self.lock().iter().filter(|(_, task)| !task.is_finished()).map(|(relay, _)| relay.busy()).sum()
     }
 
     /// Take every connection out of its relay (after [`Relays::hold`] and
     /// once [`Relays::busy`] is 0). Connections containerd closed meanwhile
     /// are left out.
-    pub async fn detach(&self) -> Vec<Detached> {
+    pub(crate) async fn detach(&self) -> Vec<Detached> {
         let relays: Vec<_> = std::mem::take(&mut *self.lock());
         let mut detached = Vec::new();
         for (relay, task) in relays {

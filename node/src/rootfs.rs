@@ -25,7 +25,7 @@ use crate::error::NodeError;
 /// as nothing (`EACCES`) even for the host's root, and no set-id bit
 /// means anything. It is remounted as a bind of itself, which changes the
 /// mount's own flags and keeps the others (read-only, noexec, atime).
-pub fn harden(target: &Path) -> Result<(), NodeError> {
+pub(crate) fn harden(target: &Path) -> Result<(), NodeError> {
     use nix::mount::MsFlags;
     use nix::sys::statvfs::{FsFlags, statvfs};
     let failed = |what: &str, err: Errno| {
@@ -53,7 +53,7 @@ pub const DEFAULT_MAX_WASM_BYTES: u64 = 256 << 20;
 /// Read `path` (as the container names it; absolute or relative to `/`)
 /// from the container whose root is `root`, refusing anything but a
 /// regular file of at most `max_bytes`.
-pub fn read_inside(root: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8>, NodeError> {
+pub(crate) fn read_inside(root: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8>, NodeError> {
     let dir = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)

@@ -13,7 +13,7 @@ use crate::error::NodeError;
 use shoal::logs::{GuestLine, LogSink, Stream, TracingSink};
 
 /// A container's stdout and stderr FIFOs.
-pub struct ContainerOutput {
+pub(crate) struct ContainerOutput {
     stdout: Option<Mutex<File>>,
     stderr: Option<Mutex<File>>,
 }
@@ -25,20 +25,20 @@ impl ContainerOutput {
     /// never fails with EPIPE while containerd restarts and reopens its
     /// end, non-blocking so a reader that stopped reading can only cost
     /// lines, never a host thread.
-    pub fn open(stdout: &str, stderr: &str) -> Result<ContainerOutput, NodeError> {
+    pub(crate) fn open(stdout: &str, stderr: &str) -> Result<ContainerOutput, NodeError> {
         Ok(ContainerOutput { stdout: open_fifo(stdout)?.map(Mutex::new), stderr: open_fifo(stderr)?.map(Mutex::new) })
     }
 
     /// The FIFOs as another host process had them open (a hand-over: they
     /// are passed, not opened again, so containerd's reading end never
     /// sees every writer gone, which would end the container's log).
-    pub fn from_descriptors(stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> ContainerOutput {
+    pub(crate) fn from_descriptors(stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> ContainerOutput {
         let file = |fd: Option<OwnedFd>| fd.map(|fd| Mutex::new(File::from(fd)));
         ContainerOutput { stdout: file(stdout), stderr: file(stderr) }
     }
 
     /// Second descriptors of the FIFOs (for a hand-over).
-    pub fn descriptors(&self) -> std::io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+    pub(crate) fn descriptors(&self) -> std::io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
         let dup = |file: &Option<Mutex<File>>| -> std::io::Result<Option<OwnedFd>> {
             match file {
                 Some(file) => {
@@ -87,19 +87,19 @@ fn open_fifo(path: &str) -> Result<Option<File>, NodeError> {
 /// The host's log sink on a node: lines of a container's function go to
 /// that container's FIFOs; anything else goes to the host's own log.
 #[derive(Default)]
-pub struct ContainerSinks {
+pub(crate) struct ContainerSinks {
     outputs: Mutex<HashMap<String, Arc<ContainerOutput>>>,
 }
 
 impl ContainerSinks {
     /// Route `function`'s lines to `output`.
-    pub fn attach(&self, function: &str, output: Arc<ContainerOutput>) {
+    pub(crate) fn attach(&self, function: &str, output: Arc<ContainerOutput>) {
         self.lock().insert(function.to_string(), output);
     }
 
     /// Stop routing `function`'s lines; closing its FIFOs once the last
     /// reference goes (containerd then sees the end of the output).
-    pub fn detach(&self, function: &str) {
+    pub(crate) fn detach(&self, function: &str) {
         self.lock().remove(function);
     }
 

@@ -37,9 +37,9 @@ mod sandbox;
 mod service;
 
 use container::*;
-pub use service::services;
+pub(crate) use service::services;
 
-pub use sandbox::SandboxService;
+pub(crate) use sandbox::SandboxService;
 use sandbox::Sandboxes;
 
 use crate::NodeConfig;
@@ -74,7 +74,7 @@ const SIGTERM: u32 = 15;
 const ADOPTION_FAILED: u32 = 255;
 
 /// The node's containers and what serves them.
-pub struct Node {
+pub(crate) struct Node {
     host: Arc<Host>,
     sinks: Arc<ContainerSinks>,
     publisher: RemotePublisher,
@@ -106,7 +106,7 @@ fn timestamp(at: SystemTime) -> MessageField<Timestamp> {
 
 impl Node {
     /// A node with no containers yet.
-    pub fn new(
+    pub(crate) fn new(
         host: Arc<Host>,
         sinks: Arc<ContainerSinks>,
         publisher: RemotePublisher,
@@ -153,7 +153,7 @@ impl Node {
     }
 
     /// A host starting afresh: no container uses any wasm kept before.
-    pub fn forget_kept_wasm(&self) {
+    pub(crate) fn forget_kept_wasm(&self) {
         self.wasm.clear();
     }
 

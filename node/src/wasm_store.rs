@@ -19,14 +19,14 @@ use std::sync::Mutex;
 use crate::error::NodeError;
 
 /// Wasm bytes by digest, with how many containers use each.
-pub struct WasmStore {
+pub(crate) struct WasmStore {
     dir: PathBuf,
     users: Mutex<HashMap<String, usize>>,
 }
 
 impl WasmStore {
     /// A store in `dir` (made on first use).
-    pub fn new(dir: &Path) -> WasmStore {
+    pub(crate) fn new(dir: &Path) -> WasmStore {
         WasmStore { dir: dir.to_path_buf(), users: Mutex::new(HashMap::new()) }
     }
 
@@ -42,7 +42,7 @@ impl WasmStore {
     }
 
     /// Keep `wasm` (of sha256 `digest`) for one more container.
-    pub fn keep(&self, digest: &str, wasm: &[u8]) -> Result<(), NodeError> {
+    pub(crate) fn keep(&self, digest: &str, wasm: &[u8]) -> Result<(), NodeError> {
         let path = self.path(digest)?;
         let mut users = self.lock();
         if !path.is_file() {
@@ -60,20 +60,20 @@ impl WasmStore {
     /// Remove every kept wasm: a host that starts afresh (no container
     /// handed over) has no container using any, whatever a host before it
     /// (that crashed) left.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
         self.lock().clear();
     }
 
     /// One more container uses the wasm of `digest`, already kept (a
     /// container taken over from another host process).
-    pub fn count(&self, digest: &str) {
+    pub(crate) fn count(&self, digest: &str) {
         *self.lock().entry(digest.to_string()).or_default() += 1;
     }
 
     /// One container less uses the wasm of `digest`: the last one's going
     /// removes the file.
-    pub fn release(&self, digest: &str) {
+    pub(crate) fn release(&self, digest: &str) {
         let Ok(path) = self.path(digest) else { return };
         let mut users = self.lock();
         let Some(count) = users.get_mut(digest) else { return };
@@ -90,7 +90,7 @@ impl WasmStore {
 
     /// The wasm kept under `digest`, at most `max_bytes`, checked against
     /// the digest.
-    pub fn read(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, NodeError> {
+    pub(crate) fn read(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, NodeError> {
         use std::io::Read as _;
         let path = self.path(digest)?;
         let file = std::fs::File::open(&path)

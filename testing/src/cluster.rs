@@ -87,6 +87,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A `docker-registry` on a free loopback port.
     pub fn start() -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -169,6 +170,7 @@ pub fn containerd2_bin_dir() -> PathBuf {
 /// What a test's containerd is.
 #[derive(Debug, Clone)]
 pub struct ContainerdOptions<'a> {
+    /// Which containerd release to run.
     pub release: Release,
     /// On 2.x, how Shoal's pod sandboxes run (1.6 has only the pause container).
     pub sandboxer: Sandboxer,
@@ -189,13 +191,18 @@ impl Default for ContainerdOptions<'_> {
 
 /// A containerd of the test's own.
 pub struct Containerd {
+    /// Its private root, state, config and logs (removed with it).
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Its socket.
     pub address: PathBuf,
     /// Where the shim keeps node host sockets and logs.
     pub run_dir: PathBuf,
+    /// Where CRI container logs go.
     pub log_dir: PathBuf,
+    /// The release it runs.
     pub release: Release,
+    /// Who owns pod sandboxes.
     pub sandboxer: Sandboxer,
     /// Where its binaries are (`None`: on the PATH, Debian's 1.6).
     bin_dir: Option<PathBuf>,
@@ -480,21 +487,29 @@ pub async fn cri_node_with(
 
 /// The CRI's two services.
 pub struct Cri {
+    /// The CRI runtime service.
     pub runtime: RuntimeServiceClient<Channel>,
+    /// The CRI image service.
     pub images: ImageServiceClient<Channel>,
 }
 
 /// What a test pod is: one container in a namespace.
 pub struct PodOptions<'a> {
+    /// The pod's namespace (its tenant).
     pub namespace: &'a str,
+    /// The pod's name.
     pub name: &'a str,
     /// The container's name (what `invoke` finds it by).
     pub container: &'a str,
+    /// The image of its one container.
     pub image: &'a str,
+    /// The pod's annotations (`shoal.dev/...`).
     pub annotations: &'a [(&'a str, &'a str)],
+    /// The container's memory limit in bytes (0: none).
     pub memory_limit: i64,
     /// (host path, container path, read-only), as the kubelet mounts volumes.
     pub mounts: &'a [(PathBuf, &'a str, bool)],
+    /// The container's environment.
     pub env: &'a [(&'a str, &'a str)],
     /// The pod's DNS servers (its resolv.conf), when not the node's.
     pub dns_servers: &'a [&'a str],
@@ -526,10 +541,15 @@ impl<'a> PodOptions<'a> {
 /// A pod started through the CRI.
 #[derive(Debug, Clone)]
 pub struct Pod {
+    /// The pod sandbox's id.
     pub sandbox_id: String,
+    /// Its container's id.
     pub container_id: String,
+    /// The pod's network namespace.
     pub netns: PathBuf,
+    /// The pod's IP address.
     pub ip: String,
+    /// The container's log file.
     pub log_file: PathBuf,
     /// How long RunPodSandbox, CreateContainer and StartContainer took.
     #[allow(dead_code, reason = "read by the W7 benchmark (host/benches/kubernetes.rs)")]
@@ -537,6 +557,7 @@ pub struct Pod {
 }
 
 impl Cri {
+    /// Pull `image` through the CRI, as the kubelet does.
     pub async fn pull(&mut self, image: &str) {
         let request = PullImageRequest {
             image: Some(ImageSpec { image: image.into(), ..Default::default() }),
@@ -689,6 +710,7 @@ impl Cri {
         }
     }
 
+    /// The container's CRI state and exit code.
     pub async fn container_state(&mut self, id: &str) -> (i32, i32) {
         let status = self
             .runtime
@@ -701,6 +723,7 @@ impl Cri {
         (status.state, status.exit_code)
     }
 
+    /// Stop and remove the pod and its container, as the kubelet does.
     pub async fn remove_pod(&mut self, pod: &Pod) {
         self.runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.sandbox_id.clone() }).await.unwrap();
         self.runtime
@@ -747,10 +770,12 @@ fn dechunk(mut body: &str) -> String {
     data
 }
 
+/// A free TCP port on the loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Wait (polling) until `ready`, panicking with `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

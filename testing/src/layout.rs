@@ -9,9 +9,13 @@ use sha2::{Digest as _, Sha256};
 /// A file of a layer.
 #[derive(Clone, Copy)]
 pub enum Entry<'a> {
+    /// A regular file with these bytes.
     File(&'a [u8]),
+    /// A character device (major, minor).
     CharDevice(u32, u32),
+    /// A block device (major, minor).
     BlockDevice(u32, u32),
+    /// A FIFO (named pipe).
     Fifo,
 }
 

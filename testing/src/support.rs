@@ -63,9 +63,13 @@ pub fn item(spec: FunctionSpec) -> DeployItem {
 
 /// A host on a free loopback port, with guest output captured.
 pub struct TestHost {
+    /// The host, serving.
     pub running: RunningHost,
+    /// Every guest log line it wrote.
     pub logs: Arc<MemorySink>,
+    /// An HTTP client for its listener.
     pub client: reqwest::Client,
+    /// Its state directory, kept as long as the host.
     pub state: Option<tempfile::TempDir>,
 }
 
@@ -99,6 +103,7 @@ impl TestHost {
         host
     }
 
+    /// A host with `state_dir` (or none).
     pub async fn start_with(state_dir: Option<PathBuf>) -> TestHost {
         TestHost::start_full(state_dir, |_| {}).await
     }
@@ -108,6 +113,7 @@ impl TestHost {
         TestHost::start_full(None, configure).await
     }
 
+    /// A host with `state_dir`, its config adjusted by `configure` first.
     pub async fn start_full(state_dir: Option<PathBuf>, configure: impl FnOnce(&mut HostConfig)) -> TestHost {
         let logs = Arc::new(MemorySink::default());
         let config = HostConfig {
@@ -136,18 +142,22 @@ impl TestHost {
         TestHost { running, logs, client: reqwest::Client::new(), state: None }
     }
 
+    /// Deploy `specs`, panicking on a refusal.
     pub async fn deploy(&self, specs: Vec<FunctionSpec>) -> Vec<DeployReport> {
         self.try_deploy(specs).await.expect("deploy succeeds")
     }
 
+    /// Deploy `specs`; the registry's answer.
     pub async fn try_deploy(&self, specs: Vec<FunctionSpec>) -> Result<Vec<DeployReport>, shoal::Error> {
         self.running.host().registry().deploy(specs.into_iter().map(item).collect()).await
     }
 
+    /// The URL of `path` on its listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.running.http_addr().expect("a test host listens"))
     }
 
+    /// GET `path` and read the whole answer.
     pub async fn get(&self, path: &str) -> Reply {
         let response = self.client.get(self.url(path)).send().await.expect("request reaches the host");
         Reply::read(response).await
@@ -168,12 +178,16 @@ impl TestHost {
 /// A response read whole.
 #[derive(Debug)]
 pub struct Reply {
+    /// The status code.
     pub status: u16,
+    /// The headers.
     pub headers: reqwest::header::HeaderMap,
+    /// The body, as text.
     pub body: String,
 }
 
 impl Reply {
+    /// Read `response` whole.
     pub async fn read(response: reqwest::Response) -> Reply {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
@@ -181,10 +195,12 @@ impl Reply {
         Reply { status, headers, body }
     }
 
+    /// Header `name`, if present and text.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The `x-shoal-error` header: which limit or failure.
     pub fn error_kind(&self) -> Option<&str> {
         self.header("x-shoal-error")
     }
@@ -220,6 +236,7 @@ pub async fn upstream(
     addr
 }
 
+/// Check `condition` until it holds (true) or `timeout` passes (false).
 pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -239,8 +256,11 @@ where
 
 /// A `shoal serve` process (the real binary).
 pub struct HostProcess {
+    /// The `shoal serve` process.
     pub child: std::process::Child,
+    /// Its listener's address.
     pub addr: String,
+    /// Its state directory.
     pub state_dir: PathBuf,
     _stdout: std::io::BufReader<std::process::ChildStdout>,
 }
@@ -315,6 +335,7 @@ impl HostProcess {
         HostProcess { child, addr, state_dir: state_dir.to_path_buf(), _stdout: stdout }
     }
 
+    /// The URL of `path` on its listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -358,6 +379,7 @@ impl Drop for HostProcess {
 /// A real `redis-server` on a free loopback port, stopped on drop.
 pub struct RedisServer {
     child: Option<std::process::Child>,
+    /// Its `redis://` URL.
     pub url: String,
     port: u16,
     persistent: bool,

@@ -81,7 +81,14 @@ async fn exec_sync_through_the_cri_answers_from_the_pods_function() {
         cmd: cmd.iter().map(|word| word.to_string()).collect(),
         timeout: 20,
     };
-    let reply = cri.runtime.exec_sync(exec(&["shoal", "invoke", "/hello?name=kubectl"])).await.unwrap().into_inner();
+    // Bounded: an ExecSync that never returns fails the test (once, it
+    // hung with containerd waiting to open the exec's output FIFO).
+    let bounded = Duration::from_secs(60);
+    let reply = tokio::time::timeout(bounded, cri.runtime.exec_sync(exec(&["shoal", "invoke", "/hello?name=kubectl"])))
+        .await
+        .expect("ExecSync answers within a minute")
+        .unwrap()
+        .into_inner();
     assert_eq!(
         (reply.exit_code, String::from_utf8_lossy(&reply.stdout).as_ref()),
         (0, "hello, kubectl\n"),
@@ -89,14 +96,22 @@ async fn exec_sync_through_the_cri_answers_from_the_pods_function() {
         String::from_utf8_lossy(&reply.stderr)
     );
     // The function is no program: exit code 126 and the reason.
-    let reply = cri.runtime.exec_sync(exec(&["/hello.wasm"])).await.unwrap().into_inner();
+    let reply = tokio::time::timeout(bounded, cri.runtime.exec_sync(exec(&["/hello.wasm"])))
+        .await
+        .expect("ExecSync answers within a minute")
+        .unwrap()
+        .into_inner();
     assert_eq!(reply.exit_code, 126, "{reply:?}");
     assert!(String::from_utf8_lossy(&reply.stderr).contains("not a wasi:cli program"), "{reply:?}");
     // Something that is no wasm at all is refused at once, naming why.
-    let refused = cri.runtime.exec_sync(exec(&["sh", "-c", "true"])).await.unwrap_err();
+    let refused = tokio::time::timeout(bounded, cri.runtime.exec_sync(exec(&["sh", "-c", "true"])))
+        .await
+        .expect("ExecSync answers within a minute")
+        .unwrap_err();
     assert!(refused.message().contains("is not a wasm program"), "{refused}");
     cri.remove_pod(&pod).await;
 }
+
 #[tokio::test]
 async fn an_exec_computes_within_its_containers_cpu_limit_and_the_throttling_shows_in_its_stats() {
     let _serial = SERIAL.lock().await;

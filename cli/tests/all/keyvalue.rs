@@ -5,7 +5,7 @@ use shoal::manifest::KeyGrant;
 
 use crate::support::{HostProcess, TestHost, spec, write_manifest};
 
-pub fn kv_spec(grants: &[&str]) -> shoal::manifest::FunctionSpec {
+pub(crate) fn kv_spec(grants: &[&str]) -> shoal::manifest::FunctionSpec {
     let mut kv = spec("kv", "kv", "/kv");
     kv.grants.keyvalue = grants.iter().map(|g| KeyGrant::parse(g).unwrap()).collect();
     kv
@@ -13,7 +13,7 @@ pub fn kv_spec(grants: &[&str]) -> shoal::manifest::FunctionSpec {
 
 /// The behaviour every key-value backend must show, on a host whose
 /// function `kv` is granted `default:counter/*` and `default:data/*`.
-pub async fn key_value_behaves(host: &TestHost) {
+pub(crate) async fn key_value_behaves(host: &TestHost) {
     assert_eq!(host.get("/kv/incr?key=counter/a").await.body, "counter/a=1\n");
     assert_eq!(host.get("/kv/incr?key=counter/a&by=41").await.body, "counter/a=42\n");
     let put = host.client.put(host.url("/kv/set?key=data/x")).body("hello").send().await.unwrap();

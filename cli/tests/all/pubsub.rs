@@ -8,20 +8,20 @@ use shoal::manifest::{FunctionSpec, KeyGrant};
 
 use crate::support::{TestHost, eventually, spec};
 
-pub fn publisher(topic: &str) -> FunctionSpec {
+pub(crate) fn publisher(topic: &str) -> FunctionSpec {
     let mut publisher = spec("publisher", "publisher", "/pub");
     publisher.grants.publish = BTreeSet::from([topic.to_string()]);
     publisher
 }
 
-pub fn subscriber(topic: &str) -> FunctionSpec {
+pub(crate) fn subscriber(topic: &str) -> FunctionSpec {
     let mut subscriber = spec("subscriber", "subscriber", "/inbox");
     subscriber.grants.subscribe = BTreeSet::from([topic.to_string()]);
     subscriber.grants.keyvalue = vec![KeyGrant::parse("inbox:*").unwrap()];
     subscriber
 }
 
-pub async fn publish(host: &TestHost, topic: &str, body: &str) -> crate::support::Reply {
+pub(crate) async fn publish(host: &TestHost, topic: &str, body: &str) -> crate::support::Reply {
     let response =
         host.client.post(host.url(&format!("/pub/publish?topic={topic}"))).body(body.to_string()).send().await.unwrap();
     crate::support::Reply::read(response).await
@@ -29,7 +29,7 @@ pub async fn publish(host: &TestHost, topic: &str, body: &str) -> crate::support
 
 /// Wait (up to 20 s) until the subscriber's inbox holds a message whose
 /// payload is `payload`.
-pub async fn inbox_receives(host: &TestHost, payload: &str) -> bool {
+pub(crate) async fn inbox_receives(host: &TestHost, payload: &str) -> bool {
     let suffix = format!("={payload}");
     eventually(Duration::from_secs(20), || async {
         host.get("/inbox").await.body.lines().any(|line| line.ends_with(&suffix))
@@ -39,12 +39,12 @@ pub async fn inbox_receives(host: &TestHost, payload: &str) -> bool {
 
 /// Publish `payload` until the publisher's call succeeds (up to 15 s):
 /// whether it did.
-pub async fn publish_succeeds(host: &TestHost, topic: &str, payload: &str) -> bool {
+pub(crate) async fn publish_succeeds(host: &TestHost, topic: &str, payload: &str) -> bool {
     eventually(Duration::from_secs(15), || async { publish(host, topic, payload).await.status == 202 }).await
 }
 
 /// Wait until the subscriber's inbox shows `want` (a line of `GET /inbox`).
-pub async fn inbox_shows(host: &TestHost, want: &str) -> bool {
+pub(crate) async fn inbox_shows(host: &TestHost, want: &str) -> bool {
     eventually(Duration::from_secs(10), || async { host.get("/inbox").await.body.lines().any(|line| line == want) })
         .await
 }

@@ -8,12 +8,12 @@ use crate::pubsub::{inbox_receives, inbox_shows, publish, publish_succeeds, publ
 use crate::support::{RedisServer, TestHost};
 
 /// A host with key-value and pubsub on `redis`.
-pub async fn host_on(redis: &RedisServer) -> TestHost {
+pub(crate) async fn host_on(redis: &RedisServer) -> TestHost {
     host_on_configured(redis, |_| {}).await
 }
 
 /// [`host_on`], its config further adjusted by `configure`.
-pub async fn host_on_configured(redis: &RedisServer, configure: impl FnOnce(&mut HostConfig)) -> TestHost {
+pub(crate) async fn host_on_configured(redis: &RedisServer, configure: impl FnOnce(&mut HostConfig)) -> TestHost {
     let url = redis.url.clone();
     TestHost::start_configured(move |config| {
         config.keyvalue = Backend::Redis { url: url.clone() };

@@ -52,7 +52,7 @@ pub struct Redis {
 }
 
 /// Write an entry and count its tenant's bytes, or refuse (returning -1)
-/// when the tenant would grow past the quota (ARGV[3], 0: none).
+/// when the tenant would grow past the quota (`ARGV[3]`, 0: none).
 /// KEYS: the entry, the tenant's count. ARGV: value, key length, quota,
 /// `set` or `del`.
 static WRITE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
@@ -76,7 +76,7 @@ static WRITE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
 });
 
 /// `INCRBY` an entry and count its tenant's bytes, or undo it and refuse
-/// (returning `{0, 0}`) when the tenant would grow past the quota (ARGV[3],
+/// (returning `{0, 0}`) when the tenant would grow past the quota (`ARGV[3]`,
 /// 0: none); `{1, value}` when done. KEYS: the entry, the tenant's count.
 /// ARGV: delta, key length, quota.
 static INCREMENT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
@@ -107,8 +107,8 @@ static INCREMENT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(
 /// group needs any more (every group has acknowledged them; a stream with
 /// no group delivers nothing more), and takes their bytes off the tenant's
 /// count. Then refuses with `{0, held}` when the payload would take the
-/// tenant's count past its budget (ARGV[2], 0: none), or with `{-1, length}`
-/// when the stream holds ARGV[3] entries; else appends and counts it:
+/// tenant's count past its budget (`ARGV[2]`, 0: none), or with `{-1, length}`
+/// when the stream holds `ARGV[3]` entries; else appends and counts it:
 /// `{1, id}`. Nothing undelivered is ever trimmed (`MAXLEN` would drop
 /// messages no subscriber has seen). KEYS: the stream, the tenant's count.
 /// ARGV: payload, budget, most entries, trim batch.

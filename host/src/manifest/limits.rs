@@ -83,23 +83,23 @@ mod non_zero_field {
         NonZeroU32::new(value).ok_or_else(|| D::Error::custom(format!("limits.{field} must be greater than 0")))
     }
 
-    pub fn max_concurrency<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+    pub(super) fn max_concurrency<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
         non_zero(deserializer, "max_concurrency")
     }
 
-    pub fn abi_calls_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+    pub(super) fn abi_calls_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
         non_zero(deserializer, "abi_calls_per_second")
     }
 
-    pub fn publish_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+    pub(super) fn publish_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
         non_zero(deserializer, "publish_per_second")
     }
 
-    pub fn log_bytes_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+    pub(super) fn log_bytes_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
         non_zero(deserializer, "log_bytes_per_second")
     }
 
-    pub fn cpu_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU32>, D::Error> {
+    pub(super) fn cpu_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU32>, D::Error> {
         match Option::<u32>::deserialize(deserializer)? {
             None => Ok(None),
             Some(millis) => NonZeroU32::new(millis)
@@ -108,7 +108,7 @@ mod non_zero_field {
         }
     }
 
-    pub fn max_requests_per_instance<'de, D: Deserializer<'de>>(
+    pub(super) fn max_requests_per_instance<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<NonZeroU32>, D::Error> {
         match Option::<u32>::deserialize(deserializer)? {
@@ -119,7 +119,7 @@ mod non_zero_field {
         }
     }
 
-    pub fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
+    pub(super) fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
         match Option::<u64>::deserialize(deserializer)? {
             None => Ok(None),
             Some(fuel) => NonZeroU64::new(fuel).map(Some).ok_or_else(|| {
@@ -132,25 +132,25 @@ mod non_zero_field {
 mod defaults {
     use std::num::NonZeroU32;
 
-    pub fn max_request_bytes() -> u64 {
+    pub(super) fn max_request_bytes() -> u64 {
         10 << 20
     }
-    pub fn kv_max_key_bytes() -> usize {
+    pub(super) fn kv_max_key_bytes() -> usize {
         1024
     }
-    pub fn kv_max_value_bytes() -> usize {
+    pub(super) fn kv_max_value_bytes() -> usize {
         1 << 20
     }
-    pub fn message_max_bytes() -> usize {
+    pub(super) fn message_max_bytes() -> usize {
         256 << 10
     }
-    pub fn abi_calls_per_second() -> NonZeroU32 {
+    pub(super) fn abi_calls_per_second() -> NonZeroU32 {
         NonZeroU32::new(100_000).expect("invariant: not zero")
     }
-    pub fn publish_per_second() -> NonZeroU32 {
+    pub(super) fn publish_per_second() -> NonZeroU32 {
         NonZeroU32::new(1_000).expect("invariant: not zero")
     }
-    pub fn log_bytes_per_second() -> NonZeroU32 {
+    pub(super) fn log_bytes_per_second() -> NonZeroU32 {
         NonZeroU32::new(256 << 10).expect("invariant: not zero")
     }
 }
@@ -250,11 +250,11 @@ mod humantime_serde_ms {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_u64(value.as_millis() as u64)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         u64::deserialize(deserializer).map(Duration::from_millis)
     }
 }

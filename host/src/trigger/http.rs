@@ -36,7 +36,7 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: watch::Rece
 /// owned by this future, so aborting it (a container killed with
 /// SIGKILL) ends every open connection at once.
 ///
-/// Every connection is held to the host's [`FrontDoor`]: one over
+/// Every connection is held to the host's [`FrontDoor`](crate::host::FrontDoor): one over
 /// `max_connections` is closed at once; a client that does not send a whole
 /// request head within `header_read_timeout` (on a new connection or an
 /// idle keep-alive one) is disconnected; heads over `max_header_bytes` or

@@ -5,7 +5,7 @@ use super::*;
 
 impl Node {
     /// Stop every container (host shutdown): functions drain and run `destroy`.
-    pub async fn stop_all(self: &Arc<Self>) {
+    pub(crate) async fn stop_all(self: &Arc<Self>) {
         let containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         let stops = containers.into_iter().filter(|c| c.state().is_live()).map(|container| {
             let node = self.clone();
@@ -16,7 +16,7 @@ impl Node {
 
     /// Why this host cannot hand its containers over now, if it cannot: a
     /// running program or an exec (their wasm state cannot move).
-    pub fn refuse_hand_over(&self) -> Option<String> {
+    pub(crate) fn refuse_hand_over(&self) -> Option<String> {
         for container in self.lock().values() {
             if matches!(container.kind, Kind::Command { .. }) && container.state().is_live() {
                 return Some(format!(
@@ -37,7 +37,7 @@ impl Node {
 
     /// End every running program and exec now (as SIGKILL would, 137),
     /// saying `why` in its container's log; how many there were.
-    pub async fn end_programs(&self, why: &str) -> usize {
+    pub(crate) async fn end_programs(&self, why: &str) -> usize {
         let containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         let mut ended = 0;
         for container in containers {
@@ -59,7 +59,7 @@ impl Node {
 
     /// Whether a function is still draining after a stop signal (its exit
     /// is yet to be reported).
-    pub fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.lock().values().any(|container| container.state().is_live() && *container.stop.borrow())
     }
 
@@ -67,7 +67,7 @@ impl Node {
     /// it needs (network namespaces, pod listeners, output FIFOs) to `fds`.
     /// Sandboxes come first. Called with containerd's connections held, so
     /// nothing changes the containers meanwhile.
-    pub fn save(&self, fds: &mut Descriptors) -> Result<(Vec<SavedSandbox>, Vec<SavedContainer>), String> {
+    pub(crate) fn save(&self, fds: &mut Descriptors) -> Result<(Vec<SavedSandbox>, Vec<SavedContainer>), String> {
         let sandboxes = self.sandboxes.save(fds)?;
         let mut containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         containers.sort_by_key(|container| !matches!(container.kind, Kind::Sandbox { .. }));
@@ -123,7 +123,7 @@ impl Node {
 
     /// Stop serving every pod listener (the listeners stay open, their
     /// connections queue) and let the requests under way finish.
-    pub async fn stop_serving(&self) {
+    pub(crate) async fn stop_serving(&self) {
         let containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         for container in containers {
             if let Some(runner) = container.take_runner() {
@@ -138,7 +138,7 @@ impl Node {
     /// left mounted), keeps its network namespace, and a running function
     /// serves the listener it had. containerd is not told anything: for it
     /// nothing happened.
-    pub async fn adopt(
+    pub(crate) async fn adopt(
         self: &Arc<Self>,
         (sandboxes, saved): (Vec<SavedSandbox>, Vec<SavedContainer>),
         fds: &mut Descriptors,

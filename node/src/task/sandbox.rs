@@ -63,7 +63,7 @@ enum PodState {
 }
 
 /// A pod whose sandbox the node host owns.
-pub struct PodSandbox {
+pub(super) struct PodSandbox {
     id: String,
     /// What containerd asked for (a hand-over replays it).
     request: CreateSandboxRequest,
@@ -90,7 +90,7 @@ impl PodSandbox {
 
 /// The node's pods whose sandboxes it owns, by sandbox id.
 #[derive(Default)]
-pub struct Sandboxes {
+pub(super) struct Sandboxes {
     pods: Mutex<HashMap<String, Arc<PodSandbox>>>,
 }
 
@@ -104,14 +104,14 @@ impl Sandboxes {
     }
 
     /// Whether `id` is a pod sandbox of this host.
-    pub fn contains(&self, id: &str) -> bool {
+    pub(super) fn contains(&self, id: &str) -> bool {
         self.lock().contains_key(id)
     }
 
     /// The network namespace of pod `id` for a container joining it:
     /// `None` when there is no such pod, `Some(Ok(None))` for a pod on the
     /// node's network, an error when the pod has stopped.
-    pub fn netns(&self, id: &str) -> Option<Result<Option<Arc<OwnedFd>>, NodeError>> {
+    pub(super) fn netns(&self, id: &str) -> Option<Result<Option<Arc<OwnedFd>>, NodeError>> {
         let pod = self.lock().get(id)?.clone();
         Some(match pod.state() {
             PodState::Stopped { .. } => {
@@ -122,21 +122,21 @@ impl Sandboxes {
     }
 
     /// The Kubernetes namespace of pod `id`.
-    pub fn namespace(&self, id: &str) -> Option<String> {
+    pub(super) fn namespace(&self, id: &str) -> Option<String> {
         self.lock().get(id)?.namespace.clone()
     }
 
     /// The `/etc/resolv.conf` of pod `id` (a sandbox controller owns it:
     /// the CRI writes none for a pod it does not run), from the DNS the
     /// kubelet set in its config; `None` without one (the node's applies).
-    pub fn resolv_conf(&self, id: &str) -> Option<Vec<u8>> {
+    pub(super) fn resolv_conf(&self, id: &str) -> Option<Vec<u8>> {
         let pod = self.lock().get(id)?.clone();
         let dns = pod_config(&pod.request).ok().flatten()?.dns_config?;
         Some(resolv_conf(&dns))
     }
 
     /// Describe every pod for the next host, adding their namespaces to `fds`.
-    pub fn save(&self, fds: &mut Descriptors) -> Result<Vec<SavedSandbox>, String> {
+    pub(super) fn save(&self, fds: &mut Descriptors) -> Result<Vec<SavedSandbox>, String> {
         let pods: Vec<Arc<PodSandbox>> = self.lock().values().cloned().collect();
         let mut saved = Vec::with_capacity(pods.len());
         for pod in pods {
@@ -165,7 +165,7 @@ impl Sandboxes {
 
     /// Take over the pods another host process saved (before their
     /// containers, which find their namespaces here).
-    pub fn adopt(&self, saved: Vec<SavedSandbox>, fds: &mut Descriptors) -> Result<(), NodeError> {
+    pub(super) fn adopt(&self, saved: Vec<SavedSandbox>, fds: &mut Descriptors) -> Result<(), NodeError> {
         for saved in saved {
             let request = CreateSandboxRequest::parse_from_bytes(&saved.request)
                 .map_err(|err| NodeError::Internal(format!("a saved pod's request: {err}")))?;
@@ -425,18 +425,18 @@ impl Node {
 }
 
 /// The ttrpc face of a [`Node`]'s pod sandboxes.
-pub struct SandboxService {
+pub(crate) struct SandboxService {
     node: Arc<Node>,
 }
 
 impl SandboxService {
     /// Serve `node`'s sandboxes.
-    pub fn new(node: Arc<Node>) -> SandboxService {
+    pub(crate) fn new(node: Arc<Node>) -> SandboxService {
         SandboxService { node }
     }
 
     /// The service under the name containerd calls it by.
-    pub fn service(self) -> Vec<(String, Service)> {
+    pub(crate) fn service(self) -> Vec<(String, Service)> {
         containerd_shim_protos::sandbox_async::create_sandbox(Arc::new(self)).into_iter().collect()
     }
 }

@@ -3,20 +3,20 @@
 use super::*;
 
 /// The ttrpc face of a [`Node`].
-pub struct TaskService {
+pub(super) struct TaskService {
     node: Arc<Node>,
 }
 
 impl TaskService {
     /// Serve `node`.
-    pub fn new(node: Arc<Node>) -> TaskService {
+    pub(super) fn new(node: Arc<Node>) -> TaskService {
         TaskService { node }
     }
 }
 
 /// The task service under the names containerd 1.x (`v2`) and 2.x (`v3`)
 /// call it by (the messages are the same), and the Sandbox API.
-pub fn services(node: &Arc<Node>) -> Vec<(String, Service)> {
+pub(crate) fn services(node: &Arc<Node>) -> Vec<(String, Service)> {
     let service = Arc::new(TaskService::new(node.clone()));
     let mut services: Vec<(String, Service)> =
         containerd_shim_protos::shim_async::create_task(service.clone()).into_iter().collect();
