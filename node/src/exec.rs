@@ -151,7 +151,19 @@ impl ExecStdio {
     /// its end when the client closes it. A client that never connects
     /// (`ctr` with nothing on its stdin never opens it) leaves a program
     /// that reads stdin waiting, as a process would.
-    pub(crate) fn open(exec: &Exec) -> Result<ExecStdio, NodeError> {
+    ///
+    /// An output FIFO is first waited for (up to [`READER_WAIT`]) until its
+    /// reader has it open: containerd's CRI opens the readers of an
+    /// ExecSync's FIFOs while it starts the exec, and a fast exec that
+    /// closed its end before a reader opened would leave that reader
+    /// waiting for a writer for ever (and the output in the pipe lost).
+    pub(crate) async fn open(exec: &Exec) -> Result<ExecStdio, NodeError> {
+        // Each probe stays open until the real writer is: a reader whose
+        // last writer closes sees the end of its output.
+        let mut probes = Vec::new();
+        for path in [&exec.stdout, &exec.stderr].into_iter().filter_map(|path| fifo_path(path)) {
+            probes.extend(wait_for_reader(path).await);
+        }
         let stdin = match fifo_path(&exec.stdin) {
             None => None,
             Some(path) => Some(
@@ -160,12 +172,14 @@ impl ExecStdio {
                     .map_err(|err| NodeError::Internal(format!("cannot open the exec's stdin {path}: {err}")))?,
             ),
         };
-        Ok(ExecStdio {
+        let stdio = ExecStdio {
             stdin,
             stdout: output(&exec.stdout)?,
             stderr: output(&exec.stderr)?,
             notes: output(&exec.stderr)?,
-        })
+        };
+        drop(probes);
+        Ok(stdio)
     }
 
     /// The streams as a WASI program's (output that is not asked for is
@@ -181,6 +195,26 @@ impl ExecStdio {
 
 /// A FIFO's writing end.
 pub(crate) type Sender = tokio::net::unix::pipe::Sender;
+
+/// How long an exec's start waits for the reader of each output FIFO.
+const READER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Wait until FIFO `path` has a reader (a write-only, non-blocking open
+/// succeeds only then), at most [`READER_WAIT`]: that open, to hold until
+/// the exec's own writer is open. A client that opens the FIFO later, or
+/// never, is served as before (`None`).
+async fn wait_for_reader(path: &str) -> Option<Sender> {
+    let deadline = tokio::time::Instant::now() + READER_WAIT;
+    loop {
+        match tokio::net::unix::pipe::OpenOptions::new().open_sender(path) {
+            Ok(probe) => return Some(probe),
+            Err(err) if err.raw_os_error() == Some(libc::ENXIO) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(_) => return None,
+        }
+    }
+}
 
 fn fifo_path(path: &str) -> Option<&str> {
     let path = path.strip_prefix("file://").unwrap_or(path);

@@ -52,7 +52,7 @@ impl Node {
             ExecCommand::Program { .. } => Some(self.admit_program(&container.tenant)?),
             ExecCommand::Invoke { .. } => None,
         };
-        let stdio = ExecStdio::open(&exec)?;
+        let stdio = ExecStdio::open(&exec).await?;
         exec.state.send_replace(ExecState::Running);
         let node = self.clone();
         let (running, started) = (container.clone(), exec.clone());
