@@ -286,11 +286,7 @@ impl Instance {
 
     /// The clock hold, CPU probe and CPU share for a call about to start.
     fn meters(&self) -> Meters {
-        Meters {
-            clock: self.function.engine.hold_clock(),
-            probe: self.store.data().call_cpu.clone(),
-            quota: self.function.inner.cpu.clone(),
-        }
+        Meters::of(&self.function, &self.store)
     }
 
     /// Serve one HTTP request. `respond` receives the response head (and the
@@ -340,18 +336,10 @@ impl Instance {
                 );
             }
         };
-        let window = Window::open(
-            &mut self.store,
-            limits.timeout,
-            limits.fuel_per_request.map(NonZeroU64::get),
-            self.function.meters_fuel(),
-        );
-        let meters = self.meters();
+        let (window, meters) = Window::for_request(&mut self.store, &self.function);
         let call = proxy.wasi_http_incoming_handler().call_handle(&mut self.store, req, out);
         let (cpu, result) = run_metered(meters, limits.timeout, call).await;
-        let (stats, result) = window.close(&mut self.store, cpu, result);
-        self.store.data_mut().end_request();
-        (stats, self.explain(result))
+        self.end_request(window, cpu, result)
     }
 
     /// Serve one HTTP request through a WASI 0.3 `handle` export: one
@@ -371,13 +359,7 @@ impl Instance {
     {
         let limits = &self.function.inner.spec.limits;
         self.store.data_mut().begin_request(meta);
-        let window = Window::open(
-            &mut self.store,
-            limits.timeout,
-            limits.fuel_per_request.map(NonZeroU64::get),
-            self.function.meters_fuel(),
-        );
-        let meters = self.meters();
+        let (window, meters) = Window::for_request(&mut self.store, &self.function);
         let request = with_scheme_and_authority(request);
         let call = self.store.run_concurrent(async move |accessor: &Accessor<GuestState>| -> wasmtime::Result<()> {
             let (request, sent) = accessor.with(|mut access| {
@@ -404,9 +386,7 @@ impl Instance {
         });
         let call = async move { call.await.and_then(|result| result) };
         let (cpu, result) = run_metered(meters, limits.timeout, call).await;
-        let (stats, result) = window.close(&mut self.store, cpu, result);
-        self.store.data_mut().end_request();
-        (stats, self.explain(result))
+        self.end_request(window, cpu, result)
     }
 
     /// Deliver one message to the function's `events.handle` export.
@@ -425,15 +405,20 @@ impl Instance {
         };
         let limits = &self.function.inner.spec.limits;
         self.store.data_mut().begin_request(meta);
-        let window = Window::open(
-            &mut self.store,
-            limits.timeout,
-            limits.fuel_per_request.map(NonZeroU64::get),
-            self.function.meters_fuel(),
-        );
-        let meters = self.meters();
+        let (window, meters) = Window::for_request(&mut self.store, &self.function);
         let call = events.call_handle(&mut self.store, &message);
         let (cpu, result) = run_metered(meters, limits.timeout, call).await;
+        self.end_request(window, cpu, result)
+    }
+
+    /// Close a request's (or message's) window: its stats, the end of the
+    /// request in the store, and the limit behind a failure named.
+    fn end_request<R>(
+        &mut self,
+        window: Window,
+        cpu: Duration,
+        result: Option<wasmtime::Result<R>>,
+    ) -> (CallStats, Result<R, InstanceError>) {
         let (stats, result) = window.close(&mut self.store, cpu, result);
         self.store.data_mut().end_request();
         (stats, self.explain(result))
@@ -493,6 +478,15 @@ struct Window {
 }
 
 impl Window {
+    /// The window of one request or message (its timeout and fuel limit),
+    /// and the meters of its call.
+    fn for_request(store: &mut Store<GuestState>, function: &CompiledFunction) -> (Window, Meters) {
+        let limits = &function.inner.spec.limits;
+        let window =
+            Window::open(store, limits.timeout, limits.fuel_per_request.map(NonZeroU64::get), function.meters_fuel());
+        (window, Meters::of(function, store))
+    }
+
     fn open(store: &mut Store<GuestState>, timeout: Duration, fuel: Option<u64>, fuel_enabled: bool) -> Window {
         let start = Instant::now();
         let data = store.data_mut();
@@ -542,6 +536,16 @@ struct Meters {
     probe: Arc<CallCpu>,
     /// The function's CPU share, if limited.
     quota: Option<Arc<CpuQuota>>,
+}
+
+impl Meters {
+    fn of(function: &CompiledFunction, store: &Store<GuestState>) -> Meters {
+        Meters {
+            clock: function.engine.hold_clock(),
+            probe: store.data().call_cpu.clone(),
+            quota: function.inner.cpu.clone(),
+        }
+    }
 }
 
 /// Run `call` with a wall-clock limit (a little past `timeout`, as a

@@ -76,7 +76,7 @@ pub fn write_image(
     }))
     .unwrap();
     let mut blobs = vec![layer, config, manifest.clone()];
-    let mut top = match platform {
+    let top = match platform {
         None => descriptor("application/vnd.oci.image.manifest.v1+json", &manifest),
         Some(platform) => {
             let mut entry = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
@@ -91,19 +91,7 @@ pub fn write_image(
             descriptor("application/vnd.oci.image.index.v1+json", &index)
         }
     };
-    top["annotations"] =
-        json!({ "io.containerd.image.name": reference, "org.opencontainers.image.ref.name": reference });
-    let mut layout = tar::Builder::new(Vec::new());
-    tar_file(&mut layout, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    tar_file(
-        &mut layout,
-        "index.json",
-        &serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [top] })).unwrap(),
-    );
-    for blob in &blobs {
-        tar_file(&mut layout, &format!("blobs/sha256/{}", digest(blob).trim_start_matches("sha256:")), blob);
-    }
-    std::fs::write(out, layout.into_inner().unwrap()).unwrap();
+    write_layout(out, reference, top, blobs.iter().map(Vec::as_slice));
 }
 
 /// This machine's architecture in OCI's names.
@@ -138,7 +126,13 @@ pub fn write_artifact(reference: &str, wasm: &[u8], out: &Path) {
         "manifests": entries,
     }))
     .unwrap();
-    let mut top = descriptor("application/vnd.oci.image.index.v1+json", &index);
+    let top = descriptor("application/vnd.oci.image.index.v1+json", &index);
+    write_layout(out, reference, top, [wasm, &config, &manifest, &index]);
+}
+
+/// An OCI layout tarball at `out`: `top` (named `reference`) in its
+/// index.json, and `blobs` under blobs/sha256.
+fn write_layout<'a>(out: &Path, reference: &str, mut top: Value, blobs: impl IntoIterator<Item = &'a [u8]>) {
     top["annotations"] =
         json!({ "io.containerd.image.name": reference, "org.opencontainers.image.ref.name": reference });
     let mut layout = tar::Builder::new(Vec::new());
@@ -148,7 +142,7 @@ pub fn write_artifact(reference: &str, wasm: &[u8], out: &Path) {
         "index.json",
         &serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [top] })).unwrap(),
     );
-    for blob in [wasm, &config, &manifest, &index] {
+    for blob in blobs {
         tar_file(&mut layout, &format!("blobs/sha256/{}", digest(blob).trim_start_matches("sha256:")), blob);
     }
     std::fs::write(out, layout.into_inner().unwrap()).unwrap();

@@ -345,16 +345,7 @@ fn the_installer_adds_shoal_to_containerd_2_3s_own_default_config_as_a_drop_in_w
     let config = etc.join("config.toml");
     std::fs::write(&config, &default.stdout).unwrap();
     let operators = std::fs::read(&config).unwrap();
-    let output = Command::new("sh")
-        .arg(k8s_dir().join("installer/install.sh"))
-        .env("SHOAL_HOST_ROOT", node.path())
-        .env("SHOAL_CONTAINERD", bin.join("containerd"))
-        .env("SHOAL_SOURCE_DIR", node.path())
-        .env("SHOAL_RESTART", "no")
-        .env("SHOAL_POLICY", node.path().join("policy.toml"))
-        .env_remove("NODE_NAME")
-        .output()
-        .unwrap();
+    let output = install_on_node(node.path(), &bin);
     let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "{said}");
     assert_eq!(std::fs::read(&config).unwrap(), operators, "the operator's config is not edited: {said}");
@@ -374,15 +365,7 @@ fn the_installer_adds_shoal_to_containerd_2_3s_own_default_config_as_a_drop_in_w
     assert_eq!(runtimes["runc"]["runtimeType"], "io.containerd.runc.v2", "runc is untouched");
 
     // A second run rewrites its own drop-in and nothing else.
-    let again = Command::new("sh")
-        .arg(k8s_dir().join("installer/install.sh"))
-        .env("SHOAL_HOST_ROOT", node.path())
-        .env("SHOAL_CONTAINERD", bin.join("containerd"))
-        .env("SHOAL_SOURCE_DIR", node.path())
-        .env("SHOAL_RESTART", "no")
-        .env("SHOAL_POLICY", node.path().join("policy.toml"))
-        .output()
-        .unwrap();
+    let again = install_on_node(node.path(), &bin);
     assert!(again.status.success());
     assert_eq!(std::fs::read_to_string(etc.join("conf.d/shoal.toml")).unwrap(), dropin);
 }
@@ -391,15 +374,7 @@ fn the_installer_adds_shoal_to_containerd_2_3s_own_default_config_as_a_drop_in_w
 fn the_installer_creates_a_containerd_2_config_from_containerds_own_default_when_the_node_has_none() {
     let bin = crate::cluster::containerd2_bin_dir();
     let node = tempfile::tempdir().unwrap();
-    let output = Command::new("sh")
-        .arg(k8s_dir().join("installer/install.sh"))
-        .env("SHOAL_HOST_ROOT", node.path())
-        .env("SHOAL_CONTAINERD", bin.join("containerd"))
-        .env("SHOAL_SOURCE_DIR", node.path())
-        .env("SHOAL_RESTART", "no")
-        .env("SHOAL_POLICY", node.path().join("policy.toml"))
-        .output()
-        .unwrap();
+    let output = install_on_node(node.path(), &bin);
     let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "{said}");
     let config = std::fs::read_to_string(node.path().join("etc/containerd/config.toml")).unwrap();
@@ -434,15 +409,7 @@ async fn a_containerd_2_3_node_serves_shoal_pods_from_its_own_default_config_onc
     std::fs::create_dir_all(&etc).unwrap();
     let default = Command::new(bin.join("containerd")).args(["config", "default"]).output().unwrap();
     std::fs::write(etc.join("config.toml"), &default.stdout).unwrap();
-    let output = Command::new("sh")
-        .arg(k8s_dir().join("installer/install.sh"))
-        .env("SHOAL_HOST_ROOT", node.path())
-        .env("SHOAL_CONTAINERD", bin.join("containerd"))
-        .env("SHOAL_SOURCE_DIR", node.path())
-        .env("SHOAL_RESTART", "no")
-        .env("SHOAL_POLICY", node.path().join("policy.toml"))
-        .output()
-        .unwrap();
+    let output = install_on_node(node.path(), &bin);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     // The node's config as installed, its drop-in folder where the test
@@ -463,4 +430,20 @@ async fn a_containerd_2_3_node_serves_shoal_pods_from_its_own_default_config_onc
     let containers = containerd.ctr("k8s.io", &["containers", "ls", "-q"]);
     assert_eq!(String::from_utf8_lossy(&containers.stdout).trim(), pod.container_id);
     cri.remove_pod(&pod).await;
+}
+
+/// Run the installer on the fake node root `node` (its containerd config
+/// under `etc/containerd`) with the containerd of `bin`, restarting nothing.
+fn install_on_node(node: &std::path::Path, bin: &std::path::Path) -> std::process::Output {
+    Command::new("sh")
+        .arg(k8s_dir().join("installer/install.sh"))
+        .env("SHOAL_HOST_ROOT", node)
+        .env("SHOAL_CONTAINERD", bin.join("containerd"))
+        .env("SHOAL_SOURCE_DIR", node)
+        .env("SHOAL_RESTART", "no")
+        .env("SHOAL_POLICY", node.join("policy.toml"))
+        // (The installer DaemonSet sets it; a test's node has none.)
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap()
 }
