@@ -337,11 +337,11 @@ impl HostArgs {
     }
 }
 
-pub(crate) fn parse_pair(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_pair(text: &str) -> anyhow::Result<(String, String)> {
     text.split_once('=')
         .filter(|(key, _)| !key.is_empty())
         .map(|(key, value)| (key.to_string(), value.to_string()))
-        .ok_or_else(|| format!("{text:?}: write KEY=VALUE"))
+        .ok_or_else(|| anyhow::anyhow!("{text:?}: write KEY=VALUE"))
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -366,10 +366,27 @@ pub(crate) fn main() -> ExitCode {
         // it wanted it has; that is not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("shoal: error: {err:#}");
+            eprintln!("shoal: error: {}", report(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `err` and its causes, as `{:#}` writes them, less a cause whose text
+/// its error already ends with (an error that says `what: {source}` and
+/// also keeps the source, so `Error::source` finds it).
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.is_empty() {
+            text = cause;
+        } else if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

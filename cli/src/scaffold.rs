@@ -115,7 +115,7 @@ pub(crate) struct Project {
 /// Write a project for a function `name` in `language` into `dir`, which
 /// must not exist or be empty. Nothing is written when the name is invalid.
 pub(crate) fn new_project(name: &str, language: Language, dir: &Path) -> anyhow::Result<Project> {
-    validate_name(name).map_err(anyhow::Error::msg)?;
+    validate_name(name)?;
     if let Ok(mut entries) = fs::read_dir(dir) {
         if entries.next().is_some() {
             bail!("{} already exists and is not empty: choose another name or --dir", dir.display());

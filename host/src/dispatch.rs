@@ -106,7 +106,7 @@ impl Recorder {
 
     /// `Err` with why while the ledger cannot take records: a request
     /// whose record could not be kept is not served.
-    fn writable(&self) -> Result<(), String> {
+    fn writable(&self) -> Result<(), Arc<std::io::Error>> {
         match &self.ledger {
             Some(ledger) => ledger.writable(),
             None => Ok(()),
@@ -239,7 +239,7 @@ impl Dispatcher {
                 let (stats, result) = lease.instance().deliver(message, &meta).await;
                 let (outcome, verdict) = match &result {
                     Ok(Ok(())) => (Outcome::Ok, Ok(())),
-                    Ok(Err(reason)) => (Outcome::Declined, Err((Outcome::Declined, reason.clone()))),
+                    Ok(Err(declined)) => (Outcome::Declined, Err((Outcome::Declined, declined.reason.clone()))),
                     Err(error) => (error.outcome, Err((error.outcome, error.message.clone()))),
                 };
                 let end = CallEnd {

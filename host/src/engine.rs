@@ -178,7 +178,30 @@ struct EngineInner {
     /// components; built when the first one is deployed (its pooling
     /// allocator reserves address space, and concurrency costs WASI 0.2
     /// guests 4-15% per request: they never run on these).
-    concurrent: OnceLock<Result<ConcurrentEngines, String>>,
+    concurrent: OnceLock<Result<ConcurrentEngines, ConcurrentEnginesFailed>>,
+}
+
+/// The engines for WASI 0.3 components could not be built (kept, so every
+/// later deploy of such a component is told the same). What wasmtime said
+/// is its [`std::error::Error::source`].
+#[derive(Debug, Clone)]
+struct ConcurrentEnginesFailed {
+    cause: Arc<anyhow::Error>,
+}
+
+impl std::fmt::Display for ConcurrentEnginesFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot build the engine for WASI 0.3 components")
+    }
+}
+
+// By hand: thiserror's `#[source]` needs a `std::error::Error`, which
+// `anyhow::Error` only dereferences to.
+impl std::error::Error for ConcurrentEnginesFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let cause: &(dyn std::error::Error + Send + Sync + 'static) = self.cause.as_ref().as_ref();
+        Some(cause)
+    }
 }
 
 /// The engines WASI 0.3 components run on.
@@ -453,9 +476,9 @@ impl WasmEngine {
                 let _ = self.inner.clock.concurrent.set(weak);
                 Ok(ConcurrentEngines { plain, metered, compat_hash })
             };
-            build().map_err(|err| format!("cannot build the engine for WASI 0.3 components: {err:#}"))
+            build().map_err(|err| ConcurrentEnginesFailed { cause: Arc::new(err) })
         });
-        built.as_ref().map_err(|why| anyhow::anyhow!("{why}"))
+        built.as_ref().map_err(|failed| anyhow::Error::new(failed.clone()))
     }
 
     /// The engine Winch's code runs on, if the host tiers up.

@@ -111,6 +111,15 @@ pub struct InstanceError {
     pub message: String,
 }
 
+/// A message the function's `events.handle` turned down, with the reason
+/// it gave (the guest's `result<_, string>`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Declined {
+    /// What the guest said.
+    pub reason: String,
+}
+
 /// A live instance of one function version.
 pub struct Instance {
     store: Store<GuestState>,
@@ -390,12 +399,12 @@ impl Instance {
     }
 
     /// Deliver one message to the function's `events.handle` export.
-    /// `Ok(Err(reason))`: the guest declined it.
+    /// `Ok(Err(declined))`: the guest declined it.
     pub async fn deliver(
         &mut self,
         message: events::Message,
         meta: &RequestMeta,
-    ) -> (CallStats, Result<Result<(), String>, InstanceError>) {
+    ) -> (CallStats, Result<Result<(), Declined>, InstanceError>) {
         let Some(events) = &self.events else {
             let error = InstanceError {
                 outcome: Outcome::HostError,
@@ -408,7 +417,8 @@ impl Instance {
         let (window, meters) = Window::for_request(&mut self.store, &self.function);
         let call = events.call_handle(&mut self.store, &message);
         let (cpu, result) = run_metered(meters, limits.timeout, call).await;
-        self.end_request(window, cpu, result)
+        let (stats, result) = self.end_request(window, cpu, result);
+        (stats, result.map(|handled| handled.map_err(|reason| Declined { reason })))
     }
 
     /// Close a request's (or message's) window: its stats, the end of the

@@ -51,13 +51,67 @@ pub use spec::*;
 pub const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// A manifest that failed to parse or validate, with the file and the field.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {message}")]
+/// Its [`std::error::Error::source`] is the [`ManifestCause`].
+#[derive(Debug)]
 pub struct ManifestError {
-    /// The manifest file (or `<request>` when sent over the admin API).
+    /// The manifest file (or `<deploy>` for specs handed to the registry).
     pub file: String,
-    /// What is wrong, naming the function and field.
-    pub message: String,
+    /// What is wrong, naming the function and field (boxed: a `Result`
+    /// carrying it stays small).
+    pub cause: Box<ManifestCause>,
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file, self.cause)
+    }
+}
+
+// By hand: the source is the cause itself, not its box, so that
+// `downcast_ref::<ManifestCause>()` finds it.
+impl std::error::Error for ManifestError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.cause)
+    }
+}
+
+/// What is wrong with a manifest (or a set of specs to deploy).
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestCause {
+    /// The file cannot be read.
+    #[error("cannot read manifest: {0}")]
+    Read(#[source] std::io::Error),
+    /// The text is not TOML, or not the manifest's fields.
+    #[error("invalid manifest: {}", .0.to_string().trim_end())]
+    Syntax(#[source] toml::de::Error),
+    /// There is nothing to deploy.
+    #[error("no [[function]] entries")]
+    NoFunctions,
+    /// The manifest's `tenant` is not a valid tenant name.
+    #[error("tenant: {0}")]
+    Tenant(#[source] NameError),
+    /// One function's entry is invalid.
+    #[error(transparent)]
+    Function(#[from] InvalidFunction),
+    /// The entries of a function do not make a valid set of versions.
+    #[error(transparent)]
+    Versions(#[from] VersionsError),
+    /// A deployed function of another tenant has the name.
+    #[error("function {function:?} belongs to tenant {owner:?}; tenant {tenant:?} cannot replace it")]
+    OtherTenants {
+        /// The function.
+        function: String,
+        /// The tenant it belongs to.
+        owner: String,
+        /// The tenant deploying it.
+        tenant: String,
+    },
+}
+
+impl ManifestError {
+    fn new(file: &Path, cause: impl Into<ManifestCause>) -> ManifestError {
+        ManifestError { file: file.display().to_string(), cause: Box::new(cause.into()) }
+    }
 }
 
 /// A parsed, not yet validated `shoal.toml`.
@@ -137,48 +191,44 @@ impl Manifest {
     /// Read and parse a manifest file, or `shoal.toml` inside a folder.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         let file = if path.is_dir() { path.join("shoal.toml") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).map_err(|err| ManifestError {
-            file: file.display().to_string(),
-            message: format!("cannot read manifest: {err}"),
-        })?;
+        let text = std::fs::read_to_string(&file).map_err(|err| ManifestError::new(&file, ManifestCause::Read(err)))?;
         Manifest::parse(&text, &file)
     }
 
     /// Parse manifest text; `file` names it in errors and anchors relative
     /// `wasm` paths.
     pub fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> {
-        let mut manifest: Manifest = toml::from_str(text).map_err(|err| ManifestError {
-            file: file.display().to_string(),
-            message: format!("invalid manifest: {}", err.to_string().trim_end()),
-        })?;
+        let mut manifest: Manifest =
+            toml::from_str(text).map_err(|err| ManifestError::new(file, ManifestCause::Syntax(err)))?;
         manifest.file = file.to_path_buf();
         Ok(manifest)
     }
 
     /// Validate every function and fill in defaults.
     pub fn resolve(&self) -> Result<Vec<FunctionSpec>, ManifestError> {
-        let error = |message: String| ManifestError { file: self.file.display().to_string(), message };
+        let error = |cause: ManifestCause| ManifestError::new(&self.file, cause);
         if self.functions.is_empty() {
-            return Err(error("no [[function]] entries".to_string()));
+            return Err(error(ManifestCause::NoFunctions));
         }
         let base = self.file.parent().unwrap_or(Path::new("."));
         let tenant = match &self.tenant {
-            Some(tenant) => TenantName::new(tenant).map_err(|err| error(format!("tenant: {err}")))?,
+            Some(tenant) => TenantName::new(tenant).map_err(|err| error(ManifestCause::Tenant(err)))?,
             None => TenantName::default(),
         };
         let mut specs = Vec::with_capacity(self.functions.len());
         for raw in &self.functions {
-            let spec =
-                raw.resolve(base, &tenant).map_err(|message| error(format!("function {:?}: {message}", raw.name)))?;
+            let spec = raw
+                .resolve(base, &tenant)
+                .map_err(|source| error(InvalidFunction { function: raw.name.clone(), source }.into()))?;
             specs.push(spec);
         }
-        check_versions(&specs).map_err(error)?;
+        check_versions(&specs).map_err(|err| error(err.into()))?;
         Ok(specs)
     }
 }
 
 impl RawFunction {
-    fn resolve(&self, base: &Path, tenant: &TenantName) -> Result<FunctionSpec, String> {
+    fn resolve(&self, base: &Path, tenant: &TenantName) -> Result<FunctionSpec, SpecError> {
         let name = FunctionName::new(&self.name)?;
         let routes = self.routes.iter().map(|text| Route::parse(text)).collect::<Result<Vec<_>, _>>()?;
         let wasm = if self.wasm.is_absolute() { self.wasm.clone() } else { base.join(&self.wasm) };
@@ -200,7 +250,7 @@ impl RawFunction {
 }
 
 impl RawGrants {
-    fn resolve(&self, base: &Path) -> Result<Grants, String> {
+    fn resolve(&self, base: &Path) -> Result<Grants, GrantError> {
         let set = |values: &[String]| values.iter().cloned().collect::<BTreeSet<String>>();
         // Checked with the rest of the spec, by `FunctionSpec::check`.
         Ok(Grants {
@@ -217,15 +267,12 @@ impl RawGrants {
 }
 
 impl RawLimits {
-    fn resolve(&self) -> Result<Limits, String> {
+    fn resolve(&self) -> Result<Limits, LimitError> {
         let defaults = Limits::default();
         let ms = |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
         let memory_bytes = match self.memory_mb {
             Some(mb) if mb > MAX_MEMORY_BYTES >> 20 => {
-                return Err(format!(
-                    "limits.memory_mb = {mb} is over the host's maximum of {} MiB",
-                    MAX_MEMORY_BYTES >> 20
-                ));
+                return Err(LimitError::memory_over_maximum(mb));
             }
             Some(mb) => mb << 20,
             None => defaults.memory_bytes,
@@ -233,7 +280,7 @@ impl RawLimits {
         // Checked with the rest of the spec, by `FunctionSpec::check`.
         Ok(Limits {
             fuel_per_request: match self.fuel_per_request {
-                Some(0) => return Err("limits.fuel_per_request must be greater than 0 (omit it for no limit)".into()),
+                Some(0) => return Err(LimitError::ZeroNotOmitted { field: "fuel_per_request" }),
                 fuel => fuel.and_then(NonZeroU64::new),
             },
             timeout: ms(self.timeout_ms, defaults.timeout),
@@ -259,22 +306,20 @@ impl RawLimits {
                 defaults.log_bytes_per_second,
             )?,
             cpu_millis: match self.cpu_millis {
-                Some(0) => return Err("limits.cpu_millis must be greater than 0 (omit it for no limit)".into()),
+                Some(0) => return Err(LimitError::ZeroNotOmitted { field: "cpu_millis" }),
                 millis => millis.and_then(NonZeroU32::new),
             },
             max_requests_per_instance: match self.max_requests_per_instance {
-                Some(0) => {
-                    return Err("limits.max_requests_per_instance must be greater than 0 (omit it for no limit)".into());
-                }
+                Some(0) => return Err(LimitError::ZeroNotOmitted { field: "max_requests_per_instance" }),
                 count => count.and_then(NonZeroU32::new),
             },
         })
     }
 }
 
-fn non_zero(value: Option<u32>, field: &str, default: NonZeroU32) -> Result<NonZeroU32, String> {
+fn non_zero(value: Option<u32>, field: &'static str, default: NonZeroU32) -> Result<NonZeroU32, LimitError> {
     match value {
-        Some(value) => NonZeroU32::new(value).ok_or_else(|| format!("limits.{field} must be greater than 0")),
+        Some(value) => NonZeroU32::new(value).ok_or(LimitError::Zero { field }),
         None => Ok(default),
     }
 }

@@ -186,7 +186,7 @@ pub struct Ledger {
     /// Told when a record makes a clean ledger dirty (the syncer waits on it).
     became_dirty: tokio::sync::Notify,
     /// Why the last append failed, while the ledger cannot be written.
-    failing: Mutex<Option<(std::time::Instant, String)>>,
+    failing: Mutex<Option<(std::time::Instant, Arc<std::io::Error>)>>,
 }
 
 /// The partition being written.
@@ -248,8 +248,18 @@ impl Ledger {
         line.push(b'\n');
         let result = self.append_line(line);
         let mut failing = self.failing.lock().unwrap_or_else(|poison| poison.into_inner());
-        *failing = result.as_ref().err().map(|err| (std::time::Instant::now(), err.to_string()));
-        result
+        match result {
+            Ok(()) => {
+                *failing = None;
+                Ok(())
+            }
+            Err(err) => {
+                // Kept for `writable`; the caller gets it too (same kind and text).
+                let err = Arc::new(err);
+                *failing = Some((std::time::Instant::now(), err.clone()));
+                Err(std::io::Error::new(err.kind(), err))
+            }
+        }
     }
 
     fn append_line(&self, mut line: Vec<u8>) -> std::io::Result<()> {
@@ -288,7 +298,7 @@ impl Ledger {
     /// append failed. Every [`LEDGER_RETRY`] the ledger is tried again
     /// with an empty line (which readers skip), so service resumes by
     /// itself once the disk has room.
-    pub fn writable(&self) -> Result<(), String> {
+    pub fn writable(&self) -> Result<(), Arc<std::io::Error>> {
         let mut failing = self.failing.lock().unwrap_or_else(|poison| poison.into_inner());
         let Some((since, why)) = failing.as_ref() else { return Ok(()) };
         if since.elapsed() < LEDGER_RETRY {
@@ -300,8 +310,9 @@ impl Ledger {
                 Ok(())
             }
             Err(err) => {
-                *failing = Some((std::time::Instant::now(), err.to_string()));
-                Err(err.to_string())
+                let err = Arc::new(err);
+                *failing = Some((std::time::Instant::now(), err.clone()));
+                Err(err)
             }
         }
     }

@@ -28,7 +28,7 @@ use crate::engine::{CompileSource, sha256_hex, write_atomically};
 use crate::function::Runtime;
 use crate::instance::Instance;
 use crate::logs::LogSink;
-use crate::manifest::{FunctionSpec, Limits, Route, TenantName, check_versions};
+use crate::manifest::{FunctionSpec, Limits, ManifestCause, ManifestError, Route, TenantName, check_versions};
 use crate::metrics::Metrics;
 use crate::pool::{FunctionPool, PoolStats};
 
@@ -357,7 +357,7 @@ impl Registry {
         let mut specs: Vec<FunctionSpec> = items.iter().map(|item| item.spec.clone()).collect();
         // The same checks as the manifest's, whoever built the spec.
         for spec in &specs {
-            spec.check().map_err(|message| refused(format!("function {:?}: {message}", spec.name.as_str())))?;
+            spec.check_named().map_err(refused)?;
         }
         check_versions(&specs).map_err(refused)?;
         let digests: Vec<String> = items.iter().map(|item| sha256_hex(&item.wasm)).collect();
@@ -686,8 +686,8 @@ enum Deploying {
 }
 
 /// A refusal of a deploy, in the manifest's terms.
-fn refused(message: String) -> crate::manifest::ManifestError {
-    crate::manifest::ManifestError { file: "<deploy>".into(), message }
+fn refused(cause: impl Into<ManifestCause>) -> ManifestError {
+    ManifestError { file: "<deploy>".into(), cause: Box::new(cause.into()) }
 }
 
 /// A function belongs to one tenant: no deploy hands another tenant's
@@ -698,12 +698,11 @@ fn check_owners(functions: &BTreeMap<String, Deployed>, specs: &[FunctionSpec]) 
             && let Some(owner) = deployed.versions.first().map(|pool| pool.function().spec().tenant.clone())
             && owner != spec.tenant
         {
-            return Err(refused(format!(
-                "function {:?} belongs to tenant {:?}; tenant {:?} cannot replace it",
-                spec.name.as_str(),
-                owner.as_str(),
-                spec.tenant.as_str()
-            ))
+            return Err(refused(ManifestCause::OtherTenants {
+                function: spec.name.to_string(),
+                owner: owner.to_string(),
+                tenant: spec.tenant.to_string(),
+            })
             .into());
         }
     }

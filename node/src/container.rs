@@ -333,8 +333,8 @@ impl KubernetesSettings {
         let mut document = toml::Table::new();
         document.insert("function".into(), toml::Value::Array(vec![toml::Value::Table(function)]));
         let text = toml::to_string(&document).map_err(|err| invalid(err.to_string()))?;
-        let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| invalid(err.message))?;
-        let mut specs = manifest.resolve().map_err(|err| invalid(err.message))?;
+        let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| invalid(err.cause.to_string()))?;
+        let mut specs = manifest.resolve().map_err(|err| invalid(err.cause.to_string()))?;
         Ok(specs.remove(0))
     }
 }

@@ -40,6 +40,10 @@ pub enum NodeError {
         /// What the host said.
         source: shoal::Error,
     },
+    /// The node policy file is refused: every container is, until it is
+    /// fixed.
+    #[error(transparent)]
+    Policy(std::sync::Arc<crate::policy::PolicyError>),
     /// The node failed at something it needed (a mount, a namespace, a
     /// socket, a task).
     #[error("{0}")]
@@ -53,7 +57,7 @@ impl NodeError {
             NodeError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
             NodeError::NotFound(_) => Code::NOT_FOUND,
             NodeError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            NodeError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            NodeError::FailedPrecondition(_) | NodeError::Policy(_) => Code::FAILED_PRECONDITION,
             NodeError::Unimplemented(_) => Code::UNIMPLEMENTED,
             NodeError::Unavailable(_) => Code::UNAVAILABLE,
             NodeError::Deploy { source, .. } => match source {
@@ -77,6 +81,7 @@ impl NodeError {
             NodeError::Unimplemented(message) => NodeError::Unimplemented(prefixed(message)),
             NodeError::Unavailable(message) => NodeError::Unavailable(prefixed(message)),
             NodeError::Deploy { entry, source } => NodeError::Deploy { entry: prefixed(entry), source },
+            NodeError::Policy(source) => NodeError::FailedPrecondition(prefixed(source.to_string())),
             NodeError::Internal(message) => NodeError::Internal(prefixed(message)),
         }
     }
@@ -101,7 +106,10 @@ pub(crate) fn task_failed(what: &str) -> impl FnOnce(tokio::task::JoinError) -> 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::policy::PolicyError;
 
     #[test]
     fn each_kind_of_failure_maps_to_the_code_containerd_acts_on() {
@@ -113,6 +121,7 @@ mod tests {
             (NodeError::Unimplemented("x".into()), Code::UNIMPLEMENTED),
             (NodeError::Unavailable("x".into()), Code::UNAVAILABLE),
             (NodeError::Internal("x".into()), Code::INTERNAL),
+            (NodeError::Policy(Arc::new(PolicyError::TooLarge { file: "p".into() })), Code::FAILED_PRECONDITION),
         ];
         for (error, code) in cases {
             assert_eq!(error.code(), code, "{error:?}");

@@ -107,6 +107,22 @@ pub(crate) struct Snapshot {
     pub control_listener: usize,
 }
 
+/// A hand-over that cannot be made or taken: a descriptor that cannot be
+/// copied or is missing, a request that cannot be encoded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandoverError {
+    /// A descriptor could not be duplicated for the snapshot.
+    #[error("cannot duplicate {what}: {source}")]
+    Duplicate { what: String, source: std::io::Error },
+    /// The snapshot names a descriptor that did not come with it (or was
+    /// taken already).
+    #[error("the hand-over lacks descriptor {index}")]
+    MissingDescriptor { index: usize },
+    /// containerd's request for a pod or container could not be encoded.
+    #[error("cannot encode the request of {what}: {source}")]
+    Encode { what: String, source: containerd_shim_protos::protobuf::Error },
+}
+
 /// The descriptors a [`Snapshot`] names by index: added by the old host,
 /// taken (each once) by whichever host adopts the snapshot.
 #[derive(Debug, Default)]
@@ -120,18 +136,18 @@ impl Descriptors {
     }
 
     /// A second descriptor of `fd` added; its index.
-    pub(crate) fn add_copy(&mut self, fd: &OwnedFd, what: &str) -> Result<usize, String> {
-        let copy = fd.try_clone().map_err(|err| format!("cannot duplicate {what}: {err}"))?;
+    pub(crate) fn add_copy(&mut self, fd: &OwnedFd, what: impl Into<String>) -> Result<usize, HandoverError> {
+        let copy = fd.try_clone().map_err(|source| HandoverError::Duplicate { what: what.into(), source })?;
         Ok(self.add(copy))
     }
 
     /// Take the descriptor at `index` (it can be taken once).
-    pub(crate) fn take(&mut self, index: usize) -> Result<OwnedFd, String> {
-        self.0.get_mut(index).and_then(Option::take).ok_or_else(|| format!("the hand-over lacks descriptor {index}"))
+    pub(crate) fn take(&mut self, index: usize) -> Result<OwnedFd, HandoverError> {
+        self.0.get_mut(index).and_then(Option::take).ok_or(HandoverError::MissingDescriptor { index })
     }
 
     /// [`Descriptors::take`], for an index that may be absent.
-    pub(crate) fn take_some(&mut self, index: Option<usize>) -> Result<Option<OwnedFd>, String> {
+    pub(crate) fn take_some(&mut self, index: Option<usize>) -> Result<Option<OwnedFd>, HandoverError> {
         index.map(|index| self.take(index)).transpose()
     }
 

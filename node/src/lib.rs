@@ -24,6 +24,7 @@
 mod command;
 mod container;
 mod containerd;
+mod control;
 mod error;
 mod exec;
 mod handover;
@@ -42,10 +43,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_shim_protos::ttrpc::asynchronous::Server;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use control::{same_user, upgrade_request};
 use handover::{Descriptors, Link, Said, SavedConnection, Snapshot};
 use relay::Relays;
 use shoal::Error;
@@ -56,8 +58,9 @@ use shoal::server::RunningHost;
 use shoal::signals::StopSignals;
 
 pub use container::{ANNOTATION_PREFIX, KubernetesSettings};
+pub use control::{UpgradeRequest, upgrade};
 pub use error::NodeError;
-pub use policy::{DEFAULT_POLICY_PATH, Policy};
+pub use policy::{DEFAULT_POLICY_PATH, Policy, PolicyError};
 pub use rootfs::DEFAULT_MAX_WASM_BYTES;
 
 /// How long a new host may take to start and say hello.
@@ -357,10 +360,10 @@ impl Session {
                 node.adopt((snapshot.sandboxes, snapshot.containers), &mut fds)
                     .await
                     .map_err(|err| anyhow::anyhow!("cannot take the containers over: {err}"))?;
-                let listener = unix_listener(fds.take(snapshot.task_listener).map_err(anyhow::Error::msg)?)?;
-                let control = unix_listener(fds.take(snapshot.control_listener).map_err(anyhow::Error::msg)?)?;
+                let listener = unix_listener(fds.take(snapshot.task_listener).map_err(anyhow::Error::from)?)?;
+                let control = unix_listener(fds.take(snapshot.control_listener).map_err(anyhow::Error::from)?)?;
                 for SavedConnection { socket, replay, partial } in snapshot.connections {
-                    let socket = fds.take(socket).map_err(anyhow::Error::msg)?;
+                    let socket = fds.take(socket).map_err(anyhow::Error::from)?;
                     let socket = std::os::unix::net::UnixStream::from(socket);
                     socket.set_nonblocking(true).map_err(anyhow::Error::from)?;
                     let socket = UnixStream::from_std(socket).map_err(anyhow::Error::from)?;
@@ -482,12 +485,12 @@ impl Session {
         let settled = loop {
             if self.relays.busy() == 0 && !self.node.stopping() {
                 break match self.node.refuse_hand_over() {
-                    Some(why) => Err(why),
-                    None => self.node.save(&mut fds),
+                    Some(why) => Err(NotNow::Busy(why)),
+                    None => self.node.save(&mut fds).map_err(NotNow::from),
                 };
             }
             if settle.elapsed() > SETTLE_WAIT {
-                break Err(format!("containerd's calls under way did not finish within {SETTLE_WAIT:?}; try again"));
+                break Err(NotNow::Unsettled(SETTLE_WAIT));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
@@ -567,6 +570,20 @@ impl Session {
     }
 }
 
+/// Why the node cannot be handed over now (told to `shoal node --upgrade`).
+#[derive(Debug, thiserror::Error)]
+enum NotNow {
+    /// Something runs whose state cannot move (a program, an exec).
+    #[error("{0}")]
+    Busy(String),
+    /// The containers could not be described for the next host.
+    #[error(transparent)]
+    Save(#[from] handover::HandoverError),
+    /// containerd's calls under way did not finish in time.
+    #[error("containerd's calls under way did not finish within {0:?}; try again")]
+    Unsettled(Duration),
+}
+
 /// Run blocking hand-over I/O off the async threads.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
     tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?
@@ -641,104 +658,6 @@ fn without_adopt_fd(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     kept
 }
 
-/// Whether the peer of `stream` runs as this host's own user: `Err` says
-/// who it is.
-fn same_user(stream: &UnixStream) -> Result<(), String> {
-    let peer = stream.peer_cred().map_err(|err| format!("cannot tell who is asking: {err}"))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if peer.uid() != me {
-        return Err(format!("uid {} is not this host's uid {me}", peer.uid()));
-    }
-    Ok(())
-}
-
-/// An upgrade request: `upgrade`, or `upgrade end-programs-after=<ms>`
-/// (programs and execs still running that long are ended).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpgradeRequest {
-    /// How long running programs and execs may take to end before they
-    /// are ended; `None`: a running one refuses the upgrade.
-    pub end_programs_after: Option<Duration>,
-}
-
-impl UpgradeRequest {
-    fn line(&self) -> String {
-        match self.end_programs_after {
-            None => "upgrade\n".to_string(),
-            Some(after) => format!("upgrade end-programs-after={}\n", after.as_millis()),
-        }
-    }
-
-    fn parse(line: &str) -> Option<UpgradeRequest> {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("upgrade") {
-            return None;
-        }
-        let end_programs_after = match words.next() {
-            None => None,
-            Some(word) => Some(Duration::from_millis(word.strip_prefix("end-programs-after=")?.parse().ok()?)),
-        };
-        words.next().is_none().then_some(UpgradeRequest { end_programs_after })
-    }
-}
-
-/// Read an upgrade request from a peer of this host's own user.
-async fn upgrade_request(stream: UnixStream) -> Result<(UnixStream, UpgradeRequest), String> {
-    let refused = same_user(&stream);
-    let mut stream = tokio::io::BufReader::new(stream);
-    if let Err(why) = refused {
-        let me = nix::unistd::geteuid().as_raw();
-        let _ = stream.get_mut().write_all(format!("error: only uid {me} may upgrade this host\n").as_bytes()).await;
-        return Err(why);
-    }
-    let mut line = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut limited = (&mut stream).take(64);
-        limited.read_line(&mut line).await
-    })
-    .await;
-    match read.ok().and_then(Result::ok).and_then(|_| UpgradeRequest::parse(&line)) {
-        Some(request) => Ok((stream.into_inner(), request)),
-        None => {
-            let _ =
-                stream.get_mut().write_all(b"error: the only request is `upgrade [end-programs-after=<ms>]`\n").await;
-            Err(format!("unknown request {:?}", line.trim()))
-        }
-    }
-}
-
-/// `shoal node --upgrade`: ask the host behind `socket` to hand over to
-/// the binary now installed where it was started from; print its progress.
-/// The last line says how it ended; `None` when no host runs there (a
-/// socket file left by a host that died) and `skip_stale` says to pass.
-pub async fn upgrade(socket: &Path, request: UpgradeRequest, skip_stale: bool) -> Result<Option<String>, Error> {
-    let control = control_socket(socket);
-    let stream = match UnixStream::connect(&control).await {
-        Ok(stream) => stream,
-        Err(err) if skip_stale && err.kind() == std::io::ErrorKind::ConnectionRefused => {
-            println!("{}: no host runs there (left by a host that ended); skipped", socket.display());
-            return Ok(None);
-        }
-        Err(err) => return Err(anyhow::anyhow!("no node host answers at {}: {err}", control.display()).into()),
-    };
-    let (read, mut write) = stream.into_split();
-    write.write_all(request.line().as_bytes()).await.map_err(anyhow::Error::from)?;
-    let mut lines = tokio::io::BufReader::new(read).lines();
-    let mut last = String::new();
-    while let Some(line) = lines.next_line().await.map_err(anyhow::Error::from)? {
-        println!("{}: {line}", socket.display());
-        last = line;
-    }
-    match last.strip_prefix("error: ") {
-        Some(why) => Err(anyhow::anyhow!("{}: {why}", socket.display()).into()),
-        None if last.starts_with("upgraded") => Ok(Some(last)),
-        None => {
-            Err(anyhow::anyhow!("{}: the host closed the connection before the hand-over ended", socket.display())
-                .into())
-        }
-    }
-}
-
 /// The node hosts' sockets in `run_dir` (what `containerd-shim-shoal-v1`
 /// starts them with).
 pub fn node_sockets(run_dir: &Path) -> Result<Vec<PathBuf>, Error> {
@@ -760,21 +679,6 @@ pub fn node_sockets(run_dir: &Path) -> Result<Vec<PathBuf>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_upgrade_request_says_how_long_programs_may_take_to_end() {
-        let plain = UpgradeRequest { end_programs_after: None };
-        let bounded = UpgradeRequest { end_programs_after: Some(Duration::from_secs(60)) };
-        for request in [plain, bounded] {
-            assert_eq!(UpgradeRequest::parse(&request.line()), Some(request));
-        }
-        assert_eq!(bounded.line(), "upgrade end-programs-after=60000\n");
-        for refused in
-            ["", "upgrades", "upgrade now", "upgrade end-programs-after=soon", "upgrade end-programs-after=1 x"]
-        {
-            assert_eq!(UpgradeRequest::parse(refused), None, "{refused:?}");
-        }
-    }
 
     #[test]
     fn a_new_host_gets_the_old_hosts_arguments_without_its_adopt_fd() {

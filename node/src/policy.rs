@@ -28,13 +28,80 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use crate::error::NodeError;
-use shoal::manifest::{Grants, KeyGrant, Limits, TenantName};
+use shoal::manifest::{GrantError, Grants, KeyGrant, Limits, TenantName};
 
 /// The default place of the policy file.
 pub const DEFAULT_POLICY_PATH: &str = "/etc/shoal/policy.toml";
 
 /// The largest policy file read.
 const MAX_POLICY_BYTES: u64 = 1 << 20;
+
+/// A policy file that cannot be read, or is not a valid policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file cannot be opened.
+    #[error("cannot open {file}: {source}")]
+    Open {
+        /// The policy file.
+        file: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file cannot be read.
+    #[error("cannot read {file}: {source}")]
+    Read {
+        /// The policy file.
+        file: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than a policy may be.
+    #[error("{file} is over {} bytes", MAX_POLICY_BYTES)]
+    TooLarge {
+        /// The policy file.
+        file: String,
+    },
+    /// The text is not TOML, or not the policy's fields.
+    #[error("{file}: invalid policy: {}", .source.to_string().trim_end())]
+    Syntax {
+        /// The policy file.
+        file: String,
+        /// What the parser said.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A rule that matches no namespace.
+    #[error("{file}: rule {rule}: `namespaces` is empty: the rule would match nothing")]
+    NoNamespaces {
+        /// The policy file.
+        file: String,
+        /// The rule's number (from 1).
+        rule: usize,
+    },
+    /// A rule's `keyvalue` pattern is malformed.
+    #[error("{file}: rule {rule}: {}", .source.to_string().replace("grants.keyvalue", "keyvalue"))]
+    KeyValue {
+        /// The policy file.
+        file: String,
+        /// The rule's number (from 1).
+        rule: usize,
+        /// What is wrong with the pattern (as a grant, which it is written as).
+        #[source]
+        source: GrantError,
+    },
+    /// A rule's `outbound_http` entry is not `host:port`.
+    #[error("{file}: rule {rule}: outbound_http entry {entry:?} must be host:port (port may be *)")]
+    OutboundHttp {
+        /// The policy file.
+        file: String,
+        /// The rule's number (from 1).
+        rule: usize,
+        /// The entry.
+        entry: String,
+    },
+}
 
 /// A policy file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -195,23 +262,28 @@ impl Policy {
     }
 
     /// Parse a policy file's text; `source` names it in messages.
-    pub fn parse(text: &str, source: &str) -> Result<Policy, String> {
+    pub fn parse(text: &str, source: &str) -> Result<Policy, PolicyError> {
+        let file = || source.to_string();
         let parsed: PolicyText =
-            toml::from_str(text).map_err(|err| format!("{source}: invalid policy: {}", err.to_string().trim_end()))?;
+            toml::from_str(text).map_err(|err| PolicyError::Syntax { file: file(), source: err })?;
         for (index, rule) in parsed.rules.iter().enumerate() {
-            let at = |message: String| format!("{source}: rule {}: {message}", index + 1);
+            let number = index + 1;
             if rule.namespaces.is_empty() {
-                return Err(at("`namespaces` is empty: the rule would match nothing".to_string()));
+                return Err(PolicyError::NoNamespaces { file: file(), rule: number });
             }
             for pattern in &rule.keyvalue {
-                KeyGrant::parse(pattern).map_err(|err| at(err.replace("grants.keyvalue", "keyvalue")))?;
+                KeyGrant::parse(pattern).map_err(|err| PolicyError::KeyValue {
+                    file: file(),
+                    rule: number,
+                    source: err,
+                })?;
             }
             for entry in &rule.outbound_http {
                 let valid = entry
                     .rsplit_once(':')
                     .is_some_and(|(host, port)| !host.is_empty() && (port == "*" || port.parse::<u16>().is_ok()));
                 if !valid {
-                    return Err(at(format!("outbound_http entry {entry:?} must be host:port (port may be *)")));
+                    return Err(PolicyError::OutboundHttp { file: file(), rule: number, entry: entry.clone() });
                 }
             }
         }
@@ -392,7 +464,7 @@ pub(crate) struct PolicyFile {
 }
 
 /// A policy as last read: in force, or why the file was refused.
-type Loaded = Result<Arc<Policy>, String>;
+type Loaded = Result<Arc<Policy>, Arc<PolicyError>>;
 
 /// What tells a changed file from the one read before.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -421,7 +493,7 @@ impl PolicyFile {
         if let Some((seen, policy)) = cached.as_ref()
             && *seen == stamp
         {
-            return policy.clone().map_err(NodeError::FailedPrecondition);
+            return policy.clone().map_err(NodeError::Policy);
         }
         let mut last_file = self.last_file.lock().unwrap_or_else(|poison| poison.into_inner());
         let policy = match (&stamp, last_file.as_ref()) {
@@ -439,7 +511,7 @@ impl PolicyFile {
                 Ok(Arc::new(Policy::builtin()))
             }
             (FileStamp::Seen { .. }, _) => {
-                let read = self.read().map(Arc::new);
+                let read = self.read().map(Arc::new).map_err(Arc::new);
                 match &read {
                     Ok(policy) => {
                         tracing::info!(policy = %self.path.display(), "node policy loaded");
@@ -451,19 +523,20 @@ impl PolicyFile {
             }
         };
         *cached = Some((stamp, policy.clone()));
-        policy.map_err(NodeError::FailedPrecondition)
+        policy.map_err(NodeError::Policy)
     }
 
-    fn read(&self) -> Result<Policy, String> {
+    fn read(&self) -> Result<Policy, PolicyError> {
         use std::io::Read as _;
         let source = self.path.display().to_string();
-        let file = std::fs::File::open(&self.path).map_err(|err| format!("cannot open {source}: {err}"))?;
+        let file =
+            std::fs::File::open(&self.path).map_err(|err| PolicyError::Open { file: source.clone(), source: err })?;
         let mut text = String::new();
         file.take(MAX_POLICY_BYTES + 1)
             .read_to_string(&mut text)
-            .map_err(|err| format!("cannot read {source}: {err}"))?;
+            .map_err(|err| PolicyError::Read { file: source.clone(), source: err })?;
         if text.len() as u64 > MAX_POLICY_BYTES {
-            return Err(format!("{source} is over {MAX_POLICY_BYTES} bytes"));
+            return Err(PolicyError::TooLarge { file: source });
         }
         Policy::parse(&text, &source)
     }

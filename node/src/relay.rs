@@ -160,15 +160,22 @@ impl Relays {
     }
 }
 
+/// A frame longer than ttrpc allows: the connection is closed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a ttrpc frame of {length} bytes is over ttrpc's limit of {}", MAX_FRAME)]
+struct FrameTooLarge {
+    length: usize,
+}
+
 /// The length of the whole frame at the start of `buf`, once it is all
 /// there.
-fn whole_frame(buf: &[u8]) -> Result<Option<usize>, String> {
+fn whole_frame(buf: &[u8]) -> Result<Option<usize>, FrameTooLarge> {
     if buf.len() < HEADER {
         return Ok(None);
     }
     let length = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if length > MAX_FRAME {
-        return Err(format!("a ttrpc frame of {length} bytes is over ttrpc's limit of {MAX_FRAME}"));
+        return Err(FrameTooLarge { length });
     }
     Ok((buf.len() >= HEADER + length).then_some(HEADER + length))
 }

@@ -22,8 +22,10 @@ use tonic::transport::Channel;
 use crate::support::{guest, shoal_bin};
 
 mod config;
+mod refused;
 
 use config::{config_v1_6, config_v2_3, moved_node_config};
+pub use refused::PodRefused;
 
 /// The runtime handler the tests' containerd knows Shoal by.
 pub const HANDLER: &str = "shoal";
@@ -580,7 +582,7 @@ impl Cri {
     }
 
     /// Run a pod as `options` say; a refused call is its status.
-    pub async fn try_run_pod(&mut self, log_dir: &Path, options: PodOptions<'_>) -> Result<Pod, String> {
+    pub async fn try_run_pod(&mut self, log_dir: &Path, options: PodOptions<'_>) -> Result<Pod, PodRefused> {
         let PodOptions {
             namespace,
             name,
@@ -620,7 +622,7 @@ impl Cri {
             .runtime
             .run_pod_sandbox(RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: HANDLER.into() })
             .await
-            .map_err(|status| format!("RunPodSandbox: {}", status.message()))?
+            .map_err(PodRefused::by("RunPodSandbox"))?
             .into_inner()
             .pod_sandbox_id;
         let container_config = ContainerConfig {
@@ -667,14 +669,14 @@ impl Cri {
                 let _ = self.runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: sandbox.clone() }).await;
                 let _ =
                     self.runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: sandbox.clone() }).await;
-                return Err(format!("CreateContainer: {}", status.message()));
+                return Err(PodRefused::by("CreateContainer")(status));
             }
         };
         let create_time = began.elapsed() - sandbox_time;
         self.runtime
             .start_container(StartContainerRequest { container_id: container.clone() })
             .await
-            .map_err(|status| format!("StartContainer: {}", status.message()))?;
+            .map_err(PodRefused::by("StartContainer"))?;
         let call_times = [sandbox_time, create_time, began.elapsed() - sandbox_time - create_time];
         let status = self
             .runtime

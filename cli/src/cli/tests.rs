@@ -14,18 +14,33 @@ fn since_accepts_ages_and_timestamps() {
 #[test]
 fn fuel_is_metered_where_limited_unless_told_otherwise() {
     use clap::Parser as _;
-    let fuel_of = |args: &[&str]| -> Result<FuelMetering, String> {
-        let cli = Cli::try_parse_from([&["shoal", "serve"], args].concat()).map_err(|err| err.to_string())?;
+    let fuel_of = |args: &[&str]| -> Result<FuelMetering, clap::Error> {
+        let cli = Cli::try_parse_from([&["shoal", "serve"], args].concat())?;
         match cli.command {
             Command::Serve { host, .. } => Ok(host.engine_options().fuel),
             _ => unreachable!("parsed serve"),
         }
     };
-    assert_eq!(fuel_of(&[]), Ok(FuelMetering::Limited));
-    assert_eq!(fuel_of(&["--fuel", "every-request"]), Ok(FuelMetering::EveryRequest));
-    assert_eq!(fuel_of(&["--no-fuel"]), Ok(FuelMetering::Off));
-    let both = fuel_of(&["--no-fuel", "--fuel", "limited"]).unwrap_err();
+    assert_eq!(fuel_of(&[]).ok(), Some(FuelMetering::Limited));
+    assert_eq!(fuel_of(&["--fuel", "every-request"]).ok(), Some(FuelMetering::EveryRequest));
+    assert_eq!(fuel_of(&["--no-fuel"]).ok(), Some(FuelMetering::Off));
+    let both = fuel_of(&["--no-fuel", "--fuel", "limited"]).unwrap_err().to_string();
     assert!(both.contains("cannot be used with"), "{both}");
+}
+
+#[test]
+fn a_pair_is_key_equals_value() {
+    assert_eq!(parse_pair("a=b=c").unwrap(), ("a".to_string(), "b=c".to_string()));
+    assert_eq!(parse_pair("=x").unwrap_err().to_string(), "\"=x\": write KEY=VALUE");
+}
+
+#[test]
+fn an_error_is_reported_with_each_cause_once() {
+    let io = std::io::Error::other("disk full");
+    let err = anyhow::Error::new(shoal::Error::io("/data/x")(io)).context("cannot deploy");
+    assert_eq!(report(&err), "cannot deploy: /data/x: disk full");
+    let plain = anyhow::anyhow!("inner").context("outer");
+    assert_eq!(report(&plain), format!("{plain:#}"));
 }
 
 #[test]

@@ -3,6 +3,84 @@
 
 use super::*;
 
+/// A grant that is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// A `grants.files` entry is not `host:guest[:ro|:rw]`.
+    #[error("grants.files entry {entry:?}: write \"host-dir:/guest/path\" or \"host-dir:/guest/path:ro\"")]
+    FileEntry {
+        /// The entry as written.
+        entry: String,
+    },
+    /// A file grant's guest path is relative or climbs with `..`.
+    #[error("grants.files: the guest path {guest:?} must be absolute, without `..`")]
+    GuestPath {
+        /// The guest path.
+        guest: String,
+    },
+    /// A file grant's host path is relative.
+    #[error("grants.files: the host path {} must be absolute", host.display())]
+    HostPath {
+        /// The host path.
+        host: PathBuf,
+    },
+    /// A `grants.keyvalue` entry is not `bucket:pattern`.
+    #[error("grants.keyvalue entry {entry:?}: write \"bucket:key\" or \"bucket:prefix*\"")]
+    KeyEntry {
+        /// The entry as written.
+        entry: String,
+    },
+    /// A `grants.keyvalue` entry with nothing before the `:`.
+    #[error("grants.keyvalue entry {entry:?} names no bucket")]
+    KeyNoBucket {
+        /// The entry as written.
+        entry: String,
+    },
+    /// A `grants.keyvalue` pattern with a `*` before its end.
+    #[error("grants.keyvalue entry {entry:?}: `*` may only end the pattern")]
+    KeyStar {
+        /// The entry as written.
+        entry: String,
+    },
+    /// A key grant (built in code or deserialized) that no entry parses to.
+    #[error("grants.keyvalue entry {grant:?}: write \"bucket:key\" or \"bucket:prefix*\"")]
+    MalformedKeyGrant {
+        /// The grant.
+        grant: KeyGrant,
+    },
+    /// A bucket name with a `/` (which tells tenants apart).
+    #[error("grants.keyvalue: bucket {bucket:?} may not contain `/`")]
+    BucketSlash {
+        /// The bucket.
+        bucket: String,
+    },
+    /// An empty, over-long or whitespace-holding name.
+    #[error("grants.{field}: invalid entry {entry:?}")]
+    InvalidEntry {
+        /// The grant, as the manifest names it.
+        field: &'static str,
+        /// The entry.
+        entry: String,
+    },
+    /// A topic name with a `/` (which tells tenants apart).
+    #[error("grants.{field}: topic {topic:?} may not contain `/`")]
+    TopicSlash {
+        /// `publish` or `subscribe`.
+        field: &'static str,
+        /// The topic.
+        topic: String,
+    },
+    /// An invoke target that is no valid function name.
+    #[error("grants.invoke: {0}")]
+    Invoke(#[source] NameError),
+    /// An outbound authority that is not `host:port`.
+    #[error("grants.outbound_http: {authority:?} must be host:port")]
+    OutboundHttp {
+        /// The authority as written.
+        authority: String,
+    },
+}
+
 /// A host directory the function sees at `guest` (`wasi:filesystem`),
 /// confined to it: nothing above or beside it is reachable, symlinks
 /// included.
@@ -40,9 +118,8 @@ pub enum VolumeKind {
 impl FileGrant {
     /// Parse `host:guest[:ro|:rw]` (read-write unless `:ro`), a relative
     /// host path taken from `base`.
-    pub fn parse(text: &str, base: &Path) -> Result<FileGrant, String> {
-        let usage =
-            || format!("grants.files entry {text:?}: write \"host-dir:/guest/path\" or \"host-dir:/guest/path:ro\"");
+    pub fn parse(text: &str, base: &Path) -> Result<FileGrant, GrantError> {
+        let usage = || GrantError::FileEntry { entry: text.to_string() };
         let mut parts = text.split(':');
         let (Some(host), Some(guest)) = (parts.next(), parts.next()) else { return Err(usage()) };
         let read_only = match parts.next() {
@@ -61,17 +138,17 @@ impl FileGrant {
     }
 
     /// The guest path is absolute and plain; the host path absolute.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), GrantError> {
         let guest = Path::new(&self.guest);
         let plain = guest.is_absolute()
             && guest
                 .components()
                 .all(|part| matches!(part, std::path::Component::RootDir | std::path::Component::Normal(_)));
         if !plain {
-            return Err(format!("grants.files: the guest path {:?} must be absolute, without `..`", self.guest));
+            return Err(GrantError::GuestPath { guest: self.guest.clone() });
         }
         if !self.host.is_absolute() {
-            return Err(format!("grants.files: the host path {} must be absolute", self.host.display()));
+            return Err(GrantError::HostPath { host: self.host.clone() });
         }
         Ok(())
     }
@@ -113,19 +190,18 @@ pub struct KeyGrant {
 
 impl KeyGrant {
     /// Parse `bucket:pattern`.
-    pub fn parse(text: &str) -> Result<KeyGrant, String> {
-        let (bucket, pattern) = text
-            .split_once(':')
-            .ok_or_else(|| format!("grants.keyvalue entry {text:?}: write \"bucket:key\" or \"bucket:prefix*\""))?;
+    pub fn parse(text: &str) -> Result<KeyGrant, GrantError> {
+        let entry = || text.to_string();
+        let (bucket, pattern) = text.split_once(':').ok_or_else(|| GrantError::KeyEntry { entry: entry() })?;
         if bucket.is_empty() {
-            return Err(format!("grants.keyvalue entry {text:?} names no bucket"));
+            return Err(GrantError::KeyNoBucket { entry: entry() });
         }
         let (key, prefix) = match pattern.strip_suffix('*') {
             Some(prefix) => (prefix, true),
             None => (pattern, false),
         };
         if key.contains('*') {
-            return Err(format!("grants.keyvalue entry {text:?}: `*` may only end the pattern"));
+            return Err(GrantError::KeyStar { entry: entry() });
         }
         Ok(KeyGrant { bucket: bucket.to_string(), key: key.to_string(), prefix })
     }
@@ -147,13 +223,13 @@ impl Grants {
     /// Check every entry: names non-empty, without whitespace and at most
     /// 255 bytes; invoke targets valid function names; outbound authorities
     /// `host:port`; key grants well formed.
-    pub fn check(&self) -> Result<(), String> {
-        let names = |field: &str, values: &BTreeSet<String>| -> Result<(), String> {
+    pub fn check(&self) -> Result<(), GrantError> {
+        let names = |field: &'static str, values: &BTreeSet<String>| -> Result<(), GrantError> {
             match values
                 .iter()
                 .find(|value| value.is_empty() || value.len() > 255 || value.contains(char::is_whitespace))
             {
-                Some(value) => Err(format!("grants.{field}: invalid entry {value:?}")),
+                Some(value) => Err(GrantError::InvalidEntry { field, entry: value.clone() }),
                 None => Ok(()),
             }
         };
@@ -163,28 +239,28 @@ impl Grants {
         // (`TenantName::scope`): no name of a tenant's own may contain one.
         for (field, topics) in [("publish", &self.publish), ("subscribe", &self.subscribe)] {
             if let Some(topic) = topics.iter().find(|topic| topic.contains('/')) {
-                return Err(format!("grants.{field}: topic {topic:?} may not contain `/`"));
+                return Err(GrantError::TopicSlash { field, topic: topic.clone() });
             }
         }
         names("secrets", &self.secrets)?;
         names("invoke", &self.invoke)?;
         for name in &self.invoke {
-            validate_name(name).map_err(|err| format!("grants.invoke: {err}"))?;
+            validate_name(name).map_err(GrantError::Invoke)?;
         }
         names("outbound_http", &self.outbound_http)?;
         for authority in &self.outbound_http {
             let valid =
                 authority.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !valid {
-                return Err(format!("grants.outbound_http: {authority:?} must be host:port"));
+                return Err(GrantError::OutboundHttp { authority: authority.clone() });
             }
         }
         for grant in &self.keyvalue {
             if grant.bucket.is_empty() || grant.key.contains('*') || grant.bucket.contains(':') {
-                return Err(format!("grants.keyvalue entry {grant:?}: write \"bucket:key\" or \"bucket:prefix*\""));
+                return Err(GrantError::MalformedKeyGrant { grant: grant.clone() });
             }
             if grant.bucket.contains('/') {
-                return Err(format!("grants.keyvalue: bucket {:?} may not contain `/`", grant.bucket));
+                return Err(GrantError::BucketSlash { bucket: grant.bucket.clone() });
             }
         }
         for grant in &self.files {

@@ -2,6 +2,44 @@
 
 use super::*;
 
+/// A limit out of its range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// A limit that must be above zero is zero.
+    #[error("limits.{field} must be greater than 0")]
+    Zero {
+        /// The limit, as the manifest names it.
+        field: &'static str,
+    },
+    /// An optional limit is zero; leaving it out means no limit.
+    #[error("limits.{field} must be greater than 0 (omit it for no limit)")]
+    ZeroNotOmitted {
+        /// The limit, as the manifest names it.
+        field: &'static str,
+    },
+    /// A limit is above what this host allows.
+    #[error("limits.{field} = {value} is over the host's maximum of {maximum}")]
+    OverMaximum {
+        /// The limit, as the manifest names it.
+        field: &'static str,
+        /// The value asked for, in the manifest's unit.
+        value: String,
+        /// The host's maximum, with its unit.
+        maximum: String,
+    },
+}
+
+impl LimitError {
+    /// `memory_mb` above [`MAX_MEMORY_BYTES`].
+    pub(super) fn memory_over_maximum(mb: u64) -> LimitError {
+        LimitError::OverMaximum {
+            field: "memory_mb",
+            value: mb.to_string(),
+            maximum: format!("{} MiB", MAX_MEMORY_BYTES >> 20),
+        }
+    }
+}
+
 /// Per-function resource limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -78,9 +116,11 @@ mod non_zero_field {
     use serde::de::Error as _;
     use serde::{Deserialize, Deserializer};
 
-    fn non_zero<'de, D: Deserializer<'de>>(deserializer: D, field: &str) -> Result<NonZeroU32, D::Error> {
+    use super::LimitError;
+
+    fn non_zero<'de, D: Deserializer<'de>>(deserializer: D, field: &'static str) -> Result<NonZeroU32, D::Error> {
         let value = u32::deserialize(deserializer)?;
-        NonZeroU32::new(value).ok_or_else(|| D::Error::custom(format!("limits.{field} must be greater than 0")))
+        NonZeroU32::new(value).ok_or_else(|| D::Error::custom(LimitError::Zero { field }))
     }
 
     pub(super) fn max_concurrency<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
@@ -104,7 +144,7 @@ mod non_zero_field {
             None => Ok(None),
             Some(millis) => NonZeroU32::new(millis)
                 .map(Some)
-                .ok_or_else(|| D::Error::custom("limits.cpu_millis must be greater than 0 (omit it for no limit)")),
+                .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "cpu_millis" })),
         }
     }
 
@@ -113,18 +153,18 @@ mod non_zero_field {
     ) -> Result<Option<NonZeroU32>, D::Error> {
         match Option::<u32>::deserialize(deserializer)? {
             None => Ok(None),
-            Some(count) => NonZeroU32::new(count).map(Some).ok_or_else(|| {
-                D::Error::custom("limits.max_requests_per_instance must be greater than 0 (omit it for no limit)")
-            }),
+            Some(count) => NonZeroU32::new(count)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "max_requests_per_instance" })),
         }
     }
 
     pub(super) fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
         match Option::<u64>::deserialize(deserializer)? {
             None => Ok(None),
-            Some(fuel) => NonZeroU64::new(fuel).map(Some).ok_or_else(|| {
-                D::Error::custom("limits.fuel_per_request must be greater than 0 (omit it for no limit)")
-            }),
+            Some(fuel) => NonZeroU64::new(fuel)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "fuel_per_request" })),
         }
     }
 }
@@ -182,15 +222,15 @@ impl Default for Limits {
 impl Limits {
     /// Check what the types alone cannot: durations and sizes above zero,
     /// memory within what the engine reserves per slot.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), LimitError> {
         let durations = [
             ("timeout_ms", self.timeout),
             ("idle_timeout_s", self.idle_timeout),
             ("start_timeout_ms", self.start_timeout),
             ("destroy_timeout_ms", self.destroy_timeout),
         ];
-        if let Some((field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
-            return Err(format!("limits.{field} must be greater than 0"));
+        if let Some(&(field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
+            return Err(LimitError::Zero { field });
         }
         // Every time a function (or a pod, through its annotations) sets is
         // bounded: a `start` or a queue that may wait for ever holds what it
@@ -202,33 +242,29 @@ impl Limits {
             ("destroy_timeout_ms", self.destroy_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
             ("idle_timeout_s", self.idle_timeout, MAX_IDLE_TIMEOUT),
         ];
-        if let Some((field, value, max)) = bounded.iter().find(|(_, value, max)| value > max) {
-            return Err(format!(
-                "limits.{field} = {} is over the host's maximum of {}",
-                humantime::format_duration(*value),
-                humantime::format_duration(*max)
-            ));
+        if let Some(&(field, value, max)) = bounded.iter().find(|(_, value, max)| value > max) {
+            return Err(LimitError::OverMaximum {
+                field,
+                value: humantime::format_duration(value).to_string(),
+                maximum: humantime::format_duration(max).to_string(),
+            });
         }
         if self.memory_bytes == 0 {
-            return Err("limits.memory_mb must be greater than 0".to_string());
+            return Err(LimitError::Zero { field: "memory_mb" });
         }
         if self.memory_bytes > MAX_MEMORY_BYTES {
-            return Err(format!(
-                "limits.memory_mb = {} is over the host's maximum of {} MiB",
-                self.memory_bytes >> 20,
-                MAX_MEMORY_BYTES >> 20
-            ));
+            return Err(LimitError::memory_over_maximum(self.memory_bytes >> 20));
         }
         if self.max_request_bytes == 0 {
-            return Err("limits.max_request_bytes must be greater than 0".to_string());
+            return Err(LimitError::Zero { field: "max_request_bytes" });
         }
         let sizes = [
             ("kv_max_key_bytes", self.kv_max_key_bytes),
             ("kv_max_value_bytes", self.kv_max_value_bytes),
             ("message_max_bytes", self.message_max_bytes),
         ];
-        if let Some((field, _)) = sizes.iter().find(|(_, value)| *value == 0) {
-            return Err(format!("limits.{field} must be greater than 0"));
+        if let Some(&(field, _)) = sizes.iter().find(|(_, value)| *value == 0) {
+            return Err(LimitError::Zero { field });
         }
         Ok(())
     }

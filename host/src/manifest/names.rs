@@ -2,6 +2,29 @@
 
 use super::*;
 
+/// A function, tenant or version name that breaks its rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Not a valid function name.
+    #[error("invalid name {name:?}: use 1-63 lowercase letters, digits and '-', starting with a letter")]
+    Function {
+        /// The name given.
+        name: String,
+    },
+    /// Not a valid tenant (namespace) name.
+    #[error("invalid tenant {name:?}: use 1-63 lowercase letters, digits and '-' (a namespace name)")]
+    Tenant {
+        /// The name given.
+        name: String,
+    },
+    /// Not a valid version label.
+    #[error("invalid version {version:?}: use 1-64 of [A-Za-z0-9._-]")]
+    Version {
+        /// The label given.
+        version: String,
+    },
+}
+
 /// A function's name: lowercase letters, digits and `-`, 1 to 63 long,
 /// starting with a letter (so it is also a valid DNS label and metric
 /// label). A value of this type is always valid.
@@ -11,7 +34,7 @@ pub struct FunctionName(String);
 
 impl FunctionName {
     /// Check `name` and wrap it.
-    pub fn new(name: &str) -> Result<FunctionName, String> {
+    pub fn new(name: &str) -> Result<FunctionName, NameError> {
         validate_name(name)?;
         Ok(FunctionName(name.to_string()))
     }
@@ -23,9 +46,9 @@ impl FunctionName {
 }
 
 impl TryFrom<String> for FunctionName {
-    type Error = String;
+    type Error = NameError;
 
-    fn try_from(name: String) -> Result<FunctionName, String> {
+    fn try_from(name: String) -> Result<FunctionName, NameError> {
         validate_name(&name)?;
         Ok(FunctionName(name))
     }
@@ -82,17 +105,13 @@ impl TenantName {
     pub const DEFAULT: &'static str = "default";
 
     /// Check `name` and wrap it.
-    pub fn new(name: &str) -> Result<TenantName, String> {
+    pub fn new(name: &str) -> Result<TenantName, NameError> {
         let ok = !name.is_empty()
             && name.len() <= 63
             && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !name.starts_with('-')
             && !name.ends_with('-');
-        if ok {
-            Ok(TenantName(name.to_string()))
-        } else {
-            Err(format!("invalid tenant {name:?}: use 1-63 lowercase letters, digits and '-' (a namespace name)"))
-        }
+        if ok { Ok(TenantName(name.to_string())) } else { Err(NameError::Tenant { name: name.to_string() }) }
     }
 
     /// The name as text.
@@ -125,9 +144,9 @@ impl Default for TenantName {
 }
 
 impl TryFrom<String> for TenantName {
-    type Error = String;
+    type Error = NameError;
 
-    fn try_from(name: String) -> Result<TenantName, String> {
+    fn try_from(name: String) -> Result<TenantName, NameError> {
         TenantName::new(&name)
     }
 }
@@ -146,21 +165,17 @@ impl std::fmt::Display for TenantName {
 
 /// Check a function name: lowercase letters, digits and `-`, 1 to 63 long,
 /// starting with a letter (so it is also a valid DNS label and metric label).
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("invalid name {name:?}: use 1-63 lowercase letters, digits and '-', starting with a letter"))
-    }
+    if ok { Ok(()) } else { Err(NameError::Function { name: name.to_string() }) }
 }
 
-pub(super) fn validate_version(version: &str) -> Result<(), String> {
+pub(super) fn validate_version(version: &str) -> Result<(), NameError> {
     let ok = !version.is_empty()
         && version.len() <= 64
         && version.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-    if ok { Ok(()) } else { Err(format!("invalid version {version:?}: use 1-64 of [A-Za-z0-9._-]")) }
+    if ok { Ok(()) } else { Err(NameError::Version { version: version.to_string() }) }
 }

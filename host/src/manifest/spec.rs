@@ -2,6 +2,115 @@
 
 use super::*;
 
+/// Why a function spec is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Its name or version label.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// One of its routes.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// One of its limits.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// One of its grants.
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    /// An environment variable the process environment cannot hold.
+    #[error("env: invalid variable {name:?}")]
+    Env {
+        /// The variable's name.
+        name: String,
+    },
+}
+
+/// A function whose spec is invalid, by name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("function {function:?}: {source}")]
+pub struct InvalidFunction {
+    /// The function's name, as given.
+    pub function: String,
+    /// What is wrong.
+    #[source]
+    pub source: SpecError,
+}
+
+/// A route that is malformed or not the function's to take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No `/` at all.
+    #[error("route {route:?} has no path; write \"/{route}\" or \"{route}/\"")]
+    NoPath {
+        /// The route as written.
+        route: String,
+    },
+    /// A query, fragment or space in it.
+    #[error("route {route:?}: a route is a path prefix, without query or spaces")]
+    NotAPrefix {
+        /// The route as written.
+        route: String,
+    },
+    /// A route built in code (or deserialized) that parsing would change.
+    #[error("route {route:?} is not in normal form (a path prefix starting with `/`)")]
+    NotNormal {
+        /// The route.
+        route: String,
+    },
+    /// One of [`RESERVED_PATHS`].
+    #[error("route {route:?} is reserved for the host")]
+    Reserved {
+        /// The route.
+        route: String,
+    },
+}
+
+/// Entries of one function that do not make a valid set of versions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionsError {
+    /// Its versions belong to different tenants.
+    #[error("versions of function {function:?} name different tenants")]
+    DifferentTenants {
+        /// The function.
+        function: String,
+    },
+    /// Every version has weight 0.
+    #[error("function {function:?}: {} weight 0, so no request could reach it", all_have(*.versions))]
+    NoWeight {
+        /// The function.
+        function: String,
+        /// How many versions it has.
+        versions: usize,
+    },
+    /// It is listed more than once, not every time with a version.
+    #[error("function {function:?} is listed {versions} times: each entry needs its own `version`")]
+    NoVersion {
+        /// The function.
+        function: String,
+        /// How many entries it has.
+        versions: usize,
+    },
+    /// Two entries give the same version.
+    #[error("function {function:?} lists version {version:?} twice")]
+    DuplicateVersion {
+        /// The function.
+        function: String,
+        /// The version.
+        version: String,
+    },
+    /// Its versions declare different routes.
+    #[error("versions of function {function:?} declare different routes")]
+    DifferentRoutes {
+        /// The function.
+        function: String,
+    },
+}
+
+/// The subject of [`VersionsError::NoWeight`]'s message.
+fn all_have(versions: usize) -> &'static str {
+    if versions == 1 { "its only version has" } else { "all versions have" }
+}
+
 /// One deployable version of a function, validated and with defaults filled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "SpecFields")]
@@ -57,12 +166,12 @@ struct SpecFields {
 }
 
 impl TryFrom<SpecFields> for FunctionSpec {
-    type Error = String;
+    type Error = InvalidFunction;
 
-    fn try_from(fields: SpecFields) -> Result<FunctionSpec, String> {
+    fn try_from(fields: SpecFields) -> Result<FunctionSpec, InvalidFunction> {
         let SpecFields { name, version, wasm, routes, weight, limits, grants, tenant, pod, env } = fields;
         let spec = FunctionSpec { name, version, wasm, routes, weight, limits, grants, tenant, pod, env };
-        spec.check().map_err(|message| format!("function {:?}: {message}", spec.name.as_str()))?;
+        spec.check_named()?;
         Ok(spec)
     }
 }
@@ -71,27 +180,32 @@ impl FunctionSpec {
     /// Check what the types alone cannot: the version label, routes (well
     /// formed, none reserved), limits in range and grants well formed.
     /// Every path into the registry runs this.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), SpecError> {
         if let Some(version) = &self.version {
             validate_version(version)?;
         }
         for route in &self.routes {
             let text = route.to_string();
             if Route::parse(&text).as_ref() != Ok(route) {
-                return Err(format!("route {text:?} is not in normal form (a path prefix starting with `/`)"));
+                return Err(RouteError::NotNormal { route: text }.into());
             }
             if RESERVED_PATHS.contains(&route.prefix.as_str()) {
-                return Err(format!("route {text:?} is reserved for the host"));
+                return Err(RouteError::Reserved { route: text }.into());
             }
         }
         self.limits.check()?;
         self.grants.check()?;
         for (name, value) in &self.env {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
-                return Err(format!("env: invalid variable {name:?}"));
+                return Err(SpecError::Env { name: name.clone() });
             }
         }
         Ok(())
+    }
+
+    /// [`FunctionSpec::check`], the error naming the function.
+    pub fn check_named(&self) -> Result<(), InvalidFunction> {
+        self.check().map_err(|source| InvalidFunction { function: self.name.to_string(), source })
     }
 
     /// The name other functions of its tenant call it by (`invoke`): the
@@ -126,14 +240,14 @@ pub struct Route {
 
 impl Route {
     /// Parse `"/prefix"` or `"host/prefix"`.
-    pub fn parse(text: &str) -> Result<Route, String> {
+    pub fn parse(text: &str) -> Result<Route, RouteError> {
         let (host, prefix) = match text.find('/') {
             Some(0) => (None, text),
             Some(at) => (Some(text[..at].to_ascii_lowercase()), &text[at..]),
-            None => return Err(format!("route {text:?} has no path; write \"/{text}\" or \"{text}/\"")),
+            None => return Err(RouteError::NoPath { route: text.to_string() }),
         };
         if prefix.contains(['?', '#', ' ']) {
-            return Err(format!("route {text:?}: a route is a path prefix, without query or spaces"));
+            return Err(RouteError::NotAPrefix { route: text.to_string() });
         }
         let prefix = if prefix.len() > 1 { prefix.trim_end_matches('/') } else { prefix };
         let prefix = if prefix.is_empty() { "/" } else { prefix };
@@ -152,18 +266,18 @@ impl std::fmt::Display for Route {
 
 /// Entries sharing a name are versions of one function: they must carry
 /// distinct explicit versions and declare the same routes.
-pub fn check_versions(specs: &[FunctionSpec]) -> Result<(), String> {
+pub fn check_versions(specs: &[FunctionSpec]) -> Result<(), VersionsError> {
     let mut by_name: BTreeMap<&str, Vec<&FunctionSpec>> = BTreeMap::new();
     for spec in specs {
         by_name.entry(spec.name.as_str()).or_default().push(spec);
     }
     for (name, versions) in by_name {
+        let function = || name.to_string();
         if versions.iter().any(|spec| spec.tenant != versions[0].tenant) {
-            return Err(format!("versions of function {name:?} name different tenants"));
+            return Err(VersionsError::DifferentTenants { function: function() });
         }
         if versions.iter().all(|spec| spec.weight == 0) {
-            let which = if versions.len() == 1 { "its only version has" } else { "all versions have" };
-            return Err(format!("function {name:?}: {which} weight 0, so no request could reach it"));
+            return Err(VersionsError::NoWeight { function: function(), versions: versions.len() });
         }
         if versions.len() == 1 {
             continue;
@@ -171,16 +285,13 @@ pub fn check_versions(specs: &[FunctionSpec]) -> Result<(), String> {
         let mut seen = BTreeSet::new();
         for spec in &versions {
             let Some(version) = &spec.version else {
-                return Err(format!(
-                    "function {name:?} is listed {} times: each entry needs its own `version`",
-                    versions.len()
-                ));
+                return Err(VersionsError::NoVersion { function: function(), versions: versions.len() });
             };
             if !seen.insert(version) {
-                return Err(format!("function {name:?} lists version {version:?} twice"));
+                return Err(VersionsError::DuplicateVersion { function: function(), version: version.clone() });
             }
             if spec.routes != versions[0].routes {
-                return Err(format!("versions of function {name:?} declare different routes"));
+                return Err(VersionsError::DifferentRoutes { function: function() });
             }
         }
     }

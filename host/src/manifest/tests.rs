@@ -90,23 +90,43 @@ fn unknown_limit_fields_are_rejected_with_the_field_name() {
 #[test]
 fn invalid_names_and_zero_limits_name_the_function_and_field() {
     let err = resolve("[[function]]\nname = \"Bad_Name\"\nwasm = \"a.wasm\"\n").unwrap_err();
-    assert!(err.message.contains("Bad_Name"), "{err}");
+    assert!(err.cause.to_string().contains("Bad_Name"), "{err}");
     let err =
         resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.limits]\nmax_concurrency = 0\n").unwrap_err();
-    assert!(err.message.contains("function \"a\"") && err.message.contains("max_concurrency"), "{err}");
+    assert!(
+        err.cause.to_string().contains("function \"a\"") && err.cause.to_string().contains("max_concurrency"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_manifest_error_keeps_its_cause_typed_and_its_text() {
+    use std::error::Error as _;
+    let err =
+        resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.limits]\nmax_concurrency = 0\n").unwrap_err();
+    assert_eq!(err.to_string(), "/m/shoal.toml: function \"a\": limits.max_concurrency must be greater than 0");
+    let ManifestCause::Function(invalid) = &*err.cause else { panic!("a function's error: {err:?}") };
+    assert_eq!(invalid.source, SpecError::Limit(LimitError::Zero { field: "max_concurrency" }));
+    let cause = err.source().and_then(|cause| cause.downcast_ref::<ManifestCause>());
+    assert!(matches!(cause, Some(ManifestCause::Function(_))), "{err:?}");
+
+    let err = Manifest::load(Path::new("/nonexistent/shoal.toml")).unwrap_err();
+    assert!(err.to_string().starts_with("/nonexistent/shoal.toml: cannot read manifest: "), "{err}");
+    let io = err.source().and_then(|cause| cause.source()).and_then(|io| io.downcast_ref::<std::io::Error>());
+    assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::NotFound));
 }
 
 #[test]
 fn reserved_paths_cannot_be_routes() {
     let err = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\nroutes = [\"/metrics\"]\n").unwrap_err();
-    assert!(err.message.contains("reserved"), "{err}");
+    assert!(err.cause.to_string().contains("reserved"), "{err}");
 }
 
 #[test]
 fn two_entries_of_one_function_need_versions() {
     let text = "[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[[function]]\nname = \"a\"\nwasm = \"b.wasm\"\n";
     let err = resolve(text).unwrap_err();
-    assert!(err.message.contains("own `version`"), "{err}");
+    assert!(err.cause.to_string().contains("own `version`"), "{err}");
     let text = "[[function]]\nname = \"a\"\nversion = \"1\"\nweight = 90\nwasm = \"a.wasm\"\n\
                 [[function]]\nname = \"a\"\nversion = \"2\"\nweight = 10\nwasm = \"b.wasm\"\n";
     assert_eq!(resolve(text).unwrap().len(), 2);
@@ -125,16 +145,16 @@ fn grants_resolve_and_check_keys_by_bucket_and_pattern() {
     assert_eq!(grants.config["greeting"], "hi");
     let err = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.grants]\nkeyvalue = [\"nobucket\"]\n")
         .unwrap_err();
-    assert!(err.message.contains("grants.keyvalue"), "{err}");
+    assert!(err.cause.to_string().contains("grants.keyvalue"), "{err}");
     let err = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.grants]\noutbound_http = [\"x\"]\n")
         .unwrap_err();
-    assert!(err.message.contains("host:port"), "{err}");
+    assert!(err.cause.to_string().contains("host:port"), "{err}");
 }
 
 #[test]
 fn a_function_whose_only_version_has_weight_zero_is_refused() {
     let err = resolve("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\nweight = 0\n").unwrap_err();
-    assert!(err.message.contains("weight 0"), "{err}");
+    assert!(err.cause.to_string().contains("weight 0"), "{err}");
 }
 
 #[test]

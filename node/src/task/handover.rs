@@ -2,6 +2,7 @@
 //! taking them back).
 
 use super::*;
+use crate::handover::HandoverError;
 
 impl Node {
     /// Stop every container (host shutdown): functions drain and run `destroy`.
@@ -67,7 +68,10 @@ impl Node {
     /// it needs (network namespaces, pod listeners, output FIFOs) to `fds`.
     /// Sandboxes come first. Called with containerd's connections held, so
     /// nothing changes the containers meanwhile.
-    pub(crate) fn save(&self, fds: &mut Descriptors) -> Result<(Vec<SavedSandbox>, Vec<SavedContainer>), String> {
+    pub(crate) fn save(
+        &self,
+        fds: &mut Descriptors,
+    ) -> Result<(Vec<SavedSandbox>, Vec<SavedContainer>), HandoverError> {
         let sandboxes = self.sandboxes.save(fds)?;
         let mut containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         containers.sort_by_key(|container| !matches!(container.kind, Kind::Sandbox { .. }));
@@ -85,29 +89,30 @@ impl Node {
             };
             let netns = match (netns, state) {
                 (Some(netns), state) if !matches!(state, SavedState::Stopped { .. }) => {
-                    Some(fds.add_copy(netns, &format!("the network namespace of {}", container.id))?)
+                    Some(fds.add_copy(netns, format!("the network namespace of {}", container.id))?)
                 }
                 _ => None,
             };
             let listener = match &*container.listener.lock().unwrap_or_else(|p| p.into_inner()) {
                 Some(listener) if container.state().is_live() => {
-                    Some(fds.add_copy(listener, &format!("the listener of {}", container.id))?)
+                    Some(fds.add_copy(listener, format!("the listener of {}", container.id))?)
                 }
                 _ => None,
             };
             let mut output = [None, None];
             let fifos = container.output.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
             if let (Some(fifos), false) = (fifos, matches!(state, SavedState::Stopped { .. })) {
-                let (stdout, stderr) = fifos
-                    .descriptors()
-                    .map_err(|err| format!("cannot duplicate the output of {}: {err}", container.id))?;
+                let (stdout, stderr) = fifos.descriptors().map_err(|source| HandoverError::Duplicate {
+                    what: format!("the output of {}", container.id),
+                    source,
+                })?;
                 output = [stdout.map(|fd| fds.add(fd)), stderr.map(|fd| fds.add(fd))];
             }
             saved.push(SavedContainer {
                 request: container
                     .request
                     .write_to_bytes()
-                    .map_err(|err| format!("cannot encode the request of {}: {err}", container.id))?,
+                    .map_err(|source| HandoverError::Encode { what: container.id.clone(), source })?,
                 function: container.function.clone(),
                 rootfs: container.rootfs.clone(),
                 state,
@@ -181,7 +186,7 @@ impl Node {
         saved: SavedContainer,
         fds: &mut Descriptors,
     ) -> Result<Arc<Container>, NodeError> {
-        let mut take = |index: Option<usize>| fds.take_some(index).map_err(NodeError::Internal);
+        let mut take = |index: Option<usize>| fds.take_some(index).map_err(|err| NodeError::Internal(err.to_string()));
         let (netns, listener) = (take(saved.netns)?, take(saved.listener)?);
         let output = ContainerOutput::from_descriptors(take(saved.output[0])?, take(saved.output[1])?);
         let id = &request.id;

@@ -41,7 +41,7 @@ use tokio::sync::watch;
 
 use super::{Node, Reply, SIGKILL, timestamp};
 use crate::error::NodeError;
-use crate::handover::{Descriptors, SavedSandbox};
+use crate::handover::{Descriptors, HandoverError, SavedSandbox};
 use crate::netns;
 
 /// The `Any` type containerd's CRI wraps the pod's config in.
@@ -136,12 +136,12 @@ impl Sandboxes {
     }
 
     /// Describe every pod for the next host, adding their namespaces to `fds`.
-    pub(super) fn save(&self, fds: &mut Descriptors) -> Result<Vec<SavedSandbox>, String> {
+    pub(super) fn save(&self, fds: &mut Descriptors) -> Result<Vec<SavedSandbox>, HandoverError> {
         let pods: Vec<Arc<PodSandbox>> = self.lock().values().cloned().collect();
         let mut saved = Vec::with_capacity(pods.len());
         for pod in pods {
             let netns = match pod.netns() {
-                Some(netns) => Some(fds.add_copy(&netns, &format!("the network namespace of pod {}", pod.id))?),
+                Some(netns) => Some(fds.add_copy(&netns, format!("the network namespace of pod {}", pod.id))?),
                 None => None,
             };
             let (started, stopped) = match pod.state() {
@@ -153,7 +153,7 @@ impl Sandboxes {
                 request: pod
                     .request
                     .write_to_bytes()
-                    .map_err(|err| format!("cannot encode the request of pod {}: {err}", pod.id))?,
+                    .map_err(|source| HandoverError::Encode { what: format!("pod {}", pod.id), source })?,
                 created_at: pod.created_at,
                 started,
                 stopped,
@@ -169,7 +169,7 @@ impl Sandboxes {
         for saved in saved {
             let request = CreateSandboxRequest::parse_from_bytes(&saved.request)
                 .map_err(|err| NodeError::Internal(format!("a saved pod's request: {err}")))?;
-            let netns = fds.take_some(saved.netns).map_err(NodeError::Internal)?.map(Arc::new);
+            let netns = fds.take_some(saved.netns).map_err(|err| NodeError::Internal(err.to_string()))?.map(Arc::new);
             let state = match (saved.started, saved.stopped) {
                 (_, Some((status, at))) => PodState::Stopped { status, at },
                 (true, None) => PodState::Ready,
