@@ -1,5 +1,5 @@
 //! The `shoal` command line: `serve` runs a host; `deploy`, `undeploy`,
-//! `ls`, `invoke` and `usage` talk to a running host's admin socket.
+//! `ls`, `invoke`, `usage` and `breakers` talk to a running host's admin socket.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -173,6 +173,17 @@ enum Command {
         /// Only requests since this time: RFC 3339 (2026-11-23T10:00:00Z) or an age (90s, 15m, 2h, 1d).
         #[arg(long)]
         since: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the circuit breakers of the host's functions and backends:
+    /// each target endpoint's state, recent failures and short-circuited
+    /// calls.
+    Breakers {
+        /// Only the breakers of this function.
+        #[arg(long)]
+        function: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -540,6 +551,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             usage(&client, &query, json).await
         }
+        Command::Breakers { function, json } => breakers(&client, function.as_deref(), json).await,
     }
 }
 
@@ -642,6 +654,41 @@ async fn usage(client: &Client, query: &UsageQuery, json: bool) -> anyhow::Resul
             s.cpu_us as f64 / 1000.0,
             s.fuel,
             s.gb_seconds
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal breakers`: every circuit breaker, a line per target.
+async fn breakers(client: &Client, function: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let mut views = client.breakers().await?;
+    views.retain(|view| function.is_none_or(|function| view.function == function));
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&views)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<24} {:<32} {:<9} {:>8} {:>8} {:>10} {:>14} {:>8}",
+        "FUNCTION", "TARGET", "STATE", "IN_A_ROW", "RECENT", "PROBE_IN", "SHORT_CIRCUIT", "RETRIES"
+    )?;
+    for view in views {
+        let probe_in = match view.state {
+            shoal::resilience::BreakerState::Open => format!("{:.1}s", view.retry_in_ms as f64 / 1000.0),
+            _ => "-".to_string(),
+        };
+        writeln!(
+            out,
+            "{:<24} {:<32} {:<9} {:>8} {:>8} {:>10} {:>14} {:>8}",
+            view.function,
+            view.target,
+            view.state.to_string(),
+            view.consecutive_failures,
+            format!("{}/{}", view.recent_failures, view.recent_calls),
+            probe_in,
+            view.short_circuited,
+            view.retries
         )?;
     }
     Ok(ExitCode::SUCCESS)

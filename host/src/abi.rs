@@ -37,6 +37,7 @@ use crate::backends::{Broker, KeyValue};
 use crate::logs::InstanceLog;
 use crate::manifest::{FunctionSpec, Grants, Limits, TenantName};
 use crate::metrics::Metrics;
+use crate::resilience::{Breakers, Policies};
 
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
@@ -60,7 +61,7 @@ mod keyvalue;
 mod misc;
 mod outbound;
 
-pub use invoke::{InvokeError, Invoker};
+pub use invoke::{INVOKE_PORT, InvokeError, Invoker};
 pub use outbound::{Egress, OutboundHttp, node_addresses, special_kind};
 
 /// The error of `wasi:keyvalue` calls: a WIT `error` value, or a trap.
@@ -104,6 +105,8 @@ pub struct Services {
     /// namespace), by function name; functions not here connect from the
     /// host's.
     egress: std::sync::RwLock<std::collections::HashMap<String, Arc<Egress>>>,
+    /// The circuit breakers and retry budgets of every function's calls.
+    pub breakers: Arc<Breakers>,
 }
 
 impl Services {
@@ -113,15 +116,26 @@ impl Services {
         self.kv.close()
     }
 
-    /// Backends and metrics for the ABI. `invoke` answers "unavailable"
+    /// Backends, metrics and the breakers of every call beyond a
+    /// function, for the ABI. `invoke` answers "unavailable"
     /// until [`Services::set_invoker`] is called.
     pub fn new(
         kv: Arc<dyn KeyValue>,
         broker: Arc<dyn Broker>,
         secrets: SecretStore,
         metrics: Arc<Metrics>,
+        breakers: Arc<Breakers>,
     ) -> Arc<Services> {
-        Arc::new(Services { kv, broker, secrets, metrics, invoker: OnceLock::new(), egress: Default::default() })
+        metrics.watch_breakers(breakers.clone());
+        Arc::new(Services {
+            kv,
+            broker,
+            secrets,
+            metrics,
+            invoker: OnceLock::new(),
+            egress: Default::default(),
+            breakers,
+        })
     }
 
     /// Make `function`'s outbound connections through `egress` (its pod's
@@ -166,6 +180,8 @@ pub struct FunctionCaps {
     /// pod made) rather than the host's secret store.
     pub(crate) pod_secrets: bool,
     pub(crate) limits: Limits,
+    /// Timeouts, retries and breakers of its calls beyond itself.
+    pub(crate) resilience: Policies,
     calls: DefaultDirectRateLimiter,
     publishes: DefaultDirectRateLimiter,
     refusal_log: DefaultDirectRateLimiter,
@@ -184,6 +200,12 @@ impl FunctionCaps {
             env: spec.env.clone(),
             pod_secrets: spec.pod.is_some(),
             limits: spec.limits.clone(),
+            resilience: Policies::with(
+                spec.limits.invoke_timeout,
+                spec.limits.call_retries,
+                spec.limits.breaker_failures.get(),
+                spec.limits.breaker_cooldown,
+            ),
             calls: DefaultDirectRateLimiter::direct(per_second(spec.limits.abi_calls_per_second)),
             publishes: DefaultDirectRateLimiter::direct(per_second(spec.limits.publish_per_second)),
             refusal_log: DefaultDirectRateLimiter::direct(per_second(

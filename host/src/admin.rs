@@ -146,6 +146,7 @@ async fn route(host: &Host, request: Request<Incoming>) -> Result<Response<Shoal
             let forwarded = forwarded.body(body).map_err(|err| Error::BadRequest(format!("invoke path: {err}")))?;
             Ok(host.dispatcher().dispatch(target.pick().clone(), forwarded, request_id).await)
         }
+        (Method::GET, ["v1", "breakers"]) => Ok(json_response(StatusCode::OK, &host.services().breakers.views())),
         (Method::GET, ["v1", "usage"]) => {
             let query = request.uri().query();
             let since = match query_param(query, "since_unix_ms") {
@@ -315,6 +316,11 @@ impl Client {
     /// Undeploy a function.
     pub async fn undeploy(&self, name: &str) -> anyhow::Result<FunctionInfo> {
         self.call(Method::DELETE, &format!("/v1/functions/{name}"), Vec::new()).await
+    }
+
+    /// Every circuit breaker of the host's functions and backends.
+    pub async fn breakers(&self) -> anyhow::Result<Vec<crate::resilience::BreakerView>> {
+        self.call(Method::GET, "/v1/breakers", Vec::new()).await
     }
 
     /// Usage totals.

@@ -8,6 +8,7 @@
 //! with a Redis server so several hosts share state and messages.
 
 pub mod broker;
+pub mod guarded;
 pub mod redb_kv;
 pub mod redis;
 pub mod secrets;

@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::Error;
 use crate::abi::{InvokeError, Invoker, Services};
 use crate::backends::broker::{DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_CAPACITY, LocalBroker};
+use crate::backends::guarded::Guarded;
 use crate::backends::redb_kv::RedbKeyValue;
 use crate::backends::redis::Redis;
 use crate::backends::secrets::SecretStore;
@@ -33,6 +34,7 @@ use crate::metering::{Ledger, LedgerPolicy};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::request::{RequestMeta, ShoalBody};
+use crate::resilience::{Breakers, Policy};
 
 /// Everything a host needs to start.
 #[derive(Clone)]
@@ -289,6 +291,10 @@ impl Invoker for HostInvoker {
         });
         Ok(host.dispatcher.dispatch_with(target.pick().clone(), request, meta).await)
     }
+
+    fn serves(&self, tenant: &TenantName, function: &str) -> bool {
+        self.0.upgrade().is_some_and(|host| host.registry.by_service(tenant, function).is_some())
+    }
 }
 
 async fn build_services(
@@ -297,6 +303,7 @@ async fn build_services(
     queue_budgets: Arc<QueueBudgets>,
 ) -> Result<(Arc<Services>, Option<tempfile::TempDir>), Error> {
     let mut scratch = None;
+    let breakers = Arc::new(Breakers::new());
     let kv: Arc<dyn KeyValue> = match &config.keyvalue {
         Backend::Embedded => {
             let dir = match &config.state_dir {
@@ -312,21 +319,26 @@ async fn build_services(
                 .map_err(|err| Error::Internal(err.into()))?;
             Arc::new(kv)
         }
-        Backend::Redis { url } => Arc::new(
-            Redis::connect(url)
+        Backend::Redis { url } => {
+            let redis = Redis::connect(url)
                 .await
                 .map_err(|err| Error::Internal(err.into()))?
-                .with_kv_quota(config.kv_bytes_per_tenant),
-        ),
+                .with_kv_quota(config.kv_bytes_per_tenant);
+            let target = redis.target();
+            Arc::new(Guarded::new(redis, &target, &breakers, Policy::BACKEND))
+        }
     };
     let broker: Arc<dyn Broker> = match &config.pubsub {
         Backend::Embedded => {
             Arc::new(LocalBroker::with_budgets(DEFAULT_QUEUE_CAPACITY, DEFAULT_QUEUE_BYTES, queue_budgets))
         }
-        Backend::Redis { url } => Arc::new(
-            Redis::connect(url).await.map_err(|err| Error::Internal(err.into()))?.with_queue_budgets(queue_budgets),
-        ),
+        Backend::Redis { url } => {
+            let redis =
+                Redis::connect(url).await.map_err(|err| Error::Internal(err.into()))?.with_queue_budgets(queue_budgets);
+            let target = redis.target();
+            Arc::new(Guarded::new(redis, &target, &breakers, Policy::BACKEND))
+        }
     };
     let secrets = SecretStore::new(config.secrets_dir.clone());
-    Ok((Services::new(kv, broker, secrets, metrics), scratch))
+    Ok((Services::new(kv, broker, secrets, metrics, breakers), scratch))
 }

@@ -62,6 +62,7 @@ pub mod metrics;
 pub mod pool;
 pub mod registry;
 pub mod request;
+pub mod resilience;
 pub mod server;
 pub mod signals;
 pub mod trigger;

@@ -185,6 +185,10 @@ struct RawLimits {
     max_request_bytes: Option<u64>,
     cpu_millis: Option<u32>,
     max_requests_per_instance: Option<u32>,
+    invoke_timeout_ms: Option<u64>,
+    call_retries: Option<u32>,
+    breaker_failures: Option<u32>,
+    breaker_cooldown_ms: Option<u64>,
 }
 
 impl Manifest {
@@ -313,6 +317,10 @@ impl RawLimits {
                 Some(0) => return Err(LimitError::ZeroNotOmitted { field: "max_requests_per_instance" }),
                 count => count.and_then(NonZeroU32::new),
             },
+            invoke_timeout: ms(self.invoke_timeout_ms, defaults.invoke_timeout),
+            call_retries: self.call_retries.unwrap_or(defaults.call_retries),
+            breaker_failures: non_zero(self.breaker_failures, "breaker_failures", defaults.breaker_failures)?,
+            breaker_cooldown: ms(self.breaker_cooldown_ms, defaults.breaker_cooldown),
         })
     }
 }

@@ -15,6 +15,9 @@ use crate::metering::UsageRecord;
 /// The host's metric families.
 pub struct Metrics {
     registry: Registry,
+    /// The host's breakers, once watched (their series go with their
+    /// function).
+    breakers: std::sync::OnceLock<std::sync::Arc<crate::resilience::Breakers>>,
     requests: IntCounterVec,
     errors: IntCounterVec,
     duration: HistogramVec,
@@ -171,6 +174,7 @@ impl Metrics {
         }
         Metrics {
             registry,
+            breakers: std::sync::OnceLock::new(),
             requests,
             errors,
             duration,
@@ -278,6 +282,9 @@ impl Metrics {
     /// deleted): a host that runs for months keeps no series of what is
     /// gone. Its usage stays in the ledger.
     pub fn forget_function(&self, function: &str) {
+        if let Some(breakers) = self.breakers.get() {
+            breakers.forget(function);
+        }
         forget(&self.requests, function);
         forget(&self.errors, function);
         forget(&self.duration, function);
@@ -301,6 +308,15 @@ impl Metrics {
     /// Count a usage record that could not be written.
     pub fn ledger_error(&self) {
         self.ledger_errors.inc();
+    }
+
+    /// Report `breakers` (their state, retries and short-circuited calls)
+    /// with the other metrics. Called once, when a host's services are
+    /// built.
+    pub fn watch_breakers(&self, breakers: std::sync::Arc<crate::resilience::Breakers>) {
+        if self.breakers.set(breakers.clone()).is_ok() {
+            let _ = self.registry.register(Box::new(BreakerCollector::new(breakers)));
+        }
     }
 
     /// The text exposition format.
@@ -360,6 +376,68 @@ fn forget<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricV
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The circuit breakers and retry budgets of a host's functions, read
+/// when `/metrics` is scraped: `shoal_breaker_state{function,target}` (0
+/// closed, 1 half-open, 2 open), `shoal_breaker_retries_total` and
+/// `shoal_breaker_short_circuited_total` per target, and
+/// `shoal_retry_budget_exhausted_total` per function.
+struct BreakerCollector {
+    breakers: std::sync::Arc<crate::resilience::Breakers>,
+    descs: Vec<prometheus::core::Desc>,
+}
+
+impl BreakerCollector {
+    const STATE: (&str, &str) =
+        ("shoal_breaker_state", "Circuit breaker of a function's target endpoint: 0 closed, 1 half-open, 2 open");
+    const RETRIES: (&str, &str) = ("shoal_breaker_retries_total", "Calls to a target endpoint that were retries");
+    const SHORT: (&str, &str) =
+        ("shoal_breaker_short_circuited_total", "Calls refused at once because the target's breaker was open");
+    const BUDGET: (&str, &str) =
+        ("shoal_retry_budget_exhausted_total", "Retries not made because the function's retry budget was spent");
+
+    fn new(breakers: std::sync::Arc<crate::resilience::Breakers>) -> BreakerCollector {
+        let labels = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+        let desc = |(name, help): (&str, &str), variable: Vec<String>| {
+            prometheus::core::Desc::new(name.to_string(), help.to_string(), variable, Default::default())
+                .expect("invariant: static metric definition")
+        };
+        let descs = vec![
+            desc(Self::STATE, labels(&["function", "target"])),
+            desc(Self::RETRIES, labels(&["function", "target"])),
+            desc(Self::SHORT, labels(&["function", "target"])),
+            desc(Self::BUDGET, labels(&["function"])),
+        ];
+        BreakerCollector { breakers, descs }
+    }
+}
+
+impl prometheus::core::Collector for BreakerCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let pair = &["function", "target"];
+        let state = IntGaugeVec::new(Opts::new(Self::STATE.0, Self::STATE.1), pair);
+        let retries = IntCounterVec::new(Opts::new(Self::RETRIES.0, Self::RETRIES.1), pair);
+        let short = IntCounterVec::new(Opts::new(Self::SHORT.0, Self::SHORT.1), pair);
+        let budget = IntCounterVec::new(Opts::new(Self::BUDGET.0, Self::BUDGET.1), &["function"]);
+        let (Ok(state), Ok(retries), Ok(short), Ok(budget)) = (state, retries, short, budget) else {
+            return Vec::new();
+        };
+        for view in self.breakers.views() {
+            let labels = [view.function.as_str(), view.target.as_str()];
+            state.with_label_values(&labels).set(view.state.gauge());
+            retries.with_label_values(&labels).inc_by(view.retries);
+            short.with_label_values(&labels).inc_by(view.short_circuited);
+        }
+        for (function, refused) in self.breakers.budget_refusals() {
+            budget.with_label_values(&[function.as_str()]).inc_by(refused);
+        }
+        [state.collect(), retries.collect(), short.collect(), budget.collect()].concat()
     }
 }
 

@@ -23,6 +23,15 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// The header naming the failure kind on error responses made by the host.
 pub const ERROR_KIND_HEADER: &str = "x-shoal-error";
 
+/// The header of a nested call sent to another host: how deep it is
+/// (the callee's `invoke`s go one deeper, so a cycle across nodes still
+/// ends at the depth limit).
+pub const INVOKE_DEPTH_HEADER: &str = "x-shoal-invoke-depth";
+
+/// The header of a nested call sent to another host: the calling
+/// request's id (the callee's usage record names it as parent).
+pub const PARENT_ID_HEADER: &str = "x-shoal-parent-id";
+
 /// The W3C Trace Context header: the trace a request belongs to and the
 /// span that sent it.
 pub const TRACEPARENT_HEADER: &str = "traceparent";

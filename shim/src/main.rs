@@ -255,7 +255,7 @@ fn bootstrap_params(flags: &containerd_shim::Flags) -> Option<BootstrapParams> {
 }
 
 /// The bootstrap result naming the node host's socket (`unix://...`).
-fn bootstrap_result(address: &str) -> std::result::Result<Vec<u8>, String> {
+fn bootstrap_result(address: &str) -> std::result::Result<Vec<u8>, containerd_shim::protos::protobuf::Error> {
     use containerd_shim::protos::protobuf::Message as _;
     let result = BootstrapResult {
         version: TASK_API_VERSION,
@@ -263,7 +263,7 @@ fn bootstrap_result(address: &str) -> std::result::Result<Vec<u8>, String> {
         protocol: "ttrpc".to_string(),
         ..Default::default()
     };
-    result.write_to_bytes().map_err(|err| err.to_string())
+    result.write_to_bytes()
 }
 
 fn shoal_binary() -> Result<PathBuf> {

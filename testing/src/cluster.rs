@@ -22,9 +22,11 @@ use tonic::transport::Channel;
 use crate::support::{guest, shoal_bin};
 
 mod config;
+mod pod;
 mod refused;
 
 use config::{config_v1_6, config_v2_3, moved_node_config};
+pub use pod::{Pod, PodOptions};
 pub use refused::PodRefused;
 
 /// The runtime handler the tests' containerd knows Shoal by.
@@ -209,6 +211,8 @@ pub struct Containerd {
     /// Where its binaries are (`None`: on the PATH, Debian's 1.6).
     bin_dir: Option<PathBuf>,
     bridge: String,
+    /// The second and third octets of its bridge's subnet, `10.x.y.0/24`.
+    subnet: (u8, u8),
     /// More environment for containerd (and so the shim and Shoal host).
     env: Vec<(String, String)>,
 }
@@ -236,11 +240,12 @@ impl Containerd {
         std::os::unix::fs::symlink(shim_bin(), bin.join("containerd-shim-shoal-v1")).unwrap();
         let cni = dir.path().join("cni");
         std::fs::create_dir_all(&cni).unwrap();
-        let subnet = format!("10.{}.{}.0/24", 200 + net / 250 % 50, net % 250);
+        let octets = ((200 + net / 250 % 50) as u8, (net % 250) as u8);
+        let subnet = format!("10.{}.{}.0/24", octets.0, octets.1);
         std::fs::write(
             cni.join("10-shoal-test.conflist"),
             format!(
-                r#"{{"cniVersion":"0.4.0","name":"shoal-test","plugins":[{{"type":"bridge","bridge":"{bridge}","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{subnet}"}}]],"dataDir":"{}"}}}}]}}"#,
+                r#"{{"cniVersion":"0.4.0","name":"shoal-test","plugins":[{{"type":"bridge","bridge":"{bridge}","isGateway":true,"isDefaultGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{subnet}"}}]],"dataDir":"{}"}}}}]}}"#,
                 dir.path().join("ipam").display()
             ),
         )
@@ -271,6 +276,7 @@ impl Containerd {
             sandboxer,
             bin_dir,
             bridge,
+            subnet: octets,
             dir,
             env,
         };
@@ -338,6 +344,12 @@ impl Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The address of its bridge (the pods' gateway, on the host), which
+    /// the bridge gets with its first pod.
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, self.subnet.0, self.subnet.1, 1)
     }
 
     /// The node policy the Shoal host reads (absent at first).
@@ -495,69 +507,6 @@ pub struct Cri {
     pub images: ImageServiceClient<Channel>,
 }
 
-/// What a test pod is: one container in a namespace.
-pub struct PodOptions<'a> {
-    /// The pod's namespace (its tenant).
-    pub namespace: &'a str,
-    /// The pod's name.
-    pub name: &'a str,
-    /// The container's name (what `invoke` finds it by).
-    pub container: &'a str,
-    /// The image of its one container.
-    pub image: &'a str,
-    /// The pod's annotations (`shoal.dev/...`).
-    pub annotations: &'a [(&'a str, &'a str)],
-    /// The container's memory limit in bytes (0: none).
-    pub memory_limit: i64,
-    /// (host path, container path, read-only), as the kubelet mounts volumes.
-    pub mounts: &'a [(PathBuf, &'a str, bool)],
-    /// The container's environment.
-    pub env: &'a [(&'a str, &'a str)],
-    /// The pod's DNS servers (its resolv.conf), when not the node's.
-    pub dns_servers: &'a [&'a str],
-    /// `resources.limits.cpu` in thousandths of a core (0: none).
-    pub cpu_millis: i64,
-    /// The pod spec's `command` (empty: the image's entrypoint).
-    pub command: &'a [&'a str],
-}
-
-impl<'a> PodOptions<'a> {
-    /// Pod `name` in namespace `default`, container `web` running `image`.
-    pub fn new(name: &'a str, image: &'a str) -> PodOptions<'a> {
-        PodOptions {
-            namespace: "default",
-            name,
-            container: "web",
-            image,
-            annotations: &[],
-            memory_limit: 0,
-            mounts: &[],
-            env: &[],
-            dns_servers: &[],
-            cpu_millis: 0,
-            command: &[],
-        }
-    }
-}
-
-/// A pod started through the CRI.
-#[derive(Debug, Clone)]
-pub struct Pod {
-    /// The pod sandbox's id.
-    pub sandbox_id: String,
-    /// Its container's id.
-    pub container_id: String,
-    /// The pod's network namespace.
-    pub netns: PathBuf,
-    /// The pod's IP address.
-    pub ip: String,
-    /// The container's log file.
-    pub log_file: PathBuf,
-    /// How long RunPodSandbox, CreateContainer and StartContainer took.
-    #[allow(dead_code, reason = "read by the W7 benchmark (host/benches/kubernetes.rs)")]
-    pub call_times: [Duration; 3],
-}
-
 impl Cri {
     /// Pull `image` through the CRI, as the kubelet does.
     pub async fn pull(&mut self, image: &str) {
@@ -593,6 +542,7 @@ impl Cri {
             mounts,
             env,
             dns_servers,
+            dns_searches,
             cpu_millis,
             command,
         } = options;
@@ -610,6 +560,7 @@ impl Cri {
             hostname: name.into(),
             dns_config: (!dns_servers.is_empty()).then(|| DnsConfig {
                 servers: dns_servers.iter().map(|s| s.to_string()).collect(),
+                searches: dns_searches.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             }),
             log_directory: log_directory.display().to_string(),

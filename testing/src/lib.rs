@@ -7,5 +7,6 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod dns;
 pub mod layout;
 pub mod support;

@@ -212,7 +212,14 @@ impl Reply {
 pub async fn upstream(
     answer: impl Fn(&hyper::Request<hyper::body::Incoming>) -> String + Clone + Send + Sync + 'static,
 ) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    upstream_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), answer)
+}
+
+/// [`upstream`] on `listener`.
+pub fn upstream_on(
+    listener: tokio::net::TcpListener,
+    answer: impl Fn(&hyper::Request<hyper::body::Incoming>) -> String + Clone + Send + Sync + 'static,
+) -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

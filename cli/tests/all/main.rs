@@ -10,6 +10,7 @@ mod exec;
 mod faults;
 
 mod bad_input;
+mod cluster_invoke;
 mod grants;
 mod hooks;
 mod http_trigger;
@@ -29,6 +30,7 @@ mod node_boundary;
 mod persistence;
 mod pubsub;
 mod redis_backend;
+mod resilience;
 mod scale_to_zero;
 mod tenancy;
 mod tier_up;

@@ -147,3 +147,50 @@ async fn a_tenants_undelivered_messages_on_redis_are_held_to_its_budget_and_free
     assert_eq!(redis_cli(&["GET", "shoal:topic-bytes:default"]), "901");
     assert!(inbox_receives(&host, &format!("4{payload}")).await, "{}", host.get("/inbox").await.body);
 }
+
+#[tokio::test]
+async fn while_redis_is_down_its_breaker_opens_calls_fail_at_once_and_it_closes_once_redis_is_back() {
+    let mut redis = RedisServer::start_persistent().await;
+    let host = host_on(&redis).await;
+    host.deploy(vec![kv_spec(&["default:*"])]).await;
+    assert_eq!(host.get("/kv/incr?key=hits").await.body, "hits=1\n");
+    let port = redis.url.rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let target = format!("redis 127.0.0.1:{port}");
+
+    redis.stop();
+    // Failures in a row (a read is tried twice) open the breaker.
+    let mut opened = None;
+    for _ in 0..10 {
+        let reply = host.get("/kv/get?key=hits").await;
+        assert_eq!(reply.status, 422, "an error value, not a trap: {}", reply.body);
+        if reply.body.contains(&format!("the circuit breaker of {target} is open")) {
+            opened = Some(reply.body);
+            break;
+        }
+    }
+    assert!(opened.is_some(), "the breaker of {target} opened");
+    // While it is open, a call does not wait for Redis's timeouts.
+    let started = std::time::Instant::now();
+    let reply = host.get("/kv/incr?key=hits").await;
+    assert!(reply.body.contains("is open"), "{}", reply.body);
+    assert!(started.elapsed() < std::time::Duration::from_millis(500), "took {:?}", started.elapsed());
+    let metrics = host.get("/metrics").await.body;
+    let line = format!(r#"shoal_breaker_state{{function="backend",target="{target}"}} 2"#);
+    assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+
+    // Redis is back: after the cool-down a probe closes the breaker, and
+    // the count went on from where it was.
+    redis.start_again().await;
+    let mut value = String::new();
+    for _ in 0..100 {
+        value = host.get("/kv/incr?key=hits").await.body;
+        if value == "hits=2\n" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(value, "hits=2\n");
+    let views = host.running.host().services().breakers.views();
+    let view = views.iter().find(|view| view.target == target).expect("listed");
+    assert_eq!(view.state, shoal::resilience::BreakerState::Closed);
+}

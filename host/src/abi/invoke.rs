@@ -7,15 +7,32 @@
 //! request, whose id is the caller's id plus `/n` and whose record names
 //! the caller as parent. Nesting is bounded by [`MAX_INVOKE_DEPTH`], so a
 //! cycle of invokes ends with a `limited` error instead of a hang.
+//!
+//! A function deployed on this host is called in-process. Otherwise —
+//! or while the local one's circuit breaker is open — the call goes to
+//! the pods of the Kubernetes Service of that name in the caller's own
+//! namespace (`<name>.<namespace>.svc.<cluster domain>`, resolved with the
+//! pod's DNS from the pod's network namespace), over HTTP to their
+//! listener on [`INVOKE_PORT`], carrying the request id, trace, parent and
+//! depth. Each endpoint has a circuit breaker; a call safe to repeat
+//! (see [`is_idempotent`]) is retried on another endpoint within the
+//! caller's retry budget; every failure reaches the guest as an error
+//! value naming the target.
+
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::Response;
 use http_body_util::BodyExt as _;
 
 use super::bindings::shoal::runtime::{invoke, types};
-use super::{AbiView, MAX_INVOKE_DEPTH, ShoalError};
+use super::outbound::{Egress, ExchangeError};
+use super::{AbiState, AbiView, MAX_INVOKE_DEPTH, ShoalError};
 use crate::manifest::TenantName;
-use crate::request::{RequestMeta, ShoalBody};
+use crate::request::{
+    INVOKE_DEPTH_HEADER, PARENT_ID_HEADER, REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER,
+};
+use crate::resilience::{Policy, is_failure_status, is_idempotent};
 
 /// Runs the function a guest invokes. The ABI owns this interface; the
 /// host implements it and hands it to [`super::Services::set_invoker`].
@@ -35,6 +52,9 @@ pub trait Invoker: Send + Sync {
         request: http::Request<Bytes>,
         meta: RequestMeta,
     ) -> Result<Response<ShoalBody>, InvokeError>;
+
+    /// Whether a function of that name runs here for `tenant`.
+    fn serves(&self, tenant: &TenantName, function: &str) -> bool;
 }
 
 /// Why an invoke could not reach its function.
@@ -66,51 +86,379 @@ impl invoke::Host for AbiView<'_> {
         };
 
         let path = if request.path.starts_with('/') { request.path } else { format!("/{}", request.path) };
-        let mut builder =
-            http::Request::builder().method(request.method.as_str()).uri(format!("http://localhost{path}"));
+        let method = http::Method::from_bytes(request.method.as_bytes())
+            .map_err(|err| types::Error::Denied(format!("invalid request: method {:?}: {err}", request.method)))?;
+        let mut headers = http::HeaderMap::new();
         for (name, value) in &request.headers {
-            builder = builder.header(name.as_str(), value.as_slice());
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|err| types::Error::Denied(format!("invalid request: header name {name:?}: {err}")))?;
+            let value = http::HeaderValue::from_bytes(value)
+                .map_err(|err| types::Error::Denied(format!("invalid request: header {name}: {err}")))?;
+            headers.append(name, value);
         }
-        let http_request = builder
-            .body(Bytes::from(request.body))
-            .map_err(|err| types::Error::Denied(format!("invalid request: {err}")))?;
-
-        state.invokes += 1;
-        let parent = state.request_id().unwrap_or_else(|| "-".into());
-        let meta = RequestMeta {
-            id: format!("{parent}/{}", state.invokes).into(),
-            parent_id: Some(parent),
-            depth: state.depth + 1,
-            // The callee is a span of the caller's trace.
-            trace: state.trace().child(),
+        let call = Call {
+            function,
+            method,
+            path,
+            headers,
+            body: Bytes::from(request.body),
+            invoker,
+            policy: state.caps.resilience.invoke,
+            limit,
         };
-        let response =
-            invoker.invoke(&state.caps.tenant, &function, http_request, meta).await.map_err(|err| match err {
-                InvokeError::NotFound(_) => types::Error::NotFound(err.to_string()),
-                InvokeError::Unavailable(_) => types::Error::Backend(err.to_string()),
-            })?;
-        let (parts, body) = response.into_parts();
-        let body = match collect_limited(body, limit).await {
-            Ok(body) => body,
-            Err(err) => {
-                let what = format!("response body of {function:?}: {err} (message_max_bytes = {limit})");
-                return Err(self.state.limited("invoke.call", what).into());
-            }
-        };
-        let headers =
-            parts.headers.iter().map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec())).collect();
-        Ok(types::Response { status: parts.status.as_u16(), headers, body })
+        match call.run(state).await {
+            Ok(response) => Ok(response),
+            Err(Failure::Refused(refusal)) => Err(refusal.into()),
+            Err(Failure::Error(err)) => Err(err.into()),
+        }
     }
 }
 
+/// Where a call to a function can go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// A version deployed on this host (in-process).
+    Local,
+    /// A pod of the function's Service on another node.
+    Remote(SocketAddr),
+}
+
+/// Why an attempt did not answer.
+enum AttemptError {
+    /// No connection was made: nothing was sent, so another endpoint may
+    /// be tried whether or not the call is safe to repeat.
+    NotSent(String),
+    /// The call may have reached the callee.
+    Failed(String),
+    /// The answer is over `message_max_bytes`.
+    TooLarge,
+}
+
+/// How a call ended without a response.
+enum Failure {
+    Refused(super::Refusal),
+    Error(types::Error),
+}
+
+/// One guest `invoke.call`, tried on the function's endpoints under the
+/// caller's invoke policy: local first; else (or once the local one is
+/// failing) the pods of the Service of that name in the caller's
+/// namespace, each behind its own circuit breaker.
+struct Call {
+    function: String,
+    method: http::Method,
+    path: String,
+    headers: http::HeaderMap,
+    body: Bytes,
+    invoker: std::sync::Arc<dyn Invoker>,
+    policy: Policy,
+    limit: usize,
+}
+
+impl Call {
+    async fn run(self, state: &mut AbiState) -> Result<types::Response, Failure> {
+        let caps = state.caps.clone();
+        let breakers = state.services.breakers.clone();
+        let budget = breakers.budget(&caps.name);
+        budget.deposit();
+        let idempotent = is_idempotent(&self.method, &self.headers);
+        let trace_id = state.trace().trace_id();
+        let local = self.invoker.serves(&caps.tenant, &self.function);
+        let egress = state.services.egress(&caps.name);
+        // The pods of the Service: resolved once, when first needed.
+        let mut remote: Option<Result<Vec<SocketAddr>, NoEndpoint>> = None;
+        let mut tried: Vec<Endpoint> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        let mut retries = 0;
+        loop {
+            let mut candidates = Vec::new();
+            if local {
+                candidates.push(Endpoint::Local);
+            }
+            let local_usable = local
+                && breakers
+                    .get(&caps.name, &target_name(&self.function, Endpoint::Local), &self.policy.breaker)
+                    .admits();
+            if !local_usable || tried.contains(&Endpoint::Local) {
+                if remote.is_none() {
+                    remote = Some(self.discover(egress.as_ref(), caps.tenant.as_str()).await);
+                }
+                if let Some(Ok(addrs)) = &remote {
+                    candidates.extend(addrs.iter().map(|addr| Endpoint::Remote(*addr)));
+                }
+            }
+            if candidates.is_empty() {
+                return Err(Failure::Error(match remote {
+                    Some(Err(why)) => types::Error::NotFound(format!(
+                        "no function named {:?} is deployed in this namespace here, and {}",
+                        self.function,
+                        chain(&why)
+                    )),
+                    _ => types::Error::NotFound(InvokeError::NotFound(self.function.clone()).to_string()),
+                }));
+            }
+            // Untried endpoints first (in their order: local, then the
+            // Service's pods as DNS gave them), skipping open breakers.
+            candidates.sort_by_key(|endpoint| tried.contains(endpoint));
+            let mut attempt = None;
+            let mut refusals = Vec::new();
+            for endpoint in candidates {
+                let breaker = breakers.get(&caps.name, &target_name(&self.function, endpoint), &self.policy.breaker);
+                match breaker.try_call(Some(&trace_id)) {
+                    Ok(admitted) => {
+                        attempt = Some((endpoint, admitted));
+                        break;
+                    }
+                    Err(refused) => refusals.push(refused.to_string()),
+                }
+            }
+            let Some((endpoint, admitted)) = attempt else {
+                errors.extend(refusals);
+                return Err(Failure::Error(types::Error::Backend(format!(
+                    "invoking {:?}: {}",
+                    self.function,
+                    errors.join("; ")
+                ))));
+            };
+            tried.push(endpoint);
+            state.invokes += 1;
+            let parent = state.request_id().unwrap_or_else(|| "-".into());
+            let meta = RequestMeta {
+                id: format!("{parent}/{}", state.invokes).into(),
+                parent_id: Some(parent),
+                depth: state.depth + 1,
+                // The callee is a span of the caller's trace.
+                trace: state.trace().child(),
+            };
+            let result = match endpoint {
+                Endpoint::Local => self.local(&caps.tenant, meta).await,
+                Endpoint::Remote(addr) => self.remote(egress.as_ref(), addr, meta).await,
+            };
+            let (retryable, why) = match result {
+                Ok(response) if !is_failure_status(response.status) => {
+                    admitted.succeeded();
+                    return Ok(response);
+                }
+                Ok(response) => {
+                    admitted.failed();
+                    if !(idempotent && retries < self.policy.retries && budget.try_withdraw()) {
+                        return Ok(response);
+                    }
+                    let why = format!("{} answered {}", target_name(&self.function, endpoint), response.status);
+                    (true, why)
+                }
+                Err(AttemptError::TooLarge) => {
+                    admitted.succeeded();
+                    let what =
+                        format!("response body of {:?}: too large (message_max_bytes = {})", self.function, self.limit);
+                    return Err(Failure::Refused(state.limited("invoke.call", what)));
+                }
+                Err(AttemptError::NotSent(why)) => {
+                    admitted.failed();
+                    (retries < self.policy.retries && budget.try_withdraw(), why)
+                }
+                Err(AttemptError::Failed(why)) => {
+                    admitted.failed();
+                    (idempotent && retries < self.policy.retries && budget.try_withdraw(), why)
+                }
+            };
+            errors.push(why);
+            if !retryable {
+                return Err(Failure::Error(types::Error::Backend(format!(
+                    "invoking {:?}: {}",
+                    self.function,
+                    errors.join("; ")
+                ))));
+            }
+            retries += 1;
+            if let Some(last) = tried.last() {
+                breakers.get(&caps.name, &target_name(&self.function, *last), &self.policy.breaker).count_retry();
+            }
+            tokio::time::sleep(self.policy.backoff_before(retries.max(1))).await;
+        }
+    }
+
+    /// The request as the callee gets it.
+    fn request(&self, meta: Option<&RequestMeta>, authority: &str) -> http::Request<Bytes> {
+        let mut request = http::Request::new(self.body.clone());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = http::Uri::try_from(format!("http://{authority}{}", self.path))
+            .unwrap_or_else(|_| http::Uri::from_static("http://localhost/"));
+        *request.headers_mut() = self.headers.clone();
+        if let Some(meta) = meta {
+            // Who the call is, set by the host: the guest's own values of
+            // these headers would let a cycle across nodes start again at
+            // depth 0.
+            let headers = request.headers_mut();
+            for (name, value) in [
+                (REQUEST_ID_HEADER, meta.id.to_string()),
+                (TRACEPARENT_HEADER, meta.trace.header()),
+                (INVOKE_DEPTH_HEADER, meta.depth.to_string()),
+                (PARENT_ID_HEADER, meta.parent_id.as_deref().unwrap_or("-").to_string()),
+            ] {
+                if let Ok(value) = http::HeaderValue::from_str(&value) {
+                    headers.insert(name, value);
+                }
+            }
+            if let Ok(host) = http::HeaderValue::from_str(authority) {
+                headers.insert(http::header::HOST, host);
+            }
+        }
+        request
+    }
+
+    async fn local(&self, tenant: &TenantName, meta: RequestMeta) -> Result<types::Response, AttemptError> {
+        // The callee's own timeout bounds it (its limits are its own).
+        let response = self
+            .invoker
+            .invoke(tenant, &self.function, self.request(None, "localhost"), meta)
+            .await
+            .map_err(|err| AttemptError::NotSent(err.to_string()))?;
+        let (parts, body) = response.into_parts();
+        let body = collect_limited(body, self.limit).await.map_err(|err| match err {
+            Collect::TooLarge => AttemptError::TooLarge,
+            Collect::Failed(why) => AttemptError::Failed(why),
+        })?;
+        Ok(types::Response { status: parts.status.as_u16(), headers: header_pairs(&parts.headers), body })
+    }
+
+    async fn remote(
+        &self,
+        egress: Option<&std::sync::Arc<Egress>>,
+        addr: SocketAddr,
+        meta: RequestMeta,
+    ) -> Result<types::Response, AttemptError> {
+        let authority = format!("{}:{}", self.function, addr.port());
+        let request = self.request(Some(&meta), &authority).map(http_body_util::Full::new);
+        let target = target_name(&self.function, Endpoint::Remote(addr));
+        let exchange = super::outbound::exchange(egress, addr, request, self.policy.timeout, self.limit);
+        match tokio::time::timeout(self.policy.timeout, exchange).await {
+            Err(_) => Err(AttemptError::Failed(format!(
+                "{target} did not answer within {}",
+                humantime::format_duration(self.policy.timeout)
+            ))),
+            Ok(Err(ExchangeError::TooLarge)) => Err(AttemptError::TooLarge),
+            Ok(Err(err @ ExchangeError::Connect(_))) => {
+                Err(AttemptError::NotSent(format!("{target}: {}", chain(&err))))
+            }
+            Ok(Err(err)) => Err(AttemptError::Failed(format!("{target}: {}", chain(&err)))),
+            Ok(Ok((parts, body))) => {
+                Ok(types::Response { status: parts.status.as_u16(), headers: header_pairs(&parts.headers), body })
+            }
+        }
+    }
+
+    /// The addresses of the pods of the Service named like the function,
+    /// in the caller's namespace, from the pod's DNS (never another
+    /// namespace's: the name is asked for fully qualified).
+    async fn discover(
+        &self,
+        egress: Option<&std::sync::Arc<Egress>>,
+        namespace: &str,
+    ) -> Result<Vec<SocketAddr>, NoEndpoint> {
+        let Some(egress) = egress else {
+            return Err(NoEndpoint::OutsidePod);
+        };
+        let Some(domain) = egress.service_domain(namespace) else {
+            return Err(NoEndpoint::NoServiceDomain(namespace.to_string()));
+        };
+        if !is_dns_label(&self.function) {
+            return Err(NoEndpoint::NotALabel(self.function.clone()));
+        }
+        let name = format!("{}.{domain}.", self.function);
+        let addrs = super::outbound::resolve_in(Some(egress), &name, INVOKE_PORT)
+            .await
+            .map_err(|source| NoEndpoint::Unresolved { name: name.clone(), source })?;
+        // As for outbound HTTP: a name never leads to the node itself,
+        // loopback, link-local or a metadata service (an ExternalName
+        // Service could say anything).
+        let node = super::outbound::node_addresses();
+        let (usable, special): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            addrs.into_iter().partition(|addr| super::outbound::special_kind(addr.ip(), &node).is_none());
+        if usable.is_empty() {
+            let kinds: Vec<String> = special
+                .iter()
+                .map(|addr| {
+                    format!("{} ({})", addr.ip(), super::outbound::special_kind(addr.ip(), &node).unwrap_or("?"))
+                })
+                .collect();
+            return Err(NoEndpoint::OnlySpecial { name, kinds: kinds.join(", ") });
+        }
+        Ok(usable)
+    }
+}
+
+/// Why no other node was asked for a function.
+#[derive(Debug, thiserror::Error)]
+enum NoEndpoint {
+    #[error("this function runs outside a pod, so no other node is asked")]
+    OutsidePod,
+    #[error("the pod's resolv.conf names no Service domain of namespace {0:?}")]
+    NoServiceDomain(String),
+    #[error("{0:?} cannot name a Service")]
+    NotALabel(String),
+    #[error("the Service {name} has no endpoint")]
+    Unresolved {
+        name: String,
+        #[source]
+        source: wasmtime_wasi_http::Error,
+    },
+    #[error("the Service {name} resolves only to {kinds}")]
+    OnlySpecial { name: String, kinds: String },
+}
+
+/// The port of a function's listener in its pod (a Service's target port).
+pub const INVOKE_PORT: u16 = 8080;
+
+/// How a target is named in breakers, metrics and errors.
+fn target_name(function: &str, endpoint: Endpoint) -> String {
+    match endpoint {
+        Endpoint::Local => format!("{function}@local"),
+        Endpoint::Remote(addr) => format!("{function}@{addr}"),
+    }
+}
+
+/// An RFC 1123 label: what a Kubernetes Service may be called.
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    headers.iter().map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec())).collect()
+}
+
+/// An error and its causes, one after another.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+enum Collect {
+    TooLarge,
+    Failed(String),
+}
+
 /// Read a response body whole, refusing more than `limit` bytes.
-async fn collect_limited(mut body: ShoalBody, limit: usize) -> Result<Vec<u8>, String> {
+async fn collect_limited(mut body: ShoalBody, limit: usize) -> Result<Vec<u8>, Collect> {
     let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|err| err.to_string())?;
+        let frame = frame.map_err(|err| Collect::Failed(err.to_string()))?;
         if let Ok(data) = frame.into_data() {
             if bytes.len() + data.len() > limit {
-                return Err("too large".to_string());
+                return Err(Collect::TooLarge);
             }
             bytes.extend_from_slice(&data);
         }

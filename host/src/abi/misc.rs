@@ -83,7 +83,7 @@ impl secrets::Host for AbiView<'_> {
                     .state
                     .deny("secrets.get", format!("secret {name:?} (the pod mounts no Secret volume)"))
                     .into()),
-                Err(message) => Err(types::Error::Backend(message).into()),
+                Err(err) => Err(types::Error::Backend(err.to_string()).into()),
             };
         }
         if !caps.grants.secrets.contains(&name) {
@@ -99,34 +99,50 @@ impl secrets::Host for AbiView<'_> {
 /// The largest secret read (a Kubernetes Secret holds at most 1 MiB).
 const MAX_SECRET_BYTES: u64 = 1 << 20;
 
+/// Why a secret of a pod's Secret volumes could not be read.
+#[derive(Debug, thiserror::Error)]
+enum SecretReadError {
+    #[error("cannot open the Secret volume {}: {source}", volume.display())]
+    Volume { volume: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot open secret {name:?}: {source}")]
+    Open { name: String, source: std::io::Error },
+    #[error("secret {name:?} is not a regular file")]
+    NotAFile { name: String },
+    #[error("secret {name:?} is over {MAX_SECRET_BYTES} bytes")]
+    TooLarge { name: String },
+    #[error("cannot read secret {name:?}: {source}")]
+    Read { name: String, source: std::io::Error },
+}
+
 /// Key `name` of the first Secret volume (a host directory) that has it,
 /// opened inside the volume: a key is one plain file name, and cap-std
 /// refuses every path (or symlink) that leads out of the volume.
-fn read_secret_volumes(volumes: &[std::path::PathBuf], name: &str) -> Result<Option<Vec<u8>>, String> {
+fn read_secret_volumes(volumes: &[std::path::PathBuf], name: &str) -> Result<Option<Vec<u8>>, SecretReadError> {
     use std::io::Read as _;
     let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']);
     if !plain {
         return Ok(None);
     }
+    let named = || name.to_string();
     for volume in volumes {
         let dir = cap_std::fs::Dir::open_ambient_dir(volume, cap_std::ambient_authority())
-            .map_err(|err| format!("cannot open the Secret volume {}: {err}", volume.display()))?;
+            .map_err(|source| SecretReadError::Volume { volume: volume.clone(), source })?;
         let file = match dir.open(name) {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(format!("cannot open secret {name:?}: {err}")),
+            Err(source) => return Err(SecretReadError::Open { name: named(), source }),
         };
-        let metadata = file.metadata().map_err(|err| format!("secret {name:?}: {err}"))?;
+        let metadata = file.metadata().map_err(|source| SecretReadError::Open { name: named(), source })?;
         if !metadata.is_file() {
-            return Err(format!("secret {name:?} is not a regular file"));
+            return Err(SecretReadError::NotAFile { name: named() });
         }
         if metadata.len() > MAX_SECRET_BYTES {
-            return Err(format!("secret {name:?} is over {MAX_SECRET_BYTES} bytes"));
+            return Err(SecretReadError::TooLarge { name: named() });
         }
         let mut bytes = Vec::new();
         file.take(MAX_SECRET_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(|err| format!("cannot read secret {name:?}: {err}"))?;
+            .map_err(|source| SecretReadError::Read { name: named(), source })?;
         return Ok(Some(bytes));
     }
     Ok(None)

@@ -24,6 +24,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpH
 use super::{FunctionCaps, Services, log_denial};
 use crate::logs::InstanceLog;
 use crate::request::TRACEPARENT_HEADER;
+use crate::resilience::is_failure_status;
 
 /// How long a connection may take when the guest sets no timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -113,8 +114,57 @@ impl WasiHttpHooks for OutboundHttp {
                 log_denial(&caps, &services, request_id.as_deref(), "http.outgoing", &what);
                 return Err(HttpError::HttpRequestDenied);
             }
-            let stream = connect(egress.as_ref(), &usable, connect_timeout).await?;
-            send(stream, request, tls.then_some(host), first_byte_timeout).await
+            // One address after another (its breaker permitting) until one
+            // connects: nothing was sent to the ones that did not, so
+            // trying the next is always safe.
+            let policy = caps.resilience.outbound_http;
+            let trace_id = log.trace().map(|trace| trace.trace_id());
+            let deadline = tokio::time::Instant::now() + connect_timeout;
+            let mut refused = Vec::new();
+            let mut last_error = None;
+            for addr in usable {
+                let target = if literal { authority.clone() } else { format!("{authority}@{addr}") };
+                let breaker = services.breakers.get(&caps.name, &target, &policy.breaker);
+                let attempt = match breaker.try_call(trace_id.as_deref()) {
+                    Ok(attempt) => attempt,
+                    Err(short) => {
+                        refused.push(short.to_string());
+                        continue;
+                    }
+                };
+                if last_error.is_some() {
+                    breaker.count_retry();
+                }
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match connect(egress.as_ref(), &[addr], left).await {
+                    Ok(stream) => {
+                        let sent = send(stream, request, tls.then_some(host), first_byte_timeout).await;
+                        match &sent {
+                            Ok((response, _)) if is_failure_status(response.status().as_u16()) => attempt.failed(),
+                            Ok(_) => attempt.succeeded(),
+                            Err(_) => attempt.failed(),
+                        }
+                        return sent;
+                    }
+                    Err(err) => {
+                        attempt.failed();
+                        last_error = Some(err);
+                    }
+                }
+            }
+            match last_error {
+                Some(err) => Err(err),
+                None => {
+                    let request_id = log.request_id();
+                    tracing::warn!(
+                        function = &*caps.name,
+                        request_id = request_id.as_deref().unwrap_or("-"),
+                        "outbound HTTP to {authority} not sent: {}",
+                        refused.join("; ")
+                    );
+                    Err(HttpError::DestinationUnavailable)
+                }
+            }
         })
     }
 }
@@ -331,6 +381,9 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> IoStream fo
 pub struct Egress {
     handle: tokio::runtime::Handle,
     resolver: Option<hickory_resolver::TokioResolver>,
+    /// The search domains of the pod's `resolv.conf`, without the final
+    /// dot (Kubernetes writes `<namespace>.svc.<cluster domain>` first).
+    search: Vec<String>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -340,11 +393,13 @@ impl Egress {
     /// `resolv_conf` is the pod's `/etc/resolv.conf` (without one, names
     /// are resolved by the system's resolver, from inside the namespace).
     pub fn in_netns(netns: &OwnedFd, name: &str, resolv_conf: Option<&[u8]>) -> std::io::Result<Arc<Egress>> {
+        let mut search = Vec::new();
         let resolver = match resolv_conf {
             None => None,
             Some(text) => {
                 let (config, mut options) = hickory_resolver::system_conf::parse_resolv_conf(text)
                     .map_err(|err| std::io::Error::other(format!("the pod's resolv.conf: {err}")))?;
+                search = config.search().iter().map(|name| name.to_ascii().trim_end_matches('.').to_string()).collect();
                 options.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
                 let provider = hickory_resolver::name_server::TokioConnectionProvider::default();
                 Some(hickory_resolver::Resolver::builder_with_config(config, provider).with_options(options).build())
@@ -370,8 +425,73 @@ impl Egress {
             }
         })?;
         let handle = ready_rx.recv().map_err(|_| std::io::Error::other("the egress thread ended at start"))??;
-        Ok(Arc::new(Egress { handle, resolver, _stop: stop_tx }))
+        Ok(Arc::new(Egress { handle, resolver, search, _stop: stop_tx }))
     }
+
+    /// The domain of namespace `namespace`'s Services, as the pod's
+    /// `resolv.conf` names it (`<namespace>.svc.<cluster domain>`); `None`
+    /// when the pod's DNS is not Kubernetes' (no such search domain).
+    pub fn service_domain(&self, namespace: &str) -> Option<&str> {
+        let prefix = format!("{namespace}.svc.");
+        self.search.iter().map(String::as_str).find(|domain| domain.starts_with(&prefix) && domain.len() > prefix.len())
+    }
+}
+
+/// Resolve `host` where `egress` makes its connections (the pod's DNS).
+pub(super) async fn resolve_in(
+    egress: Option<&Arc<Egress>>,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, HttpError> {
+    resolve(egress, host, port).await
+}
+
+/// Send a whole `request` to `addr` over a new HTTP/1.1 connection made
+/// from `egress`, and read the answer's head and up to `max_body` bytes
+/// of its body. For `invoke` across nodes, whose bodies are bounded and
+/// whole on both sides.
+pub(super) async fn exchange(
+    egress: Option<&Arc<Egress>>,
+    addr: SocketAddr,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+    connect_timeout: Duration,
+    max_body: usize,
+) -> Result<(http::response::Parts, Vec<u8>), ExchangeError> {
+    use hyper_util::rt::TokioIo;
+    let stream = connect(egress, &[addr], connect_timeout).await.map_err(ExchangeError::Connect)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(ExchangeError::Exchange)?;
+    let connection = tokio::spawn(connection);
+    let response = sender.send_request(request).await.map_err(ExchangeError::Exchange)?;
+    let (parts, mut body) = response.into_parts();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ExchangeError::Exchange)?;
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > max_body {
+                connection.abort();
+                return Err(ExchangeError::TooLarge);
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    drop(sender);
+    connection.abort();
+    Ok((parts, bytes))
+}
+
+/// Why [`exchange`] got no whole answer.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ExchangeError {
+    /// No connection was made: nothing was sent.
+    #[error("connecting: {0}")]
+    Connect(#[source] HttpError),
+    /// The connection failed while the request or answer was under way.
+    #[error("{0}")]
+    Exchange(#[source] hyper::Error),
+    /// The answer's body is over the limit.
+    #[error("the response body is too large")]
+    TooLarge,
 }
 
 #[cfg(test)]

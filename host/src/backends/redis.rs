@@ -206,6 +206,11 @@ impl Redis {
         })
     }
 
+    /// The server's address, for breakers and logs (no credentials).
+    pub fn target(&self) -> String {
+        format!("redis {}", self.client.get_connection_info().addr())
+    }
+
     /// Hold each tenant to `quota` bytes of keys and values.
     pub fn with_kv_quota(mut self, quota: Option<u64>) -> Redis {
         self.quota = quota;

@@ -106,6 +106,21 @@ pub struct Limits {
         deserialize_with = "non_zero_field::max_requests_per_instance"
     )]
     pub max_requests_per_instance: Option<NonZeroU32>,
+    /// How long one attempt of an `invoke` of a function on another node
+    /// may take (a local callee is bounded by its own `timeout`).
+    #[serde(default = "defaults::invoke_timeout", with = "humantime_serde_ms")]
+    pub invoke_timeout: Duration,
+    /// Retries of an `invoke` that is safe to repeat (an idempotent method
+    /// or an `Idempotency-Key`), or that never reached an endpoint.
+    #[serde(default = "defaults::call_retries")]
+    pub call_retries: u32,
+    /// Failures in a row that open the circuit breaker of a target of the
+    /// function's invokes and outbound HTTP.
+    #[serde(default = "defaults::breaker_failures", deserialize_with = "non_zero_field::breaker_failures")]
+    pub breaker_failures: NonZeroU32,
+    /// How long an open breaker refuses calls before a probe goes through.
+    #[serde(default = "defaults::breaker_cooldown", with = "humantime_serde_ms")]
+    pub breaker_cooldown: Duration,
 }
 
 /// Deserializing the `NonZero` limits with an error that names the field
@@ -137,6 +152,10 @@ mod non_zero_field {
 
     pub(super) fn log_bytes_per_second<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
         non_zero(deserializer, "log_bytes_per_second")
+    }
+
+    pub(super) fn breaker_failures<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+        non_zero(deserializer, "breaker_failures")
     }
 
     pub(super) fn cpu_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU32>, D::Error> {
@@ -171,6 +190,20 @@ mod non_zero_field {
 
 mod defaults {
     use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    pub(super) fn invoke_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn call_retries() -> u32 {
+        2
+    }
+    pub(super) fn breaker_failures() -> NonZeroU32 {
+        NonZeroU32::new(5).expect("invariant: not zero")
+    }
+    pub(super) fn breaker_cooldown() -> Duration {
+        Duration::from_secs(5)
+    }
 
     pub(super) fn max_request_bytes() -> u64 {
         10 << 20
@@ -215,6 +248,10 @@ impl Default for Limits {
             log_bytes_per_second: defaults::log_bytes_per_second(),
             cpu_millis: None,
             max_requests_per_instance: None,
+            invoke_timeout: defaults::invoke_timeout(),
+            call_retries: defaults::call_retries(),
+            breaker_failures: defaults::breaker_failures(),
+            breaker_cooldown: defaults::breaker_cooldown(),
         }
     }
 }
@@ -228,6 +265,8 @@ impl Limits {
             ("idle_timeout_s", self.idle_timeout),
             ("start_timeout_ms", self.start_timeout),
             ("destroy_timeout_ms", self.destroy_timeout),
+            ("invoke_timeout_ms", self.invoke_timeout),
+            ("breaker_cooldown_ms", self.breaker_cooldown),
         ];
         if let Some(&(field, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
             return Err(LimitError::Zero { field });
@@ -241,6 +280,8 @@ impl Limits {
             ("start_timeout_ms", self.start_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
             ("destroy_timeout_ms", self.destroy_timeout, MAX_HOOK_OR_QUEUE_TIMEOUT),
             ("idle_timeout_s", self.idle_timeout, MAX_IDLE_TIMEOUT),
+            ("invoke_timeout_ms", self.invoke_timeout, MAX_TIMEOUT),
+            ("breaker_cooldown_ms", self.breaker_cooldown, MAX_HOOK_OR_QUEUE_TIMEOUT),
         ];
         if let Some(&(field, value, max)) = bounded.iter().find(|(_, value, max)| value > max) {
             return Err(LimitError::OverMaximum {
@@ -254,6 +295,13 @@ impl Limits {
         }
         if self.memory_bytes > MAX_MEMORY_BYTES {
             return Err(LimitError::memory_over_maximum(self.memory_bytes >> 20));
+        }
+        if self.call_retries > MAX_CALL_RETRIES {
+            return Err(LimitError::OverMaximum {
+                field: "call_retries",
+                value: self.call_retries.to_string(),
+                maximum: MAX_CALL_RETRIES.to_string(),
+            });
         }
         if self.max_request_bytes == 0 {
             return Err(LimitError::Zero { field: "max_request_bytes" });
@@ -277,6 +325,8 @@ pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Longest `start_timeout_ms`, `destroy_timeout_ms` and `queue_timeout_ms`.
 pub const MAX_HOOK_OR_QUEUE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Most `call_retries`: a call is tried at most 11 times.
+pub const MAX_CALL_RETRIES: u32 = 10;
 /// Longest `idle_timeout_s`: a day.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 

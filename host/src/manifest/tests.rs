@@ -24,6 +24,37 @@ fn every_time_a_function_sets_is_bounded_by_the_hosts_maximum() {
 }
 
 #[test]
+fn a_function_sets_its_calls_timeouts_retries_and_breakers_within_bounds() {
+    let entry = |limit: &str| format!("[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n[function.limits]\n{limit}\n");
+    let spec =
+        resolve(&entry("invoke_timeout_ms = 2500\ncall_retries = 0\nbreaker_failures = 3\nbreaker_cooldown_ms = 750"))
+            .unwrap()
+            .remove(0);
+    let limits = &spec.limits;
+    assert_eq!(limits.invoke_timeout, Duration::from_millis(2500));
+    assert_eq!((limits.call_retries, limits.breaker_failures.get()), (0, 3));
+    assert_eq!(limits.breaker_cooldown, Duration::from_millis(750));
+    let defaults = Limits::default();
+    assert_eq!((defaults.invoke_timeout, defaults.call_retries), (Duration::from_secs(10), 2));
+    for (limit, says) in [
+        ("call_retries = 11", "limits.call_retries = 11 is over the host's maximum of 10"),
+        ("breaker_failures = 0", "limits.breaker_failures must be greater than 0"),
+        ("invoke_timeout_ms = 0", "limits.invoke_timeout_ms must be greater than 0"),
+        ("breaker_cooldown_ms = 3600000", "limits.breaker_cooldown_ms = 1h is over the host's maximum of 5m"),
+    ] {
+        let err = resolve(&entry(limit)).unwrap_err().to_string();
+        assert!(err.contains(says), "{limit}: {err}");
+    }
+    // A spec kept before these limits existed reads with their defaults.
+    let mut json = serde_json::to_value(&spec).unwrap();
+    for field in ["invoke_timeout", "call_retries", "breaker_failures", "breaker_cooldown"] {
+        json["limits"].as_object_mut().unwrap().remove(field);
+    }
+    let old: FunctionSpec = serde_json::from_value(json).unwrap();
+    assert_eq!((old.limits.call_retries, old.limits.breaker_failures.get()), (2, 5));
+}
+
+#[test]
 fn a_manifest_names_its_tenant_env_and_files() {
     let specs = resolve(
         "tenant = \"team-a\"\n[[function]]\nname = \"a\"\nwasm = \"a.wasm\"\n\

@@ -14,8 +14,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::abi::MAX_INVOKE_DEPTH;
 use crate::host::Host;
-use crate::request::{REQUEST_ID_HEADER, ShoalBody, text_response};
+use crate::request::{
+    INVOKE_DEPTH_HEADER, PARENT_ID_HEADER, REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER, TraceContext,
+    text_response,
+};
 
 /// Which functions a listener serves.
 #[derive(Debug, Clone)]
@@ -179,8 +183,8 @@ async fn handle_function(host: &Host, name: &str, request: Request<Incoming>) ->
             Some("no_route"),
         );
     };
-    let request_id = request_id(&request);
-    host.dispatcher().dispatch(target.pick().clone(), request, request_id).await
+    let meta = request_meta(&request);
+    host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
 }
 
 async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> {
@@ -209,8 +213,30 @@ async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> 
     let Some(target) = host.registry().route(request_host, path) else {
         return text_response(StatusCode::NOT_FOUND, format!("shoal: no function serves {path}\n"), Some("no_route"));
     };
-    let request_id = request_id(&request);
-    host.dispatcher().dispatch(target.pick().clone(), request, request_id).await
+    let meta = request_meta(&request);
+    host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
+}
+
+/// Who a request is: its id ([`request_id`]), its trace (the caller's
+/// `traceparent`, or a new trace) and, for a call another host's
+/// function made with `invoke`, its parent and depth. The depth is the
+/// caller's word, which can only bring its own call nearer to the limit.
+pub fn request_meta<B>(request: &Request<B>) -> RequestMeta {
+    let header = |name: &str| request.headers().get(name).and_then(|value| value.to_str().ok());
+    let trace = header(TRACEPARENT_HEADER)
+        .and_then(TraceContext::parse)
+        .map_or_else(TraceContext::start, |caller| caller.child());
+    let mut meta = RequestMeta::root(request_id(request), trace);
+    if let Some(depth) = header(INVOKE_DEPTH_HEADER).and_then(|depth| depth.parse::<u32>().ok()) {
+        meta.depth = depth.min(MAX_INVOKE_DEPTH);
+        meta.parent_id = header(PARENT_ID_HEADER).filter(|id| is_sane_id(id)).map(Arc::from);
+    }
+    meta
+}
+
+/// Short printable ASCII: what a request id may be.
+fn is_sane_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The client's `x-request-id` if it is short printable ASCII, else a new UUID.
@@ -219,7 +245,7 @@ pub fn request_id<B>(request: &Request<B>) -> Arc<str> {
         .headers()
         .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|id| is_sane_id(id))
         .map(Arc::from)
         .unwrap_or_else(|| Arc::from(new_request_id().as_str()))
 }

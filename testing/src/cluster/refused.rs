@@ -1,6 +1,6 @@
 //! A pod the CRI would not run, with containerd's status kept.
 
-/// A CRI call of [`Cri::try_run_pod`] that containerd refused: the call,
+/// A CRI call of [`Cri::try_run_pod`](super::Cri::try_run_pod) that containerd refused: the call,
 /// and its status (the [`std::error::Error::source`]).
 #[derive(Debug)]
 pub struct PodRefused {
