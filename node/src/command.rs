@@ -23,7 +23,7 @@ use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 use shoal::engine::WasmEngine;
 use shoal::limits::{CpuQuota, CpuTimed};
 use shoal::logs::{InstanceLog, Stream};
@@ -118,7 +118,7 @@ fn component_exports(wasm: &[u8]) -> Result<Vec<String>, wasmparser::BinaryReade
 pub(crate) fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeError> {
     let invalid = |what: &str| {
         let what = what.to_string();
-        move |err: wasmtime::Error| NodeError::InvalidArgument(format!("{what}: {err:#}"))
+        move |err: wasmtime::Error| NodeError::Wasm { code: Code::INVALID_ARGUMENT, what, source: err.into() }
     };
     let adapted;
     let wasm = if wasmparser::Parser::is_core_wasm(wasm) {
@@ -132,7 +132,11 @@ pub(crate) fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeE
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .and_then(|()| shoal::files::add_to_linker(&mut linker))
         .and_then(|()| link_exit_code(&mut linker))
-        .map_err(|err| NodeError::Internal(format!("cannot link WASI 0.2: {err:#}")))?;
+        .map_err(|err| NodeError::Wasm {
+            code: Code::INTERNAL,
+            what: "cannot link WASI 0.2".to_string(),
+            source: err.into(),
+        })?;
     let pre = linker.instantiate_pre(&component).map_err(invalid("cannot link the component"))?;
     let pre = CommandPre::new(pre).map_err(invalid("the component exports no wasi:cli/run"))?;
     Ok(Program(pre))
@@ -150,8 +154,10 @@ fn adapt(module: &[u8]) -> Result<Vec<u8>, NodeError> {
     use wasi_preview1_component_adapter_provider::{
         WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
     };
-    let invalid = |err: anyhow::Error| {
-        NodeError::InvalidArgument(format!("invalid wasm module (as a WASI 0.1 command): {err:#}"))
+    let invalid = |err: anyhow::Error| NodeError::Wasm {
+        code: Code::INVALID_ARGUMENT,
+        what: "invalid wasm module (as a WASI 0.1 command)".to_string(),
+        source: err,
     };
     let exports_start = wasmparser::Parser::new(0).parse_all(module).any(|payload| match payload {
         Ok(wasmparser::Payload::ExportSection(exports)) => {

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 use shoal::manifest::{FileGrant, FunctionSpec, Manifest, PodIdentity, VolumeKind};
 
 /// Labels and annotations under this prefix carry grants and limits.
@@ -46,18 +46,6 @@ pub(crate) struct Bundle {
     pub spec: Spec,
 }
 
-/// What the container is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// The pod's sandbox ("pause") container.
-    Sandbox,
-    /// An app container of a pod, or a plain container.
-    App {
-        /// The pod's sandbox, when the CRI made this container.
-        sandbox_id: Option<String>,
-    },
-}
-
 /// Grants and limits from Kubernetes: the container's labels (containerd
 /// copies the image's labels into them), then the spec's annotations (pod
 /// annotations, then container annotations, as the CRI passes them), then
@@ -76,8 +64,10 @@ impl Bundle {
     /// Read `<bundle>/config.json`.
     pub(crate) fn load(path: &Path) -> Result<Bundle, NodeError> {
         let config = path.join("config.json");
-        let spec = Spec::load(&config).map_err(|err| {
-            NodeError::InvalidArgument(format!("cannot read the OCI spec {}: {err}", config.display()))
+        let spec = Spec::load(&config).map_err(|err| NodeError::Encoding {
+            code: Code::INVALID_ARGUMENT,
+            what: format!("cannot read the OCI spec {}", config.display()),
+            source: err.into(),
         })?;
         Ok(Bundle { path: path.to_path_buf(), spec })
     }
@@ -87,13 +77,20 @@ impl Bundle {
         self.spec.annotations().clone().unwrap_or_default().into_iter().collect()
     }
 
-    /// Sandbox or app container.
-    pub(crate) fn role(&self) -> Role {
-        let annotations = self.annotations();
-        match annotations.get(CONTAINER_TYPE).map(String::as_str) {
-            Some("sandbox") => Role::Sandbox,
-            _ => Role::App { sandbox_id: annotations.get(SANDBOX_ID).cloned() },
+    /// Whether this is a pod's sandbox ("pause") container, as the CRI
+    /// says; every other container is an app container of a pod, or a
+    /// plain container.
+    pub(crate) fn is_sandbox(&self) -> bool {
+        self.annotations().get(CONTAINER_TYPE).is_some_and(|kind| kind == "sandbox")
+    }
+
+    /// The pod sandbox this app container belongs to, when the CRI made it
+    /// (`None` for a sandbox itself and for a plain container).
+    pub(crate) fn sandbox_id(&self) -> Option<String> {
+        if self.is_sandbox() {
+            return None;
         }
+        self.annotations().get(SANDBOX_ID).cloned()
     }
 
     /// The Kubernetes container name, if the CRI made this container.
@@ -129,8 +126,10 @@ impl Bundle {
         else {
             return Ok(None);
         };
-        let unreadable = |err: std::io::Error| {
-            NodeError::Internal(format!("cannot read the pod's resolv.conf {}: {err}", source.display()))
+        let unreadable = |err: std::io::Error| NodeError::Io {
+            code: Code::INTERNAL,
+            what: format!("cannot read the pod's resolv.conf {}", source.display()),
+            source: err,
         };
         let file = std::fs::File::open(&source).map_err(unreadable)?;
         let mut text = Vec::new();
@@ -170,7 +169,7 @@ impl Bundle {
 
     /// The rootfs directory (`root.path`, relative to the bundle).
     pub(crate) fn rootfs(&self) -> PathBuf {
-        let root = self.spec.root().as_ref().map(|root| root.path().clone()).unwrap_or_else(|| "rootfs".into());
+        let root = self.spec.root().as_ref().map_or_else(|| "rootfs".into(), |root| root.path().clone());
         if root.is_absolute() { root } else { self.path.join(root) }
     }
 
@@ -333,8 +332,9 @@ impl KubernetesSettings {
         let mut document = toml::Table::new();
         document.insert("function".into(), toml::Value::Array(vec![toml::Value::Table(function)]));
         let text = toml::to_string(&document).map_err(|err| invalid(err.to_string()))?;
-        let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| invalid(err.cause.to_string()))?;
-        let mut specs = manifest.resolve().map_err(|err| invalid(err.cause.to_string()))?;
+        // The manifest's own errors name the setting; the file is made up.
+        let manifest = Manifest::parse(&text, Path::new(source)).map_err(|err| NodeError::Manifest(err.cause))?;
+        let mut specs = manifest.resolve().map_err(|err| NodeError::Manifest(err.cause))?;
         Ok(specs.remove(0))
     }
 }
@@ -404,7 +404,7 @@ mod tests {
                 let settings = KubernetesSettings::collect([&entries], memory_limit);
                 match settings.function_spec("f", Path::new("/f.wasm"), "pod annotations") {
                     Ok(spec) => prop_assert!(spec.check().is_ok(), "{:?}", spec),
-                    Err(err) => prop_assert!(matches!(err, NodeError::InvalidArgument(_)), "{:?}", err),
+                    Err(err) => prop_assert!(err.code() == Code::INVALID_ARGUMENT, "{:?}", err),
                 }
             }
         }

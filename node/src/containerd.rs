@@ -13,7 +13,7 @@ use containerd_client::tonic::Request;
 use containerd_client::with_namespace;
 use serde_json::Value;
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 use shoal_images::{WASM_COMPONENT_LAYER, WASM_LAYER};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,9 +30,11 @@ pub(crate) struct ContainerRecord {
 }
 
 async fn client(socket: &Path) -> Result<containerd_client::Client, NodeError> {
-    containerd_client::Client::from_path(socket)
-        .await
-        .map_err(|err| NodeError::Unavailable(format!("cannot connect to containerd at {}: {err}", socket.display())))
+    containerd_client::Client::from_path(socket).await.map_err(|err| NodeError::Io {
+        code: Code::UNAVAILABLE,
+        what: format!("cannot connect to containerd at {}", socket.display()),
+        source: std::io::Error::other(err),
+    })
 }
 
 async fn within<T>(socket: &Path, work: impl Future<Output = Result<T, NodeError>>) -> Result<T, NodeError> {
@@ -45,9 +47,12 @@ async fn within<T>(socket: &Path, work: impl Future<Output = Result<T, NodeError
 pub(crate) async fn container(socket: &Path, namespace: &str, id: &str) -> Result<ContainerRecord, NodeError> {
     within(socket, async {
         let request = with_namespace!(GetContainerRequest { id: id.to_string() }, namespace);
-        let response = client(socket).await?.containers().get(request).await.map_err(|status| {
-            NodeError::NotFound(format!("containerd does not know container {id}: {}", status.message()))
-        })?;
+        let response =
+            client(socket).await?.containers().get(request).await.map_err(|status| NodeError::Containerd {
+                code: Code::NOT_FOUND,
+                what: format!("containerd does not know container {id}"),
+                source: Box::new(status),
+            })?;
         let container = response.into_inner().container.unwrap_or_default();
         Ok(ContainerRecord { labels: container.labels.into_iter().collect(), image: container.image })
     })
@@ -66,11 +71,11 @@ pub(crate) async fn artifact_wasm(
     let client = within(socket, client(socket)).await?;
     let request = with_namespace!(GetImageRequest { name: image.to_string() }, namespace);
     let target = within(socket, async {
-        client
-            .images()
-            .get(request)
-            .await
-            .map_err(|status| NodeError::NotFound(format!("containerd has no image {image}: {}", status.message())))
+        client.images().get(request).await.map_err(|status| NodeError::Containerd {
+            code: Code::NOT_FOUND,
+            what: format!("containerd has no image {image}"),
+            source: Box::new(status),
+        })
     })
     .await?
     .into_inner()
@@ -85,8 +90,14 @@ pub(crate) async fn artifact_wasm(
         if !media_type.contains("index") && !media_type.contains("manifest.list") {
             break;
         }
-        let index: Value = serde_json::from_slice(&read(&client, namespace, digest, MAX_MANIFEST).await?)
-            .map_err(|err| NodeError::InvalidArgument(format!("image {image}: index {digest} is not JSON: {err}")))?;
+        let index: Value =
+            serde_json::from_slice(&read(&client, namespace, digest, MAX_MANIFEST).await?).map_err(|err| {
+                NodeError::Encoding {
+                    code: Code::INVALID_ARGUMENT,
+                    what: format!("image {image}: index {digest} is not JSON"),
+                    source: err.into(),
+                }
+            })?;
         let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
         let chosen =
             manifests
@@ -100,8 +111,10 @@ pub(crate) async fn artifact_wasm(
         );
     }
     let manifest: Value = serde_json::from_slice(&read(&client, namespace, &descriptor.1, MAX_MANIFEST).await?)
-        .map_err(|err| {
-            NodeError::InvalidArgument(format!("image {image}: manifest {} is not JSON: {err}", descriptor.1))
+        .map_err(|err| NodeError::Encoding {
+            code: Code::INVALID_ARGUMENT,
+            what: format!("image {image}: manifest {} is not JSON", descriptor.1),
+            source: err.into(),
         })?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
     let layer = layers
@@ -143,13 +156,17 @@ async fn read(
         .content()
         .read(request)
         .await
-        .map_err(|status| {
-            NodeError::NotFound(format!("cannot read {digest} from containerd's content store: {}", status.message()))
+        .map_err(|status| NodeError::Containerd {
+            code: Code::NOT_FOUND,
+            what: format!("cannot read {digest} from containerd's content store"),
+            source: Box::new(status),
         })?
         .into_inner();
     let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.map_err(|status| {
-        NodeError::Unavailable(format!("reading {digest} from the content store: {}", status.message()))
+    while let Some(chunk) = stream.message().await.map_err(|status| NodeError::Containerd {
+        code: Code::UNAVAILABLE,
+        what: format!("reading {digest} from the content store"),
+        source: Box::new(status),
     })? {
         bytes.extend_from_slice(&chunk.data);
         if bytes.len() > limit {

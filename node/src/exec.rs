@@ -20,7 +20,7 @@ use containerd_shim_protos::api::ExecProcessRequest;
 use tokio::sync::watch;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 
 /// How much output a program may have written but not yet drained to its
 /// FIFO before its writes wait (per stream).
@@ -64,8 +64,11 @@ impl Exec {
             return Err(NodeError::InvalidArgument("an exec needs an id".to_string()));
         }
         let spec = request.spec.as_ref().map(|any| any.value.as_slice()).unwrap_or_default();
-        let process: oci_spec::runtime::Process = serde_json::from_slice(spec)
-            .map_err(|err| NodeError::InvalidArgument(format!("the exec's process spec is not OCI JSON: {err}")))?;
+        let process: oci_spec::runtime::Process = serde_json::from_slice(spec).map_err(|err| NodeError::Encoding {
+            code: Code::INVALID_ARGUMENT,
+            what: "the exec's process spec is not OCI JSON".to_string(),
+            source: err.into(),
+        })?;
         let args = process.args().clone().unwrap_or_default();
         let env = process
             .env()
@@ -101,7 +104,7 @@ impl Exec {
     }
 
     pub(crate) fn take_runner(&self) -> Option<tokio::task::JoinHandle<()>> {
-        self.runner.lock().unwrap_or_else(|poison| poison.into_inner()).take()
+        self.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
 
@@ -166,11 +169,9 @@ impl ExecStdio {
         }
         let stdin = match fifo_path(&exec.stdin) {
             None => None,
-            Some(path) => Some(
-                tokio::net::unix::pipe::OpenOptions::new()
-                    .open_receiver(path)
-                    .map_err(|err| NodeError::Internal(format!("cannot open the exec's stdin {path}: {err}")))?,
-            ),
+            Some(path) => Some(tokio::net::unix::pipe::OpenOptions::new().open_receiver(path).map_err(|source| {
+                NodeError::Io { code: Code::INTERNAL, what: format!("cannot open the exec's stdin {path}"), source }
+            })?),
         };
         let stdio = ExecStdio {
             stdin,
@@ -223,11 +224,9 @@ fn fifo_path(path: &str) -> Option<&str> {
 
 fn output(path: &str) -> Result<Option<Sender>, NodeError> {
     let Some(path) = fifo_path(path) else { return Ok(None) };
-    tokio::net::unix::pipe::OpenOptions::new()
-        .read_write(true)
-        .open_sender(path)
-        .map(Some)
-        .map_err(|err| NodeError::Internal(format!("cannot open the exec's output {path}: {err}")))
+    tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_sender(path).map(Some).map_err(|source| {
+        NodeError::Io { code: Code::INTERNAL, what: format!("cannot open the exec's output {path}"), source }
+    })
 }
 
 /// Write `bytes` to `sender`, if there is one (a failed write is only
@@ -246,7 +245,7 @@ mod tests {
     use super::*;
 
     fn args(words: &[&str]) -> Vec<String> {
-        words.iter().map(|w| w.to_string()).collect()
+        words.iter().map(std::string::ToString::to_string).collect()
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl Link {
         let raw = fds
             .0
             .iter()
-            .map(|fd| fd.as_ref().map(|fd| fd.as_raw_fd()))
+            .map(|fd| fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))
             .collect::<Option<Vec<RawFd>>>()
             .ok_or_else(|| std::io::Error::other("a descriptor of the snapshot was taken before it was sent"))?;
         self.send_json(&(snapshot, fds.len()))?;

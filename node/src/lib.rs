@@ -254,7 +254,7 @@ impl Accepting {
 /// One host serving the node: its functions, containers and sockets.
 struct Session {
     running: RunningHost,
-    node: Arc<task::Node>,
+    tasks: Arc<task::TaskHost>,
     relays: Arc<Relays>,
     server: Server,
     accepting: Accepting,
@@ -317,11 +317,11 @@ impl Session {
                     .into());
                 }
             };
-        let node = task::Node::new(running.host().clone(), sinks, publisher, config);
+        let tasks = task::TaskHost::new(running.host().clone(), sinks, publisher, config);
         if carried.is_none() {
-            node.forget_kept_wasm();
+            tasks.forget_kept_wasm();
         }
-        match Session::serve(config, &node, carried).await {
+        match Session::serve(config, &tasks, carried).await {
             Ok((relays, server, accepting, control)) => {
                 tracing::info!(
                     socket = %config.socket.display(),
@@ -329,11 +329,11 @@ impl Session {
                     pid = std::process::id(),
                     "node host serving containerd"
                 );
-                Ok(Session { running, node, relays, server, accepting, control })
+                Ok(Session { running, tasks, relays, server, accepting, control })
             }
             Err(err) => {
                 // Let go of everything (the old host may take it back).
-                node.stop_serving().await;
+                tasks.stop_serving().await;
                 let host = running.host().clone();
                 running.shutdown().await;
                 let _ = host.services().close_keyvalue();
@@ -344,12 +344,12 @@ impl Session {
 
     async fn serve(
         config: &NodeConfig,
-        node: &Arc<task::Node>,
+        tasks: &Arc<task::TaskHost>,
         carried: Option<(Snapshot, Descriptors)>,
     ) -> Result<(Arc<Relays>, Server, Accepting, UnixListener), Error> {
         let (relays, incoming) = Relays::new();
         let mut server = Server::new().add_listener(incoming);
-        for (name, methods) in task::services(node) {
+        for (name, methods) in task::services(tasks) {
             server = server.register_service([(name, methods)].into_iter().collect());
         }
         server.start().await.map_err(|err| anyhow::anyhow!("cannot start the ttrpc server: {err}"))?;
@@ -357,7 +357,8 @@ impl Session {
             None => (bind_socket(&config.socket)?, bind_socket(&control_socket(&config.socket))?),
             Some((snapshot, fds)) => {
                 let mut fds = fds;
-                node.adopt((snapshot.sandboxes, snapshot.containers), &mut fds)
+                tasks
+                    .adopt((snapshot.sandboxes, snapshot.containers), &mut fds)
                     .await
                     .map_err(|err| anyhow::anyhow!("cannot take the containers over: {err}"))?;
                 let listener = unix_listener(fds.take(snapshot.task_listener).map_err(anyhow::Error::from)?)?;
@@ -400,7 +401,7 @@ impl Session {
     async fn stop(mut self, config: &NodeConfig) {
         let _ = self.server.shutdown().await;
         let _ = self.accepting.stop().await;
-        self.node.stop_all().await;
+        self.tasks.stop_all().await;
         self.running.shutdown().await;
         let _ = std::fs::remove_file(&config.socket);
         let _ = std::fs::remove_file(control_socket(&config.socket));
@@ -409,23 +410,23 @@ impl Session {
     /// Hand everything to a host process started from `exe`, telling
     /// `control` how it goes.
     async fn hand_over(mut self, mut control: UnixStream, request: UpgradeRequest, exe: &Path) -> Outcome {
-        if let (Some(why), Some(after)) = (self.node.refuse_hand_over(), request.end_programs_after) {
+        if let (Some(why), Some(after)) = (self.tasks.refuse_hand_over(), request.end_programs_after) {
             tell(&mut control, &format!("waiting up to {after:?} for programs and execs to end: {why}")).await;
             let deadline = Instant::now() + after;
-            while self.node.refuse_hand_over().is_some() && Instant::now() < deadline {
+            while self.tasks.refuse_hand_over().is_some() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let ended = self.node.end_programs("ended by the node host's upgrade (its deadline passed)").await;
+            let ended = self.tasks.end_programs("ended by the node host's upgrade (its deadline passed)").await;
             if ended > 0 {
                 tell(&mut control, &format!("ended {ended} programs and execs still running at the deadline")).await;
                 // containerd removes the ended execs once it has their exits.
                 let removed = Instant::now() + SETTLE_WAIT;
-                while self.node.refuse_hand_over().is_some() && Instant::now() < removed {
+                while self.tasks.refuse_hand_over().is_some() && Instant::now() < removed {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-        if let Some(why) = self.node.refuse_hand_over() {
+        if let Some(why) = self.tasks.refuse_hand_over() {
             tell(&mut control, &format!("error: cannot upgrade now: {why}")).await;
             return Outcome::Refused(Box::new(self));
         }
@@ -483,10 +484,10 @@ impl Session {
         let settle = Instant::now();
         let mut fds = Descriptors::default();
         let settled = loop {
-            if self.relays.busy() == 0 && !self.node.stopping() {
-                break match self.node.refuse_hand_over() {
+            if self.relays.busy() == 0 && !self.tasks.stopping() {
+                break match self.tasks.refuse_hand_over() {
                     Some(why) => Err(NotNow::Busy(why)),
-                    None => self.node.save(&mut fds).map_err(NotNow::from),
+                    None => self.tasks.save(&mut fds).map_err(NotNow::from),
                 };
             }
             if settle.elapsed() > SETTLE_WAIT {
@@ -507,7 +508,7 @@ impl Session {
         tracing::info!(took_ms = settle.elapsed().as_millis() as u64, "containerd's calls held for the hand-over");
 
         // From here on this host lets go; a failure takes everything back.
-        let Session { running, node, relays, server, accepting: _, control: control_listener } = self;
+        let Session { running, tasks, relays, server, accepting: _, control: control_listener } = self;
         let connections = relays.detach().await;
         let task_listener = listener.into_std().map(|l| fds.add(OwnedFd::from(l)));
         let control_listener = control_listener.into_std().map(|l| fds.add(OwnedFd::from(l)));
@@ -522,14 +523,14 @@ impl Session {
             std::process::exit(1);
         };
         let snapshot = Snapshot { sandboxes, containers, connections, task_listener, control_listener };
-        node.stop_serving().await;
+        tasks.stop_serving().await;
         let host = running.host().clone();
         running.shutdown().await;
         if let Err(err) = host.services().close_keyvalue() {
             tracing::error!(error = %err, "cannot close the key-value store for the new host");
         }
         drop(server);
-        drop(node);
+        drop(tasks);
         tell(
             &mut control,
             &format!(

@@ -12,18 +12,15 @@ use std::path::Path;
 
 use nix::sched::CloneFlags;
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 
 /// Open a namespace file (`/var/run/netns/cni-...`, `/proc/<pid>/ns/net`);
 /// holding the descriptor keeps the namespace alive.
 pub(crate) fn open(path: &Path) -> Result<OwnedFd, NodeError> {
-    std::fs::File::open(path).map(OwnedFd::from).map_err(|err| {
-        let message = format!("cannot open the network namespace {}: {err}", path.display());
-        if err.kind() == std::io::ErrorKind::NotFound {
-            NodeError::NotFound(message)
-        } else {
-            NodeError::Internal(message)
-        }
+    std::fs::File::open(path).map(OwnedFd::from).map_err(|source| NodeError::Io {
+        code: if source.kind() == std::io::ErrorKind::NotFound { Code::NOT_FOUND } else { Code::INTERNAL },
+        what: format!("cannot open the network namespace {}", path.display()),
+        source,
     })
 }
 
@@ -31,8 +28,11 @@ pub(crate) fn open(path: &Path) -> Result<OwnedFd, NodeError> {
 /// container gets from `ctr run` without `--net-host`).
 pub(crate) fn create() -> Result<OwnedFd, NodeError> {
     on_thread(|| {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET)
-            .map_err(|err| NodeError::Internal(format!("cannot create a network namespace: {err}")))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|errno| NodeError::Os {
+            code: Code::INTERNAL,
+            what: "cannot create a network namespace".to_string(),
+            source: errno.into(),
+        })?;
         let fd = open(Path::new("/proc/thread-self/ns/net"))?;
         loopback_up()?;
         Ok(fd)
@@ -45,28 +45,32 @@ pub(crate) fn bind(netns: Option<&OwnedFd>, addr: SocketAddr) -> Result<TcpListe
     let Some(netns) = netns else {
         return bind_here(addr);
     };
-    let fd = netns
-        .try_clone()
-        .map_err(|err| NodeError::Internal(format!("cannot duplicate the namespace descriptor: {err}")))?;
+    let fd = netns.try_clone().map_err(|source| NodeError::Io {
+        code: Code::INTERNAL,
+        what: "cannot duplicate the namespace descriptor".to_string(),
+        source,
+    })?;
     on_thread(move || {
-        nix::sched::setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
-            .map_err(|err| NodeError::Internal(format!("cannot enter the pod's network namespace: {err}")))?;
+        nix::sched::setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| NodeError::Os {
+            code: Code::INTERNAL,
+            what: "cannot enter the pod's network namespace".to_string(),
+            source: errno.into(),
+        })?;
         bind_here(addr)
     })
 }
 
 fn bind_here(addr: SocketAddr) -> Result<TcpListener, NodeError> {
-    let listener = TcpListener::bind(addr).map_err(|err| {
-        let message = format!("cannot listen on {addr}: {err}");
-        if err.kind() == std::io::ErrorKind::AddrInUse {
-            NodeError::AlreadyExists(message)
-        } else {
-            NodeError::Internal(message)
-        }
+    let listener = TcpListener::bind(addr).map_err(|source| NodeError::Io {
+        code: if source.kind() == std::io::ErrorKind::AddrInUse { Code::ALREADY_EXISTS } else { Code::INTERNAL },
+        what: format!("cannot listen on {addr}"),
+        source,
     })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|err| NodeError::Internal(format!("cannot make the listener non-blocking: {err}")))?;
+    listener.set_nonblocking(true).map_err(|source| NodeError::Io {
+        code: Code::INTERNAL,
+        what: "cannot make the listener non-blocking".to_string(),
+        source,
+    })?;
     Ok(listener)
 }
 
@@ -75,7 +79,7 @@ fn on_thread<T: Send + 'static>(work: impl FnOnce() -> Result<T, NodeError> + Se
     std::thread::Builder::new()
         .name("shoal-netns".into())
         .spawn(work)
-        .map_err(|err| NodeError::Internal(format!("cannot start a thread: {err}")))?
+        .map_err(|source| NodeError::Io { code: Code::INTERNAL, what: "cannot start a thread".to_string(), source })?
         .join()
         .map_err(|_| NodeError::Internal("the namespace thread panicked".to_string()))?
 }
@@ -89,7 +93,11 @@ fn loopback_up() -> Result<(), NodeError> {
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|err| NodeError::Internal(format!("cannot open a socket to configure lo: {err}")))?;
+    .map_err(|errno| NodeError::Os {
+        code: Code::INTERNAL,
+        what: "cannot open a socket to configure lo".to_string(),
+        source: errno.into(),
+    })?;
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
@@ -98,13 +106,21 @@ fn loopback_up() -> Result<(), NodeError> {
     // SAFETY: SIOCGIFFLAGS reads the name and writes ifru_flags of the
     // ifreq we own; the socket descriptor is valid for the call.
     if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
-        return Err(NodeError::Internal(format!("cannot read lo's flags: {}", std::io::Error::last_os_error())));
+        return Err(NodeError::Io {
+            code: Code::INTERNAL,
+            what: "cannot read lo's flags".to_string(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: the union's flags member was just written by the kernel.
     unsafe { request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
     // SAFETY: as above; SIOCSIFFLAGS only reads the ifreq.
     if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
-        return Err(NodeError::Internal(format!("cannot bring lo up: {}", std::io::Error::last_os_error())));
+        return Err(NodeError::Io {
+            code: Code::INTERNAL,
+            what: "cannot bring lo up".to_string(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

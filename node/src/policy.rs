@@ -27,7 +27,7 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 use shoal::manifest::{GrantError, Grants, KeyGrant, Limits, TenantName};
 
 /// The default place of the policy file.
@@ -166,6 +166,11 @@ pub struct TenantLimits {
     pub max_concurrency: Option<u32>,
     /// The most `cpu_millis`.
     pub cpu_millis: Option<u32>,
+    /// The longest `invoke_timeout_ms`.
+    pub invoke_timeout_ms: Option<u64>,
+    /// The most `call_retries`: what one call may turn into on its
+    /// callees.
+    pub call_retries: Option<u32>,
     /// wasi:cli programs and `kubectl exec`s the namespace runs at once.
     pub programs: Option<u32>,
     /// Instances the namespace's functions keep busy at once, together
@@ -188,6 +193,8 @@ impl TenantLimits {
         memory_mb: Some(1024),
         max_concurrency: Some(500),
         cpu_millis: None,
+        invoke_timeout_ms: Some(60 * 1000),
+        call_retries: Some(3),
         programs: Some(16),
         instances: None,
         queued_bytes: None,
@@ -204,6 +211,8 @@ impl TenantLimits {
             memory_mb: self.memory_mb.or(defaults.memory_mb),
             max_concurrency: self.max_concurrency.or(defaults.max_concurrency),
             cpu_millis: self.cpu_millis.or(defaults.cpu_millis),
+            invoke_timeout_ms: self.invoke_timeout_ms.or(defaults.invoke_timeout_ms),
+            call_retries: self.call_retries.or(defaults.call_retries),
             programs: self.programs.or(defaults.programs),
             instances: self.instances.or(defaults.instances),
             queued_bytes: self.queued_bytes.or(defaults.queued_bytes),
@@ -214,7 +223,7 @@ impl TenantLimits {
     /// field, its value, the bound).
     fn over(&self, limits: &Limits) -> Option<(&'static str, u64, u64)> {
         let millis = |duration: std::time::Duration| duration.as_millis().try_into().unwrap_or(u64::MAX);
-        let checks: [(&'static str, u64, Option<u64>); 8] = [
+        let checks: [(&'static str, u64, Option<u64>); 10] = [
             ("timeout_ms", millis(limits.timeout), self.timeout_ms),
             ("queue_timeout_ms", millis(limits.queue_timeout), self.queue_timeout_ms),
             ("start_timeout_ms", millis(limits.start_timeout), self.start_timeout_ms),
@@ -227,6 +236,8 @@ impl TenantLimits {
                 limits.cpu_millis.map_or(u64::MAX, |millis| u64::from(millis.get())),
                 self.cpu_millis.map(u64::from),
             ),
+            ("invoke_timeout_ms", millis(limits.invoke_timeout), self.invoke_timeout_ms),
+            ("call_retries", u64::from(limits.call_retries), self.call_retries.map(u64::from)),
         ];
         checks
             .into_iter()
@@ -485,17 +496,21 @@ impl PolicyFile {
         let stamp = match std::fs::metadata(&self.path) {
             Ok(meta) => FileStamp::Seen { modified: meta.modified().ok(), len: meta.len(), inode: meta.ino() },
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => FileStamp::Missing,
-            Err(err) => {
-                return Err(NodeError::Internal(format!("cannot read the node policy {}: {err}", self.path.display())));
+            Err(source) => {
+                return Err(NodeError::Io {
+                    code: Code::INTERNAL,
+                    what: format!("cannot read the node policy {}", self.path.display()),
+                    source,
+                });
             }
         };
-        let mut cached = self.cached.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut cached = self.cached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((seen, policy)) = cached.as_ref()
             && *seen == stamp
         {
             return policy.clone().map_err(NodeError::Policy);
         }
-        let mut last_file = self.last_file.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut last_file = self.last_file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let policy = match (&stamp, last_file.as_ref()) {
             // A policy file that goes away leaves the last one read in
             // force: a deleted file must not widen what pods may grant.
@@ -549,8 +564,8 @@ mod tests {
     fn grants(keyvalue: &[&str], publish: &[&str], outbound: &[&str]) -> Grants {
         Grants {
             keyvalue: keyvalue.iter().map(|text| KeyGrant::parse(text).unwrap()).collect(),
-            publish: publish.iter().map(|t| t.to_string()).collect(),
-            outbound_http: outbound.iter().map(|t| t.to_string()).collect(),
+            publish: publish.iter().map(std::string::ToString::to_string).collect(),
+            outbound_http: outbound.iter().map(std::string::ToString::to_string).collect(),
             ..Grants::default()
         }
     }
@@ -661,5 +676,28 @@ mod tests {
         assert!(kept.check(&tenant("b"), &grants(&["x:y"], &[], &[])).is_err(), "no rule for b, as before");
         std::fs::write(&path, "[[rule]]\nnamespaces = [\"*\"]\nkeyvalue = [\"*:*\"]\n").unwrap();
         assert!(file.current().unwrap().check(&tenant("b"), &grants(&["x:y"], &[], &[])).is_ok(), "a new file");
+    }
+
+    #[test]
+    fn a_pods_call_retries_and_invoke_timeout_are_bounded_by_its_rule_or_the_nodes_default() {
+        let policy = Policy::parse(
+            "[[rule]]\nnamespaces = [\"calm\"]\n[rule.limits]\ncall_retries = 0\ninvoke_timeout_ms = 1000\n",
+            "/etc/shoal/policy.toml",
+        )
+        .unwrap();
+        let limits = |retries: u32, timeout_ms: u64| Limits {
+            call_retries: retries,
+            invoke_timeout: std::time::Duration::from_millis(timeout_ms),
+            ..Limits::default()
+        };
+        let err = policy.check_limits(&tenant("calm"), &limits(1, 1000)).unwrap_err().to_string();
+        assert!(err.contains("shoal.dev/limits.call_retries = 1 is over the 0 that rule 1"), "{err}");
+        let err = policy.check_limits(&tenant("calm"), &limits(0, 2000)).unwrap_err().to_string();
+        assert!(err.contains("shoal.dev/limits.invoke_timeout_ms = 2000 is over the 1000"), "{err}");
+        assert!(policy.check_limits(&tenant("calm"), &limits(0, 1000)).is_ok());
+        // The node's defaults for the rest: 3 retries, 60 s.
+        assert!(policy.check_limits(&tenant("other"), &limits(3, 60_000)).is_ok());
+        let err = policy.check_limits(&tenant("other"), &limits(4, 1000)).unwrap_err().to_string();
+        assert!(err.contains("call_retries = 4 is over the 3 that the node's default"), "{err}");
     }
 }

@@ -72,7 +72,7 @@ struct Relay {
 
 impl Relay {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Pending>> {
-        self.pending.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Requests under way that are not long polls.
@@ -102,7 +102,7 @@ impl Relays {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Running>> {
-        self.relays.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.relays.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Relay a connection from containerd; `carried` is what a previous

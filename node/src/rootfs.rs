@@ -18,7 +18,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 
 /// Make the mounted rootfs at `target` `nodev` and `nosuid`, whatever
 /// containerd's mount options said: a device node in an image then opens
@@ -28,8 +28,10 @@ use crate::error::NodeError;
 pub(crate) fn harden(target: &Path) -> Result<(), NodeError> {
     use nix::mount::MsFlags;
     use nix::sys::statvfs::{FsFlags, statvfs};
-    let failed = |what: &str, err: Errno| {
-        NodeError::Internal(format!("cannot {what} the rootfs {} nodev,nosuid: {err}", target.display()))
+    let failed = |what: &str, errno: Errno| NodeError::Os {
+        code: Code::INTERNAL,
+        what: format!("cannot {what} the rootfs {} nodev,nosuid", target.display()),
+        source: errno.into(),
     };
     let current = statvfs(target).map_err(|err| failed("read the mount flags of", err))?.flags();
     let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
@@ -54,11 +56,14 @@ pub const DEFAULT_MAX_WASM_BYTES: u64 = 256 << 20;
 /// from the container whose root is `root`, refusing anything but a
 /// regular file of at most `max_bytes`.
 pub(crate) fn read_inside(root: &Path, path: &str, max_bytes: u64) -> Result<Vec<u8>, NodeError> {
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(root)
-        .map_err(|err| NodeError::Internal(format!("cannot open the rootfs {}: {err}", root.display())))?;
+    let dir =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(root).map_err(
+            |source| NodeError::Io {
+                code: Code::INTERNAL,
+                what: format!("cannot open the rootfs {}", root.display()),
+                source,
+            },
+        )?;
     let relative = path.trim_start_matches('/');
     let relative = if relative.is_empty() { "." } else { relative };
     let how = OpenHow::new()
@@ -67,15 +72,23 @@ pub(crate) fn read_inside(root: &Path, path: &str, max_bytes: u64) -> Result<Vec
     let fd = openat2(&dir, relative, how).map_err(|errno| match errno {
         Errno::ENOENT | Errno::ENOTDIR => NodeError::NotFound(format!("{path} is not in the image's rootfs")),
         Errno::ELOOP => NodeError::InvalidArgument(format!("{path} is a loop of symbolic links")),
-        Errno::EACCES | Errno::EPERM => {
-            NodeError::InvalidArgument(format!("{path} cannot be read from the image's rootfs: {errno}"))
-        }
-        errno => NodeError::Internal(format!("cannot open {path} in the image's rootfs: {errno}")),
+        Errno::EACCES | Errno::EPERM => NodeError::Os {
+            code: Code::INVALID_ARGUMENT,
+            what: format!("{path} cannot be read from the image's rootfs"),
+            source: errno.into(),
+        },
+        errno => NodeError::Os {
+            code: Code::INTERNAL,
+            what: format!("cannot open {path} in the image's rootfs"),
+            source: errno.into(),
+        },
     })?;
     let mut file = File::from(fd);
-    let metadata = file
-        .metadata()
-        .map_err(|err| NodeError::Internal(format!("cannot stat {path} in the image's rootfs: {err}")))?;
+    let metadata = file.metadata().map_err(|source| NodeError::Io {
+        code: Code::INTERNAL,
+        what: format!("cannot stat {path} in the image's rootfs"),
+        source,
+    })?;
     let kind = metadata.file_type();
     if !kind.is_file() {
         let what = if kind.is_dir() {
@@ -99,10 +112,11 @@ pub(crate) fn read_inside(root: &Path, path: &str, max_bytes: u64) -> Result<Vec
     // The size may change under us (an image's files are not ours): read
     // one byte past the cap at most.
     let mut bytes = Vec::with_capacity(metadata.len() as usize);
-    (&mut file)
-        .take(max_bytes + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|err| NodeError::Internal(format!("cannot read {path} from the image's rootfs: {err}")))?;
+    (&mut file).take(max_bytes + 1).read_to_end(&mut bytes).map_err(|source| NodeError::Io {
+        code: Code::INTERNAL,
+        what: format!("cannot read {path} from the image's rootfs"),
+        source,
+    })?;
     if bytes.len() as u64 > max_bytes {
         return Err(too_large(bytes.len() as u64));
     }

@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 use shoal::logs::{GuestLine, LogSink, Stream, TracingSink};
 
 /// A container's stdout and stderr FIFOs.
@@ -42,7 +42,7 @@ impl ContainerOutput {
         let dup = |file: &Option<Mutex<File>>| -> std::io::Result<Option<OwnedFd>> {
             match file {
                 Some(file) => {
-                    let file = file.lock().unwrap_or_else(|poison| poison.into_inner());
+                    let file = file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     Ok(Some(OwnedFd::from(file.try_clone()?)))
                 }
                 None => Ok(None),
@@ -57,7 +57,7 @@ impl ContainerOutput {
             Stream::Stderr => &self.stderr,
         };
         let Some(file) = file else { return };
-        let mut file = file.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut file = file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut line = Vec::with_capacity(text.len() + 1);
         line.extend_from_slice(text.as_bytes());
         line.push(b'\n');
@@ -73,13 +73,10 @@ fn open_fifo(path: &str) -> Result<Option<File>, NodeError> {
     }
     let path = path.strip_prefix("file://").unwrap_or(path);
     OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(Path::new(path)).map(Some).map_err(
-        |err| {
-            let message = format!("cannot open the container's output {path}: {err}");
-            if err.kind() == std::io::ErrorKind::NotFound {
-                NodeError::NotFound(message)
-            } else {
-                NodeError::Internal(message)
-            }
+        |source| NodeError::Io {
+            code: if source.kind() == std::io::ErrorKind::NotFound { Code::NOT_FOUND } else { Code::INTERNAL },
+            what: format!("cannot open the container's output {path}"),
+            source,
         },
     )
 }
@@ -104,7 +101,7 @@ impl ContainerSinks {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ContainerOutput>>> {
-        self.outputs.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.outputs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -44,9 +44,9 @@ use sandbox::Sandboxes;
 
 use crate::NodeConfig;
 use crate::command::{self, Program};
-use crate::container::{Bundle, KubernetesSettings, Netns, Role, function_name};
+use crate::container::{Bundle, KubernetesSettings, Netns, function_name};
 use crate::containerd::ContainerRecord;
-use crate::error::{NodeError, task_failed};
+use crate::error::{Code, NodeError, task_failed};
 use crate::exec::{Exec, ExecCommand, ExecState, ExecStdio};
 use crate::handover::{Descriptors, SavedContainer, SavedSandbox, SavedState};
 use crate::policy::PolicyFile;
@@ -73,8 +73,9 @@ const SIGTERM: u32 = 15;
 /// whose process could not be found: 255).
 const ADOPTION_FAILED: u32 = 255;
 
-/// The node's containers and what serves them.
-pub(crate) struct Node {
+/// What serves containerd's task and sandbox APIs for the node: its
+/// containers and pod sandboxes, and what they run on.
+pub(crate) struct TaskHost {
     host: Arc<Host>,
     sinks: Arc<ContainerSinks>,
     publisher: RemotePublisher,
@@ -104,15 +105,15 @@ fn timestamp(at: SystemTime) -> MessageField<Timestamp> {
     MessageField::some(stamp)
 }
 
-impl Node {
-    /// A node with no containers yet.
+impl TaskHost {
+    /// A task host with no containers yet.
     pub(crate) fn new(
         host: Arc<Host>,
         sinks: Arc<ContainerSinks>,
         publisher: RemotePublisher,
         config: &NodeConfig,
-    ) -> Arc<Node> {
-        Arc::new(Node {
+    ) -> Arc<TaskHost> {
+        Arc::new(TaskHost {
             host,
             sinks,
             publisher,
@@ -129,16 +130,20 @@ impl Node {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
-        self.containers.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.containers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Room for one more program (a container's own, or an exec's) of
     /// `tenant`, within what the node policy lets its namespace run at
     /// once; held until the program ends.
     fn admit_program(&self, tenant: &str) -> Result<ProgramPermit, NodeError> {
-        let name = TenantName::new(tenant).map_err(|err| NodeError::Internal(format!("tenant {tenant:?}: {err}")))?;
+        let name = TenantName::new(tenant).map_err(|err| NodeError::Host {
+            code: Code::INTERNAL,
+            what: format!("tenant {tenant:?}"),
+            source: err.into(),
+        })?;
         let allowed = self.policy.current()?.limits_for(&name).programs;
-        let mut counts = self.programs.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut counts = self.programs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let running = counts.entry(tenant.to_string()).or_default();
         if let Some(allowed) = allowed
             && *running >= allowed as usize
@@ -183,7 +188,7 @@ impl Node {
     }
 }
 
-impl Node {
+impl TaskHost {
     async fn create(self: &Arc<Self>, request: CreateTaskRequest) -> Result<u32, NodeError> {
         if self.lock().contains_key(&request.id) {
             return Err(NodeError::AlreadyExists(format!("container {} already exists", request.id)));
@@ -203,11 +208,19 @@ impl Node {
                 request.rootfs.iter().map(|m| (m.type_.clone(), m.source.clone(), m.options.clone())).collect();
             let mount_target = target.clone();
             tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
-                std::fs::create_dir_all(&mount_target)
-                    .map_err(|err| NodeError::Internal(format!("cannot create {}: {err}", mount_target.display())))?;
+                std::fs::create_dir_all(&mount_target).map_err(|source| NodeError::Io {
+                    code: Code::INTERNAL,
+                    what: format!("cannot create {}", mount_target.display()),
+                    source,
+                })?;
                 for (fs_type, source, options) in &mounts {
-                    containerd_shim::mount::mount_rootfs(Some(fs_type), Some(source), options, &mount_target)
-                        .map_err(|err| NodeError::Internal(format!("cannot mount the rootfs ({fs_type}): {err}")))?;
+                    containerd_shim::mount::mount_rootfs(Some(fs_type), Some(source), options, &mount_target).map_err(
+                        |err| NodeError::Os {
+                            code: Code::INTERNAL,
+                            what: format!("cannot mount the rootfs ({fs_type})"),
+                            source: err.into(),
+                        },
+                    )?;
                 }
                 // What an image holds is the image author's: no device
                 // opens as one, no set-id bit counts.
@@ -274,140 +287,140 @@ impl Node {
         let id = request.id.clone();
         let bundle = Bundle::load(bundle_path)?;
         let function = function_name(&id, bundle.container_name().as_deref());
-        let sandbox = match bundle.role() {
-            Role::App { sandbox_id } => sandbox_id,
-            Role::Sandbox => None,
-        };
-        let (kind, code_bytes) = match bundle.role() {
-            Role::Sandbox => {
-                let netns = match inherited {
-                    Some(netns) => Some(netns),
-                    None => self.open_netns(&bundle.netns())?,
-                };
-                if let Some(namespace) = bundle.pod_namespace() {
-                    tenant = namespace;
-                }
-                (Kind::Sandbox { netns, namespace: bundle.pod_namespace() }, 0)
+        let sandbox_id = bundle.sandbox_id();
+        let (kind, code_bytes) = if bundle.is_sandbox() {
+            let netns = match inherited {
+                Some(netns) => Some(netns),
+                None => self.open_netns(&bundle.netns())?,
+            };
+            if let Some(namespace) = bundle.pod_namespace() {
+                tenant = namespace;
             }
-            Role::App { sandbox_id } => {
-                let asked = Instant::now();
-                let (entry, spec, wasm, labels_us) = match &adopted {
-                    // Taken over: what it was created with, never what its
-                    // image or the policy say now.
-                    Some(Kept { spec, digest }) => {
-                        let wasm = self.wasm.read(digest, self.max_wasm_bytes)?;
-                        (format!("{} (sha256:{digest})", spec.wasm.display()), spec.clone(), wasm, 0)
-                    }
-                    None => {
-                        let record = match crate::containerd::container(&self.containerd, &self.namespace, &id).await {
-                            Ok(record) => record,
-                            Err(err) => {
-                                tracing::warn!(container = %id, error = %err, "no image labels; using annotations only");
-                                Default::default()
-                            }
-                        };
-                        let labels_us = asked.elapsed().as_micros() as u64;
-                        let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
-                        let resources = (bundle.memory_limit(), bundle.cpu_limit_millis());
-                        let spec =
-                            self.app_spec(&id, &function, &bundle, &record, sandbox_id.as_deref(), &file, resources)?;
-                        (entry, spec, wasm, labels_us)
-                    }
-                };
-                let read_us = (asked.elapsed().as_micros() as u64).saturating_sub(labels_us);
-                tenant = spec.tenant.as_str().to_string();
-                let code_bytes = wasm.len() as u64;
-                let engine = self.host.registry().engine().clone();
-                let probe = wasm.clone();
-                let function_only = adopted.is_some();
-                let program = tokio::task::spawn_blocking(move || {
-                    (!function_only && command::is_program(&probe)).then(|| command::compile(&engine, &probe))
-                })
-                .await
-                .map_err(task_failed("compiling the program"))?;
-                match program {
-                    Some(program) => {
-                        let program = program.map_err(|err| err.context(&entry))?;
-                        let (metrics, name) = (self.host.metrics().clone(), function.clone());
-                        let log_budget = LogBudget::new(
-                            spec.limits.log_bytes_per_second,
-                            Box::new(move |lines| metrics.log_dropped(&name, lines)),
-                        );
-                        let kind = Kind::Command {
-                            program,
-                            args: bundle.args(),
-                            env: bundle.env(),
-                            rootfs: bundle.rootfs(),
-                            memory_limit: spec.limits.memory_bytes,
-                            cpu_quota: spec.limits.cpu_millis.map(CpuQuota::new),
-                            log_budget,
-                        };
-                        (kind, code_bytes)
-                    }
-                    None => {
-                        let port = bundle.port()?;
-                        let pod_netns = match sandbox_id.as_deref() {
-                            Some(sandbox) => self.sandbox_netns(sandbox)?,
-                            None => None,
-                        };
-                        let netns = match pod_netns {
-                            Some(netns) => netns,
-                            None if inherited.is_some() => inherited,
-                            None => self.open_netns(&bundle.netns())?,
-                        };
-                        // Outbound calls leave from the pod's network
-                        // namespace, so its NetworkPolicy applies to them.
-                        let egress = match (&netns, spec.grants.outbound_http.is_empty()) {
-                            (Some(netns), false) => {
-                                let resolv_conf = match bundle.resolv_conf()? {
-                                    Some(text) => Some(text),
-                                    // A pod whose sandbox this host owns: its DNS is ours to say.
-                                    None => sandbox_id.as_deref().and_then(|pod| self.sandboxes.resolv_conf(pod)),
-                                };
-                                Some(Egress::in_netns(netns, &function, resolv_conf.as_deref()).map_err(|err| {
-                                    NodeError::Internal(format!("cannot start the pod's egress: {err}"))
-                                })?)
-                            }
-                            _ => None,
-                        };
-                        let services = self.host.services().clone();
-                        services.set_egress(&function, egress);
-                        let item = DeployItem { spec: spec.clone(), wasm: wasm.clone().into() };
-                        let deploying = Instant::now();
-                        let deployed = match &adopted {
-                            Some(_) => self.host.registry().adopt(vec![item]).await,
-                            None => self.host.registry().deploy(vec![item]).await,
-                        };
-                        let digest = match deployed {
-                            Ok(reports) => reports.into_iter().next().map(|report| report.digest).unwrap_or_default(),
-                            Err(source) => {
-                                services.set_egress(&function, None);
-                                return Err(NodeError::Deploy { entry: entry.clone(), source });
-                            }
-                        };
-                        // Kept for whichever host serves it next.
-                        let kept_now = match &adopted {
-                            Some(_) => {
-                                self.wasm.count(&digest);
-                                Ok(())
-                            }
-                            None => self.wasm.keep(&digest, &wasm),
-                        };
-                        if let Err(err) = kept_now {
-                            let _ = self.host.registry().kill(&function).await;
-                            services.set_egress(&function, None);
-                            return Err(err);
+            (Kind::Sandbox { netns, namespace: bundle.pod_namespace() }, 0)
+        } else {
+            let asked = Instant::now();
+            let (entry, spec, wasm, labels_us) = match &adopted {
+                // Taken over: what it was created with, never what its
+                // image or the policy say now.
+                Some(Kept { spec, digest }) => {
+                    let wasm = self.wasm.read(digest, self.max_wasm_bytes)?;
+                    (format!("{} (sha256:{digest})", spec.wasm.display()), spec.clone(), wasm, 0)
+                }
+                None => {
+                    let record = match crate::containerd::container(&self.containerd, &self.namespace, &id).await {
+                        Ok(record) => record,
+                        Err(err) => {
+                            tracing::warn!(container = %id, error = %err, "no image labels; using annotations only");
+                            Default::default()
                         }
-                        kept = Some(Kept { spec, digest });
-                        tracing::info!(
-                            container = %id,
-                            labels_us,
-                            read_us,
-                            deploy_us = deploying.elapsed().as_micros() as u64,
-                            "app timings"
-                        );
-                        (Kind::Service { netns, port }, code_bytes)
+                    };
+                    let labels_us = asked.elapsed().as_micros() as u64;
+                    let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
+                    let resources = (bundle.memory_limit(), bundle.cpu_limit_millis());
+                    let spec =
+                        self.app_spec(&id, &function, &bundle, &record, sandbox_id.as_deref(), &file, resources)?;
+                    (entry, spec, wasm, labels_us)
+                }
+            };
+            let read_us = (asked.elapsed().as_micros() as u64).saturating_sub(labels_us);
+            tenant = spec.tenant.as_str().to_string();
+            let code_bytes = wasm.len() as u64;
+            let engine = self.host.registry().engine().clone();
+            let probe = wasm.clone();
+            let function_only = adopted.is_some();
+            let program = tokio::task::spawn_blocking(move || {
+                (!function_only && command::is_program(&probe)).then(|| command::compile(&engine, &probe))
+            })
+            .await
+            .map_err(task_failed("compiling the program"))?;
+            match program {
+                Some(program) => {
+                    let program = program.map_err(|err| err.context(&entry))?;
+                    let (metrics, name) = (self.host.metrics().clone(), function.clone());
+                    let log_budget = LogBudget::new(
+                        spec.limits.log_bytes_per_second,
+                        Box::new(move |lines| metrics.log_dropped(&name, lines)),
+                    );
+                    let kind = Kind::Command {
+                        program,
+                        args: bundle.args(),
+                        env: bundle.env(),
+                        rootfs: bundle.rootfs(),
+                        memory_limit: spec.limits.memory_bytes,
+                        cpu_quota: spec.limits.cpu_millis.map(CpuQuota::new),
+                        log_budget,
+                    };
+                    (kind, code_bytes)
+                }
+                None => {
+                    let port = bundle.port()?;
+                    let pod_netns = match sandbox_id.as_deref() {
+                        Some(sandbox) => self.sandbox_netns(sandbox)?,
+                        None => None,
+                    };
+                    let netns = match pod_netns {
+                        Some(netns) => netns,
+                        None if inherited.is_some() => inherited,
+                        None => self.open_netns(&bundle.netns())?,
+                    };
+                    // Outbound calls and invokes of other nodes leave
+                    // from the pod's network namespace (so its
+                    // NetworkPolicy applies to them) and use its DNS.
+                    let calls_out = !spec.grants.outbound_http.is_empty() || !spec.grants.invoke.is_empty();
+                    let egress = match (&netns, calls_out) {
+                        (Some(netns), true) => {
+                            let resolv_conf = match bundle.resolv_conf()? {
+                                Some(text) => Some(text),
+                                // A pod whose sandbox this host owns: its DNS is ours to say.
+                                None => sandbox_id.as_deref().and_then(|pod| self.sandboxes.resolv_conf(pod)),
+                            };
+                            Some(Egress::in_netns(netns, &function, resolv_conf.as_deref()).map_err(|source| {
+                                NodeError::Io {
+                                    code: Code::INTERNAL,
+                                    what: "cannot start the pod's egress".to_string(),
+                                    source,
+                                }
+                            })?)
+                        }
+                        _ => None,
+                    };
+                    let services = self.host.services().clone();
+                    services.set_egress(&function, egress);
+                    let item = DeployItem { spec: spec.clone(), wasm: wasm.clone().into() };
+                    let deploying = Instant::now();
+                    let deployed = match &adopted {
+                        Some(_) => self.host.registry().adopt(vec![item]).await,
+                        None => self.host.registry().deploy(vec![item]).await,
+                    };
+                    let digest = match deployed {
+                        Ok(reports) => reports.into_iter().next().map(|report| report.digest).unwrap_or_default(),
+                        Err(source) => {
+                            services.set_egress(&function, None);
+                            return Err(NodeError::Deploy { entry: entry.clone(), source });
+                        }
+                    };
+                    // Kept for whichever host serves it next.
+                    let kept_now = match &adopted {
+                        Some(_) => {
+                            self.wasm.count(&digest);
+                            Ok(())
+                        }
+                        None => self.wasm.keep(&digest, &wasm),
+                    };
+                    if let Err(err) = kept_now {
+                        let _ = self.host.registry().kill(&function).await;
+                        services.set_egress(&function, None);
+                        return Err(err);
                     }
+                    kept = Some(Kept { spec, digest });
+                    tracing::info!(
+                        container = %id,
+                        labels_us,
+                        read_us,
+                        deploy_us = deploying.elapsed().as_micros() as u64,
+                        "app timings"
+                    );
+                    (Kind::Service { netns, port }, code_bytes)
                 }
             }
         };
@@ -417,7 +430,7 @@ impl Node {
         });
         self.sinks.attach(&function, output.clone());
         let container = Container::new(request, function, rootfs, (kind, code_bytes), Some(output), TaskState::Created);
-        Ok(Arc::new(container.with(sandbox, tenant, kept)))
+        Ok(Arc::new(container.with(sandbox_id, tenant, kept)))
     }
 
     /// The function spec of an app container: its image labels, then its
@@ -445,8 +458,11 @@ impl Node {
             .pod_namespace()
             .or_else(|| sandbox_id.and_then(|sandbox| self.sandbox_namespace(sandbox)))
             .unwrap_or_else(|| self.namespace.clone());
-        spec.tenant = TenantName::new(&namespace)
-            .map_err(|err| NodeError::InvalidArgument(format!("the container's namespace: {err}")))?;
+        spec.tenant = TenantName::new(&namespace).map_err(|err| NodeError::Host {
+            code: Code::INVALID_ARGUMENT,
+            what: "the container's namespace".to_string(),
+            source: err.into(),
+        })?;
         let policy = self.policy.current()?;
         policy.check(&spec.tenant, &spec.grants)?;
         policy.check_limits(&spec.tenant, &spec.limits)?;
@@ -459,7 +475,11 @@ impl Node {
         spec.pod = bundle.pod_identity();
         spec.env = bundle.env().into_iter().collect();
         spec.grants.files = bundle.volumes();
-        spec.check().map_err(|err| NodeError::InvalidArgument(format!("container {id}: {err}")))?;
+        spec.check().map_err(|err| NodeError::Host {
+            code: Code::INVALID_ARGUMENT,
+            what: format!("container {id}"),
+            source: err.into(),
+        })?;
         Ok(spec)
     }
 
@@ -485,7 +505,7 @@ impl Node {
             }
             Err(err) => err,
         };
-        let rootfs_empty = std::fs::read_dir(bundle.rootfs()).map(|mut dir| dir.next().is_none()).unwrap_or(true);
+        let rootfs_empty = std::fs::read_dir(bundle.rootfs()).map_or(true, |mut dir| dir.next().is_none());
         if record.image.is_empty() || !rootfs_empty {
             return Err(from_rootfs);
         }
@@ -543,15 +563,15 @@ impl Node {
             }
             Kind::Command { cpu_quota, .. } => {
                 let permit = self.admit_program(&container.tenant)?;
-                let node = self.clone();
+                let tasks = self.clone();
                 let running = container.clone();
                 // A program with a CPU share computes where every such call does.
                 let runtime = self.host.dispatcher().runtime(cpu_quota.is_some());
                 let handle = runtime.spawn(async move {
                     let _running = permit;
-                    node.run_command(running).await
+                    tasks.run_command(running).await;
                 });
-                *container.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+                *container.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
             }
         }
         container.state.send_replace(TaskState::Running);
@@ -562,18 +582,24 @@ impl Node {
 
     /// Serve an HTTP function's pod listener.
     fn serve(&self, container: &Container, listener: std::net::TcpListener) -> Result<(), NodeError> {
-        let kept =
-            listener.try_clone().map_err(|err| NodeError::Internal(format!("cannot duplicate the listener: {err}")))?;
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|err| NodeError::Internal(format!("cannot serve the listener: {err}")))?;
+        let kept = listener.try_clone().map_err(|source| NodeError::Io {
+            code: Code::INTERNAL,
+            what: "cannot duplicate the listener".to_string(),
+            source,
+        })?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| NodeError::Io {
+            code: Code::INTERNAL,
+            what: "cannot serve the listener".to_string(),
+            source,
+        })?;
         let serve = serve_routed(
             listener,
             self.host.clone(),
             Routing::Function(Arc::from(container.function.as_str())),
             container.stop.subscribe(),
         );
-        *container.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(OwnedFd::from(kept));
-        *container.runner.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::spawn(serve));
+        *container.listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(OwnedFd::from(kept));
+        *container.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::spawn(serve));
         Ok(())
     }
 
@@ -624,7 +650,7 @@ impl Node {
         // Close its output: containerd's CRI waits for the FIFOs' end
         // before it deletes the task (kubectl logs ends there too).
         self.sinks.detach(&container.function);
-        container.output.lock().unwrap_or_else(|poison| poison.into_inner()).take();
+        container.output.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         self.publish_exit(container, &container.id, status, at).await;
     }
 
@@ -685,8 +711,8 @@ impl Node {
                     SIGTERM | SIGINT | SIGQUIT => {
                         // Kill answers at once; the drain runs on (Wait and
                         // the exit event report its end).
-                        let node = self.clone();
-                        tokio::spawn(async move { node.terminate(container, signal).await });
+                        let tasks = self.clone();
+                        tokio::spawn(async move { tasks.terminate(container, signal).await });
                     }
                     other => tracing::debug!(container = %container.id, signal = other, "signal ignored"),
                 }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::error::NodeError;
+use crate::error::{Code, NodeError};
 
 /// Wasm bytes by digest, with how many containers use each.
 pub(crate) struct WasmStore {
@@ -31,7 +31,7 @@ impl WasmStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.users.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn path(&self, digest: &str) -> Result<PathBuf, NodeError> {
@@ -46,12 +46,19 @@ impl WasmStore {
         let path = self.path(digest)?;
         let mut users = self.lock();
         if !path.is_file() {
-            std::fs::create_dir_all(&self.dir)
-                .map_err(|err| NodeError::Internal(format!("cannot create {}: {err}", self.dir.display())))?;
+            std::fs::create_dir_all(&self.dir).map_err(|source| NodeError::Io {
+                code: Code::INTERNAL,
+                what: format!("cannot create {}", self.dir.display()),
+                source,
+            })?;
             let written = tempfile::NamedTempFile::new_in(&self.dir)
                 .and_then(|mut tmp| std::io::Write::write_all(&mut tmp, wasm).map(|()| tmp))
                 .and_then(|tmp| tmp.persist(&path).map_err(|err| err.error));
-            written.map_err(|err| NodeError::Internal(format!("cannot keep the wasm {}: {err}", path.display())))?;
+            written.map_err(|source| NodeError::Io {
+                code: Code::INTERNAL,
+                what: format!("cannot keep the wasm {}", path.display()),
+                source,
+            })?;
         }
         *users.entry(digest.to_string()).or_default() += 1;
         Ok(())
@@ -93,12 +100,17 @@ impl WasmStore {
     pub(crate) fn read(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, NodeError> {
         use std::io::Read as _;
         let path = self.path(digest)?;
-        let file = std::fs::File::open(&path)
-            .map_err(|err| NodeError::NotFound(format!("the kept wasm {} is gone: {err}", path.display())))?;
+        let file = std::fs::File::open(&path).map_err(|source| NodeError::Io {
+            code: Code::NOT_FOUND,
+            what: format!("the kept wasm {} is gone", path.display()),
+            source,
+        })?;
         let mut wasm = Vec::new();
-        file.take(max_bytes + 1)
-            .read_to_end(&mut wasm)
-            .map_err(|err| NodeError::Internal(format!("cannot read the kept wasm {}: {err}", path.display())))?;
+        file.take(max_bytes + 1).read_to_end(&mut wasm).map_err(|source| NodeError::Io {
+            code: Code::INTERNAL,
+            what: format!("cannot read the kept wasm {}", path.display()),
+            source,
+        })?;
         if wasm.len() as u64 > max_bytes {
             return Err(NodeError::InvalidArgument(format!(
                 "the kept wasm {} is over {max_bytes} bytes",
@@ -129,7 +141,10 @@ mod tests {
         store.release(&digest);
         assert_eq!(store.read(&digest, 1024).unwrap(), wasm, "one user left");
         store.release(&digest);
-        assert!(matches!(store.read(&digest, 1024), Err(NodeError::NotFound(_))), "gone with the last user");
+        assert!(
+            matches!(store.read(&digest, 1024).map_err(|err| err.code()), Err(Code::NOT_FOUND)),
+            "gone with the last user"
+        );
 
         // Bytes changed behind the store's back are refused.
         store.keep(&digest, &wasm).unwrap();

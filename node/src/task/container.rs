@@ -75,7 +75,7 @@ pub(super) struct ProgramPermit {
 
 impl Drop for ProgramPermit {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(running) = counts.get_mut(&self.tenant) {
             *running = running.saturating_sub(1);
             if *running == 0 {
@@ -186,7 +186,7 @@ impl Container {
     }
 
     pub(super) fn lock_execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Exec>>> {
-        self.execs.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.execs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(super) fn exec(&self, exec_id: &str) -> Result<Arc<Exec>, NodeError> {
@@ -194,7 +194,7 @@ impl Container {
     }
 
     pub(super) fn take_runner(&self) -> Option<tokio::task::JoinHandle<()>> {
-        self.runner.lock().unwrap_or_else(|poison| poison.into_inner()).take()
+        self.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
 

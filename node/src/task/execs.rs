@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Node {
+impl TaskHost {
     /// Add an exec (`kubectl exec`): checked now, started by Start.
     pub(super) async fn exec_add(&self, container: &Container, request: &ExecProcessRequest) -> Result<(), NodeError> {
         if !container.state().is_live() {
@@ -54,18 +54,18 @@ impl Node {
         };
         let stdio = ExecStdio::open(&exec).await?;
         exec.state.send_replace(ExecState::Running);
-        let node = self.clone();
+        let tasks = self.clone();
         let (running, started) = (container.clone(), exec.clone());
         // It shares its container's CPU share, and so its threads.
         let runtime = self.host.dispatcher().runtime(self.limits(&container).1.is_some());
         let runner = runtime.spawn(async move {
             let _running = permit;
-            let status = node.run_exec(&running, &started, stdio).await;
+            let status = tasks.run_exec(&running, &started, stdio).await;
             if started.finish(status) {
-                node.exec_exited(&running, &started).await;
+                tasks.exec_exited(&running, &started).await;
             }
         });
-        *exec.runner.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(runner);
+        *exec.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(runner);
         let event = TaskExecStarted {
             container_id: container.id.clone(),
             exec_id: exec.id.clone(),

@@ -4,13 +4,13 @@
 use super::*;
 use crate::handover::HandoverError;
 
-impl Node {
+impl TaskHost {
     /// Stop every container (host shutdown): functions drain and run `destroy`.
     pub(crate) async fn stop_all(self: &Arc<Self>) {
         let containers: Vec<Arc<Container>> = self.lock().values().cloned().collect();
         let stops = containers.into_iter().filter(|c| c.state().is_live()).map(|container| {
-            let node = self.clone();
-            async move { node.terminate(container, SIGTERM).await }
+            let tasks = self.clone();
+            async move { tasks.terminate(container, SIGTERM).await }
         });
         futures_util::future::join_all(stops).await;
     }
@@ -93,14 +93,14 @@ impl Node {
                 }
                 _ => None,
             };
-            let listener = match &*container.listener.lock().unwrap_or_else(|p| p.into_inner()) {
+            let listener = match &*container.listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
                 Some(listener) if container.state().is_live() => {
                     Some(fds.add_copy(listener, format!("the listener of {}", container.id))?)
                 }
                 _ => None,
             };
             let mut output = [None, None];
-            let fifos = container.output.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+            let fifos = container.output.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
             if let (Some(fifos), false) = (fifos, matches!(state, SavedState::Stopped { .. })) {
                 let (stdout, stderr) = fifos.descriptors().map_err(|source| HandoverError::Duplicate {
                     what: format!("the output of {}", container.id),
@@ -150,8 +150,11 @@ impl Node {
     ) -> Result<(), NodeError> {
         self.sandboxes.adopt(sandboxes, fds)?;
         for saved in saved {
-            let request = CreateTaskRequest::parse_from_bytes(&saved.request)
-                .map_err(|err| NodeError::Internal(format!("a saved container's request: {err}")))?;
+            let request = CreateTaskRequest::parse_from_bytes(&saved.request).map_err(|err| NodeError::Encoding {
+                code: Code::INTERNAL,
+                what: "a saved container's request".to_string(),
+                source: err.into(),
+            })?;
             let id = request.id.clone();
             // One container that cannot be taken over ends alone (containerd
             // is told it exited); every other pod serves on.
@@ -186,7 +189,7 @@ impl Node {
         saved: SavedContainer,
         fds: &mut Descriptors,
     ) -> Result<Arc<Container>, NodeError> {
-        let mut take = |index: Option<usize>| fds.take_some(index).map_err(|err| NodeError::Internal(err.to_string()));
+        let mut take = |index: Option<usize>| fds.take_some(index).map_err(|err| NodeError::Handover(err.into()));
         let (netns, listener) = (take(saved.netns)?, take(saved.listener)?);
         let output = ContainerOutput::from_descriptors(take(saved.output[0])?, take(saved.output[1])?);
         let id = &request.id;
@@ -213,7 +216,7 @@ impl Node {
         if matches!(saved.state, SavedState::Running | SavedState::Paused) {
             match (&container.kind, listener) {
                 (Kind::Service { .. }, Some(listener)) => {
-                    self.serve(&container, std::net::TcpListener::from(listener))?
+                    self.serve(&container, std::net::TcpListener::from(listener))?;
                 }
                 (Kind::Sandbox { .. }, _) => {}
                 _ => {
@@ -224,10 +227,11 @@ impl Node {
             }
             let paused = saved.state == SavedState::Paused;
             if paused && matches!(container.kind, Kind::Service { .. }) {
-                self.host
-                    .registry()
-                    .set_paused(&container.function, true)
-                    .map_err(|err| NodeError::Internal(format!("pausing {id}: {err}")))?;
+                self.host.registry().set_paused(&container.function, true).map_err(|err| NodeError::Host {
+                    code: Code::INTERNAL,
+                    what: format!("pausing {id}"),
+                    source: err.into(),
+                })?;
             }
             container.state.send_replace(if paused { TaskState::Paused } else { TaskState::Running });
         }

@@ -2,17 +2,18 @@
 
 use super::*;
 
-impl Node {
+impl TaskHost {
     /// Pause: a function takes no new requests (they wait, within its
     /// `queue_timeout`), those under way finish.
     pub(super) async fn pause(&self, container: &Container) -> Result<(), NodeError> {
         match (container.state(), &container.kind) {
             (TaskState::Paused, _) => return Ok(()),
             (TaskState::Running, Kind::Service { .. }) => {
-                self.host
-                    .registry()
-                    .set_paused(&container.function, true)
-                    .map_err(|err| NodeError::Internal(format!("pausing: {err}")))?;
+                self.host.registry().set_paused(&container.function, true).map_err(|err| NodeError::Host {
+                    code: Code::INTERNAL,
+                    what: "pausing".to_string(),
+                    source: err.into(),
+                })?;
             }
             (TaskState::Running, Kind::Sandbox { .. }) => {}
             (TaskState::Running, Kind::Command { .. }) => {
@@ -36,10 +37,11 @@ impl Node {
             state => return Err(NodeError::FailedPrecondition(format!("it is not paused ({state:?})"))),
         }
         if matches!(container.kind, Kind::Service { .. }) {
-            self.host
-                .registry()
-                .set_paused(&container.function, false)
-                .map_err(|err| NodeError::Internal(format!("resuming: {err}")))?;
+            self.host.registry().set_paused(&container.function, false).map_err(|err| NodeError::Host {
+                code: Code::INTERNAL,
+                what: "resuming".to_string(),
+                source: err.into(),
+            })?;
         }
         container.state.send_replace(TaskState::Running);
         let event = TaskResumed { container_id: container.id.clone(), ..Default::default() };
@@ -54,13 +56,16 @@ impl Node {
     /// version serving now drains while the new one takes the requests, so
     /// nothing is refused and the container never restarts.
     pub(super) async fn update(&self, container: &Container, resources: &[u8]) -> Result<(), NodeError> {
-        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources).map_err(|err| {
-            NodeError::InvalidArgument(format!("the resources are not OCI LinuxResources JSON: {err}"))
-        })?;
+        let resources: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(resources).map_err(|err| NodeError::Encoding {
+                code: Code::INVALID_ARGUMENT,
+                what: "the resources are not OCI LinuxResources JSON".to_string(),
+                source: err.into(),
+            })?;
         let memory_limit = resources
             .memory()
             .as_ref()
-            .and_then(|memory| memory.limit())
+            .and_then(oci_spec::runtime::LinuxMemory::limit)
             .and_then(|limit| u64::try_from(limit).ok())
             .filter(|limit| *limit > 0);
         let cpu_limit = resources.cpu().as_ref().and_then(|cpu| {
@@ -82,9 +87,10 @@ impl Node {
             };
         };
         let bundle = Bundle::load(&container.bundle)?;
-        let Role::App { sandbox_id } = bundle.role() else {
+        if bundle.is_sandbox() {
             return Err(NodeError::Internal("an HTTP function's bundle names no app container".to_string()));
-        };
+        }
+        let sandbox_id = bundle.sandbox_id();
         let record =
             crate::containerd::container(&self.containerd, &self.namespace, &container.id).await.unwrap_or_default();
         let (entry, file, wasm) = self.wasm_of(&bundle, &record).await?;
@@ -145,8 +151,7 @@ impl Node {
         let cpu_usec = (self.host.metrics().cpu_seconds(&container.function) * 1e6) as u64;
         let resident: u64 = registry
             .by_name(&container.function)
-            .map(|target| target.pools().map(|pool| pool.resident_bytes()).sum())
-            .unwrap_or(0);
+            .map_or(0, |target| target.pools().map(|pool| pool.resident_bytes()).sum());
         let limit = self.limits(container).0.unwrap_or(0);
         // Throttling, as a CFS-limited cgroup reports it, from the quota
         // every version of the function keeps.

@@ -39,8 +39,8 @@ use k8s_cri::v1::PodSandboxConfig;
 use prost::Message as _;
 use tokio::sync::watch;
 
-use super::{Node, Reply, SIGKILL, timestamp};
-use crate::error::NodeError;
+use super::{Reply, SIGKILL, TaskHost, timestamp};
+use crate::error::{Code, NodeError};
 use crate::handover::{Descriptors, HandoverError, SavedSandbox};
 use crate::netns;
 
@@ -84,7 +84,7 @@ impl PodSandbox {
     }
 
     fn netns(&self) -> Option<Arc<OwnedFd>> {
-        self.netns.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+        self.netns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
@@ -96,7 +96,7 @@ pub(super) struct Sandboxes {
 
 impl Sandboxes {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PodSandbox>>> {
-        self.pods.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn get(&self, id: &str) -> Result<Arc<PodSandbox>, NodeError> {
@@ -167,9 +167,13 @@ impl Sandboxes {
     /// containers, which find their namespaces here).
     pub(super) fn adopt(&self, saved: Vec<SavedSandbox>, fds: &mut Descriptors) -> Result<(), NodeError> {
         for saved in saved {
-            let request = CreateSandboxRequest::parse_from_bytes(&saved.request)
-                .map_err(|err| NodeError::Internal(format!("a saved pod's request: {err}")))?;
-            let netns = fds.take_some(saved.netns).map_err(|err| NodeError::Internal(err.to_string()))?.map(Arc::new);
+            let request =
+                CreateSandboxRequest::parse_from_bytes(&saved.request).map_err(|err| NodeError::Encoding {
+                    code: Code::INTERNAL,
+                    what: "a saved pod's request".to_string(),
+                    source: err.into(),
+                })?;
+            let netns = fds.take_some(saved.netns).map_err(|err| NodeError::Handover(err.into()))?.map(Arc::new);
             let state = match (saved.started, saved.stopped) {
                 (_, Some((status, at))) => PodState::Stopped { status, at },
                 (true, None) => PodState::Ready,
@@ -214,11 +218,10 @@ fn pod_config(request: &CreateSandboxRequest) -> Result<Option<PodSandboxConfig>
     if options.type_url.rsplit('/').next() != Some(POD_SANDBOX_CONFIG) {
         return Ok(None);
     }
-    PodSandboxConfig::decode(options.value.as_slice()).map(Some).map_err(|err| {
-        NodeError::InvalidArgument(format!(
-            "pod sandbox {}: its options are not a CRI PodSandboxConfig: {err}",
-            request.sandbox_id
-        ))
+    PodSandboxConfig::decode(options.value.as_slice()).map(Some).map_err(|err| NodeError::Encoding {
+        code: Code::INVALID_ARGUMENT,
+        what: format!("pod sandbox {}: its options are not a CRI PodSandboxConfig", request.sandbox_id),
+        source: err.into(),
     })
 }
 
@@ -250,7 +253,7 @@ fn platform_architecture() -> &'static str {
     }
 }
 
-impl Node {
+impl TaskHost {
     async fn create_sandbox(&self, request: CreateSandboxRequest) -> Result<(), NodeError> {
         let id = request.sandbox_id.clone();
         if id.is_empty() {
@@ -316,7 +319,7 @@ impl Node {
             *state = PodState::Stopped { status: 0, at: SystemTime::now() };
             true
         });
-        pod.netns.lock().unwrap_or_else(|poison| poison.into_inner()).take();
+        pod.netns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         Ok(())
     }
 
@@ -348,9 +351,11 @@ impl Node {
         let mut data = Any::new();
         // containerd resolves the type by its bare name (typeurl).
         data.type_url = "io.containerd.cgroups.v2.Metrics".to_string();
-        data.value = metrics
-            .write_to_bytes()
-            .map_err(|err| NodeError::Internal(format!("cannot encode the pod's metrics: {err}")))?;
+        data.value = metrics.write_to_bytes().map_err(|err| NodeError::Encoding {
+            code: Code::INTERNAL,
+            what: "cannot encode the pod's metrics".to_string(),
+            source: err.into(),
+        })?;
         let mut response = SandboxMetricsResponse::new();
         let metric = response.metrics.mut_or_insert_default();
         metric.timestamp = timestamp(SystemTime::now());
@@ -424,15 +429,15 @@ impl Node {
     }
 }
 
-/// The ttrpc face of a [`Node`]'s pod sandboxes.
+/// The ttrpc face of a [`TaskHost`]'s pod sandboxes.
 pub(crate) struct SandboxService {
-    node: Arc<Node>,
+    tasks: Arc<TaskHost>,
 }
 
 impl SandboxService {
     /// Serve `node`'s sandboxes.
-    pub(crate) fn new(node: Arc<Node>) -> SandboxService {
-        SandboxService { node }
+    pub(crate) fn new(tasks: Arc<TaskHost>) -> SandboxService {
+        SandboxService { tasks }
     }
 
     /// The service under the name containerd calls it by.
@@ -450,12 +455,12 @@ impl Sandbox for SandboxService {
     async fn create_sandbox(&self, _ctx: &TtrpcContext, request: CreateSandboxRequest) -> Reply<CreateSandboxResponse> {
         let id = request.sandbox_id.clone();
         let began = std::time::Instant::now();
-        self.node.create_sandbox(request).await.map_err(|err| {
+        self.tasks.create_sandbox(request).await.map_err(|err| {
             tracing::warn!(sandbox = %id, error = %err, "create sandbox failed");
             failed(&id, err)
         })?;
         let (namespace, pod) =
-            self.node.sandboxes.get(&id).map(|pod| (pod.namespace.clone(), pod.name.clone())).unwrap_or_default();
+            self.tasks.sandboxes.get(&id).map(|pod| (pod.namespace.clone(), pod.name.clone())).unwrap_or_default();
         let took_us = began.elapsed().as_micros() as u64;
         tracing::info!(sandbox = %id, ?namespace, ?pod, took_us, "pod sandbox created");
         Ok(CreateSandboxResponse::new())
@@ -464,14 +469,14 @@ impl Sandbox for SandboxService {
     async fn start_sandbox(&self, _ctx: &TtrpcContext, request: StartSandboxRequest) -> Reply<StartSandboxResponse> {
         let began = std::time::Instant::now();
         let created_at =
-            self.node.start_sandbox(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
+            self.tasks.start_sandbox(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
         let took_us = began.elapsed().as_micros() as u64;
         tracing::info!(sandbox = %request.sandbox_id, took_us, "pod sandbox started");
-        Ok(StartSandboxResponse { pid: self.node.pid, created_at: timestamp(created_at), ..Default::default() })
+        Ok(StartSandboxResponse { pid: self.tasks.pid, created_at: timestamp(created_at), ..Default::default() })
     }
 
     async fn platform(&self, _ctx: &TtrpcContext, request: PlatformRequest) -> Reply<PlatformResponse> {
-        self.node.sandboxes.get(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
+        self.tasks.sandboxes.get(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
         let mut response = PlatformResponse::new();
         let platform = response.platform.mut_or_insert_default();
         platform.os = "linux".to_string();
@@ -480,13 +485,13 @@ impl Sandbox for SandboxService {
     }
 
     async fn stop_sandbox(&self, _ctx: &TtrpcContext, request: StopSandboxRequest) -> Reply<StopSandboxResponse> {
-        self.node.stop_sandbox(&request.sandbox_id).await.map_err(|err| failed(&request.sandbox_id, err))?;
+        self.tasks.stop_sandbox(&request.sandbox_id).await.map_err(|err| failed(&request.sandbox_id, err))?;
         tracing::info!(sandbox = %request.sandbox_id, "pod sandbox stopped");
         Ok(StopSandboxResponse::new())
     }
 
     async fn wait_sandbox(&self, _ctx: &TtrpcContext, request: WaitSandboxRequest) -> Reply<WaitSandboxResponse> {
-        let pod = self.node.sandboxes.get(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
+        let pod = self.tasks.sandboxes.get(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
         let mut state = pod.state.subscribe();
         let stopped = state.wait_for(|state| matches!(state, PodState::Stopped { .. })).await.map(|state| *state);
         match stopped {
@@ -498,11 +503,11 @@ impl Sandbox for SandboxService {
     }
 
     async fn sandbox_status(&self, _ctx: &TtrpcContext, request: SandboxStatusRequest) -> Reply<SandboxStatusResponse> {
-        self.node.sandbox_status(&request.sandbox_id, request.verbose).map_err(|err| failed(&request.sandbox_id, err))
+        self.tasks.sandbox_status(&request.sandbox_id, request.verbose).map_err(|err| failed(&request.sandbox_id, err))
     }
 
     async fn ping_sandbox(&self, _ctx: &TtrpcContext, request: PingRequest) -> Reply<PingResponse> {
-        self.node.sandboxes.get(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
+        self.tasks.sandboxes.get(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))?;
         Ok(PingResponse::new())
     }
 
@@ -512,9 +517,9 @@ impl Sandbox for SandboxService {
         request: ShutdownSandboxRequest,
     ) -> Reply<ShutdownSandboxResponse> {
         let id = &request.sandbox_id;
-        if self.node.sandboxes.contains(id) {
-            self.node.stop_sandbox(id).await.map_err(|err| failed(id, err))?;
-            self.node.sandboxes.lock().remove(id);
+        if self.tasks.sandboxes.contains(id) {
+            self.tasks.stop_sandbox(id).await.map_err(|err| failed(id, err))?;
+            self.tasks.sandboxes.lock().remove(id);
             tracing::info!(sandbox = %id, "pod sandbox shut down");
         }
         // Already gone is done: the host serves on for the other pods.
@@ -526,7 +531,7 @@ impl Sandbox for SandboxService {
         _ctx: &TtrpcContext,
         request: SandboxMetricsRequest,
     ) -> Reply<SandboxMetricsResponse> {
-        self.node.sandbox_metrics(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))
+        self.tasks.sandbox_metrics(&request.sandbox_id).map_err(|err| failed(&request.sandbox_id, err))
     }
 }
 
