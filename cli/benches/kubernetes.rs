@@ -62,7 +62,7 @@ fn main() {
             let hosts = containerd.node_hosts();
             assert_eq!(hosts.len(), 1, "one Shoal host serves every pod");
             let host_rss_kib = rss_kib(hosts[0]);
-            let containerd_rss_kib = containerd.pid().map(rss_kib).unwrap_or(0);
+            let containerd_rss_kib = containerd.pid().map_or(0, rss_kib);
             eprintln!(
                 "pod {i}: CRI calls {api_ms:.1} ms, first response {first_response_ms:.1} ms, host RSS {host_rss_kib} KiB"
             );

@@ -57,6 +57,16 @@ enum Command {
         /// A folder with one file per secret (also read: SHOAL_SECRET_<NAME>).
         #[arg(long, env = "SHOAL_SECRETS_DIR")]
         secrets_dir: Option<PathBuf>,
+        /// Another host (its HTTP listener, host:port) on which a function
+        /// that is not deployed here is invoked; repeat for several.
+        /// Needs --peer-token-file.
+        #[arg(long = "peer", env = "SHOAL_PEERS", value_delimiter = ',', requires = "peer_token_file")]
+        peers: Vec<String>,
+        /// A file holding the secret this host and its peers share: sent
+        /// with the invokes this host makes, and required of the invokes
+        /// it serves by name (without it, it serves none).
+        #[arg(long, env = "SHOAL_PEER_TOKEN_FILE")]
+        peer_token_file: Option<PathBuf>,
     },
     /// Serve containerd as the node's wasm runtime (started by
     /// containerd-shim-shoal-v1; rarely run by hand). With --upgrade, hand
@@ -411,8 +421,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let admin_socket = cli.admin_socket.clone().unwrap_or_else(|| state_dir.join("admin.sock"));
     let client = Client::new(&admin_socket);
     match cli.command {
-        Command::Serve { manifest, listen, host, backends, secrets_dir } => {
+        Command::Serve { manifest, listen, host, backends, secrets_dir, peers, peer_token_file } => {
             shoal::server::private_files();
+            let peers = peer_token_file.map(|file| read_peers(peers, &file)).transpose()?;
             let (keyvalue, pubsub) = backends.backends();
             let HostSettings { engine, kv_bytes_per_tenant, drain_timeout, front_door, ledger } = host.apply();
             let config = HostConfig {
@@ -429,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 front_door,
                 ledger,
                 kv_bytes_per_tenant,
+                peers,
             };
             serve(manifest.as_deref(), config).await
         }
@@ -657,6 +669,23 @@ async fn usage(client: &Client, query: &UsageQuery, json: bool) -> anyhow::Resul
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The peers of `shoal serve`, with the token read from `file` (at least
+/// 16 bytes, its surrounding whitespace ignored).
+fn read_peers(addrs: Vec<String>, file: &Path) -> anyhow::Result<shoal::abi::Peers> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read the peer token {}", file.display()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        anyhow::bail!("the peer token in {} is {} bytes: use at least 16 (a random one)", file.display(), token.len());
+    }
+    for addr in &addrs {
+        if addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+            anyhow::bail!("--peer {addr:?} is not host:port");
+        }
+    }
+    Ok(shoal::abi::Peers { addrs, token: token.into() })
 }
 
 /// `shoal breakers`: every circuit breaker, a line per target.

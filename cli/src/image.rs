@@ -100,7 +100,7 @@ pub(crate) fn image_build(
     };
     let image = shoal_images::Image::build(&spec)?;
     let output = output.unwrap_or_else(|| {
-        let stem = wasm.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let stem = wasm.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
         PathBuf::from(format!("{stem}.oci.tar"))
     });
     write_image(&image, &output)

@@ -393,7 +393,11 @@ mod tests {
                 assert_eq!(tools["@bytecodealliance/componentize-js"], COMPONENTIZE_JS_VERSION);
                 assert_eq!(tools["@bytecodealliance/preview2-shim"], PREVIEW2_SHIM_VERSION, "npm ci needs it listed");
             }
-            assert_eq!(specs[0].limits.max_requests_per_instance.map(|n| n.get()), js.then_some(1), "{language:?}");
+            assert_eq!(
+                specs[0].limits.max_requests_per_instance.map(std::num::NonZero::get),
+                js.then_some(1),
+                "{language:?}"
+            );
         }
     }
 }

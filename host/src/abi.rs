@@ -11,9 +11,9 @@
 //! anything the guest says.
 //!
 //! The ABI owns its interfaces and depends on nothing above it:
-//! - the host traits are implemented on an [`AbiView`], the slice of a
+//! - the host traits are implemented on an [`AbiCtxView`], the slice of a
 //!   store's data that the ABI may touch (its [`AbiState`] and the resource
-//!   table), which any store type offers through [`AbiHost`];
+//!   table), which any store type offers through [`AbiView`];
 //! - what it needs from the layers above — running another function for
 //!   `invoke` — is the [`Invoker`] trait, which the host implements and
 //!   hands over with [`Services::set_invoker`];
@@ -56,10 +56,13 @@ pub(crate) mod bindings {
     });
 }
 
+mod config;
 mod invoke;
 mod keyvalue;
-mod misc;
 mod outbound;
+mod pubsub;
+mod secrets;
+mod types;
 
 pub use invoke::{INVOKE_PORT, InvokeError, Invoker};
 pub use outbound::{Egress, OutboundHttp, node_addresses, special_kind};
@@ -107,6 +110,36 @@ pub struct Services {
     egress: std::sync::RwLock<std::collections::HashMap<String, Arc<Egress>>>,
     /// The circuit breakers and retry budgets of every function's calls.
     pub breakers: Arc<Breakers>,
+    /// Other hosts whose functions this host's functions invoke (`shoal
+    /// serve --peer`), and the token they share.
+    peers: OnceLock<Peers>,
+}
+
+/// Hosts that serve each other's invokes without Kubernetes (`shoal serve
+/// --peer`): a function not deployed here is called on them, by name,
+/// with the token they share (a peer serves a call by name only with it).
+#[derive(Clone)]
+pub struct Peers {
+    /// The peers' HTTP listeners, `host:port`.
+    pub addrs: Vec<String>,
+    /// The secret every peer was given.
+    pub token: Arc<str>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").field("addrs", &self.addrs).field("token", &"<redacted>").finish()
+    }
+}
+
+impl Peers {
+    /// Whether `offered` is the shared token. Compared in constant time
+    /// (for equal lengths), so a caller cannot learn it byte by byte from
+    /// how long a refusal takes; hand-written, as it is four lines.
+    pub fn accepts(&self, offered: &[u8]) -> bool {
+        let token = self.token.as_bytes();
+        token.len() == offered.len() && token.iter().zip(offered).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+    }
 }
 
 impl Services {
@@ -135,21 +168,32 @@ impl Services {
             invoker: OnceLock::new(),
             egress: Default::default(),
             breakers,
+            peers: OnceLock::new(),
         })
     }
 
     /// Make `function`'s outbound connections through `egress` (its pod's
     /// network namespace), or from the host again with `None`.
     pub fn set_egress(&self, function: &str, egress: Option<Arc<Egress>>) {
-        let mut map = self.egress.write().unwrap_or_else(|poison| poison.into_inner());
+        let mut map = self.egress.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         match egress {
             Some(egress) => map.insert(function.to_string(), egress),
             None => map.remove(function),
         };
     }
 
+    /// Set the host's peers (once, when it is built).
+    pub fn set_peers(&self, peers: Peers) {
+        let _ = self.peers.set(peers);
+    }
+
+    /// The host's peers, if it has any.
+    pub fn peers(&self) -> Option<&Peers> {
+        self.peers.get()
+    }
+
     fn egress(&self, function: &str) -> Option<Arc<Egress>> {
-        self.egress.read().unwrap_or_else(|poison| poison.into_inner()).get(function).cloned()
+        self.egress.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(function).cloned()
     }
 
     /// Name who runs the functions that `invoke` calls. Called once, by
@@ -331,7 +375,7 @@ fn log_denial(caps: &FunctionCaps, services: &Services, request_id: Option<&str>
 
 /// What the ABI's host traits see of a store: the instance's ABI state and
 /// the resource table (where open buckets live).
-pub struct AbiView<'a> {
+pub struct AbiCtxView<'a> {
     /// The instance's ABI state.
     pub state: &'a mut AbiState,
     /// The store's resource table.
@@ -339,16 +383,16 @@ pub struct AbiView<'a> {
 }
 
 /// A store's data that offers the Runtime ABI.
-pub trait AbiHost {
+pub trait AbiView {
     /// The ABI's view of this store.
-    fn abi(&mut self) -> AbiView<'_>;
+    fn abi(&mut self) -> AbiCtxView<'_>;
 }
 
-/// Selects [`AbiView`] as the data the ABI's bindings work on.
+/// Selects [`AbiCtxView`] as the data the ABI's bindings work on.
 struct Abi;
 
 impl HasData for Abi {
-    type Data<'a> = AbiView<'a>;
+    type Data<'a> = AbiCtxView<'a>;
 }
 
 /// Why a checked call may not proceed.
@@ -360,7 +404,7 @@ pub(crate) enum Refusal {
 }
 
 /// Add the Runtime ABI imports to a linker whose stores offer the ABI.
-pub fn add_to_linker<T: AbiHost + Send + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+pub fn add_to_linker<T: AbiView + Send + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
     use bindings::shoal::runtime::{invoke, pubsub, secrets, types};
     use bindings::wasi::config::store as config;
     use bindings::wasi::keyvalue::{atomics, store};

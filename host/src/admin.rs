@@ -180,7 +180,11 @@ async fn route(host: &Host, request: Request<Incoming>) -> Result<Response<Shoal
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Error> {
     let limited = http_body_util::Limited::new(request.into_body(), MAX_ADMIN_BODY);
-    limited.collect().await.map(|body| body.to_bytes()).map_err(|err| Error::BadRequest(format!("reading body: {err}")))
+    limited
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|err| Error::BadRequest(format!("reading body: {err}")))
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -287,8 +291,7 @@ impl Client {
         let response = self.send(method, path, body).await?;
         if !response.status.is_success() {
             let message = serde_json::from_slice::<ErrorBody>(&response.body)
-                .map(|body| body.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&response.body).into_owned());
+                .map_or_else(|_| String::from_utf8_lossy(&response.body).into_owned(), |body| body.error);
             anyhow::bail!("{message}");
         }
         Ok(serde_json::from_slice(&response.body)?)

@@ -129,7 +129,7 @@ impl QueueBudgets {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
-        self.set.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.set.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

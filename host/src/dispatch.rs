@@ -28,9 +28,9 @@ use crate::abi::bindings::exports::shoal::runtime::events::Message;
 use crate::backends::Delivery;
 use crate::engine::LimitedPriority;
 use crate::instance::{InstanceError, ResponseResult};
-use crate::limits::Outcome;
 use crate::metering::{CallStats, Ledger, UsageRecord};
 use crate::metrics::Metrics;
+use crate::outcome::Outcome;
 use crate::pool::{AcquireError, FunctionPool, Lease};
 use crate::request::{
     BoxError, REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER, TraceContext, text_response,
@@ -356,7 +356,7 @@ impl Dispatcher {
                 match &result {
                     Ok(response) => status.store(response.status().as_u16(), Ordering::Release),
                     Err(ErrorCode::HttpRequestBodySize(_)) => {
-                        status.store(Outcome::RequestTooLarge.status().as_u16(), Ordering::Release)
+                        status.store(Outcome::RequestTooLarge.status().as_u16(), Ordering::Release);
                     }
                     Err(_) => {}
                 }
@@ -454,7 +454,7 @@ impl Dispatcher {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A refusal the client may retry: [`error_response`] with `Retry-After`

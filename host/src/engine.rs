@@ -388,10 +388,12 @@ impl WasmEngine {
                 match weak.0.upgrade() {
                     Some(engine) => {
                         engine.increment_epoch();
-                        for other in weak.1.iter().flatten().filter_map(|weak| weak.upgrade()) {
+                        for other in weak.1.iter().flatten().filter_map(wasmtime::EngineWeak::upgrade) {
                             other.increment_epoch();
                         }
-                        for other in clock.concurrent.get().into_iter().flatten().filter_map(|weak| weak.upgrade()) {
+                        for other in
+                            clock.concurrent.get().into_iter().flatten().filter_map(wasmtime::EngineWeak::upgrade)
+                        {
                             other.increment_epoch();
                         }
                         clock.ticks.fetch_add(1, Ordering::Relaxed);

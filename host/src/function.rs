@@ -1,6 +1,6 @@
 //! Turning a deployed spec and its wasm into something ready to instantiate.
 //!
-//! [`Runtime`] holds the engine and the process's [`Linker`]s (WASI 0.2,
+//! [`Loader`] holds the engine and the process's [`Linker`]s (WASI 0.2,
 //! `wasi:http` and the Runtime ABI), built once per wasmtime engine: one
 //! for functions without fuel, one for those that meter it, one for
 //! Winch's baseline code; and two more (WASI 0.3 and `wasi:http@0.3` on
@@ -14,7 +14,7 @@
 //! done the version's [`Code`] is swapped: new instances come from the
 //! optimized code, and instances of the baseline code are retired (with
 //! `destroy`) as their requests end. Cranelift's code goes to the cache,
-//! so the next deploy of the same wasm loads it directly. [`Runtime::prepare`] checks the wasm,
+//! so the next deploy of the same wasm loads it directly. [`Loader::prepare`] checks the wasm,
 //! compiles it (or loads it from the cache), links it into an
 //! [`InstancePre`] and finds the HTTP handler and the optional lifecycle
 //! hooks. (The trial instantiation that completes the checks of a deploy
@@ -38,7 +38,7 @@ use crate::manifest::FunctionSpec;
 
 /// The engine and linkers shared by every function of a host.
 #[derive(Clone)]
-pub struct Runtime {
+pub struct Loader {
     engine: WasmEngine,
     /// For the fuel-free engine, for the one that meters fuel, for
     /// Winch's (if the host tiers up), and for the two concurrent engines
@@ -158,9 +158,9 @@ pub fn uses_wasi_0_3(wasm: &[u8]) -> Result<bool, wasmparser::BinaryReaderError>
     Ok(false)
 }
 
-impl Runtime {
+impl Loader {
     /// Link WASI 0.2, `wasi:http` and the Runtime ABI once for all functions.
-    pub fn new(engine: WasmEngine, services: Arc<Services>) -> anyhow::Result<Runtime> {
+    pub fn new(engine: WasmEngine, services: Arc<Services>) -> anyhow::Result<Loader> {
         let linkers: Arc<[std::sync::OnceLock<Option<Linker<GuestState>>>; 5]> = Arc::default();
         let eager = [
             (Tier::Optimized, Some(engine.engine(false))),
@@ -170,7 +170,7 @@ impl Runtime {
         for (tier, engine) in eager {
             let _ = linkers[tier as usize].set(engine.map(|engine| link(engine, false)).transpose()?);
         }
-        Ok(Runtime {
+        Ok(Loader {
             engine,
             linkers,
             services,
@@ -180,7 +180,7 @@ impl Runtime {
     }
 
     fn lock_shared(&self) -> std::sync::MutexGuard<'_, SharedCode> {
-        self.shared.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The linker of `tier`'s engine (the concurrent ones' on first use).
@@ -218,7 +218,7 @@ impl Runtime {
             let Some(inner) = target.upgrade() else { return };
             // Another function of the same wasm tiered up first: share its code.
             if let Some(code) = runtime.lock_shared().get(&digest, Tier::Optimized) {
-                *inner.code.write().unwrap_or_else(|poison| poison.into_inner()) = code;
+                *inner.code.write().unwrap_or_else(std::sync::PoisonError::into_inner) = code;
                 tracing::info!(function = %name, "optimized code in place (shared)");
                 return;
             }
@@ -244,7 +244,7 @@ impl Runtime {
             match runtime.link(component, Tier::Optimized, &name) {
                 Ok(code) => {
                     let code = runtime.lock_shared().share(&digest_key, code);
-                    *inner.code.write().unwrap_or_else(|poison| poison.into_inner()) = code;
+                    *inner.code.write().unwrap_or_else(std::sync::PoisonError::into_inner) = code;
                     tracing::info!(function = %name, compile_ms, "optimized code in place");
                 }
                 Err(err) => tracing::warn!(function = %name, error = %err, "cannot link the optimized code"),
@@ -467,13 +467,13 @@ impl CompiledFunction {
 
     /// Its code now (new instances are made of it).
     pub(crate) fn code(&self) -> Arc<Code> {
-        self.inner.code.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+        self.inner.code.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Whether `code` is its code now (not code replaced since). Called on
     /// every acquire and release: compares under the read lock, no clone.
     pub(crate) fn is_current(&self, code: &Arc<Code>) -> bool {
-        Arc::ptr_eq(code, &self.inner.code.read().unwrap_or_else(|poison| poison.into_inner()))
+        Arc::ptr_eq(code, &self.inner.code.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Which compiler's code new instances get.

@@ -4,8 +4,8 @@
 //! ticks, output).
 //!
 //! Each interface sees only its own slice of it, through a view
-//! (`WasiView`, `WasiHttpView`, [`AbiHost`]); the linker of
-//! [`crate::function::Runtime`] is built over this type.
+//! (`WasiView`, `WasiHttpView`, [`AbiView`]); the linker of
+//! [`crate::function::Loader`] is built over this type.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +14,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::abi::{AbiHost, AbiState, AbiView, FunctionCaps, OutboundHttp, Services};
+use crate::abi::{AbiCtxView, AbiState, AbiView, FunctionCaps, OutboundHttp, Services};
 use crate::limits::{CallCpu, CpuQuota, MemoryMeter};
 use crate::logs::{InstanceLog, Stream};
 use crate::request::RequestMeta;
@@ -113,8 +113,8 @@ impl WasiHttpView for GuestState {
     }
 }
 
-impl AbiHost for GuestState {
-    fn abi(&mut self) -> AbiView<'_> {
-        AbiView { state: &mut self.abi, table: &mut self.table }
+impl AbiView for GuestState {
+    fn abi(&mut self) -> AbiCtxView<'_> {
+        AbiCtxView { state: &mut self.abi, table: &mut self.table }
     }
 }

@@ -18,7 +18,7 @@ use http_body_util::BodyExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::Error;
-use crate::abi::{InvokeError, Invoker, Services};
+use crate::abi::{InvokeError, Invoker, Peers, Services};
 use crate::backends::broker::{DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_CAPACITY, LocalBroker};
 use crate::backends::guarded::Guarded;
 use crate::backends::redb_kv::RedbKeyValue;
@@ -27,7 +27,7 @@ use crate::backends::secrets::SecretStore;
 use crate::backends::{Broker, KeyValue, QueueBudgets};
 use crate::dispatch::Dispatcher;
 use crate::engine::{EngineOptions, WasmEngine};
-use crate::function::Runtime;
+use crate::function::Loader;
 use crate::logs::{LogSink, TracingSink};
 use crate::manifest::TenantName;
 use crate::metering::{Ledger, LedgerPolicy};
@@ -73,6 +73,9 @@ pub struct HostConfig {
     /// The most bytes of keys and values one tenant may keep (`None`: no
     /// limit).
     pub kv_bytes_per_tenant: Option<u64>,
+    /// Other hosts whose functions this host's functions invoke, and
+    /// which serve theirs (`shoal serve --peer`, `--peer-token-file`).
+    pub peers: Option<Peers>,
 }
 
 /// Key-value bytes a tenant may keep unless the host is told otherwise.
@@ -140,6 +143,7 @@ impl HostConfig {
             front_door: FrontDoor::default(),
             ledger: LedgerPolicy::default(),
             kv_bytes_per_tenant: Some(DEFAULT_KV_BYTES_PER_TENANT),
+            peers: None,
         }
     }
 }
@@ -232,7 +236,10 @@ impl Host {
         let metrics = Arc::new(Metrics::new());
         let queue_budgets = Arc::new(QueueBudgets::default());
         let (services, scratch) = build_services(config, metrics.clone(), queue_budgets.clone()).await?;
-        let runtime = Runtime::new(engine, services.clone())?;
+        if let Some(peers) = &config.peers {
+            services.set_peers(peers.clone());
+        }
+        let loader = Loader::new(engine, services.clone())?;
         let ledger = match &config.state_dir {
             Some(dir) => {
                 let path = dir.join("usage");
@@ -241,7 +248,7 @@ impl Host {
             None => None,
         };
         let registry = Registry::new(
-            runtime,
+            loader,
             metrics.clone(),
             config.log_sink.clone(),
             config.state_dir.clone().filter(|_| config.persist_functions),

@@ -30,9 +30,10 @@ use crate::abi::bindings::exports::shoal::runtime::{events, lifecycle};
 use crate::engine::{ClockHold, EPOCH_TICK, Slot};
 use crate::function::{Code, CompiledFunction, HttpHandler};
 use crate::guest::GuestState;
-use crate::limits::{CallCpu, CpuQuota, CpuTimed, DeadlineExceeded, Outcome};
+use crate::limits::{CallCpu, CpuQuota, CpuTimed, DeadlineExceeded, classify};
 use crate::logs::InstanceLog;
 use crate::metering::CallStats;
+use crate::outcome::Outcome;
 use crate::request::RequestMeta;
 
 /// Fuel given to calls without a fuel limit on an engine that meters fuel
@@ -219,7 +220,7 @@ impl Instance {
                 message: format!("instantiation took longer than {:?}", spec.limits.start_timeout),
             })?
             .map_err(|err| {
-                let outcome = Outcome::classify(&err, &store.data().memory, false);
+                let outcome = classify(&err, &store.data().memory, false);
                 let outcome = if outcome == Outcome::Trap { Outcome::StartFailed } else { outcome };
                 InstanceError { outcome, message: format!("instantiation failed: {}", describe(&err)) }
             })?;
@@ -526,7 +527,7 @@ impl Window {
             Some(Ok(value)) => Ok(value),
             Some(Err(err)) => {
                 let deadline_passed = Instant::now() >= data.deadline;
-                let outcome = Outcome::classify(&err, &data.memory, deadline_passed);
+                let outcome = classify(&err, &data.memory, deadline_passed);
                 Err(InstanceError { outcome, message: describe(&err) })
             }
             // Cut off by the async timeout: the guest was blocked in a host
@@ -616,7 +617,7 @@ fn describe(err: &wasmtime::Error) -> String {
     }
     let causes: Vec<String> = err
         .chain()
-        .map(|cause| cause.to_string())
+        .map(std::string::ToString::to_string)
         // wasmtime's backtrace context; its frames are for debugging, not
         // for the account of what went wrong.
         .filter(|text| !text.is_empty() && !text.starts_with("error while executing at wasm backtrace"))

@@ -59,6 +59,7 @@ pub mod logs;
 pub mod manifest;
 pub mod metering;
 pub mod metrics;
+pub mod outcome;
 pub mod pool;
 pub mod registry;
 pub mod request;

@@ -13,7 +13,7 @@
 //!   call and checked on every epoch tick: past its share in a period, a
 //!   call waits for the next one.
 //!
-//! [`Outcome::classify`] turns the error of a failed call into the outcome a
+//! [`classify`] turns the error of a failed call into the outcome a
 //! user sees, using typed causes (`downcast_ref`) rather than message text.
 
 use std::num::NonZeroU32;
@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use wasmtime::{ResourceLimiter, Trap};
+
+use crate::outcome::Outcome;
 
 /// The period of CPU quotas (as CFS's default).
 pub const CPU_PERIOD: Duration = Duration::from_millis(100);
@@ -40,7 +41,7 @@ pub fn limited_calls() -> &'static tokio::runtime::Handle {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME
         .get_or_init(|| {
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
                 .thread_name("shoal-limited")
@@ -111,7 +112,7 @@ impl CpuQuota {
     }
 
     fn window(&self, now: Instant) -> std::sync::MutexGuard<'_, QuotaWindow> {
-        let mut window = self.window.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut window = self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let elapsed = now.saturating_duration_since(window.start);
         if elapsed >= CPU_PERIOD {
             let periods = (elapsed.as_nanos() / CPU_PERIOD.as_nanos()) as u32;
@@ -236,109 +237,32 @@ impl ResourceLimiter for MemoryMeter {
 #[error("deadline exceeded")]
 pub struct DeadlineExceeded;
 
-/// How a request ended, as recorded in usage records and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The guest produced a response.
-    Ok,
-    /// The request ran past `timeout_ms`.
-    Timeout,
-    /// The request burned its `fuel_per_request`.
-    FuelExhausted,
-    /// The guest tried to grow its memory past `memory_mb`.
-    MemoryLimit,
-    /// The guest trapped (panic, `unreachable`, out-of-bounds access...).
-    Trap,
-    /// A new instance's `start` hook failed, trapped or timed out.
-    StartFailed,
-    /// The handler returned without setting a response.
-    NoResponse,
-    /// No concurrency slot (or instance slot) freed up in time.
-    Overloaded,
-    /// The host failed (a bug, or a resource it could not get).
-    HostError,
-    /// A subscriber's handler returned an error for a message (it will be
-    /// delivered again).
-    Declined,
-    /// The request body was over the function's `max_request_bytes`.
-    RequestTooLarge,
-    /// The usage ledger cannot be written (a full disk, say): the request
-    /// was refused, since its record could not be kept.
-    LedgerUnavailable,
-}
-
-impl Outcome {
-    /// A short, stable name (also the `kind` label in metrics).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Timeout => "timeout",
-            Outcome::FuelExhausted => "fuel_exhausted",
-            Outcome::MemoryLimit => "memory_limit",
-            Outcome::Trap => "trap",
-            Outcome::StartFailed => "start_failed",
-            Outcome::NoResponse => "no_response",
-            Outcome::Overloaded => "overloaded",
-            Outcome::HostError => "host_error",
-            Outcome::Declined => "declined",
-            Outcome::RequestTooLarge => "request_too_large",
-            Outcome::LedgerUnavailable => "ledger_unavailable",
-        }
+/// Name the limit or failure behind `error`, raised by a guest call on a
+/// store whose memory meter is `memory` and whose deadline passed iff
+/// `deadline_passed`.
+pub fn classify(error: &wasmtime::Error, memory: &MemoryMeter, deadline_passed: bool) -> Outcome {
+    // Every instance slot of the engine's pool is taken.
+    if error.chain().any(|cause| cause.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()) {
+        return Outcome::Overloaded;
     }
-
-    /// The HTTP status a client gets for this outcome (when the guest
-    /// produced no response of its own).
-    pub fn status(self) -> http::StatusCode {
-        use http::StatusCode;
-        match self {
-            Outcome::Ok => StatusCode::OK,
-            Outcome::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Outcome::FuelExhausted
-            | Outcome::MemoryLimit
-            | Outcome::Overloaded
-            | Outcome::StartFailed
-            | Outcome::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Outcome::Trap | Outcome::NoResponse | Outcome::HostError | Outcome::Declined => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            Outcome::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        }
+    if error.chain().any(|cause| cause.downcast_ref::<DeadlineExceeded>().is_some()) || deadline_passed {
+        return Outcome::Timeout;
     }
-
-    /// Name the limit or failure behind `error`, raised by a guest call on a
-    /// store whose memory meter is `memory` and whose deadline passed iff
-    /// `deadline_passed`.
-    pub fn classify(error: &wasmtime::Error, memory: &MemoryMeter, deadline_passed: bool) -> Outcome {
-        // Every instance slot of the engine's pool is taken.
-        if error.chain().any(|cause| cause.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some()) {
-            return Outcome::Overloaded;
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        if *trap == Trap::OutOfFuel {
+            return Outcome::FuelExhausted;
         }
-        if error.chain().any(|cause| cause.downcast_ref::<DeadlineExceeded>().is_some()) || deadline_passed {
-            return Outcome::Timeout;
-        }
-        if let Some(trap) = error.downcast_ref::<Trap>() {
-            if *trap == Trap::OutOfFuel {
-                return Outcome::FuelExhausted;
-            }
-            // A refused memory.grow surfaces as the guest's own abort (Rust's
-            // allocation-failure handler) or as a failed allocation trap.
-            if memory.refused().is_some() {
-                return Outcome::MemoryLimit;
-            }
-            return Outcome::Trap;
-        }
+        // A refused memory.grow surfaces as the guest's own abort (Rust's
+        // allocation-failure handler) or as a failed allocation trap.
         if memory.refused().is_some() {
             return Outcome::MemoryLimit;
         }
-        Outcome::Trap
+        return Outcome::Trap;
     }
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+    if memory.refused().is_some() {
+        return Outcome::MemoryLimit;
     }
+    Outcome::Trap
 }
 
 /// The CPU time of the guest call under way on an instance, readable
@@ -522,13 +446,13 @@ mod tests {
     fn errors_are_classified_by_their_typed_cause() {
         let meter = MemoryMeter::new(1);
         let fuel = wasmtime::Error::from(Trap::OutOfFuel);
-        assert_eq!(Outcome::classify(&fuel, &meter, false), Outcome::FuelExhausted);
+        assert_eq!(classify(&fuel, &meter, false), Outcome::FuelExhausted);
         let deadline = wasmtime::Error::new(DeadlineExceeded).context("while handling");
-        assert_eq!(Outcome::classify(&deadline, &meter, false), Outcome::Timeout);
+        assert_eq!(classify(&deadline, &meter, false), Outcome::Timeout);
         let trap = wasmtime::Error::from(Trap::UnreachableCodeReached);
-        assert_eq!(Outcome::classify(&trap, &meter, false), Outcome::Trap);
+        assert_eq!(classify(&trap, &meter, false), Outcome::Trap);
         let mut refused = MemoryMeter::new(1);
         assert!(!refused.memory_growing(0, 2, None).unwrap());
-        assert_eq!(Outcome::classify(&trap, &refused, false), Outcome::MemoryLimit);
+        assert_eq!(classify(&trap, &refused, false), Outcome::MemoryLimit);
     }
 }

@@ -170,7 +170,7 @@ impl InstanceLog {
 
     /// Tag the following lines with a request's id and trace (or with none).
     pub fn set_request(&self, request: Option<(Arc<str>, TraceContext)>) {
-        *self.request.lock().unwrap_or_else(|poison| poison.into_inner()) = request;
+        *self.request.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = request;
     }
 
     /// The request being served, if any.
@@ -184,7 +184,7 @@ impl InstanceLog {
     }
 
     fn current(&self) -> Option<(Arc<str>, TraceContext)> {
-        self.request.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+        self.request.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// A stdout or stderr for the guest's WASI context.
@@ -224,7 +224,7 @@ struct OutputShared {
 
 impl OutputShared {
     fn write(&self, mut bytes: &[u8]) {
-        let mut pending = self.pending.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(newline) = bytes.iter().position(|&b| b == b'\n') {
             if pending.is_empty() {
                 self.log.emit(self.stream, &bytes[..newline]);
@@ -344,13 +344,13 @@ pub struct OwnedLine {
 impl MemorySink {
     /// All lines so far.
     pub fn lines(&self) -> Vec<OwnedLine> {
-        self.lines.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+        self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
 impl LogSink for MemorySink {
     fn line(&self, line: GuestLine<'_>) {
-        self.lines.lock().unwrap_or_else(|poison| poison.into_inner()).push(OwnedLine {
+        self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(OwnedLine {
             function: line.function.to_string(),
             stream: line.stream,
             request_id: line.request_id.map(str::to_string),

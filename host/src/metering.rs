@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::Outcome;
+use crate::outcome::Outcome;
 
 /// The longest ledger line read back (a record is a few hundred bytes).
 const MAX_RECORD_BYTES: u64 = 64 << 10;
@@ -237,7 +237,7 @@ impl Ledger {
 
     /// The partition file being written now.
     pub fn current_path(&self) -> PathBuf {
-        partition_path(&self.dir, self.current.lock().unwrap_or_else(|poison| poison.into_inner()).start)
+        partition_path(&self.dir, self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).start)
     }
 
     /// Append one record (one `write(2)`), to the partition of now. A
@@ -247,7 +247,7 @@ impl Ledger {
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let result = self.append_line(line);
-        let mut failing = self.failing.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
             Ok(()) => {
                 *failing = None;
@@ -264,7 +264,7 @@ impl Ledger {
 
     fn append_line(&self, mut line: Vec<u8>) -> std::io::Result<()> {
         let start = partition_start((self.clock)(), self.policy.partition);
-        let mut current = self.current.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if start > current.start {
             // Leave the old partition durable, then move on.
             current.file.sync_data()?;
@@ -274,7 +274,7 @@ impl Ledger {
             if let Err(err) = self.expire(start) {
                 tracing::warn!(error = %err, dir = %self.dir.display(), "cannot delete expired ledger partitions");
             }
-            current = self.current.lock().unwrap_or_else(|poison| poison.into_inner());
+            current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         if current.torn {
             line.insert(0, b'\n');
@@ -299,7 +299,7 @@ impl Ledger {
     /// with an empty line (which readers skip), so service resumes by
     /// itself once the disk has room.
     pub fn writable(&self) -> Result<(), Arc<std::io::Error>> {
-        let mut failing = self.failing.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some((since, why)) = failing.as_ref() else { return Ok(()) };
         if since.elapsed() < LEDGER_RETRY {
             return Err(why.clone());
@@ -332,7 +332,7 @@ impl Ledger {
     /// `fsync` if anything was appended since the last sync.
     pub fn sync(&self) -> std::io::Result<()> {
         if self.dirty.swap(false, Ordering::AcqRel) {
-            let file = self.current.lock().unwrap_or_else(|poison| poison.into_inner()).file.try_clone()?;
+            let file = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).file.try_clone()?;
             file.sync_data()?;
         }
         Ok(())

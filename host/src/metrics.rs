@@ -9,8 +9,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::limits::Outcome;
 use crate::metering::UsageRecord;
+use crate::outcome::Outcome;
 
 /// The host's metric families.
 pub struct Metrics {
@@ -350,9 +350,7 @@ impl Metrics {
 /// CPU time (user + system) of the whole process so far.
 pub fn process_cpu_seconds() -> f64 {
     use nix::time::{ClockId, clock_gettime};
-    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
-        .map(|time| std::time::Duration::from(time).as_secs_f64())
-        .unwrap_or(0.0)
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID).map_or(0.0, |time| std::time::Duration::from(time).as_secs_f64())
 }
 
 /// Remove the series of `vec` whose `function` label is `function`,
@@ -399,7 +397,7 @@ impl BreakerCollector {
         ("shoal_retry_budget_exhausted_total", "Retries not made because the function's retry budget was spent");
 
     fn new(breakers: std::sync::Arc<crate::resilience::Breakers>) -> BreakerCollector {
-        let labels = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+        let labels = |names: &[&str]| names.iter().map(std::string::ToString::to_string).collect::<Vec<_>>();
         let desc = |(name, help): (&str, &str), variable: Vec<String>| {
             prometheus::core::Desc::new(name.to_string(), help.to_string(), variable, Default::default())
                 .expect("invariant: static metric definition")

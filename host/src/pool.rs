@@ -208,14 +208,12 @@ impl FunctionPool {
                 return Err(AcquireError::Paused { retry_after });
             }
         }
-        let permit = match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            // Timed out, or the semaphore was closed (cannot happen: it never is).
-            _ => return Err(AcquireError::Overloaded { retry_after }),
+        // Timed out, or the semaphore was closed (cannot happen: it never is).
+        let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await else {
+            return Err(AcquireError::Overloaded { retry_after });
         };
-        let tenant = match tokio::time::timeout_at(deadline, self.tenant.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            _ => return Err(AcquireError::Overloaded { retry_after }),
+        let Ok(Ok(tenant)) = tokio::time::timeout_at(deadline, self.tenant.clone().acquire_owned()).await else {
+            return Err(AcquireError::Overloaded { retry_after });
         };
         let permits = (permit, tenant);
         self.busy.fetch_add(1, Ordering::AcqRel);
@@ -371,7 +369,7 @@ impl FunctionPool {
     }
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
-        self.idle.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

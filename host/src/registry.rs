@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::engine::{CompileSource, sha256_hex, write_atomically};
-use crate::function::Runtime;
+use crate::function::Loader;
 use crate::instance::Instance;
 use crate::logs::LogSink;
 use crate::manifest::{FunctionSpec, Limits, ManifestCause, ManifestError, Route, TenantName, check_versions};
@@ -231,7 +231,7 @@ struct PersistedVersion {
 
 /// The deployed functions of a host.
 pub struct Registry {
-    runtime: Runtime,
+    loader: Loader,
     metrics: Arc<Metrics>,
     log_sink: Arc<dyn LogSink>,
     state_dir: Option<PathBuf>,
@@ -257,7 +257,7 @@ pub struct Registry {
 impl Registry {
     /// An empty registry; `state_dir` (if any) is where it persists.
     pub fn new(
-        runtime: Runtime,
+        loader: Loader,
         metrics: Arc<Metrics>,
         log_sink: Arc<dyn LogSink>,
         state_dir: Option<PathBuf>,
@@ -267,7 +267,7 @@ impl Registry {
             std::fs::create_dir_all(dir.join("wasm")).map_err(Error::io(dir.join("wasm")))?;
         }
         Ok(Registry {
-            runtime,
+            loader,
             metrics,
             log_sink,
             state_dir,
@@ -380,7 +380,7 @@ impl Registry {
                 continue;
             }
             let (compiled, source) =
-                self.runtime.prepare(spec.clone(), item.wasm.clone(), digest.clone(), self.log_sink.clone()).await?;
+                self.loader.prepare(spec.clone(), item.wasm.clone(), digest.clone(), self.log_sink.clone()).await?;
             // Instantiate once on trial: a function that cannot is refused
             // here, naming it, never at its first request.
             if how != Deploying::Adopted {
@@ -413,7 +413,7 @@ impl Registry {
                 // concurrent undeploy): compiled now, under the lock (rare).
                 (None, None) => {
                     let (compiled, _) = self
-                        .runtime
+                        .loader
                         .prepare(spec.clone(), item.wasm.clone(), digest.clone(), self.log_sink.clone())
                         .await?;
                     if how != Deploying::Adopted {
@@ -525,7 +525,7 @@ impl Registry {
 
     /// The engine functions are compiled with.
     pub fn engine(&self) -> &crate::engine::WasmEngine {
-        self.runtime.engine()
+        self.loader.engine()
     }
 
     /// The target for a function by name.
@@ -565,16 +565,16 @@ impl Registry {
     }
 
     fn lock_unrestored(&self) -> std::sync::MutexGuard<'_, Vec<PersistedVersion>> {
-        self.unrestored.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.unrestored.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn current_table(&self) -> Arc<RouteTable> {
-        self.table.read().unwrap_or_else(|poison| poison.into_inner()).clone()
+        self.table.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     fn swap_table(&self, functions: &BTreeMap<String, Deployed>) -> u64 {
         let table = Arc::new(RouteTable::build(functions));
-        *self.table.write().unwrap_or_else(|poison| poison.into_inner()) = table;
+        *self.table.write().unwrap_or_else(std::sync::PoisonError::into_inner) = table;
         self.generation.send_modify(|generation| *generation += 1);
         // After the swap: the reaper plans with the new functions.
         self.reaper.notify_one();

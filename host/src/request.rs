@@ -32,6 +32,17 @@ pub const INVOKE_DEPTH_HEADER: &str = "x-shoal-invoke-depth";
 /// request's id (the callee's usage record names it as parent).
 pub const PARENT_ID_HEADER: &str = "x-shoal-parent-id";
 
+/// The header of a call another host's function made with `invoke` to
+/// this host (a peer, `shoal serve --peer`): the function it calls by
+/// name, served only with [`PEER_TOKEN_HEADER`].
+pub const INVOKE_FUNCTION_HEADER: &str = "x-shoal-invoke-function";
+
+/// With [`INVOKE_FUNCTION_HEADER`]: the tenant whose function it is.
+pub const INVOKE_TENANT_HEADER: &str = "x-shoal-invoke-tenant";
+
+/// With [`INVOKE_FUNCTION_HEADER`]: the secret peers share.
+pub const PEER_TOKEN_HEADER: &str = "x-shoal-peer-token";
+
 /// The W3C Trace Context header: the trace a request belongs to and the
 /// span that sent it.
 pub const TRACEPARENT_HEADER: &str = "traceparent";

@@ -226,7 +226,7 @@ impl Breaker {
     }
 
     fn lock(&self) -> MutexGuard<'_, Health> {
-        self.health.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The state now (an open breaker past its cool-down reads half-open).
@@ -469,7 +469,7 @@ impl RetryBudget {
     }
 
     fn lock(&self) -> MutexGuard<'_, (f64, Instant)> {
-        self.tokens.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A first attempt was made.
@@ -531,7 +531,7 @@ impl Breakers {
     /// there is none yet (a function redeployed with another policy gets
     /// it for targets it has not called since).
     pub fn get(&self, scope: &str, target: &str, policy: &BreakerPolicy) -> Arc<Breaker> {
-        let mut all = self.breakers.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut all = self.breakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let targets = all.entry(Arc::from(scope)).or_default();
         if let Some(breaker) = targets.get(target) {
             return breaker.clone();
@@ -555,20 +555,20 @@ impl Breakers {
 
     /// The retry budget of `scope`'s calls.
     pub fn budget(&self, scope: &str) -> Arc<RetryBudget> {
-        let mut budgets = self.budgets.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut budgets = self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         budgets.entry(Arc::from(scope)).or_default().clone()
     }
 
     /// Forget `scope`'s breakers and budget (its function is gone).
     pub fn forget(&self, scope: &str) {
-        self.breakers.lock().unwrap_or_else(|poison| poison.into_inner()).remove(scope);
-        self.budgets.lock().unwrap_or_else(|poison| poison.into_inner()).remove(scope);
+        self.breakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(scope);
+        self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(scope);
     }
 
     /// Every breaker, by function then target.
     pub fn views(&self) -> Vec<BreakerView> {
         let all: Vec<Arc<Breaker>> = {
-            let all = self.breakers.lock().unwrap_or_else(|poison| poison.into_inner());
+            let all = self.breakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             all.values().flat_map(|targets| targets.values().cloned()).collect()
         };
         let mut views: Vec<BreakerView> = all.iter().map(|breaker| breaker.view()).collect();
@@ -578,7 +578,7 @@ impl Breakers {
 
     /// Retries refused by the budget of each function.
     pub fn budget_refusals(&self) -> Vec<(String, u64)> {
-        let budgets = self.budgets.lock().unwrap_or_else(|poison| poison.into_inner());
+        let budgets = self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut refusals: Vec<(String, u64)> =
             budgets.iter().map(|(scope, budget)| (scope.to_string(), budget.refused())).collect();
         refusals.sort();

@@ -52,7 +52,7 @@ impl RunningHost {
             None => None,
         };
         let http_addr =
-            listener.as_ref().map(|listener| listener.local_addr()).transpose().map_err(anyhow::Error::from)?;
+            listener.as_ref().map(tokio::net::TcpListener::local_addr).transpose().map_err(anyhow::Error::from)?;
         let admin_listener = match &config.admin_socket {
             Some(path) => Some(bind_unix(path)?),
             None => None,

@@ -11,6 +11,14 @@
 //! ([`shoal::files`]): wasmtime's own WASI 0.1 would open whatever a path
 //! names.
 //!
+//! A component exporting `wasi:cli/run@0.3` (a WASI 0.3 program, e.g.
+//! built with the `wasip3` bindings) runs on the engine with the component
+//! model's concurrency, its `run` driven as a task of its store; it gets
+//! WASI 0.3's cli, clocks, random and sockets beside WASI 0.2, and
+//! reaches files through WASI 0.2's `wasi:filesystem` only (Shoal's
+//! ordinary-files-only filesystem is 0.2's; a program importing 0.3's is
+//! refused at create, naming the import).
+//!
 //! Commands get WASI only, not the Runtime ABI: a program that needs state
 //! or messages is written as a function.
 
@@ -34,7 +42,15 @@ pub(crate) const TRAPPED: i32 = 134;
 
 /// A compiled program (a `wasi:cli/run` component), ready to run.
 #[derive(Clone)]
-pub(crate) struct Program(CommandPre<CommandState>);
+pub(crate) enum Program {
+    /// `wasi:cli/run@0.2` (or a WASI 0.1 module, adapted).
+    P2(CommandPre<CommandState>),
+    /// `wasi:cli/run@0.3`: instantiated, then run as a task of its store.
+    P3 {
+        pre: wasmtime::component::InstancePre<CommandState>,
+        indices: Arc<wasmtime_wasi::p3::bindings::CommandIndices>,
+    },
+}
 
 /// Store data of a component command.
 pub(crate) struct CommandState {
@@ -91,7 +107,7 @@ pub(crate) fn is_program(wasm: &[u8]) -> bool {
     }
     let Ok(names) = component_exports(wasm) else { return false };
     let exports = |prefix: &str| names.iter().any(|name| name.starts_with(prefix));
-    exports("wasi:cli/run@") && !exports("wasi:http/incoming-handler@")
+    exports("wasi:cli/run@") && !exports("wasi:http/incoming-handler@") && !exports("wasi:http/handler@")
 }
 
 /// The names a component exports at its top level (nested modules and
@@ -127,8 +143,15 @@ pub(crate) fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeE
     } else {
         wasm
     };
-    let component = Component::new(engine.engine(false), wasm).map_err(invalid("invalid component"))?;
-    let mut linker: ComponentLinker<CommandState> = ComponentLinker::new(engine.engine(false));
+    let wasi_0_3 = shoal::function::uses_wasi_0_3(wasm).unwrap_or(false);
+    let flavor = shoal::engine::Flavor { fuel: false, concurrent: wasi_0_3 };
+    let wasmtime_engine = engine.engine_for(flavor).map_err(|err| NodeError::Wasm {
+        code: Code::INTERNAL,
+        what: "cannot build the engine for WASI 0.3 programs".to_string(),
+        source: err,
+    })?;
+    let component = Component::new(wasmtime_engine, wasm).map_err(invalid("invalid component"))?;
+    let mut linker: ComponentLinker<CommandState> = ComponentLinker::new(wasmtime_engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .and_then(|()| shoal::files::add_to_linker(&mut linker))
         .and_then(|()| link_exit_code(&mut linker))
@@ -137,9 +160,27 @@ pub(crate) fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeE
             what: "cannot link WASI 0.2".to_string(),
             source: err.into(),
         })?;
+    if wasi_0_3 {
+        // Not `p3::add_to_linker`: that would add 0.3's filesystem, which
+        // opens whatever a path names (0.2's is Shoal's, above).
+        wasmtime_wasi::p3::cli::add_to_linker(&mut linker)
+            .and_then(|()| wasmtime_wasi::p3::clocks::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi::p3::random::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi::p3::sockets::add_to_linker(&mut linker))
+            .map_err(|err| NodeError::Wasm {
+                code: Code::INTERNAL,
+                what: "cannot link WASI 0.3".to_string(),
+                source: err.into(),
+            })?;
+    }
     let pre = linker.instantiate_pre(&component).map_err(invalid("cannot link the component"))?;
+    if wasi_0_3 {
+        let indices = wasmtime_wasi::p3::bindings::CommandIndices::new(&pre)
+            .map_err(invalid("the component exports no wasi:cli/run@0.3"))?;
+        return Ok(Program::P3 { pre, indices: Arc::new(indices) });
+    }
     let pre = CommandPre::new(pre).map_err(invalid("the component exports no wasi:cli/run"))?;
-    Ok(Program(pre))
+    Ok(Program::P2(pre))
 }
 
 /// A WASI 0.1 command module as a `wasi:cli/run` component (its `_start`
@@ -264,10 +305,21 @@ pub(crate) async fn run(engine: &WasmEngine, program: &Program, invocation: Invo
         Ok(mut builder) => {
             let state =
                 CommandState { wasi: builder.build(), table: ResourceTable::new(), limits: limits(memory_limit) };
-            let mut store = store(engine, state, quota.clone());
+            let mut store = store(program.engine(), state, quota.clone());
             let run = async {
-                let command = program.0.instantiate_async(&mut store).await?;
-                command.wasi_cli_run().call_run(&mut store).await
+                match program {
+                    Program::P2(pre) => {
+                        let command = pre.instantiate_async(&mut store).await?;
+                        command.wasi_cli_run().call_run(&mut store).await
+                    }
+                    Program::P3 { pre, indices } => {
+                        let instance = pre.instantiate_async(&mut store).await?;
+                        let command = indices.load(&mut store, &instance)?;
+                        store
+                            .run_concurrent(async move |accessor| command.wasi_cli_run().call_run(accessor).await)
+                            .await?
+                    }
+                }
             };
             match CpuTimed::new(run, quota).await {
                 Ok(Ok(())) => Ok(0),
@@ -319,8 +371,18 @@ fn limits(memory_limit: Option<u64>) -> StoreLimits {
     limits.build()
 }
 
-fn store(engine: &WasmEngine, state: CommandState, quota: Option<Arc<CpuQuota>>) -> Store<CommandState> {
-    let mut store = Store::new(engine.engine(false), state);
+impl Program {
+    /// The wasmtime engine its code is for.
+    fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Program::P2(pre) => pre.instance_pre().engine(),
+            Program::P3 { pre, .. } => pre.engine(),
+        }
+    }
+}
+
+fn store(engine: &wasmtime::Engine, state: CommandState, quota: Option<Arc<CpuQuota>>) -> Store<CommandState> {
+    let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limits);
     // A program runs as long as it likes, but yields at every epoch tick
     // so it never holds a host thread, and can be stopped by dropping it.
@@ -365,6 +427,8 @@ mod tests {
         assert!(!is_program(&component(&["wasi:cli/run@0.2.0", "wasi:http/incoming-handler@0.2.0"])));
         assert!(!is_program(&component(&["wasi:http/incoming-handler@0.2.6"])));
         assert!(!is_program(&component(&[])));
+        assert!(is_program(&component(&["wasi:cli/run@0.3.0"])), "a WASI 0.3 program");
+        assert!(!is_program(&component(&["wasi:cli/run@0.3.0", "wasi:http/handler@0.3.0"])));
         assert!(is_program(&wat::parse_str("(module (func (export \"_start\")))").unwrap()), "a core module");
         assert!(!is_program(b"\0asm\x0d\0\x01\0 not a component"), "garbage is no program");
     }

@@ -278,6 +278,7 @@ fn host_config(config: &NodeConfig, sinks: &Arc<stdio::ContainerSinks>) -> Resul
         keyvalue: config.keyvalue.clone(),
         pubsub: config.pubsub.clone(),
         kv_bytes_per_tenant: config.kv_bytes_per_tenant,
+        peers: None,
         ..HostConfig::new()
     })
 }

@@ -114,8 +114,7 @@ fn start(address: &str, namespace: &str, ttrpc_address: &str, bundle: &std::path
 
 fn rootfs_is_mounted(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|mounts| mounts.lines().any(|line| line.split(' ').nth(4) == Some(path)))
-        .unwrap_or(false)
+        .is_ok_and(|mounts| mounts.lines().any(|line| line.split(' ').nth(4) == Some(path)))
 }
 
 /// Where the node host of one containerd namespace lives.
@@ -279,7 +278,7 @@ fn shoal_binary() -> Result<PathBuf> {
 }
 
 fn env_path(name: &str, default: &str) -> PathBuf {
-    std::env::var_os(name).filter(|value| !value.is_empty()).map(PathBuf::from).unwrap_or_else(|| default.into())
+    std::env::var_os(name).filter(|value| !value.is_empty()).map_or_else(|| default.into(), PathBuf::from)
 }
 
 /// 64-bit FNV-1a. Hand-written (five lines) because the socket name must

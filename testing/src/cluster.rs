@@ -251,7 +251,7 @@ impl Containerd {
         )
         .unwrap();
         let address = dir.path().join("containerd.sock");
-        let pause = registry.map(|r| format!("{}/shoal-test/pause:1", r.addr)).unwrap_or_else(|| "none".into());
+        let pause = registry.map_or_else(|| "none".into(), |r| format!("{}/shoal-test/pause:1", r.addr));
         let config = match (options.release, options.node_config) {
             (Release::V2, Some(node)) => moved_node_config(node, dir.path(), &address, &pause, &cni, registry),
             (Release::V2, None) => config_v2_3(dir.path(), &address, &pause, &cni, registry, options.sandboxer),
@@ -559,8 +559,8 @@ impl Cri {
             }),
             hostname: name.into(),
             dns_config: (!dns_servers.is_empty()).then(|| DnsConfig {
-                servers: dns_servers.iter().map(|s| s.to_string()).collect(),
-                searches: dns_searches.iter().map(|s| s.to_string()).collect(),
+                servers: dns_servers.iter().map(std::string::ToString::to_string).collect(),
+                searches: dns_searches.iter().map(std::string::ToString::to_string).collect(),
                 ..Default::default()
             }),
             log_directory: log_directory.display().to_string(),
@@ -580,7 +580,7 @@ impl Cri {
             metadata: Some(ContainerMetadata { name: container_name.into(), attempt: 0 }),
             image: Some(ImageSpec { image: image.into(), ..Default::default() }),
             log_path: "web.log".into(),
-            command: command.iter().map(|word| word.to_string()).collect(),
+            command: command.iter().map(std::string::ToString::to_string).collect(),
             annotations,
             envs: env.iter().map(|(key, value)| KeyValue { key: key.to_string(), value: value.to_string() }).collect(),
             mounts: mounts
@@ -641,8 +641,7 @@ impl Cri {
             .as_array()
             .and_then(|namespaces| namespaces.iter().find(|ns| ns["type"] == "network"))
             .and_then(|ns| ns["path"].as_str())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| panic!("the sandbox has a network namespace: {info}"));
+            .map_or_else(|| panic!("the sandbox has a network namespace: {info}"), PathBuf::from);
         Ok(Pod {
             sandbox_id: sandbox,
             container_id: container,

@@ -59,7 +59,7 @@ impl DnsServer {
     /// Answer `name` with `addresses` from now on (none: `NXDOMAIN`).
     pub fn set(&self, name: &str, addresses: &[Ipv4Addr]) {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let mut zone = self.zone.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut zone = self.zone.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if addresses.is_empty() {
             zone.remove(&name);
         } else {
@@ -93,7 +93,7 @@ fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
         .set_recursion_desired(request.recursion_desired())
         .set_recursion_available(true)
         .set_authoritative(true);
-    let zone = zone.lock().unwrap_or_else(|poison| poison.into_inner());
+    let zone = zone.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut code = ResponseCode::NoError;
     for question in request.queries() {
         reply.add_query(question.clone());

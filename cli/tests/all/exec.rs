@@ -78,7 +78,7 @@ async fn exec_sync_through_the_cri_answers_from_the_pods_function() {
     let pod = cri.run_pod(&containerd.log_dir, "execsync", &image, &[], 0).await;
     let exec = |cmd: &[&str]| k8s_cri::v1::ExecSyncRequest {
         container_id: pod.container_id.clone(),
-        cmd: cmd.iter().map(|word| word.to_string()).collect(),
+        cmd: cmd.iter().map(std::string::ToString::to_string).collect(),
         timeout: 20,
     };
     // Bounded: an ExecSync that never returns fails the test (once, it

@@ -42,7 +42,7 @@ async fn health_and_readiness_answer_ok() {
 #[tokio::test]
 async fn metrics_count_requests_errors_by_kind_cold_starts_and_instances_per_function() {
     let host = TestHost::start().await;
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = std::time::Duration::from_millis(100);
     // A fuel limit, so that its requests meter fuel.
     let mut hello = spec("hello", "hello", "/hello");
@@ -51,12 +51,12 @@ async fn metrics_count_requests_errors_by_kind_cold_starts_and_instances_per_fun
     for _ in 0..3 {
         host.get("/hello").await;
     }
-    host.get("/spin").await;
+    host.get("/endless").await;
     let metrics = host.get("/metrics").await.body;
     for expected in [
         r#"shoal_requests_total{function="hello"} 3"#,
-        r#"shoal_requests_total{function="spin"} 1"#,
-        r#"shoal_request_errors_total{function="spin",kind="timeout"} 1"#,
+        r#"shoal_requests_total{function="endless"} 1"#,
+        r#"shoal_request_errors_total{function="endless",kind="timeout"} 1"#,
         r#"shoal_cold_starts_total{function="hello"} 1"#,
         r#"shoal_request_duration_seconds_count{function="hello"} 3"#,
     ] {

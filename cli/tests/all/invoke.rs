@@ -3,13 +3,13 @@
 
 use std::collections::BTreeSet;
 
-use shoal::limits::Outcome;
+use shoal::outcome::Outcome;
 
 use crate::support::{TestHost, spec};
 
 fn invoker(grants: &[&str]) -> shoal::manifest::FunctionSpec {
     let mut invoker = spec("invoker", "invoker", "/invoker");
-    invoker.grants.invoke = grants.iter().map(|g| g.to_string()).collect::<BTreeSet<_>>();
+    invoker.grants.invoke = grants.iter().map(std::string::ToString::to_string).collect::<BTreeSet<_>>();
     invoker
 }
 
@@ -32,12 +32,12 @@ async fn an_invoked_function_answers_and_is_metered_as_a_child_request() {
 #[tokio::test]
 async fn the_callee_runs_under_its_own_limits() {
     let host = TestHost::start().await;
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = std::time::Duration::from_millis(100);
-    let mut caller = invoker(&["spin"]);
+    let mut caller = invoker(&["endless"]);
     caller.limits.timeout = std::time::Duration::from_secs(5);
     host.deploy(vec![caller, spin]).await;
-    let reply = host.get("/invoker/call?fn=spin").await;
+    let reply = host.get("/invoker/call?fn=endless").await;
     assert_eq!(reply.status, 504, "the callee's timeout, relayed: {}", reply.body);
     assert!(reply.body.contains("timeout of 100 ms"), "{}", reply.body);
 }

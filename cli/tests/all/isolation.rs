@@ -7,7 +7,7 @@ use crate::support::{TestHost, spec};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_keeps_answering_correctly_while_neighbours_spin_and_allocate() {
     let host = TestHost::start().await;
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = Duration::from_millis(500);
     let mut bomb = spec("membomb", "membomb", "/bomb");
     bomb.limits.memory_bytes = 64 << 20;
@@ -15,7 +15,7 @@ async fn hello_keeps_answering_correctly_while_neighbours_spin_and_allocate() {
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut troublemakers = Vec::new();
-    for path in ["/spin", "/spin", "/bomb"] {
+    for path in ["/endless", "/endless", "/bomb"] {
         let client = host.client.clone();
         let url = host.url(path);
         let stop = stop.clone();

@@ -277,8 +277,8 @@ async fn a_pod_runs_through_the_cri_like_a_container() {
         .into_inner()
         .stats
         .unwrap();
-    let cpu = stats.cpu.and_then(|cpu| cpu.usage_core_nano_seconds).map(|v| v.value).unwrap_or(0);
-    let memory = stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0);
+    let cpu = stats.cpu.and_then(|cpu| cpu.usage_core_nano_seconds).map_or(0, |v| v.value);
+    let memory = stats.memory.and_then(|m| m.working_set_bytes).map_or(0, |v| v.value);
     assert!(cpu > 0, "CPU from the ledger's counters");
     assert!(memory > 0, "memory from the function's code and instances");
 
@@ -503,7 +503,8 @@ async fn a_pods_cpu_limit_holds_its_function_to_its_share_and_its_stats_show_the
     // wait for the CPU while other tests keep it busy, which is not
     // throttling (that priority has its own test, limits::a_cpu_limited_…).
     let registry = crate::cluster::Registry::start();
-    let image = registry.push(&guest("spin"), "shoal-test/spin:1", &["--label", "shoal.dev/limits.timeout_ms=1500"]);
+    let image =
+        registry.push(&guest("endless"), "shoal-test/endless:1", &["--label", "shoal.dev/limits.timeout_ms=1500"]);
     let containerd = Containerd::start_with_env(Some(&registry), &[("SHOAL_CPU_LIMITED_PRIORITY", "normal")]);
     let mut cri = containerd.cri().await;
     cri.pull(&image).await;

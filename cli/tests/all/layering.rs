@@ -147,7 +147,7 @@ fn every_module_depends_only_on_modules_below_it_in_the_readme() {
 
 #[test]
 fn the_reference_reader_sees_imports_groups_inline_paths_and_reexports() {
-    assert_eq!(named_modules("use crate::abi::{AbiView, KvError};"), ["abi"]);
+    assert_eq!(named_modules("use crate::abi::{AbiCtxView, KvError};"), ["abi"]);
     assert_eq!(named_modules("use crate::{dispatch::X, host::Host};"), ["dispatch", "host"]);
     assert_eq!(
         named_modules("    tasks.spawn(crate::trigger::http::serve(l, crate::Error::x));"),

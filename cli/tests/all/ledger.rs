@@ -1,7 +1,7 @@
 //! The usage ledger keeps every completed request across `kill -9`.
 
-use shoal::limits::Outcome;
 use shoal::metering::Ledger;
+use shoal::outcome::Outcome;
 
 use crate::support::{HostProcess, manifest_entry, write_manifest};
 

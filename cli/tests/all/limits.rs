@@ -8,17 +8,17 @@ use crate::support::{HostProcess, TestHost, manifest_entry, spec, write_manifest
 #[tokio::test]
 async fn a_request_past_its_timeout_gets_504_naming_the_limit() {
     let host = TestHost::start().await;
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = Duration::from_millis(200);
     host.deploy(vec![spin]).await;
 
     let started = Instant::now();
-    let reply = host.get("/spin").await;
+    let reply = host.get("/endless").await;
     assert_eq!(reply.status, 504);
     assert_eq!(reply.error_kind(), Some("timeout"));
-    assert!(reply.body.contains("\"spin\"") && reply.body.contains("timeout of 200 ms"), "{}", reply.body);
+    assert!(reply.body.contains("\"endless\"") && reply.body.contains("timeout of 200 ms"), "{}", reply.body);
     assert!(started.elapsed() < Duration::from_secs(5), "the loop was cut off");
-    assert_eq!(host.live_instances("spin").await, 0, "the interrupted instance is discarded");
+    assert_eq!(host.live_instances("endless").await, 0, "the interrupted instance is discarded");
 }
 
 #[tokio::test]
@@ -248,15 +248,15 @@ async fn a_function_over_its_cpu_share_waits_and_its_throttling_is_reported() {
     })
     .await;
     host.state = Some(state);
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = Duration::from_millis(1500);
     spin.limits.cpu_millis = std::num::NonZeroU32::new(100);
     host.deploy(vec![spin]).await;
 
-    let reply = host.get("/spin").await;
+    let reply = host.get("/endless").await;
     assert_eq!(reply.status, 504, "{}", reply.body);
     let records = host.running.host().ledger().unwrap().records(None).unwrap();
-    let record = records.iter().find(|r| r.function == "spin").expect("a usage record");
+    let record = records.iter().find(|r| r.function == "endless").expect("a usage record");
     // 100m of a core for 1.5 s is 150 ms of CPU; what it computed past its
     // share it spent waiting.
     assert!(record.cpu_us < 400_000, "at most about its share of CPU: {record:?}");
@@ -264,7 +264,7 @@ async fn a_function_over_its_cpu_share_waits_and_its_throttling_is_reported() {
     let metrics = host.get("/metrics").await.body;
     let throttled: f64 = metrics
         .lines()
-        .find(|line| line.starts_with("shoal_cpu_throttled_seconds_total{function=\"spin\"}"))
+        .find(|line| line.starts_with("shoal_cpu_throttled_seconds_total{function=\"endless\"}"))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("{metrics}"));
@@ -368,7 +368,7 @@ fn threads_named(name: &str) -> Vec<(u32, u64)> {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
         // The fields after the command's closing parenthesis start with
         // the 3rd; the policy is the 41st (proc(5)).
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
         let policy = fields.get(41 - 3).and_then(|v| v.parse::<u32>().ok()).unwrap_or(u32::MAX);
         let schedstat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
         let on_cpu = schedstat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
@@ -381,13 +381,13 @@ fn threads_named(name: &str) -> Vec<(u32, u64)> {
 async fn a_cpu_limited_function_computes_on_threads_of_idle_priority_that_give_way_to_every_other() {
     const SCHED_IDLE: u32 = 5;
     let host = TestHost::start().await;
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = Duration::from_millis(1000);
     spin.limits.cpu_millis = std::num::NonZeroU32::new(500);
     host.deploy(vec![spin, spec("hello", "hello", "/hello")]).await;
     let before: u64 = threads_named("shoal-limited").iter().map(|(_, on_cpu)| on_cpu).sum();
 
-    let (spun, hello) = tokio::join!(host.get("/spin"), async {
+    let (spun, hello) = tokio::join!(host.get("/endless"), async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         host.get("/hello").await
     });
@@ -400,7 +400,7 @@ async fn a_cpu_limited_function_computes_on_threads_of_idle_priority_that_give_w
     // However little CPU it got (other tests may keep the CPUs busy, and
     // idle priority yields to them), the guest computed there, not on the
     // threads serving everyone else.
-    let guest_ns = (host.running.host().metrics().cpu_seconds("spin") * 1e9) as u64;
+    let guest_ns = (host.running.host().metrics().cpu_seconds("endless") * 1e9) as u64;
     assert!(guest_ns > 0, "the spinning guest computed");
     assert!(after - before >= guest_ns * 9 / 10, "its CPU ({guest_ns} ns) was spent on them: {before} → {after} ns");
 }

@@ -1,13 +1,13 @@
 //! One usage record per request, with the numbers billing needs.
 
-use shoal::limits::Outcome;
+use shoal::outcome::Outcome;
 
 use crate::support::{TestHost, spec};
 
 #[tokio::test]
 async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     let host = TestHost::start_persistent().await;
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = std::time::Duration::from_millis(100);
     // A fuel limit: the function runs on the engine that meters fuel.
     let mut fib = spec("fib", "fib", "/fib");
@@ -15,7 +15,7 @@ async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     host.deploy(vec![fib, spin]).await;
     let first = host.get("/fib?n=27").await;
     let second = host.get("/fib?n=5").await;
-    host.get("/spin").await;
+    host.get("/endless").await;
 
     let records = host.running.host().ledger().unwrap().records(None).unwrap();
     assert_eq!(records.len(), 3);
@@ -30,7 +30,7 @@ async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     assert!(a.peak_memory_bytes >= 64 * 1024, "at least one wasm page");
     assert_eq!(a.billed_ms, a.wall_us.div_ceil(1000));
     assert_eq!(a.memory_byte_ms, a.peak_memory_bytes * a.billed_ms);
-    assert_eq!((c.function.as_str(), c.outcome, c.status), ("spin", Outcome::Timeout, 504));
+    assert_eq!((c.function.as_str(), c.outcome, c.status), ("endless", Outcome::Timeout, 504));
     assert!(c.billed_ms >= 100);
 
     let totals = host.running.host().ledger().unwrap().summarize(Some("fib"), None).unwrap();

@@ -62,7 +62,7 @@ async fn never_seen_wasm_is_served_from_baseline_code_then_optimized_code_with_b
 async fn limits_hold_on_baseline_code_and_fuel_limited_functions_compile_with_cranelift_at_once() {
     let cache = tempfile::tempdir().unwrap();
     let host = tiering_host(cache.path()).await;
-    let mut spin = spec("spin", "spin", "/spin");
+    let mut spin = spec("endless", "endless", "/endless");
     spin.limits.timeout = Duration::from_millis(100);
     let mut fib = spec("fib", "fib", "/fib");
     fib.limits.fuel_per_request = std::num::NonZeroU64::new(5_000_000);
@@ -71,7 +71,7 @@ async fn limits_hold_on_baseline_code_and_fuel_limited_functions_compile_with_cr
     assert_eq!(report[1].source, "compiled", "fuel is metered by Cranelift's code only");
     assert_eq!(code_of(&host, "fib").await, "metered");
 
-    let spun = host.get("/spin").await;
+    let spun = host.get("/endless").await;
     assert_eq!(spun.status, 504, "the wall-clock limit cuts Winch's code off too: {}", spun.body);
     let burnt = host.get("/fib?n=35").await;
     assert_eq!(burnt.status, 503, "{}", burnt.body);

@@ -1,13 +1,14 @@
 //! WASI 0.3 functions (`wasi:http/handler@0.3.0`, built with the upstream
 //! `wasip3` bindings) served beside WASI 0.2 ones: the same Runtime ABI and
-//! capability checks, the same limits and usage records.
+//! capability checks, the same limits and usage records; and WASI 0.3
+//! programs (`wasi:cli/run@0.3.0`) as containers.
 
 use std::collections::BTreeSet;
 use std::num::NonZeroU64;
 use std::time::Duration;
 
-use shoal::limits::Outcome;
 use shoal::manifest::{FunctionSpec, KeyGrant};
+use shoal::outcome::Outcome;
 
 use crate::pubsub::{inbox_receives, subscriber};
 use crate::support::{TestHost, spec};
@@ -90,4 +91,32 @@ async fn a_wasi_0_3_function_is_held_to_its_timeout_and_fuel_and_the_instance_is
     assert!(fueled[1].fuel.unwrap() >= 5_000_000, "{fueled:#?}");
     let slow: Vec<_> = records.iter().filter(|record| record.function == "slow").collect();
     assert_eq!(slow.iter().filter(|record| record.outcome == Outcome::Timeout).count(), 2, "{slow:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wasi_0_3_program_runs_as_a_container_with_its_arguments_environment_output_and_exit_status() {
+    use crate::cluster::{Containerd, SERIAL};
+    use crate::kubernetes::{RUNTIME, import, text};
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    let wasm = crate::support::guest("cli-hello-p3");
+    import(&containerd, &wasm, "localhost/shoal-test/cli-hello-p3:1", &["-e", "GREETING_NAME=p3"]);
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.extend(["localhost/shoal-test/cli-hello-p3:1", name, "/cli_hello_p3.wasm", "one", "two"]);
+        containerd.ctr("default", &args)
+    };
+    let output = run("p3-ok", &[]);
+    let out = text(&output);
+    assert!(output.status.success(), "ctr run failed: {out}\n{}", containerd.host_log());
+    assert!(out.contains(r#"hello from a wasi:cli@0.3 command, args ["one", "two"]"#), "{out}");
+    assert!(out.contains("hello, p3"), "the image's environment, through wasi:cli@0.3: {out}");
+    assert!(out.contains("cli-hello-p3: done"), "{out}");
+
+    // `run` returning an error is exit status 1.
+    let output = run("p3-fail", &["--env", "FAIL=1"]);
+    let out = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{out}\n{}", containerd.host_log());
+    assert!(out.contains("failing, as FAIL asks"), "{out}");
 }

@@ -14,7 +14,9 @@
 //! namespace (`<name>.<namespace>.svc.<cluster domain>`, resolved with the
 //! pod's DNS from the pod's network namespace), over HTTP to their
 //! listener on [`INVOKE_PORT`], carrying the request id, trace, parent and
-//! depth. Each endpoint has a circuit breaker; a call safe to repeat
+//! depth. A host outside Kubernetes asks its peers instead (`shoal serve
+//! --peer`: the function by name, with the token the peers share). Each
+//! endpoint has a circuit breaker; a call safe to repeat
 //! (see [`is_idempotent`]) is retried on another endpoint within the
 //! caller's retry budget; every failure reaches the guest as an error
 //! value naming the target.
@@ -27,10 +29,11 @@ use http_body_util::BodyExt as _;
 
 use super::bindings::shoal::runtime::{invoke, types};
 use super::outbound::{Egress, ExchangeError};
-use super::{AbiState, AbiView, MAX_INVOKE_DEPTH, ShoalError};
+use super::{AbiCtxView, AbiState, MAX_INVOKE_DEPTH, Peers, ShoalError};
 use crate::manifest::TenantName;
 use crate::request::{
-    INVOKE_DEPTH_HEADER, PARENT_ID_HEADER, REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER,
+    INVOKE_DEPTH_HEADER, INVOKE_FUNCTION_HEADER, INVOKE_TENANT_HEADER, PARENT_ID_HEADER, PEER_TOKEN_HEADER,
+    REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER,
 };
 use crate::resilience::{Policy, is_failure_status, is_idempotent};
 
@@ -68,7 +71,7 @@ pub enum InvokeError {
     Unavailable(String),
 }
 
-impl invoke::Host for AbiView<'_> {
+impl invoke::Host for AbiCtxView<'_> {
     async fn call(&mut self, function: String, request: types::Request) -> Result<types::Response, ShoalError> {
         let state = &mut *self.state;
         state.admit("invoke.call")?;
@@ -121,6 +124,8 @@ enum Endpoint {
     Local,
     /// A pod of the function's Service on another node.
     Remote(SocketAddr),
+    /// A peer host (`shoal serve --peer`), asked for the function by name.
+    Peer(SocketAddr),
 }
 
 /// Why an attempt did not answer.
@@ -166,7 +171,7 @@ impl Call {
         let local = self.invoker.serves(&caps.tenant, &self.function);
         let egress = state.services.egress(&caps.name);
         // The pods of the Service: resolved once, when first needed.
-        let mut remote: Option<Result<Vec<SocketAddr>, NoEndpoint>> = None;
+        let mut remote: Option<Result<Vec<Endpoint>, NoEndpoint>> = None;
         let mut tried: Vec<Endpoint> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
         let mut retries = 0;
@@ -181,10 +186,11 @@ impl Call {
                     .admits();
             if !local_usable || tried.contains(&Endpoint::Local) {
                 if remote.is_none() {
-                    remote = Some(self.discover(egress.as_ref(), caps.tenant.as_str()).await);
+                    let peers = state.services.peers().cloned();
+                    remote = Some(self.discover(egress.as_ref(), peers.as_ref(), caps.tenant.as_str()).await);
                 }
-                if let Some(Ok(addrs)) = &remote {
-                    candidates.extend(addrs.iter().map(|addr| Endpoint::Remote(*addr)));
+                if let Some(Ok(endpoints)) = &remote {
+                    candidates.extend(endpoints.iter().copied());
                 }
             }
             if candidates.is_empty() {
@@ -232,7 +238,12 @@ impl Call {
             };
             let result = match endpoint {
                 Endpoint::Local => self.local(&caps.tenant, meta).await,
-                Endpoint::Remote(addr) => self.remote(egress.as_ref(), addr, meta).await,
+                Endpoint::Remote(addr) => self.remote(egress.as_ref(), addr, None, meta).await,
+                Endpoint::Peer(addr) => {
+                    let peers = state.services.peers().cloned();
+                    let peer = peers.as_ref().map(|peers| (peers, caps.tenant.as_str()));
+                    self.remote(None, addr, peer, meta).await
+                }
             };
             let (retryable, why) = match result {
                 Ok(response) if !is_failure_status(response.status) => {
@@ -326,10 +337,24 @@ impl Call {
         &self,
         egress: Option<&std::sync::Arc<Egress>>,
         addr: SocketAddr,
+        peer: Option<(&Peers, &str)>,
         meta: RequestMeta,
     ) -> Result<types::Response, AttemptError> {
         let authority = format!("{}:{}", self.function, addr.port());
-        let request = self.request(Some(&meta), &authority).map(http_body_util::Full::new);
+        let mut request = self.request(Some(&meta), &authority);
+        if let Some((peers, tenant)) = peer {
+            // A peer serves a call by name only with the shared token.
+            for (name, value) in [
+                (INVOKE_FUNCTION_HEADER, self.function.as_str()),
+                (INVOKE_TENANT_HEADER, tenant),
+                (PEER_TOKEN_HEADER, &peers.token),
+            ] {
+                if let Ok(value) = http::HeaderValue::from_str(value) {
+                    request.headers_mut().insert(name, value);
+                }
+            }
+        }
+        let request = request.map(http_body_util::Full::new);
         let target = target_name(&self.function, Endpoint::Remote(addr));
         let exchange = super::outbound::exchange(egress, addr, request, self.policy.timeout, self.limit);
         match tokio::time::timeout(self.policy.timeout, exchange).await {
@@ -354,10 +379,14 @@ impl Call {
     async fn discover(
         &self,
         egress: Option<&std::sync::Arc<Egress>>,
+        peers: Option<&Peers>,
         namespace: &str,
-    ) -> Result<Vec<SocketAddr>, NoEndpoint> {
+    ) -> Result<Vec<Endpoint>, NoEndpoint> {
         let Some(egress) = egress else {
-            return Err(NoEndpoint::OutsidePod);
+            return match peers {
+                Some(peers) => peer_endpoints(peers).await,
+                None => Err(NoEndpoint::NoPeers),
+            };
         };
         let Some(domain) = egress.service_domain(namespace) else {
             return Err(NoEndpoint::NoServiceDomain(namespace.to_string()));
@@ -384,15 +413,34 @@ impl Call {
                 .collect();
             return Err(NoEndpoint::OnlySpecial { name, kinds: kinds.join(", ") });
         }
-        Ok(usable)
+        Ok(usable.into_iter().map(Endpoint::Remote).collect())
     }
+}
+
+/// The addresses of the host's peers, each an endpoint (a name may stand
+/// for several).
+async fn peer_endpoints(peers: &Peers) -> Result<Vec<Endpoint>, NoEndpoint> {
+    let mut endpoints = Vec::new();
+    let mut failures = Vec::new();
+    for peer in &peers.addrs {
+        match tokio::net::lookup_host(peer.as_str()).await {
+            Ok(addrs) => endpoints.extend(addrs.map(Endpoint::Peer)),
+            Err(err) => failures.push(format!("{peer}: {err}")),
+        }
+    }
+    if endpoints.is_empty() {
+        return Err(NoEndpoint::PeersUnresolved(failures.join("; ")));
+    }
+    Ok(endpoints)
 }
 
 /// Why no other node was asked for a function.
 #[derive(Debug, thiserror::Error)]
 enum NoEndpoint {
-    #[error("this function runs outside a pod, so no other node is asked")]
-    OutsidePod,
+    #[error("this host runs outside a pod and has no peers (shoal serve --peer), so no other host is asked")]
+    NoPeers,
+    #[error("no peer host could be resolved ({0})")]
+    PeersUnresolved(String),
     #[error("the pod's resolv.conf names no Service domain of namespace {0:?}")]
     NoServiceDomain(String),
     #[error("{0:?} cannot name a Service")]
@@ -414,7 +462,7 @@ pub const INVOKE_PORT: u16 = 8080;
 fn target_name(function: &str, endpoint: Endpoint) -> String {
     match endpoint {
         Endpoint::Local => format!("{function}@local"),
-        Endpoint::Remote(addr) => format!("{function}@{addr}"),
+        Endpoint::Remote(addr) | Endpoint::Peer(addr) => format!("{function}@{addr}"),
     }
 }
 

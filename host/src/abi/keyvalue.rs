@@ -4,7 +4,7 @@
 use wasmtime::component::Resource;
 
 use super::bindings::wasi::keyvalue::{atomics, store};
-use super::{AbiView, BucketHandle, KvError, LIST_PAGE, Refusal, trap};
+use super::{AbiCtxView, BucketHandle, KvError, LIST_PAGE, Refusal, trap};
 use crate::backends::BackendError;
 
 use store::Error;
@@ -25,7 +25,7 @@ fn backend(err: BackendError) -> KvError {
     Error::Other(err.to_string()).into()
 }
 
-impl AbiView<'_> {
+impl AbiCtxView<'_> {
     /// The bucket behind a handle, as the guest named it and as the
     /// backend stores it; a handle that is not in the table traps.
     fn bucket_of(&self, bucket: &Resource<BucketHandle>) -> Result<(String, String), KvError> {
@@ -53,7 +53,7 @@ impl AbiView<'_> {
     }
 }
 
-impl store::Host for AbiView<'_> {
+impl store::Host for AbiCtxView<'_> {
     async fn open(&mut self, identifier: String) -> Result<Resource<BucketHandle>, KvError> {
         self.state.admit("keyvalue.open")?;
         if !self.state.caps.grants.opens_bucket(&identifier) {
@@ -68,7 +68,7 @@ impl store::Host for AbiView<'_> {
     }
 }
 
-impl store::HostBucket for AbiView<'_> {
+impl store::HostBucket for AbiCtxView<'_> {
     async fn get(&mut self, bucket: Resource<BucketHandle>, key: String) -> Result<Option<Vec<u8>>, KvError> {
         let name = self.check_key("keyvalue.get", &bucket, &key)?;
         self.state.services.kv.get(&name, &key).await.map_err(backend)
@@ -127,7 +127,7 @@ impl store::HostBucket for AbiView<'_> {
     }
 }
 
-impl atomics::Host for AbiView<'_> {
+impl atomics::Host for AbiCtxView<'_> {
     async fn increment(&mut self, bucket: Resource<BucketHandle>, key: String, delta: u64) -> Result<u64, KvError> {
         let name = self.check_key("keyvalue.increment", &bucket, &key)?;
         match self.state.services.kv.increment(&name, &key, delta).await {

@@ -270,7 +270,7 @@ async fn resolve(egress: Option<&Arc<Egress>>, host: &str, port: u16) -> Result<
     }
     let name = format!("{host}:{port}");
     let found = in_egress(egress, async move {
-        tokio::net::lookup_host(name).await.map(|addrs| addrs.collect::<Vec<SocketAddr>>())
+        tokio::net::lookup_host(name).await.map(std::iter::Iterator::collect::<Vec<SocketAddr>>)
     })
     .await?;
     let addrs = found.map_err(HttpError::Connect)?;

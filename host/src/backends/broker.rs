@@ -59,7 +59,7 @@ struct Waiting {
 
 impl GroupQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
-        self.queue.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn push(&self, delivery: Delivery) {
@@ -131,12 +131,12 @@ impl LocalBroker {
 
     /// The waiting-bytes count of the tenant of `topic`.
     fn tenant_of(&self, topic: &str) -> Arc<TenantBytes> {
-        let mut tenants = self.tenants.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut tenants = self.tenants.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         tenants.entry(super::tenant_of(topic).to_string()).or_default().clone()
     }
 
     fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Arc<GroupQueue>>>> {
-        self.topics.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.topics.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -111,6 +111,6 @@ impl<T: Broker> Broker for Guarded<T> {
     }
 
     async fn unsubscribe(&self, topic: &str, group: &str) {
-        self.inner.unsubscribe(topic, group).await
+        self.inner.unsubscribe(topic, group).await;
     }
 }

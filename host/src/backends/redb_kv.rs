@@ -222,7 +222,7 @@ impl Store {
         if self.poisoned.load(Ordering::Acquire) {
             self.reopen()?;
         }
-        let slot = self.db.read().unwrap_or_else(|poison| poison.into_inner());
+        let slot = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         slot.clone().ok_or_else(|| BackendError::Failed("the key-value store is being reopened".to_string()))
     }
 
@@ -238,7 +238,7 @@ impl Store {
     /// Close the database and open it again (redb's way out of a previous
     /// I/O error). Waits briefly for calls still holding the old handle.
     fn reopen(&self) -> Result<(), BackendError> {
-        let mut slot = self.db.write().unwrap_or_else(|poison| poison.into_inner());
+        let mut slot = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -389,7 +389,7 @@ fn apply(txn: &redb::WriteTransaction, op: &WriteOp) -> Result<u64, BackendError
 impl KeyValue for RedbKeyValue {
     fn close(&self) -> Result<(), BackendError> {
         self.store.closed.store(true, Ordering::Release);
-        let mut slot = self.store.db.write().unwrap_or_else(|poison| poison.into_inner());
+        let mut slot = self.store.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         match slot.take().map(close_when_unused) {
             None | Some(Ok(())) => Ok(()),
             Some(Err(db)) => {

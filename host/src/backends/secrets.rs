@@ -33,7 +33,7 @@ impl SecretStore {
             return Some(bytes);
         }
         let var = format!("{ENV_PREFIX}{}", name.to_ascii_uppercase().replace(['-', '.'], "_"));
-        std::env::var_os(var).map(|value| value.into_encoded_bytes())
+        std::env::var_os(var).map(std::ffi::OsString::into_encoded_bytes)
     }
 }
 

@@ -16,9 +16,10 @@ use tokio::sync::watch;
 
 use crate::abi::MAX_INVOKE_DEPTH;
 use crate::host::Host;
+use crate::manifest::TenantName;
 use crate::request::{
-    INVOKE_DEPTH_HEADER, PARENT_ID_HEADER, REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER, TraceContext,
-    text_response,
+    INVOKE_DEPTH_HEADER, INVOKE_FUNCTION_HEADER, INVOKE_TENANT_HEADER, PARENT_ID_HEADER, PEER_TOKEN_HEADER,
+    REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER, TraceContext, text_response,
 };
 
 /// Which functions a listener serves.
@@ -33,7 +34,7 @@ pub enum Routing {
 /// Accept connections until `shutdown` turns true, then let open
 /// connections finish their requests.
 pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: watch::Receiver<bool>) {
-    serve_routed(listener, host, Routing::Table, shutdown).await
+    serve_routed(listener, host, Routing::Table, shutdown).await;
 }
 
 /// [`serve`] with a choice of routing. Connections live in a `JoinSet`
@@ -208,10 +209,44 @@ async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> 
         }
         _ => {}
     }
+    if request.headers().contains_key(INVOKE_FUNCTION_HEADER) {
+        return handle_peer_invoke(host, request).await;
+    }
     let request_host =
         request.uri().host().or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
     let Some(target) = host.registry().route(request_host, path) else {
         return text_response(StatusCode::NOT_FOUND, format!("shoal: no function serves {path}\n"), Some("no_route"));
+    };
+    let meta = request_meta(&request);
+    host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
+}
+
+/// A call a peer host's function made with `invoke` (`shoal serve
+/// --peer`): served by function name within the tenant it names, only
+/// with the token the peers share — without it, no caller reaches a
+/// function by name, past the routes.
+async fn handle_peer_invoke(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> {
+    let header = |name: &str| request.headers().get(name);
+    let token_ok = match (host.services().peers(), header(PEER_TOKEN_HEADER)) {
+        (Some(peers), Some(offered)) => peers.accepts(offered.as_bytes()),
+        _ => false,
+    };
+    if !token_ok {
+        return text_response(
+            StatusCode::FORBIDDEN,
+            "shoal: a call by function name needs this host's peer token\n".into(),
+            Some("peer_token"),
+        );
+    }
+    let name = header(INVOKE_FUNCTION_HEADER).and_then(|value| value.to_str().ok()).unwrap_or("");
+    let tenant = header(INVOKE_TENANT_HEADER).and_then(|value| value.to_str().ok()).unwrap_or(TenantName::DEFAULT);
+    let target = TenantName::new(tenant).ok().and_then(|tenant| host.registry().by_service(&tenant, name));
+    let Some(target) = target else {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            format!("shoal: no function named {name:?} is deployed in namespace {tenant:?} here\n"),
+            Some("no_route"),
+        );
     };
     let meta = request_meta(&request);
     host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
@@ -246,8 +281,7 @@ pub fn request_id<B>(request: &Request<B>) -> Arc<str> {
         .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .filter(|id| is_sane_id(id))
-        .map(Arc::from)
-        .unwrap_or_else(|| Arc::from(new_request_id().as_str()))
+        .map_or_else(|| Arc::from(new_request_id().as_str()), Arc::from)
 }
 
 /// A random (version 4) UUID from the thread's userspace generator:

@@ -1,63 +1,14 @@
-//! `wasi:config/store`, `shoal:runtime/secrets` and `shoal:runtime/pubsub`.
+//! `shoal:runtime/secrets`: the host's secret store, or a pod's own
+//! Secret volumes.
 
-use super::bindings::shoal::runtime::{pubsub, secrets, types};
-use super::bindings::wasi::config::store as config;
-use super::{AbiView, ConfigError, Refusal, ShoalError};
-use crate::backends::BackendError;
+use super::bindings::shoal::runtime::{secrets, types};
+use super::{AbiCtxView, ShoalError};
 use crate::manifest::VolumeKind;
-
-impl From<Refusal> for ShoalError {
-    fn from(refusal: Refusal) -> ShoalError {
-        match refusal {
-            Refusal::Denied(message) => types::Error::Denied(message).into(),
-            Refusal::Limited(message) => types::Error::Limited(message).into(),
-        }
-    }
-}
-
-impl From<Refusal> for ConfigError {
-    fn from(refusal: Refusal) -> ConfigError {
-        match refusal {
-            Refusal::Denied(message) | Refusal::Limited(message) => config::Error::Upstream(message).into(),
-        }
-    }
-}
-
-impl types::Host for AbiView<'_> {
-    fn convert_error(&mut self, err: ShoalError) -> wasmtime::Result<types::Error> {
-        err.downcast()
-    }
-}
-
-/// The function's configuration: its environment (a pod's `env`, the
-/// manifest's `[function.env]`), then its `config` grants, which win.
-impl config::Host for AbiView<'_> {
-    async fn get(&mut self, key: String) -> Result<Option<String>, ConfigError> {
-        self.state.admit("config.get")?;
-        let caps = &self.state.caps;
-        match caps.grants.config.get(&key).or_else(|| caps.env.get(&key)) {
-            Some(value) => Ok(Some(value.clone())),
-            None => Err(self.state.deny("config.get", format!("config key {key:?}")).into()),
-        }
-    }
-
-    async fn get_all(&mut self) -> Result<Vec<(String, String)>, ConfigError> {
-        self.state.admit("config.get-all")?;
-        let caps = &self.state.caps;
-        let mut all = caps.env.clone();
-        all.extend(caps.grants.config.iter().map(|(k, v)| (k.clone(), v.clone())));
-        Ok(all.into_iter().collect())
-    }
-
-    fn convert_error(&mut self, err: ConfigError) -> wasmtime::Result<config::Error> {
-        err.downcast()
-    }
-}
 
 /// A function a pod made reads the pod's own Secret volumes (a key of any
 /// of them, by name) and nothing of the host's; any other function reads
 /// the host's secret store, within its `secrets` grant.
-impl secrets::Host for AbiView<'_> {
+impl secrets::Host for AbiCtxView<'_> {
     async fn get(&mut self, name: String) -> Result<Vec<u8>, ShoalError> {
         self.state.admit("secrets.get")?;
         let caps = self.state.caps.clone();
@@ -146,22 +97,4 @@ fn read_secret_volumes(volumes: &[std::path::PathBuf], name: &str) -> Result<Opt
         return Ok(Some(bytes));
     }
     Ok(None)
-}
-
-impl pubsub::Host for AbiView<'_> {
-    async fn publish(&mut self, topic: String, message: Vec<u8>) -> Result<(), ShoalError> {
-        let state = &*self.state;
-        state.admit("pubsub.publish")?;
-        if !state.caps.grants.publish.contains(&topic) {
-            return Err(state.deny("pubsub.publish", format!("publishing to topic {topic:?}")).into());
-        }
-        let limit = state.caps.limits.message_max_bytes;
-        state.check_size("pubsub.publish", "message", message.len(), "message_max_bytes", limit)?;
-        state.admit_publish()?;
-        match state.services.broker.publish(&state.caps.tenant.scope(&topic), message).await {
-            Ok(_id) => Ok(()),
-            Err(BackendError::Full(message)) => Err(state.limited("pubsub.publish", message).into()),
-            Err(err) => Err(types::Error::Backend(err.to_string()).into()),
-        }
-    }
 }
