@@ -17,6 +17,7 @@ async fn ctr_task_exec_runs_a_program_of_the_rootfs_and_shoal_invoke_in_the_cont
     std::fs::copy(guest("hello"), root.path().join("app.wasm")).unwrap();
     std::fs::create_dir(root.path().join("tools")).unwrap();
     std::fs::copy(guest("cli-hello"), root.path().join("tools/cli-hello.wasm")).unwrap();
+    std::fs::copy(guest("cli-hello-p3"), root.path().join("tools/cli-hello-p3.wasm")).unwrap();
     let rootfs = root.path().to_str().unwrap();
     let run = containerd.ctr(
         "default",
@@ -42,6 +43,12 @@ async fn ctr_task_exec_runs_a_program_of_the_rootfs_and_shoal_invoke_in_the_cont
     assert!(out.contains("hello, exec"), "the container's environment: {out}");
     assert!(out.contains(r#"root holds ["app.wasm", "tools"]"#), "the rootfs is its /: {out}");
     assert!(String::from_utf8_lossy(&program.stderr).contains("cli-hello: done"), "stderr on its own: {out}");
+    // A WASI 0.3 program (`wasi:cli/run@0.3`) the same way.
+    let p3 = exec("program-p3", &["/tools/cli-hello-p3.wasm", "three"]);
+    let out = text(&p3);
+    assert!(p3.status.success(), "{out}\n{}", containerd.host_log());
+    assert!(out.contains(r#"hello from a wasi:cli@0.3 command, args ["three"]"#), "{out}");
+    assert!(out.contains("hello, exec"), "the container's environment: {out}");
 
     // What cannot run says why, with a shell's exit codes.
     let missing = exec("missing", &["/tools/missing.wasm"]);
