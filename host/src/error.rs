@@ -22,12 +22,12 @@ pub enum Error {
     },
 
     /// The bytes are not WebAssembly, or do not validate.
-    #[error("function {function:?}: invalid wasm: {reason}")]
+    #[error("function {function:?}: invalid wasm: {source:#}")]
     InvalidWasm {
         /// The function being deployed.
         function: String,
-        /// What the validator or compiler said.
-        reason: String,
+        /// What the parser, validator or compiler said.
+        source: anyhow::Error,
     },
 
     /// A core module where a component is needed.
@@ -41,12 +41,12 @@ pub enum Error {
     },
 
     /// The component imports something the host does not provide.
-    #[error("function {function:?}: cannot link: {reason}")]
+    #[error("function {function:?}: cannot link: {source:#}")]
     Link {
         /// The function being deployed.
         function: String,
-        /// The linker's message (names the missing import).
-        reason: String,
+        /// The linker's error (names the missing import).
+        source: anyhow::Error,
     },
 
     /// The component does not export `wasi:http/incoming-handler`.

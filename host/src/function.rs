@@ -195,7 +195,7 @@ impl Loader {
 
     /// Link `component` (compiled for `tier`'s engine) and find its exports.
     fn link(&self, component: Component, tier: Tier, function: &str) -> Result<Code, Error> {
-        let failed = |err: anyhow::Error| Error::Link { function: function.to_string(), reason: format!("{err:#}") };
+        let failed = |source: anyhow::Error| Error::Link { function: function.to_string(), source };
         let linker = self.linker(tier).map_err(failed)?;
         let pre = linker.instantiate_pre(&component).map_err(|err| failed(err.into()))?;
         let handler = match tier.flavor().concurrent {
@@ -286,7 +286,7 @@ impl Loader {
             }
             return Err(Error::InvalidWasm {
                 function,
-                reason: "not a WebAssembly binary (bad magic number or version)".to_string(),
+                source: anyhow::anyhow!("not a WebAssembly binary (bad magic number or version)"),
             });
         }
 
@@ -294,7 +294,7 @@ impl Loader {
         // threads that serve requests.
         let fuel = self.engine.meters_fuel(spec.limits.fuel_per_request.is_some());
         let concurrent = uses_wasi_0_3(&wasm)
-            .map_err(|err| Error::InvalidWasm { function: function.clone(), reason: err.to_string() })?;
+            .map_err(|err| Error::InvalidWasm { function: function.clone(), source: err.into() })?;
         let tier = match (concurrent, fuel) {
             (false, false) => Tier::Optimized,
             (false, true) => Tier::Metered,
@@ -388,7 +388,7 @@ impl Loader {
             })
             .await
             .map_err(|err| anyhow::anyhow!("compile task failed: {err}"))?
-            .map_err(|err| Error::InvalidWasm { function: function.to_string(), reason: format!("{err:#}") })?
+            .map_err(|err| Error::InvalidWasm { function: function.to_string(), source: err })?
         };
         Ok((self.link(component, tier, function)?, source))
     }

@@ -1,6 +1,7 @@
 //! A DNS server for tests, standing in for a cluster's DNS: it answers
 //! `A` queries for the names it was given (as CoreDNS does for a headless
-//! Service: one address per ready pod) and `NXDOMAIN` for the rest.
+//! Service: one address per ready pod), `SRV` queries for the named ports
+//! it was given (`_http._tcp.<service>`), and `NXDOMAIN` for the rest.
 //! Messages are parsed and written by `hickory-proto`.
 
 use std::collections::HashMap;
@@ -11,11 +12,20 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, SRV};
 use hickory_proto::rr::{RData, Record, RecordType};
 
-/// Names (lower case, without the final dot) and their addresses.
-type Zone = Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>;
+/// Names (lower case, without the final dot) and what they answer.
+type Zone = Arc<Mutex<HashMap<String, Answer>>>;
+
+/// What a name answers.
+#[derive(Clone)]
+enum Answer {
+    /// `A` records.
+    Addresses(Vec<Ipv4Addr>),
+    /// An `SRV` record: the port, on the name without its `_http._tcp.`.
+    Port(u16),
+}
 
 /// A UDP DNS server on a thread of its own; stops when dropped.
 pub struct DnsServer {
@@ -63,8 +73,15 @@ impl DnsServer {
         if addresses.is_empty() {
             zone.remove(&name);
         } else {
-            zone.insert(name, addresses.to_vec());
+            zone.insert(name, Answer::Addresses(addresses.to_vec()));
         }
+    }
+
+    /// Answer `_http._tcp.<service>` with an SRV record naming `port` (a
+    /// Service's port named `http`).
+    pub fn set_http_port(&self, service: &str, port: u16) {
+        let name = format!("_http._tcp.{}", service.trim_end_matches('.').to_ascii_lowercase());
+        self.zone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name, Answer::Port(port));
     }
 
     /// Queries received so far.
@@ -100,10 +117,15 @@ fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
         let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
         match zone.get(&name) {
             // A short TTL: a test changes the answer between calls.
-            Some(addresses) if question.query_type() == RecordType::A => {
+            Some(Answer::Addresses(addresses)) if question.query_type() == RecordType::A => {
                 for address in addresses {
                     reply.add_answer(Record::from_rdata(question.name().clone(), 1, RData::A(A(*address))));
                 }
+            }
+            Some(Answer::Port(port)) if question.query_type() == RecordType::SRV => {
+                let target = question.name().trim_to(question.name().num_labels() as usize - 2);
+                let srv = SRV::new(0, 100, *port, target);
+                reply.add_answer(Record::from_rdata(question.name().clone(), 1, RData::SRV(srv)));
             }
             // The name exists, without records of that type.
             Some(_) => {}

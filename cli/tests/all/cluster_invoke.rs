@@ -36,6 +36,18 @@ impl Node {
     }
 
     async fn pod(&mut self, namespace: &str, name: &str, container: &str, image: &str, dns: Option<Ipv4Addr>) -> Pod {
+        self.pod_with_env(namespace, name, container, image, dns, &[]).await
+    }
+
+    async fn pod_with_env(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+        image: &str,
+        dns: Option<Ipv4Addr>,
+        env: &[(&str, &str)],
+    ) -> Pod {
         let grants = [("shoal.dev/grants.invoke", "api,invoker")];
         let server = dns.map(|ip| ip.to_string());
         let servers: Vec<&str> = server.iter().map(String::as_str).collect();
@@ -48,6 +60,7 @@ impl Node {
             annotations: if container == "api" { &[] } else { &grants },
             dns_servers: &servers,
             dns_searches: &searches,
+            env,
             ..PodOptions::new(name, image)
         };
         match self.cri.try_run_pod(&self.containerd.log_dir, options).await {
@@ -112,6 +125,9 @@ async fn a_function_invokes_its_namespaces_function_on_another_node_and_a_dead_e
     let caller_b = node_a.pod("team-b", "caller", "web", &invoker, Some(gateway)).await;
     let dns = DnsServer::start(SocketAddr::from((gateway, 53))).expect("the DNS server binds the bridge's gateway");
     dns.set("api.team-a.svc.cluster.local", &[ip(&api_1)]);
+    // team-a's Service names its port `http` (an SRV record); team-b's
+    // does not (the listener's default, 8080, then).
+    dns.set_http_port("api.team-a.svc.cluster.local", 8080);
     dns.set("api.team-b.svc.cluster.local", &[ip(&other_api)]);
     dns.set("invoker.team-b.svc.cluster.local", &[ip(&looping)]);
 
@@ -161,6 +177,16 @@ async fn a_function_invokes_its_namespaces_function_on_another_node_and_a_dead_e
     assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
     let row = table.lines().find(|line| line.contains(&dead_target)).unwrap_or_else(|| panic!("{table}"));
     assert!(row.contains(" open "), "{table}");
+
+    // A Service whose port named `http` is not 8080: its SRV record says
+    // which port the pods listen on.
+    let api_3 = node_b.pod_with_env("team-a", "api-3", "api", &hello, None, &[("SHOAL_HTTP_PORT", "9090")]).await;
+    dns.set("api.team-a.svc.cluster.local", &[ip(&api_3)]);
+    dns.set_http_port("api.team-a.svc.cluster.local", 9090);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = get(&caller, "/call?fn=api&path=/");
+    assert_eq!((status, body.as_str()), (200, "hello, world\n"), "through the Service's named port");
+    node_b.cri.remove_pod(&api_3).await;
 
     // A cycle across nodes: team-b's caller on A invokes `invoker` on B,
     // which invokes itself; the depth travels with the call, so node B

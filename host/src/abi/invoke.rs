@@ -13,7 +13,8 @@
 //! the pods of the Kubernetes Service of that name in the caller's own
 //! namespace (`<name>.<namespace>.svc.<cluster domain>`, resolved with the
 //! pod's DNS from the pod's network namespace), over HTTP to their
-//! listener on [`INVOKE_PORT`], carrying the request id, trace, parent and
+//! listener on the Service's port named `http` (its SRV record) or
+//! [`INVOKE_PORT`], carrying the request id, trace, parent and
 //! depth. A host outside Kubernetes asks its peers instead (`shoal serve
 //! --peer`: the function by name, with the token the peers share). Each
 //! endpoint has a circuit breaker; a call safe to repeat
@@ -395,7 +396,10 @@ impl Call {
             return Err(NoEndpoint::NotALabel(self.function.clone()));
         }
         let name = format!("{}.{domain}.", self.function);
-        let addrs = super::outbound::resolve_in(Some(egress), &name, INVOKE_PORT)
+        // The Service's port named `http` (its SRV record), else the
+        // listener's default.
+        let port = super::outbound::srv_port(egress, &format!("_http._tcp.{name}")).await.unwrap_or(INVOKE_PORT);
+        let addrs = super::outbound::resolve_in(Some(egress), &name, port)
             .await
             .map_err(|source| NoEndpoint::Unresolved { name: name.clone(), source })?;
         // As for outbound HTTP: a name never leads to the node itself,
@@ -455,7 +459,8 @@ enum NoEndpoint {
     OnlySpecial { name: String, kinds: String },
 }
 
-/// The port of a function's listener in its pod (a Service's target port).
+/// The port of a function's listener in its pod (`SHOAL_HTTP_PORT`'s
+/// default), used when the Service names no port `http` (no SRV record).
 pub const INVOKE_PORT: u16 = 8080;
 
 /// How a target is named in breakers, metrics and errors.

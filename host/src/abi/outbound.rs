@@ -437,6 +437,23 @@ impl Egress {
     }
 }
 
+/// The port of the first SRV record of `name` (e.g. `_http._tcp.api.a.svc
+/// .cluster.local.`, the named port of a Service), asked of the pod's
+/// DNS; `None` when there is none or the pod has no resolver of its own.
+pub(super) async fn srv_port(egress: &Arc<Egress>, name: &str) -> Option<u16> {
+    let resolver = egress.resolver.clone()?;
+    let name = name.to_string();
+    let found = in_egress(Some(egress), async move {
+        resolver
+            .srv_lookup(name.as_str())
+            .await
+            .ok()
+            .and_then(|srv| srv.iter().next().map(hickory_resolver::proto::rr::rdata::SRV::port))
+    })
+    .await;
+    found.ok().flatten()
+}
+
 /// Resolve `host` where `egress` makes its connections (the pod's DNS).
 pub(super) async fn resolve_in(
     egress: Option<&Arc<Egress>>,
