@@ -69,11 +69,20 @@ impl Node {
         }
     }
 
+    /// The node host's state directory.
+    fn host_dir(&self) -> std::path::PathBuf {
+        let state = self.containerd.dir.path().join("shoal-state");
+        std::fs::read_dir(&state).unwrap().next().unwrap().unwrap().path()
+    }
+
     /// The node host's admin socket.
     fn admin_socket(&self) -> std::path::PathBuf {
-        let state = self.containerd.dir.path().join("shoal-state");
-        let host = std::fs::read_dir(&state).unwrap().next().unwrap().unwrap().path();
-        host.join("admin.sock")
+        self.host_dir().join("admin.sock")
+    }
+
+    /// The usage records in the node host's ledger, read from its files.
+    fn records(&self) -> Vec<shoal::metering::UsageRecord> {
+        shoal::metering::Ledger::read_dir(&self.host_dir().join("usage"), None).unwrap()
     }
 
     fn admin(&self) -> shoal::admin::Client {
@@ -138,6 +147,14 @@ async fn a_function_invokes_its_namespaces_function_on_another_node_and_a_dead_e
     assert!(dns.queries() > 0);
     assert_eq!(node_b.requests_of("team-a", "api").await, 1, "the callee's usage record on node B");
     assert_eq!(node_a.requests_of("team-a", "web").await, 1);
+    // The callee's record is the caller's child: its id, parent and trace.
+    let a_records = node_a.records();
+    let call = a_records.iter().find(|r| r.tenant == "team-a" && r.function.starts_with("web-")).unwrap();
+    let b_records = node_b.records();
+    let served = b_records.iter().find(|r| r.tenant == "team-a" && r.function.starts_with("api-")).unwrap();
+    assert_eq!(served.parent_id.as_deref(), Some(call.request_id.as_str()));
+    assert_eq!(served.request_id, format!("{}/1", call.request_id));
+    assert!(served.trace_id.is_some() && served.trace_id == call.trace_id, "{served:?} / {call:?}");
 
     // Never another namespace's: with no Service api in team-a, the call
     // is not-found, though team-b has one.
