@@ -398,17 +398,7 @@ pub(crate) fn main() -> ExitCode {
 /// its error already ends with (an error that says `what: {source}` and
 /// also keeps the source, so `Error::source` finds it).
 fn report(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let cause = cause.to_string();
-        if text.is_empty() {
-            text = cause;
-        } else if !text.ends_with(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-    }
-    text
+    shoal::error_chain(err.as_ref())
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

@@ -148,13 +148,8 @@ impl Dispatcher {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let trace = request
-            .headers()
-            .get(TRACEPARENT_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(TraceContext::parse)
-            .map_or_else(TraceContext::start, |caller| caller.child());
-        self.dispatch_with(pool, request, RequestMeta::root(request_id, trace)).await
+        let meta = RequestMeta::root_of(request.headers(), request_id);
+        self.dispatch_with(pool, request, meta).await
     }
 
     /// Serve `request` with a version from `pool`, as the request `meta`

@@ -5,6 +5,22 @@
 
 use std::path::PathBuf;
 
+/// `err` and its causes, `: `-separated, each cause once: one whose text
+/// already ends the line (a Display that shows its source) is not repeated.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.ends_with(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// What can go wrong deploying, managing or reaching functions.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -68,4 +68,4 @@ pub mod server;
 pub mod signals;
 pub mod trigger;
 
-pub use error::Error;
+pub use error::{Error, error_chain};

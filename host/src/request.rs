@@ -66,6 +66,18 @@ impl RequestMeta {
     pub fn root(id: Arc<str>, trace: TraceContext) -> RequestMeta {
         RequestMeta { id, parent_id: None, depth: 0, trace }
     }
+
+    /// A request from a trigger, named `id`, in the trace its
+    /// `traceparent` header names (Shoal's span a child of the caller's),
+    /// or in a new trace without a valid one.
+    pub fn root_of(headers: &http::HeaderMap, id: Arc<str>) -> RequestMeta {
+        let trace = headers
+            .get(TRACEPARENT_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(TraceContext::parse)
+            .map_or_else(TraceContext::start, |caller| caller.child());
+        RequestMeta::root(id, trace)
+    }
 }
 
 /// A W3C Trace Context (`traceparent`, version 00): a 16-byte trace id,

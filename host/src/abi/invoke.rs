@@ -31,6 +31,7 @@ use http_body_util::BodyExt as _;
 use super::bindings::shoal::runtime::{invoke, types};
 use super::outbound::{Egress, ExchangeError};
 use super::{AbiCtxView, AbiState, MAX_INVOKE_DEPTH, Peers, ShoalError};
+use crate::error::error_chain;
 use crate::manifest::TenantName;
 use crate::request::{
     INVOKE_DEPTH_HEADER, INVOKE_FUNCTION_HEADER, INVOKE_TENANT_HEADER, PARENT_ID_HEADER, PEER_TOKEN_HEADER,
@@ -176,15 +177,18 @@ impl Call {
         let mut tried: Vec<Endpoint> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
         let mut retries = 0;
+        let breaker_of =
+            |endpoint: Endpoint| breakers.get(&caps.name, &target_name(&self.function, endpoint), &self.policy.breaker);
+        let local_breaker = local.then(|| breaker_of(Endpoint::Local));
+        let failed = |errors: &[String]| {
+            Failure::Error(types::Error::Backend(format!("invoking {:?}: {}", self.function, errors.join("; "))))
+        };
         loop {
             let mut candidates = Vec::new();
             if local {
                 candidates.push(Endpoint::Local);
             }
-            let local_usable = local
-                && breakers
-                    .get(&caps.name, &target_name(&self.function, Endpoint::Local), &self.policy.breaker)
-                    .admits();
+            let local_usable = local_breaker.as_ref().is_some_and(|breaker| breaker.admits());
             if !local_usable || tried.contains(&Endpoint::Local) {
                 if remote.is_none() {
                     let peers = state.services.peers().cloned();
@@ -199,7 +203,7 @@ impl Call {
                     Some(Err(why)) => types::Error::NotFound(format!(
                         "no function named {:?} is deployed in this namespace here, and {}",
                         self.function,
-                        chain(&why)
+                        error_chain(&why)
                     )),
                     _ => types::Error::NotFound(InvokeError::NotFound(self.function.clone()).to_string()),
                 }));
@@ -210,7 +214,10 @@ impl Call {
             let mut attempt = None;
             let mut refusals = Vec::new();
             for endpoint in candidates {
-                let breaker = breakers.get(&caps.name, &target_name(&self.function, endpoint), &self.policy.breaker);
+                let breaker = match (endpoint, &local_breaker) {
+                    (Endpoint::Local, Some(breaker)) => breaker.clone(),
+                    _ => breaker_of(endpoint),
+                };
                 match breaker.try_call(Some(&trace_id)) {
                     Ok(admitted) => {
                         attempt = Some((endpoint, admitted));
@@ -221,13 +228,10 @@ impl Call {
             }
             let Some((endpoint, admitted)) = attempt else {
                 errors.extend(refusals);
-                return Err(Failure::Error(types::Error::Backend(format!(
-                    "invoking {:?}: {}",
-                    self.function,
-                    errors.join("; ")
-                ))));
+                return Err(failed(&errors));
             };
             tried.push(endpoint);
+            let breaker = admitted.breaker().clone();
             state.invokes += 1;
             let parent = state.request_id().unwrap_or_else(|| "-".into());
             let meta = RequestMeta {
@@ -276,17 +280,11 @@ impl Call {
             };
             errors.push(why);
             if !retryable {
-                return Err(Failure::Error(types::Error::Backend(format!(
-                    "invoking {:?}: {}",
-                    self.function,
-                    errors.join("; ")
-                ))));
+                return Err(failed(&errors));
             }
             retries += 1;
-            if let Some(last) = tried.last() {
-                breakers.get(&caps.name, &target_name(&self.function, *last), &self.policy.breaker).count_retry();
-            }
-            tokio::time::sleep(self.policy.backoff_before(retries.max(1))).await;
+            breaker.count_retry();
+            tokio::time::sleep(self.policy.backoff_before(retries)).await;
         }
     }
 
@@ -365,9 +363,9 @@ impl Call {
             ))),
             Ok(Err(ExchangeError::TooLarge)) => Err(AttemptError::TooLarge),
             Ok(Err(err @ ExchangeError::Connect(_))) => {
-                Err(AttemptError::NotSent(format!("{target}: {}", chain(&err))))
+                Err(AttemptError::NotSent(format!("{target}: {}", error_chain(&err))))
             }
-            Ok(Err(err)) => Err(AttemptError::Failed(format!("{target}: {}", chain(&err)))),
+            Ok(Err(err)) => Err(AttemptError::Failed(format!("{target}: {}", error_chain(&err)))),
             Ok(Ok((parts, body))) => {
                 Ok(types::Response { status: parts.status.as_u16(), headers: header_pairs(&parts.headers), body })
             }
@@ -399,7 +397,7 @@ impl Call {
         // The Service's port named `http` (its SRV record), else the
         // listener's default.
         let port = super::outbound::srv_port(egress, &format!("_http._tcp.{name}")).await.unwrap_or(INVOKE_PORT);
-        let addrs = super::outbound::resolve_in(Some(egress), &name, port)
+        let addrs = super::outbound::resolve(Some(egress), &name, port)
             .await
             .map_err(|source| NoEndpoint::Unresolved { name: name.clone(), source })?;
         // As for outbound HTTP: a name never leads to the node itself,
@@ -482,21 +480,6 @@ fn is_dns_label(name: &str) -> bool {
 
 fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
     headers.iter().map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec())).collect()
-}
-
-/// An error and its causes, one after another.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 enum Collect {

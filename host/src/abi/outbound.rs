@@ -252,7 +252,8 @@ async fn in_egress<T: Send + 'static>(
     }
 }
 
-async fn resolve(egress: Option<&Arc<Egress>>, host: &str, port: u16) -> Result<Vec<SocketAddr>, HttpError> {
+/// Resolve `host` where `egress` makes its connections (the pod's DNS).
+pub(super) async fn resolve(egress: Option<&Arc<Egress>>, host: &str, port: u16) -> Result<Vec<SocketAddr>, HttpError> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
@@ -452,15 +453,6 @@ pub(super) async fn srv_port(egress: &Arc<Egress>, name: &str) -> Option<u16> {
     })
     .await;
     found.ok().flatten()
-}
-
-/// Resolve `host` where `egress` makes its connections (the pod's DNS).
-pub(super) async fn resolve_in(
-    egress: Option<&Arc<Egress>>,
-    host: &str,
-    port: u16,
-) -> Result<Vec<SocketAddr>, HttpError> {
-    resolve(egress, host, port).await
 }
 
 /// Send a whole `request` to `addr` over a new HTTP/1.1 connection made

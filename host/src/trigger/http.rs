@@ -17,9 +17,10 @@ use tokio::sync::watch;
 use crate::abi::MAX_INVOKE_DEPTH;
 use crate::host::Host;
 use crate::manifest::TenantName;
+use crate::registry::Target;
 use crate::request::{
     INVOKE_DEPTH_HEADER, INVOKE_FUNCTION_HEADER, INVOKE_TENANT_HEADER, PARENT_ID_HEADER, PEER_TOKEN_HEADER,
-    REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER, TraceContext, text_response,
+    REQUEST_ID_HEADER, RequestMeta, ShoalBody, text_response,
 };
 
 /// Which functions a listener serves.
@@ -184,6 +185,11 @@ async fn handle_function(host: &Host, name: &str, request: Request<Incoming>) ->
             Some("no_route"),
         );
     };
+    serve_request(host, &target, request).await
+}
+
+/// Serve `request` with a version of `target`, as [`request_meta`] says.
+async fn serve_request(host: &Host, target: &Target, request: Request<Incoming>) -> Response<ShoalBody> {
     let meta = request_meta(&request);
     host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
 }
@@ -217,8 +223,7 @@ async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> 
     let Some(target) = host.registry().route(request_host, path) else {
         return text_response(StatusCode::NOT_FOUND, format!("shoal: no function serves {path}\n"), Some("no_route"));
     };
-    let meta = request_meta(&request);
-    host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
+    serve_request(host, &target, request).await
 }
 
 /// A call a peer host's function made with `invoke` (`shoal serve
@@ -248,8 +253,7 @@ async fn handle_peer_invoke(host: &Host, request: Request<Incoming>) -> Response
             Some("no_route"),
         );
     };
-    let meta = request_meta(&request);
-    host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
+    serve_request(host, &target, request).await
 }
 
 /// Who a request is: its id ([`request_id`]), its trace (the caller's
@@ -258,10 +262,7 @@ async fn handle_peer_invoke(host: &Host, request: Request<Incoming>) -> Response
 /// caller's word, which can only bring its own call nearer to the limit.
 pub fn request_meta<B>(request: &Request<B>) -> RequestMeta {
     let header = |name: &str| request.headers().get(name).and_then(|value| value.to_str().ok());
-    let trace = header(TRACEPARENT_HEADER)
-        .and_then(TraceContext::parse)
-        .map_or_else(TraceContext::start, |caller| caller.child());
-    let mut meta = RequestMeta::root(request_id(request), trace);
+    let mut meta = RequestMeta::root_of(request.headers(), request_id(request));
     if let Some(depth) = header(INVOKE_DEPTH_HEADER).and_then(|depth| depth.parse::<u32>().ok()) {
         meta.depth = depth.min(MAX_INVOKE_DEPTH);
         meta.parent_id = header(PARENT_ID_HEADER).filter(|id| is_sane_id(id)).map(Arc::from);
