@@ -296,6 +296,17 @@ impl AbiState {
         self.invokes = 0;
     }
 
+    /// The request's nesting depth and the invokes it has made.
+    pub(crate) fn context(&self) -> (u32, u32) {
+        (self.depth, self.invokes)
+    }
+
+    /// Load a request's nesting depth and invoke count.
+    pub(crate) fn set_context(&mut self, depth: u32, invokes: u32) {
+        self.depth = depth;
+        self.invokes = invokes;
+    }
+
     fn request_id(&self) -> Option<Arc<str>> {
         self.log.request_id()
     }

@@ -202,7 +202,7 @@ impl Dispatcher {
             self.metrics.observe_refused(&function, Outcome::LedgerUnavailable);
             return Err((Outcome::LedgerUnavailable, format!("the usage ledger cannot be written: {why}")));
         }
-        let lease = match pool.acquire().instrument(span.clone()).await {
+        let lease = match pool.acquire(&self.runtime_for(&pool)).instrument(span.clone()).await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { .. }) => {
                 self.metrics.observe_refused(&function, Outcome::Overloaded);
@@ -231,7 +231,7 @@ impl Dispatcher {
                 let mut lease = lease;
                 let started = SystemTime::now();
                 let meta = RequestMeta::root(request_id.clone(), trace);
-                let (stats, result) = lease.instance().deliver(message, &meta).await;
+                let (stats, result) = lease.deliver(message, &meta).await;
                 let (outcome, verdict) = match &result {
                     Ok(Ok(())) => (Outcome::Ok, Ok(())),
                     Ok(Err(declined)) => (Outcome::Declined, Err((Outcome::Declined, declined.reason.clone()))),
@@ -301,7 +301,7 @@ impl Dispatcher {
             let why = format!("cannot serve {function:?}: its usage record could not be kept ({why})");
             return retry_later(Outcome::LedgerUnavailable, &why, Duration::from_secs(1));
         }
-        let lease = match pool.acquire().await {
+        let lease = match pool.acquire(&self.runtime_for(&pool)).await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { retry_after }) => {
                 self.metrics.observe_refused(&function, Outcome::Overloaded);
@@ -369,7 +369,7 @@ impl Dispatcher {
         let task = self.runtime_for(&pool).spawn(Box::pin(
             async move {
                 let mut lease = lease;
-                let (stats, result) = lease.instance().handle(request, &meta, respond).await;
+                let (stats, result) = lease.handle(request, &meta, respond).await;
                 // Handler returned without calling `response-outparam.set`:
                 // drop the sender so the waiting side sees it.
                 let unanswered = lock(&head_slot).take().is_some();

@@ -321,6 +321,22 @@ impl Loader {
         if code.handler.is_none() && (code.events.is_none() || !spec.routes.is_empty()) {
             return Err(Error::MissingHandler { function });
         }
+        let instance_concurrency = match (&code.handler, spec.limits.instance_concurrency) {
+            (Some(HttpHandler::P3(_)), asked) => {
+                asked.map_or(crate::manifest::DEFAULT_INSTANCE_CONCURRENCY, std::num::NonZeroU32::get)
+            }
+            (_, Some(asked)) if asked.get() > 1 => {
+                return Err(Error::LimitUnsupported {
+                    function,
+                    reason: format!(
+                        "instance_concurrency = {asked} needs a WASI 0.3 HTTP handler (wasi:http/handler@0.3), \
+                         whose calls are async and can share an instance; this component's handler takes one \
+                         request per instance at a time (leave instance_concurrency out, or set 1)"
+                    ),
+                });
+            }
+            _ => 1,
+        };
         let tier = code.tier;
         let caps = FunctionCaps::new(&spec);
         let log_budget = {
@@ -343,6 +359,7 @@ impl Loader {
                 services: self.services.clone(),
                 cpu: spec_cpu,
                 fuel,
+                instance_concurrency,
             }),
             engine: self.engine.clone(),
         };
@@ -451,6 +468,8 @@ pub(crate) struct CompiledInner {
     pub(crate) cpu: Option<Arc<crate::limits::CpuQuota>>,
     /// Whether it runs on the engine that meters fuel.
     pub(crate) fuel: bool,
+    /// Requests one instance serves at once.
+    instance_concurrency: u32,
 }
 
 impl CompiledFunction {
@@ -463,6 +482,13 @@ impl CompiledFunction {
     /// instrumentation).
     pub fn meters_fuel(&self) -> bool {
         self.inner.fuel
+    }
+
+    /// Requests one of its instances serves at once: its
+    /// `instance_concurrency` (16 when a WASI 0.3 HTTP handler leaves it
+    /// out), 1 for every other function.
+    pub fn instance_concurrency(&self) -> u32 {
+        self.inner.instance_concurrency
     }
 
     /// Its code now (new instances are made of it).

@@ -99,6 +99,16 @@ impl GuestState {
     pub fn end_request(&mut self) {
         self.log.set_request(None);
     }
+
+    /// The ABI's per-request state: nesting depth and invokes made.
+    pub(crate) fn abi_context(&self) -> (u32, u32) {
+        self.abi.context()
+    }
+
+    /// Load another request's ABI state (a shared instance switching tasks).
+    pub(crate) fn set_abi_context(&mut self, depth: u32, invokes: u32) {
+        self.abi.set_context(depth, invokes);
+    }
 }
 
 impl WasiView for GuestState {

@@ -36,6 +36,10 @@ use crate::metering::CallStats;
 use crate::outcome::Outcome;
 use crate::request::RequestMeta;
 
+mod shared;
+
+pub(crate) use shared::SharedInstance;
+
 /// Fuel given to calls without a fuel limit on an engine that meters fuel
 /// ([`crate::engine::FuelMetering::EveryRequest`]): effectively unbounded,
 /// but still metered.
@@ -124,6 +128,8 @@ pub struct Declined {
 /// A live instance of one function version.
 pub struct Instance {
     store: Store<GuestState>,
+    /// The component instance in the store.
+    wasm: wasmtime::component::Instance,
     handler: Option<Handler>,
     hooks: Option<lifecycle::Guest>,
     events: Option<events::Guest>,
@@ -244,6 +250,7 @@ impl Instance {
         };
         Ok(Instance {
             store,
+            wasm: instance,
             handler,
             hooks,
             events,
@@ -260,6 +267,11 @@ impl Instance {
     /// optimized code has replaced since).
     pub fn runs_current_code(&self) -> bool {
         self.function.is_current(&self.code)
+    }
+
+    /// The code it was made of.
+    pub(crate) fn code_arc(&self) -> Arc<Code> {
+        self.code.clone()
     }
 
     /// Instantiate in `slot` and run the `start` hook (if exported).
@@ -438,22 +450,7 @@ impl Instance {
     /// Name the limit behind a failed call in the error's message.
     fn explain<R>(&mut self, result: Result<R, InstanceError>) -> Result<R, InstanceError> {
         let limits = &self.function.inner.spec.limits;
-        let result = result.map_err(|mut error| {
-            error.message = match error.outcome {
-                Outcome::Timeout => format!("ran past its timeout of {} ms", limits.timeout.as_millis()),
-                Outcome::FuelExhausted => {
-                    format!(
-                        "used up its fuel_per_request of {}",
-                        limits.fuel_per_request.map_or(UNLIMITED_FUEL, NonZeroU64::get)
-                    )
-                }
-                Outcome::MemoryLimit => {
-                    format!("tried to grow its memory past memory_mb = {}", limits.memory_bytes >> 20)
-                }
-                _ => error.message,
-            };
-            error
-        });
+        let result = result.map_err(|error| explain_limit(limits, error));
         self.last_used = Instant::now();
         result
     }
@@ -572,6 +569,22 @@ async fn run_metered<R>(
     let mut timed = std::pin::pin!(CpuTimed::with_probe(call, quota, probe));
     let result = tokio::time::timeout(timeout + Duration::from_millis(20), timed.as_mut()).await.ok();
     (timed.cpu(), result)
+}
+
+/// `error` with the limit behind it named in its message.
+fn explain_limit(limits: &crate::manifest::Limits, mut error: InstanceError) -> InstanceError {
+    error.message = match error.outcome {
+        Outcome::Timeout => format!("ran past its timeout of {} ms", limits.timeout.as_millis()),
+        Outcome::FuelExhausted => {
+            format!(
+                "used up its fuel_per_request of {}",
+                limits.fuel_per_request.map_or(UNLIMITED_FUEL, NonZeroU64::get)
+            )
+        }
+        Outcome::MemoryLimit => format!("tried to grow its memory past memory_mb = {}", limits.memory_bytes >> 20),
+        _ => error.message,
+    };
+    error
 }
 
 /// `request` with an absolute URI (`http`, and the authority of its `Host`

@@ -298,6 +298,18 @@ impl CallCpu {
         };
         Duration::from_nanos(polls.saturating_add(current))
     }
+
+    /// A poll of a call that lasts for ever (a shared instance's event
+    /// loop) begins, at thread CPU time `now`: "so far" is this poll's.
+    pub(crate) fn begin_poll(&self, now: Duration) {
+        self.polls_ns.store(0, Ordering::Relaxed);
+        self.poll_began_ns.store(duration_ns(now), Ordering::Relaxed);
+    }
+
+    /// The poll begun with [`CallCpu::begin_poll`] has ended.
+    pub(crate) fn end_poll(&self) {
+        self.poll_began_ns.store(CallCpu::NOT_POLLED, Ordering::Relaxed);
+    }
 }
 
 fn duration_ns(duration: Duration) -> u64 {
@@ -361,7 +373,7 @@ impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
 }
 
 /// The calling thread's CPU time so far.
-fn thread_cpu_time() -> Duration {
+pub(crate) fn thread_cpu_time() -> Duration {
     use nix::time::{ClockId, clock_gettime};
     clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from).unwrap_or_default()
 }

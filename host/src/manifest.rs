@@ -185,6 +185,7 @@ struct RawLimits {
     max_request_bytes: Option<u64>,
     cpu_millis: Option<u32>,
     max_requests_per_instance: Option<u32>,
+    instance_concurrency: Option<u32>,
     invoke_timeout_ms: Option<u64>,
     call_retries: Option<u32>,
     breaker_failures: Option<u32>,
@@ -315,6 +316,10 @@ impl RawLimits {
             },
             max_requests_per_instance: match self.max_requests_per_instance {
                 Some(0) => return Err(LimitError::ZeroNotOmitted { field: "max_requests_per_instance" }),
+                count => count.and_then(NonZeroU32::new),
+            },
+            instance_concurrency: match self.instance_concurrency {
+                Some(0) => return Err(LimitError::ZeroNotOmitted { field: "instance_concurrency" }),
                 count => count.and_then(NonZeroU32::new),
             },
             invoke_timeout: ms(self.invoke_timeout_ms, defaults.invoke_timeout),

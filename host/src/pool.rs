@@ -21,6 +21,15 @@
 //! [`AcquireError::Overloaded`] (503 with `Retry-After`): the wait queue is
 //! bounded by time, never unbounded. No lock is held across a guest call.
 //!
+//! Instances of a function whose requests may share an instance
+//! (`instance_concurrency` > 1: a WASI 0.3 HTTP handler) are driven by a
+//! task of their own ([`SharedInstance`]) and leased to up to that many
+//! requests at once: a request joins the busiest instance with room, and a
+//! new one is made only when every live one is full. Such an instance is
+//! idle when no request is in it; it retires (after its last request) when
+//! it has served `max_requests_per_instance`, when its code was replaced,
+//! or when a request of it failed, and then takes no new request.
+//!
 //! A paused pool (a container paused through containerd) takes no new
 //! request: requests wait for it to resume, within the same
 //! `queue_timeout`, then get [`AcquireError::Paused`]. Requests already
@@ -32,10 +41,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::abi::bindings::exports::shoal::runtime::events;
 use crate::engine::IdleInstances;
 use crate::function::CompiledFunction;
-use crate::instance::{Instance, InstanceError};
+use crate::instance::{Declined, Instance, InstanceError, ResponseResult, SharedInstance};
+use crate::metering::CallStats;
 use crate::metrics::Metrics;
+use crate::request::RequestMeta;
 
 /// Instances of one function version.
 pub struct FunctionPool {
@@ -44,6 +56,13 @@ pub struct FunctionPool {
     /// per-function instance share.
     concurrency: usize,
     idle: Mutex<Vec<Instance>>,
+    /// Requests one instance serves at once (its `instance_concurrency`).
+    per_instance: usize,
+    /// The instances requests share (when `per_instance` > 1).
+    shared: Mutex<Vec<Shared>>,
+    /// Held while a shared instance is made: a burst of requests waits for
+    /// the instance being made instead of making one each.
+    making: tokio::sync::Mutex<()>,
     slots: Arc<Semaphore>,
     /// The busy-instance allowance of the function's tenant.
     tenant: Arc<Semaphore>,
@@ -59,14 +78,39 @@ pub struct FunctionPool {
     paused: tokio::sync::watch::Sender<bool>,
 }
 
+/// A shared instance and its requests.
+struct Shared {
+    instance: Arc<SharedInstance>,
+    /// Requests in it now.
+    in_flight: usize,
+    /// Requests it has served.
+    served: u32,
+    /// When its last request ended (or it was made).
+    last_used: Instant,
+    /// Takes no new request; stops when the last one in it ends.
+    retiring: bool,
+    /// The code it was made of (replaced code retires it).
+    code: Arc<crate::function::Code>,
+}
+
+/// What a lease holds.
+enum Held {
+    /// An instance of its own.
+    Own(Option<Instance>),
+    /// A place in a shared instance.
+    Shared(Arc<SharedInstance>),
+}
+
 /// An instance checked out of its pool for one request. Dropping the lease
 /// gives the instance back: to the idle list if the call left it healthy
 /// ([`Lease::set_healthy`]), otherwise it is dropped without `destroy`. So
 /// a call that panics, or a task that is aborted, can never leak a busy
-/// slot, and never hands a half-used instance to the next request.
+/// slot, and never hands a half-used instance to the next request. (A
+/// lease of a shared instance gives its place back; an unhealthy one
+/// retires the instance.)
 pub struct Lease {
     pool: Arc<FunctionPool>,
-    instance: Option<Instance>,
+    held: Held,
     /// Whether it was created for this request.
     pub cold: bool,
     /// Time spent instantiating and running `start` (cold leases only).
@@ -78,9 +122,41 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The leased instance.
-    pub fn instance(&mut self) -> &mut Instance {
-        self.instance.as_mut().expect("invariant: a lease holds its instance until it is dropped")
+    /// Serve one HTTP request in the leased instance (see
+    /// [`Instance::handle`]).
+    pub async fn handle<B>(
+        &mut self,
+        request: hyper::Request<B>,
+        meta: &RequestMeta,
+        respond: impl FnOnce(ResponseResult) + Send + Sync + 'static,
+    ) -> (CallStats, Result<(), InstanceError>)
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        match &mut self.held {
+            Held::Own(instance) => {
+                let instance = instance.as_mut().expect("invariant: a lease holds its instance until it is dropped");
+                instance.handle(request, meta, respond).await
+            }
+            Held::Shared(shared) => shared.handle(request, meta, respond).await,
+        }
+    }
+
+    /// Deliver one message to the leased instance (see
+    /// [`Instance::deliver`]).
+    pub async fn deliver(
+        &mut self,
+        message: events::Message,
+        meta: &RequestMeta,
+    ) -> (CallStats, Result<Result<(), Declined>, InstanceError>) {
+        match &mut self.held {
+            Held::Own(instance) => {
+                let instance = instance.as_mut().expect("invariant: a lease holds its instance until it is dropped");
+                instance.deliver(message, meta).await
+            }
+            Held::Shared(shared) => shared.deliver(message, meta).await,
+        }
     }
 
     /// The function version the instance belongs to.
@@ -97,8 +173,16 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(instance) = self.instance.take() {
-            self.pool.release(instance, self.healthy);
+        match &mut self.held {
+            Held::Own(instance) => {
+                if let Some(instance) = instance.take() {
+                    self.pool.release(instance, self.healthy);
+                }
+            }
+            Held::Shared(shared) => {
+                let shared = shared.clone();
+                self.pool.release_shared(&shared, self.healthy);
+            }
         }
     }
 }
@@ -137,12 +221,16 @@ impl FunctionPool {
         // A function's concurrency is its own limit, within its share of
         // the engine's instance slots.
         let permits = function.spec().limits.max_concurrency.get().min(function.engine.instance_share()) as usize;
+        let per_instance = function.instance_concurrency() as usize;
         let tenant = function.engine.slots().tenant(function.spec().tenant.as_str());
         let pool = Arc::new(FunctionPool {
             concurrency: permits,
             tenant,
             function,
             idle: Mutex::new(Vec::new()),
+            per_instance,
+            shared: Mutex::new(Vec::new()),
+            making: tokio::sync::Mutex::new(()),
             slots: Arc::new(Semaphore::new(permits)),
             live: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
@@ -181,22 +269,28 @@ impl FunctionPool {
 
     /// Counters right now.
     pub fn stats(&self) -> PoolStats {
+        let shared_idle = self.lock_shared().iter().filter(|shared| shared.in_flight == 0).count();
         PoolStats {
             live: self.live.load(Ordering::Acquire),
-            idle: self.lock_idle().len(),
+            idle: self.lock_idle().len() + shared_idle,
             busy: self.busy.load(Ordering::Acquire),
         }
     }
 
     /// Linear memory held by this pool's instances: exact for idle ones,
-    /// the last released instance's size for each busy one.
+    /// the last released instance's size for each busy one (a shared
+    /// instance's when its last request ended).
     pub fn resident_bytes(&self) -> u64 {
+        if self.per_instance > 1 {
+            return self.lock_shared().iter().map(|shared| shared.instance.memory_bytes()).sum();
+        }
         let idle: u64 = self.lock_idle().iter().map(Instance::memory_bytes).sum();
         idle + self.busy.load(Ordering::Acquire) as u64 * self.last_memory.load(Ordering::Relaxed)
     }
 
     /// Take an idle instance, or create one, within the concurrency limit.
-    pub async fn acquire(self: &Arc<Self>) -> Result<Lease, AcquireError> {
+    /// A shared instance made now is driven on `runtime`.
+    pub async fn acquire(self: &Arc<Self>, runtime: &tokio::runtime::Handle) -> Result<Lease, AcquireError> {
         let limits = &self.function.spec().limits;
         // The whole wait, for a resume and then for a slot, is bounded.
         let deadline = tokio::time::Instant::now() + limits.queue_timeout;
@@ -217,6 +311,9 @@ impl FunctionPool {
         };
         let permits = (permit, tenant);
         self.busy.fetch_add(1, Ordering::AcqRel);
+        if self.per_instance > 1 {
+            return self.acquire_shared(runtime, deadline, retry_after, permits).await;
+        }
         loop {
             let Some(instance) = self.lock_idle().pop() else { break };
             if instance.runs_current_code() {
@@ -245,6 +342,166 @@ impl FunctionPool {
         }
     }
 
+    /// A place in the busiest shared instance with room, or in a new one.
+    async fn acquire_shared(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        deadline: tokio::time::Instant,
+        retry_after: Duration,
+        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) -> Result<Lease, AcquireError> {
+        let permits = match self.join_shared(permits) {
+            Ok(lease) => return Ok(lease),
+            Err(permits) => permits,
+        };
+        // Made one at a time; whoever waited looks again first.
+        let Ok(_making) = tokio::time::timeout_at(deadline, self.making.lock()).await else {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            self.changed.notify_waiters();
+            return Err(AcquireError::Overloaded { retry_after });
+        };
+        let permits = match self.join_shared(permits) {
+            Ok(lease) => return Ok(lease),
+            Err(permits) => permits,
+        };
+        let Some(slot) = self.function.engine.slots().acquire(deadline).await else {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            self.changed.notify_waiters();
+            return Err(AcquireError::Overloaded { retry_after });
+        };
+        let started = Instant::now();
+        let created = match Instance::create(&self.function, slot).await {
+            Ok((instance, _stats)) => {
+                let code = instance.code_arc();
+                let pool = self.clone();
+                SharedInstance::drive(instance, runtime, move |ended| pool.shared_ended(ended))
+                    .map(|shared| (shared, code))
+            }
+            Err(error) => Err(error),
+        };
+        match created {
+            Ok((instance, code)) => {
+                self.add_live(1);
+                self.lock_shared().push(Shared {
+                    instance: instance.clone(),
+                    in_flight: 1,
+                    served: 0,
+                    last_used: Instant::now(),
+                    retiring: false,
+                    code,
+                });
+                Ok(self.lease_shared(instance, true, Some(started.elapsed()), permits))
+            }
+            Err(error) => {
+                self.busy.fetch_sub(1, Ordering::AcqRel);
+                self.changed.notify_waiters();
+                tracing::warn!(function = self.function.name(), error = %error.message, "instance failed to start");
+                Err(AcquireError::Start(error))
+            }
+        }
+    }
+
+    /// A place in the busiest live shared instance with room, if any
+    /// (else the permits back).
+    fn join_shared(
+        self: &Arc<Self>,
+        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) -> Result<Lease, (OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let mut list = self.lock_shared();
+        for shared in list.iter_mut() {
+            if !shared.instance.is_healthy() || !self.function.is_current(&shared.code) {
+                shared.retiring = true;
+            }
+        }
+        let roomy = list
+            .iter_mut()
+            .filter(|shared| !shared.retiring && shared.in_flight < self.per_instance)
+            .max_by_key(|shared| shared.in_flight)
+            .map(|shared| {
+                shared.in_flight += 1;
+                shared.instance.clone()
+            });
+        let stopped = self.stop_retired(&mut list);
+        drop(list);
+        self.stop_all(stopped);
+        match roomy {
+            Some(instance) => Ok(self.lease_shared(instance, false, None, permits)),
+            None => Err(permits),
+        }
+    }
+
+    fn lease_shared(
+        self: &Arc<Self>,
+        instance: Arc<SharedInstance>,
+        cold: bool,
+        init: Option<Duration>,
+        (permit, tenant): (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) -> Lease {
+        Lease {
+            pool: self.clone(),
+            held: Held::Shared(instance),
+            cold,
+            init,
+            healthy: false,
+            _permit: permit,
+            _tenant: tenant,
+        }
+    }
+
+    /// A request left a shared instance.
+    fn release_shared(self: &Arc<Self>, instance: &Arc<SharedInstance>, healthy: bool) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        let most = self.function.spec().limits.max_requests_per_instance;
+        let stopped = {
+            let mut list = self.lock_shared();
+            if let Some(shared) = list.iter_mut().find(|shared| Arc::ptr_eq(&shared.instance, instance)) {
+                shared.in_flight = shared.in_flight.saturating_sub(1);
+                shared.served = shared.served.saturating_add(1);
+                shared.last_used = Instant::now();
+                let worn = most.is_some_and(|most| shared.served >= most.get());
+                if !healthy || !instance.is_healthy() || worn || self.draining.load(Ordering::Acquire) {
+                    shared.retiring = true;
+                }
+            }
+            self.stop_retired(&mut list)
+        };
+        self.stop_all(stopped);
+        self.changed.notify_waiters();
+    }
+
+    /// Take the retired shared instances no request is in out of `list`.
+    fn stop_retired(&self, list: &mut Vec<Shared>) -> Vec<Arc<SharedInstance>> {
+        let mut stopped = Vec::new();
+        list.retain(|shared| {
+            let done = shared.retiring && shared.in_flight == 0;
+            if done {
+                stopped.push(shared.instance.clone());
+            }
+            !done
+        });
+        stopped
+    }
+
+    /// Close shared instances: each driver ends and its instance is
+    /// destroyed (or dropped, when it failed or the pool discards).
+    fn stop_all(&self, stopped: Vec<Arc<SharedInstance>>) {
+        for shared in stopped {
+            shared.close();
+        }
+    }
+
+    /// A shared instance's driver ended: `destroy` it, when it ended
+    /// cleanly and the pool is not discarding, then count it gone.
+    fn shared_ended(self: Arc<Self>, ended: Option<Instance>) {
+        match ended {
+            Some(instance) if !self.discarded.load(Ordering::Acquire) => self.destroy_later(instance),
+            _ => {
+                self.add_live(-1);
+                self.changed.notify_waiters();
+            }
+        }
+    }
+
     fn lease(
         self: &Arc<Self>,
         instance: Instance,
@@ -254,7 +511,7 @@ impl FunctionPool {
     ) -> Lease {
         Lease {
             pool: self.clone(),
-            instance: Some(instance),
+            held: Held::Own(Some(instance)),
             cold,
             init,
             healthy: false,
@@ -288,7 +545,10 @@ impl FunctionPool {
     /// When the longest-idle instance passes its `idle_timeout`, if any.
     pub fn next_expiry(&self) -> Option<Instant> {
         let idle_timeout = self.function.spec().limits.idle_timeout;
-        self.lock_idle().first().map(|instance| instance.last_used + idle_timeout)
+        let shared =
+            self.lock_shared().iter().filter(|shared| shared.in_flight == 0).map(|shared| shared.last_used).min();
+        let own = self.lock_idle().first().map(|instance| instance.last_used);
+        own.into_iter().chain(shared).min().map(|last_used| last_used + idle_timeout)
     }
 
     /// How long its instances may stay idle.
@@ -309,10 +569,21 @@ impl FunctionPool {
                 .unwrap_or(idle.len());
             idle.drain(..keep_from).collect()
         };
-        let count = expired.len();
+        let mut count = expired.len();
         for instance in expired {
             self.destroy_later(instance);
         }
+        let stopped = {
+            let mut list = self.lock_shared();
+            for shared in list.iter_mut() {
+                if shared.in_flight == 0 && now.duration_since(shared.last_used) >= idle_timeout {
+                    shared.retiring = true;
+                }
+            }
+            self.stop_retired(&mut list)
+        };
+        count += stopped.len();
+        self.stop_all(stopped);
         count
     }
 
@@ -325,6 +596,7 @@ impl FunctionPool {
         for instance in idle {
             self.destroy_later(instance);
         }
+        self.retire_shared();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
@@ -345,7 +617,21 @@ impl FunctionPool {
         let idle: Vec<Instance> = std::mem::take(&mut *self.lock_idle());
         self.add_live(-(idle.len() as isize));
         drop(idle);
+        self.retire_shared();
         self.changed.notify_waiters();
+    }
+
+    /// Retire every shared instance: the idle ones stop now, the others
+    /// after their last request.
+    fn retire_shared(&self) {
+        let stopped = {
+            let mut list = self.lock_shared();
+            for shared in list.iter_mut() {
+                shared.retiring = true;
+            }
+            self.stop_retired(&mut list)
+        };
+        self.stop_all(stopped);
     }
 
     fn destroy_later(self: &Arc<Self>, instance: Instance) {
@@ -371,15 +657,36 @@ impl FunctionPool {
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Vec<Shared>> {
+        self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl IdleInstances for FunctionPool {
     fn oldest_idle(&self) -> Option<Instant> {
         // Release order: the first is the least recently used.
-        self.lock_idle().first().map(|instance| instance.last_used)
+        let own = self.lock_idle().first().map(|instance| instance.last_used);
+        let shared =
+            self.lock_shared().iter().filter(|shared| shared.in_flight == 0).map(|shared| shared.last_used).min();
+        own.into_iter().chain(shared).min()
     }
 
     fn reclaim_oldest(self: Arc<Self>) -> bool {
+        if self.per_instance > 1 {
+            let stopped = {
+                let mut list = self.lock_shared();
+                let oldest =
+                    list.iter_mut().filter(|shared| shared.in_flight == 0).min_by_key(|shared| shared.last_used);
+                let Some(oldest) = oldest else { return false };
+                oldest.retiring = true;
+                self.stop_retired(&mut list)
+            };
+            tracing::info!(function = self.function.name(), "idle instance reclaimed: every instance slot was taken");
+            self.metrics.instance_reclaimed();
+            self.stop_all(stopped);
+            return true;
+        }
         let oldest = {
             let mut idle = self.lock_idle();
             if idle.is_empty() { None } else { Some(idle.remove(0)) }

@@ -120,3 +120,138 @@ async fn a_wasi_0_3_program_runs_as_a_container_with_its_arguments_environment_o
     assert_eq!(output.status.code(), Some(1), "{out}\n{}", containerd.host_log());
     assert!(out.contains("failing, as FAIL asks"), "{out}");
 }
+
+/// GET `path` with the client's request id `id`.
+async fn get_as(host: &TestHost, path: &str, id: String) -> crate::support::Reply {
+    let response = host.client.get(host.url(path)).header("x-request-id", id).send().await.unwrap();
+    crate::support::Reply::read(response).await
+}
+
+#[tokio::test]
+async fn requests_to_a_wasi_0_3_function_share_one_instance_and_each_keeps_its_own_record() {
+    let host = TestHost::start_persistent().await;
+    let mut shared = p3("shared", true);
+    // Metered, so that each record has its own fuel.
+    shared.limits.fuel_per_request = NonZeroU64::new(50_000_000_000);
+    host.deploy(vec![shared, spec("hello", "hello", "/hello")]).await;
+
+    // Six requests wait on a clock while one computes and one invokes:
+    // all in one instance (instance_concurrency is 16 by default).
+    let sleepers = (0..6).map(|n| get_as(&host, "/shared/sleep/600", format!("sleep-{n}")));
+    let busy = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::join!(
+            get_as(&host, "/shared/spin/30000000", "spin".into()),
+            get_as(&host, "/shared/invoke?fn=hello", "invoke".into())
+        )
+    };
+    let (slept, (spun, invoked)) = tokio::join!(futures_util::future::join_all(sleepers), busy);
+    for reply in &slept {
+        assert_eq!((reply.status, reply.body.as_str()), (200, "slept 600 ms\n"), "{}", reply.body);
+    }
+    assert_eq!(spun.status, 200, "{}", spun.body);
+    assert_eq!((invoked.status, invoked.body.as_str()), (200, "hello, world\n"), "{}", invoked.body);
+    assert_eq!(host.live_instances("shared").await, 1, "eight requests at once, one instance");
+
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
+    let of = |id: &str| {
+        records.iter().find(|record| record.request_id == id).unwrap_or_else(|| panic!("{id}: {records:#?}"))
+    };
+    let spin = of("spin");
+    let spin_fuel = spin.fuel.unwrap();
+    for n in 0..6 {
+        let sleep = of(&format!("sleep-{n}"));
+        assert_eq!((sleep.outcome, sleep.status), (Outcome::Ok, 200), "{sleep:#?}");
+        assert!(sleep.wall_us >= 600_000, "{sleep:#?}");
+        // The computing request's fuel and CPU are its own, not spread
+        // over the requests it overlapped.
+        let fuel = sleep.fuel.unwrap();
+        assert!(fuel > 0 && fuel * 100 < spin_fuel, "sleep {fuel} against spin {spin_fuel}: {records:#?}");
+        assert!(sleep.cpu_us * 5 < spin.cpu_us, "{sleep:#?}\n{spin:#?}");
+    }
+    // The invoke ran with its own request's context: the callee's record
+    // names it as the parent, and carries its trace.
+    let callee = of("invoke/1");
+    assert_eq!(callee.function, "hello");
+    assert_eq!(callee.parent_id.as_deref(), Some("invoke"), "{callee:#?}");
+    assert_eq!(callee.trace_id, of("invoke").trace_id, "{callee:#?}");
+}
+
+#[tokio::test]
+async fn a_request_that_runs_out_of_fuel_in_a_shared_instance_takes_that_instance_down_not_the_function() {
+    let host = TestHost::start_persistent().await;
+    let mut fueled = p3("fueled", false);
+    fueled.limits.fuel_per_request = NonZeroU64::new(5_000_000);
+    host.deploy(vec![fueled]).await;
+
+    let sleepers = (0..3).map(|n| get_as(&host, "/fueled/sleep/1500", format!("bystander-{n}")));
+    let burn = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        get_as(&host, "/fueled/spin/100000000", "burn".into()).await
+    };
+    let (bystanders, burnt) = tokio::join!(futures_util::future::join_all(sleepers), burn);
+    assert_eq!(burnt.status, Outcome::FuelExhausted.status().as_u16(), "{}", burnt.body);
+    assert!(burnt.body.contains("fuel_per_request of 5000000"), "{}", burnt.body);
+    for reply in &bystanders {
+        assert_eq!(reply.status, Outcome::Trap.status().as_u16(), "{}", reply.body);
+        assert!(reply.body.contains("instance it shared with other requests failed (fuel_exhausted"), "{}", reply.body);
+    }
+    assert_eq!(host.get("/fueled?name=after").await.body, "hello, after\n", "a fresh instance serves on");
+
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
+    let of = |id: &str| {
+        records.iter().find(|record| record.request_id == id).unwrap_or_else(|| panic!("{id}: {records:#?}"))
+    };
+    assert_eq!(of("burn").outcome, Outcome::FuelExhausted);
+    assert!(of("burn").fuel.unwrap() >= 5_000_000, "{:#?}", of("burn"));
+    for n in 0..3 {
+        let bystander = of(&format!("bystander-{n}"));
+        assert_eq!(bystander.outcome, Outcome::Trap, "{bystander:#?}");
+        assert!(bystander.fuel.unwrap() < 5_000_000, "its own fuel, not the failed request's: {bystander:#?}");
+    }
+}
+
+#[tokio::test]
+async fn instance_concurrency_above_one_is_refused_for_a_function_that_cannot_share_an_instance() {
+    let host = TestHost::start_persistent().await;
+    let mut hello = spec("hello", "hello", "/hello");
+    hello.limits.instance_concurrency = std::num::NonZeroU32::new(4);
+    let err = host.try_deploy(vec![hello]).await.unwrap_err().to_string();
+    assert!(err.contains("instance_concurrency = 4 needs a WASI 0.3 HTTP handler"), "{err}");
+
+    // One request per instance, for a 0.3 function that asks for it.
+    let mut alone = p3("alone", false);
+    alone.limits.instance_concurrency = std::num::NonZeroU32::new(1);
+    host.deploy(vec![alone]).await;
+    let replies = futures_util::future::join_all((0..3).map(|_| host.get("/alone/sleep/300"))).await;
+    assert!(replies.iter().all(|reply| reply.status == 200), "{replies:?}");
+    assert_eq!(host.live_instances("alone").await, 3, "each request had an instance of its own");
+}
+
+#[tokio::test]
+async fn a_shared_instance_scales_to_zero_when_idle_and_drains_its_requests_on_undeploy() {
+    let host = TestHost::start_persistent().await;
+    let mut idle = p3("idle", false);
+    idle.limits.idle_timeout = Duration::from_secs(1);
+    host.deploy(vec![idle]).await;
+    let replies = futures_util::future::join_all((0..4).map(|_| host.get("/idle/sleep/200"))).await;
+    assert!(replies.iter().all(|reply| reply.status == 200), "{replies:?}");
+    assert_eq!(host.live_instances("idle").await, 1);
+    let scaled =
+        crate::support::eventually(Duration::from_secs(5), || async { host.live_instances("idle").await == 0 });
+    assert!(scaled.await, "the shared instance outlived its idle_timeout");
+
+    // Undeployed while three requests are in its instance: they finish.
+    let in_flight = futures_util::future::join_all((0..3).map(|_| host.get("/idle/sleep/700")));
+    let undeploy = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        host.running.host().registry().undeploy("idle").await.unwrap();
+    };
+    let (replies, ()) = tokio::join!(in_flight, undeploy);
+    for reply in &replies {
+        assert_eq!((reply.status, reply.body.as_str()), (200, "slept 700 ms\n"), "{}", reply.body);
+    }
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
+    let cold: Vec<bool> = records.iter().filter(|record| record.function == "idle").map(|record| record.cold).collect();
+    assert_eq!(cold.iter().filter(|cold| **cold).count(), 2, "one cold start per instance: {cold:?}");
+}

@@ -106,6 +106,15 @@ pub struct Limits {
         deserialize_with = "non_zero_field::max_requests_per_instance"
     )]
     pub max_requests_per_instance: Option<NonZeroU32>,
+    /// Requests one instance serves at the same time. Only a WASI 0.3 HTTP
+    /// handler (an async export) can take more than one; `None`: 16 for
+    /// those (as `wasmtime serve`), 1 for everything else.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_zero_field::instance_concurrency"
+    )]
+    pub instance_concurrency: Option<NonZeroU32>,
     /// How long one attempt of an `invoke` of a function on another node
     /// may take (a local callee is bounded by its own `timeout`).
     #[serde(default = "defaults::invoke_timeout", with = "humantime_serde_ms")]
@@ -175,6 +184,17 @@ mod non_zero_field {
             Some(count) => NonZeroU32::new(count)
                 .map(Some)
                 .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "max_requests_per_instance" })),
+        }
+    }
+
+    pub(super) fn instance_concurrency<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<NonZeroU32>, D::Error> {
+        match Option::<u32>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(count) => NonZeroU32::new(count)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "instance_concurrency" })),
         }
     }
 
@@ -248,6 +268,7 @@ impl Default for Limits {
             log_bytes_per_second: defaults::log_bytes_per_second(),
             cpu_millis: None,
             max_requests_per_instance: None,
+            instance_concurrency: None,
             invoke_timeout: defaults::invoke_timeout(),
             call_retries: defaults::call_retries(),
             breaker_failures: defaults::breaker_failures(),
@@ -296,6 +317,13 @@ impl Limits {
         if self.memory_bytes > MAX_MEMORY_BYTES {
             return Err(LimitError::memory_over_maximum(self.memory_bytes >> 20));
         }
+        if let Some(count) = self.instance_concurrency.filter(|count| count.get() > MAX_INSTANCE_CONCURRENCY) {
+            return Err(LimitError::OverMaximum {
+                field: "instance_concurrency",
+                value: count.to_string(),
+                maximum: MAX_INSTANCE_CONCURRENCY.to_string(),
+            });
+        }
         if self.call_retries > MAX_CALL_RETRIES {
             return Err(LimitError::OverMaximum {
                 field: "call_retries",
@@ -327,6 +355,12 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const MAX_HOOK_OR_QUEUE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Most `call_retries`: a call is tried at most 11 times.
 pub const MAX_CALL_RETRIES: u32 = 10;
+/// Most `instance_concurrency`: requests sharing one instance share its
+/// memory, its CPU share and its fate (see the pool's module docs).
+pub const MAX_INSTANCE_CONCURRENCY: u32 = 1024;
+/// Default `instance_concurrency` of a WASI 0.3 HTTP function, as
+/// `wasmtime serve`'s.
+pub const DEFAULT_INSTANCE_CONCURRENCY: u32 = 16;
 /// Longest `idle_timeout_s`: a day.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 

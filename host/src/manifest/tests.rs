@@ -252,7 +252,7 @@ mod fuzz {
                 prop::sample::select(vec![
                     "timeout_ms", "memory_mb", "max_concurrency", "queue_timeout_ms", "idle_timeout_s",
                     "fuel_per_request", "kv_max_key_bytes", "publish_per_second", "max_request_bytes",
-                    "log_bytes_per_second", "max_requests_per_instance",
+                    "log_bytes_per_second", "max_requests_per_instance", "instance_concurrency",
                 ]),
                 prop::sample::select(vec![1u64, 5000, 4096, 1, 5000, 0, 4097, 1 << 40]),
                 0..5,
@@ -290,6 +290,7 @@ mod fuzz {
                 "max_concurrency" | "publish_per_second" | "log_bytes_per_second" | "max_requests_per_instance" => {
                     (1..=u64::from(u32::MAX)).contains(&value)
                 }
+                "instance_concurrency" => (1..=1024).contains(&value),
                 _ => value > 0,
             };
             let limits_ok = limits.iter().all(|(field, value)| limit_ok(field, *value));
