@@ -26,6 +26,7 @@
 //! a host failure with [`trap`] (the call traps).
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use governor::{DefaultDirectRateLimiter, Quota};
@@ -52,6 +53,22 @@ pub(crate) mod bindings {
         },
         with: {
             "wasi:keyvalue/store.bucket": super::BucketHandle,
+        },
+    });
+}
+
+/// The imports only WASI 0.3 guests (on engines with the component
+/// model's concurrency) can call.
+pub(crate) mod concurrent_bindings {
+    wasmtime::component::bindgen!({
+        path: "../abi/wit",
+        world: "shoal:runtime/concurrent-imports",
+        imports: { default: async | store | trappable },
+        trappable_error_type: {
+            "shoal:runtime/types.error" => super::ShoalError,
+        },
+        with: {
+            "shoal:runtime/types": super::bindings::shoal::runtime::types,
         },
     });
 }
@@ -279,32 +296,52 @@ pub struct AbiState {
     log: Arc<InstanceLog>,
     /// Nesting depth of the request being served (0: from a trigger).
     depth: u32,
-    /// Nested calls made during the current request (names child ids).
-    invokes: u32,
+    /// Nested calls made during the current request (names child ids):
+    /// shared with its invokes under way, which may outlive a switch of
+    /// the store to another request (a WASI 0.3 instance's).
+    invokes: Arc<AtomicU32>,
 }
 
 impl AbiState {
     /// The state of a new instance of the function `caps` describes, whose
     /// output (and current request id) is `log`.
     pub fn new(caps: Arc<FunctionCaps>, services: Arc<Services>, log: Arc<InstanceLog>) -> AbiState {
-        AbiState { caps, services, log, depth: 0, invokes: 0 }
+        AbiState { caps, services, log, depth: 0, invokes: Arc::default() }
     }
 
     /// A new request begins, at nesting depth `depth`.
     pub fn begin_request(&mut self, depth: u32) {
         self.depth = depth;
-        self.invokes = 0;
+        if Arc::strong_count(&self.invokes) == 1 {
+            self.invokes.store(0, Ordering::Relaxed);
+        } else {
+            // An invoke of the last request still holds its counter.
+            self.invokes = Arc::default();
+        }
     }
 
-    /// The request's nesting depth and the invokes it has made.
-    pub(crate) fn context(&self) -> (u32, u32) {
-        (self.depth, self.invokes)
+    /// The request's nesting depth and the count of its invokes.
+    pub(crate) fn context(&self) -> (u32, Arc<AtomicU32>) {
+        (self.depth, self.invokes.clone())
     }
 
     /// Load a request's nesting depth and invoke count.
-    pub(crate) fn set_context(&mut self, depth: u32, invokes: u32) {
+    pub(crate) fn set_context(&mut self, depth: u32, invokes: Arc<AtomicU32>) {
         self.depth = depth;
         self.invokes = invokes;
+    }
+
+    /// The request being served, as an invoke under way needs it whatever
+    /// the store serves meanwhile.
+    fn caller(&self) -> Caller {
+        Caller {
+            caps: self.caps.clone(),
+            services: self.services.clone(),
+            request_id: self.request_id(),
+            trace: self.trace(),
+            depth: self.depth,
+            invokes: self.invokes.clone(),
+        }
     }
 
     fn request_id(&self) -> Option<Arc<str>> {
@@ -347,14 +384,7 @@ impl AbiState {
 
     /// Log and count a size or rate limit; the message for the guest.
     fn limited(&self, capability: &'static str, what: String) -> Refusal {
-        let function = &*self.caps.name;
-        if let Some(suppressed) = self.caps.may_log_refusal() {
-            let request_id = self.request_id();
-            let request_id = request_id.as_deref().unwrap_or("-");
-            let tenant = self.caps.tenant.as_str();
-            tracing::warn!(tenant, function, capability, request_id, suppressed, "limited: {what}");
-        }
-        self.services.metrics.abi_limited(function, capability);
+        log_limited(&self.caps, &self.services, self.request_id().as_deref(), capability, &what);
         Refusal::Limited(format!("{capability}: {what}"))
     }
 
@@ -372,6 +402,36 @@ impl AbiState {
         }
         Ok(())
     }
+}
+
+/// What a call made for a request needs of it, taken when the call
+/// starts: the function's capabilities and services, the request's id,
+/// trace and depth, and the count of its invokes.
+pub(crate) struct Caller {
+    caps: Arc<FunctionCaps>,
+    services: Arc<Services>,
+    request_id: Option<Arc<str>>,
+    trace: crate::request::TraceContext,
+    depth: u32,
+    invokes: Arc<AtomicU32>,
+}
+
+impl Caller {
+    /// Log and count a size or rate limit; the message for the guest.
+    fn limited(&self, capability: &'static str, what: String) -> Refusal {
+        log_limited(&self.caps, &self.services, self.request_id.as_deref(), capability, &what);
+        Refusal::Limited(format!("{capability}: {what}"))
+    }
+}
+
+/// The log line and the count of one call over a size or rate limit.
+fn log_limited(caps: &FunctionCaps, services: &Services, request_id: Option<&str>, capability: &str, what: &str) {
+    let function = &*caps.name;
+    if let Some(suppressed) = caps.may_log_refusal() {
+        let (tenant, request_id) = (caps.tenant.as_str(), request_id.unwrap_or("-"));
+        tracing::warn!(tenant, function, capability, request_id, suppressed, "limited: {what}");
+    }
+    services.metrics.abi_limited(function, capability);
 }
 
 /// The log line and the count of one denied call.
@@ -427,4 +487,10 @@ pub fn add_to_linker<T: AbiView + Send + 'static>(linker: &mut Linker<T>) -> was
     secrets::add_to_linker::<T, Abi>(linker, T::abi)?;
     types::add_to_linker::<T, Abi>(linker, T::abi)?;
     Ok(())
+}
+
+/// Add the imports only WASI 0.3 guests call (`invoke-async`) to a linker
+/// of an engine with the component model's concurrency.
+pub fn add_concurrent_to_linker<T: AbiView + Send + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    concurrent_bindings::shoal::runtime::invoke_async::add_to_linker::<T, Abi>(linker, T::abi)
 }

@@ -430,6 +430,7 @@ fn link(engine: &wasmtime::Engine, concurrent: bool) -> anyhow::Result<Linker<Gu
         wasmtime_wasi::p3::random::add_to_linker(&mut linker)?;
         wasmtime_wasi::p3::sockets::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+        crate::abi::add_concurrent_to_linker(&mut linker)?;
     }
     Ok(linker)
 }

@@ -101,12 +101,12 @@ impl GuestState {
     }
 
     /// The ABI's per-request state: nesting depth and invokes made.
-    pub(crate) fn abi_context(&self) -> (u32, u32) {
+    pub(crate) fn abi_context(&self) -> (u32, Arc<std::sync::atomic::AtomicU32>) {
         self.abi.context()
     }
 
     /// Load another request's ABI state (a shared instance switching tasks).
-    pub(crate) fn set_abi_context(&mut self, depth: u32, invokes: u32) {
+    pub(crate) fn set_abi_context(&mut self, depth: u32, invokes: Arc<std::sync::atomic::AtomicU32>) {
         self.abi.set_context(depth, invokes);
     }
 }

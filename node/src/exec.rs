@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use wasmtime_wasi::cli::{AsyncStdinStream, AsyncStdoutStream};
 
 use crate::error::{Code, NodeError};
+use crate::stdio::{fifo_path, wait_for_reader};
 
 /// How much output a program may have written but not yet drained to its
 /// FIFO before its writes wait (per stream).
@@ -155,7 +156,7 @@ impl ExecStdio {
     /// (`ctr` with nothing on its stdin never opens it) leaves a program
     /// that reads stdin waiting, as a process would.
     ///
-    /// An output FIFO is first waited for (up to [`READER_WAIT`]) until its
+    /// An output FIFO is first waited for (up to [`crate::stdio::READER_WAIT`]) until its
     /// reader has it open: containerd's CRI opens the readers of an
     /// ExecSync's FIFOs while it starts the exec, and a fast exec that
     /// closed its end before a reader opened would leave that reader
@@ -196,31 +197,6 @@ impl ExecStdio {
 
 /// A FIFO's writing end.
 pub(crate) type Sender = tokio::net::unix::pipe::Sender;
-
-/// How long an exec's start waits for the reader of each output FIFO.
-const READER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Wait until FIFO `path` has a reader (a write-only, non-blocking open
-/// succeeds only then), at most [`READER_WAIT`]: that open, to hold until
-/// the exec's own writer is open. A client that opens the FIFO later, or
-/// never, is served as before (`None`).
-async fn wait_for_reader(path: &str) -> Option<Sender> {
-    let deadline = tokio::time::Instant::now() + READER_WAIT;
-    loop {
-        match tokio::net::unix::pipe::OpenOptions::new().open_sender(path) {
-            Ok(probe) => return Some(probe),
-            Err(err) if err.raw_os_error() == Some(libc::ENXIO) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            Err(_) => return None,
-        }
-    }
-}
-
-fn fifo_path(path: &str) -> Option<&str> {
-    let path = path.strip_prefix("file://").unwrap_or(path);
-    (!path.is_empty()).then_some(path)
-}
 
 fn output(path: &str) -> Result<Option<Sender>, NodeError> {
     let Some(path) = fifo_path(path) else { return Ok(None) };

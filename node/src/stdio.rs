@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Code, NodeError};
+use crate::exec::Sender;
 use shoal::logs::{GuestLine, LogSink, Stream, TracingSink};
 
 /// A container's stdout and stderr FIFOs.
@@ -27,6 +28,23 @@ impl ContainerOutput {
     /// lines, never a host thread.
     pub(crate) fn open(stdout: &str, stderr: &str) -> Result<ContainerOutput, NodeError> {
         Ok(ContainerOutput { stdout: open_fifo(stdout)?.map(Mutex::new), stderr: open_fifo(stderr)?.map(Mutex::new) })
+    }
+
+    /// Open the FIFOs once their readers have them open (each waited for
+    /// up to [`READER_WAIT`]). The host's own read-write open counts as a
+    /// reader: a program that ends before the client's reader had opened
+    /// its FIFO would otherwise close the last end, and the kernel would
+    /// drop what it wrote. (containerd's runc shim opens output FIFOs
+    /// write-only and blocking, so its create waits for the readers too.)
+    pub(crate) async fn open_when_read(stdout: &str, stderr: &str) -> Result<ContainerOutput, NodeError> {
+        // Each probe stays open until the host's own end is.
+        let mut probes = Vec::new();
+        for path in [stdout, stderr].into_iter().filter_map(fifo_path) {
+            probes.extend(wait_for_reader(path).await);
+        }
+        let output = ContainerOutput::open(stdout, stderr);
+        drop(probes);
+        output
     }
 
     /// The FIFOs as another host process had them open (a hand-over: they
@@ -113,4 +131,30 @@ impl LogSink for ContainerSinks {
             None => TracingSink.line(line),
         }
     }
+}
+
+/// How long a container's or exec's start waits for the reader of each
+/// output FIFO.
+pub(crate) const READER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Wait until FIFO `path` has a reader (a write-only, non-blocking open
+/// succeeds only then), at most [`READER_WAIT`]: that open, to hold until
+/// the container's or exec's own writer is open. A client that opens the
+/// FIFO later, or never, is served as before (`None`).
+pub(crate) async fn wait_for_reader(path: &str) -> Option<Sender> {
+    let deadline = tokio::time::Instant::now() + READER_WAIT;
+    loop {
+        match tokio::net::unix::pipe::OpenOptions::new().open_sender(path) {
+            Ok(probe) => return Some(probe),
+            Err(err) if err.raw_os_error() == Some(libc::ENXIO) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+pub(crate) fn fifo_path(path: &str) -> Option<&str> {
+    let path = path.strip_prefix("file://").unwrap_or(path);
+    (!path.is_empty()).then_some(path)
 }

@@ -426,7 +426,7 @@ impl TaskHost {
         };
         let output = Arc::new(match output {
             Some(output) => output,
-            None => ContainerOutput::open(&request.stdout, &request.stderr)?,
+            None => ContainerOutput::open_when_read(&request.stdout, &request.stderr).await?,
         });
         self.sinks.attach(&function, output.clone());
         let container = Container::new(request, function, rootfs, (kind, code_bytes), Some(output), TaskState::Created);

@@ -32,6 +32,8 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         Peer::ShoalPython,
         Peer::ShoalGo,
         Peer::ShoalP3,
+        Peer::WasmtimeServeP3,
+        Peer::ShoalP3Plain,
     ] {
         let server = Server::start(tools, peer)?;
         for &connections in &args.concurrency {
@@ -121,6 +123,21 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
             go / shoal,
             p3 / shoal
         ));
+        if let (Some(shoal_p3), Some(serve_p3), Some(shoal_cpu), Some(serve_cpu)) = (
+            rps(Peer::ShoalP3Plain, c),
+            rps(Peer::WasmtimeServeP3, c),
+            cpu(Peer::ShoalP3Plain, c),
+            cpu(Peer::WasmtimeServeP3, c),
+        ) {
+            section.note(format!(
+                "c={c}: WASI 0.3 hello (functions/hello-p3-plain), each host with its defaults for 0.3 (16 \
+                 requests at once per instance; Shoal fuel-metered and recorded): Shoal {:.2}× `wasmtime serve`'s \
+                 req/s (target ≥ 1.0×: {}), {shoal_cpu:.1} against {serve_cpu:.1} server CPU-µs/req (target ≤: {})",
+                shoal_p3 / serve_p3,
+                verdict(shoal_p3 >= serve_p3),
+                verdict(shoal_cpu <= serve_cpu)
+            ));
+        }
         ratios.push(json!({ "connections": c, "shoal_vs_native": vs_native, "shoal_vs_wasmtime_serve": vs_serve,
             "metering_cost": metering, "js_vs_rust": js / shoal, "python_vs_rust": python / shoal,
             "go_vs_rust": go / shoal, "wasi_0_3_vs_0_2": p3 / shoal }));

@@ -37,6 +37,13 @@ pub enum Peer {
     /// `shoal serve` with `functions/hello-p3` (a WASI 0.3 component,
     /// `wasip3` bindings; on the concurrent engine).
     ShoalP3,
+    /// `wasmtime serve` with `functions/hello-p3-plain` (WASI 0.3, no
+    /// Shoal imports) and its defaults for 0.3: each instance reused for
+    /// 128 requests, 16 at once.
+    WasmtimeServeP3,
+    /// `shoal serve` with `functions/hello-p3-plain` and its defaults
+    /// (16 requests at once per instance), fuel metered.
+    ShoalP3Plain,
 }
 
 impl Peer {
@@ -52,6 +59,8 @@ impl Peer {
             Peer::ShoalPython => "shoal-python",
             Peer::ShoalGo => "shoal-go",
             Peer::ShoalP3 => "shoal-wasi-0.3",
+            Peer::WasmtimeServeP3 => "wasmtime-serve-0.3",
+            Peer::ShoalP3Plain => "shoal-0.3-plain",
         }
     }
 }
@@ -257,6 +266,16 @@ impl Server {
             }
             Peer::ShoalP3 => {
                 let p3 = FunctionDef { wasm: tools.guest("hello_p3"), ..hello };
+                return Server::shoal(tools, &[p3], &["--fuel", "every-request"]);
+            }
+            Peer::WasmtimeServeP3 => {
+                command
+                    .arg(&tools.wasmtime)
+                    .args(["serve", "-Scli", "-Sp3", "-Wcomponent-model-async", "--addr", &addr])
+                    .arg(tools.guest("hello_p3_plain"));
+            }
+            Peer::ShoalP3Plain => {
+                let p3 = FunctionDef { wasm: tools.guest("hello_p3_plain"), ..hello };
                 return Server::shoal(tools, &[p3], &["--fuel", "every-request"]);
             }
         }

@@ -255,3 +255,32 @@ async fn a_shared_instance_scales_to_zero_when_idle_and_drains_its_requests_on_u
     let cold: Vec<bool> = records.iter().filter(|record| record.function == "idle").map(|record| record.cold).collect();
     assert_eq!(cold.iter().filter(|cold| **cold).count(), 2, "one cold start per instance: {cold:?}");
 }
+
+#[tokio::test]
+async fn an_invoke_from_a_wasi_0_3_request_lets_the_other_requests_of_its_instance_run_while_it_waits() {
+    let host = TestHost::start_persistent().await;
+    let mut caller = p3("caller", false);
+    caller.grants.invoke = BTreeSet::from(["slow".to_string()]);
+    host.deploy(vec![caller, spec("slow", "slow", "/slow")]).await;
+    assert_eq!(host.get("/caller?name=warm").await.status, 200);
+
+    // The callee sleeps 100 ms (its default); a request to the caller's
+    // instance made meanwhile is answered before the invoke returns.
+    let invoked = async {
+        let reply = get_as(&host, "/caller/invoke?fn=slow", "waiting".into()).await;
+        (reply, std::time::Instant::now())
+    };
+    let greeted = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let reply = get_as(&host, "/caller?name=meanwhile", "meanwhile".into()).await;
+        (reply, std::time::Instant::now())
+    };
+    let ((invoked, invoke_done), (greeted, greet_done)) = tokio::join!(invoked, greeted);
+    assert_eq!((invoked.status, invoked.body.as_str()), (200, "slept 100 ms \n"), "{}", invoked.body);
+    assert_eq!(greeted.body, "hello, meanwhile\n");
+    assert!(greet_done < invoke_done, "the greeting waited for the invoke");
+    assert_eq!(host.live_instances("caller").await, 1, "both in one instance");
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
+    let callee = records.iter().find(|record| record.request_id == "waiting/1").expect("the callee's record");
+    assert_eq!(callee.parent_id.as_deref(), Some("waiting"), "{callee:#?}");
+}

@@ -11,8 +11,11 @@
 //! | `GET …/sleep/<ms>` | waits on `wasi:clocks` (other requests run meanwhile) |
 //! | `GET …/spin/<n>` | computes for `n` rounds (fuel, timeouts) |
 //!
-//! The Runtime ABI's functions are synchronous in its WIT, so a call
-//! blocks this instance's other requests until it returns.
+//! Requests share an instance (16 at once by default). `invoke` is made
+//! through `invoke-async`, an async import: while it waits, the instance's
+//! other requests run. The key-value, config and publish calls are
+//! synchronous in their WIT (they return in microseconds from the host's
+//! own stores), so the instance's other requests wait for them.
 
 use wasip3::http::types::{ErrorCode, Fields, Request, Response};
 use wasip3::{wit_bindgen, wit_future, wit_stream};
@@ -20,12 +23,12 @@ use wasip3::{wit_bindgen, wit_future, wit_stream};
 mod abi {
     wit_bindgen::generate!({
         path: "../../abi/wit",
-        world: "shoal:runtime/imports",
+        world: "shoal:runtime/async-imports",
         generate_all,
     });
 }
 
-use abi::shoal::runtime::{invoke, pubsub, types};
+use abi::shoal::runtime::{invoke_async, pubsub, types};
 use abi::wasi::config::store as config;
 use abi::wasi::keyvalue::{atomics, store};
 
@@ -88,9 +91,9 @@ fn publish(message: &str) -> (u16, String) {
     }
 }
 
-fn call(function: &str) -> (u16, String) {
+async fn call(function: &str) -> (u16, String) {
     let request = types::Request { method: "GET".into(), path: "/".into(), headers: Vec::new(), body: Vec::new() };
-    match invoke::call(function, &request) {
+    match invoke_async::call(function.to_string(), request).await {
         Ok(response) => (response.status, String::from_utf8_lossy(&response.body).into_owned()),
         Err(err) => refused(&err),
     }
@@ -106,7 +109,7 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
             (_, "count") => count(),
             (_, "greeting") => greeting(),
             (_, "publish") => publish(query(query_string, "msg").unwrap_or("")),
-            (_, "invoke") => call(query(query_string, "fn").unwrap_or("")),
+            (_, "invoke") => call(query(query_string, "fn").unwrap_or("")).await,
             ("sleep", ms) => {
                 let ms: u64 = ms.parse().unwrap_or(0);
                 wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;

@@ -28,9 +28,12 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::BodyExt as _;
 
+use wasmtime::component::Accessor;
+
 use super::bindings::shoal::runtime::{invoke, types};
+use super::concurrent_bindings::shoal::runtime::invoke_async;
 use super::outbound::{Egress, ExchangeError};
-use super::{AbiCtxView, AbiState, MAX_INVOKE_DEPTH, Peers, ShoalError};
+use super::{Abi, AbiCtxView, AbiState, Caller, MAX_INVOKE_DEPTH, Peers, ShoalError};
 use crate::error::error_chain;
 use crate::manifest::TenantName;
 use crate::request::{
@@ -75,46 +78,32 @@ pub enum InvokeError {
 
 impl invoke::Host for AbiCtxView<'_> {
     async fn call(&mut self, function: String, request: types::Request) -> Result<types::Response, ShoalError> {
-        let state = &mut *self.state;
-        state.admit("invoke.call")?;
-        if !state.caps.grants.invoke.contains(&function) {
-            return Err(state.deny("invoke.call", format!("invoking function {function:?}")).into());
-        }
-        if state.depth + 1 > MAX_INVOKE_DEPTH {
-            let what = format!("nesting past the invoke depth limit of {MAX_INVOKE_DEPTH}");
-            return Err(state.limited("invoke.call", what).into());
-        }
-        let limit = state.caps.limits.message_max_bytes;
-        state.check_size("invoke.call", "request body", request.body.len(), "message_max_bytes", limit)?;
-        let Some(invoker) = state.services.invoker().cloned() else {
-            return Err(types::Error::Backend("this host cannot invoke functions".to_string()).into());
-        };
+        let (call, caller) = Call::checked(self.state, function, request)?;
+        call.run(&caller).await.map_err(Failure::into_error)
+    }
+}
 
-        let path = if request.path.starts_with('/') { request.path } else { format!("/{}", request.path) };
-        let method = http::Method::from_bytes(request.method.as_bytes())
-            .map_err(|err| types::Error::Denied(format!("invalid request: method {:?}: {err}", request.method)))?;
-        let mut headers = http::HeaderMap::new();
-        for (name, value) in &request.headers {
-            let name = http::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|err| types::Error::Denied(format!("invalid request: header name {name:?}: {err}")))?;
-            let value = http::HeaderValue::from_bytes(value)
-                .map_err(|err| types::Error::Denied(format!("invalid request: header {name}: {err}")))?;
-            headers.append(name, value);
-        }
-        let call = Call {
-            function,
-            method,
-            path,
-            headers,
-            body: Bytes::from(request.body),
-            invoker,
-            policy: state.caps.resilience.invoke,
-            limit,
-        };
-        match call.run(state).await {
-            Ok(response) => Ok(response),
-            Err(Failure::Refused(refusal)) => Err(refusal.into()),
-            Err(Failure::Error(err)) => Err(err.into()),
+impl invoke_async::Host for AbiCtxView<'_> {}
+
+impl<T: Send> invoke_async::HostWithStore<T> for Abi {
+    /// The call is checked and its caller taken while the store is the
+    /// calling request's; the call then runs outside the store, so the
+    /// instance's other requests go on meanwhile.
+    async fn call(
+        accessor: &Accessor<T, Self>,
+        function: String,
+        request: types::Request,
+    ) -> Result<types::Response, ShoalError> {
+        let (call, caller) = accessor.with(|mut access| Call::checked(access.get().state, function, request))?;
+        call.run(&caller).await.map_err(Failure::into_error)
+    }
+}
+
+impl Failure {
+    fn into_error(self) -> ShoalError {
+        match self {
+            Failure::Refused(refusal) => refusal.into(),
+            Failure::Error(err) => err.into(),
         }
     }
 }
@@ -163,13 +152,54 @@ struct Call {
 }
 
 impl Call {
-    async fn run(self, state: &mut AbiState) -> Result<types::Response, Failure> {
+    /// A call of `function` with `request`, checked against the caller's
+    /// grants, depth and sizes, and the caller as the call needs it.
+    fn checked(state: &AbiState, function: String, request: types::Request) -> Result<(Call, Caller), ShoalError> {
+        state.admit("invoke.call")?;
+        if !state.caps.grants.invoke.contains(&function) {
+            return Err(state.deny("invoke.call", format!("invoking function {function:?}")).into());
+        }
+        if state.depth + 1 > MAX_INVOKE_DEPTH {
+            let what = format!("nesting past the invoke depth limit of {MAX_INVOKE_DEPTH}");
+            return Err(state.limited("invoke.call", what).into());
+        }
+        let limit = state.caps.limits.message_max_bytes;
+        state.check_size("invoke.call", "request body", request.body.len(), "message_max_bytes", limit)?;
+        let Some(invoker) = state.services.invoker().cloned() else {
+            return Err(types::Error::Backend("this host cannot invoke functions".to_string()).into());
+        };
+
+        let path = if request.path.starts_with('/') { request.path } else { format!("/{}", request.path) };
+        let method = http::Method::from_bytes(request.method.as_bytes())
+            .map_err(|err| types::Error::Denied(format!("invalid request: method {:?}: {err}", request.method)))?;
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &request.headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|err| types::Error::Denied(format!("invalid request: header name {name:?}: {err}")))?;
+            let value = http::HeaderValue::from_bytes(value)
+                .map_err(|err| types::Error::Denied(format!("invalid request: header {name}: {err}")))?;
+            headers.append(name, value);
+        }
+        let call = Call {
+            function,
+            method,
+            path,
+            headers,
+            body: Bytes::from(request.body),
+            invoker,
+            policy: state.caps.resilience.invoke,
+            limit,
+        };
+        Ok((call, state.caller()))
+    }
+
+    async fn run(self, state: &Caller) -> Result<types::Response, Failure> {
         let caps = state.caps.clone();
         let breakers = state.services.breakers.clone();
         let budget = breakers.budget(&caps.name);
         budget.deposit();
         let idempotent = is_idempotent(&self.method, &self.headers);
-        let trace_id = state.trace().trace_id();
+        let trace_id = state.trace.trace_id();
         let local = self.invoker.serves(&caps.tenant, &self.function);
         let egress = state.services.egress(&caps.name);
         // The pods of the Service: resolved once, when first needed.
@@ -232,14 +262,14 @@ impl Call {
             };
             tried.push(endpoint);
             let breaker = admitted.breaker().clone();
-            state.invokes += 1;
-            let parent = state.request_id().unwrap_or_else(|| "-".into());
+            let count = state.invokes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let parent = state.request_id.clone().unwrap_or_else(|| "-".into());
             let meta = RequestMeta {
-                id: format!("{parent}/{}", state.invokes).into(),
+                id: format!("{parent}/{count}").into(),
                 parent_id: Some(parent),
                 depth: state.depth + 1,
                 // The callee is a span of the caller's trace.
-                trace: state.trace().child(),
+                trace: state.trace.child(),
             };
             let result = match endpoint {
                 Endpoint::Local => self.local(&caps.tenant, meta).await,

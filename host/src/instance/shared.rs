@@ -314,7 +314,7 @@ struct Task {
     deadline: Instant,
     request: (Arc<str>, TraceContext),
     depth: u32,
-    invokes: u32,
+    invokes: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// The per-request meters of one shared instance (see the module docs).
@@ -437,7 +437,7 @@ fn switch_context(store: &mut StoreContextMut<'_, GuestState>, state: &mut Meter
         Some(task) => {
             data.deadline = task.deadline;
             data.log.set_request(Some(task.request.clone()));
-            data.set_abi_context(task.depth, task.invokes);
+            data.set_abi_context(task.depth, task.invokes.clone());
             if fuel.is_some() {
                 let _ = store.set_fuel(task.fuel_left);
             }
@@ -447,7 +447,7 @@ fn switch_context(store: &mut StoreContextMut<'_, GuestState>, state: &mut Meter
             // bounded by the instance's own hooks' timeout, unmetered.
             data.deadline = Instant::now() + Duration::from_secs(5);
             data.log.set_request(None);
-            data.set_abi_context(0, 0);
+            data.set_abi_context(0, Arc::default());
             if fuel.is_some() {
                 let _ = store.set_fuel(UNLIMITED_FUEL);
             }
@@ -553,7 +553,7 @@ async fn serve(
                 deadline: started + limits.timeout,
                 request: (meta.id.clone(), meta.trace),
                 depth: meta.depth,
-                invokes: 0,
+                invokes: Arc::default(),
             },
         );
     };
