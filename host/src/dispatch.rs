@@ -409,7 +409,17 @@ impl Dispatcher {
         ));
 
         match head_rx.await {
-            Ok(Ok(response)) => response.map(|body| GatedBody::new(body, done_rx).boxed_unsync()),
+            Ok(Ok(response)) => {
+                let (parts, body) = response.into_parts();
+                let body = if body.is_p3() {
+                    let mut body = Box::pin(body);
+                    body.as_mut().prefetch(FIRST_FRAME_WAIT).await;
+                    GatedBody::new(body, done_rx).boxed_unsync()
+                } else {
+                    GatedBody::new(body, done_rx).boxed_unsync()
+                };
+                Response::from_parts(parts, body)
+            }
             Ok(Err(ErrorCode::HttpRequestBodySize(_))) => error_response(Outcome::RequestTooLarge, &too_large()),
             Ok(Err(code)) => {
                 error_response(Outcome::Trap, &format!("function {function:?} answered with an error: {code:?}"))
@@ -447,6 +457,12 @@ impl Dispatcher {
         self.recorder.write(&record);
     }
 }
+
+/// How long a WASI 0.3 response's head waits for its body's first frame
+/// (see [`crate::instance::ResponseBody::prefetch`]): a small body then
+/// leaves with its head in one write; a guest that streams later only
+/// gets its head out this much later.
+const FIRST_FRAME_WAIT: Duration = Duration::from_millis(2);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -284,3 +284,21 @@ async fn an_invoke_from_a_wasi_0_3_request_lets_the_other_requests_of_its_instan
     let callee = records.iter().find(|record| record.request_id == "waiting/1").expect("the callee's record");
     assert_eq!(callee.parent_id.as_deref(), Some("waiting"), "{callee:#?}");
 }
+
+#[tokio::test]
+async fn a_shared_instance_whose_request_waits_past_its_timeout_is_replaced_and_let_go() {
+    let host = TestHost::start_persistent().await;
+    let mut stuck = p3("stuck", false);
+    stuck.limits.timeout = Duration::from_millis(300);
+    host.deploy(vec![stuck]).await;
+
+    // Waiting on a clock for ten minutes: the guest is in the host, where
+    // epochs cannot interrupt it; the request is answered at its timeout.
+    let waited = host.get("/stuck/sleep/600000").await;
+    assert_eq!(waited.status, 504, "{}", waited.body);
+    assert_eq!(host.get("/stuck?name=next").await.body, "hello, next\n", "a fresh instance serves");
+    // The old instance, its task still waiting, is not kept for it.
+    let let_go =
+        crate::support::eventually(Duration::from_secs(5), || async { host.live_instances("stuck").await == 1 });
+    assert!(let_go.await, "{} instances live", host.live_instances("stuck").await);
+}

@@ -14,12 +14,15 @@
 //!   counter, its deadline (the epoch callback enforces the current task's)
 //!   and its fuel (each request has its own `fuel_per_request`; the store's
 //!   fuel is the running task's).
-//! - **CPU time.** The thread's CPU clock is read at each switch and each
-//!   return from the guest: what runs between an entry into a task and the
-//!   next switch or return (guest code and the host calls it makes) is that
-//!   request's; the event loop's own work between guest calls (wasmtime's
-//!   scheduling, the body streams' plumbing) is split evenly between the
-//!   requests in flight when it ran.
+//! - **CPU time.** Each poll of the event loop is measured on the thread's
+//!   CPU clock. Within it, the monotonic clock (cheap: no system call) is
+//!   read at each switch and each return from the guest: what runs between
+//!   an entry into a task and the next switch or return (guest code and
+//!   the host calls it makes) is that request's segment, and the poll's CPU
+//!   time is divided between the segments in proportion; the event loop's
+//!   own part (wasmtime's scheduling, the body streams' plumbing) is split
+//!   evenly between the requests in flight then. The records of a poll's
+//!   requests add up to what the poll used.
 //! - **Wall time** is each request's own; **memory** is the instance's (a
 //!   record's peak memory is the instance's linear memory when the request
 //!   ended, which never shrinks), and `memory_mb` bounds the instance.
@@ -106,8 +109,9 @@ pub(crate) struct SharedInstance {
     meter: Arc<Meter>,
     failed: watch::Receiver<Option<Arc<Failure>>>,
     /// Set when it may not take more work (failed, or a request of it
-    /// outlived its timeout while blocked in the host).
-    broken: AtomicBool,
+    /// outlived its timeout while blocked in the host); shared with the
+    /// driver, which then drops the instance without `destroy`.
+    broken: Arc<AtomicBool>,
     /// Linear memory when its last request ended.
     memory: AtomicU64,
     timeout: Duration,
@@ -130,11 +134,12 @@ impl SharedInstance {
         instance.store.call_hook(move |store, hook| switch_on_entry(&hook_meter, store, hook));
         let (jobs, receiver) = mpsc::unbounded_channel();
         let (fail, failed) = watch::channel(None);
+        let broken = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(SharedInstance {
             jobs: Mutex::new(Some(jobs)),
             meter: meter.clone(),
             failed,
-            broken: AtomicBool::new(false),
+            broken: broken.clone(),
             memory: AtomicU64::new(instance.memory_bytes()),
             timeout: instance.function.spec().limits.timeout,
             next_seq: AtomicU64::new(0),
@@ -143,6 +148,8 @@ impl SharedInstance {
         runtime.spawn(async move {
             let ended = run(instance, funcs, receiver, meter, weak).await;
             let instance = match ended {
+                // Its state can no longer be trusted: no `destroy`.
+                Ok(_) if broken.load(Ordering::Acquire) => None,
                 Ok(instance) => Some(instance),
                 Err(failure) => {
                     let _ = fail.send(Some(Arc::new(failure)));
@@ -305,7 +312,10 @@ impl Funcs {
 /// What a request running in a shared instance has used, and its context.
 struct Task {
     seq: u64,
+    /// CPU time of its finished polls' segments.
     cpu: Duration,
+    /// Monotonic time of its segments in the poll under way.
+    poll_ns: u64,
     /// [`MeterState::shared_per_task_ns`] when it began.
     shared_from_ns: u64,
     fuel_given: Option<u64>,
@@ -328,10 +338,16 @@ struct MeterState {
     tasks: HashMap<GuestTaskId, Task>,
     /// The task whose context (fuel, deadline, request) the store holds.
     context: Option<GuestTaskId>,
-    /// The task charged for the CPU time since `mark` (none: the event loop).
+    /// The task charged for the time since `mark` (none: the event loop).
     running: Option<GuestTaskId>,
-    /// The polling thread's CPU clock at the last charge, during a poll.
-    mark: Option<Duration>,
+    /// The monotonic clock at the last charge, during a poll.
+    mark: Option<Instant>,
+    /// When the poll under way began, and its thread CPU clock then.
+    poll_began: Option<(Instant, Duration)>,
+    /// The tasks with segments in the poll under way.
+    touched: Vec<GuestTaskId>,
+    /// The event loop's own time in the poll under way.
+    loop_ns: u64,
     /// The event loop's CPU time per request in flight, summed.
     shared_per_task_ns: u64,
     /// The event loop has ended: calls (`destroy`) are the instance's own.
@@ -339,19 +355,55 @@ struct MeterState {
 }
 
 impl MeterState {
-    /// Charge the CPU time since the mark to the running task, or share it.
-    fn charge(&mut self, now: Duration) {
+    /// Charge the time since the mark to the running task's segment, or
+    /// to the event loop's.
+    fn charge(&mut self, now: Instant) {
         let Some(mark) = self.mark.replace(now) else { return };
-        let used = now.saturating_sub(mark);
-        let count = self.tasks.len() as u64;
+        let used = nanos(now.saturating_duration_since(mark));
         match self.running.and_then(|task| self.tasks.get_mut(&task)) {
-            Some(task) => task.cpu += used,
-            None if count > 0 => {
-                let share = u64::try_from(used.as_nanos()).unwrap_or(u64::MAX) / count;
-                self.shared_per_task_ns = self.shared_per_task_ns.saturating_add(share);
+            Some(task) => {
+                if task.poll_ns == 0 {
+                    self.touched.extend(self.running);
+                }
+                task.poll_ns += used;
             }
-            None => {}
+            None => self.loop_ns += used,
         }
+    }
+
+    /// A poll of the event loop begins.
+    fn begin_poll(&mut self, now: Instant, cpu: Duration) {
+        self.mark = Some(now);
+        self.poll_began = Some((now, cpu));
+        self.running = None;
+    }
+
+    /// The poll ends: its thread CPU time is divided between the segments
+    /// of its tasks in proportion to their monotonic time, and the event
+    /// loop's part evenly between the requests in flight. Returns the
+    /// poll's CPU time.
+    fn end_poll(&mut self, now: Instant, cpu: Duration) -> Duration {
+        self.charge(now);
+        self.mark = None;
+        let Some((began, cpu_began)) = self.poll_began.take() else { return Duration::ZERO };
+        let used = cpu.saturating_sub(cpu_began);
+        let wall = nanos(now.saturating_duration_since(began)).max(1);
+        let scale = |part: u64| {
+            Duration::from_nanos(
+                u64::try_from(u128::from(nanos(used)) * u128::from(part) / u128::from(wall)).unwrap_or(u64::MAX),
+            )
+        };
+        for id in std::mem::take(&mut self.touched) {
+            if let Some(task) = self.tasks.get_mut(&id) {
+                task.cpu += scale(task.poll_ns);
+                task.poll_ns = 0;
+            }
+        }
+        if let Some(share) = nanos(scale(self.loop_ns)).checked_div(self.tasks.len() as u64) {
+            self.shared_per_task_ns = self.shared_per_task_ns.saturating_add(share);
+        }
+        self.loop_ns = 0;
+        used
     }
 
     fn task_of(&self, seq: u64) -> Option<&Task> {
@@ -363,7 +415,8 @@ impl MeterState {
         let left = fuel_now.unwrap_or(task.fuel_left);
         CallStats {
             wall: Duration::ZERO,
-            cpu: task.cpu + shared,
+            // The poll under way (not yet measured) by its monotonic time.
+            cpu: task.cpu + Duration::from_nanos(task.poll_ns) + shared,
             fuel: task.fuel_given.map(|given| given.saturating_sub(left)),
             peak_memory: 0,
             throttled: task.throttled,
@@ -376,12 +429,30 @@ impl Meter {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Stop metering job `seq` (task `task`): its requester is gone.
+    fn forget(&self, task: GuestTaskId, seq: u64) {
+        let mut state = self.lock();
+        if state.tasks.get(&task).is_some_and(|entry| entry.seq == seq) {
+            state.tasks.remove(&task);
+            if state.context == Some(task) {
+                state.context = None;
+            }
+            if state.running == Some(task) {
+                state.running = None;
+            }
+        }
+    }
+
     /// What job `seq` has used so far (its fuel as saved at its last switch
     /// unless `fuel_now`, the store's, is given for the task in context).
     fn used(&self, seq: u64, fuel_now: Option<u64>) -> Option<CallStats> {
         let state = self.lock();
         state.task_of(seq).map(|task| state.stats(task, fuel_now))
     }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The call hook of a shared instance's store: on each entry into the
@@ -394,7 +465,7 @@ fn switch_on_entry(meter: &Meter, mut store: StoreContextMut<'_, GuestState>, ho
         CallHook::ReturningFromWasm => {
             let mut state = meter.lock();
             if state.mark.is_some() {
-                state.charge(thread_cpu_time());
+                state.charge(Instant::now());
             }
             state.running = None;
             Ok(())
@@ -409,7 +480,7 @@ fn switch_on_entry(meter: &Meter, mut store: StoreContextMut<'_, GuestState>, ho
                 return Ok(());
             }
             if state.mark.is_some() {
-                state.charge(thread_cpu_time());
+                state.charge(Instant::now());
             }
             state.running = root;
             if state.context != root {
@@ -546,6 +617,7 @@ async fn serve(
             Task {
                 seq,
                 cpu: Duration::ZERO,
+                poll_ns: 0,
                 shared_from_ns,
                 fuel_given,
                 fuel_left: fuel_given.unwrap_or(UNLIMITED_FUEL),
@@ -558,7 +630,7 @@ async fn serve(
         );
     };
     match job {
-        Job::Http { request, meta, respond, reply, seq } => {
+        Job::Http { request, meta, respond, mut reply, seq } => {
             let Some(handle) = funcs.handle else {
                 let error = InstanceError { outcome: Outcome::NoResponse, message: "has no HTTP handler".to_string() };
                 let _ = reply.send((CallStats::default(), Err(error)));
@@ -583,7 +655,7 @@ async fn serve(
                     return;
                 }
             };
-            let result = async {
+            let work = async {
                 match handle.finish_call_concurrent(accessor, call).await?.0 {
                     Err(code) => {
                         respond(Err(p2_error_code(&code)));
@@ -595,16 +667,21 @@ async fn serve(
                             response.into_http(&mut access, sent)
                         })?;
                         let (done, finished) = oneshot::channel();
-                        respond(Ok(response.map(|body| ResponseBody::P3 { body, done: Some(done) })));
+                        respond(Ok(response.map(|body| ResponseBody::p3(body, done))));
                         let _ = finished.await;
                         Ok(())
                     }
                 }
-            }
-            .await;
+            };
+            // A request answered by the backstop is not waited for: its
+            // task may never end, and the instance must still stop.
+            let result = tokio::select! {
+                result = work => result,
+                () = reply.closed() => return meter.forget(task, seq),
+            };
             finish(accessor, meter, limits, task, seq, started, result, reply, shared);
         }
-        Job::Message { message, meta, reply, seq } => {
+        Job::Message { message, meta, mut reply, seq } => {
             let Some(events) = funcs.events else {
                 let error = InstanceError {
                     outcome: Outcome::HostError,
@@ -627,10 +704,11 @@ async fn serve(
                     return;
                 }
             };
-            let result = events
-                .finish_call_concurrent(accessor, call)
-                .await
-                .map(|(handled,)| handled.map_err(|reason| Declined { reason }));
+            let work = events.finish_call_concurrent(accessor, call);
+            let result = tokio::select! {
+                result = work => result.map(|(handled,)| handled.map_err(|reason| Declined { reason })),
+                () = reply.closed() => return meter.forget(task, seq),
+            };
             finish(accessor, meter, limits, task, seq, started, result, reply, shared);
         }
     }
@@ -660,24 +738,12 @@ fn finish<R>(
         (store.get_fuel().ok(), data.memory.current(), result)
     });
     let stats = {
-        let mut state = meter.lock();
-        let in_context = state.context == Some(task);
-        let stats = state
-            .tasks
-            .get(&task)
-            .filter(|entry| entry.seq == seq)
-            .map(|entry| state.stats(entry, if in_context { fuel_now } else { None }));
-        if state.tasks.get(&task).is_some_and(|entry| entry.seq == seq) {
-            state.tasks.remove(&task);
-            if in_context {
-                state.context = None;
-            }
-            if state.running == Some(task) {
-                state.running = None;
-            }
-        }
-        stats.unwrap_or_default()
+        let state = meter.lock();
+        let fuel_now = fuel_now.filter(|_| state.context == Some(task));
+        state.tasks.get(&task).filter(|entry| entry.seq == seq).map(|entry| state.stats(entry, fuel_now))
     };
+    meter.forget(task, seq);
+    let stats = stats.unwrap_or_default();
     if let Some(shared) = shared.upgrade() {
         shared.memory.store(memory, Ordering::Relaxed);
     }
@@ -708,22 +774,13 @@ impl<F: Future> Future for Polled<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let before = thread_cpu_time();
-        {
-            let mut state = this.meter.lock();
-            state.mark = Some(before);
-            state.running = None;
-        }
+        this.meter.lock().begin_poll(Instant::now(), before);
         this.probe.begin_poll(before);
         let poll = this.inner.poll(cx);
-        let after = thread_cpu_time();
-        {
-            let mut state = this.meter.lock();
-            state.charge(after);
-            state.mark = None;
-        }
+        let used = this.meter.lock().end_poll(Instant::now(), thread_cpu_time());
         this.probe.end_poll();
         if let Some(quota) = this.quota {
-            quota.charge(after.saturating_sub(before));
+            quota.charge(used);
         }
         poll
     }
