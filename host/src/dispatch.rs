@@ -411,14 +411,9 @@ impl Dispatcher {
         match head_rx.await {
             Ok(Ok(response)) => {
                 let (parts, body) = response.into_parts();
-                let body = if body.is_p3() {
-                    let mut body = Box::pin(body);
-                    body.as_mut().prefetch(FIRST_FRAME_WAIT).await;
-                    GatedBody::new(body, done_rx).boxed_unsync()
-                } else {
-                    GatedBody::new(body, done_rx).boxed_unsync()
-                };
-                Response::from_parts(parts, body)
+                let mut body = GatedBody::new(body, done_rx);
+                body.settle(SETTLE_WAIT, SETTLE_BYTES).await;
+                Response::from_parts(parts, body.boxed_unsync())
             }
             Ok(Err(ErrorCode::HttpRequestBodySize(_))) => error_response(Outcome::RequestTooLarge, &too_large()),
             Ok(Err(code)) => {
@@ -458,11 +453,10 @@ impl Dispatcher {
     }
 }
 
-/// How long a WASI 0.3 response's head waits for its body's first frame
-/// (see [`crate::instance::ResponseBody::prefetch`]): a small body then
-/// leaves with its head in one write; a guest that streams later only
-/// gets its head out this much later.
-const FIRST_FRAME_WAIT: Duration = Duration::from_millis(2);
+/// How long a response's head waits for the rest of a small body and its
+/// record (see [`GatedBody::settle`]), and how much of the body it holds.
+const SETTLE_WAIT: Duration = Duration::from_millis(2);
+const SETTLE_BYTES: usize = 64 << 10;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -545,6 +539,9 @@ where
 
 pin_project_lite::pin_project! {
     /// A response body whose end waits for the usage record to be written.
+    /// (`held`: frames taken while settling, in order; `written`: the
+    /// record's fate when known while settling. pin_project_lite takes no
+    /// doc comments on fields.)
     pub struct GatedBody<B> {
         #[pin]
         inner: B,
@@ -552,12 +549,63 @@ pin_project_lite::pin_project! {
         done: oneshot::Receiver<bool>,
         finished: bool,
         ended: bool,
+        held: std::collections::VecDeque<Result<Frame<Bytes>, BoxError>>,
+        written: Option<bool>,
     }
 }
 
 impl<B> GatedBody<B> {
     fn new(inner: B, done: oneshot::Receiver<bool>) -> GatedBody<B> {
-        GatedBody { inner, done, finished: false, ended: false }
+        GatedBody { inner, done, finished: false, ended: false, held: std::collections::VecDeque::new(), written: None }
+    }
+}
+
+impl<B> GatedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Before the head is sent, wait up to `within` for the body to end
+    /// (holding up to `most` bytes of it) and its record to be written.
+    /// A small response then leaves in one write — head, body and end —
+    /// instead of its head first: a WASI 0.3 guest returns its response
+    /// before its own task writes the body, and the end of every body
+    /// waits for the record. A body still streaming after `within` goes on
+    /// as it comes.
+    async fn settle(&mut self, within: Duration, most: usize) {
+        let mut held_bytes = 0;
+        let mut step = |cx: &mut Context<'_>| -> Poll<()> {
+            while !self.finished {
+                match Pin::new(&mut self.inner).poll_frame(cx) {
+                    Poll::Ready(None) => self.finished = true,
+                    Poll::Ready(Some(Ok(frame))) => {
+                        held_bytes += frame.data_ref().map_or(0, Bytes::len);
+                        self.held.push_back(Ok(frame));
+                        if held_bytes > most {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Poll::Ready(Some(Err(err))) => {
+                        self.held.push_back(Err(err.into()));
+                        return Poll::Ready(());
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            match Pin::new(&mut self.done).poll(cx) {
+                Poll::Ready(written) => {
+                    self.written = Some(written.unwrap_or(true));
+                    Poll::Ready(())
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        };
+        // Most bodies are complete at once: no timer for those.
+        let waker = std::task::Waker::noop();
+        if step(&mut Context::from_waker(waker)).is_ready() {
+            return;
+        }
+        let _ = tokio::time::timeout(within, std::future::poll_fn(step)).await;
     }
 }
 
@@ -571,6 +619,9 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(frame) = this.held.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
         if !*this.finished {
             match this.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(None) => *this.finished = true,
@@ -585,16 +636,18 @@ where
         if *this.ended {
             return Poll::Ready(None);
         }
-        let written = std::task::ready!(this.done.poll(cx));
+        let written = match this.written.take() {
+            Some(written) => written,
+            None => std::task::ready!(this.done.poll(cx)).unwrap_or(true),
+        };
         *this.ended = true;
-        Poll::Ready(match written {
-            Ok(false) => Some(Err(BoxError::from("the request's usage record could not be written"))),
-            _ => None,
-        })
+        Poll::Ready((!written).then(|| Err(BoxError::from("the request's usage record could not be written"))))
     }
 
     fn is_end_stream(&self) -> bool {
-        false
+        // Settled: the last held frame ends it (hyper then writes the end
+        // with it).
+        self.held.is_empty() && self.finished && self.written == Some(true)
     }
 
     fn size_hint(&self) -> SizeHint {

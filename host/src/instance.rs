@@ -59,11 +59,7 @@ pin_project_lite::pin_project! {
         P2 { #[pin] body: HyperOutgoingBody },
         /// A WASI 0.3 stream, fed by its instance's event loop, which runs
         /// until the body ends (`done` fires then, or when it is dropped).
-        P3 {
-            #[pin] body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
-            done: Option<tokio::sync::oneshot::Sender<()>>,
-            first: Option<Option<Result<hyper::body::Frame<Bytes>, wasmtime_wasi_http::Error>>>,
-        },
+        P3 { #[pin] body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>, done: Option<tokio::sync::oneshot::Sender<()>> },
     }
 }
 
@@ -73,33 +69,7 @@ impl ResponseBody {
         body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
         done: tokio::sync::oneshot::Sender<()>,
     ) -> ResponseBody {
-        ResponseBody::P3 { body, done: Some(done), first: None }
-    }
-
-    /// Whether it is a WASI 0.3 body.
-    pub fn is_p3(&self) -> bool {
-        matches!(self, ResponseBody::P3 { .. })
-    }
-
-    /// Wait up to `within` for a WASI 0.3 body's first frame, and keep it.
-    /// A 0.3 guest returns its response before its own task writes the
-    /// body; the head sent on its own would cost the client a second
-    /// write and wake-up for a small body. (A 0.2 body is written before
-    /// the head is set.)
-    pub async fn prefetch(mut self: std::pin::Pin<&mut Self>, within: std::time::Duration) {
-        use hyper::body::Body as _;
-        if !matches!(self.as_ref().get_ref(), ResponseBody::P3 { first: None, .. }) || self.is_end_stream() {
-            return;
-        }
-        let next = std::future::poll_fn(|cx| match self.as_mut().project() {
-            ResponseBodyProj::P3 { body, .. } => body.poll_frame(cx),
-            ResponseBodyProj::P2 { .. } => std::task::Poll::Ready(None),
-        });
-        if let Ok(frame) = tokio::time::timeout(within, next).await
-            && let ResponseBodyProj::P3 { first, .. } = self.as_mut().project()
-        {
-            *first = Some(frame);
-        }
+        ResponseBody::P3 { body, done: Some(done) }
     }
 }
 
@@ -113,11 +83,8 @@ impl hyper::body::Body for ResponseBody {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         match self.project() {
             ResponseBodyProj::P2 { body } => body.poll_frame(cx).map(|frame| frame.map(|f| f.map_err(Into::into))),
-            ResponseBodyProj::P3 { body, done, first } => {
-                let frame = match first.take() {
-                    Some(frame) => frame,
-                    None => std::task::ready!(body.poll_frame(cx)),
-                };
+            ResponseBodyProj::P3 { body, done } => {
+                let frame = std::task::ready!(body.poll_frame(cx));
                 if !matches!(frame, Some(Ok(_))) {
                     // The end, or a failure: either way the instance's part is over.
                     if let Some(done) = done.take() {
@@ -132,7 +99,6 @@ impl hyper::body::Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::P2 { body } => body.is_end_stream(),
-            ResponseBody::P3 { first: Some(frame), .. } => frame.is_none(),
             ResponseBody::P3 { body, .. } => body.is_end_stream(),
         }
     }
