@@ -4,13 +4,16 @@
 //! README with the two commands that build and serve it, and the Runtime
 //! ABI's WIT (`wit/`), written out of this binary so a project builds
 //! without this repository. The sources are the examples of `functions/`
-//! (the tests build both), with the example's name replaced.
+//! (the tests build both), with the example's name replaced; the
+//! TypeScript one, which has no example of its own, is
+//! `cli/src/templates/index.ts` (hello-js with types).
 //!
 //! | language | toolchain | output |
 //! |---|---|---|
 //! | Rust | cargo, target `wasm32-wasip2`, with `shoal-sdk` in the project | `target/wasm32-wasip2/release/<name>.wasm` |
 //! | Rust, WASI 0.3 | cargo, target `wasm32-wasip2`, async Rust with `wasip3` and bindings of `wit/` | `target/wasm32-wasip2/release/<name>.wasm` |
 //! | JavaScript | componentize-js (npm) | `dist/<name>.wasm` |
+//! | TypeScript | jco `guest-types` (the ABI's types from `wit/`), tsc, componentize-js (npm) | `dist/<name>.wasm` |
 //! | Python | componentize-py (PyPI) | `dist/<name>.wasm` |
 //! | Go | Go 1.25+, wit-bindgen's Go generator, wasm-tools, the WASI preview1 reactor adapter | `dist/<name>.wasm` |
 
@@ -34,6 +37,10 @@ pub(crate) enum Language {
     /// JavaScript, through componentize-js.
     #[value(alias = "javascript")]
     Js,
+    /// TypeScript: the Runtime ABI's types written from `wit/` by jco,
+    /// compiled by tsc, then built as JavaScript.
+    #[value(alias = "typescript")]
+    Ts,
     /// Python, through componentize-py.
     #[value(alias = "py")]
     Python,
@@ -49,6 +56,7 @@ impl Language {
             Language::Rust => "Rust",
             Language::RustP3 => "Rust, WASI 0.3",
             Language::Js => "JavaScript",
+            Language::Ts => "TypeScript",
             Language::Python => "Python",
             Language::Go => "Go",
         }
@@ -62,6 +70,12 @@ pub(crate) const COMPONENTIZE_JS_VERSION: &str = "0.23.0";
 /// declares only as a development dependency of its own: without it
 /// listed, `npm ci` leaves it out and the build fails to load.
 pub(crate) const PREVIEW2_SHIM_VERSION: &str = "0.25.0";
+/// jco, whose `guest-types` writes a TypeScript project's ABI types. It
+/// runs with preview2-shim 0.25.0 (an npm override): the 0.26.1 it would
+/// bring reads no file under Node 20 ("failed to read path for WIT").
+pub(crate) const JCO_VERSION: &str = "1.35.0";
+/// The TypeScript compiler TypeScript projects pin.
+pub(crate) const TYPESCRIPT_VERSION: &str = "5.9.3";
 /// The componentize-py release projects are pinned to.
 pub(crate) const COMPONENTIZE_PY_VERSION: &str = "0.25.1";
 /// The wit-bindgen whose Go generator Go projects use (its Go bindings
@@ -98,6 +112,7 @@ const SDK: &[(&str, &str)] = embed!("abi/sdk":
 const RUST_SOURCE: &str = include_str!("../../functions/hello/src/lib.rs");
 const RUST_P3_SOURCE: &str = include_str!("../../functions/hello-p3/src/lib.rs");
 const JS_SOURCE: &str = include_str!("../../functions/hello-js/index.js");
+const TS_SOURCE: &str = include_str!("templates/index.ts");
 const PYTHON_SOURCE: &str = include_str!("../../functions/hello-py/app.py");
 const GO_MAIN: &str = include_str!("../../functions/hello-go/main.go");
 const GO_HANDLER: &str = include_str!("../../functions/hello-go/export_wasi_http_incoming_handler/handler.go");
@@ -138,7 +153,7 @@ pub(crate) fn new_project(name: &str, language: Language, dir: &Path) -> anyhow:
     }
     let build = match language {
         Language::Rust | Language::RustP3 => "cargo build --release",
-        Language::Js => "npm install && npm run build",
+        Language::Js | Language::Ts => "npm install && npm run build",
         Language::Python | Language::Go => "make",
     };
     Ok(Project { dir: dir.to_path_buf(), build })
@@ -153,7 +168,7 @@ fn files(name: &str, language: Language) -> Vec<(String, String)> {
         Language::RustP3 => (format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_")), None, true),
         // StarlingMonkey answers one request per instance (its FetchEvent
         // state is not reset between requests: StarlingMonkey issue 247).
-        Language::Js => (format!("dist/{name}.wasm"), Some(1), true),
+        Language::Js | Language::Ts => (format!("dist/{name}.wasm"), Some(1), true),
         Language::Python | Language::Go => (format!("dist/{name}.wasm"), None, true),
     };
     files.push(("shoal.toml".into(), manifest(name, &wasm, max_requests, grants)));
@@ -183,6 +198,13 @@ fn files(name: &str, language: Language) -> Vec<(String, String)> {
             files.push(("index.js".into(), JS_SOURCE.replace("hello-js", name)));
             files.push(("package.json".into(), package_json(name)));
             files.push((".gitignore".into(), "/node_modules\n/dist\n".into()));
+            files.push(("README.md".into(), readme(name, language.label(), "npm install\nnpm run build")));
+        }
+        Language::Ts => {
+            files.push(("src/index.ts".into(), TS_SOURCE.replace("hello-ts", name)));
+            files.push(("package.json".into(), ts_package_json(name)));
+            files.push(("tsconfig.json".into(), TS_CONFIG.into()));
+            files.push((".gitignore".into(), "/node_modules\n/dist\n/build\n/types\n".into()));
             files.push(("README.md".into(), readme(name, language.label(), "npm install\nnpm run build")));
         }
         Language::Python => {
@@ -309,6 +331,40 @@ fn package_json(name: &str) -> String {
     )
 }
 
+/// A TypeScript project's package: `types` writes the ABI's types from
+/// `wit/` (jco), `build` type-checks and compiles `src/` into `build/`
+/// (tsc) and makes the component of it (componentize-js).
+fn ts_package_json(name: &str) -> String {
+    format!(
+        "{{\n  \"name\": \"{name}\",\n  \"private\": true,\n  \"type\": \"module\",\n  \"scripts\": {{\n    \
+         \"types\": \"jco guest-types wit --world-name shoal:runtime/http-function -o types --quiet\",\n    \
+         \"build\": \"npm run types && tsc && mkdir -p dist && componentize-js --wit wit --world-name \
+         shoal:runtime/http-function -o dist/{name}.wasm build/index.js\"\n  }},\n  \"devDependencies\": {{\n    \
+         \"@bytecodealliance/componentize-js\": \"{COMPONENTIZE_JS_VERSION}\",\n    \
+         \"@bytecodealliance/jco\": \"{JCO_VERSION}\",\n    \
+         \"@bytecodealliance/preview2-shim\": \"{PREVIEW2_SHIM_VERSION}\",\n    \
+         \"typescript\": \"{TYPESCRIPT_VERSION}\"\n  }},\n  \"overrides\": {{\n    \
+         \"@bytecodealliance/preview2-shim\": \"{PREVIEW2_SHIM_VERSION}\"\n  }}\n}}\n"
+    )
+}
+
+/// tsc's settings: the fetch-event API from the WebWorker library, the
+/// ABI's modules from the types jco wrote.
+const TS_CONFIG: &str = r#"{
+  "compilerOptions": {
+    "target": "ES2022",
+    "module": "ES2022",
+    "moduleResolution": "bundler",
+    "lib": ["ES2022", "WebWorker"],
+    "strict": true,
+    "outDir": "build",
+    "rootDir": "src",
+    "skipLibCheck": true
+  },
+  "include": ["src", "types"]
+}
+"#;
+
 fn python_makefile(name: &str) -> String {
     format!(
         "# componentize-py {COMPONENTIZE_PY_VERSION}: pip install componentize-py=={COMPONENTIZE_PY_VERSION}\n\
@@ -377,7 +433,7 @@ mod tests {
 
     #[test]
     fn each_projects_manifest_is_valid_and_names_its_build_output() {
-        for language in [Language::Rust, Language::RustP3, Language::Js, Language::Python, Language::Go] {
+        for language in [Language::Rust, Language::RustP3, Language::Js, Language::Ts, Language::Python, Language::Go] {
             let dir = tempfile::tempdir().unwrap();
             let project = dir.path().join("my-fn");
             new_project("my-fn", language, &project).unwrap();
@@ -385,7 +441,7 @@ mod tests {
             let specs = manifest.resolve().unwrap();
             assert_eq!(specs[0].name.as_str(), "my-fn");
             assert!(project.join("wit/http.wit").is_file() && project.join("wit/deps/http/http.wit").is_file());
-            let js = language == Language::Js;
+            let js = matches!(language, Language::Js | Language::Ts);
             if js {
                 let package: serde_json::Value =
                     serde_json::from_str(&fs::read_to_string(project.join("package.json")).unwrap()).unwrap();

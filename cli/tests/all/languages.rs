@@ -116,6 +116,7 @@ async fn shoal_new_writes_projects_that_build_with_their_toolchain_and_answer() 
     let work = tempfile::tempdir().unwrap();
     for (lang, build) in [
         ("js", &["npm install --no-audit --no-fund --prefer-offline", "npm run build"][..]),
+        ("ts", &["npm install --no-audit --no-fund --prefer-offline", "npm run build"][..]),
         ("python", &["make"][..]),
         ("rust", &["cargo build --release"][..]),
         ("rust-0.3", &["cargo build --release"][..]),
