@@ -651,6 +651,15 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // What settling took out of the inner body is still to come.
+        let held: u64 =
+            self.held.iter().filter_map(|frame| frame.as_ref().ok()?.data_ref()).map(|data| data.len() as u64).sum();
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(held));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(held));
+        }
+        hint
     }
 }

@@ -93,6 +93,36 @@ struct Shared {
     code: Arc<crate::function::Code>,
 }
 
+/// A request counted busy from the moment it has its permits until it
+/// holds a lease (whose drop counts it back): dropped before that — an
+/// error, or the request's future dropped while it waits — it counts
+/// itself back, so `drain` never waits for a request that is gone.
+struct BusyClaim<'a> {
+    pool: &'a FunctionPool,
+    held: bool,
+}
+
+impl<'a> BusyClaim<'a> {
+    fn new(pool: &'a FunctionPool) -> BusyClaim<'a> {
+        pool.busy.fetch_add(1, Ordering::AcqRel);
+        BusyClaim { pool, held: true }
+    }
+
+    /// A lease took the count over.
+    fn keep(mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for BusyClaim<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.pool.busy.fetch_sub(1, Ordering::AcqRel);
+            self.pool.changed.notify_waiters();
+        }
+    }
+}
+
 /// What a lease holds.
 enum Held {
     /// An instance of its own.
@@ -310,32 +340,30 @@ impl FunctionPool {
             return Err(AcquireError::Overloaded { retry_after });
         };
         let permits = (permit, tenant);
-        self.busy.fetch_add(1, Ordering::AcqRel);
+        let claim = BusyClaim::new(self);
         if self.per_instance > 1 {
-            return self.acquire_shared(runtime, deadline, retry_after, permits).await;
+            return self.acquire_shared(runtime, deadline, retry_after, permits, claim).await;
         }
         loop {
             let Some(instance) = self.lock_idle().pop() else { break };
             if instance.runs_current_code() {
+                claim.keep();
                 return Ok(self.lease(instance, false, None, permits));
             }
             // Made of baseline code that optimized code has replaced.
             self.destroy_later(instance);
         }
         let Some(slot) = self.function.engine.slots().acquire(deadline).await else {
-            self.busy.fetch_sub(1, Ordering::AcqRel);
-            self.changed.notify_waiters();
             return Err(AcquireError::Overloaded { retry_after });
         };
         let started = Instant::now();
         match Instance::create(&self.function, slot).await {
             Ok((instance, _stats)) => {
                 self.add_live(1);
+                claim.keep();
                 Ok(self.lease(instance, true, Some(started.elapsed()), permits))
             }
             Err(error) => {
-                self.busy.fetch_sub(1, Ordering::AcqRel);
-                self.changed.notify_waiters();
                 tracing::warn!(function = self.function.name(), error = %error.message, "instance failed to start");
                 Err(AcquireError::Start(error))
             }
@@ -349,24 +377,38 @@ impl FunctionPool {
         deadline: tokio::time::Instant,
         retry_after: Duration,
         permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+        claim: BusyClaim<'_>,
     ) -> Result<Lease, AcquireError> {
-        let permits = match self.join_shared(permits) {
-            Ok(lease) => return Ok(lease),
-            Err(permits) => permits,
+        // Instances are made one at a time. While waiting for the turn, a
+        // place that frees in a live instance is taken instead (the pool
+        // says when a request leaves one).
+        let mut permits = permits;
+        let _making = loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            permits = match self.join_shared(permits) {
+                Ok(lease) => {
+                    claim.keep();
+                    return Ok(lease);
+                }
+                Err(permits) => permits,
+            };
+            tokio::select! {
+                making = self.making.lock() => break making,
+                () = &mut changed => {}
+                () = tokio::time::sleep_until(deadline) => return Err(AcquireError::Overloaded { retry_after }),
+            }
         };
-        // Made one at a time; whoever waited looks again first.
-        let Ok(_making) = tokio::time::timeout_at(deadline, self.making.lock()).await else {
-            self.busy.fetch_sub(1, Ordering::AcqRel);
-            self.changed.notify_waiters();
-            return Err(AcquireError::Overloaded { retry_after });
-        };
+        // Another instance may have been made meanwhile.
         let permits = match self.join_shared(permits) {
-            Ok(lease) => return Ok(lease),
+            Ok(lease) => {
+                claim.keep();
+                return Ok(lease);
+            }
             Err(permits) => permits,
         };
         let Some(slot) = self.function.engine.slots().acquire(deadline).await else {
-            self.busy.fetch_sub(1, Ordering::AcqRel);
-            self.changed.notify_waiters();
             return Err(AcquireError::Overloaded { retry_after });
         };
         let started = Instant::now();
@@ -390,11 +432,10 @@ impl FunctionPool {
                     retiring: false,
                     code,
                 });
+                claim.keep();
                 Ok(self.lease_shared(instance, true, Some(started.elapsed()), permits))
             }
             Err(error) => {
-                self.busy.fetch_sub(1, Ordering::AcqRel);
-                self.changed.notify_waiters();
                 tracing::warn!(function = self.function.name(), error = %error.message, "instance failed to start");
                 Err(AcquireError::Start(error))
             }
@@ -469,11 +510,12 @@ impl FunctionPool {
         self.changed.notify_waiters();
     }
 
-    /// Take the retired shared instances no request is in out of `list`.
+    /// Take the retired (or failed) shared instances no request is in out
+    /// of `list`.
     fn stop_retired(&self, list: &mut Vec<Shared>) -> Vec<Arc<SharedInstance>> {
         let mut stopped = Vec::new();
         list.retain(|shared| {
-            let done = shared.retiring && shared.in_flight == 0;
+            let done = (shared.retiring || !shared.instance.is_healthy()) && shared.in_flight == 0;
             if done {
                 stopped.push(shared.instance.clone());
             }

@@ -302,3 +302,17 @@ async fn a_shared_instance_whose_request_waits_past_its_timeout_is_replaced_and_
         crate::support::eventually(Duration::from_secs(5), || async { host.live_instances("stuck").await == 1 });
     assert!(let_go.await, "{} instances live", host.live_instances("stuck").await);
 }
+
+#[tokio::test]
+async fn a_wasi_0_3_response_with_its_content_length_arrives_whole_on_a_kept_alive_connection() {
+    let host = TestHost::start_persistent().await;
+    host.deploy(vec![p3("sized", false)]).await;
+    // One client, so each request after the first reuses the connection:
+    // a body that came short of its length would leave it out of step.
+    for name in ["a", "bb", "ccc"] {
+        let reply = host.get(&format!("/sized/sized?name={name}")).await;
+        assert_eq!((reply.status, reply.body.as_str()), (200, format!("hello, {name}\n").as_str()));
+        let length = reply.headers.get("content-length").and_then(|value| value.to_str().ok());
+        assert_eq!(length, Some((8 + name.len()).to_string().as_str()), "{:?}", reply.headers);
+    }
+}

@@ -10,6 +10,7 @@
 //! | `GET …/invoke?fn=f` | invokes function `f` at `/` and answers its body |
 //! | `GET …/sleep/<ms>` | waits on `wasi:clocks` (other requests run meanwhile) |
 //! | `GET …/spin/<n>` | computes for `n` rounds (fuel, timeouts) |
+//! | `GET …/sized?name=x` | `hello, x` with its `content-length` set |
 //!
 //! Requests share an instance (16 at once by default). `invoke` is made
 //! through `invoke-async`, an async import: while it waits, the instance's
@@ -39,10 +40,19 @@ struct HelloP3;
 /// A text response, its body written by a task of its own (the handler
 /// returns the response first; the body streams after).
 fn text(status: u16, body: String) -> Response {
+    respond(status, body, false)
+}
+
+/// A text response; with `sized`, its `content-length` set.
+fn respond(status: u16, body: String, sized: bool) -> Response {
     let (mut body_tx, body_rx) = wit_stream::new();
     let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
     drop(trailers_tx);
-    let headers = Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())]).expect("a valid header");
+    let mut fields = vec![("content-type".to_string(), b"text/plain".to_vec())];
+    if sized {
+        fields.push(("content-length".to_string(), body.len().to_string().into_bytes()));
+    }
+    let headers = Fields::from_list(&fields).expect("valid headers");
     let (response, _sent) = Response::new(headers, Some(body_rx), trailers_rx);
     let _ = response.set_status_code(status);
     wit_bindgen::spawn_local(async move {
@@ -105,6 +115,9 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
         let (path, query_string) = target.split_once('?').unwrap_or((&target, ""));
         let mut segments = path.rsplit('/');
         let (last, before) = (segments.next().unwrap_or(""), segments.next().unwrap_or(""));
+        if last == "sized" {
+            return Ok(respond(200, format!("hello, {}\n", query(query_string, "name").unwrap_or("world")), true));
+        }
         let (status, body) = match (before, last) {
             (_, "count") => count(),
             (_, "greeting") => greeting(),

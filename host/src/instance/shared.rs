@@ -146,6 +146,9 @@ impl SharedInstance {
         });
         let weak = Arc::downgrade(&shared);
         runtime.spawn(async move {
+            // Run `exited` even if the driver panics: the pool counts the
+            // instance gone.
+            let mut exit = OnExit(Some(exited));
             let ended = run(instance, funcs, receiver, meter, weak).await;
             let instance = match ended {
                 // Its state can no longer be trusted: no `destroy`.
@@ -156,7 +159,9 @@ impl SharedInstance {
                     None
                 }
             };
-            exited(instance);
+            if let Some(exited) = exit.0.take() {
+                exited(instance);
+            }
         });
         Ok(shared)
     }
@@ -272,6 +277,17 @@ impl SharedInstance {
     }
 }
 
+/// Calls its function with `None` when dropped unless taken first.
+struct OnExit<F: FnOnce(Option<Instance>)>(Option<F>);
+
+impl<F: FnOnce(Option<Instance>)> Drop for OnExit<F> {
+    fn drop(&mut self) {
+        if let Some(exited) = self.0.take() {
+            exited(None);
+        }
+    }
+}
+
 /// The exports a shared instance calls.
 struct Funcs {
     handle: Option<HandleFunc>,
@@ -336,6 +352,11 @@ pub(crate) struct Meter {
 #[derive(Default)]
 struct MeterState {
     tasks: HashMap<GuestTaskId, Task>,
+    /// Jobs whose guest task has ended and whose id a newer task got
+    /// (wasmtime reuses the slots of its task table), by job: their jobs
+    /// are still under way (the response still streaming), and their
+    /// records still to be made.
+    gone: HashMap<u64, Task>,
     /// The task whose context (fuel, deadline, request) the store holds.
     context: Option<GuestTaskId>,
     /// The task charged for the time since `mark` (none: the event loop).
@@ -407,7 +428,26 @@ impl MeterState {
     }
 
     fn task_of(&self, seq: u64) -> Option<&Task> {
-        self.tasks.values().find(|task| task.seq == seq)
+        self.tasks.values().find(|task| task.seq == seq).or_else(|| self.gone.get(&seq))
+    }
+
+    /// Meter job `seq` as guest task `id`. A task of an earlier job that
+    /// had this id has ended: its entry moves aside, keeping what it used
+    /// (`fuel_now`: the store's fuel, when it held that task's).
+    fn start(&mut self, id: GuestTaskId, task: Task, fuel_now: Option<u64>) {
+        if let Some(mut old) = self.tasks.remove(&id) {
+            if self.context == Some(id) {
+                old.fuel_left = fuel_now.unwrap_or(old.fuel_left);
+                self.context = None;
+            }
+            if self.running == Some(id) {
+                self.running = None;
+            }
+            old.cpu += Duration::from_nanos(std::mem::take(&mut old.poll_ns));
+            self.touched.retain(|touched| *touched != id);
+            self.gone.insert(old.seq, old);
+        }
+        self.tasks.insert(id, task);
     }
 
     fn stats(&self, task: &Task, fuel_now: Option<u64>) -> CallStats {
@@ -432,6 +472,7 @@ impl Meter {
     /// Stop metering job `seq` (task `task`): its requester is gone.
     fn forget(&self, task: GuestTaskId, seq: u64) {
         let mut state = self.lock();
+        state.gone.remove(&seq);
         if state.tasks.get(&task).is_some_and(|entry| entry.seq == seq) {
             state.tasks.remove(&task);
             if state.context == Some(task) {
@@ -580,6 +621,7 @@ async fn run(
                     let fuel = (state.context == Some(*id)).then_some(fuel_now).flatten();
                     (task.seq, state.stats(task, fuel))
                 })
+                .chain(state.gone.values().map(|task| (task.seq, state.stats(task, None))))
                 .collect();
             drop(state);
             if let Some(shared) = shared.upgrade() {
@@ -609,10 +651,10 @@ async fn serve(
 ) {
     let started = Instant::now();
     let fuel_given = fuel_enabled.then(|| limits.fuel_per_request.map_or(UNLIMITED_FUEL, NonZeroU64::get));
-    let task_of = |task: GuestTaskId, seq: u64, meta: &RequestMeta| {
+    let task_of = |task: GuestTaskId, seq: u64, meta: &RequestMeta, fuel_now: Option<u64>| {
         let mut state = meter.lock();
         let shared_from_ns = state.shared_per_task_ns;
-        state.tasks.insert(
+        state.start(
             task,
             Task {
                 seq,
@@ -627,6 +669,7 @@ async fn serve(
                 depth: meta.depth,
                 invokes: Arc::default(),
             },
+            fuel_now,
         );
     };
     match job {
@@ -644,7 +687,7 @@ async fn serve(
                 let request = access.get().http().table.push(request)?;
                 let call = handle.start_call_concurrent(&mut access, (request,))?;
                 let task = call.task();
-                task_of(task, seq, &meta);
+                task_of(task, seq, &meta, access.as_context_mut().get_fuel().ok());
                 Ok((call, sent, task))
             });
             let (call, sent, task) = match started_call {
@@ -693,7 +736,7 @@ async fn serve(
             let started_call = accessor.with(|mut access| -> wasmtime::Result<_> {
                 let call = events.start_call_concurrent(&mut access, (message,))?;
                 let task = call.task();
-                task_of(task, seq, &meta);
+                task_of(task, seq, &meta, access.as_context_mut().get_fuel().ok());
                 Ok((call, task))
             });
             let (call, task) = match started_call {
@@ -740,7 +783,10 @@ fn finish<R>(
     let stats = {
         let state = meter.lock();
         let fuel_now = fuel_now.filter(|_| state.context == Some(task));
-        state.tasks.get(&task).filter(|entry| entry.seq == seq).map(|entry| state.stats(entry, fuel_now))
+        match state.tasks.get(&task).filter(|entry| entry.seq == seq) {
+            Some(entry) => Some(state.stats(entry, fuel_now)),
+            None => state.gone.get(&seq).map(|entry| state.stats(entry, None)),
+        }
     };
     meter.forget(task, seq);
     let stats = stats.unwrap_or_default();
