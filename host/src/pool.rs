@@ -348,7 +348,7 @@ impl FunctionPool {
             let Some(instance) = self.lock_idle().pop() else { break };
             if instance.runs_current_code() {
                 claim.keep();
-                return Ok(self.lease(instance, false, None, permits));
+                return Ok(self.lease(Held::Own(Some(instance)), false, None, permits));
             }
             // Made of baseline code that optimized code has replaced.
             self.destroy_later(instance);
@@ -361,7 +361,7 @@ impl FunctionPool {
             Ok((instance, _stats)) => {
                 self.add_live(1);
                 claim.keep();
-                Ok(self.lease(instance, true, Some(started.elapsed()), permits))
+                Ok(self.lease(Held::Own(Some(instance)), true, Some(started.elapsed()), permits))
             }
             Err(error) => {
                 tracing::warn!(function = self.function.name(), error = %error.message, "instance failed to start");
@@ -433,7 +433,7 @@ impl FunctionPool {
                     code,
                 });
                 claim.keep();
-                Ok(self.lease_shared(instance, true, Some(started.elapsed()), permits))
+                Ok(self.lease(Held::Shared(instance), true, Some(started.elapsed()), permits))
             }
             Err(error) => {
                 tracing::warn!(function = self.function.name(), error = %error.message, "instance failed to start");
@@ -466,26 +466,8 @@ impl FunctionPool {
         drop(list);
         self.stop_all(stopped);
         match roomy {
-            Some(instance) => Ok(self.lease_shared(instance, false, None, permits)),
+            Some(instance) => Ok(self.lease(Held::Shared(instance), false, None, permits)),
             None => Err(permits),
-        }
-    }
-
-    fn lease_shared(
-        self: &Arc<Self>,
-        instance: Arc<SharedInstance>,
-        cold: bool,
-        init: Option<Duration>,
-        (permit, tenant): (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    ) -> Lease {
-        Lease {
-            pool: self.clone(),
-            held: Held::Shared(instance),
-            cold,
-            init,
-            healthy: false,
-            _permit: permit,
-            _tenant: tenant,
         }
     }
 
@@ -546,20 +528,12 @@ impl FunctionPool {
 
     fn lease(
         self: &Arc<Self>,
-        instance: Instance,
+        held: Held,
         cold: bool,
         init: Option<Duration>,
         (permit, tenant): (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ) -> Lease {
-        Lease {
-            pool: self.clone(),
-            held: Held::Own(Some(instance)),
-            cold,
-            init,
-            healthy: false,
-            _permit: permit,
-            _tenant: tenant,
-        }
+        Lease { pool: self.clone(), held, cold, init, healthy: false, _permit: permit, _tenant: tenant }
     }
 
     /// Return an instance after a request (when its [`Lease`] drops). A

@@ -167,35 +167,34 @@ mod non_zero_field {
         non_zero(deserializer, "breaker_failures")
     }
 
-    pub(super) fn cpu_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU32>, D::Error> {
+    /// An optional count that, when given, is not zero (omitting it is
+    /// how to say "no limit").
+    fn optional<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        field: &'static str,
+    ) -> Result<Option<NonZeroU32>, D::Error> {
         match Option::<u32>::deserialize(deserializer)? {
             None => Ok(None),
-            Some(millis) => NonZeroU32::new(millis)
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "cpu_millis" })),
+            Some(value) => {
+                NonZeroU32::new(value).map(Some).ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field }))
+            }
         }
+    }
+
+    pub(super) fn cpu_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU32>, D::Error> {
+        optional(deserializer, "cpu_millis")
     }
 
     pub(super) fn max_requests_per_instance<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<NonZeroU32>, D::Error> {
-        match Option::<u32>::deserialize(deserializer)? {
-            None => Ok(None),
-            Some(count) => NonZeroU32::new(count)
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "max_requests_per_instance" })),
-        }
+        optional(deserializer, "max_requests_per_instance")
     }
 
     pub(super) fn instance_concurrency<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<NonZeroU32>, D::Error> {
-        match Option::<u32>::deserialize(deserializer)? {
-            None => Ok(None),
-            Some(count) => NonZeroU32::new(count)
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(LimitError::ZeroNotOmitted { field: "instance_concurrency" })),
-        }
+        optional(deserializer, "instance_concurrency")
     }
 
     pub(super) fn fuel_per_request<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<NonZeroU64>, D::Error> {
