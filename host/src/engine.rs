@@ -16,7 +16,11 @@
 //! runs only while some guest code may run (a [`ClockHold`] is held around
 //! every guest call and instantiation) and for [`IDLE_TICKS_BEFORE_SLEEP`]
 //! ticks after: an idle host's clock thread sleeps, so an idle node costs
-//! no CPU for it (benchmark W8).
+//! no CPU for it (benchmark W8). The clock thread runs at real-time
+//! priority when the host may give it (an ordinary thread waking beside a
+//! computing guest waits for the guest's kernel slice, ≈3 ms), and while
+//! a CPU-bound call computes it also wakes when a request arrives on an
+//! HTTP connection (see [`WasmEngine::watch_arrivals`]).
 //!
 //! Fuel instrumentation is a compile-time setting of a wasmtime engine and
 //! costs a CPU-bound guest about a third of its speed (benchmark W2), so
@@ -33,13 +37,19 @@
 //! compiles it in the background (see [`crate::function`]); unless
 //! [`EngineOptions::tier_up`] is off.
 
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, ppoll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::time::TimeSpec;
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -246,6 +256,178 @@ struct EpochClock {
     ticks: std::sync::atomic::AtomicU64,
     /// The engines for WASI 0.3 components, once built.
     concurrent: OnceLock<Vec<wasmtime::EngineWeak>>,
+    /// Rings when a request arrives on a watched connection (absent if
+    /// the kernel would not give an epoll instance).
+    doorbell: Option<Doorbell>,
+    /// CPU-bound calls' turns on the worker threads.
+    turns: Turns,
+}
+
+/// Turns for CPU-bound guest calls: at most one per worker thread
+/// computes at a time, and a slice ends only once the I/O driver has run.
+///
+/// Why: a call that computed a whole tick yields at each epoch tick
+/// (tokio's `yield_now`, which lets the I/O driver in only when the run
+/// queue is empty). With two such calls on one thread, both slices ran
+/// between two polls of the driver, so a request arriving meanwhile waited
+/// up to two slices before it was even read (benchmark W6). Taking turns,
+/// the next CPU-bound call starts only after the yielding one has been
+/// through the driver's poll, which puts the arrived requests ahead of
+/// it. Short calls never take a turn.
+#[derive(Debug, Clone)]
+pub struct Turns {
+    permits: Arc<Semaphore>,
+    threads: usize,
+}
+
+/// A guest call's place among [`Turns`] (one per store, kept by its
+/// [`CallCpu`](crate::limits::CallCpu)).
+#[derive(Debug, Default)]
+pub struct Seat {
+    state: Mutex<SeatState>,
+}
+
+#[derive(Debug, Default)]
+struct SeatState {
+    /// Held while the call computes a slice.
+    permit: Option<OwnedSemaphorePermit>,
+    /// Between a slice's end (the epoch callback) and the next one: the
+    /// permit is kept until the I/O driver has been polled.
+    handing_over: bool,
+}
+
+impl Seat {
+    fn state(&self) -> std::sync::MutexGuard<'_, SeatState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A poll of the call ended: a call that stopped computing (it
+    /// returned, or waits on the host) gives its turn back; one between
+    /// two slices keeps it until the next begins.
+    pub fn poll_ended(&self) {
+        let mut state = self.state();
+        if !state.handing_over {
+            state.permit = None;
+        }
+    }
+
+    /// A new call: nothing of an abandoned one's turn stays.
+    pub fn reset(&self) {
+        *self.state() = SeatState::default();
+    }
+}
+
+impl Turns {
+    /// `threads` calls compute at once (one per worker thread).
+    pub fn new(threads: usize) -> Turns {
+        let threads = threads.max(1);
+        Turns { permits: Arc::new(Semaphore::new(threads)), threads }
+    }
+
+    /// Whether a CPU-bound call has a turn now (computes, or is between
+    /// two slices).
+    pub fn taken(&self) -> bool {
+        self.permits.available_permits() < self.threads
+    }
+
+    /// What a CPU-bound call awaits when its slice ends: the thread goes
+    /// back to the runtime (its I/O driver first), then the call hands its
+    /// turn to the next CPU-bound call in line and queues for one.
+    pub fn next_slice(&self, seat: Arc<Seat>) -> impl Future<Output = ()> + Send + 'static {
+        seat.state().handing_over = true;
+        let permits = self.permits.clone();
+        async move {
+            tokio::task::yield_now().await;
+            let held = seat.state().permit.take();
+            drop(held);
+            // The semaphore is never closed.
+            let permit = permits.acquire_owned().await.ok();
+            // Once more to the back of the queue: the requests read in the
+            // driver's poll were queued ahead of this task, but the guest
+            // calls they started behind it (and, woken by the call that
+            // handed its turn over, this task would run next: tokio's LIFO
+            // slot).
+            tokio::task::yield_now().await;
+            let mut state = seat.state();
+            state.permit = permit;
+            state.handing_over = false;
+        }
+    }
+}
+
+/// Give the calling thread (the clock's) the CPU as soon as it wakes:
+/// real-time priority 1 (SCHED_FIFO), above every ordinary thread.
+///
+/// Why: a tick is due while a CPU-bound guest holds the CPU, and an
+/// ordinary thread that wakes does not preempt it — Linux lets the
+/// running thread finish its slice (≈3 ms here), so ticks meant for every
+/// 250 µs came every 3–4 ms (measured with `strace -T` on the thread
+/// beside two CPU-bound guests on one CPU). The thread runs for a few
+/// microseconds per tick and then sleeps, so it cannot hog the CPU.
+/// Needs CAP_SYS_NICE; without it the clock runs as an ordinary thread
+/// (and says so). nix has no wrapper for this call.
+fn run_before_guests() {
+    // SAFETY: sched_setscheduler reads `param`, a valid sched_param, and
+    // changes only the calling thread's (pid 0) scheduling policy.
+    let refused = unsafe {
+        let param = libc::sched_param { sched_priority: 1 };
+        libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) != 0
+    };
+    if refused {
+        tracing::info!(
+            error = %std::io::Error::last_os_error(),
+            "the epoch clock runs at ordinary priority: beside CPU-bound guests its ticks come late"
+        );
+    }
+}
+
+/// The HTTP trigger's connections, watched by the clock thread (a second
+/// epoll set beside tokio's, edge-triggered: one event per arrival).
+///
+/// Why: while a CPU-bound guest computes on a worker thread, that thread
+/// polls tokio's I/O driver only when the guest yields, so a request that
+/// arrives waits for what is left of the guest's slice before it is even
+/// read (benchmark W6). While a CPU-bound call has a turn ([`Turns`]),
+/// the clock thread waits on this set as well as on its tick: an arrival
+/// advances the epoch at once, the guest yields at its next check, and
+/// the request is read. Otherwise the set is not looked at: a host
+/// serving short requests pays one `epoll_ctl` per connection.
+///
+struct Doorbell {
+    epoll: Epoll,
+}
+
+impl Doorbell {
+    fn new() -> Option<Doorbell> {
+        match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
+            Ok(epoll) => Some(Doorbell { epoll }),
+            Err(err) => {
+                tracing::warn!(error = %err, "no epoll set for arrivals: CPU-bound guests yield to new requests only at their ticks");
+                None
+            }
+        }
+    }
+
+    /// Ring when data arrives on `connection`.
+    fn watch(&self, connection: &impl AsFd) -> nix::Result<()> {
+        self.epoll.add(connection, EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0))
+    }
+
+    /// Wait up to `timeout` for an arrival on a watched connection.
+    fn rang_within(&self, timeout: Duration) -> bool {
+        let mut ready = [PollFd::new(self.epoll.0.as_fd(), PollFlags::POLLIN)];
+        let rang = matches!(ppoll(&mut ready, Some(TimeSpec::from_duration(timeout)), None), Ok(count) if count > 0);
+        if rang {
+            // Empty the set's ready list (it stays readable until then).
+            let mut events = [EpollEvent::empty(); 64];
+            while let Ok(count) = self.epoll.wait(&mut events, EpollTimeout::ZERO) {
+                if count < events.len() {
+                    break;
+                }
+            }
+        }
+        rang
+    }
 }
 
 /// Keeps the epoch clock ticking while held: taken around every stretch of
@@ -357,6 +539,7 @@ impl WasmEngine {
         let (send_clock, receive_clock) = std::sync::mpsc::sync_channel::<Arc<EpochClock>>(1);
         let ticker = std::thread::Builder::new().name("shoal-epoch".into()).spawn(move || {
             let Ok(clock) = receive_clock.recv() else { return };
+            run_before_guests();
             let mut fast_ticks = 0;
             // Start asleep: nothing runs yet.
             let mut idle_ticks = IDLE_TICKS_BEFORE_SLEEP;
@@ -384,7 +567,24 @@ impl WasmEngine {
                 }
                 let tick = if fast_ticks > 0 { BUSY_EPOCH_TICK } else { EPOCH_TICK };
                 fast_ticks = fast_ticks.saturating_sub(1);
-                std::thread::sleep(tick);
+                match &clock.doorbell {
+                    // An arrival ends the tick early if a CPU-bound call is
+                    // computing (it is what the request would wait for).
+                    Some(doorbell) if clock.turns.taken() => {
+                        let due = Instant::now() + tick;
+                        while let Some(left) = due.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+                        {
+                            if doorbell.rang_within(left) && clock.turns.taken() {
+                                // The next arrival's edge may have been
+                                // taken with this one's: short ticks
+                                // bound its wait.
+                                fast_ticks = BUSY_TICKS;
+                                break;
+                            }
+                        }
+                    }
+                    _ => std::thread::sleep(tick),
+                }
                 match weak.0.upgrade() {
                     Some(engine) => {
                         engine.increment_epoch();
@@ -402,15 +602,18 @@ impl WasmEngine {
                 }
             }
         })?;
+        // tokio's default worker count (the CPUs this process may use).
+        let workers = std::thread::available_parallelism().map_or(1, usize::from);
         let clock = Arc::new(EpochClock {
             stop: AtomicBool::new(false),
             busy,
             in_flight: AtomicUsize::new(0),
-            // tokio's default worker count (the CPUs this process may use).
-            workers: std::thread::available_parallelism().map_or(1, usize::from),
+            workers,
             ticker: ticker.thread().clone(),
             ticks: std::sync::atomic::AtomicU64::new(0),
             concurrent: OnceLock::new(),
+            doorbell: Doorbell::new(),
+            turns: Turns::new(workers),
         });
         send_clock.send(clock.clone()).expect("invariant: the clock thread waits for its state");
 
@@ -510,6 +713,22 @@ impl WasmEngine {
     /// computed for a whole tick: the clock then ticks faster for a while.
     pub fn busy_flag(&self) -> Arc<AtomicBool> {
         self.inner.clock.busy.clone()
+    }
+
+    /// Requests arriving on `connection` interrupt CPU-bound guests at
+    /// once while guest calls outnumber the worker threads (see
+    /// [`Doorbell`]). The kernel forgets the connection when it closes.
+    pub fn watch_arrivals(&self, connection: &impl AsFd) {
+        if let Some(doorbell) = &self.inner.clock.doorbell
+            && let Err(err) = doorbell.watch(connection)
+        {
+            tracing::debug!(error = %err, "cannot watch a connection for arrivals");
+        }
+    }
+
+    /// The turns CPU-bound guest calls take on the worker threads.
+    pub fn turns(&self) -> Turns {
+        self.inner.clock.turns.clone()
     }
 
     /// Keep the epoch clock running until the hold is dropped. Every guest
@@ -659,6 +878,62 @@ mod tests {
         let on = format!("{off}/swapfile                               file\t\t1048572\t\t0\t\t-2\n");
         let why = keep_resident_refused(&on).expect("refused");
         assert!(why.contains("swap is on (/swapfile)") && why.contains("any tenant"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn cpu_bound_calls_take_turns_and_give_them_back_when_they_stop_computing() {
+        let turns = Turns::new(1);
+        let (a, b) = (Arc::new(Seat::default()), Arc::new(Seat::default()));
+        // a's first slice: the turn is free.
+        turns.next_slice(a.clone()).await;
+        assert!(turns.taken());
+        // b's slice waits while a computes.
+        let b_slice = tokio::spawn(turns.next_slice(b.clone()));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!b_slice.is_finished(), "two CPU-bound calls computed at once on one thread");
+        // a's slice ends: the turn goes to b, and a waits behind it.
+        let a_next = tokio::spawn(turns.next_slice(a.clone()));
+        tokio::time::timeout(Duration::from_secs(10), b_slice).await.expect("b got its turn").unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!a_next.is_finished(), "a took the turn back before b's slice");
+        // b stops computing (its call returned, or it waits on the host):
+        // its turn goes back, and a has it.
+        b.poll_ended();
+        tokio::time::timeout(Duration::from_secs(10), a_next).await.expect("a got its turn back").unwrap();
+        // A call between two slices keeps its turn when its poll ends; one
+        // that stopped computing gives it back.
+        let handing_over = turns.next_slice(a.clone());
+        a.poll_ended();
+        assert!(turns.taken(), "the turn left a call between two slices");
+        handing_over.await;
+        a.poll_ended();
+        assert!(!turns.taken(), "a call that stopped computing kept its turn");
+    }
+
+    #[test]
+    fn the_doorbell_rings_once_for_each_arrival_on_a_watched_connection() {
+        use std::io::Write;
+        let doorbell = Doorbell::new().expect("an epoll set");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        doorbell.watch(&server).unwrap();
+        assert!(!doorbell.rang_within(Duration::from_millis(20)), "nothing arrived yet");
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(doorbell.rang_within(Duration::from_secs(10)), "a request arrived");
+        // The request is still unread: it does not ring again.
+        assert!(!doorbell.rang_within(Duration::from_millis(20)), "rang twice for one arrival");
+        client.write_all(b"GET /next HTTP/1.1\r\n\r\n").unwrap();
+        assert!(doorbell.rang_within(Duration::from_secs(10)), "the next request arrived");
+        // A connection the doorbell does not watch never rings it.
+        let mut other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _unwatched = listener.accept().unwrap();
+        other.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(!doorbell.rang_within(Duration::from_millis(50)), "an unwatched connection rang");
     }
 
     #[test]

@@ -192,6 +192,7 @@ impl Instance {
         let mut store = Store::new(code.pre.engine(), state);
         store.limiter(|state| &mut state.memory);
         let busy = function.engine.busy_flag();
+        let turns = function.engine.turns();
         store.epoch_deadline_callback(move |mut context| {
             let state = context.data_mut();
             // A call that has computed for a whole tick is CPU-bound: speed
@@ -200,7 +201,8 @@ impl Instance {
             // waits a tick or more for its turn (after a yield, or for the
             // client to take its response), and counting those ticks kept
             // W1's hello requests on the fast clock most of the time.
-            if state.call_cpu.so_far() >= EPOCH_TICK {
+            let cpu_bound = state.call_cpu.so_far() >= EPOCH_TICK;
+            if cpu_bound {
                 busy.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let now = Instant::now();
@@ -213,13 +215,23 @@ impl Instance {
                 // the deadline, which the next tick then enforces).
                 state.throttled += until.saturating_duration_since(now);
                 Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep_until(until.into()))))
-            } else {
-                // Hand the thread back to the scheduler once per tick, so a
-                // guest that computes for long never starves its neighbours.
-                // tokio's yield_now (not wasmtime's plain Yield, which wakes
-                // the task at once and lets it run again before the I/O
-                // driver is polled) lets waiting connections in first.
+            } else if cpu_bound && !crate::limits::on_idle_priority_thread() {
+                // Hand the thread back to the scheduler, so a guest that
+                // computes for long never starves its neighbours: the
+                // requests that arrived go first, then the next CPU-bound
+                // call's slice (see `Turns`).
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(turns.next_slice(state.call_cpu.seat()))))
+            } else if cpu_bound {
+                // On an idle-priority thread the kernel already gives way
+                // to every other thread; the yield shares this one between
+                // the CPU-limited calls (tokio's yield_now: the I/O driver
+                // is polled before the task runs again).
                 Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+            } else {
+                // A short call runs on: yielding it would put it behind
+                // everything queued, for nothing (arrivals advance the
+                // epoch too, for the CPU-bound calls' sake).
+                Ok(UpdateDeadline::Continue(1))
             }
         });
         store.set_epoch_deadline(1);
@@ -509,6 +521,7 @@ impl Window {
         let start = Instant::now();
         let data = store.data_mut();
         data.memory.reset_window();
+        data.call_cpu.reset_turn();
         data.deadline = start + timeout;
         data.throttled = Duration::ZERO;
         store.set_epoch_deadline(1);

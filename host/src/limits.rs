@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{ResourceLimiter, Trap};
 
+use crate::engine::Seat;
 use crate::outcome::Outcome;
 
 /// The period of CPU quotas (as CFS's default).
@@ -54,6 +55,8 @@ pub fn limited_calls() -> &'static tokio::runtime::Handle {
                     // give way.
                     if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
                         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot lower a CPU-limited thread's priority");
+                    } else {
+                        IDLE_PRIORITY.set(true);
                     }
                 })
                 .enable_all()
@@ -61,6 +64,18 @@ pub fn limited_calls() -> &'static tokio::runtime::Handle {
                 .expect("invariant: a tokio runtime can be built (threads and an epoll instance)")
         })
         .handle()
+}
+
+thread_local! {
+    /// Whether this thread runs at idle priority ([`limited_calls`]).
+    static IDLE_PRIORITY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is one of [`limited_calls`]' idle-priority
+/// threads: the kernel preempts a guest computing there whenever another
+/// thread wants the CPU, so it needs no [`Turns`](crate::engine::Turns).
+pub fn on_idle_priority_thread() -> bool {
+    IDLE_PRIORITY.get()
 }
 
 /// A function's share of CPU time, as CFS bandwidth control gives a
@@ -267,7 +282,8 @@ pub fn classify(error: &wasmtime::Error, memory: &MemoryMeter, deadline_passed: 
 
 /// The CPU time of the guest call under way on an instance, readable
 /// from inside the call (its epoch callback) while [`CpuTimed`] measures
-/// it: what earlier polls used plus what the current one has so far.
+/// it: what earlier polls used plus what the current one has so far. It
+/// also keeps the call's place among the engine's CPU-bound turns.
 #[derive(Debug)]
 pub struct CallCpu {
     /// CPU time of the call's finished polls, in nanoseconds.
@@ -276,11 +292,33 @@ pub struct CallCpu {
     /// [`CallCpu::NOT_POLLED`] between polls (and outside measured calls,
     /// such as an instantiation).
     poll_began_ns: AtomicU64,
+    seat: Arc<Seat>,
 }
 
 impl Default for CallCpu {
     fn default() -> CallCpu {
-        CallCpu { polls_ns: AtomicU64::new(0), poll_began_ns: AtomicU64::new(CallCpu::NOT_POLLED) }
+        CallCpu {
+            polls_ns: AtomicU64::new(0),
+            poll_began_ns: AtomicU64::new(CallCpu::NOT_POLLED),
+            seat: Arc::default(),
+        }
+    }
+}
+
+impl CallCpu {
+    /// A poll of the call ended (see [`Seat::poll_ended`]).
+    fn poll_ended(&self) {
+        self.seat.poll_ended();
+    }
+
+    /// The call's place among the engine's [`Turns`](crate::engine::Turns).
+    pub(crate) fn seat(&self) -> Arc<Seat> {
+        self.seat.clone()
+    }
+
+    /// A new call on the instance: nothing of an abandoned one's turn stays.
+    pub(crate) fn reset_turn(&self) {
+        self.seat.reset();
     }
 }
 
@@ -309,6 +347,7 @@ impl CallCpu {
     /// The poll begun with [`CallCpu::begin_poll`] has ended.
     pub(crate) fn end_poll(&self) {
         self.poll_began_ns.store(CallCpu::NOT_POLLED, Ordering::Relaxed);
+        self.poll_ended();
     }
 }
 
@@ -364,6 +403,7 @@ impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
         if let Some(probe) = this.probe {
             probe.polls_ns.store(duration_ns(*this.cpu), Ordering::Relaxed);
             probe.poll_began_ns.store(CallCpu::NOT_POLLED, Ordering::Relaxed);
+            probe.poll_ended();
         }
         if let Some(quota) = this.quota {
             quota.charge(used);

@@ -84,6 +84,7 @@ pub async fn serve_routed(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                host.registry().engine().watch_arrivals(&stream);
                 // Set once the connection's first request reaches us.
                 let first_request = Arc::new(tokio::sync::Notify::new());
                 let service = {
