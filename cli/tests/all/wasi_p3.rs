@@ -257,6 +257,49 @@ async fn a_shared_instance_scales_to_zero_when_idle_and_drains_its_requests_on_u
 }
 
 #[tokio::test]
+async fn a_shared_instance_drains_its_requests_when_a_new_version_replaces_it_and_when_the_host_stops() {
+    let host = TestHost::start_persistent().await;
+    host.deploy(vec![p3("swap", false)]).await;
+
+    // A new version deployed while three requests are in the instance:
+    // they finish there, on the version they started on.
+    let in_flight = futures_util::future::join_all((0..3).map(|_| host.get("/swap/sleep/700")));
+    let replace = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut next = p3("swap", false);
+        next.version = Some("2".into());
+        host.deploy(vec![next]).await;
+    };
+    let (replies, ()) = tokio::join!(in_flight, replace);
+    for reply in &replies {
+        assert_eq!((reply.status, reply.body.as_str()), (200, "slept 700 ms\n"), "{}", reply.body);
+    }
+    let records = host.running.host().ledger().unwrap().records(None).unwrap();
+    let versions: Vec<&str> =
+        records.iter().filter(|record| record.function == "swap").map(|record| record.version.as_str()).collect();
+    assert_eq!(versions.len(), 3, "{versions:?}");
+    assert!(versions.iter().all(|version| *version != "2"), "the requests in flight moved: {versions:?}");
+
+    // The host stops (what SIGTERM does) while three requests are in the
+    // new version's instance: they finish before it exits.
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| {
+            let request = host.client.get(host.url("/swap/sleep/700")).send();
+            tokio::spawn(async move {
+                let response = request.await.expect("request reaches the host");
+                (response.status().as_u16(), response.text().await.unwrap_or_default())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    host.running.shutdown().await;
+    for request in in_flight {
+        let (status, body) = request.await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "slept 700 ms\n"), "{body}");
+    }
+}
+
+#[tokio::test]
 async fn an_invoke_from_a_wasi_0_3_request_lets_the_other_requests_of_its_instance_run_while_it_waits() {
     let host = TestHost::start_persistent().await;
     let mut caller = p3("caller", false);
