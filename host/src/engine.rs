@@ -64,6 +64,10 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// CPU-bound guest gets before it yields to the other requests on its
 /// thread (benchmark W6).
 pub const BUSY_EPOCH_TICK: Duration = Duration::from_micros(250);
+/// The least time between two ticks that an arrival brought early
+/// ([`Doorbell`]): a client sending a stream of small segments cannot make
+/// CPU-bound guests yield more often than this.
+const MIN_RING_GAP: Duration = Duration::from_micros(100);
 /// How many fast ticks follow the last tick that found a long guest call.
 const BUSY_TICKS: u32 = 400;
 /// Ticks in a row with no guest call before the clock sleeps: a host
@@ -363,7 +367,8 @@ impl Turns {
 /// running thread finish its slice (≈3 ms here), so ticks meant for every
 /// 250 µs came every 3–4 ms (measured with `strace -T` on the thread
 /// beside two CPU-bound guests on one CPU). The thread runs for a few
-/// microseconds per tick and then sleeps, so it cannot hog the CPU.
+/// microseconds per tick and then sleeps (at least [`MIN_RING_GAP`] after
+/// a tick an arrival brought early), so it cannot hog the CPU.
 /// Needs CAP_SYS_NICE; without it the clock runs as an ordinary thread
 /// (and says so). nix has no wrapper for this call.
 fn run_before_guests() {
@@ -565,6 +570,7 @@ impl WasmEngine {
                 if clock.busy.swap(false, Ordering::Relaxed) && crowded {
                     fast_ticks = BUSY_TICKS;
                 }
+                let mut rang = false;
                 let tick = if fast_ticks > 0 { BUSY_EPOCH_TICK } else { EPOCH_TICK };
                 fast_ticks = fast_ticks.saturating_sub(1);
                 match &clock.doorbell {
@@ -579,6 +585,7 @@ impl WasmEngine {
                                 // taken with this one's: short ticks
                                 // bound its wait.
                                 fast_ticks = BUSY_TICKS;
+                                rang = true;
                                 break;
                             }
                         }
@@ -597,6 +604,12 @@ impl WasmEngine {
                             other.increment_epoch();
                         }
                         clock.ticks.fetch_add(1, Ordering::Relaxed);
+                        if rang {
+                            // At most one early tick per gap, whatever
+                            // clients send (each ends every CPU-bound
+                            // guest's slice).
+                            std::thread::sleep(MIN_RING_GAP);
+                        }
                     }
                     None => break,
                 }
@@ -716,8 +729,9 @@ impl WasmEngine {
     }
 
     /// Requests arriving on `connection` interrupt CPU-bound guests at
-    /// once while guest calls outnumber the worker threads (see
-    /// [`Doorbell`]). The kernel forgets the connection when it closes.
+    /// once (at most every [`MIN_RING_GAP`]) while one of them has a turn
+    /// (see [`Doorbell`]). The kernel forgets the connection when it
+    /// closes.
     pub fn watch_arrivals(&self, connection: &impl AsFd) {
         if let Some(doorbell) = &self.inner.clock.doorbell
             && let Err(err) = doorbell.watch(connection)

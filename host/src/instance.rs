@@ -227,11 +227,18 @@ impl Instance {
                 // the CPU-limited calls (tokio's yield_now: the I/O driver
                 // is polled before the task runs again).
                 Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
-            } else {
+            } else if state.call_cpu.one_call() {
                 // A short call runs on: yielding it would put it behind
                 // everything queued, for nothing (arrivals advance the
-                // epoch too, for the CPU-bound calls' sake).
+                // epoch too, for the CPU-bound calls' sake). It yields at
+                // the first tick after a tick of its own CPU time.
                 Ok(UpdateDeadline::Continue(1))
+            } else {
+                // An instantiation (its initializers), or a shared
+                // instance's event loop, whose CPU is counted per poll:
+                // yield at every tick, as tokio's yield_now (the I/O
+                // driver is polled before the task runs again).
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
             }
         });
         store.set_epoch_deadline(1);

@@ -18,7 +18,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::{ResourceLimiter, Trap};
@@ -292,6 +292,9 @@ pub struct CallCpu {
     /// [`CallCpu::NOT_POLLED`] between polls (and outside measured calls,
     /// such as an instantiation).
     poll_began_ns: AtomicU64,
+    /// Whether the poll under way is one of a single guest call's (under
+    /// [`CpuTimed`]), not an instantiation's or a shared event loop's.
+    one_call: AtomicBool,
     seat: Arc<Seat>,
 }
 
@@ -300,6 +303,7 @@ impl Default for CallCpu {
         CallCpu {
             polls_ns: AtomicU64::new(0),
             poll_began_ns: AtomicU64::new(CallCpu::NOT_POLLED),
+            one_call: AtomicBool::new(false),
             seat: Arc::default(),
         }
     }
@@ -335,6 +339,14 @@ impl CallCpu {
             began => duration_ns(thread_cpu_time()).saturating_sub(began),
         };
         Duration::from_nanos(polls.saturating_add(current))
+    }
+
+    /// Whether the guest code running now is a single call's, measured
+    /// from its start: a short one may run on at a tick. Code measured per
+    /// poll (a shared instance's event loop: several requests, each
+    /// resuming) or not at all (an instantiation) yields at every tick.
+    pub fn one_call(&self) -> bool {
+        self.one_call.load(Ordering::Relaxed)
     }
 
     /// A poll of a call that lasts for ever (a shared instance's event
@@ -396,6 +408,7 @@ impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
         let before = thread_cpu_time();
         if let Some(probe) = this.probe {
             probe.poll_began_ns.store(duration_ns(before), Ordering::Relaxed);
+            probe.one_call.store(true, Ordering::Relaxed);
         }
         let poll = this.inner.poll(cx);
         let used = thread_cpu_time().saturating_sub(before);
@@ -403,6 +416,7 @@ impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
         if let Some(probe) = this.probe {
             probe.polls_ns.store(duration_ns(*this.cpu), Ordering::Relaxed);
             probe.poll_began_ns.store(CallCpu::NOT_POLLED, Ordering::Relaxed);
+            probe.one_call.store(false, Ordering::Relaxed);
             probe.poll_ended();
         }
         if let Some(quota) = this.quota {
