@@ -67,7 +67,7 @@ pub const BUSY_EPOCH_TICK: Duration = Duration::from_micros(250);
 /// The least time between two ticks that an arrival brought early
 /// ([`Doorbell`]): a client sending a stream of small segments cannot make
 /// CPU-bound guests yield more often than this.
-const MIN_RING_GAP: Duration = Duration::from_micros(100);
+const MIN_RING_GAP: Duration = Duration::from_micros(25);
 /// How many fast ticks follow the last tick that found a long guest call.
 const BUSY_TICKS: u32 = 400;
 /// Ticks in a row with no guest call before the clock sleeps: a host
