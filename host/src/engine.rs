@@ -370,19 +370,25 @@ impl Turns {
 /// microseconds per tick and then sleeps (at least [`MIN_RING_GAP`] after
 /// a tick an arrival brought early), so it cannot hog the CPU.
 /// Needs CAP_SYS_NICE; without it the clock runs as an ordinary thread
-/// (and says so). nix has no wrapper for this call.
+/// (and says so).
 fn run_before_guests() {
-    // SAFETY: sched_setscheduler reads `param`, a valid sched_param, and
-    // changes only the calling thread's (pid 0) scheduling policy.
-    let refused = unsafe {
-        let param = libc::sched_param { sched_priority: 1 };
-        libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) != 0
-    };
-    if refused {
+    if let Err(err) = set_own_scheduling(libc::SCHED_FIFO, 1) {
         tracing::info!(
-            error = %std::io::Error::last_os_error(),
+            error = %err,
             "the epoch clock runs at ordinary priority: beside CPU-bound guests its ticks come late"
         );
+    }
+}
+
+/// Set the calling thread's scheduling `policy` and `priority` (what
+/// `sched_setscheduler(2)` takes; nix has no wrapper for it).
+pub(crate) fn set_own_scheduling(policy: libc::c_int, priority: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: sched_setscheduler reads `param`, a valid sched_param, and
+    // changes only the calling thread's (pid 0) scheduling policy.
+    match unsafe { libc::sched_setscheduler(0, policy, &param) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

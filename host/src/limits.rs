@@ -47,16 +47,12 @@ pub fn limited_calls() -> &'static tokio::runtime::Handle {
                 .worker_threads(threads)
                 .thread_name("shoal-limited")
                 .on_thread_start(|| {
-                    let param = libc::sched_param { sched_priority: 0 };
-                    // SAFETY: sched_setscheduler reads `param` only; pid 0
-                    // names the calling thread. Lowering one's own
-                    // priority needs no privilege; on failure the thread
-                    // keeps the normal priority, which is only slower to
-                    // give way.
-                    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot lower a CPU-limited thread's priority");
-                    } else {
-                        IDLE_PRIORITY.set(true);
+                    // Lowering one's own priority needs no privilege; on
+                    // failure the thread keeps the normal priority, which
+                    // is only slower to give way.
+                    match crate::engine::set_own_scheduling(libc::SCHED_IDLE, 0) {
+                        Ok(()) => IDLE_PRIORITY.set(true),
+                        Err(err) => tracing::warn!(error = %err, "cannot lower a CPU-limited thread's priority"),
                     }
                 })
                 .enable_all()
