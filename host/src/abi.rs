@@ -489,8 +489,13 @@ pub fn add_to_linker<T: AbiView + Send + 'static>(linker: &mut Linker<T>) -> was
     Ok(())
 }
 
-/// Add the imports only WASI 0.3 guests call (`invoke-async`) to a linker
-/// of an engine with the component model's concurrency.
+/// Add the imports only WASI 0.3 guests call (the async forms of
+/// key-value, publish, secrets and invoke) to a linker of an engine with
+/// the component model's concurrency.
 pub fn add_concurrent_to_linker<T: AbiView + Send + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
-    concurrent_bindings::shoal::runtime::invoke_async::add_to_linker::<T, Abi>(linker, T::abi)
+    use concurrent_bindings::shoal::runtime::{invoke_async, keyvalue_async, pubsub_async, secrets_async};
+    keyvalue_async::add_to_linker::<T, Abi>(linker, T::abi)?;
+    pubsub_async::add_to_linker::<T, Abi>(linker, T::abi)?;
+    secrets_async::add_to_linker::<T, Abi>(linker, T::abi)?;
+    invoke_async::add_to_linker::<T, Abi>(linker, T::abi)
 }

@@ -5,18 +5,23 @@
 //! |---|---|
 //! | `GET …?name=x` | `hello, x` |
 //! | `POST …/count` | increments `hits` in bucket `default` (key-value) |
+//! | `GET …/keys` | the keys of bucket `default` it may see, one per line |
+//! | `POST …/count-sync` | the same through the synchronous `wasi:keyvalue` |
 //! | `GET …/greeting` | the `greeting` config value |
 //! | `POST …/publish?msg=m` | publishes `m` on topic `orders` |
+//! | `GET …/secret?name=s` | the length of secret `s` (never its bytes) |
 //! | `GET …/invoke?fn=f` | invokes function `f` at `/` and answers its body |
 //! | `GET …/sleep/<ms>` | waits on `wasi:clocks` (other requests run meanwhile) |
 //! | `GET …/spin/<n>` | computes for `n` rounds (fuel, timeouts) |
 //! | `GET …/sized?name=x` | `hello, x` with its `content-length` set |
 //!
-//! Requests share an instance (16 at once by default). `invoke` is made
-//! through `invoke-async`, an async import: while it waits, the instance's
-//! other requests run. The key-value, config and publish calls are
-//! synchronous in their WIT (they return in microseconds from the host's
-//! own stores), so the instance's other requests wait for them.
+//! Requests share an instance (16 at once by default). Key-value, publish,
+//! secrets and invoke are made through their async imports
+//! (`keyvalue-async`, `pubsub-async`, `secrets-async`, `invoke-async`):
+//! while one waits on Redis or a commit, the instance's other requests
+//! run. `wasi:config` is synchronous (it answers from memory); the
+//! synchronous `wasi:keyvalue` stays callable, and the instance's other
+//! requests wait for it (`count-sync`).
 
 use wasip3::http::types::{ErrorCode, Fields, Request, Response};
 use wasip3::{wit_bindgen, wit_future, wit_stream};
@@ -29,7 +34,7 @@ mod abi {
     });
 }
 
-use abi::shoal::runtime::{invoke_async, pubsub, types};
+use abi::shoal::runtime::{invoke_async, keyvalue_async, pubsub_async, secrets_async, types};
 use abi::wasi::config::store as config;
 use abi::wasi::keyvalue::{atomics, store};
 
@@ -75,7 +80,33 @@ fn query<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
-fn count() -> (u16, String) {
+async fn count() -> (u16, String) {
+    match keyvalue_async::increment("default".into(), "hits".into(), 1).await {
+        Ok(hits) => (200, format!("{hits}\n")),
+        Err(err) => refused(&err),
+    }
+}
+
+async fn keys() -> (u16, String) {
+    let (mut listed, mut cursor) = (String::new(), None);
+    loop {
+        match keyvalue_async::list_keys("default".into(), cursor).await {
+            Ok(page) => {
+                for key in page.keys {
+                    listed.push_str(&key);
+                    listed.push('\n');
+                }
+                match page.cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return (200, listed),
+                }
+            }
+            Err(err) => return refused(&err),
+        }
+    }
+}
+
+fn count_sync() -> (u16, String) {
     let bucket = match store::open("default") {
         Ok(bucket) => bucket,
         Err(err) => return (403, format!("refused: {err:?}\n")),
@@ -94,9 +125,16 @@ fn greeting() -> (u16, String) {
     }
 }
 
-fn publish(message: &str) -> (u16, String) {
-    match pubsub::publish("orders", message.as_bytes()) {
+async fn publish(message: &str) -> (u16, String) {
+    match pubsub_async::publish("orders".into(), message.as_bytes().to_vec()).await {
         Ok(()) => (202, "published\n".to_string()),
+        Err(err) => refused(&err),
+    }
+}
+
+async fn secret(name: &str) -> (u16, String) {
+    match secrets_async::get(name.to_string()).await {
+        Ok(secret) => (200, format!("secret {name} has {} bytes\n", secret.len())),
         Err(err) => refused(&err),
     }
 }
@@ -119,9 +157,12 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
             return Ok(respond(200, format!("hello, {}\n", query(query_string, "name").unwrap_or("world")), true));
         }
         let (status, body) = match (before, last) {
-            (_, "count") => count(),
+            (_, "count") => count().await,
+            (_, "count-sync") => count_sync(),
+            (_, "keys") => keys().await,
             (_, "greeting") => greeting(),
-            (_, "publish") => publish(query(query_string, "msg").unwrap_or("")),
+            (_, "publish") => publish(query(query_string, "msg").unwrap_or("")).await,
+            (_, "secret") => secret(query(query_string, "name").unwrap_or("")).await,
             (_, "invoke") => call(query(query_string, "fn").unwrap_or("")).await,
             ("sleep", ms) => {
                 let ms: u64 = ms.parse().unwrap_or(0);

@@ -1,11 +1,22 @@
-//! `wasi:keyvalue/store` and `wasi:keyvalue/atomics`, checked against the
-//! function's `keyvalue` grants (`bucket:key` or `bucket:prefix*`).
+//! `wasi:keyvalue/store` and `wasi:keyvalue/atomics`, and their async form
+//! for WASI 0.3 guests (`shoal:runtime/keyvalue-async`), checked against
+//! the function's `keyvalue` grants (`bucket:key` or `bucket:prefix*`).
+//!
+//! Both forms make the same checks ([`AbiState::check_key`]) and list keys
+//! the same way ([`list_page`]). The async form checks while the store is
+//! the calling request's and waits for the backend outside it, so the
+//! instance's other requests run meanwhile.
 
-use wasmtime::component::Resource;
+use std::sync::Arc;
 
+use wasmtime::component::{Accessor, Resource};
+
+use super::bindings::shoal::runtime::types;
 use super::bindings::wasi::keyvalue::{atomics, store};
-use super::{AbiCtxView, BucketHandle, KvError, LIST_PAGE, Refusal, trap};
-use crate::backends::BackendError;
+use super::concurrent_bindings::shoal::runtime::keyvalue_async;
+use super::{Abi, AbiCtxView, AbiState, BucketHandle, Caller, KvError, LIST_PAGE, Refusal, ShoalError, trap};
+use crate::backends::{BackendError, KeyValue};
+use crate::manifest::KeyGrant;
 
 use store::Error;
 
@@ -25,6 +36,49 @@ fn backend(err: BackendError) -> KvError {
     Error::Other(err.to_string()).into()
 }
 
+impl AbiState {
+    /// Admit a call on `key` of bucket `bucket` (as the guest names it) and
+    /// check the key's size and grant; the bucket's name in the backend.
+    fn check_key(&self, capability: &'static str, bucket: &str, key: &str) -> Result<String, Refusal> {
+        self.admit(capability)?;
+        let limit = self.caps.limits.kv_max_key_bytes;
+        self.check_size(capability, "key", key.len(), "kv_max_key_bytes", limit)?;
+        if !self.caps.grants.allows_key(bucket, key) {
+            return Err(self.deny(capability, format!("key {key:?} of bucket {bucket:?}")));
+        }
+        Ok(self.caps.tenant.scope(bucket))
+    }
+
+    /// The grants of `bucket` (those `list-keys` may list).
+    fn bucket_grants(&self, bucket: &str) -> Vec<KeyGrant> {
+        self.caps.grants.keyvalue.iter().filter(|grant| grant.bucket == bucket).cloned().collect()
+    }
+}
+
+/// The page of `bucket`'s keys (its name in the backend: `scoped`) from
+/// `cursor` that `grants` cover, and the next page's cursor.
+async fn list_page(
+    kv: &dyn KeyValue,
+    grants: Vec<KeyGrant>,
+    scoped: &str,
+    cursor: Option<u64>,
+) -> Result<(Vec<String>, Option<u64>), BackendError> {
+    let mut keys = Vec::new();
+    for grant in grants {
+        if grant.prefix {
+            keys.extend(kv.keys_with_prefix(scoped, &grant.key, LIST_CAP).await?);
+        } else if kv.exists(scoped, &grant.key).await? {
+            keys.push(grant.key.clone());
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    let start = cursor.unwrap_or(0) as usize;
+    let page: Vec<String> = keys.iter().skip(start).take(LIST_PAGE).cloned().collect();
+    let next = start + page.len();
+    Ok((page, (next < keys.len()).then_some(next as u64)))
+}
+
 impl AbiCtxView<'_> {
     /// The bucket behind a handle, as the guest named it and as the
     /// backend stores it; a handle that is not in the table traps.
@@ -33,23 +87,15 @@ impl AbiCtxView<'_> {
         Ok((handle.name.clone(), handle.scoped.clone()))
     }
 
-    /// Admit the call and check the key's size and grant; the bucket's
-    /// name in the backend.
+    /// [`AbiState::check_key`] for the bucket behind a handle.
     fn check_key(
         &self,
         capability: &'static str,
         bucket: &Resource<BucketHandle>,
         key: &str,
     ) -> Result<String, KvError> {
-        let (name, scoped) = self.bucket_of(bucket)?;
-        let state = &*self.state;
-        state.admit(capability)?;
-        let limit = state.caps.limits.kv_max_key_bytes;
-        state.check_size(capability, "key", key.len(), "kv_max_key_bytes", limit)?;
-        if !state.caps.grants.allows_key(&name, key) {
-            return Err(state.deny(capability, format!("key {key:?} of bucket {name:?}")).into());
-        }
-        Ok(scoped)
+        let (name, _) = self.bucket_of(bucket)?;
+        Ok(self.state.check_key(capability, &name, key)?)
     }
 }
 
@@ -102,23 +148,9 @@ impl store::HostBucket for AbiCtxView<'_> {
         let (name, scoped) = self.bucket_of(&bucket)?;
         self.state.admit("keyvalue.list-keys")?;
         // Only keys the grants cover are listed.
-        let grants: Vec<_> = self.state.caps.grants.keyvalue.iter().filter(|g| g.bucket == name).cloned().collect();
-        let kv = &self.state.services.kv;
-        let mut keys = Vec::new();
-        for grant in grants {
-            if grant.prefix {
-                keys.extend(kv.keys_with_prefix(&scoped, &grant.key, LIST_CAP).await.map_err(backend)?);
-            } else if kv.exists(&scoped, &grant.key).await.map_err(backend)? {
-                keys.push(grant.key.clone());
-            }
-        }
-        keys.sort();
-        keys.dedup();
-        let start = cursor.unwrap_or(0) as usize;
-        let page: Vec<String> = keys.iter().skip(start).take(LIST_PAGE).cloned().collect();
-        let next = start + page.len();
-        let cursor = (next < keys.len()).then_some(next as u64);
-        Ok(store::KeyResponse { keys: page, cursor })
+        let grants = self.state.bucket_grants(&name);
+        let (keys, cursor) = list_page(&*self.state.services.kv, grants, &scoped, cursor).await.map_err(backend)?;
+        Ok(store::KeyResponse { keys, cursor })
     }
 
     async fn drop(&mut self, bucket: Resource<BucketHandle>) -> wasmtime::Result<()> {
@@ -134,5 +166,98 @@ impl atomics::Host for AbiCtxView<'_> {
             Err(BackendError::Full(message)) => Err(self.state.limited("keyvalue.increment", message).into()),
             done => done.map_err(backend),
         }
+    }
+}
+
+impl keyvalue_async::Host for AbiCtxView<'_> {}
+
+/// An async key-value call that passed its checks: the backend, the
+/// bucket's name there, and the request that made it.
+struct KvCall {
+    kv: Arc<dyn KeyValue>,
+    scoped: String,
+    caller: Caller,
+    capability: &'static str,
+}
+
+impl KvCall {
+    /// Check a call on `key` of `bucket` against the calling request's
+    /// function (the store is that request's while this runs).
+    fn checked(state: &AbiState, capability: &'static str, bucket: &str, key: &str) -> Result<KvCall, ShoalError> {
+        let scoped = state.check_key(capability, bucket, key)?;
+        Ok(KvCall { kv: state.services.kv.clone(), scoped, caller: state.caller(), capability })
+    }
+
+    /// The backend's failure as the guest sees it: a full store is a
+    /// limit (logged and counted as one), anything else a backend error.
+    fn failed(&self, err: BackendError) -> ShoalError {
+        match err {
+            BackendError::Full(message) => self.caller.limited(self.capability, message).into(),
+            err => types::Error::Backend(err.to_string()).into(),
+        }
+    }
+}
+
+impl<T: Send> keyvalue_async::HostWithStore<T> for Abi {
+    async fn get(accessor: &Accessor<T, Self>, bucket: String, key: String) -> Result<Option<Vec<u8>>, ShoalError> {
+        let call = accessor.with(|mut access| KvCall::checked(access.get().state, "keyvalue.get", &bucket, &key))?;
+        call.kv.get(&call.scoped, &key).await.map_err(|err| call.failed(err))
+    }
+
+    async fn set(accessor: &Accessor<T, Self>, bucket: String, key: String, value: Vec<u8>) -> Result<(), ShoalError> {
+        let call = accessor.with(|mut access| {
+            let state = access.get().state;
+            let call = KvCall::checked(state, "keyvalue.set", &bucket, &key)?;
+            let limit = state.caps.limits.kv_max_value_bytes;
+            state.check_size("keyvalue.set", "value", value.len(), "kv_max_value_bytes", limit)?;
+            Ok::<_, ShoalError>(call)
+        })?;
+        call.kv.set(&call.scoped, &key, value).await.map_err(|err| call.failed(err))
+    }
+
+    async fn delete(accessor: &Accessor<T, Self>, bucket: String, key: String) -> Result<(), ShoalError> {
+        let call = accessor.with(|mut access| KvCall::checked(access.get().state, "keyvalue.delete", &bucket, &key))?;
+        call.kv.delete(&call.scoped, &key).await.map_err(|err| call.failed(err))
+    }
+
+    async fn exists(accessor: &Accessor<T, Self>, bucket: String, key: String) -> Result<bool, ShoalError> {
+        let call = accessor.with(|mut access| KvCall::checked(access.get().state, "keyvalue.exists", &bucket, &key))?;
+        call.kv.exists(&call.scoped, &key).await.map_err(|err| call.failed(err))
+    }
+
+    async fn increment(
+        accessor: &Accessor<T, Self>,
+        bucket: String,
+        key: String,
+        delta: u64,
+    ) -> Result<u64, ShoalError> {
+        let call =
+            accessor.with(|mut access| KvCall::checked(access.get().state, "keyvalue.increment", &bucket, &key))?;
+        call.kv.increment(&call.scoped, &key, delta).await.map_err(|err| call.failed(err))
+    }
+
+    async fn list_keys(
+        accessor: &Accessor<T, Self>,
+        bucket: String,
+        cursor: Option<u64>,
+    ) -> Result<keyvalue_async::KeyPage, ShoalError> {
+        let (call, grants) = accessor.with(|mut access| {
+            let state = access.get().state;
+            state.admit("keyvalue.list-keys")?;
+            // As `open` of the sync form: the bucket must be granted.
+            if !state.caps.grants.opens_bucket(&bucket) {
+                return Err(ShoalError::from(state.deny("keyvalue.list-keys", format!("bucket {bucket:?}"))));
+            }
+            let call = KvCall {
+                kv: state.services.kv.clone(),
+                scoped: state.caps.tenant.scope(&bucket),
+                caller: state.caller(),
+                capability: "keyvalue.list-keys",
+            };
+            Ok((call, state.bucket_grants(&bucket)))
+        })?;
+        let (keys, cursor) =
+            list_page(&*call.kv, grants, &call.scoped, cursor).await.map_err(|err| call.failed(err))?;
+        Ok(keyvalue_async::KeyPage { keys, cursor })
     }
 }

@@ -1,48 +1,83 @@
 //! `shoal:runtime/secrets`: the host's secret store, or a pod's own
 //! Secret volumes.
 
+use std::path::PathBuf;
+
+use wasmtime::component::Accessor;
+
 use super::bindings::shoal::runtime::{secrets, types};
-use super::{AbiCtxView, ShoalError};
+use super::concurrent_bindings::shoal::runtime::secrets_async;
+use super::{Abi, AbiCtxView, AbiState, ShoalError};
 use crate::manifest::VolumeKind;
+
+/// Where a secret is found, as far as the function's grants tell without
+/// reading a file.
+enum Lookup {
+    /// Answered already (from the host's store, or refused).
+    Done(Result<Vec<u8>, ShoalError>),
+    /// In one of the pod's Secret volumes (these host directories), if any
+    /// has the key.
+    Volumes(Vec<PathBuf>),
+}
 
 /// A function a pod made reads the pod's own Secret volumes (a key of any
 /// of them, by name) and nothing of the host's; any other function reads
 /// the host's secret store, within its `secrets` grant.
+fn look_up(state: &AbiState, name: &str) -> Lookup {
+    if let Err(refusal) = state.admit("secrets.get") {
+        return Lookup::Done(Err(refusal.into()));
+    }
+    let caps = &state.caps;
+    if caps.pod_secrets {
+        let volumes: Vec<_> =
+            caps.grants.files.iter().filter(|grant| grant.kind == VolumeKind::Secret).map(|g| g.host.clone()).collect();
+        if volumes.is_empty() {
+            let what = format!("secret {name:?} (the pod mounts no Secret volume)");
+            return Lookup::Done(Err(state.deny("secrets.get", what).into()));
+        }
+        return Lookup::Volumes(volumes);
+    }
+    if !caps.grants.secrets.contains(name) {
+        return Lookup::Done(Err(state.deny("secrets.get", format!("secret {name:?}")).into()));
+    }
+    Lookup::Done(match state.services.secrets.get(name) {
+        Some(secret) => Ok(secret),
+        None => Err(types::Error::NotFound(format!("the host has no secret {name:?}")).into()),
+    })
+}
+
+/// Key `name` of the pod's Secret volumes `volumes`, read off the async
+/// threads.
+async fn read_from(volumes: Vec<PathBuf>, name: String) -> Result<Vec<u8>, ShoalError> {
+    let key = name.clone();
+    let found = tokio::task::spawn_blocking(move || read_secret_volumes(&volumes, &key))
+        .await
+        .map_err(|err| types::Error::Backend(format!("reading the secret failed: {err}")))?;
+    match found {
+        Ok(Some(secret)) => Ok(secret),
+        Ok(None) => Err(types::Error::NotFound(format!("no Secret volume of the pod has a key {name:?}")).into()),
+        Err(err) => Err(types::Error::Backend(err.to_string()).into()),
+    }
+}
+
 impl secrets::Host for AbiCtxView<'_> {
     async fn get(&mut self, name: String) -> Result<Vec<u8>, ShoalError> {
-        self.state.admit("secrets.get")?;
-        let caps = self.state.caps.clone();
-        if caps.pod_secrets {
-            let volumes: Vec<_> = caps
-                .grants
-                .files
-                .iter()
-                .filter(|grant| grant.kind == VolumeKind::Secret)
-                .map(|g| g.host.clone())
-                .collect();
-            let mounts_secrets = !volumes.is_empty();
-            let key = name.clone();
-            let found = tokio::task::spawn_blocking(move || read_secret_volumes(&volumes, &key))
-                .await
-                .map_err(|err| types::Error::Backend(format!("reading the secret failed: {err}")))?;
-            return match found {
-                Ok(Some(secret)) => Ok(secret),
-                Ok(None) if mounts_secrets => {
-                    Err(types::Error::NotFound(format!("no Secret volume of the pod has a key {name:?}")).into())
-                }
-                Ok(None) => Err(self
-                    .state
-                    .deny("secrets.get", format!("secret {name:?} (the pod mounts no Secret volume)"))
-                    .into()),
-                Err(err) => Err(types::Error::Backend(err.to_string()).into()),
-            };
+        match look_up(self.state, &name) {
+            Lookup::Done(answer) => answer,
+            Lookup::Volumes(volumes) => read_from(volumes, name).await,
         }
-        if !caps.grants.secrets.contains(&name) {
-            return Err(self.state.deny("secrets.get", format!("secret {name:?}")).into());
-        }
-        match self.state.services.secrets.get(&name) {
-            Some(secret) => Ok(secret),
-            None => Err(types::Error::NotFound(format!("the host has no secret {name:?}")).into()),
+    }
+}
+
+impl secrets_async::Host for AbiCtxView<'_> {}
+
+impl<T: Send> secrets_async::HostWithStore<T> for Abi {
+    /// Checked while the store is the calling request's; a Secret volume
+    /// is read outside it.
+    async fn get(accessor: &Accessor<T, Self>, name: String) -> Result<Vec<u8>, ShoalError> {
+        match accessor.with(|mut access| look_up(access.get().state, &name)) {
+            Lookup::Done(answer) => answer,
+            Lookup::Volumes(volumes) => read_from(volumes, name).await,
         }
     }
 }
