@@ -16,8 +16,11 @@
 //! opened as one even then.
 //!
 //! Every other call goes to wasmtime-wasi as it is. Hand-written because
-//! wasmtime-wasi has no hook on what an open may reach; the interface is
-//! re-linked over wasmtime-wasi's own ([`add_to_linker`]).
+//! wasmtime-wasi has no hook on what an open may reach; WASI 0.2's
+//! interface is re-linked over wasmtime-wasi's own ([`add_to_linker`]),
+//! and WASI 0.3's `open-at` over its one function ([`add_p3_to_linker`]:
+//! the rest of 0.3's interface is wasmtime-wasi's, whose descriptors and
+//! preopens are the same as 0.2's).
 
 use wasmtime::component::{HasData, Linker, Resource};
 use wasmtime_wasi::WasiView;
@@ -44,6 +47,56 @@ pub fn add_to_linker<T: WasiView>(linker: &mut Linker<T>) -> wasmtime::Result<()
     let linked = types::add_to_linker::<T, OrdinaryFiles>(linker, |state| OrdinaryFilesView(state.filesystem()));
     linker.allow_shadowing(false);
     linked
+}
+
+/// `wasi:filesystem@0.3.0` in `linker`: wasmtime-wasi's, its
+/// `descriptor.open-at` replaced by one that first asks what the path is
+/// and refuses what [`may_open_p3`] refuses with `access`, as for 0.2.
+pub fn add_p3_to_linker<T: WasiView + 'static>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystem};
+    use wasmtime_wasi::p3::bindings::filesystem::types::{
+        DescriptorFlags, ErrorCode, HostDescriptorWithStore, OpenFlags, PathFlags,
+    };
+    type Args = (Resource<Descriptor>, PathFlags, String, OpenFlags, DescriptorFlags);
+
+    wasmtime_wasi::p3::filesystem::add_to_linker(linker)?;
+    linker.allow_shadowing(true);
+    let mut types = linker.instance("wasi:filesystem/types@0.3.0")?;
+    let linked = types.func_wrap_concurrent(
+        "[method]descriptor.open-at",
+        |accessor: &wasmtime::component::Accessor<T>, (fd, path_flags, path, oflags, flags): Args| {
+            Box::pin(async move {
+                let files = accessor.with_getter::<WasiFilesystem>(|state: &mut T| state.filesystem());
+                let again = Resource::new_borrow(fd.rep());
+                let kind = match WasiFilesystem::stat_at(&files, again, path_flags, path.clone()).await {
+                    Ok(stat) => Some(stat.type_),
+                    Err(err)
+                        if oflags.contains(OpenFlags::CREATE)
+                            && err.downcast_ref().is_some_and(|code| matches!(code, ErrorCode::NoEntry)) =>
+                    {
+                        None
+                    }
+                    Err(err) => return Ok((Err(err.downcast()?),)),
+                };
+                if !may_open_p3(kind.as_ref()) {
+                    tracing::debug!(path, kind = ?kind, "a guest's open of a special file was refused");
+                    return Ok((Err(ErrorCode::Access),));
+                }
+                match WasiFilesystem::open_at(&files, fd, path_flags, path, oflags, flags).await {
+                    Ok(opened) => Ok((Ok(opened),)),
+                    Err(err) => Ok((Err(err.downcast()?),)),
+                }
+            })
+        },
+    );
+    linker.allow_shadowing(false);
+    linked
+}
+
+/// [`may_open`] for WASI 0.3's descriptor types.
+pub fn may_open_p3(kind: Option<&wasmtime_wasi::p3::bindings::filesystem::types::DescriptorType>) -> bool {
+    use wasmtime_wasi::p3::bindings::filesystem::types::DescriptorType as Kind;
+    matches!(kind, None | Some(Kind::RegularFile | Kind::Directory | Kind::SymbolicLink))
 }
 
 /// Whether a guest may open a file of type `kind` (`None`: it does not
@@ -305,6 +358,24 @@ mod tests {
             DescriptorType::Unknown,
         ] {
             assert!(!may_open(Some(refused)), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn wasi_0_3_opens_only_regular_files_directories_and_new_files_too() {
+        use wasmtime_wasi::p3::bindings::filesystem::types::DescriptorType as Kind;
+        for allowed in [None, Some(Kind::RegularFile), Some(Kind::Directory)] {
+            assert!(may_open_p3(allowed.as_ref()), "{allowed:?}");
+        }
+        for refused in [
+            Kind::CharacterDevice,
+            Kind::BlockDevice,
+            Kind::Fifo,
+            Kind::Socket,
+            Kind::Other(None),
+            Kind::Other(Some("door".into())),
+        ] {
+            assert!(!may_open_p3(Some(&refused)), "{refused:?}");
         }
     }
 }

@@ -413,11 +413,10 @@ impl Loader {
 
 /// The linker for functions on `engine`: WASI 0.2 (Shoal's files in place
 /// of wasi:filesystem's), `wasi:http` 0.2 and the Runtime ABI; with
-/// `concurrent`, WASI 0.3's cli, clocks, random and sockets and
-/// `wasi:http@0.3` too (Rust's standard library still imports WASI 0.2
-/// from a 0.3 component). Not 0.3's `wasi:filesystem`: its opens would not
-/// go through [`crate::files`]' check (regular files and directories
-/// only), so a component importing it fails to link, naming the import.
+/// `concurrent`, WASI 0.3's cli, clocks, filesystem (its opens checked as
+/// 0.2's: regular files and directories only, [`crate::files`]), random
+/// and sockets, `wasi:http@0.3` and the ABI's async calls too (Rust's
+/// standard library still imports WASI 0.2 from a 0.3 component).
 fn link(engine: &wasmtime::Engine, concurrent: bool) -> anyhow::Result<Linker<GuestState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -427,6 +426,7 @@ fn link(engine: &wasmtime::Engine, concurrent: bool) -> anyhow::Result<Linker<Gu
     if concurrent {
         wasmtime_wasi::p3::cli::add_to_linker(&mut linker)?;
         wasmtime_wasi::p3::clocks::add_to_linker(&mut linker)?;
+        crate::files::add_p3_to_linker(&mut linker)?;
         wasmtime_wasi::p3::random::add_to_linker(&mut linker)?;
         wasmtime_wasi::p3::sockets::add_to_linker(&mut linker)?;
         wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;

@@ -14,10 +14,9 @@
 //! A component exporting `wasi:cli/run@0.3` (a WASI 0.3 program, e.g.
 //! built with the `wasip3` bindings) runs on the engine with the component
 //! model's concurrency, its `run` driven as a task of its store; it gets
-//! WASI 0.3's cli, clocks, random and sockets beside WASI 0.2, and
-//! reaches files through WASI 0.2's `wasi:filesystem` only (Shoal's
-//! ordinary-files-only filesystem is 0.2's; a program importing 0.3's is
-//! refused at create, naming the import).
+//! WASI 0.3's cli, clocks, filesystem, random and sockets beside WASI 0.2;
+//! its files, through either version's `wasi:filesystem`, are limited to
+//! ordinary files the same way ([`shoal::files`]).
 //!
 //! Commands get WASI only, not the Runtime ABI: a program that needs state
 //! or messages is written as a function.
@@ -161,10 +160,11 @@ pub(crate) fn compile(engine: &WasmEngine, wasm: &[u8]) -> Result<Program, NodeE
             source: err.into(),
         })?;
     if wasi_0_3 {
-        // Not `p3::add_to_linker`: that would add 0.3's filesystem, which
-        // opens whatever a path names (0.2's is Shoal's, above).
+        // Not `p3::add_to_linker`: its filesystem opens whatever a path
+        // names; Shoal's checks each open (as 0.2's, above).
         wasmtime_wasi::p3::cli::add_to_linker(&mut linker)
             .and_then(|()| wasmtime_wasi::p3::clocks::add_to_linker(&mut linker))
+            .and_then(|()| shoal::files::add_p3_to_linker(&mut linker))
             .and_then(|()| wasmtime_wasi::p3::random::add_to_linker(&mut linker))
             .and_then(|()| wasmtime_wasi::p3::sockets::add_to_linker(&mut linker))
             .map_err(|err| NodeError::Wasm {

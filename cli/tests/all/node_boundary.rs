@@ -70,7 +70,15 @@ async fn device_nodes_and_fifos_in_an_image_cannot_be_opened_by_its_program() {
         ("fifo", Entry::Fifo),
     ];
     let paths: Vec<&str> = ["/plain.txt", "/random", "/kmsg", "/tty", "/disk", "/fifo"].into();
-    for (wasm, tag) in [(guest("cli-hello"), "p2"), (crate::cluster::guest_p1("cli-hello"), "p1")] {
+    // The same program as a component (std's WASI 0.2 files) and a
+    // classic module (WASI 0.1, adapted); and a WASI 0.3 program opening
+    // through `wasi:filesystem@0.3.0`, whose refusal reads `access`.
+    let programs = [
+        (guest("cli-hello"), "p2", "Permission denied"),
+        (crate::cluster::guest_p1("cli-hello"), "p1", "Permission denied"),
+        (guest("cli-hello-p3"), "p3", "ErrorCode::Access"),
+    ];
+    for (wasm, tag, refused) in programs {
         let tar = dir.path().join(format!("hostile-{tag}.tar"));
         let image = format!("localhost/shoal-test/hostile-{tag}:1");
         hostile_image(&wasm, &image, &specials, &tar);
@@ -80,7 +88,7 @@ async fn device_nodes_and_fifos_in_an_image_cannot_be_opened_by_its_program() {
         assert!(out.contains("/plain.txt: read 4 bytes"), "{tag}: a regular file of the image reads: {out}");
         for special in &paths[1..] {
             assert!(
-                out.contains(&format!("{special}: cannot open: Permission denied")),
+                out.contains(&format!("{special}: cannot open: {refused}")),
                 "{tag}: {special} is refused without being opened: {out}"
             );
         }
