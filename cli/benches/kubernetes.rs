@@ -7,7 +7,11 @@
 //! `SHOAL_BENCH_OUT` (where the JSON goes, required), `SHOAL_BENCH_PODS`
 //! (pods started one after another, default 10), `SHOAL_BENCH_CONTAINERD`
 //! (`2.3`: containerd 2.3.4 with the Sandbox API, the default; `2.3-pause`:
-//! 2.3.4 with pause containers; `1.6`: Debian's 1.6.20).
+//! 2.3.4 with pause containers; `1.6`: Debian's 1.6.20),
+//! `SHOAL_BENCH_IDLE_TIMEOUT_S` (when set, each pod is given that
+//! `idle_timeout_s` and the host's RSS is read a second time once the
+//! pod's instance has scaled to zero: what a pod costs without its
+//! instance, and what its instance costs).
 
 #![allow(clippy::unwrap_used, reason = "a fixture failure should stop the benchmark with its message")]
 
@@ -37,6 +41,8 @@ fn main() {
         "1.6" => cluster::ContainerdOptions { release: cluster::Release::V1_6, ..Default::default() },
         other => panic!("SHOAL_BENCH_CONTAINERD={other:?}: say 2.3, 2.3-pause or 1.6"),
     };
+    let idle_timeout_s: Option<u64> = std::env::var("SHOAL_BENCH_IDLE_TIMEOUT_S").ok().map(|s| s.parse().unwrap());
+    let idle_annotation = idle_timeout_s.map(|s| s.to_string());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let result = runtime.block_on(async move {
         let (_registry, containerd, mut cri, image) =
@@ -45,7 +51,9 @@ fn main() {
         let mut started = Vec::new();
         for i in 0..pods {
             let begin = Instant::now();
-            let pod = cri.run_pod(&containerd.log_dir, &format!("bench-{i}"), &image, &[], 64 << 20).await;
+            let annotations: Vec<(&str, &str)> =
+                idle_annotation.iter().map(|s| ("shoal.dev/limits.idle_timeout_s", s.as_str())).collect();
+            let pod = cri.run_pod(&containerd.log_dir, &format!("bench-{i}"), &image, &annotations, 64 << 20).await;
             let api_ms = begin.elapsed().as_secs_f64() * 1e3;
             let [sandbox_ms, create_ms, start_ms] = pod.call_times.map(|time| time.as_secs_f64() * 1e3);
             let deadline = begin + Duration::from_secs(30);
@@ -66,12 +74,19 @@ fn main() {
             eprintln!(
                 "pod {i}: CRI calls {api_ms:.1} ms, first response {first_response_ms:.1} ms, host RSS {host_rss_kib} KiB"
             );
-            records.push(json!({
+            let mut record = json!({
                 "pod": i, "cri_ms": api_ms, "first_response_ms": first_response_ms,
                 "run_pod_sandbox_ms": sandbox_ms, "create_container_ms": create_ms, "start_container_ms": start_ms,
                 "host_rss_kib": host_rss_kib, "containerd_rss_kib": containerd_rss_kib,
                 "shim_processes": containerd.shim_processes(),
-            }));
+            });
+            if let Some(idle) = idle_timeout_s {
+                // Past the idle timeout (the host reaps at the instant it
+                // passes), with time for the freed memory to settle.
+                tokio::time::sleep(Duration::from_secs(idle) + Duration::from_millis(700)).await;
+                record["host_rss_idle_kib"] = json!(rss_kib(hosts[0]));
+            }
+            records.push(record);
             started.push(pod);
         }
         // The node host's own account of each app container's Task

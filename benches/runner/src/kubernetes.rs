@@ -46,21 +46,48 @@ struct Run {
     per_pod_kib: f64,
 }
 
-fn measure(tools: &Tools, args: &Args, which: &str) -> anyhow::Result<Run> {
-    eprintln!("W7: Kubernetes path through containerd {which}'s CRI ({} pods, one after another)", args.pods);
+/// Run the bench binary on containerd `which`; its pods' records. With
+/// `idle_timeout_s`, each pod gets that idle timeout and its record the
+/// host's RSS once its instance has scaled to zero.
+fn pods_of(tools: &Tools, args: &Args, which: &str, idle_timeout_s: Option<u64>) -> anyhow::Result<Vec<Value>> {
     let out = std::env::temp_dir().join(format!("shoal-bench-w7-{}-{which}.json", std::process::id()));
-    crate::peers::run(
-        Command::new("cargo")
-            .current_dir(&tools.root)
-            .args(["bench", "-p", "shoal-cli", "--bench", "kubernetes"])
-            .env("SHOAL_BENCH_OUT", &out)
-            .env("SHOAL_BENCH_PODS", args.pods.to_string())
-            .env("SHOAL_BENCH_CONTAINERD", which),
-    )?;
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(&tools.root)
+        .args(["bench", "-p", "shoal-cli", "--bench", "kubernetes"])
+        .env("SHOAL_BENCH_OUT", &out)
+        .env("SHOAL_BENCH_PODS", args.pods.to_string())
+        .env("SHOAL_BENCH_CONTAINERD", which);
+    if let Some(idle) = idle_timeout_s {
+        command.env("SHOAL_BENCH_IDLE_TIMEOUT_S", idle.to_string());
+    }
+    crate::peers::run(&mut command)?;
     let result: Value =
         serde_json::from_slice(&std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?)?;
     let _ = std::fs::remove_file(&out);
-    let pods = result["pods"].as_array().cloned().unwrap_or_default();
+    Ok(result["pods"].as_array().cloned().unwrap_or_default())
+}
+
+/// What a pod's host memory is made of: pods given a 1 s idle timeout,
+/// the host's RSS read with each pod's instance alive and again once it
+/// scaled to zero. The slope of the second is a pod without its
+/// instance; the mean difference, one instance of `hello`.
+fn memory_split(tools: &Tools, args: &Args) -> anyhow::Result<(f64, f64)> {
+    eprintln!("W7: what a pod's memory is made of (containerd 2.3, pods scaled to zero after 1 s)");
+    let pods = pods_of(tools, args, "2.3", Some(1))?;
+    anyhow::ensure!(pods.len() >= 3, "W7 needs at least 3 pods, got {}", pods.len());
+    let figure = |pod: &Value, key: &str| pod[key].as_f64().unwrap_or(0.0);
+    let idle_per_pod = (figure(&pods[pods.len() - 1], "host_rss_idle_kib") - figure(&pods[0], "host_rss_idle_kib"))
+        / (pods.len() - 1) as f64;
+    let later = &pods[1..];
+    let instance = later.iter().map(|pod| figure(pod, "host_rss_kib") - figure(pod, "host_rss_idle_kib")).sum::<f64>()
+        / later.len() as f64;
+    Ok((idle_per_pod, instance))
+}
+
+fn measure(tools: &Tools, args: &Args, which: &str) -> anyhow::Result<Run> {
+    eprintln!("W7: Kubernetes path through containerd {which}'s CRI ({} pods, one after another)", args.pods);
+    let pods = pods_of(tools, args, which, None)?;
     anyhow::ensure!(pods.len() >= 3, "W7 needs at least 3 pods, got {}", pods.len());
     let figure = |pod: &Value, key: &str| pod[key].as_f64().unwrap_or(0.0);
     let later: Vec<&Value> = pods.iter().skip(1).collect();
@@ -143,6 +170,15 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         row.extend(runs.iter().map(|run| run.rows[at].1.clone()));
         section.row(row);
     }
+    let (idle_per_pod, instance) = memory_split(tools, args)?;
+    let mut split = vec![
+        "of which: a pod once its instance scaled to zero / its live `hello` instance, KiB (2.3.4; pods with \
+         idle_timeout_s = 1)"
+            .to_string(),
+        format!("{idle_per_pod:.0} / {instance:.0}"),
+    ];
+    split.resize(header.len(), "—".to_string());
+    section.row(split);
     let primary = &runs[0];
     section.note(format!(
         "containerd 2.3.4 with the Sandbox API: later pods' p50 to first response {:.1} ms (target ≤ 30 ms: {}), \
@@ -159,6 +195,7 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     section.data = json!({
         "containerd_2_3": { "pods": primary.pods, "later_first_response_p50_ms": primary.later_p50_ms,
                             "host_kib_per_extra_pod": primary.per_pod_kib, "first_pod_ms": primary.first_pod_ms },
+        "memory_split_2_3": { "pod_without_instance_kib": idle_per_pod, "instance_kib": instance },
         "containerd_1_6": { "pods": runs[1].pods, "later_first_response_p50_ms": runs[1].later_p50_ms,
                             "host_kib_per_extra_pod": runs[1].per_pod_kib, "first_pod_ms": runs[1].first_pod_ms },
     });
