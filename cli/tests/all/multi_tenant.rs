@@ -315,9 +315,13 @@ async fn a_pods_env_volumes_and_secrets_reach_its_function_and_it_calls_out_from
         ..PodOptions::new("fetcher", &fetch)
     };
     let fetcher = cri.try_run_pod(&containerd.log_dir, fetcher).await.unwrap_or_else(|err| panic!("{err}"));
+    // Neither pod has called out yet: neither has an egress thread.
+    let egress_threads = || containerd.node_hosts().iter().map(|&host| threads_named(host, "egress-")).sum::<usize>();
+    assert_eq!(egress_threads(), 0, "an egress thread starts at a pod's first call out, not with the pod");
     let echo = peer_echo_in(&pod.netns, 9090);
     let (status, body) = get(&fetcher, &format!("/fetch?url=http://{}:9090/who", pod.ip));
     assert_eq!(status, 200, "{body}\n{}", containerd.host_log());
+    assert_eq!(egress_threads(), 1, "the fetcher's, started by its call");
     assert_eq!(body, format!("peer={}", fetcher.ip), "the connection comes from the pod's address");
     assert_eq!(echo.join().unwrap().unwrap(), fetcher.ip);
     // A name is resolved with the pod's own resolv.conf, from its network:
@@ -408,4 +412,13 @@ async fn the_policy_bounds_the_limits_a_pod_sets_and_what_its_namespace_holds_at
         cri.remove_pod(pod).await;
     }
     drop(registry);
+}
+
+/// How many threads of process `pid` have a name starting with `prefix`.
+fn threads_named(pid: i32, prefix: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix)))
+        .count()
 }
