@@ -50,12 +50,19 @@ async fn a_function_trying_everything_ungranted_gets_error_values_and_keeps_runn
     assert_eq!(host.get("/hello").await.status, 200);
 }
 
-#[tokio::test]
-async fn granted_config_and_secrets_are_readable_and_others_are_denied() {
+/// A host whose secret store holds `api-token` (`t0k3n`) and
+/// `root-token`; the folder lives as long as the first value.
+pub(crate) async fn host_with_secrets() -> (tempfile::TempDir, TestHost) {
     let secrets = tempfile::tempdir().unwrap();
     std::fs::write(secrets.path().join("api-token"), b"t0k3n").unwrap();
     std::fs::write(secrets.path().join("root-token"), b"nope").unwrap();
     let host = TestHost::start_configured(|config| config.secrets_dir = Some(secrets.path().into())).await;
+    (secrets, host)
+}
+
+#[tokio::test]
+async fn granted_config_and_secrets_are_readable_and_others_are_denied() {
+    let (_secrets, host) = host_with_secrets().await;
     let mut settings = spec("settings", "settings", "/settings");
     settings.grants.config.insert("greeting".into(), "ahoy".into());
     settings.grants.secrets = BTreeSet::from(["api-token".to_string(), "missing".to_string()]);

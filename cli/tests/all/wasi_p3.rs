@@ -69,10 +69,7 @@ async fn a_wasi_0_3_function_answers_beside_a_0_2_one_and_reaches_the_runtime_ab
 
 #[tokio::test]
 async fn a_wasi_0_3_function_reads_a_granted_secret_through_the_async_call_and_is_denied_others() {
-    let secrets = tempfile::tempdir().unwrap();
-    std::fs::write(secrets.path().join("api-token"), b"t0k3n").unwrap();
-    std::fs::write(secrets.path().join("root-token"), b"nope").unwrap();
-    let host = TestHost::start_configured(|config| config.secrets_dir = Some(secrets.path().into())).await;
+    let (_secrets, host) = crate::grants::host_with_secrets().await;
     let mut function = p3("p3", false);
     function.grants.secrets = BTreeSet::from(["api-token".to_string(), "missing".to_string()]);
     host.deploy(vec![function]).await;

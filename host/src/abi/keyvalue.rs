@@ -185,7 +185,13 @@ impl KvCall {
     /// function (the store is that request's while this runs).
     fn checked(state: &AbiState, capability: &'static str, bucket: &str, key: &str) -> Result<KvCall, ShoalError> {
         let scoped = state.check_key(capability, bucket, key)?;
-        Ok(KvCall { kv: state.services.kv.clone(), scoped, caller: state.caller(), capability })
+        Ok(KvCall::on(state, capability, scoped))
+    }
+
+    /// A call of the calling request's function on the bucket the backend
+    /// knows as `scoped`, once its checks passed.
+    fn on(state: &AbiState, capability: &'static str, scoped: String) -> KvCall {
+        KvCall { kv: state.services.kv.clone(), scoped, caller: state.caller(), capability }
     }
 
     /// The backend's failure as the guest sees it: a full store is a
@@ -248,12 +254,7 @@ impl<T: Send> keyvalue_async::HostWithStore<T> for Abi {
             if !state.caps.grants.opens_bucket(&bucket) {
                 return Err(ShoalError::from(state.deny("keyvalue.list-keys", format!("bucket {bucket:?}"))));
             }
-            let call = KvCall {
-                kv: state.services.kv.clone(),
-                scoped: state.caps.tenant.scope(&bucket),
-                caller: state.caller(),
-                capability: "keyvalue.list-keys",
-            };
+            let call = KvCall::on(state, "keyvalue.list-keys", state.caps.tenant.scope(&bucket));
             Ok((call, state.bucket_grants(&bucket)))
         })?;
         let (keys, cursor) =
