@@ -157,6 +157,10 @@ async fn a_retry_storm_on_a_failing_callee_stays_within_the_retry_budget() {
     // anything back (no run of failures opens it; when its failure ratio
     // does, a probe may go 1 ms later): the budget holds the storm back.
     specs[0].limits.call_retries = 10;
+    // Ten retries' back-offs alone may add up to 6.55 s (50 ms doubling
+    // to 1 s, each a random time up to that), and a call the budget lets
+    // retry may make them all: the caller's timeout is not what is tested.
+    specs[0].limits.timeout = Duration::from_secs(30);
     specs[0].limits.breaker_failures = std::num::NonZeroU32::new(100_000).unwrap();
     specs[0].limits.breaker_cooldown = Duration::from_millis(1);
     host.deploy(specs).await;
