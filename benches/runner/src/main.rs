@@ -92,13 +92,14 @@ fn main() -> anyhow::Result<()> {
     let root = repo_root()?;
     if args.soak {
         anyhow::ensure!(args.soak_minutes > 0, "--soak-minutes must be at least 1");
-        let tools = peers::Tools::prepare(&root, false).context("preparing the peers")?;
+        let tools = peers::Tools::prepare(&root, false, false).context("preparing the peers")?;
         pin_to_cpu1()?;
         return soak::run(&tools, &args);
     }
-    // Only W1 compares with `wasmtime serve`.
-    let with_wasmtime = args.only.iter().any(|w| w == "w1");
-    let tools = peers::Tools::prepare(&root, with_wasmtime).context("preparing the peers")?;
+    // W1 and W2 compare with `wasmtime serve`; only W1 has other languages.
+    let with_wasmtime = args.only.iter().any(|w| w == "w1" || w == "w2");
+    let with_languages = args.only.iter().any(|w| w == "w1");
+    let tools = peers::Tools::prepare(&root, with_wasmtime, with_languages).context("preparing the peers")?;
     if args.only.iter().any(|w| w == "w7") {
         kubernetes::build(&tools).context("building the Kubernetes benchmark")?;
     }

@@ -100,8 +100,9 @@ impl Tools {
     }
 
     /// Install what is missing and build every peer (`wasmtime serve`
-    /// only when `with_wasmtime`: it takes many minutes to build once).
-    pub fn prepare(root: &Path, with_wasmtime: bool) -> anyhow::Result<Tools> {
+    /// only when `with_wasmtime`: it takes many minutes to build once; the
+    /// JavaScript, Python and Go functions only when `with_languages`).
+    pub fn prepare(root: &Path, with_wasmtime: bool, with_languages: bool) -> anyhow::Result<Tools> {
         if !have("wrk") || !have("taskset") {
             run(Command::new("apt-get").arg("update"))?;
             run(Command::new("apt-get").args(["install", "-y", "wrk", "util-linux"]))?;
@@ -117,8 +118,8 @@ impl Tools {
                 .arg(&tools_dir))?;
         }
         run(Command::new("cargo").current_dir(root).args(["build", "--release", "--bin", "shoal"]))?;
-        if with_wasmtime {
-            // W1's JavaScript and Python rows (their toolchains install when missing).
+        if with_languages {
+            // W1's JavaScript, Python and Go rows (their toolchains install when missing).
             run(Command::new("make").current_dir(root).arg("lang-functions"))?;
         }
         run(Command::new("cargo").current_dir(root.join("functions")).args([
@@ -280,6 +281,22 @@ impl Server {
             }
         }
         Server::spawn(command, port, None, peer.name(), "/hello")
+    }
+
+    /// `wasmtime serve` (pinned to CPU 0) reusing one instance for every
+    /// request, serving `wasm` with the extra `flags`; waits until `probe`
+    /// answers 200.
+    pub fn wasmtime_serve(tools: &Tools, wasm: &Path, probe: &str, flags: &[&str]) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", "0"])
+            .arg(&tools.wasmtime)
+            .args(["serve", "-Scli", "--max-instance-reuse-count", "1000000000"])
+            .args(flags)
+            .args(["--addr", &format!("127.0.0.1:{port}")])
+            .arg(wasm);
+        Server::spawn(command, port, None, "wasmtime-serve", probe)
     }
 
     /// `shoal serve` (pinned to CPU 0) with `functions` deployed from a
