@@ -289,6 +289,54 @@ struct EpochClock {
 pub struct Turns {
     permits: Arc<Semaphore>,
     threads: usize,
+    computing: Arc<Computing>,
+}
+
+/// How many CPU-bound calls are inside a slice now, for the clock thread:
+/// it waits on arrivals only then, and naps otherwise.
+///
+/// Why: an arrival wakes the clock thread, which preempts the worker
+/// thread (it runs at real-time priority). While the CPU-bound calls are
+/// between slices the worker is serving requests, and there is no slice
+/// to end: beside W6's hogs at 16 connections the clock thread woke 33k
+/// times a second, ≈14% of the CPU (`perf sched timehist`), mostly for
+/// such arrivals.
+///
+/// The nap is a condition variable's, not the thread's park: every call
+/// that starts on an idle engine unparks the clock thread (see
+/// [`WasmEngine::hold_clock`]), which would wake a napping clock thread
+/// for nothing (W6's `hello` alone at 16 connections lost 40% of its
+/// throughput to such wakes).
+#[derive(Debug, Default)]
+struct Computing {
+    count: AtomicUsize,
+    /// The clock thread naps until a slice begins.
+    napping: AtomicBool,
+    nap: Mutex<()>,
+    slice_began: std::sync::Condvar,
+}
+
+/// A CPU-bound call inside its slice (counted while alive).
+#[derive(Debug)]
+struct InSlice(Arc<Computing>);
+
+impl InSlice {
+    fn begin(computing: &Arc<Computing>) -> InSlice {
+        computing.count.fetch_add(1, Ordering::SeqCst);
+        // Pairs with `nap`: either it sees the count, or this sees it
+        // napping and wakes it (once it waits: it holds the lock until).
+        if computing.napping.load(Ordering::SeqCst) {
+            let _waiting = computing.nap.lock().unwrap_or_else(PoisonError::into_inner);
+            computing.slice_began.notify_one();
+        }
+        InSlice(computing.clone())
+    }
+}
+
+impl Drop for InSlice {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A guest call's place among [`Turns`] (one per store, kept by its
@@ -302,6 +350,8 @@ pub struct Seat {
 struct SeatState {
     /// Held while the call computes a slice.
     permit: Option<OwnedSemaphorePermit>,
+    /// Present while it computes one (not between two).
+    in_slice: Option<InSlice>,
     /// Between a slice's end (the epoch callback) and the next one: the
     /// permit is kept until the I/O driver has been polled.
     handing_over: bool,
@@ -319,6 +369,7 @@ impl Seat {
         let mut state = self.state();
         if !state.handing_over {
             state.permit = None;
+            state.in_slice = None;
         }
     }
 
@@ -332,7 +383,24 @@ impl Turns {
     /// `threads` calls compute at once (one per worker thread).
     pub fn new(threads: usize) -> Turns {
         let threads = threads.max(1);
-        Turns { permits: Arc::new(Semaphore::new(threads)), threads }
+        Turns { permits: Arc::new(Semaphore::new(threads)), threads, computing: Arc::default() }
+    }
+
+    /// Whether a CPU-bound call is inside a slice now.
+    pub fn computing(&self) -> bool {
+        self.computing.count.load(Ordering::SeqCst) > 0
+    }
+
+    /// On the clock thread: sleep up to `most`, or until a CPU-bound call
+    /// begins a slice.
+    fn nap(&self, most: Duration) {
+        let computing = &self.computing;
+        let waiting = computing.nap.lock().unwrap_or_else(PoisonError::into_inner);
+        computing.napping.store(true, Ordering::SeqCst);
+        if !self.computing() {
+            let _ = computing.slice_began.wait_timeout(waiting, most);
+        }
+        computing.napping.store(false, Ordering::SeqCst);
     }
 
     /// Whether a CPU-bound call has a turn now (computes, or is between
@@ -345,24 +413,54 @@ impl Turns {
     /// back to the runtime (its I/O driver first), then the call hands its
     /// turn to the next CPU-bound call in line and queues for one.
     pub fn next_slice(&self, seat: Arc<Seat>) -> impl Future<Output = ()> + Send + 'static {
-        seat.state().handing_over = true;
+        {
+            let mut state = seat.state();
+            state.handing_over = true;
+            state.in_slice = None;
+        }
         let permits = self.permits.clone();
+        let computing = self.computing.clone();
         async move {
+            // To the runtime: it polls its I/O driver before this task runs
+            // again, which queues the requests that arrived.
             tokio::task::yield_now().await;
             let held = seat.state().permit.take();
             drop(held);
             // The semaphore is never closed.
             let permit = permits.acquire_owned().await.ok();
-            // Once more to the back of the queue: the requests read in the
-            // driver's poll were queued ahead of this task, but the guest
-            // calls they started behind it (and, woken by the call that
-            // handed its turn over, this task would run next: tokio's LIFO
-            // slot).
-            tokio::task::yield_now().await;
+            // Then behind those requests, and the guest calls they start.
+            // Not by a second `yield_now`: tokio wakes the tasks it
+            // deferred into its LIFO slot, which runs before the run queue
+            // (as does a task woken by the call that handed its turn over),
+            // so this slice ran before the request the poll had just queued
+            // (traced beside W6's hogs: the request read only once the
+            // whole slice had run).
+            BackOfTheQueue(false).await;
             let mut state = seat.state();
             state.permit = permit;
+            state.in_slice = Some(InSlice::begin(&computing));
             state.handing_over = false;
         }
+    }
+}
+
+/// Ready on its second poll. On its first it wakes its own task, which
+/// tokio then puts at the back of the worker's run queue (a task woken
+/// while it is being polled is rescheduled as a yield), not in its LIFO
+/// slot. No tokio API says "behind the tasks queued now"; this is the
+/// self-wake that tokio's own `yield_now` did before it deferred wakes.
+struct BackOfTheQueue(bool);
+
+impl Future for BackOfTheQueue {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
 
@@ -374,8 +472,8 @@ impl Turns {
 /// running thread finish its slice (≈3 ms here), so ticks meant for every
 /// 250 µs came every 3–4 ms (measured with `strace -T` on the thread
 /// beside two CPU-bound guests on one CPU). The thread runs for a few
-/// microseconds per tick and then sleeps (at least [`MIN_RING_GAP`] after
-/// a tick an arrival brought early), so it cannot hog the CPU.
+/// microseconds per tick and then sleeps (an arrival brings a tick early
+/// at most once per [`MIN_RING_GAP`]), so it cannot hog the CPU.
 /// Needs CAP_SYS_NICE; without it the clock runs as an ordinary thread
 /// (and says so).
 fn run_before_guests() {
@@ -405,11 +503,12 @@ pub(crate) fn set_own_scheduling(policy: libc::c_int, priority: libc::c_int) -> 
 /// Why: while a CPU-bound guest computes on a worker thread, that thread
 /// polls tokio's I/O driver only when the guest yields, so a request that
 /// arrives waits for what is left of the guest's slice before it is even
-/// read (benchmark W6). While a CPU-bound call has a turn ([`Turns`]),
-/// the clock thread waits on this set as well as on its tick: an arrival
-/// advances the epoch at once, the guest yields at its next check, and
-/// the request is read. Otherwise the set is not looked at: a host
-/// serving short requests pays one `epoll_ctl` per connection.
+/// read (benchmark W6). While a CPU-bound call is inside a slice
+/// ([`Turns::computing`]), the clock thread waits on this set as well as
+/// on its tick: an arrival advances the epoch at once, the guest yields
+/// at its next check, and the request is read. Otherwise the set is not
+/// looked at: a host serving short requests pays one `epoll_ctl` per
+/// connection.
 ///
 struct Doorbell {
     epoll: Epoll,
@@ -564,6 +663,7 @@ impl WasmEngine {
             let Ok(clock) = receive_clock.recv() else { return };
             run_before_guests();
             let mut fast_ticks = 0;
+            let mut last_ring: Option<Instant> = None;
             // Start asleep: nothing runs yet.
             let mut idle_ticks = IDLE_TICKS_BEFORE_SLEEP;
             while !clock.stop.load(Ordering::Relaxed) {
@@ -588,27 +688,38 @@ impl WasmEngine {
                 if clock.busy.swap(false, Ordering::Relaxed) && crowded {
                     fast_ticks = BUSY_TICKS;
                 }
-                let mut rang = false;
                 let tick = if fast_ticks > 0 { BUSY_EPOCH_TICK } else { EPOCH_TICK };
                 fast_ticks = fast_ticks.saturating_sub(1);
                 match &clock.doorbell {
-                    // An arrival ends the tick early if a CPU-bound call is
-                    // computing (it is what the request would wait for).
-                    Some(doorbell) if clock.turns.taken() => {
+                    // An arrival ends the tick early while a CPU-bound call
+                    // is inside a slice (it is what the request would wait
+                    // for); between slices the clock naps.
+                    Some(doorbell) => {
                         let due = Instant::now() + tick;
                         while let Some(left) = due.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
                         {
-                            if doorbell.rang_within(left) && clock.turns.taken() {
+                            if !clock.turns.computing() {
+                                clock.turns.nap(left);
+                            } else if doorbell.rang_within(left) && clock.turns.computing() {
+                                // At most one early tick per gap, whatever
+                                // clients send (each ends every CPU-bound
+                                // guest's slice).
+                                if let Some(early) = last_ring
+                                    .map(|at| at + MIN_RING_GAP)
+                                    .and_then(|gap_ends| gap_ends.checked_duration_since(Instant::now()))
+                                {
+                                    std::thread::sleep(early);
+                                }
+                                last_ring = Some(Instant::now());
                                 // The next arrival's edge may have been
                                 // taken with this one's: short ticks
                                 // bound its wait.
                                 fast_ticks = BUSY_TICKS;
-                                rang = true;
                                 break;
                             }
                         }
                     }
-                    _ => std::thread::sleep(tick),
+                    None => std::thread::sleep(tick),
                 }
                 match weak.0.upgrade() {
                     Some(engine) => {
@@ -622,12 +733,6 @@ impl WasmEngine {
                             other.increment_epoch();
                         }
                         clock.ticks.fetch_add(1, Ordering::Relaxed);
-                        if rang {
-                            // At most one early tick per gap, whatever
-                            // clients send (each ends every CPU-bound
-                            // guest's slice).
-                            std::thread::sleep(MIN_RING_GAP);
-                        }
                     }
                     None => break,
                 }
@@ -747,8 +852,8 @@ impl WasmEngine {
     }
 
     /// Requests arriving on `connection` interrupt CPU-bound guests at
-    /// once (at most every [`MIN_RING_GAP`]) while one of them has a turn
-    /// (see [`Doorbell`]). The kernel forgets the connection when it
+    /// once (at most every [`MIN_RING_GAP`]) while one of them is inside a
+    /// slice (see [`Doorbell`]). The kernel forgets the connection when it
     /// closes.
     pub fn watch_arrivals(&self, connection: &impl AsFd) {
         if let Some(doorbell) = &self.inner.clock.doorbell
@@ -918,7 +1023,7 @@ mod tests {
         let (a, b) = (Arc::new(Seat::default()), Arc::new(Seat::default()));
         // a's first slice: the turn is free.
         turns.next_slice(a.clone()).await;
-        assert!(turns.taken());
+        assert!(turns.taken() && turns.computing());
         // b's slice waits while a computes.
         let b_slice = tokio::spawn(turns.next_slice(b.clone()));
         for _ in 0..10 {
@@ -941,9 +1046,32 @@ mod tests {
         let handing_over = turns.next_slice(a.clone());
         a.poll_ended();
         assert!(turns.taken(), "the turn left a call between two slices");
+        assert!(!turns.computing(), "a call between two slices counted as inside one");
         handing_over.await;
+        assert!(turns.computing());
         a.poll_ended();
         assert!(!turns.taken(), "a call that stopped computing kept its turn");
+        assert!(!turns.computing());
+    }
+
+    #[test]
+    fn the_clock_naps_between_slices_until_a_slice_begins() {
+        let turns = Turns::new(1);
+        let napper = turns.clone();
+        let nap = std::thread::spawn(move || {
+            let started = Instant::now();
+            napper.nap(Duration::from_secs(60));
+            started.elapsed()
+        });
+        // Once it naps, a CPU-bound call begins a slice.
+        while !turns.computing.napping.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let seat = Arc::new(Seat::default());
+        runtime.block_on(turns.next_slice(seat.clone()));
+        let napped = nap.join().unwrap();
+        assert!(napped < Duration::from_secs(30), "the clock napped through a slice's start ({napped:?})");
     }
 
     #[test]
