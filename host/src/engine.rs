@@ -312,6 +312,8 @@ struct Computing {
     count: AtomicUsize,
     /// The clock thread naps until a slice begins.
     napping: AtomicBool,
+    /// An arrival ended a slice early since a slice last ended.
+    rang: AtomicBool,
     nap: Mutex<()>,
     slice_began: std::sync::Condvar,
 }
@@ -391,6 +393,11 @@ impl Turns {
         self.computing.count.load(Ordering::SeqCst) > 0
     }
 
+    /// On the clock thread: an arrival ends the slices under way.
+    fn ring(&self) {
+        self.computing.rang.store(true, Ordering::SeqCst);
+    }
+
     /// On the clock thread: sleep up to `most`, or until a CPU-bound call
     /// begins a slice.
     fn nap(&self, most: Duration) {
@@ -418,6 +425,7 @@ impl Turns {
             state.handing_over = true;
             state.in_slice = None;
         }
+        let arrivals = self.computing.rang.swap(false, Ordering::SeqCst);
         let permits = self.permits.clone();
         let computing = self.computing.clone();
         async move {
@@ -436,6 +444,14 @@ impl Turns {
             // (traced beside W6's hogs: the request read only once the
             // whole slice had run).
             BackOfTheQueue(false).await;
+            if arrivals {
+                // Requests are arriving (one ended this slice): those that
+                // came while the worker served the last ones are read and
+                // served too before the slice resumes. Once: a stream of
+                // them holds a CPU-bound call back by two rounds at most.
+                tokio::task::yield_now().await;
+                BackOfTheQueue(false).await;
+            }
             let mut state = seat.state();
             state.permit = permit;
             state.in_slice = Some(InSlice::begin(&computing));
@@ -711,6 +727,7 @@ impl WasmEngine {
                                     std::thread::sleep(early);
                                 }
                                 last_ring = Some(Instant::now());
+                                clock.turns.ring();
                                 // The next arrival's edge may have been
                                 // taken with this one's: short ticks
                                 // bound its wait.
