@@ -31,6 +31,44 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where a process's resident memory is, in KiB, from its smaps: malloc's
+/// main heap (`[heap]`), anonymous memory inside reservations of 1 GiB or
+/// more (wasmtime's instance pool and code), the other anonymous memory
+/// (thread stacks, malloc's per-thread arenas), and file pages; and its
+/// thread count.
+fn memory_kinds(pid: i32) -> serde_json::Value {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut heap, mut reserved, mut anon, mut file) = (0u64, 0u64, 0u64, 0u64);
+    let mut kind = "";
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            let name = words.nth(4).unwrap_or("");
+            kind = match name {
+                "[heap]" => "heap",
+                "" if end - start >= 1 << 30 => "reserved",
+                "" | "[stack]" => "anon",
+                name if name.starts_with('[') => "other",
+                _ => "file",
+            };
+        } else if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|kib| kib.parse().ok()).unwrap_or(0);
+            match kind {
+                "heap" => heap += kib,
+                "reserved" => reserved += kib,
+                "anon" => anon += kib,
+                "file" => file += kib,
+                _ => {}
+            }
+        }
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    json!({ "heap_kib": heap, "reserved_kib": reserved, "other_anon_kib": anon, "file_kib": file, "threads": threads })
+}
+
 fn main() {
     let out = std::env::var_os("SHOAL_BENCH_OUT").expect("SHOAL_BENCH_OUT names the JSON output file");
     let pods: usize = std::env::var("SHOAL_BENCH_PODS").ok().and_then(|n| n.parse().ok()).unwrap_or(10);
@@ -70,6 +108,7 @@ fn main() {
             let hosts = containerd.node_hosts();
             assert_eq!(hosts.len(), 1, "one Shoal host serves every pod");
             let host_rss_kib = rss_kib(hosts[0]);
+            let host_memory = memory_kinds(hosts[0]);
             let containerd_rss_kib = containerd.pid().map_or(0, rss_kib);
             eprintln!(
                 "pod {i}: CRI calls {api_ms:.1} ms, first response {first_response_ms:.1} ms, host RSS {host_rss_kib} KiB"
@@ -77,7 +116,7 @@ fn main() {
             let mut record = json!({
                 "pod": i, "cri_ms": api_ms, "first_response_ms": first_response_ms,
                 "run_pod_sandbox_ms": sandbox_ms, "create_container_ms": create_ms, "start_container_ms": start_ms,
-                "host_rss_kib": host_rss_kib, "containerd_rss_kib": containerd_rss_kib,
+                "host_rss_kib": host_rss_kib, "containerd_rss_kib": containerd_rss_kib, "host_memory": host_memory,
                 "shim_processes": containerd.shim_processes(),
             });
             if let Some(idle) = idle_timeout_s {

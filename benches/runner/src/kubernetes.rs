@@ -149,6 +149,24 @@ fn measure(tools: &Tools, args: &Args, which: &str) -> anyhow::Result<Run> {
         ("host memory per extra pod, KiB".to_string(), format!("{per_pod_kib:.0}")),
         ("containerd memory per extra pod, KiB (for scale)".to_string(), format!("{containerd_per_pod_kib:.0}")),
         ("shim processes left running (max seen)".to_string(), format!("{shims:.0}")),
+        (
+            "of the host's memory per extra pod: malloc's main heap / anonymous in wasmtime's reservations / \
+          other anonymous (thread stacks, malloc's arenas) / file, KiB; threads"
+                .to_string(),
+            {
+                let kind = |pod: &Value, key: &str| pod["host_memory"][key].as_f64().unwrap_or(0.0);
+                let slope =
+                    |key: &str| (kind(&pods[pods.len() - 1], key) - kind(&pods[0], key)) / (pods.len() - 1) as f64;
+                format!(
+                    "{:.0} / {:.0} / {:.0} / {:.0}; {:+.1}",
+                    slope("heap_kib"),
+                    slope("reserved_kib"),
+                    slope("other_anon_kib"),
+                    slope("file_kib"),
+                    slope("threads")
+                )
+            },
+        ),
     ];
     Ok(Run { pods, rows, first_pod_ms, later_p50_ms, per_pod_kib })
 }
