@@ -326,7 +326,8 @@ impl InSlice {
     fn begin(computing: &Arc<Computing>) -> InSlice {
         computing.count.fetch_add(1, Ordering::SeqCst);
         // Pairs with `nap`: either it sees the count, or this sees it
-        // napping and wakes it (once it waits: it holds the lock until).
+        // napping and wakes it (taking the lock, which `nap` holds from
+        // its check of the count until it waits).
         if computing.napping.load(Ordering::SeqCst) {
             let _waiting = computing.nap.lock().unwrap_or_else(PoisonError::into_inner);
             computing.slice_began.notify_one();
