@@ -97,12 +97,13 @@ fn measure(tools: &Tools, args: &Args, which: &str) -> anyhow::Result<Run> {
     // The node host's part (its Task Create; its Sandbox API calls), by phase.
     let host_p50 =
         |key: &str| percentile(&later.iter().map(|p| p["host"][key].as_f64().unwrap_or(0.0)).collect::<Vec<_>>(), 50.0);
+    // What each pod after the first added to a figure, on average.
+    let per_pod = |of: &dyn Fn(&Value) -> f64| (of(&pods[pods.len() - 1]) - of(&pods[0])) / (pods.len() - 1) as f64;
     let rss_first = figure(&pods[0], "host_rss_kib");
     let rss_last = figure(&pods[pods.len() - 1], "host_rss_kib");
-    let per_pod_kib = (rss_last - rss_first) / (pods.len() - 1) as f64;
-    let containerd_per_pod_kib = (figure(&pods[pods.len() - 1], "containerd_rss_kib")
-        - figure(&pods[0], "containerd_rss_kib"))
-        / (pods.len() - 1) as f64;
+    let per_pod_kib = per_pod(&|pod| figure(pod, "host_rss_kib"));
+    let containerd_per_pod_kib = per_pod(&|pod| figure(pod, "containerd_rss_kib"));
+    let memory = |key: &str| per_pod(&|pod| pod["host_memory"][key].as_f64().unwrap_or(0.0));
     let shims = pods.iter().map(|p| figure(p, "shim_processes")).fold(0.0, f64::max);
     let later_p50_ms = percentile(&first_response, 50.0);
     let first_pod_ms = figure(&pods[0], "first_response_ms");
@@ -153,19 +154,14 @@ fn measure(tools: &Tools, args: &Args, which: &str) -> anyhow::Result<Run> {
             "of the host's memory per extra pod: malloc's main heap / anonymous in wasmtime's reservations / \
           other anonymous (thread stacks, malloc's arenas) / file, KiB; threads"
                 .to_string(),
-            {
-                let kind = |pod: &Value, key: &str| pod["host_memory"][key].as_f64().unwrap_or(0.0);
-                let slope =
-                    |key: &str| (kind(&pods[pods.len() - 1], key) - kind(&pods[0], key)) / (pods.len() - 1) as f64;
-                format!(
-                    "{:.0} / {:.0} / {:.0} / {:.0}; {:+.1}",
-                    slope("heap_kib"),
-                    slope("reserved_kib"),
-                    slope("other_anon_kib"),
-                    slope("file_kib"),
-                    slope("threads")
-                )
-            },
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0}; {:+.1}",
+                memory("heap_kib"),
+                memory("reserved_kib"),
+                memory("other_anon_kib"),
+                memory("file_kib"),
+                memory("threads")
+            ),
         ),
     ];
     Ok(Run { pods, rows, first_pod_ms, later_p50_ms, per_pod_kib })

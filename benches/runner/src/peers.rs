@@ -236,14 +236,9 @@ impl Server {
                 // `-Scli`: Rust's std imports wasi:cli (environment, stdio).
                 command.arg(&tools.wasmtime).args(["serve", "-Scli", "--addr", &addr]).arg(&tools.hello_wasm);
             }
-            Peer::WasmtimeServeReuse => {
-                // One instance serves request after request (wasip2 calls
-                // do not overlap, so concurrent requests get more of them).
-                command
-                    .arg(&tools.wasmtime)
-                    .args(["serve", "-Scli", "--max-instance-reuse-count", "1000000000", "--addr", &addr])
-                    .arg(&tools.hello_wasm);
-            }
+            // One instance serves request after request (wasip2 calls do
+            // not overlap, so concurrent requests get more of them).
+            Peer::WasmtimeServeReuse => return Server::wasmtime_serve(tools, &tools.hello_wasm, "/hello", &[]),
             // Fuel metered for the request (hello sets no fuel limit, so
             // by default it would run without): W1 measures the host with
             // every meter on.
@@ -296,7 +291,7 @@ impl Server {
             .args(flags)
             .args(["--addr", &format!("127.0.0.1:{port}")])
             .arg(wasm);
-        Server::spawn(command, port, None, "wasmtime-serve", probe)
+        Server::spawn(command, port, None, Peer::WasmtimeServeReuse.name(), probe)
     }
 
     /// `shoal serve` (pinned to CPU 0) with `functions` deployed from a
