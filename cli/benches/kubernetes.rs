@@ -11,7 +11,10 @@
 //! `SHOAL_BENCH_IDLE_TIMEOUT_S` (when set, each pod is given that
 //! `idle_timeout_s` and the host's RSS is read a second time once the
 //! pod's instance has scaled to zero: what a pod costs without its
-//! instance, and what its instance costs).
+//! instance, and what its instance costs), `SHOAL_BENCH_WRAP_BIN` (a
+//! program for containerd's shim to start instead of `shoal`, which must
+//! exec it with the same arguments: `benches/heap-profile-node.sh` uses it
+//! to run the node host under heaptrack).
 
 #![allow(clippy::unwrap_used, reason = "a fixture failure should stop the benchmark with its message")]
 
@@ -79,6 +82,9 @@ fn main() {
         "1.6" => cluster::ContainerdOptions { release: cluster::Release::V1_6, ..Default::default() },
         other => panic!("SHOAL_BENCH_CONTAINERD={other:?}: say 2.3, 2.3-pause or 1.6"),
     };
+    let wrapper = std::env::var("SHOAL_BENCH_WRAP_BIN").ok();
+    let env: Vec<(&str, &str)> = wrapper.iter().map(|wrapper| ("SHOAL_BIN", wrapper.as_str())).collect();
+    let options = cluster::ContainerdOptions { env: &env, ..options };
     let idle_timeout_s: Option<u64> = std::env::var("SHOAL_BENCH_IDLE_TIMEOUT_S").ok().map(|s| s.parse().unwrap());
     let idle_annotation = idle_timeout_s.map(|s| s.to_string());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

@@ -29,8 +29,15 @@ use tokio::task::JoinHandle;
 const HEADER: usize = ttrpc::proto::MESSAGE_HEADER_LENGTH;
 /// The largest frame ttrpc sends or accepts (its own limit).
 const MAX_FRAME: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;
-/// Buffer of the in-memory pipe to the ttrpc server.
+/// Buffer of the in-memory pipe to the ttrpc server (its most, not
+/// allocated up front: the pipe grows as frames pass).
 const PIPE_BYTES: usize = 64 << 10;
+/// What a relay's buffer of answers starts with. ttrpc's answers are a
+/// few hundred bytes; a longer one grows the buffer as it is read. Every
+/// pod keeps at least one connection open for its whole life, so what
+/// starts here is paid per pod (64 KiB up front was ≈ half of a pod's
+/// heap in the host).
+const ANSWER_BUFFER_BYTES: usize = 1 << 10;
 /// Connections accepted but not yet taken by the ttrpc server.
 const BACKLOG: usize = 64;
 
@@ -220,7 +227,7 @@ async fn run(
         }
     }
     let mut up = BytesMut::from(&partial[..]);
-    let mut down = BytesMut::with_capacity(PIPE_BYTES);
+    let mut down = BytesMut::with_capacity(ANSWER_BUFFER_BYTES);
     let mut phase = relay.phase.subscribe();
     loop {
         let now = *phase.borrow_and_update();
@@ -292,12 +299,14 @@ mod tests {
     struct Answering {
         pid: u32,
         exit: watch::Receiver<Option<u32>>,
+        /// What `State` says the task's stdout is (any length).
+        stdout: String,
     }
 
     #[async_trait::async_trait]
     impl Task for Answering {
         async fn state(&self, _: &TtrpcContext, _: StateRequest) -> ttrpc::Result<StateResponse> {
-            Ok(StateResponse { pid: self.pid, ..Default::default() })
+            Ok(StateResponse { pid: self.pid, stdout: self.stdout.clone(), ..Default::default() })
         }
 
         async fn wait(&self, _: &TtrpcContext, _: WaitRequest) -> ttrpc::Result<WaitResponse> {
@@ -308,10 +317,18 @@ mod tests {
     }
 
     async fn server(pid: u32, exit: watch::Receiver<Option<u32>>) -> (Arc<Relays>, ttrpc::asynchronous::Server) {
+        server_saying(pid, exit, String::new()).await
+    }
+
+    async fn server_saying(
+        pid: u32,
+        exit: watch::Receiver<Option<u32>>,
+        stdout: String,
+    ) -> (Arc<Relays>, ttrpc::asynchronous::Server) {
         let (relays, incoming) = Relays::new();
         let mut server = ttrpc::asynchronous::Server::new()
             .add_listener(incoming)
-            .register_service(create_task(Arc::new(Answering { pid, exit })));
+            .register_service(create_task(Arc::new(Answering { pid, exit, stdout })));
         server.start().await.unwrap();
         (relays, server)
     }
@@ -357,6 +374,21 @@ mod tests {
         exit.send_replace(Some(42));
         let answered = tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await.unwrap().unwrap();
         assert_eq!(answered.unwrap().exit_status, 42, "the Wait sent to the old server is answered by the new one");
+    }
+
+    #[tokio::test]
+    async fn answers_far_longer_than_the_relays_first_buffer_reach_containerd_whole() {
+        let (_never_sent, never) = watch::channel(None);
+        let long = "x".repeat(300 * ANSWER_BUFFER_BYTES);
+        let (relays, _server) = server_saying(1, never, long.clone()).await;
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        relays.relay(theirs, None).await.unwrap();
+        let client = TaskClient::new(Client::new(ours.into()));
+        for _ in 0..3 {
+            let answer = client.state(ttrpc::context::Context::default(), &StateRequest::new()).await.unwrap();
+            assert_eq!((answer.pid, answer.stdout.len()), (1, long.len()));
+            assert_eq!(answer.stdout, long);
+        }
     }
 
     fn frame(id: u32, kind: u8, body: &[u8]) -> Vec<u8> {
