@@ -268,7 +268,9 @@ struct HostArgs {
     /// wait for requests to finish and destroy() to run.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
-    /// Log format on stderr.
+    /// Log format on stderr. Which lines: `RUST_LOG` (default
+    /// `info,cranelift=warn,wasmtime=warn`; `target=level` lists, or
+    /// tracing's span and field directives).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// HTTP connections open at once, all listeners; past it new ones are closed.
@@ -366,7 +368,7 @@ pub(crate) fn parse_pair(text: &str) -> anyhow::Result<(String, String)> {
         .ok_or_else(|| anyhow::anyhow!("{text:?}: write KEY=VALUE"))
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -689,18 +691,38 @@ fn parse_since(text: &str) -> anyhow::Result<u64> {
     Ok(at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
 }
 
+/// The host's log filter when `RUST_LOG` is unset.
+const DEFAULT_LOG_FILTER: &str = "info,cranelift=warn,wasmtime=warn";
+
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,cranelift=warn,wasmtime=warn"));
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let directives = std::env::var("RUST_LOG").ok().filter(|value| !value.trim().is_empty());
+    let directives = directives.as_deref().unwrap_or(DEFAULT_LOG_FILTER);
+    // A filter by target and level (all `RUST_LOG` usually says) decides
+    // once per call site. `EnvFilter`, needed only for its span and field
+    // directives (`[span{field=value}]=level`), also takes a lock and a map
+    // lookup at each span's creation, entry and exit, which is three times
+    // per request at least; so it is used only when the directives need it.
+    type Filter = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let filter: Filter = match directives.parse::<tracing_subscriber::filter::Targets>() {
+        Ok(targets) => targets.boxed(),
+        Err(_) => match tracing_subscriber::EnvFilter::try_new(directives) {
+            Ok(env) => env.boxed(),
+            Err(err) => {
+                eprintln!("shoal: RUST_LOG={directives:?} is not a log filter ({err}); using {DEFAULT_LOG_FILTER:?}");
+                tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER).boxed()
+            }
+        },
     };
+    let ansi = std::io::stderr().is_terminal();
+    let text = (format == LogFormat::Text)
+        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi));
+    let json = (format == LogFormat::Json)
+        .then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_ansi(ansi));
+    let _ = tracing_subscriber::registry().with(filter).with(text).with(json).try_init();
 }
 
 mod report;

@@ -37,6 +37,10 @@ use crate::outcome::Outcome;
 /// The longest ledger line read back (a record is a few hundred bytes).
 const MAX_RECORD_BYTES: u64 = 64 << 10;
 
+/// What a ledger line is given to start with: a typical record is 350–450
+/// bytes of JSON (a longer one grows its line).
+const RECORD_LINE_BYTES: usize = 512;
+
 /// How often the ledger is flushed to disk.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -244,7 +248,10 @@ impl Ledger {
     /// failure (a full disk, say) is remembered until an append succeeds
     /// again: see [`Ledger::writable`].
     pub fn append(&self, record: &UsageRecord) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        // Room for a whole record and its newline from the start: growing
+        // the line as serde writes it reallocated it two or three times.
+        let mut line = Vec::with_capacity(RECORD_LINE_BYTES);
+        serde_json::to_writer(&mut line, record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let result = self.append_line(line);
         let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -43,6 +43,31 @@ pub struct Metrics {
     /// CPU every usage record so far carried, in µs (kept apart from
     /// `cpu_seconds`, whose series go when their function does).
     attributed_cpu_us: std::sync::atomic::AtomicU64,
+    /// The series every request of a function adds to, by tenant and
+    /// function: looked up once per request instead of once per series
+    /// (each `with_label_values` hashes its labels and takes a lock).
+    /// By function, then tenant.
+    series: std::sync::Mutex<SeriesByFunction>,
+}
+
+type SeriesByFunction =
+    std::collections::HashMap<String, std::collections::HashMap<String, std::sync::Arc<RequestSeries>>>;
+
+/// The series one function's requests add to (handles into the vectors).
+/// Those a request may not touch are made at the first that does, as
+/// before: `/metrics` shows no cold-start, fuel or throttling series for a
+/// function that had none.
+struct RequestSeries {
+    requests: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+    cold_starts: std::sync::OnceLock<prometheus::IntCounter>,
+    fuel: std::sync::OnceLock<prometheus::IntCounter>,
+    cpu_seconds: prometheus::Counter,
+    memory_byte_seconds: prometheus::Counter,
+    cpu_throttled_seconds: std::sync::OnceLock<prometheus::Counter>,
+    tenant_requests: prometheus::IntCounter,
+    tenant_cpu_seconds: prometheus::Counter,
+    tenant_billed_seconds: prometheus::Counter,
 }
 
 impl Metrics {
@@ -197,6 +222,7 @@ impl Metrics {
             tenant_billed_seconds,
             host_cpu_seconds,
             attributed_cpu_us: std::sync::atomic::AtomicU64::new(0),
+            series: std::sync::Mutex::default(),
         }
     }
 
@@ -233,28 +259,55 @@ impl Metrics {
 
     /// Count one request from its usage record.
     pub fn observe(&self, record: &UsageRecord) {
+        let series = self.series_of(&record.tenant, &record.function);
         let function = [record.function.as_str()];
-        self.requests.with_label_values(&function).inc();
+        series.requests.inc();
         if record.outcome != Outcome::Ok {
             self.errors.with_label_values(&[record.function.as_str(), record.outcome.as_str()]).inc();
         }
-        self.duration.with_label_values(&function).observe(record.wall_us as f64 / 1e6);
+        series.duration.observe(record.wall_us as f64 / 1e6);
         if record.cold {
-            self.cold_starts.with_label_values(&function).inc();
+            series.cold_starts.get_or_init(|| self.cold_starts.with_label_values(&function)).inc();
         }
         if let Some(fuel) = record.fuel {
-            self.fuel.with_label_values(&function).inc_by(fuel);
+            series.fuel.get_or_init(|| self.fuel.with_label_values(&function)).inc_by(fuel);
         }
-        self.cpu_seconds.with_label_values(&function).inc_by(record.cpu_us as f64 / 1e6);
+        series.cpu_seconds.inc_by(record.cpu_us as f64 / 1e6);
         self.attributed_cpu_us.fetch_add(record.cpu_us, std::sync::atomic::Ordering::Relaxed);
-        self.memory_byte_seconds.with_label_values(&function).inc_by(record.memory_byte_ms as f64 / 1e3);
+        series.memory_byte_seconds.inc_by(record.memory_byte_ms as f64 / 1e3);
         if record.throttled_us > 0 {
-            self.cpu_throttled_seconds.with_label_values(&function).inc_by(record.throttled_us as f64 / 1e6);
+            let throttled =
+                series.cpu_throttled_seconds.get_or_init(|| self.cpu_throttled_seconds.with_label_values(&function));
+            throttled.inc_by(record.throttled_us as f64 / 1e6);
         }
-        let tenant = [record.tenant.as_str()];
-        self.tenant_requests.with_label_values(&tenant).inc();
-        self.tenant_cpu_seconds.with_label_values(&tenant).inc_by(record.cpu_us as f64 / 1e6);
-        self.tenant_billed_seconds.with_label_values(&tenant).inc_by(record.billed_ms as f64 / 1e3);
+        series.tenant_requests.inc();
+        series.tenant_cpu_seconds.inc_by(record.cpu_us as f64 / 1e6);
+        series.tenant_billed_seconds.inc_by(record.billed_ms as f64 / 1e3);
+    }
+
+    /// The series of `function`'s requests (made at its first request, and
+    /// again after [`Metrics::forget_function`]).
+    fn series_of(&self, tenant: &str, function: &str) -> std::sync::Arc<RequestSeries> {
+        let mut series = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(found) = series.get(function).and_then(|by_tenant| by_tenant.get(tenant)) {
+            return found.clone();
+        }
+        let labels = [function];
+        let tenant_labels = [tenant];
+        let made = std::sync::Arc::new(RequestSeries {
+            requests: self.requests.with_label_values(&labels),
+            duration: self.duration.with_label_values(&labels),
+            cold_starts: std::sync::OnceLock::new(),
+            fuel: std::sync::OnceLock::new(),
+            cpu_seconds: self.cpu_seconds.with_label_values(&labels),
+            memory_byte_seconds: self.memory_byte_seconds.with_label_values(&labels),
+            cpu_throttled_seconds: std::sync::OnceLock::new(),
+            tenant_requests: self.tenant_requests.with_label_values(&tenant_labels),
+            tenant_cpu_seconds: self.tenant_cpu_seconds.with_label_values(&tenant_labels),
+            tenant_billed_seconds: self.tenant_billed_seconds.with_label_values(&tenant_labels),
+        });
+        series.entry(function.to_string()).or_default().insert(tenant.to_string(), made.clone());
+        made
     }
 
     /// CPU seconds metered for `function` so far.
@@ -282,6 +335,8 @@ impl Metrics {
     /// deleted): a host that runs for months keeps no series of what is
     /// gone. Its usage stays in the ledger.
     pub fn forget_function(&self, function: &str) {
+        // First: a request after this makes its series again.
+        self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(function);
         if let Some(breakers) = self.breakers.get() {
             breakers.forget(function);
         }
@@ -298,6 +353,9 @@ impl Metrics {
         forget(&self.deliveries, function);
         forget(&self.log_dropped, function);
         forget(&self.cpu_throttled_seconds, function);
+        // And again: a request that raced with this kept no handle to the
+        // series just removed.
+        self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(function);
     }
 
     /// Count an idle instance reclaimed for its slot.
@@ -459,5 +517,40 @@ mod tests {
             assert!(text.lines().any(|l| l.starts_with(family) && l.contains("function=\"kept\"")), "{family}: {text}");
         }
         assert!(text.contains("shoal_messages_delivered_total{function=\"kept\""), "{text}");
+    }
+
+    fn served(function: &str, cold: bool) -> UsageRecord {
+        let stats = crate::metering::CallStats {
+            wall: std::time::Duration::from_millis(3),
+            cpu: std::time::Duration::from_millis(2),
+            fuel: Some(500),
+            ..Default::default()
+        };
+        let started = std::time::SystemTime::now();
+        UsageRecord::new("r", None, "team-a", function, "v1", started, &stats, cold, None, Outcome::Ok, 200)
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn a_function_counted_again_after_it_was_forgotten_starts_its_series_from_zero() {
+        let metrics = Metrics::new();
+        metrics.observe(&served("hello", true));
+        metrics.observe(&served("hello", false));
+        let text = metrics.render();
+        assert_eq!(value(&text, "shoal_requests_total{function=\"hello\"}"), Some(2.0), "{text}");
+        assert_eq!(value(&text, "shoal_cold_starts_total{function=\"hello\"}"), Some(1.0), "{text}");
+        assert_eq!(value(&text, "shoal_fuel_consumed_total{function=\"hello\"}"), Some(1000.0), "{text}");
+        assert!(!text.contains("shoal_cpu_throttled_seconds_total{function"), "never throttled: {text}");
+        metrics.forget_function("hello");
+        assert!(!metrics.render().contains("\"hello\""));
+        metrics.observe(&served("hello", false));
+        let text = metrics.render();
+        assert_eq!(value(&text, "shoal_requests_total{function=\"hello\"}"), Some(1.0), "{text}");
+        assert_eq!(value(&text, "shoal_fuel_consumed_total{function=\"hello\"}"), Some(500.0), "{text}");
+        assert!(!text.contains("shoal_cold_starts_total{function"), "no cold start since: {text}");
+        assert_eq!(value(&text, "shoal_tenant_requests_total{tenant=\"team-a\"}"), Some(3.0), "{text}");
     }
 }
