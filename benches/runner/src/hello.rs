@@ -19,9 +19,15 @@ struct Cell {
     errors: u64,
 }
 
+/// The peers whose CPU per request is split by part, side by side.
+const PROFILED: [Peer; 4] = [Peer::WasmtimeServeReuse, Peer::Shoal, Peer::WasmtimeServeP3, Peer::ShoalP3Plain];
+
 pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     eprintln!("W1: hello-world HTTP ({} runs x {} s per cell)", args.runs, args.duration);
     let mut cells = Vec::new();
+    // Split at 16 connections (or the middle level asked for).
+    let profiled_at = if args.concurrency.contains(&16) { 16 } else { args.concurrency[args.concurrency.len() / 2] };
+    let mut breakdowns: Vec<(Peer, Result<crate::profile::Breakdown, String>)> = Vec::new();
     for peer in [
         Peer::Native,
         Peer::WasmtimeServe,
@@ -64,6 +70,12 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
                 cpu_us: spread(&|(_, cpu)| *cpu),
                 errors: samples.iter().map(|(s, _)| s.errors).sum(),
             });
+        }
+        if PROFILED.iter().any(|profiled| profiled.name() == peer.name()) {
+            eprintln!("  {:<14} c={profiled_at:<3} under perf: CPU per request by part", peer.name());
+            let split =
+                crate::profile::breakdown(&server, profiled_at, args.duration).map_err(|err| format!("{err:#}"));
+            breakdowns.push((peer, split));
         }
     }
 
@@ -142,12 +154,61 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
             "metering_cost": metering, "js_vs_rust": js / shoal, "python_vs_rust": python / shoal,
             "go_vs_rust": go / shoal, "wasi_0_3_vs_0_2": p3 / shoal }));
     }
+    breakdown_table(&mut section, &breakdowns, profiled_at);
     section.data = json!({
         "cells": cells.iter().map(|cell| json!({
             "peer": cell.peer.name(), "connections": cell.connections, "requests_per_second": cell.rps,
             "p50_us": cell.p50, "p99_us": cell.p99, "cpu_us_per_request": cell.cpu_us, "errors": cell.errors,
         })).collect::<Vec<_>>(),
         "ratios": ratios,
+        "cpu_by_part": breakdowns.iter().map(|(peer, split)| match split {
+            Ok(split) => json!({ "peer": peer.name(), "connections": profiled_at, "cpu_us_per_request": split.cpu_us,
+                "parts": crate::profile::PARTS.iter().zip(&split.parts)
+                    .map(|(part, us)| json!({ "part": part, "us": us })).collect::<Vec<_>>() }),
+            Err(why) => json!({ "peer": peer.name(), "error": why }),
+        }).collect::<Vec<_>>(),
     });
     Ok(section)
+}
+
+/// The table of CPU per request by part, one column per profiled peer, in
+/// µs (a run of its own under `perf`, so its total differs a little from
+/// the cells above).
+fn breakdown_table(
+    section: &mut Section,
+    breakdowns: &[(Peer, Result<crate::profile::Breakdown, String>)],
+    connections: u32,
+) {
+    let measured: Vec<_> = breakdowns.iter().filter_map(|(peer, split)| Some((peer, split.as_ref().ok()?))).collect();
+    for (peer, split) in breakdowns {
+        if let Err(why) = split {
+            section.note(format!("{}: no CPU split by part: {why}", peer.name()));
+        }
+    }
+    if measured.is_empty() {
+        return;
+    }
+    let mut header = vec!["part".to_string()];
+    header.extend(measured.iter().map(|(peer, _)| format!("{} µs", peer.name())));
+    let mut rows: Vec<Vec<String>> = crate::profile::PARTS
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let mut row = vec![part.to_string()];
+            row.extend(measured.iter().map(|(_, split)| format!("{:.1}", split.parts[i])));
+            row
+        })
+        .collect();
+    let mut total = vec!["server CPU per request".to_string()];
+    total.extend(measured.iter().map(|(_, split)| format!("{:.1}", split.cpu_us)));
+    rows.push(total);
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    section.table(
+        format!(
+            "Where the server's CPU per request goes at c={connections} (`perf record -e cpu-clock` during a run \
+             of its own; each sampled function's own time, by the part it is in):"
+        ),
+        &header,
+        rows,
+    );
 }

@@ -18,6 +18,7 @@ mod isolation;
 mod keyvalue;
 mod kubernetes;
 mod peers;
+mod profile;
 mod report;
 mod soak;
 mod wrk;

@@ -55,6 +55,8 @@ pub struct Section {
     pub notes: Vec<String>,
     /// The figures, for tools.
     pub data: Value,
+    /// More tables under the notes: a title, a header and rows each.
+    pub tables: Vec<(String, Vec<String>, Vec<Vec<String>>)>,
 }
 
 impl Section {
@@ -66,6 +68,7 @@ impl Section {
             rows: Vec::new(),
             notes: Vec::new(),
             data: Value::Null,
+            tables: Vec::new(),
         }
     }
 
@@ -77,22 +80,35 @@ impl Section {
         self.notes.push(line);
     }
 
+    /// A table under the notes, with its own title and header.
+    pub fn table(&mut self, title: String, header: &[&str], rows: Vec<Vec<String>>) {
+        self.tables.push((title, header.iter().map(|h| h.to_string()).collect(), rows));
+    }
+
     fn markdown(&self) -> String {
         let mut md = format!("### {} — {}\n\n", self.id.to_uppercase(), self.title);
-        md.push_str(&format!("| {} |\n", self.header.join(" | ")));
-        let align: Vec<&str> = (0..self.header.len()).map(|i| if i == 0 { "---" } else { "---:" }).collect();
-        md.push_str(&format!("|{}|\n", align.join("|")));
-        for row in &self.rows {
-            md.push_str(&format!("| {} |\n", row.join(" | ")));
-        }
+        table_markdown(&mut md, &self.header, &self.rows);
         if !self.notes.is_empty() {
             md.push('\n');
             for note in &self.notes {
                 md.push_str(&format!("- {note}\n"));
             }
         }
+        for (title, header, rows) in &self.tables {
+            md.push_str(&format!("\n{title}\n\n"));
+            table_markdown(&mut md, header, rows);
+        }
         md.push('\n');
         md
+    }
+}
+
+fn table_markdown(md: &mut String, header: &[String], rows: &[Vec<String>]) {
+    md.push_str(&format!("| {} |\n", header.join(" | ")));
+    let align: Vec<&str> = (0..header.len()).map(|i| if i == 0 { "---" } else { "---:" }).collect();
+    md.push_str(&format!("|{}|\n", align.join("|")));
+    for row in rows {
+        md.push_str(&format!("| {} |\n", row.join(" | ")));
     }
 }
 
@@ -153,7 +169,9 @@ mod tests {
         let mut section = Section::new("w9", "demo", &["peer", "figure"]);
         section.row(vec!["a".into(), "1".into()]);
         section.note("target met".into());
+        section.table("Where it goes:".into(), &["part", "µs"], vec![vec!["b".into(), "2".into()]]);
         let md = section.markdown();
+        assert!(md.contains("- target met\n\nWhere it goes:\n\n| part | µs |\n|---|---:|\n| b | 2 |\n"), "{md}");
         assert!(md.starts_with("### W9 — demo\n\n| peer | figure |\n|---|---:|\n| a | 1 |\n"), "{md}");
         assert!(md.contains("- target met"), "{md}");
     }
