@@ -175,6 +175,20 @@ async fn clients_that_stall_before_a_whole_request_head_are_disconnected() {
 }
 
 #[tokio::test]
+async fn a_client_that_closes_its_sending_side_after_its_request_still_gets_the_answer() {
+    use tokio::io::AsyncWriteExt as _;
+    let host = TestHost::start().await;
+    host.deploy(vec![spec("slow", "slow", "/slow")]).await;
+    let addr = host.running.http_addr().unwrap();
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client.write_all(b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    // Done sending (a half-close), long before the function answers.
+    client.shutdown().await.unwrap();
+    let answer = read_until_closed(&mut client).await.expect("the connection closes after the answer");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("slept 300 ms"), "{answer:?}");
+}
+
+#[tokio::test]
 async fn connections_past_the_limit_are_closed_at_once_and_others_still_serve() {
     let host = TestHost::start_configured(|config| config.front_door.max_connections = 3).await;
     host.deploy(vec![spec("hello", "hello", "/hello")]).await;
