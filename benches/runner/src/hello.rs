@@ -103,6 +103,14 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         if let (Some(shoal), Some(floor), Some(native)) =
             (cpu(Peer::Shoal, c), cpu(Peer::WasmtimeServeReuse, c), cpu(Peer::Native, c))
         {
+            if let (Some(ours), Some(theirs)) = (rps(Peer::Shoal, c), rps(Peer::WasmtimeServeReuse, c)) {
+                section.note(format!(
+                    "c={c}: Shoal {:.2}× the req/s of `wasmtime serve` reusing instances, at {shoal:.1} against \
+                     {floor:.1} server CPU-µs per request (round 3's target, ≥ 1.0× and ≤ its CPU: {})",
+                    ours / theirs,
+                    verdict(ours >= theirs && shoal <= floor)
+                ));
+            }
             section.note(format!(
                 "c={c}: server CPU per request: Shoal {shoal:.1} µs (target ≤ 15: {}), `wasmtime serve` reusing \
                  instances {floor:.1} µs (the upstream host for this guest, nothing metered, recorded or logged), \
