@@ -707,13 +707,14 @@ fn init_tracing(format: LogFormat) {
     // lookup at each span's creation, entry and exit, which is three times
     // per request at least; so it is used only when the directives need it.
     type Filter = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let default = || DEFAULT_LOG_FILTER.parse::<tracing_subscriber::filter::Targets>().unwrap_or_default();
     let filter: Filter = match directives.parse::<tracing_subscriber::filter::Targets>() {
         Ok(targets) => targets.boxed(),
         Err(_) => match tracing_subscriber::EnvFilter::try_new(directives) {
             Ok(env) => env.boxed(),
             Err(err) => {
                 eprintln!("shoal: RUST_LOG={directives:?} is not a log filter ({err}); using {DEFAULT_LOG_FILTER:?}");
-                tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER).boxed()
+                default().boxed()
             }
         },
     };

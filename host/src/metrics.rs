@@ -46,8 +46,9 @@ pub struct Metrics {
     /// The series every request of a function adds to, by tenant and
     /// function: looked up once per request instead of once per series
     /// (each `with_label_values` hashes its labels and takes a lock).
-    /// By function, then tenant.
-    series: std::sync::Mutex<SeriesByFunction>,
+    /// By function, then tenant. Read by every request; written at a
+    /// function's first.
+    series: std::sync::RwLock<SeriesByFunction>,
 }
 
 type SeriesByFunction =
@@ -222,7 +223,7 @@ impl Metrics {
             tenant_billed_seconds,
             host_cpu_seconds,
             attributed_cpu_us: std::sync::atomic::AtomicU64::new(0),
-            series: std::sync::Mutex::default(),
+            series: std::sync::RwLock::default(),
         }
     }
 
@@ -288,9 +289,14 @@ impl Metrics {
     /// The series of `function`'s requests (made at its first request, and
     /// again after [`Metrics::forget_function`]).
     fn series_of(&self, tenant: &str, function: &str) -> std::sync::Arc<RequestSeries> {
-        let mut series = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(found) = series.get(function).and_then(|by_tenant| by_tenant.get(tenant)) {
-            return found.clone();
+        let found = |series: &SeriesByFunction| series.get(function)?.get(tenant).cloned();
+        if let Some(found) = found(&self.series.read().unwrap_or_else(std::sync::PoisonError::into_inner)) {
+            return found;
+        }
+        let mut series = self.series.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another request may have made them meanwhile.
+        if let Some(found) = found(&series) {
+            return found;
         }
         let labels = [function];
         let tenant_labels = [tenant];
@@ -336,7 +342,7 @@ impl Metrics {
     /// gone. Its usage stays in the ledger.
     pub fn forget_function(&self, function: &str) {
         // First: a request after this makes its series again.
-        self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(function);
+        self.series.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(function);
         if let Some(breakers) = self.breakers.get() {
             breakers.forget(function);
         }
@@ -355,7 +361,7 @@ impl Metrics {
         forget(&self.cpu_throttled_seconds, function);
         // And again: a request that raced with this kept no handle to the
         // series just removed.
-        self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(function);
+        self.series.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(function);
     }
 
     /// Count an idle instance reclaimed for its slot.

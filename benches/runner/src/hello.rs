@@ -45,9 +45,7 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         for &connections in &args.concurrency {
             let mut samples = Vec::new();
             for run in 0..args.runs {
-                let cpu_before = server.cpu_seconds()?;
-                let sample = wrk::run(&server.url("/hello"), connections, args.duration)?;
-                let cpu_us = (server.cpu_seconds()? - cpu_before) * 1e6 / sample.requests.max(1) as f64;
+                let (sample, cpu_us) = server.load("/hello", connections, args.duration)?;
                 eprintln!(
                     "  {:<14} c={:<3} run {}: {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>6.1} CPU-µs/req",
                     peer.name(),

@@ -370,6 +370,15 @@ impl Server {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// `wrk` on `path` with `connections` for `seconds`; its sample and the
+    /// server's CPU per completed request over it, in µs.
+    pub fn load(&self, path: &str, connections: u32, seconds: u64) -> anyhow::Result<(crate::wrk::Sample, f64)> {
+        let before = self.cpu_seconds()?;
+        let sample = crate::wrk::run(&self.url(path), connections, seconds)?;
+        let cpu_us = (self.cpu_seconds()? - before) * 1e6 / sample.requests.max(1) as f64;
+        Ok((sample, cpu_us))
+    }
+
     /// CPU time (user + system) the server process has used, in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;

@@ -9,7 +9,6 @@
 use std::process::{Command, Stdio};
 
 use crate::peers::Server;
-use crate::wrk;
 
 /// The parts, in the order they are shown.
 pub const PARTS: [&str; 13] = [
@@ -88,12 +87,10 @@ pub fn breakdown(server: &Server, connections: u32, seconds: u64) -> anyhow::Res
         .map_err(|err| anyhow::anyhow!("cannot start perf: {err}"))?;
     // perf attaches within milliseconds; the load starts after it.
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let cpu_before = server.cpu_seconds()?;
-    let sample = wrk::run(&server.url("/hello"), connections, seconds);
-    let cpu_after = server.cpu_seconds()?;
+    let loaded = server.load("/hello", connections, seconds);
     let _ = Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
     let recorded = perf.wait_with_output()?;
-    let sample = sample?;
+    let (_, cpu_us) = loaded?;
     anyhow::ensure!(
         recorded.status.success() || data.exists(),
         "perf record failed: {}",
@@ -105,7 +102,6 @@ pub fn breakdown(server: &Server, connections: u32, seconds: u64) -> anyhow::Res
         .output()?;
     let _ = std::fs::remove_file(&data);
     anyhow::ensure!(report.status.success(), "perf report failed: {}", String::from_utf8_lossy(&report.stderr).trim());
-    let cpu_us = (cpu_after - cpu_before) * 1e6 / sample.requests.max(1) as f64;
     let shares = shares(&String::from_utf8_lossy(&report.stdout));
     anyhow::ensure!(shares.iter().sum::<f64>() > 50.0, "perf report had no samples of the server");
     let total: f64 = shares.iter().sum();
