@@ -164,11 +164,10 @@ impl Dispatcher {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let function = pool.function().name().to_string();
         let span = tracing::info_span!(
             "request",
             tenant = %pool.function().spec().tenant,
-            function = %function,
+            function = %pool.function().name(),
             request_id = %meta.id,
             parent_id = meta.parent_id.as_deref().unwrap_or("-"),
             trace_id = %meta.trace.trace_id(),
@@ -276,27 +275,31 @@ impl Dispatcher {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let function = pool.function().name().to_string();
+        let function = pool.function().name();
         // The guest sees Shoal's span as its caller.
         let mut request = request;
-        if let Ok(value) = HeaderValue::from_str(&meta.trace.header()) {
-            request.headers_mut().insert(TRACEPARENT_HEADER, value);
-        }
+        request.headers_mut().insert(TRACEPARENT_HEADER, meta.trace.header_value());
         let body_limit = pool.function().spec().limits.max_request_bytes;
         let too_large =
             || format!("function {function:?} takes request bodies of at most max_request_bytes = {body_limit}");
         // A declared length over the limit is refused before any instance.
         if declared_length(&request).is_some_and(|length| length > body_limit) {
-            self.metrics.observe_refused(&function, Outcome::RequestTooLarge);
+            self.metrics.observe_refused(function, Outcome::RequestTooLarge);
             return error_response(Outcome::RequestTooLarge, &too_large());
         }
         // Any other body is counted as the guest reads it, and cut off past
         // the limit; the client then gets 413, not what the guest made of it.
-        let cut_off = Arc::new(AtomicBool::new(false));
+        let (head_tx, head_rx) = oneshot::channel::<ResponseResult>();
+        let exchange = Arc::new(Exchange {
+            head: Mutex::new(Some(head_tx)),
+            status: AtomicU16::new(0),
+            cut_off: AtomicBool::new(false),
+            refused_too_large: AtomicBool::new(false),
+        });
         let request =
-            request.map(|body| CappedBody { inner: body, seen: 0, limit: body_limit, cut_off: cut_off.clone() });
+            request.map(|body| CappedBody { inner: body, seen: 0, limit: body_limit, exchange: exchange.clone() });
         if let Err(why) = self.recorder.writable() {
-            self.metrics.observe_refused(&function, Outcome::LedgerUnavailable);
+            self.metrics.observe_refused(function, Outcome::LedgerUnavailable);
             tracing::error!(error = %why, "refused: the usage ledger cannot be written");
             let why = format!("cannot serve {function:?}: its usage record could not be kept ({why})");
             return retry_later(Outcome::LedgerUnavailable, &why, Duration::from_secs(1));
@@ -304,7 +307,7 @@ impl Dispatcher {
         let lease = match pool.acquire(&self.runtime_for(&pool)).await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { retry_after }) => {
-                self.metrics.observe_refused(&function, Outcome::Overloaded);
+                self.metrics.observe_refused(function, Outcome::Overloaded);
                 tracing::warn!("overloaded: no concurrency slot within queue_timeout");
                 let why = format!(
                     "function {function:?} is serving all the {} requests it may serve at once \
@@ -315,7 +318,7 @@ impl Dispatcher {
                 return retry_later(Outcome::Overloaded, &why, retry_after);
             }
             Err(AcquireError::Paused { retry_after }) => {
-                self.metrics.observe_refused(&function, Outcome::Overloaded);
+                self.metrics.observe_refused(function, Outcome::Overloaded);
                 let why = format!(
                     "function {function:?} is paused and stayed paused for its queue_timeout of {} ms; retry later",
                     pool.function().spec().limits.queue_timeout.as_millis()
@@ -332,30 +335,25 @@ impl Dispatcher {
             }
         };
 
-        let (head_tx, head_rx) = oneshot::channel::<ResponseResult>();
-        let head_slot = Arc::new(Mutex::new(Some(head_tx)));
-        let status = Arc::new(AtomicU16::new(0));
-        let refused_too_large = Arc::new(AtomicBool::new(false));
         let respond = {
-            let (head_slot, status, cut_off, refused) =
-                (head_slot.clone(), status.clone(), cut_off.clone(), refused_too_large.clone());
+            let exchange = exchange.clone();
             move |result: ResponseResult| {
                 // A response made after the body was cut off answers half a
                 // request: the client gets 413 instead.
-                let result = if cut_off.load(Ordering::Acquire) {
-                    refused.store(true, Ordering::Release);
+                let result = if exchange.cut_off.load(Ordering::Acquire) {
+                    exchange.refused_too_large.store(true, Ordering::Release);
                     Err(ErrorCode::HttpRequestBodySize(Some(body_limit)))
                 } else {
                     result
                 };
                 match &result {
-                    Ok(response) => status.store(response.status().as_u16(), Ordering::Release),
+                    Ok(response) => exchange.status.store(response.status().as_u16(), Ordering::Release),
                     Err(ErrorCode::HttpRequestBodySize(_)) => {
-                        status.store(Outcome::RequestTooLarge.status().as_u16(), Ordering::Release);
+                        exchange.status.store(Outcome::RequestTooLarge.status().as_u16(), Ordering::Release);
                     }
                     Err(_) => {}
                 }
-                if let Some(tx) = lock(&head_slot).take() {
+                if let Some(tx) = lock(&exchange.head).take() {
                     let _ = tx.send(result);
                 }
             }
@@ -372,15 +370,16 @@ impl Dispatcher {
                 let (stats, result) = lease.handle(request, &meta, respond).await;
                 // Handler returned without calling `response-outparam.set`:
                 // drop the sender so the waiting side sees it.
-                let unanswered = lock(&head_slot).take().is_some();
-                let cut = refused_too_large.load(Ordering::Acquire) || (unanswered && cut_off.load(Ordering::Acquire));
+                let unanswered = lock(&exchange.head).take().is_some();
+                let cut = exchange.refused_too_large.load(Ordering::Acquire)
+                    || (unanswered && exchange.cut_off.load(Ordering::Acquire));
                 let outcome = match &result {
                     _ if cut => Outcome::RequestTooLarge,
                     Ok(()) if unanswered => Outcome::NoResponse,
                     Ok(()) => Outcome::Ok,
                     Err(error) => error.outcome,
                 };
-                let status = match status.load(Ordering::Acquire) {
+                let status = match exchange.status.load(Ordering::Acquire) {
                     0 => outcome.status().as_u16(),
                     status => status,
                 };
@@ -483,16 +482,30 @@ fn declared_length<B>(request: &hyper::Request<B>) -> Option<u64> {
     request.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// What a request's serving side and its call share: one allocation for
+/// them all (they were four `Arc`s per request).
+struct Exchange {
+    /// Where the response's head goes, until the guest sets it.
+    head: Mutex<Option<oneshot::Sender<ResponseResult>>>,
+    /// The status the guest answered with (0: none yet).
+    status: AtomicU16,
+    /// Set by [`CappedBody`] when the request body passed the limit.
+    cut_off: AtomicBool,
+    /// Set when the guest answered after the body was cut off: the client
+    /// got 413 instead.
+    refused_too_large: AtomicBool,
+}
+
 pin_project_lite::pin_project! {
     /// A request body that ends in an error once more than `limit` bytes
-    /// came through (and says so in `cut_off`): the host never reads more
+    /// came through (and says so in its [`Exchange`]): the host never reads more
     /// of a body than the function takes.
-    pub struct CappedBody<B> {
+    pub(crate) struct CappedBody<B> {
         #[pin]
         inner: B,
         seen: u64,
         limit: u64,
-        cut_off: Arc<AtomicBool>,
+        exchange: Arc<Exchange>,
     }
 }
 
@@ -506,7 +519,7 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        if this.cut_off.load(Ordering::Acquire) {
+        if this.exchange.cut_off.load(Ordering::Acquire) {
             return Poll::Ready(None);
         }
         match this.inner.poll_frame(cx) {
@@ -514,7 +527,7 @@ where
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
-                        this.cut_off.store(true, Ordering::Release);
+                        this.exchange.cut_off.store(true, Ordering::Release);
                         return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(Some(
                             *this.limit,
                         )))));
@@ -529,7 +542,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.cut_off.load(Ordering::Acquire) || self.inner.is_end_stream()
+        self.exchange.cut_off.load(Ordering::Acquire) || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

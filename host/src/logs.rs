@@ -354,7 +354,7 @@ impl LogSink for MemorySink {
             function: line.function.to_string(),
             stream: line.stream,
             request_id: line.request_id.map(str::to_string),
-            trace_id: line.trace.map(|trace| trace.trace_id()),
+            trace_id: line.trace.map(|trace| trace.trace_id().to_string()),
             text: line.text.to_string(),
         });
     }
@@ -419,7 +419,7 @@ mod tests {
         let lines = sink.lines();
         assert_eq!(lines.len(), 2);
         assert_eq!((lines[0].text.as_str(), lines[0].request_id.as_deref()), ("hello", Some("req-1")));
-        assert_eq!(lines[0].trace_id, Some(trace.trace_id()), "the line names its request's trace");
+        assert_eq!(lines[0].trace_id, Some(trace.trace_id().to_string()), "the line names its request's trace");
         assert_eq!(
             (lines[1].text.as_str(), lines[1].request_id.as_deref(), lines[1].trace_id.as_deref()),
             ("world", None, None)

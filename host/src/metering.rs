@@ -158,7 +158,7 @@ impl UsageRecord {
 
     /// The same record, part of `trace`.
     pub fn in_trace(self, trace: &crate::request::TraceContext) -> UsageRecord {
-        UsageRecord { trace_id: Some(trace.trace_id()), ..self }
+        UsageRecord { trace_id: Some(trace.trace_id().to_string()), ..self }
     }
 }
 

@@ -145,43 +145,61 @@ impl Target {
 /// then host-less ones; within each, the longest prefix wins, and prefixes
 /// match whole path segments (`/hello` serves `/hello/x`, not `/helloworld`).
 struct RouteMap<T> {
-    routes: HashMap<(Option<String>, String), T>,
+    /// Routes naming a host: by host, then by prefix.
+    by_host: HashMap<String, HashMap<String, T>>,
+    /// Routes for any host, by prefix.
+    any_host: HashMap<String, T>,
 }
 
 impl<T> Default for RouteMap<T> {
     fn default() -> Self {
-        RouteMap { routes: HashMap::new() }
+        RouteMap { by_host: HashMap::new(), any_host: HashMap::new() }
     }
 }
 
 impl<T> RouteMap<T> {
     fn insert(&mut self, route: &Route, value: T) {
-        self.routes.insert((route.host.clone(), route.prefix.clone()), value);
+        let routes = match &route.host {
+            Some(host) => self.by_host.entry(host.clone()).or_default(),
+            None => &mut self.any_host,
+        };
+        routes.insert(route.prefix.clone(), value);
     }
 
+    /// Looked up on every request, so without allocating: the maps are
+    /// keyed by host and by prefix apart, each found by a borrowed `&str`,
+    /// and a host is lowercased into a new string only when it has
+    /// uppercase letters.
     fn lookup(&self, host: Option<&str>, path: &str) -> Option<&T> {
-        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _port)| name).to_ascii_lowercase());
-        if host.is_some()
-            && let Some(value) = self.longest_prefix(host.clone(), path)
+        if !self.by_host.is_empty()
+            && let Some(host) = host
         {
-            return Some(value);
-        }
-        self.longest_prefix(None, path)
-    }
-
-    fn longest_prefix(&self, host: Option<String>, path: &str) -> Option<&T> {
-        let mut key = (host, path.to_string());
-        loop {
-            if key.1.is_empty() {
-                key.1.push('/');
-                return self.routes.get(&key);
-            }
-            if let Some(value) = self.routes.get(&key) {
+            let name = host.rsplit_once(':').map_or(host, |(name, _port)| name);
+            let name: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                name.to_ascii_lowercase().into()
+            } else {
+                name.into()
+            };
+            if let Some(value) = self.by_host.get(name.as_ref()).and_then(|routes| longest_prefix(routes, path)) {
                 return Some(value);
             }
-            let cut = key.1.rfind('/').unwrap_or(0);
-            key.1.truncate(cut);
         }
+        longest_prefix(&self.any_host, path)
+    }
+}
+
+/// The value of the longest prefix of `path` in `routes`, cutting whole
+/// segments off its end (`/a/b`, then `/a`, then `/`).
+fn longest_prefix<'a, T>(routes: &'a HashMap<String, T>, path: &str) -> Option<&'a T> {
+    let mut prefix = path;
+    loop {
+        if prefix.is_empty() {
+            return routes.get("/");
+        }
+        if let Some(value) = routes.get(prefix) {
+            return Some(value);
+        }
+        prefix = &prefix[..prefix.rfind('/').unwrap_or(0)];
     }
 }
 

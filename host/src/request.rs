@@ -127,24 +127,94 @@ impl TraceContext {
     }
 
     /// The trace id, in lowercase hex (32 digits).
-    pub fn trace_id(&self) -> String {
-        hex(&self.trace_id)
+    pub fn trace_id(&self) -> HexDigits<32> {
+        HexDigits::of(&self.trace_id)
     }
 
     /// The span id, in lowercase hex (16 digits).
-    pub fn span_id(&self) -> String {
-        hex(&self.span_id)
+    pub fn span_id(&self) -> HexDigits<16> {
+        HexDigits::of(&self.span_id)
     }
 
     /// The `traceparent` value naming this span.
     pub fn header(&self) -> String {
-        format!("00-{}-{}-{:02x}", self.trace_id(), self.span_id(), self.flags)
+        String::from(self.traceparent().as_str())
+    }
+
+    /// The `traceparent` header naming this span, made without a `String`
+    /// in between (the dispatcher sets it on every request).
+    pub fn header_value(&self) -> HeaderValue {
+        HeaderValue::from_str(self.traceparent().as_str())
+            .expect("invariant: a traceparent is hex digits and dashes, all valid in a header")
+    }
+
+    /// `00-<trace id>-<span id>-<flags>`, on the stack.
+    fn traceparent(&self) -> HexDigits<55> {
+        let mut out = [b'-'; 55];
+        out[..2].copy_from_slice(b"00");
+        out[3..35].copy_from_slice(&self.trace_id().0);
+        out[36..52].copy_from_slice(&self.span_id().0);
+        out[53..].copy_from_slice(&HexDigits::<2>::of(&[self.flags]).0);
+        HexDigits(out)
+    }
+}
+
+/// ASCII text of a fixed length held on the stack: lowercase hex digits
+/// of an id, or a `traceparent` made of them. Ids are written several
+/// times per request (the log context, the `traceparent` header, the usage
+/// record), and a `String` for each was a heap allocation each.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HexDigits<const D: usize>([u8; D]);
+
+impl<const D: usize> HexDigits<D> {
+    /// The hex digits of `bytes` (`D` is `2 × N`, checked when compiled).
+    fn of<const N: usize>(bytes: &[u8; N]) -> HexDigits<D> {
+        const { assert!(D == 2 * N, "two hex digits per byte") };
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; D];
+        for (i, byte) in bytes.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(byte >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(byte & 0x0f)];
+        }
+        HexDigits(out)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only `of` and `traceparent` make these, from ASCII alone.
+        std::str::from_utf8(&self.0).expect("invariant: hex digits and dashes are ASCII")
+    }
+}
+
+impl<const D: usize> std::ops::Deref for HexDigits<D> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl<const D: usize> std::fmt::Display for HexDigits<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const D: usize> std::fmt::Debug for HexDigits<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl<const D: usize> PartialEq<&str> for HexDigits<D> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
 impl std::fmt::Debug for TraceContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.header())
+        f.write_str(self.traceparent().as_str())
     }
 }
 
@@ -165,18 +235,6 @@ fn decode<const N: usize>(text: &str) -> Option<[u8; N]> {
         out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
     }
     Some(out)
-}
-
-/// Lowercase hex, by table: this runs several times per request, and
-/// `format!("{:02x}")` per byte showed in a W1 profile.
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    out
 }
 
 /// Random bytes, never all zero (an all-zero id is invalid).
@@ -216,6 +274,8 @@ mod tests {
         assert_eq!(trace.header(), value);
         assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(trace.span_id(), "00f067aa0ba902b7");
+        assert_eq!(trace.header_value(), value);
+        assert_eq!(format!("{trace:?}"), value);
     }
 
     #[test]

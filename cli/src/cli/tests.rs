@@ -48,3 +48,50 @@ fn the_cli_definition_is_consistent() {
     use clap::CommandFactory as _;
     Cli::command().debug_assert();
 }
+
+#[test]
+fn the_plain_text_log_reads_as_tracings_own_with_hostile_values_escaped() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    /// Everything the layer writes, kept.
+    #[derive(Clone, Default)]
+    struct Kept(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Kept {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = |one_write: bool| {
+        let kept = Kept::default();
+        let writer = {
+            let kept = kept.clone();
+            move || kept.clone()
+        };
+        let ours = tracing_subscriber::fmt::layer().without_time().with_ansi(false).with_writer(writer.clone());
+        let theirs = tracing_subscriber::fmt::layer().without_time().with_ansi(false).with_writer(writer);
+        let subscriber = tracing_subscriber::registry()
+            .with(one_write.then(|| ours.fmt_fields(OneWriteFields)))
+            .with((!one_write).then_some(theirs));
+        tracing::subscriber::with_default(subscriber, || {
+            let long = "x".repeat(20_000);
+            let span =
+                tracing::info_span!("request", function = %"hello", request_id = "a\u{1b}[31mred", parent_id = "-");
+            let _entered = span.enter();
+            tracing::warn!(error = %long, "failed");
+            let nested = tracing::info_span!("call", depth = 2);
+            let _nested = nested.enter();
+            tracing::info!(wall_us = 17, "served");
+        });
+        String::from_utf8(kept.0.lock().unwrap().clone()).unwrap()
+    };
+    let (ours, theirs) = (log(true), log(false));
+    assert_eq!(ours, theirs);
+    assert!(
+        ours.contains("request{function=hello request_id=\"a\\u{1b}[31mred\" parent_id=\"-\"}:call{depth=2}"),
+        "{ours}"
+    );
+    assert!(!ours.contains('\u{1b}'), "an escape sequence reached the log: {ours}");
+}

@@ -248,7 +248,7 @@ impl Call {
                     (Endpoint::Local, Some(breaker)) => breaker.clone(),
                     _ => breaker_of(endpoint),
                 };
-                match breaker.try_call(Some(&trace_id)) {
+                match breaker.try_call(Some(trace_id.as_str())) {
                     Ok(admitted) => {
                         attempt = Some((endpoint, admitted));
                         break;
