@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderValue, Response};
+use http::{HeaderName, HeaderValue, Response};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
@@ -50,6 +50,16 @@ struct Recorder {
     metrics: Arc<Metrics>,
 }
 
+/// What [`Recorder::finish`] made of a call's end.
+struct Finished {
+    /// The call's wall time, as recorded.
+    wall_us: u64,
+    /// Whether it needed a new instance.
+    cold: bool,
+    /// Whether its record is in the ledger (or there is none).
+    written: bool,
+}
+
 /// How one call ended, for its usage record.
 struct CallEnd<'a> {
     request_id: &'a str,
@@ -68,7 +78,8 @@ impl Recorder {
     /// Finish a call: write its usage record, then give the instance back
     /// to its pool (the lease drops here). The record comes first, so that
     /// whoever waits for the call's end finds it written.
-    fn finish(&self, mut lease: Lease, end: CallEnd<'_>) -> (UsageRecord, bool) {
+    fn finish(&self, mut lease: Lease, end: CallEnd<'_>) -> Finished {
+        let trace_id = end.trace.trace_id();
         let function = lease.function();
         let record = UsageRecord::new(
             end.request_id,
@@ -83,15 +94,16 @@ impl Recorder {
             end.outcome,
             end.status,
         )
-        .in_trace(&end.trace);
+        .in_trace(&trace_id);
         let written = self.write(&record);
+        let finished = Finished { wall_us: record.wall_us, cold: record.cold, written };
         lease.set_healthy(end.healthy);
         drop(lease);
-        (record, written)
+        finished
     }
 
     /// Write `record`; whether it is in the ledger (or there is none).
-    fn write(&self, record: &UsageRecord) -> bool {
+    fn write(&self, record: &UsageRecord<'_>) -> bool {
         let mut written = true;
         if let Some(ledger) = &self.ledger
             && let Err(err) = ledger.append(record)
@@ -176,7 +188,9 @@ impl Dispatcher {
         let request_id = meta.id.clone();
         let mut response = self.dispatch_inner(pool, request, meta).instrument(span).await;
         if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            // A name from a static string is not copied (`insert` with a
+            // `&str` copies a name it does not know into a new buffer).
+            response.headers_mut().insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
         }
         response
     }
@@ -246,7 +260,7 @@ impl Dispatcher {
                     status: 0,
                     healthy: result.is_ok(),
                 };
-                let (_, written) = recorder.finish(lease, end);
+                let written = recorder.finish(lease, end).written;
                 // Handled but not recorded: deliver it again later, so that
                 // what was done is always on the bill.
                 let verdict = match verdict {
@@ -278,7 +292,7 @@ impl Dispatcher {
         let function = pool.function().name();
         // The guest sees Shoal's span as its caller.
         let mut request = request;
-        request.headers_mut().insert(TRACEPARENT_HEADER, meta.trace.header_value());
+        request.headers_mut().insert(HeaderName::from_static(TRACEPARENT_HEADER), meta.trace.header_value());
         let body_limit = pool.function().spec().limits.max_request_bytes;
         let too_large =
             || format!("function {function:?} takes request bodies of at most max_request_bytes = {body_limit}");
@@ -393,9 +407,10 @@ impl Dispatcher {
                     status,
                     healthy: result.is_ok(),
                 };
-                let (record, written) = recorder.finish(lease, end);
+                let finished = recorder.finish(lease, end);
+                let written = finished.written;
                 match &result {
-                    Ok(()) => tracing::debug!(wall_us = record.wall_us, cold = record.cold, "request served"),
+                    Ok(()) => tracing::debug!(wall_us = finished.wall_us, cold = finished.cold, "request served"),
                     Err(error) => tracing::warn!(error.type = %error.outcome, error = %error.message, "request failed"),
                 }
                 let _ = done_tx.send(written);
@@ -433,6 +448,7 @@ impl Dispatcher {
     /// Record a request that failed because no instance could start: it
     /// counts as a cold request that used nothing.
     fn record_start_failure(&self, pool: &FunctionPool, meta: &RequestMeta, error: &InstanceError, status: u16) {
+        let trace_id = meta.trace.trace_id();
         let function = pool.function();
         let record = UsageRecord::new(
             &meta.id,
@@ -447,7 +463,7 @@ impl Dispatcher {
             error.outcome,
             status,
         )
-        .in_trace(&meta.trace);
+        .in_trace(&trace_id);
         self.recorder.write(&record);
     }
 }

@@ -22,6 +22,7 @@
 //! times `billed_ms`. A function with no requests accrues nothing, whatever
 //! it has deployed: idle instances are not billed and scale to zero.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _};
@@ -59,25 +60,28 @@ pub struct CallStats {
     pub throttled: Duration,
 }
 
-/// What one request used: the unit of billing.
+/// What one request used: the unit of billing. Its text borrows what the
+/// host already holds when a record is made for the ledger (`'a`), so
+/// writing one allocates only its line; records read back own theirs
+/// (`UsageRecord<'static>`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageRecord {
+pub struct UsageRecord<'a> {
     /// The request's id (the `x-request-id` the client saw).
-    pub request_id: String,
+    pub request_id: Cow<'a, str>,
     /// The calling request, for nested calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent_id: Option<String>,
+    pub parent_id: Option<Cow<'a, str>>,
     /// The W3C trace it belongs to (32 hex digits): the client's
     /// `traceparent`'s, or one the host started; nested calls share it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
+    pub trace_id: Option<Cow<'a, str>>,
     /// The tenant the function belongs to (the pod's namespace).
-    #[serde(default = "default_tenant")]
-    pub tenant: String,
+    #[serde(default = "default_record_tenant")]
+    pub tenant: Cow<'a, str>,
     /// The function.
-    pub function: String,
+    pub function: Cow<'a, str>,
     /// The version that served it.
-    pub version: String,
+    pub version: Cow<'a, str>,
     /// When the request reached the function, in ms since the Unix epoch.
     pub start_unix_ms: u64,
     /// Wall time of the handler call, in µs.
@@ -117,30 +121,35 @@ fn default_tenant() -> String {
     crate::manifest::TenantName::DEFAULT.to_string()
 }
 
-impl UsageRecord {
+/// The same, for a record.
+fn default_record_tenant() -> Cow<'static, str> {
+    Cow::Owned(default_tenant())
+}
+
+impl<'a> UsageRecord<'a> {
     /// Build a record from the stats of a handler call.
     #[allow(clippy::too_many_arguments, reason = "a plain constructor of a flat record")]
     pub fn new(
-        request_id: &str,
-        parent_id: Option<&str>,
-        tenant: &str,
-        function: &str,
-        version: &str,
+        request_id: &'a str,
+        parent_id: Option<&'a str>,
+        tenant: &'a str,
+        function: &'a str,
+        version: &'a str,
         started: SystemTime,
         stats: &CallStats,
         cold: bool,
         init: Option<Duration>,
         outcome: Outcome,
         status: u16,
-    ) -> UsageRecord {
+    ) -> UsageRecord<'a> {
         let billed_ms = (stats.wall.as_micros() as u64).div_ceil(1000);
         UsageRecord {
-            request_id: request_id.to_string(),
-            parent_id: parent_id.map(str::to_string),
+            request_id: request_id.into(),
+            parent_id: parent_id.map(Cow::Borrowed),
             trace_id: None,
-            tenant: tenant.to_string(),
-            function: function.to_string(),
-            version: version.to_string(),
+            tenant: tenant.into(),
+            function: function.into(),
+            version: version.into(),
             start_unix_ms: started.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
             wall_us: stats.wall.as_micros() as u64,
             cpu_us: stats.cpu.as_micros() as u64,
@@ -156,9 +165,9 @@ impl UsageRecord {
         }
     }
 
-    /// The same record, part of `trace`.
-    pub fn in_trace(self, trace: &crate::request::TraceContext) -> UsageRecord {
-        UsageRecord { trace_id: Some(trace.trace_id().to_string()), ..self }
+    /// The same record, part of the trace `trace_id` names.
+    pub fn in_trace(self, trace_id: &'a str) -> UsageRecord<'a> {
+        UsageRecord { trace_id: Some(trace_id.into()), ..self }
     }
 }
 
@@ -247,7 +256,7 @@ impl Ledger {
     /// Append one record (one `write(2)`), to the partition of now. A
     /// failure (a full disk, say) is remembered until an append succeeds
     /// again: see [`Ledger::writable`].
-    pub fn append(&self, record: &UsageRecord) -> std::io::Result<()> {
+    pub fn append(&self, record: &UsageRecord<'_>) -> std::io::Result<()> {
         // Room for a whole record and its newline from the start: growing
         // the line as serde writes it reallocated it two or three times.
         let mut line = Vec::with_capacity(RECORD_LINE_BYTES);
@@ -359,7 +368,7 @@ impl Ledger {
     /// Every record of the ledger in `dir` whose request started at or
     /// after `since_unix_ms` (all, for `None`), oldest partition first;
     /// only the partitions that can hold them are read.
-    pub fn read_dir(dir: &Path, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageRecord>> {
+    pub fn read_dir(dir: &Path, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageRecord<'static>>> {
         let since_secs = since_unix_ms.map_or(0, |ms| ms / 1000);
         // What a host wrote before the ledger had partitions: its time span
         // is unknown without reading it, so it is always read.
@@ -380,13 +389,13 @@ impl Ledger {
     }
 
     /// Every record of this ledger (see [`Ledger::read_dir`]).
-    pub fn records(&self, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageRecord>> {
+    pub fn records(&self, since_unix_ms: Option<u64>) -> std::io::Result<Vec<UsageRecord<'static>>> {
         Ledger::read_dir(&self.dir, since_unix_ms)
     }
 
     /// Every readable record of one partition file, oldest first
     /// (skipping torn or foreign lines).
-    pub fn read(path: &Path) -> std::io::Result<Vec<UsageRecord>> {
+    pub fn read(path: &Path) -> std::io::Result<Vec<UsageRecord<'static>>> {
         let file = match File::open(path) {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -407,7 +416,9 @@ impl Ledger {
                 reader.skip_until(b'\n')?;
                 continue;
             }
-            if let Ok(record) = serde_json::from_slice::<UsageRecord>(line.strip_suffix(b"\n").unwrap_or(&line)) {
+            if let Ok(record) =
+                serde_json::from_slice::<UsageRecord<'static>>(line.strip_suffix(b"\n").unwrap_or(&line))
+            {
                 records.push(record);
             }
         }
@@ -430,12 +441,16 @@ impl Ledger {
                 continue;
             }
             let function = match query.by {
-                UsageGrouping::Function => record.function.clone(),
+                UsageGrouping::Function => record.function.to_string(),
                 UsageGrouping::Tenant => "*".to_string(),
             };
             totals
-                .entry((record.tenant.clone(), function.clone()))
-                .or_insert_with(|| UsageSummary { tenant: record.tenant.clone(), function, ..UsageSummary::default() })
+                .entry((record.tenant.to_string(), function.clone()))
+                .or_insert_with(|| UsageSummary {
+                    tenant: record.tenant.to_string(),
+                    function,
+                    ..UsageSummary::default()
+                })
                 .add(&record);
         }
         Ok(totals.into_values().collect())
@@ -550,7 +565,7 @@ pub struct UsageSummary {
 }
 
 impl UsageSummary {
-    fn add(&mut self, record: &UsageRecord) {
+    fn add(&mut self, record: &UsageRecord<'_>) {
         self.requests += 1;
         self.errors += u64::from(record.outcome != Outcome::Ok);
         self.cold_starts += u64::from(record.cold);
@@ -565,7 +580,7 @@ impl UsageSummary {
 mod tests {
     use super::*;
 
-    fn record(function: &str, start_unix_ms: u64, outcome: Outcome) -> UsageRecord {
+    fn record(function: &str, start_unix_ms: u64, outcome: Outcome) -> UsageRecord<'_> {
         let stats = CallStats {
             wall: Duration::from_micros(1500),
             cpu: Duration::from_micros(700),
@@ -662,7 +677,7 @@ mod tests {
         let ledger = Ledger::open_with_clock(dir.path(), LedgerPolicy::default(), clock).unwrap();
         ledger.append(&record("b", 2, Outcome::Trap)).unwrap();
         let records = ledger.records(None).unwrap();
-        assert_eq!(records.iter().map(|r| r.function.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(records.iter().map(|r| &*r.function).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[test]
@@ -691,7 +706,7 @@ mod tests {
             ledger.append(&record(&format!("f{hour}"), (t0 + hour * HOUR) * 1000, Outcome::Ok)).unwrap();
         }
         assert_eq!(partitions(dir.path()).unwrap().len(), 3, "one partition an hour");
-        let all: Vec<String> = ledger.records(None).unwrap().into_iter().map(|r| r.function).collect();
+        let all: Vec<String> = ledger.records(None).unwrap().into_iter().map(|r| r.function.into_owned()).collect();
         assert_eq!(all, ["f0", "f1", "f2"]);
         // The first hour's partition cannot even be opened any more: a
         // read since the second hour must not touch it.
@@ -699,7 +714,7 @@ mod tests {
         std::fs::remove_file(&first).unwrap();
         std::fs::create_dir(&first).unwrap();
         let since: Vec<String> =
-            ledger.records(Some((t0 + HOUR) * 1000)).unwrap().into_iter().map(|r| r.function).collect();
+            ledger.records(Some((t0 + HOUR) * 1000)).unwrap().into_iter().map(|r| r.function.into_owned()).collect();
         assert_eq!(since, ["f1", "f2"]);
         assert!(ledger.records(None).is_err(), "reading everything does open the first partition");
     }
@@ -730,12 +745,14 @@ mod tests {
             .unwrap();
         let ledger = Ledger::open(&state.path().join("usage"), LedgerPolicy::default()).unwrap();
         ledger.append(&record("new", 2, Outcome::Ok)).unwrap();
-        let all: Vec<String> = ledger.records(None).unwrap().into_iter().map(|r| r.function).collect();
+        let all: Vec<String> = ledger.records(None).unwrap().into_iter().map(|r| r.function.into_owned()).collect();
         assert_eq!(all, ["old", "new"]);
         // A summary since a moment finds the old file's records from then on too.
-        let since: Vec<String> = ledger.records(Some(1)).unwrap().into_iter().map(|r| r.function).collect();
+        let since: Vec<String> =
+            ledger.records(Some(1)).unwrap().into_iter().map(|r| r.function.into_owned()).collect();
         assert_eq!(since, ["old", "new"]);
-        let later: Vec<String> = ledger.records(Some(2)).unwrap().into_iter().map(|r| r.function).collect();
+        let later: Vec<String> =
+            ledger.records(Some(2)).unwrap().into_iter().map(|r| r.function.into_owned()).collect();
         assert_eq!(later, ["new"]);
     }
 }

@@ -259,12 +259,12 @@ impl Metrics {
     }
 
     /// Count one request from its usage record.
-    pub fn observe(&self, record: &UsageRecord) {
+    pub fn observe(&self, record: &UsageRecord<'_>) {
         let series = self.series_of(&record.tenant, &record.function);
-        let function = [record.function.as_str()];
+        let function = [&*record.function];
         series.requests.inc();
         if record.outcome != Outcome::Ok {
-            self.errors.with_label_values(&[record.function.as_str(), record.outcome.as_str()]).inc();
+            self.errors.with_label_values(&[&*record.function, record.outcome.as_str()]).inc();
         }
         series.duration.observe(record.wall_us as f64 / 1e6);
         if record.cold {
@@ -525,7 +525,7 @@ mod tests {
         assert!(text.contains("shoal_messages_delivered_total{function=\"kept\""), "{text}");
     }
 
-    fn served(function: &str, cold: bool) -> UsageRecord {
+    fn served(function: &str, cold: bool) -> UsageRecord<'_> {
         let stats = crate::metering::CallStats {
             wall: std::time::Duration::from_millis(3),
             cpu: std::time::Duration::from_millis(2),

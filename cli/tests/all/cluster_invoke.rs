@@ -81,7 +81,7 @@ impl Node {
     }
 
     /// The usage records in the node host's ledger, read from its files.
-    fn records(&self) -> Vec<shoal::metering::UsageRecord> {
+    fn records(&self) -> Vec<shoal::metering::UsageRecord<'static>> {
         shoal::metering::Ledger::read_dir(&self.host_dir().join("usage"), None).unwrap()
     }
 
@@ -152,7 +152,7 @@ async fn a_function_invokes_its_namespaces_function_on_another_node_and_a_dead_e
     let call = a_records.iter().find(|r| r.tenant == "team-a" && r.function.starts_with("web-")).unwrap();
     let b_records = node_b.records();
     let served = b_records.iter().find(|r| r.tenant == "team-a" && r.function.starts_with("api-")).unwrap();
-    assert_eq!(served.parent_id.as_deref(), Some(call.request_id.as_str()));
+    assert_eq!(served.parent_id.as_deref(), Some(&*call.request_id));
     assert_eq!(served.request_id, format!("{}/1", call.request_id));
     assert!(served.trace_id.is_some() && served.trace_id == call.trace_id, "{served:?} / {call:?}");
 

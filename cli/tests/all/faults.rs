@@ -243,7 +243,7 @@ async fn kill_9_under_load_during_deploys_loses_nothing_acknowledged_and_leaves_
     assert!((acked..=acked + 2).contains(&counter), "{acked} acknowledged increments, counter {counter}");
     let ledger = shoal::metering::Ledger::open(&state.path().join("usage"), Default::default()).unwrap();
     let recorded: std::collections::HashSet<String> =
-        ledger.records(None).unwrap().into_iter().map(|record| record.request_id).collect();
+        ledger.records(None).unwrap().into_iter().map(|record| record.request_id.into_owned()).collect();
     let missing: Vec<&String> = completed.iter().filter(|id| !recorded.contains(*id)).collect();
     assert!(
         missing.is_empty(),

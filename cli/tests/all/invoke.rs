@@ -26,7 +26,7 @@ async fn an_invoked_function_answers_and_is_metered_as_a_child_request() {
     assert_eq!(child.parent_id.as_deref(), Some("top-1"));
     assert_eq!(child.request_id, "top-1/1");
     let parent = records.iter().find(|r| r.function == "invoker").unwrap();
-    assert_eq!((parent.request_id.as_str(), parent.parent_id.as_deref()), ("top-1", None));
+    assert_eq!((&*parent.request_id, parent.parent_id.as_deref()), ("top-1", None));
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ async fn completed_requests_are_in_the_ledger_after_kill_9_of_the_host() {
     host.kill9();
 
     let records = Ledger::read_dir(&state.path().join("usage"), None).unwrap();
-    let recorded: Vec<&str> = records.iter().map(|r| r.request_id.as_str()).collect();
+    let recorded: Vec<&str> = records.iter().map(|r| &*r.request_id).collect();
     for id in &ids {
         assert!(recorded.contains(&id.as_str()), "request {id} missing from the ledger after kill -9");
     }
@@ -61,7 +61,7 @@ async fn records_survive_kill_9_across_ledger_rotations_each_exactly_once() {
     let records = Ledger::read_dir(&dir, None).unwrap();
     let mut seen = std::collections::HashMap::new();
     for record in &records {
-        *seen.entry(record.request_id.as_str()).or_insert(0) += 1;
+        *seen.entry(&*record.request_id).or_insert(0) += 1;
     }
     for id in &ids {
         assert_eq!(seen.get(id.as_str()), Some(&1), "request {id}: records {:?}", seen.get(id.as_str()));

@@ -22,7 +22,7 @@ async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     let (a, b, c) = (&records[0], &records[1], &records[2]);
     assert_eq!(a.request_id, first.header("x-request-id").unwrap());
     assert_eq!(b.request_id, second.header("x-request-id").unwrap());
-    assert_eq!((a.function.as_str(), a.cold, a.outcome, a.status), ("fib", true, Outcome::Ok, 200));
+    assert_eq!((&*a.function, a.cold, a.outcome, a.status), ("fib", true, Outcome::Ok, 200));
     assert!(a.init_us.is_some());
     assert_eq!((b.cold, b.init_us), (false, None), "the second request reused the instance");
     assert!(a.fuel.unwrap() > 10 * b.fuel.unwrap(), "fib(27) burns far more fuel than fib(5)");
@@ -30,7 +30,7 @@ async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     assert!(a.peak_memory_bytes >= 64 * 1024, "at least one wasm page");
     assert_eq!(a.billed_ms, a.wall_us.div_ceil(1000));
     assert_eq!(a.memory_byte_ms, a.peak_memory_bytes * a.billed_ms);
-    assert_eq!((c.function.as_str(), c.outcome, c.status), ("endless", Outcome::Timeout, 504));
+    assert_eq!((&*c.function, c.outcome, c.status), ("endless", Outcome::Timeout, 504));
     assert!(c.billed_ms >= 100);
 
     let totals = host.running.host().ledger().unwrap().summarize(Some("fib"), None).unwrap();

@@ -15,8 +15,7 @@ async fn a_restarted_host_serves_the_same_functions_from_its_state_dir() {
     let restarted = TestHost::start_with(Some(state.clone())).await;
     assert_eq!(restarted.get("/hello?name=again").await.body, "hello, again\n");
     let functions = restarted.running.host().registry().list().await;
-    let names: Vec<(&str, &str)> =
-        functions.iter().map(|f| (f.name.as_str(), f.versions[0].version.as_str())).collect();
+    let names: Vec<(&str, &str)> = functions.iter().map(|f| (f.name.as_str(), &*f.versions[0].version)).collect();
     assert!(names.contains(&("lifecycle", "v7")), "{names:?}");
     drop(state_guard);
 }

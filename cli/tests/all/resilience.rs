@@ -36,7 +36,7 @@ async fn a_timing_out_callee_opens_its_breaker_callers_fail_fast_and_it_closes_o
     let first = crate::support::Reply::read(first.send().await.unwrap()).await;
     assert_eq!(first.status, 504, "the callee's timeout, relayed: {}", first.body);
     let records = host.running.host().ledger().unwrap().records(None).unwrap();
-    let attempts: Vec<&str> = records.iter().filter(|r| r.function == "api").map(|r| r.request_id.as_str()).collect();
+    let attempts: Vec<&str> = records.iter().filter(|r| r.function == "api").map(|r| &*r.request_id).collect();
     assert_eq!(attempts, ["top-1/1", "top-1/2", "top-1/3"], "one call and two retries");
 
     // Failures in a row open the breaker (4, as the caller set).
@@ -87,7 +87,7 @@ async fn a_timing_out_callee_opens_its_breaker_callers_fail_fast_and_it_closes_o
 
     let views = host.running.host().services().breakers.views();
     let view = views.iter().find(|view| view.target == "api@local").expect("the breaker is listed");
-    assert_eq!((view.function.as_str(), view.state), ("invoker", shoal::resilience::BreakerState::Closed));
+    assert_eq!((&*view.function, view.state), ("invoker", shoal::resilience::BreakerState::Closed));
     assert!(view.retries >= 2, "{view:?}");
 }
 
@@ -222,7 +222,7 @@ async fn without_kubernetes_a_function_invokes_a_function_of_a_peer_host_which_s
     assert_eq!((reply.status, reply.body.as_str()), (200, "hello, world\n"));
     let records = b.running.host().ledger().unwrap().records(None).unwrap();
     let served = records.iter().find(|r| r.function == "api").expect("B's usage record of the call");
-    assert_eq!((served.request_id.as_str(), served.parent_id.as_deref()), ("top-9/1", Some("top-9")));
+    assert_eq!((&*served.request_id, served.parent_id.as_deref()), ("top-9/1", Some("top-9")));
 
     // A cycle that crosses hosts still ends at the depth limit: B serves
     // depths 1 to 8.

@@ -335,7 +335,7 @@ async fn a_shared_instance_drains_its_requests_when_a_new_version_replaces_it_an
     }
     let records = host.running.host().ledger().unwrap().records(None).unwrap();
     let versions: Vec<&str> =
-        records.iter().filter(|record| record.function == "swap").map(|record| record.version.as_str()).collect();
+        records.iter().filter(|record| record.function == "swap").map(|record| &*record.version).collect();
     assert_eq!(versions.len(), 3, "{versions:?}");
     assert!(versions.iter().all(|version| *version != "2"), "the requests in flight moved: {versions:?}");
 
