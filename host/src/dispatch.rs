@@ -380,6 +380,7 @@ impl Dispatcher {
         // that `memmove`); behind a box only the pointer moves.
         let task = self.runtime_for(&pool).spawn(Box::pin(
             async move {
+                let exchange = ReleaseHeadOnDrop(exchange);
                 let mut lease = lease;
                 let (stats, result) = lease.handle(request, &meta, respond).await;
                 // Handler returned without calling `response-outparam.set`:
@@ -510,6 +511,26 @@ struct Exchange {
     /// Set when the guest answered after the body was cut off: the client
     /// got 413 instead.
     refused_too_large: AtomicBool,
+}
+
+/// The call task's hold on its [`Exchange`]: however the task ends (a
+/// panic too), the response's sender goes with it, so the client is not
+/// left waiting by what still shares the exchange (the request body and
+/// the response callback, which the guest's store may keep).
+struct ReleaseHeadOnDrop(Arc<Exchange>);
+
+impl std::ops::Deref for ReleaseHeadOnDrop {
+    type Target = Exchange;
+
+    fn deref(&self) -> &Exchange {
+        &self.0
+    }
+}
+
+impl Drop for ReleaseHeadOnDrop {
+    fn drop(&mut self) {
+        lock(&self.0.head).take();
+    }
 }
 
 pin_project_lite::pin_project! {
