@@ -77,9 +77,8 @@ impl WasiHttpHooks for OutboundHttp {
         let mut request = request;
         if !request.headers().contains_key(TRACEPARENT_HEADER)
             && let Some(trace) = self.log.trace()
-            && let Ok(value) = http::HeaderValue::from_str(&trace.child().header())
         {
-            request.headers_mut().insert(TRACEPARENT_HEADER, value);
+            request.headers_mut().insert(TRACEPARENT_HEADER, trace.child().header_value());
         }
         let Some((authority, host, port)) = target else {
             return Box::new(std::future::ready(Err(self.deny("outbound HTTP to <no authority>"))));
