@@ -886,6 +886,12 @@ impl WasmEngine {
         self.inner.clock.turns.clone()
     }
 
+    /// Whether a CPU-bound guest call has a turn on a worker thread now
+    /// (computes, or waits between two slices).
+    pub fn turn_taken(&self) -> bool {
+        self.inner.clock.turns.taken()
+    }
+
     /// Keep the epoch clock running until the hold is dropped. Every guest
     /// call and instantiation runs under one: epochs only interrupt running
     /// wasm, so with no hold alive the clock thread sleeps.

@@ -2,9 +2,10 @@
 //!
 //! Every request that reached a function produces one [`UsageRecord`]. The
 //! [`Ledger`] appends it as one JSON line with a single `write(2)` on a file
-//! opened `O_APPEND`, *before* the response's end reaches the client: once a
-//! client has seen a request complete, its record is in the kernel and
-//! survives `kill -9` of the host. A background task `fsync`s the ledger
+//! opened `O_APPEND` (the lines of calls that ended together share it),
+//! *before* the response's end reaches the client: once a client has seen
+//! a request complete, its record is in the kernel and survives `kill -9`
+//! of the host. A background task `fsync`s the ledger
 //! every [`SYNC_INTERVAL`] (and on shutdown) for power loss; an `fsync` per
 //! request would cost more than the requests themselves.
 //!
@@ -40,7 +41,7 @@ const MAX_RECORD_BYTES: u64 = 64 << 10;
 
 /// What a ledger line is given to start with: a typical record is 350–450
 /// bytes of JSON (a longer one grows its line).
-const RECORD_LINE_BYTES: usize = 512;
+pub(crate) const RECORD_LINE_BYTES: usize = 512;
 
 /// How often the ledger is flushed to disk.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
@@ -260,9 +261,29 @@ impl Ledger {
         // Room for a whole record and its newline from the start: growing
         // the line as serde writes it reallocated it two or three times.
         let mut line = Vec::with_capacity(RECORD_LINE_BYTES);
-        serde_json::to_writer(&mut line, record).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        let result = self.append_line(line);
+        Ledger::encode(record, &mut line)?;
+        self.append_lines(line)
+    }
+
+    /// Add `record`'s ledger line (its JSON and a newline) to the end of
+    /// `lines`; on an error `lines` is left as it was.
+    pub fn encode(record: &UsageRecord<'_>, lines: &mut Vec<u8>) -> std::io::Result<()> {
+        let before = lines.len();
+        if let Err(err) = serde_json::to_writer(&mut *lines, record) {
+            lines.truncate(before);
+            return Err(std::io::Error::other(err));
+        }
+        lines.push(b'\n');
+        Ok(())
+    }
+
+    /// Append whole lines made by [`Ledger::encode`] (one record or
+    /// several) with one `write(2)`, to the partition of now. A failure is
+    /// remembered as [`Ledger::append`]'s is. A write that fails part-way
+    /// may leave the lines before the failure whole (they are read back
+    /// and billed) and part of one (skipped).
+    pub fn append_lines(&self, lines: Vec<u8>) -> std::io::Result<()> {
+        let result = self.append_line(lines);
         let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
             Ok(()) => {

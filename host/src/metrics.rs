@@ -27,6 +27,7 @@ pub struct Metrics {
     cpu_seconds: CounterVec,
     memory_byte_seconds: CounterVec,
     ledger_errors: IntCounter,
+    ledger_writes: IntCounter,
     instances_reclaimed: IntCounter,
     abi_denied: IntCounterVec,
     abi_limited: IntCounterVec,
@@ -108,6 +109,11 @@ impl Metrics {
         let ledger_errors =
             IntCounter::new("shoal_ledger_write_errors_total", "Usage records that could not be written")
                 .expect("invariant: static metric definition");
+        let ledger_writes = IntCounter::new(
+            "shoal_ledger_writes_total",
+            "Writes of usage records to the ledger (the records of calls that end together share one)",
+        )
+        .expect("invariant: static metric definition");
         let instances_reclaimed = IntCounter::new(
             "shoal_instances_reclaimed_total",
             "Idle instances destroyed early because every instance slot of the engine was taken",
@@ -188,6 +194,7 @@ impl Metrics {
             Box::new(cpu_seconds.clone()),
             Box::new(memory_byte_seconds.clone()),
             Box::new(ledger_errors.clone()),
+            Box::new(ledger_writes.clone()),
             Box::new(instances_reclaimed.clone()),
             Box::new(abi_denied.clone()),
             Box::new(abi_limited.clone()),
@@ -210,6 +217,7 @@ impl Metrics {
             cpu_seconds,
             memory_byte_seconds,
             ledger_errors,
+            ledger_writes,
             instances_reclaimed,
             abi_denied,
             abi_limited,
@@ -372,6 +380,11 @@ impl Metrics {
     /// Count a usage record that could not be written.
     pub fn ledger_error(&self) {
         self.ledger_errors.inc();
+    }
+
+    /// Count a write to the ledger (of one record or several).
+    pub fn ledger_written(&self) {
+        self.ledger_writes.inc();
     }
 
     /// Report `breakers` (their state, retries and short-circuited calls)

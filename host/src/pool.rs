@@ -194,6 +194,11 @@ impl Lease {
         &self.pool.function
     }
 
+    /// Whether the instance is shared with other requests (WASI 0.3).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.held, Held::Shared(_))
+    }
+
     /// Whether the instance may serve again when the lease is dropped
     /// (a lease starts out unhealthy: only a call that ended cleanly says so).
     pub fn set_healthy(&mut self, healthy: bool) {

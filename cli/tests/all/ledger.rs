@@ -75,3 +75,55 @@ async fn records_survive_kill_9_across_ledger_rotations_each_exactly_once() {
         ids.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_concurrent_requests_are_written_together_and_each_survives_kill_9() {
+    // 32 clients at once: the records of calls that end together share a
+    // write, and still every response a client read whole has its record,
+    // once, after kill -9.
+    let state = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(state.path(), &manifest_entry("hello", "hello", "/hello"));
+    let mut host = HostProcess::spawn(state.path(), Some(&manifest));
+    let client = reqwest::Client::new();
+    let clients = (0..32).map(|_| {
+        let (client, url) = (client.clone(), host.url("/hello"));
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..60 {
+                let response = client.get(&url).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                let id = response.headers()["x-request-id"].to_str().unwrap().to_string();
+                assert_eq!(response.text().await.unwrap(), "hello, world\n");
+                ids.push(id);
+            }
+            ids
+        })
+    });
+    let mut ids = Vec::new();
+    for client in clients.collect::<Vec<_>>() {
+        ids.extend(client.await.unwrap());
+    }
+    let metrics = client.get(host.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    host.kill9();
+
+    let records = Ledger::read_dir(&state.path().join("usage"), None).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for record in &records {
+        *seen.entry(&*record.request_id).or_insert(0) += 1;
+    }
+    for id in &ids {
+        assert_eq!(seen.get(id.as_str()), Some(&1), "request {id}: records {:?}", seen.get(id.as_str()));
+    }
+    assert_eq!(records.len(), ids.len(), "no record of a request nobody made");
+    let writes: usize = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("shoal_ledger_writes_total "))
+        .unwrap_or_else(|| panic!("no shoal_ledger_writes_total in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(
+        writes > 0 && writes < ids.len(),
+        "{} records in {writes} writes: records of calls ending together share one",
+        ids.len()
+    );
+}
