@@ -72,19 +72,20 @@ struct Recorder {
 struct Batch {
     /// Their ledger lines, in the order the calls ended.
     lines: Vec<u8>,
-    /// Each call's response end, told whether its record was written.
-    ends: Vec<oneshot::Sender<bool>>,
+    /// Where each call's line ends in `lines`, and its response's end,
+    /// told whether the line was written.
+    ends: Vec<(usize, oneshot::Sender<bool>)>,
 }
 
 /// What [`Recorder::join`] made of a call's end.
-struct Joined {
+struct Joined<'a> {
     /// The call's wall time, as recorded.
     wall_us: u64,
     /// Whether it needed a new instance.
     cold: bool,
-    /// Whether this call began the batch, and so must flush it
-    /// ([`FlushOnDrop`]).
-    first: bool,
+    /// For the call that began the batch: the duty to write it, once the
+    /// tasks queued behind it have run.
+    flush: Option<FlushOnDrop<'a>>,
 }
 
 /// What [`Recorder::finish`] made of a call's end.
@@ -132,29 +133,34 @@ impl Recorder {
     /// and its instance goes back to its pool, at once. Without a ledger
     /// there is nothing to wait for: the call finishes as
     /// [`Recorder::finish`] does.
-    fn join(&self, mut lease: Lease, end: CallEnd<'_>, done: oneshot::Sender<bool>) -> Joined {
+    fn join(&self, mut lease: Lease, end: CallEnd<'_>, done: oneshot::Sender<bool>) -> Joined<'_> {
         let Some(ledger_dir) = self.ledger.as_ref().map(|ledger| ledger.dir()) else {
             let finished = self.finish(lease, end);
             let _ = done.send(finished.written);
-            return Joined { wall_us: finished.wall_us, cold: finished.cold, first: false };
+            return Joined { wall_us: finished.wall_us, cold: finished.cold, flush: None };
         };
         let trace_id = end.trace.trace_id();
         let record = usage_record(&lease, &end, &trace_id);
+        // Taken on before anything else can fail (a panic included), and
+        // declared before the lock so that unwinding releases the lock
+        // first: a batch opened is always written.
+        let mut flush = None;
         let mut batch = lock(&self.batch);
-        let first = batch.is_none();
+        if batch.is_none() {
+            flush = Some(FlushOnDrop(self));
+        }
         let open =
             batch.get_or_insert_with(|| Batch { lines: Vec::with_capacity(4 * RECORD_LINE_BYTES), ends: Vec::new() });
-        let encoded = Ledger::encode(&record, &mut open.lines);
-        let unrecorded = match encoded {
+        let unrecorded = match Ledger::encode(&record, &mut open.lines) {
             Ok(()) => {
-                open.ends.push(done);
+                open.ends.push((open.lines.len(), done));
                 None
             }
             Err(err) => Some((done, err)),
         };
         drop(batch);
         self.metrics.observe(&record);
-        let joined = Joined { wall_us: record.wall_us, cold: record.cold, first };
+        let joined = Joined { wall_us: record.wall_us, cold: record.cold, flush };
         drop(record);
         lease.set_healthy(end.healthy);
         drop(lease);
@@ -167,27 +173,33 @@ impl Recorder {
     }
 
     /// Write the open [`Batch`] (if any) with one `write(2)`, then tell its
-    /// responses whether their records are written.
+    /// responses whether their records are written: after a write that
+    /// failed part-way, the calls whose lines landed whole are on the bill
+    /// and complete; the others' responses are cut off.
     fn flush(&self) {
-        let Some(batch) = lock(&self.batch).take() else { return };
         let Some(ledger) = &self.ledger else { return };
-        let written = match ledger.append_lines(batch.lines) {
+        let Some(batch) = lock(&self.batch).take() else { return };
+        if batch.ends.is_empty() {
+            return;
+        }
+        let landed = match ledger.append_lines(batch.lines) {
             Ok(()) => {
                 self.metrics.ledger_written();
-                true
+                usize::MAX
             }
-            Err(err) => {
-                for _ in &batch.ends {
-                    self.metrics.ledger_error();
-                }
+            Err(partial) => {
                 tracing::error!(
-                    error = %err, dir = %ledger.dir().display(), records = batch.ends.len(),
+                    error = %partial.error, dir = %ledger.dir().display(), records = batch.ends.len(),
                     "cannot write usage records"
                 );
-                false
+                partial.landed
             }
         };
-        for done in batch.ends {
+        for (line_end, done) in batch.ends {
+            let written = line_end <= landed;
+            if !written {
+                self.metrics.ledger_error();
+            }
             let _ = done.send(written);
         }
     }
@@ -270,6 +282,12 @@ impl Dispatcher {
     pub fn new(ledger: Option<Arc<Ledger>>, metrics: Arc<Metrics>, limited_priority: LimitedPriority) -> Dispatcher {
         let recorder = Recorder { ledger, metrics: metrics.clone(), batch: Arc::default() };
         Dispatcher { recorder, metrics, limited_priority }
+    }
+
+    /// Write the records of calls that ended and are waiting for their
+    /// group's write (a host stopping calls this before its last `fsync`).
+    pub fn flush_records(&self) {
+        self.recorder.flush();
     }
 
     /// Where the calls of `pool`'s function run.
@@ -518,8 +536,10 @@ impl Dispatcher {
         // Records of calls in instances of their own (WASI 0.2) are written
         // in groups on the host's own threads, and not while a CPU-bound
         // call has a turn (the group's first call would wait behind its
-        // slice). Calls with a CPU share run at idle priority elsewhere, and
-        // calls sharing an instance (WASI 0.3) write their own too: grouped,
+        // slice). Calls on the idle-priority threads (those of functions
+        // with a CPU share, and what such a function invokes) write their
+        // own: a group opened there would wait for an idle CPU. Calls
+        // sharing an instance (WASI 0.3) write their own too: grouped,
         // they took ≈5% more CPU per request and made no fewer writes
         // (`strace -c`: 1.2 a request either way).
         let grouped = pool.function().cpu_quota().is_none();
@@ -559,11 +579,13 @@ impl Dispatcher {
                     status,
                     healthy: result.is_ok(),
                 };
-                let grouped = grouped && !lease.is_shared() && !lease.function().engine.turn_taken();
+                let grouped = grouped
+                    && !lease.is_shared()
+                    && !crate::limits::on_idle_priority_thread()
+                    && !lease.function().engine.turn_taken();
                 let (wall_us, cold) = if grouped {
                     let joined = recorder.join(lease, end, done_tx);
-                    if joined.first {
-                        let flush = FlushOnDrop(&recorder);
+                    if let Some(flush) = joined.flush {
                         behind_the_queue().await;
                         drop(flush);
                     }
@@ -800,11 +822,13 @@ where
         if self.finished && self.held.iter().all(Result::is_ok) && ended.load(Ordering::Acquire) {
             // The body is complete and the call over: only its record is
             // to come, from the call's task once the tasks queued behind
-            // it ran. No timer for that either. (A guest still running
+            // it ran. No timer for that either (a slow write, such as the
+            // `fsync` of a partition left behind, holds the head with the
+            // end it would hold anyway). (A guest still running
             // after its body ended gets the timer: its head and body go
             // at once, the end when its record is written.)
             let written = (&mut self.done).await;
-            self.written = Some(written.unwrap_or(true));
+            self.written = Some(written.unwrap_or(false));
             return;
         }
         let step = std::future::poll_fn(|cx| self.settle_step(cx, &mut held_bytes, most));
@@ -834,7 +858,7 @@ where
         }
         match Pin::new(&mut self.done).poll(cx) {
             Poll::Ready(written) => {
-                self.written = Some(written.unwrap_or(true));
+                self.written = Some(written.unwrap_or(false));
                 Poll::Ready(())
             }
             Poll::Pending => Poll::Pending,
@@ -862,16 +886,17 @@ where
                 Poll::Pending => return Poll::Pending,
             }
         }
-        // The guest's body is complete; end it once the record is written
-        // (or the task is gone, which also resolves the channel). A record
-        // that could not be written fails the body: the client never sees
-        // a complete response that is not on the bill.
+        // The guest's body is complete; end it once the record is written.
+        // A record that could not be written fails the body, and so does a
+        // call task gone without saying (a panic: every path that writes a
+        // record says whether it did): the client never sees a complete
+        // response that is not on the bill.
         if *this.ended {
             return Poll::Ready(None);
         }
         let written = match this.written.take() {
             Some(written) => written,
-            None => std::task::ready!(this.done.poll(cx)).unwrap_or(true),
+            None => std::task::ready!(this.done.poll(cx)).unwrap_or(false),
         };
         *this.ended = true;
         Poll::Ready((!written).then(|| Err(BoxError::from("the request's usage record could not be written"))))

@@ -36,6 +36,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::outcome::Outcome;
 
+/// A write of ledger lines that failed after `landed` of their bytes.
+#[derive(Debug)]
+pub struct PartialWrite {
+    /// How many of the lines' bytes are in the ledger.
+    pub landed: usize,
+    /// Why the rest is not.
+    pub error: std::io::Error,
+}
+
 /// The longest ledger line read back (a record is a few hundred bytes).
 const MAX_RECORD_BYTES: u64 = 64 << 10;
 
@@ -262,7 +271,7 @@ impl Ledger {
         // the line as serde writes it reallocated it two or three times.
         let mut line = Vec::with_capacity(RECORD_LINE_BYTES);
         Ledger::encode(record, &mut line)?;
-        self.append_lines(line)
+        self.append_lines(line).map_err(|partial| partial.error)
     }
 
     /// Add `record`'s ledger line (its JSON and a newline) to the end of
@@ -279,10 +288,11 @@ impl Ledger {
 
     /// Append whole lines made by [`Ledger::encode`] (one record or
     /// several) with one `write(2)`, to the partition of now. A failure is
-    /// remembered as [`Ledger::append`]'s is. A write that fails part-way
-    /// may leave the lines before the failure whole (they are read back
-    /// and billed) and part of one (skipped).
-    pub fn append_lines(&self, lines: Vec<u8>) -> std::io::Result<()> {
+    /// remembered as [`Ledger::append`]'s is, and says how many of the
+    /// bytes landed: a write that fails part-way leaves the lines before
+    /// that point whole in the ledger (they are read back and billed), and
+    /// part of one (skipped).
+    pub fn append_lines(&self, lines: Vec<u8>) -> Result<(), PartialWrite> {
         let result = self.append_line(lines);
         let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
@@ -290,22 +300,24 @@ impl Ledger {
                 *failing = None;
                 Ok(())
             }
-            Err(err) => {
+            Err((landed, err)) => {
                 // Kept for `writable`; the caller gets it too (same kind and text).
                 let err = Arc::new(err);
                 *failing = Some((std::time::Instant::now(), err.clone()));
-                Err(std::io::Error::new(err.kind(), err))
+                Err(PartialWrite { landed, error: std::io::Error::new(err.kind(), err) })
             }
         }
     }
 
-    fn append_line(&self, mut line: Vec<u8>) -> std::io::Result<()> {
+    /// Write `line` (one line or several) to the partition of now; on an
+    /// error, also how many of its bytes landed.
+    fn append_line(&self, mut line: Vec<u8>) -> Result<(), (usize, std::io::Error)> {
         let start = partition_start((self.clock)(), self.policy.partition);
         let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if start > current.start {
             // Leave the old partition durable, then move on.
-            current.file.sync_data()?;
-            let file = open_partition(&partition_path(&self.dir, start))?;
+            current.file.sync_data().map_err(|err| (0, err))?;
+            let file = open_partition(&partition_path(&self.dir, start)).map_err(|err| (0, err))?;
             *current = Partition { start, file, torn: false };
             drop(current);
             if let Err(err) = self.expire(start) {
@@ -313,10 +325,25 @@ impl Ledger {
             }
             current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        let fresh_line = usize::from(current.torn);
         if current.torn {
             line.insert(0, b'\n');
         }
-        match (&current.file).write_all(&line) {
+        // `write_all`, counting: the caller of a write that fails part-way
+        // learns which of its lines landed whole.
+        let mut written = 0;
+        let result = loop {
+            if written == line.len() {
+                break Ok(());
+            }
+            match (&current.file).write(&line[written..]) {
+                Ok(0) => break Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => written += n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => break Err(err),
+            }
+        };
+        match result {
             Ok(()) => {
                 current.torn = false;
                 if !self.dirty.swap(true, Ordering::AcqRel) {
@@ -326,7 +353,7 @@ impl Ledger {
             }
             Err(err) => {
                 current.torn = true;
-                Err(err)
+                Err((written.saturating_sub(fresh_line), err))
             }
         }
     }
@@ -346,7 +373,7 @@ impl Ledger {
                 *failing = None;
                 Ok(())
             }
-            Err(err) => {
+            Err((_, err)) => {
                 let err = Arc::new(err);
                 *failing = Some((std::time::Instant::now(), err.clone()));
                 Err(err)

@@ -211,6 +211,10 @@ impl RunningHost {
         let _ = tokio::time::timeout(drain_timeout, async { while self.tasks.join_next().await.is_some() {} }).await;
         self.tasks.abort_all();
         self.host.registry().drain_all(drain_timeout).await;
+        // An instance goes back before its record is written (with its
+        // group's, a moment later): the last group goes to the ledger
+        // before the ledger's last `fsync`.
+        self.host.dispatcher().flush_records();
         if let Some(ledger) = self.host.ledger()
             && let Err(err) = ledger.sync()
         {

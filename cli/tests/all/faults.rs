@@ -133,6 +133,57 @@ async fn a_full_state_disk_refuses_what_it_cannot_record_and_recovers_without_a_
     assert_eq!(ok, served, "{records:#?}");
 }
 
+#[test]
+fn a_group_of_records_cut_short_by_a_full_disk_keeps_the_whole_ones_before_the_cut() {
+    // The records of calls that end together go in one write; when the
+    // disk fills part-way through it, the write says how far it got, the
+    // whole records before that point are in the ledger (their calls are
+    // billed and their responses complete), and the torn one is skipped.
+    use shoal::metering::{CallStats, Ledger, UsageRecord};
+    use shoal::outcome::Outcome;
+    let record = |id: &str| -> Vec<u8> {
+        let stats = CallStats::default();
+        let record = UsageRecord::new(
+            id,
+            None,
+            "default",
+            "hello",
+            "v1",
+            std::time::SystemTime::now(),
+            &stats,
+            false,
+            None,
+            Outcome::Ok,
+            200,
+        );
+        let mut line = Vec::new();
+        Ledger::encode(&record, &mut line).unwrap();
+        line
+    };
+    let disk = SmallDisk::mount("1m");
+    let ledger = Ledger::open(&disk.path().join("usage"), Default::default()).unwrap();
+    // The partition's first page, most of it still free.
+    ledger.append_lines(record("alone")).unwrap();
+    let _filler = disk.fill();
+
+    let (mut lines, mut ends) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        lines.extend(record(&format!("grouped-{i}")));
+        ends.push(lines.len());
+    }
+    let total = lines.len();
+    let partial = ledger.append_lines(lines).expect_err("20 records do not fit in what is left of a page");
+    assert_eq!(partial.error.kind(), std::io::ErrorKind::StorageFull, "{}", partial.error);
+    let whole = ends.iter().filter(|end| **end <= partial.landed).count();
+    assert!(0 < partial.landed && partial.landed < total, "{} of {total} bytes landed", partial.landed);
+    assert!(whole > 0 && whole < 20, "{whole} whole records before the cut");
+
+    let read: Vec<String> = ledger.records(None).unwrap().iter().map(|r| r.request_id.to_string()).collect();
+    let expected: Vec<String> =
+        std::iter::once("alone".to_string()).chain((0..whole).map(|i| format!("grouped-{i}"))).collect();
+    assert_eq!(read, expected, "the whole records before the cut, and nothing of the torn one");
+}
+
 /// `kill -9` of a host under mixed load (key-value increments, plain
 /// requests) while deploys go on: afterwards the deployed set is one of
 /// the deployed manifests, whole; every acknowledged increment is in the
