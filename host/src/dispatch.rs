@@ -533,16 +533,6 @@ impl Dispatcher {
         };
         let (done_tx, done_rx) = oneshot::channel::<bool>();
         let recorder = self.recorder.clone();
-        // Records of calls in instances of their own (WASI 0.2) are written
-        // in groups on the host's own threads, and not while a CPU-bound
-        // call has a turn (the group's first call would wait behind its
-        // slice). Calls on the idle-priority threads (those of functions
-        // with a CPU share, and what such a function invokes) write their
-        // own: a group opened there would wait for an idle CPU. Calls
-        // sharing an instance (WASI 0.3) write their own too: grouped,
-        // they took ≈5% more CPU per request and made no fewer writes
-        // (`strace -c`: 1.2 a request either way).
-        let grouped = pool.function().cpu_quota().is_none();
         let started = SystemTime::now();
         // Boxed: the call's future is several kilobytes, and tokio moves a
         // task's stage by value as it finishes (≈1.5% of a W1 profile was
@@ -579,7 +569,17 @@ impl Dispatcher {
                     status,
                     healthy: result.is_ok(),
                 };
-                let grouped = grouped
+                // Records of calls in instances of their own (WASI 0.2) are
+                // written in groups on the host's own threads, and not while a
+                // CPU-bound call has a turn (the group's first call would wait
+                // behind its slice). Calls with a CPU share, and calls on the
+                // idle-priority threads (those functions' own, and what they
+                // invoke), write their own: a group opened there would wait
+                // for an idle CPU. Calls sharing an instance (WASI 0.3) write
+                // their own too: grouped, they took ≈5% more CPU per request
+                // and made no fewer writes (`strace -c`: 1.2 a request either
+                // way).
+                let grouped = lease.function().cpu_quota().is_none()
                     && !lease.is_shared()
                     && !crate::limits::on_idle_priority_thread()
                     && !lease.function().engine.turn_taken();
