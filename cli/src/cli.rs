@@ -708,13 +708,13 @@ fn init_tracing(format: LogFormat) {
     // per request at least; so it is used only when the directives need it.
     type Filter = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
     let default = || DEFAULT_LOG_FILTER.parse::<tracing_subscriber::filter::Targets>().unwrap_or_default();
-    let filter: Filter = match directives.parse::<tracing_subscriber::filter::Targets>() {
-        Ok(targets) => targets.boxed(),
+    let (filter, per_span): (Filter, bool) = match directives.parse::<tracing_subscriber::filter::Targets>() {
+        Ok(targets) => (targets.boxed(), false),
         Err(_) => match tracing_subscriber::EnvFilter::try_new(directives) {
-            Ok(env) => env.boxed(),
+            Ok(env) => (env.boxed(), true),
             Err(err) => {
                 eprintln!("shoal: RUST_LOG={directives:?} is not a log filter ({err}); using {DEFAULT_LOG_FILTER:?}");
-                default().boxed()
+                (default().boxed(), false)
             }
         },
     };
@@ -726,7 +726,12 @@ fn init_tracing(format: LogFormat) {
     });
     let json = (format == LogFormat::Json)
         .then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_ansi(ansi));
-    let _ = tracing_subscriber::registry().with(filter).with(text).with(plain).with(json).try_init();
+    let subscriber = tracing_subscriber::registry().with(filter).with(text).with(plain).with(json);
+    // Each request's span is made only if something logs inside it
+    // (`shoal::spans`), except under `EnvFilter`: its span directives
+    // decide what is on inside a span by seeing it entered, so there every
+    // span is made at once.
+    let _ = if per_span { subscriber.try_init() } else { shoal::spans::LazySpans::new(subscriber).try_init() };
 }
 
 /// The text log's fields, as `DefaultFields` writes them, but reaching

@@ -36,6 +36,53 @@ use crate::pool::{AcquireError, FunctionPool, Lease};
 use crate::request::{
     BoxError, REQUEST_ID_HEADER, RequestMeta, ShoalBody, TRACEPARENT_HEADER, TraceContext, text_response,
 };
+use crate::spans::{LazySpan, SpanFields};
+
+/// What a request's span says. It is made only when something logs inside
+/// the request ([`crate::spans`]): `request{tenant function request_id
+/// parent_id trace_id span_id}`, as `tracing::info_span!` would make it.
+struct RequestFields {
+    pool: Arc<FunctionPool>,
+    id: Arc<str>,
+    parent_id: Option<Arc<str>>,
+    trace: TraceContext,
+}
+
+impl SpanFields for RequestFields {
+    fn make(&self, parent: Option<tracing::Id>, dispatch: &tracing::Dispatch) -> tracing::Span {
+        use tracing_core::callsite::DefaultCallsite;
+        static CALLSITE: DefaultCallsite = DefaultCallsite::new(&METADATA);
+        static METADATA: tracing::Metadata<'static> = tracing_core::metadata! {
+            name: "request",
+            target: module_path!(),
+            level: tracing::Level::INFO,
+            fields: &["tenant", "function", "request_id", "parent_id", "trace_id", "span_id"],
+            callsite: &CALLSITE,
+            kind: tracing_core::metadata::Kind::SPAN,
+        };
+        if CALLSITE.interest().is_never() || !dispatch.enabled(&METADATA) {
+            return tracing::Span::none();
+        }
+        let function = self.pool.function();
+        let (tenant, name) = (&function.spec().tenant, function.name());
+        let (trace_id, span_id) = (self.trace.trace_id(), self.trace.span_id());
+        let parent_id = self.parent_id.as_deref().unwrap_or("-");
+        let fields = METADATA.fields();
+        let mut field = fields.iter();
+        let mut next = || field.next().expect("invariant: the request span has six fields");
+        // `FieldSet::value_set` is what tracing's own macros call to make a
+        // span's values (it is hidden from tracing-core's docs, not private).
+        let values: [(&tracing::field::Field, Option<&dyn tracing::Value>); 6] = [
+            (&next(), Some(&tracing::field::display(tenant))),
+            (&next(), Some(&tracing::field::display(name))),
+            (&next(), Some(&tracing::field::display(&self.id))),
+            (&next(), Some(&parent_id)),
+            (&next(), Some(&tracing::field::display(&trace_id))),
+            (&next(), Some(&tracing::field::display(&span_id))),
+        ];
+        tracing::Span::child_of_with(parent, &METADATA, &fields.value_set(&values), dispatch)
+    }
+}
 
 /// Runs requests and records their usage.
 pub struct Dispatcher {
@@ -334,17 +381,14 @@ impl Dispatcher {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let span = tracing::info_span!(
-            "request",
-            tenant = %pool.function().spec().tenant,
-            function = %pool.function().name(),
-            request_id = %meta.id,
-            parent_id = meta.parent_id.as_deref().unwrap_or("-"),
-            trace_id = %meta.trace.trace_id(),
-            span_id = %meta.trace.span_id()
-        );
+        let span = LazySpan::new(RequestFields {
+            pool: pool.clone(),
+            id: meta.id.clone(),
+            parent_id: meta.parent_id.clone(),
+            trace: meta.trace,
+        });
         let request_id = meta.id.clone();
-        let mut response = self.dispatch_inner(pool, request, meta).instrument(span).await;
+        let mut response = crate::spans::in_span(span, self.dispatch_inner(pool, request, meta)).await;
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             // A name from a static string is not copied (`insert` with a
             // `&str` copies a name it does not know into a new buffer).
@@ -538,74 +582,71 @@ impl Dispatcher {
         // task's stage by value as it finishes (≈1.5% of a W1 profile was
         // that `memmove`); behind a box only the pointer moves.
         let serving = exchange.clone();
-        let task = self.runtime_for(&pool).spawn(Box::pin(
-            async move {
-                let exchange = ReleaseHeadOnDrop(exchange);
-                let mut lease = lease;
-                let (stats, result) = lease.handle(request, &meta, respond).await;
-                exchange.ended.store(true, Ordering::Release);
-                // Handler returned without calling `response-outparam.set`:
-                // drop the sender so the waiting side sees it.
-                let unanswered = lock(&exchange.head).take().is_some();
-                let cut = exchange.refused_too_large.load(Ordering::Acquire)
-                    || (unanswered && exchange.cut_off.load(Ordering::Acquire));
-                let outcome = match &result {
-                    _ if cut => Outcome::RequestTooLarge,
-                    Ok(()) if unanswered => Outcome::NoResponse,
-                    Ok(()) => Outcome::Ok,
-                    Err(error) => error.outcome,
-                };
-                let status = match exchange.status.load(Ordering::Acquire) {
-                    0 => outcome.status().as_u16(),
-                    status => status,
-                };
-                let end = CallEnd {
-                    request_id: &meta.id,
-                    parent_id: meta.parent_id.as_deref(),
-                    trace: meta.trace,
-                    started,
-                    stats,
-                    outcome,
-                    status,
-                    healthy: result.is_ok(),
-                };
-                // Records of calls in instances of their own (WASI 0.2) are
-                // written in groups on the host's own threads, and not while a
-                // CPU-bound call has a turn (the group's first call would wait
-                // behind its slice). Calls with a CPU share, and calls on the
-                // idle-priority threads (those functions' own, and what they
-                // invoke), write their own: a group opened there would wait
-                // for an idle CPU. Calls sharing an instance (WASI 0.3) write
-                // their own too: grouped, they took ≈5% more CPU per request
-                // and made no fewer writes (`strace -c`: 1.2 a request either
-                // way).
-                let grouped = lease.function().cpu_quota().is_none()
-                    && !lease.is_shared()
-                    && !crate::limits::on_idle_priority_thread()
-                    && !lease.function().engine.turn_taken();
-                let (wall_us, cold) = if grouped {
-                    let joined = recorder.join(lease, end, done_tx);
-                    if let Some(flush) = joined.flush {
-                        behind_the_queue().await;
-                        drop(flush);
-                    }
-                    (joined.wall_us, joined.cold)
-                } else {
-                    let finished = recorder.finish(lease, end);
-                    let _ = done_tx.send(finished.written);
-                    (finished.wall_us, finished.cold)
-                };
-                match &result {
-                    Ok(()) => tracing::debug!(wall_us, cold, "request served"),
-                    Err(error) => tracing::warn!(error.type = %error.outcome, error = %error.message, "request failed"),
+        let task = self.runtime_for(&pool).spawn(Box::pin(crate::spans::in_pending_span(async move {
+            let exchange = ReleaseHeadOnDrop(exchange);
+            let mut lease = lease;
+            let (stats, result) = lease.handle(request, &meta, respond).await;
+            exchange.ended.store(true, Ordering::Release);
+            // Handler returned without calling `response-outparam.set`:
+            // drop the sender so the waiting side sees it.
+            let unanswered = lock(&exchange.head).take().is_some();
+            let cut = exchange.refused_too_large.load(Ordering::Acquire)
+                || (unanswered && exchange.cut_off.load(Ordering::Acquire));
+            let outcome = match &result {
+                _ if cut => Outcome::RequestTooLarge,
+                Ok(()) if unanswered => Outcome::NoResponse,
+                Ok(()) => Outcome::Ok,
+                Err(error) => error.outcome,
+            };
+            let status = match exchange.status.load(Ordering::Acquire) {
+                0 => outcome.status().as_u16(),
+                status => status,
+            };
+            let end = CallEnd {
+                request_id: &meta.id,
+                parent_id: meta.parent_id.as_deref(),
+                trace: meta.trace,
+                started,
+                stats,
+                outcome,
+                status,
+                healthy: result.is_ok(),
+            };
+            // Records of calls in instances of their own (WASI 0.2) are
+            // written in groups on the host's own threads, and not while a
+            // CPU-bound call has a turn (the group's first call would wait
+            // behind its slice). Calls with a CPU share, and calls on the
+            // idle-priority threads (those functions' own, and what they
+            // invoke), write their own: a group opened there would wait
+            // for an idle CPU. Calls sharing an instance (WASI 0.3) write
+            // their own too: grouped, they took ≈5% more CPU per request
+            // and made no fewer writes (`strace -c`: 1.2 a request either
+            // way).
+            let grouped = lease.function().cpu_quota().is_none()
+                && !lease.is_shared()
+                && !crate::limits::on_idle_priority_thread()
+                && !lease.function().engine.turn_taken();
+            let (wall_us, cold) = if grouped {
+                let joined = recorder.join(lease, end, done_tx);
+                if let Some(flush) = joined.flush {
+                    behind_the_queue().await;
+                    drop(flush);
                 }
-                match result {
-                    _ if cut => Err((outcome, format!("request body is over max_request_bytes = {body_limit}"))),
-                    result => result.map_err(|error| (outcome, error.message)),
-                }
+                (joined.wall_us, joined.cold)
+            } else {
+                let finished = recorder.finish(lease, end);
+                let _ = done_tx.send(finished.written);
+                (finished.wall_us, finished.cold)
+            };
+            match &result {
+                Ok(()) => tracing::debug!(wall_us, cold, "request served"),
+                Err(error) => tracing::warn!(error.type = %error.outcome, error = %error.message, "request failed"),
             }
-            .in_current_span(),
-        ));
+            match result {
+                _ if cut => Err((outcome, format!("request body is over max_request_bytes = {body_limit}"))),
+                result => result.map_err(|error| (outcome, error.message)),
+            }
+        })));
 
         match head_rx.await {
             Ok(Ok(response)) => {

@@ -66,6 +66,7 @@ pub mod request;
 pub mod resilience;
 pub mod server;
 pub mod signals;
+pub mod spans;
 pub mod trigger;
 
 pub use error::{Error, error_chain};

@@ -89,3 +89,58 @@ async fn outbound_http_carries_the_trace_to_the_server_called() {
     assert_eq!(fields[1], CLIENT_TRACE, "of the client's trace");
     assert_ne!(fields[2], CLIENT_SPAN, "from a span of the host's, not the client's");
 }
+
+#[tokio::test]
+async fn the_hosts_log_lines_sit_in_their_requests_span_and_a_nested_calls_in_its_callers() {
+    use crate::support::{HostProcess, manifest_entry, write_manifest};
+    // Without span directives the host makes a request's span only when
+    // something logs inside it; with one (`EnvFilter`) it makes each at
+    // once. The lines must read the same either way.
+    for rust_log in ["info", "info,[request{function=hello}]=debug"] {
+        let state = tempfile::tempdir().unwrap();
+        let grants = "[function.grants]\ninvoke = [\"panic\"]\n";
+        let body = format!(
+            "{}{grants}{}{}",
+            manifest_entry("invoker", "invoker", "/invoker"),
+            manifest_entry("panic", "panic", "/panic"),
+            manifest_entry("hello", "hello", "/hello")
+        );
+        let manifest = write_manifest(state.path(), &body);
+        let mut host = HostProcess::spawn_with_env(state.path(), Some(&manifest), &[("RUST_LOG", rust_log)]);
+        let client = reqwest::Client::new();
+        let call = client
+            .get(host.url("/invoker/call?fn=panic"))
+            .header("x-request-id", "traced-log")
+            .header("traceparent", client_traceparent());
+        call.send().await.unwrap();
+        let hello = client.get(host.url("/hello")).header("x-request-id", "hello-log").send().await.unwrap();
+        assert_eq!(hello.status(), 200);
+        assert!(host.terminate().success());
+        let log = host.log();
+
+        let caller = format!(
+            "request{{tenant=default function=invoker request_id=traced-log parent_id=\"-\" trace_id={CLIENT_TRACE} span_id="
+        );
+        let callee = format!(
+            "}}:request{{tenant=default function=panic request_id=traced-log/1 parent_id=\"traced-log\" \
+             trace_id={CLIENT_TRACE} span_id="
+        );
+        let in_callee = |line: &&str| line.contains(&caller) && line.contains(&callee);
+        let failed = log.lines().filter(in_callee).find(|line| line.contains("shoal::dispatch: request failed"));
+        assert!(failed.is_some_and(|line| line.contains(" WARN ")), "RUST_LOG={rust_log}: {log}");
+        let guest = log.lines().filter(in_callee).find(|line| line.contains("shoal::guest: panic requested by"));
+        assert!(guest.is_some(), "RUST_LOG={rust_log}: the guest's own line: {log}");
+
+        // The span directive turns on what is logged inside hello's span.
+        let served = log.lines().find(|line| line.contains("request served"));
+        if rust_log == "info" {
+            assert!(served.is_none(), "{log}");
+        } else {
+            let line = served.unwrap_or_else(|| panic!("RUST_LOG={rust_log}: no `request served`: {log}"));
+            assert!(
+                line.contains("request{tenant=default function=hello request_id=hello-log parent_id=\"-\""),
+                "{line}"
+            );
+        }
+    }
+}
