@@ -48,26 +48,35 @@ struct RequestFields {
     trace: TraceContext,
 }
 
+/// The request span's callsite, as `tracing::info_span!` would declare it.
+static REQUEST_SPAN: tracing_core::callsite::DefaultCallsite =
+    tracing_core::callsite::DefaultCallsite::new(&REQUEST_SPAN_METADATA);
+static REQUEST_SPAN_METADATA: tracing::Metadata<'static> = tracing_core::metadata! {
+    name: "request",
+    target: module_path!(),
+    level: tracing::Level::INFO,
+    fields: &["tenant", "function", "request_id", "parent_id", "trace_id", "span_id"],
+    callsite: &REQUEST_SPAN,
+    kind: tracing_core::metadata::Kind::SPAN,
+};
+
 impl SpanFields for RequestFields {
+    fn register(&self) {
+        REQUEST_SPAN.interest();
+    }
+
     fn make(&self, parent: Option<tracing::Id>, dispatch: &tracing::Dispatch) -> tracing::Span {
-        use tracing_core::callsite::DefaultCallsite;
-        static CALLSITE: DefaultCallsite = DefaultCallsite::new(&METADATA);
-        static METADATA: tracing::Metadata<'static> = tracing_core::metadata! {
-            name: "request",
-            target: module_path!(),
-            level: tracing::Level::INFO,
-            fields: &["tenant", "function", "request_id", "parent_id", "trace_id", "span_id"],
-            callsite: &CALLSITE,
-            kind: tracing_core::metadata::Kind::SPAN,
-        };
-        if CALLSITE.interest().is_never() || !dispatch.enabled(&METADATA) {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        const LEVEL: tracing::Level = tracing::Level::INFO;
+        let off = STATIC_MAX_LEVEL < LEVEL || LevelFilter::current() < LEVEL || REQUEST_SPAN.interest().is_never();
+        if off || !dispatch.enabled(&REQUEST_SPAN_METADATA) {
             return tracing::Span::none();
         }
         let function = self.pool.function();
         let (tenant, name) = (&function.spec().tenant, function.name());
         let (trace_id, span_id) = (self.trace.trace_id(), self.trace.span_id());
         let parent_id = self.parent_id.as_deref().unwrap_or("-");
-        let fields = METADATA.fields();
+        let fields = REQUEST_SPAN_METADATA.fields();
         let mut field = fields.iter();
         let mut next = || field.next().expect("invariant: the request span has six fields");
         // `FieldSet::value_set` is what tracing's own macros call to make a
@@ -80,7 +89,7 @@ impl SpanFields for RequestFields {
             (&next(), Some(&tracing::field::display(&trace_id))),
             (&next(), Some(&tracing::field::display(&span_id))),
         ];
-        tracing::Span::child_of_with(parent, &METADATA, &fields.value_set(&values), dispatch)
+        tracing::Span::child_of_with(parent, &REQUEST_SPAN_METADATA, &fields.value_set(&values), dispatch)
     }
 }
 

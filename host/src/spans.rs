@@ -27,10 +27,19 @@
 //! subscriber, or the `EnvFilter` the CLI uses for span directives, which
 //! must see each request's span entered to decide what inside it is on),
 //! a `LazySpan` makes its span at once.
+//!
+//! Limits: `LazySpans` must not wrap a subscriber with per-layer filters
+//! (`Layer::with_filter`). Making a span between an event's `enabled` and
+//! its `event` runs the filters for the span, and per-layer filters keep
+//! their verdict on the event in a thread-local that this overwrites. The
+//! CLI's filter is global. And a lazy span polled on a thread whose default
+//! subscriber is not the `LazySpans` it was created under is never made
+//! (only scoped subscribers, `tracing::subscriber::with_default`, do that).
 
 use std::any::TypeId;
 use std::cell::Cell;
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -42,6 +51,9 @@ use tracing::{Dispatch, Event, Metadata, Span, Subscriber};
 /// What a lazily made span says: made on demand through `dispatch`, as a
 /// child of `parent` (or a root without one).
 pub trait SpanFields: Send + Sync + 'static {
+    /// Register the span's callsite (`DefaultCallsite::interest`). Called
+    /// as the lazy span is created, outside any subscriber's callback.
+    fn register(&self);
     /// Make the span. It must not be contextual (its parent is given).
     fn make(&self, parent: Option<Id>, dispatch: &Dispatch) -> Span;
 }
@@ -87,12 +99,16 @@ impl<F: SpanFields> Pending for LazySpan<F> {
 
 impl<F: SpanFields> LazySpan<F> {
     /// A span saying `fields`, inside the thread's pending lazy span if
-    /// there is one, else inside the current span. Made at once unless the
-    /// current subscriber is a [`LazySpans`].
+    /// there is one and it was not entered (else inside the current span).
+    /// Made at once unless the current subscriber is a [`LazySpans`].
     pub fn new(fields: F) -> Arc<Self> {
+        // Here, outside any subscriber's callback: registering a callsite
+        // from inside one (when the span is made) could find no subscriber
+        // to ask, and cache "never" for good.
+        fields.register();
         let dispatch = tracing::dispatcher::get_default(Dispatch::clone);
         let lazy = dispatch.downcast_ref::<Marker>().is_some();
-        let parent = match PENDING.with(Slot::peek) {
+        let parent = match unentered_pending() {
             Some(pending) => Parent::Lazy(pending),
             None => Parent::Span(Span::current()),
         };
@@ -115,17 +131,23 @@ struct Slot {
     entered: Cell<bool>,
 }
 
-impl Slot {
-    fn peek(&self) -> Option<Arc<dyn Pending>> {
-        let span = self.span.take();
-        let copy = span.clone();
-        self.span.set(span);
-        copy
-    }
-}
-
 thread_local! {
     static PENDING: Slot = const { Slot { span: Cell::new(None), entered: Cell::new(false) } };
+}
+
+/// The thread's pending span if it was not entered yet. Once it was, the
+/// current span says where things are (it may be one opened inside it).
+fn unentered_pending() -> Option<Arc<dyn Pending>> {
+    let pending = PENDING.try_with(|pending| {
+        if pending.entered.get() {
+            return None;
+        }
+        let span = pending.span.take();
+        let copy = span.clone();
+        pending.span.set(span);
+        copy
+    });
+    pending.ok().flatten()
 }
 
 /// Make and enter the thread's pending span, if it was not entered yet.
@@ -135,38 +157,49 @@ fn enter_pending() {
         if pending.entered.get() {
             return;
         }
-        // Taken out while its span is made: anything that logs while the
-        // span is made sees no pending span (and does not recurse).
-        let Some(lazy) = pending.span.take() else { return };
-        lazy.span().with_subscriber(|(id, dispatch)| dispatch.enter(id));
+        let span = pending.span.take();
+        let Some(lazy) = span.clone() else { return };
+        pending.span.set(span);
+        // Marked entered first: whatever logs while the span is made does
+        // not recurse (it logs outside the span). Should making it panic,
+        // the poll's end finds nothing made, so nothing to exit.
         pending.entered.set(true);
-        pending.span.set(Some(lazy));
+        lazy.span().with_subscriber(|(id, dispatch)| dispatch.enter(id));
     });
 }
 
 pin_project_lite::pin_project! {
-    /// A future polled inside a [`LazySpan`].
+    /// A future polled (and dropped) inside a [`LazySpan`].
     pub struct InSpan<T> {
         span: Option<Arc<dyn Pending>>,
+        // Dropped by hand inside the span (`PinnedDrop`).
         #[pin]
-        inner: T,
+        inner: ManuallyDrop<T>,
+    }
+
+    impl<T> PinnedDrop for InSpan<T> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            inside(this.span, || {
+                // SAFETY: `inner` is pinned and dropped here in place, once:
+                // this is `InSpan`'s drop, and nothing reads it afterwards.
+                unsafe { ManuallyDrop::drop(this.inner.get_unchecked_mut()) }
+            });
+        }
     }
 }
 
 /// Poll `future` inside `span`.
 pub fn in_span<F: SpanFields, T: Future>(span: Arc<LazySpan<F>>, future: T) -> InSpan<T> {
-    InSpan { span: Some(span), inner: future }
+    InSpan { span: Some(span), inner: ManuallyDrop::new(future) }
 }
 
 /// Poll `future` inside the thread's pending lazy span, if there is one
-/// (for a task spawned while one is polled); else inside the current span
-/// as `tracing::Instrument::in_current_span` would.
+/// and it was not entered (for a task spawned while one is polled); else
+/// inside the current span, as `tracing::Instrument::in_current_span` does.
 pub fn in_pending_span<T: Future>(future: T) -> InSpan<T> {
-    let span = PENDING.with(Slot::peek);
-    match span {
-        Some(span) => InSpan { span: Some(span), inner: future },
-        None => InSpan { span: Some(Arc::new(Current(Span::current()))), inner: future },
-    }
+    let span = unentered_pending().unwrap_or_else(|| Arc::new(Current(Span::current())));
+    InSpan { span: Some(span), inner: ManuallyDrop::new(future) }
 }
 
 /// A span that was made already, polled like a lazy one.
@@ -186,23 +219,34 @@ impl<T: Future> Future for InSpan<T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T::Output> {
         let this = self.project();
-        let Some(span) = this.span.take() else { return this.inner.poll(cx) };
-        // A span made before this poll is entered for all of it.
-        let entered = span.made().is_some_and(|made| {
-            made.with_subscriber(|(id, dispatch)| dispatch.enter(id));
-            true
-        });
-        let previous = PENDING.with(|pending| (pending.span.replace(Some(span)), pending.entered.replace(entered)));
-        // Put back even if the poll panics.
-        let restore = Restore { slot: this.span, previous: Some(previous) };
-        let output = this.inner.poll(cx);
-        drop(restore);
-        output
+        // SAFETY: a pinned projection of the `ManuallyDrop`'s content, which
+        // is never moved out of it (only dropped in place, in `PinnedDrop`).
+        let inner = unsafe { this.inner.map_unchecked_mut(|inner| &mut **inner) };
+        inside(this.span, || inner.poll(cx))
     }
 }
 
-/// Ends a poll inside a lazy span: exits the span if it was entered, and
-/// gives the thread back the pending span it had before.
+/// Run `work` with `slot`'s span as the thread's pending one, entered for
+/// all of it if it was made already; then exit it if it was entered, and
+/// give the thread back the pending span it had before.
+fn inside<R>(slot: &mut Option<Arc<dyn Pending>>, work: impl FnOnce() -> R) -> R {
+    // A thread being torn down has no pending span: the work runs as is.
+    if slot.is_none() || PENDING.try_with(|_| ()).is_err() {
+        return work();
+    }
+    let Some(span) = slot.take() else { return work() };
+    let entered = span.made().is_some_and(|made| {
+        made.with_subscriber(|(id, dispatch)| dispatch.enter(id));
+        true
+    });
+    let previous = PENDING.with(|pending| (pending.span.replace(Some(span)), pending.entered.replace(entered)));
+    // Put back even if `work` panics.
+    let _restore = Restore { slot, previous: Some(previous) };
+    work()
+}
+
+/// Ends [`inside`]: exits the span if it was entered, gives the thread back
+/// its previous pending span, and the span back to its slot.
 struct Restore<'a> {
     slot: &'a mut Option<Arc<dyn Pending>>,
     previous: Option<(Option<Arc<dyn Pending>>, bool)>,
@@ -345,24 +389,53 @@ mod tests {
     /// A span named `outer` or `inner`, with no fields.
     struct Named(&'static str);
 
+    use tracing_core::callsite::DefaultCallsite;
+    use tracing_core::metadata::Kind;
+    static OUTER_SITE: DefaultCallsite = DefaultCallsite::new(&OUTER);
+    static OUTER: Metadata<'static> = tracing_core::metadata! {
+        name: "outer", target: module_path!(), level: tracing::Level::INFO,
+        fields: &[], callsite: &OUTER_SITE, kind: Kind::SPAN,
+    };
+    static INNER_SITE: DefaultCallsite = DefaultCallsite::new(&INNER);
+    static INNER: Metadata<'static> = tracing_core::metadata! {
+        name: "inner", target: module_path!(), level: tracing::Level::INFO,
+        fields: &[], callsite: &INNER_SITE, kind: Kind::SPAN,
+    };
+
+    impl Named {
+        fn site(&self) -> (&'static DefaultCallsite, &'static Metadata<'static>) {
+            if self.0 == "outer" { (&OUTER_SITE, &OUTER) } else { (&INNER_SITE, &INNER) }
+        }
+    }
+
     impl SpanFields for Named {
+        fn register(&self) {
+            self.site().0.interest();
+        }
+
         fn make(&self, parent: Option<Id>, dispatch: &Dispatch) -> Span {
-            use tracing_core::callsite::DefaultCallsite;
-            use tracing_core::metadata::Kind;
-            static OUTER_SITE: DefaultCallsite = DefaultCallsite::new(&OUTER);
-            static OUTER: Metadata<'static> = tracing_core::metadata! {
-                name: "outer", target: module_path!(), level: tracing::Level::INFO,
-                fields: &[], callsite: &OUTER_SITE, kind: Kind::SPAN,
-            };
-            static INNER_SITE: DefaultCallsite = DefaultCallsite::new(&INNER);
-            static INNER: Metadata<'static> = tracing_core::metadata! {
-                name: "inner", target: module_path!(), level: tracing::Level::INFO,
-                fields: &[], callsite: &INNER_SITE, kind: Kind::SPAN,
-            };
-            let (site, metadata) = if self.0 == "outer" { (&OUTER_SITE, &OUTER) } else { (&INNER_SITE, &INNER) };
-            site.interest();
+            let (site, metadata) = self.site();
+            if site.interest().is_never() || !dispatch.enabled(metadata) {
+                return Span::none();
+            }
             let values: [(&tracing::field::Field, Option<&dyn tracing::Value>); 0] = [];
             Span::child_of_with(parent, metadata, &metadata.fields().value_set(&values), dispatch)
+        }
+    }
+
+    /// A future that never ends and logs as it is dropped.
+    struct LogsOnDrop;
+
+    impl Future for LogsOnDrop {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<()> {
+            Poll::Pending
+        }
+    }
+
+    impl Drop for LogsOnDrop {
+        fn drop(&mut self) {
+            tracing::info!(name: "dropped", "");
         }
     }
 
@@ -390,14 +463,22 @@ mod tests {
                 in_span(nested, async { tracing::info!(name: "nested", "") }).await;
                 let current = Span::current();
                 in_pending_span(async { tracing::info!(name: "spawned", "") }).await;
+                // What a future does as it is dropped happens inside its span.
+                drop(in_span(LazySpan::new(Named("inner")), LogsOnDrop));
                 assert_eq!(current.metadata().map(Metadata::name), Some("outer"));
             }));
             tracing::info!(name: "outside", "");
         });
         let seen = seen.0.lock().unwrap();
-        assert_eq!(seen.0, 2, "the outer span and the inner one that logged, no more");
-        let expected =
-            ["first in outer", "after a yield in outer", "nested in outer:inner", "spawned in outer", "outside in "];
+        assert_eq!(seen.0, 3, "the outer span and the inner ones that logged, no more");
+        let expected = [
+            "first in outer",
+            "after a yield in outer",
+            "nested in outer:inner",
+            "spawned in outer",
+            "dropped in outer:inner",
+            "outside in ",
+        ];
         assert_eq!(seen.1, expected);
     }
 }
