@@ -447,6 +447,17 @@ impl MeterState {
             self.touched.retain(|touched| *touched != id);
             self.gone.insert(old.seq, old);
         }
+        // A task already forgotten can still be in context: its guest code
+        // ran on after its job ended (an epoch yield between the body's end
+        // and the task's exit). Its id, freed, comes back for this job; left
+        // in context, the new task's first entry would look like no switch
+        // and run with the store as that code left it (unlimited fuel).
+        if self.context == Some(id) {
+            self.context = None;
+        }
+        if self.running == Some(id) {
+            self.running = None;
+        }
         self.tasks.insert(id, task);
     }
 
@@ -544,7 +555,10 @@ fn switch_context(store: &mut StoreContextMut<'_, GuestState>, state: &mut Meter
         task.throttled += throttled;
         task.invokes = invokes;
     }
-    state.context = to;
+    // Only a task being metered is "in context": a forgotten one's code
+    // runs outside any request (below), and its id may come back for a
+    // new job, whose first entry must then switch.
+    state.context = to.filter(|to| state.tasks.contains_key(to));
     match to.and_then(|to| state.tasks.get(&to)) {
         Some(task) => {
             data.deadline = task.deadline;
