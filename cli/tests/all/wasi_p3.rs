@@ -200,7 +200,7 @@ async fn requests_to_a_wasi_0_3_function_share_one_instance_and_each_keeps_its_o
     let busy = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         tokio::join!(
-            get_as(&host, "/shared/spin/30000000", "spin".into()),
+            get_as(&host, "/shared/spin/100000000", "spin".into()),
             get_as(&host, "/shared/invoke?fn=hello", "invoke".into())
         )
     };
