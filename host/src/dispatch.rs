@@ -61,17 +61,11 @@ static REQUEST_SPAN_METADATA: tracing::Metadata<'static> = tracing_core::metadat
 };
 
 impl SpanFields for RequestFields {
-    fn register(&self) {
-        REQUEST_SPAN.interest();
+    fn callsite(&self) -> &'static tracing_core::callsite::DefaultCallsite {
+        &REQUEST_SPAN
     }
 
     fn make(&self, parent: Option<tracing::Id>, dispatch: &tracing::Dispatch) -> tracing::Span {
-        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
-        const LEVEL: tracing::Level = tracing::Level::INFO;
-        let off = STATIC_MAX_LEVEL < LEVEL || LevelFilter::current() < LEVEL || REQUEST_SPAN.interest().is_never();
-        if off || !dispatch.enabled(&REQUEST_SPAN_METADATA) {
-            return tracing::Span::none();
-        }
         let function = self.pool.function();
         let (tenant, name) = (&function.spec().tenant, function.name());
         let (trace_id, span_id) = (self.trace.trace_id(), self.trace.span_id());

@@ -44,17 +44,21 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
+use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Dispatch, Event, Metadata, Span, Subscriber};
+use tracing_core::callsite::{Callsite as _, DefaultCallsite};
 
 /// What a lazily made span says: made on demand through `dispatch`, as a
 /// child of `parent` (or a root without one).
 pub trait SpanFields: Send + Sync + 'static {
-    /// Register the span's callsite (`DefaultCallsite::interest`). Called
-    /// as the lazy span is created, outside any subscriber's callback.
-    fn register(&self);
-    /// Make the span. It must not be contextual (its parent is given).
+    /// The span's callsite: registered as the lazy span is created (outside
+    /// any subscriber's callback), and asked whether the span is on before
+    /// it is made.
+    fn callsite(&self) -> &'static DefaultCallsite;
+    /// Make the span, which is on. It must not be contextual (its parent
+    /// is given).
     fn make(&self, parent: Option<Id>, dispatch: &Dispatch) -> Span;
 }
 
@@ -84,6 +88,14 @@ trait Pending: Send + Sync {
 impl<F: SpanFields> Pending for LazySpan<F> {
     fn span(&self) -> &Span {
         self.made.get_or_init(|| {
+            // What `tracing::span!` asks before it makes a span.
+            let callsite = self.fields.callsite();
+            let metadata = callsite.metadata();
+            let level = *metadata.level();
+            let off = STATIC_MAX_LEVEL < level || LevelFilter::current() < level || callsite.interest().is_never();
+            if off || !self.dispatch.enabled(metadata) {
+                return Span::none();
+            }
             let parent = match &self.parent {
                 Parent::Lazy(parent) => parent.span().id(),
                 Parent::Span(span) => span.id(),
@@ -105,7 +117,7 @@ impl<F: SpanFields> LazySpan<F> {
         // Here, outside any subscriber's callback: registering a callsite
         // from inside one (when the span is made) could find no subscriber
         // to ask, and cache "never" for good.
-        fields.register();
+        fields.callsite().interest();
         let dispatch = tracing::dispatcher::get_default(Dispatch::clone);
         let lazy = dispatch.downcast_ref::<Marker>().is_some();
         let parent = match unentered_pending() {
@@ -231,7 +243,7 @@ impl<T: Future> Future for InSpan<T> {
 /// give the thread back the pending span it had before.
 fn inside<R>(slot: &mut Option<Arc<dyn Pending>>, work: impl FnOnce() -> R) -> R {
     // A thread being torn down has no pending span: the work runs as is.
-    if slot.is_none() || PENDING.try_with(|_| ()).is_err() {
+    if PENDING.try_with(|_| ()).is_err() {
         return work();
     }
     let Some(span) = slot.take() else { return work() };
@@ -389,7 +401,6 @@ mod tests {
     /// A span named `outer` or `inner`, with no fields.
     struct Named(&'static str);
 
-    use tracing_core::callsite::DefaultCallsite;
     use tracing_core::metadata::Kind;
     static OUTER_SITE: DefaultCallsite = DefaultCallsite::new(&OUTER);
     static OUTER: Metadata<'static> = tracing_core::metadata! {
@@ -409,15 +420,12 @@ mod tests {
     }
 
     impl SpanFields for Named {
-        fn register(&self) {
-            self.site().0.interest();
+        fn callsite(&self) -> &'static DefaultCallsite {
+            self.site().0
         }
 
         fn make(&self, parent: Option<Id>, dispatch: &Dispatch) -> Span {
-            let (site, metadata) = self.site();
-            if site.interest().is_never() || !dispatch.enabled(metadata) {
-                return Span::none();
-            }
+            let metadata = self.site().1;
             let values: [(&tracing::field::Field, Option<&dyn tracing::Value>); 0] = [];
             Span::child_of_with(parent, metadata, &metadata.fields().value_set(&values), dispatch)
         }
