@@ -73,6 +73,9 @@ pub struct FunctionPool {
     /// Linear memory of the last instance released (an estimate for busy ones).
     last_memory: std::sync::atomic::AtomicU64,
     changed: Notify,
+    /// Told when an instance is made (the idle reaper sleeps while no
+    /// pool has one).
+    made: Arc<Notify>,
     metrics: Arc<Metrics>,
     /// Whether new requests must wait (see the module docs).
     paused: tokio::sync::watch::Sender<bool>,
@@ -251,8 +254,9 @@ pub struct PoolStats {
 }
 
 impl FunctionPool {
-    /// An empty pool (zero instances) for `function`.
-    pub fn new(function: CompiledFunction, metrics: Arc<Metrics>) -> Arc<FunctionPool> {
+    /// An empty pool (zero instances) for `function`; `made` is told each
+    /// time it makes an instance.
+    pub fn new(function: CompiledFunction, metrics: Arc<Metrics>, made: Arc<Notify>) -> Arc<FunctionPool> {
         // A function's concurrency is its own limit, within its share of
         // the engine's instance slots.
         let permits = function.spec().limits.max_concurrency.get().min(function.engine.instance_share()) as usize;
@@ -273,6 +277,7 @@ impl FunctionPool {
             discarded: AtomicBool::new(false),
             last_memory: std::sync::atomic::AtomicU64::new(0),
             changed: Notify::new(),
+            made,
             metrics,
             paused: tokio::sync::watch::Sender::new(false),
         });
@@ -572,6 +577,11 @@ impl FunctionPool {
         own.into_iter().chain(shared).min().map(|last_used| last_used + idle_timeout)
     }
 
+    /// Whether it has any instance (idle or busy, being destroyed or not).
+    pub fn has_instances(&self) -> bool {
+        self.live.load(Ordering::Acquire) > 0
+    }
+
     /// How long its instances may stay idle.
     pub fn idle_timeout(&self) -> Duration {
         self.function.spec().limits.idle_timeout
@@ -668,7 +678,13 @@ impl FunctionPool {
 
     fn add_live(&self, delta: isize) {
         let live = if delta >= 0 {
-            self.live.fetch_add(delta as usize, Ordering::AcqRel) + delta as usize
+            let live = self.live.fetch_add(delta as usize, Ordering::AcqRel) + delta as usize;
+            if delta > 0 {
+                // Made (and counted, which the reaper reads when woken): it
+                // times the instance's idleness from now on.
+                self.made.notify_one();
+            }
+            live
         } else {
             self.live.fetch_sub(delta.unsigned_abs(), Ordering::AcqRel) - delta.unsigned_abs()
         };

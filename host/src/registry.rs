@@ -267,9 +267,9 @@ pub struct Registry {
     /// Whether an event trigger follows this registry (then deploys wait
     /// for it, so a message published right after a deploy is not missed).
     trigger_attached: std::sync::atomic::AtomicBool,
-    /// Wakes the idle reaper when the deployed set changes (see
-    /// [`Registry::deployed_changed`]).
-    reaper: tokio::sync::Notify,
+    /// Wakes the idle reaper when the deployed set changes or a pool makes
+    /// an instance (see [`Registry::reaper_woken`]).
+    reaper: Arc<tokio::sync::Notify>,
 }
 
 impl Registry {
@@ -296,14 +296,15 @@ impl Registry {
             generation: tokio::sync::watch::channel(0).0,
             applied: tokio::sync::watch::channel(0).0,
             trigger_attached: std::sync::atomic::AtomicBool::new(false),
-            reaper: tokio::sync::Notify::new(),
+            reaper: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
-    /// Wait until a deploy (or undeploy) changes the functions: the idle
-    /// reaper plans around their `idle_timeout`s (a change before the
-    /// wait began is not lost).
-    pub async fn deployed_changed(&self) {
+    /// Wait until a deploy (or undeploy) changes the functions, or a pool
+    /// makes an instance: the idle reaper plans around the `idle_timeout`s
+    /// of the functions with instances, and sleeps while none has any (a
+    /// change before the wait began is not lost).
+    pub async fn reaper_woken(&self) {
         self.reaper.notified().await;
     }
 
@@ -410,7 +411,7 @@ impl Registry {
                 CompileSource::Baseline => "baseline",
             };
             blobs.push((digest.clone(), item.wasm.clone()));
-            prepared.push(Some((FunctionPool::new(compiled, self.metrics.clone()), source)));
+            prepared.push(Some((FunctionPool::new(compiled, self.metrics.clone(), self.reaper.clone()), source)));
         }
         if prepared.iter().flatten().any(|(_, source)| *source != "cache") {
             // Off the request threads: trimming walks every arena.
@@ -438,7 +439,7 @@ impl Registry {
                         Instance::trial(&compiled).await?;
                     }
                     blobs.push((digest.clone(), item.wasm.clone()));
-                    (FunctionPool::new(compiled, self.metrics.clone()), "compiled")
+                    (FunctionPool::new(compiled, self.metrics.clone(), self.reaper.clone()), "compiled")
                 }
             };
             new_versions.entry(spec.name.to_string()).or_default().push(pool);
