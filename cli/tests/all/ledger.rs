@@ -78,15 +78,26 @@ async fn records_survive_kill_9_across_ledger_rotations_each_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_concurrent_requests_are_written_together_and_each_survives_kill_9() {
-    // 32 clients at once: the records of calls that end together share a
-    // write, and still every response a client read whole has its record,
-    // once, after kill -9.
+    records_of_concurrent_requests_share_writes("hello", "/hello").await;
+}
+
+#[tokio::test]
+async fn records_of_concurrent_requests_to_a_shared_wasi_0_3_instance_are_written_together() {
+    // The calls of a WASI 0.3 function share an instance and end one at a
+    // time in its driver's polls; their records still share writes.
+    records_of_concurrent_requests_share_writes("hello-p3", "/p3").await;
+}
+
+/// 32 clients at once to `guest` at `route`: the records of calls that
+/// end together share a write, and still every response a client read
+/// whole has its record, once, after kill -9.
+async fn records_of_concurrent_requests_share_writes(guest: &str, route: &str) {
     let state = tempfile::tempdir().unwrap();
-    let manifest = write_manifest(state.path(), &manifest_entry("hello", "hello", "/hello"));
+    let manifest = write_manifest(state.path(), &manifest_entry("hello", guest, route));
     let mut host = HostProcess::spawn(state.path(), Some(&manifest));
     let client = reqwest::Client::new();
     let clients = (0..32).map(|_| {
-        let (client, url) = (client.clone(), host.url("/hello"));
+        let (client, url) = (client.clone(), host.url(route));
         tokio::spawn(async move {
             let mut ids = Vec::new();
             for _ in 0..60 {
