@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{ResourceLimiter, Trap};
 
+mod cpu_clock;
+pub(crate) use cpu_clock::thread_cpu_time;
+
 use crate::engine::Seat;
 use crate::outcome::Outcome;
 
@@ -420,12 +423,6 @@ impl<F: std::future::Future> std::future::Future for CpuTimed<F> {
         }
         poll
     }
-}
-
-/// The calling thread's CPU time so far.
-pub(crate) fn thread_cpu_time() -> Duration {
-    use nix::time::{ClockId, clock_gettime};
-    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from).unwrap_or_default()
 }
 
 #[cfg(test)]
