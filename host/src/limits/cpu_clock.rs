@@ -20,8 +20,10 @@
 //! as the thread's, which the kernel's own clock leaves out; and the two
 //! clocks' rates differ a little (≈0.2% on this machine), so an anchor is
 //! renewed after [`ANCHOR_FOR`]. Where the event cannot be opened
-//! (`perf_event_paranoid` 3 without the capability, a seccomp filter, no
-//! file descriptor left) every read is the system call, as before.
+//! (context switches are counted in the kernel, which
+//! `perf_event_paranoid` 2 or more allows only with `CAP_PERFMON`; a
+//! seccomp filter; no file descriptor left) every read is the system
+//! call, as before, and the host says so once in its log.
 //!
 //! Hand-written on top of `perf-event-open-sys`'s bindings: the crates
 //! that wrap perf events read counters with `read(2)` (a system call, the
@@ -40,7 +42,8 @@ const ANCHOR_FOR: Duration = Duration::from_millis(10);
 
 /// The calling thread's CPU time so far.
 pub(crate) fn thread_cpu_time() -> Duration {
-    THREAD.with(ThreadClock::now)
+    // A thread's last reads may come as its thread-locals are destroyed.
+    THREAD.try_with(ThreadClock::now).unwrap_or_else(|_| kernel_thread_cpu_time())
 }
 
 thread_local! {
@@ -70,7 +73,13 @@ impl ThreadClock {
         let switches = match SwitchCount::open() {
             Ok(switches) => Some(switches),
             Err(err) => {
-                tracing::debug!(error = %err, "cannot count this thread's context switches: its CPU clock is read with a system call each time");
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!(
+                        error = %err,
+                        "cannot count threads' context switches (perf_event_open): each read of a thread's CPU clock is a system call"
+                    );
+                });
                 None
             }
         };
