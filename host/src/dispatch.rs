@@ -110,7 +110,8 @@ struct Recorder {
 /// then a fraction of each, and so is waking a client that sleeps between
 /// responses (the responses leave together, and a client woken by the
 /// first finds the others there; W1 in the Benchmarks chapter). A call that
-/// ends alone waits only for its own task's next poll.
+/// ends alone waits only for its own task's next poll (a call sharing an
+/// instance, for its worker's next look for I/O: [`group_closes`]).
 ///
 /// A call's instance goes back to its pool when its record joins the
 /// batch, not when it is written: the next request in the same pass then
@@ -133,8 +134,8 @@ struct Joined<'a> {
     wall_us: u64,
     /// Whether it needed a new instance.
     cold: bool,
-    /// For the call that began the batch: the duty to write it, once the
-    /// tasks queued behind it have run.
+    /// For the call that began the batch: the duty to write it, once
+    /// [`group_closes`] returns.
     flush: Option<FlushOnDrop<'a>>,
 }
 
@@ -297,8 +298,8 @@ fn usage_record<'a>(lease: &'a Lease, end: &'a CallEnd<'a>, trace_id: &'a str) -
     .in_trace(trace_id)
 }
 
-/// Held by the call that began a [`Batch`] while the tasks queued behind
-/// it run: dropped, it flushes the batch, also when the task is dropped
+/// Held by the call that began a [`Batch`] while it waits for the group
+/// to close ([`group_closes`]): dropped, it flushes the batch, also when the task is dropped
 /// there (a runtime shutting down), so no call in it waits for good.
 struct FlushOnDrop<'a>(&'a Recorder);
 
@@ -880,8 +881,8 @@ where
         }
         if self.finished && self.held.iter().all(Result::is_ok) && ended.load(Ordering::Acquire) {
             // The body is complete and the call over: only its record is
-            // to come, from the call's task once the tasks queued behind
-            // it ran. No timer for that either (a slow write, such as the
+            // to come, from the call's task once its group closes
+            // ([`group_closes`]). No timer for that either (a slow write, such as the
             // `fsync` of a partition left behind, holds the head with the
             // end it would hold anyway). (A guest still running
             // after its body ended gets the timer: its head and body go
