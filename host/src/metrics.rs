@@ -135,7 +135,10 @@ impl Metrics {
         )
         .expect("invariant: static metric definition");
         let log_dropped = IntCounterVec::new(
-            Opts::new("shoal_log_dropped_lines_total", "Guest output lines dropped over log_bytes_per_second"),
+            Opts::new(
+                "shoal_log_dropped_lines_total",
+                "Guest output lines dropped: over log_bytes_per_second, or not taken in time by a container's log reader",
+            ),
             function,
         )
         .expect("invariant: static metric definition");
@@ -246,7 +249,8 @@ impl Metrics {
         self.connections_closed.with_label_values(&[reason]).inc();
     }
 
-    /// Count guest output lines dropped over the function's log budget.
+    /// Count guest output lines dropped: over the function's log budget,
+    /// or by a container's output FIFO that was full.
     pub fn log_dropped(&self, function: &str, lines: u64) {
         self.log_dropped.with_label_values(&[function]).inc_by(lines);
     }

@@ -304,6 +304,7 @@ impl Session {
     async fn open(config: &NodeConfig, carried: Option<(Snapshot, Descriptors)>) -> Result<Session, Error> {
         let sinks = Arc::new(stdio::ContainerSinks::default());
         let running = RunningHost::start(host_config(config, &sinks)?).await?;
+        sinks.count_drops_in(running.host().metrics().clone());
         let publisher =
             match containerd_shim::asynchronous::publisher::RemotePublisher::new(&config.ttrpc_address).await {
                 Ok(publisher) => publisher,

@@ -7,17 +7,40 @@ use std::io::Write as _;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::error::{Code, NodeError};
 use crate::exec::Sender;
 use shoal::logs::{GuestLine, LogSink, Stream, TracingSink};
+use shoal::metrics::Metrics;
 
 /// A container's stdout and stderr FIFOs.
 pub(crate) struct ContainerOutput {
-    stdout: Option<Mutex<File>>,
-    stderr: Option<Mutex<File>>,
+    stdout: Option<Mutex<Fifo>>,
+    stderr: Option<Mutex<Fifo>>,
 }
+
+/// One output FIFO, and what its reader left behind.
+struct Fifo {
+    file: File,
+    /// Lines dropped since the last one written: the FIFO was full (its
+    /// reader, containerd, was not taking them in time).
+    dropped: u64,
+    /// A line was cut off part way by a full FIFO: the next write ends it.
+    torn: bool,
+    /// When the host's log last said lines were being dropped here.
+    warned: Option<Instant>,
+}
+
+impl Fifo {
+    fn new(file: File) -> Fifo {
+        Fifo { file, dropped: 0, torn: false, warned: None }
+    }
+}
+
+/// How often the host's log says, per FIFO, that its lines are dropped.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl ContainerOutput {
     /// Open the FIFOs (an empty path: that stream is discarded).
@@ -27,7 +50,10 @@ impl ContainerOutput {
     /// end, non-blocking so a reader that stopped reading can only cost
     /// lines, never a host thread.
     pub(crate) fn open(stdout: &str, stderr: &str) -> Result<ContainerOutput, NodeError> {
-        Ok(ContainerOutput { stdout: open_fifo(stdout)?.map(Mutex::new), stderr: open_fifo(stderr)?.map(Mutex::new) })
+        let fifo = |path: &str| -> Result<Option<Mutex<Fifo>>, NodeError> {
+            Ok(open_fifo(path)?.map(|file| Mutex::new(Fifo::new(file))))
+        };
+        Ok(ContainerOutput { stdout: fifo(stdout)?, stderr: fifo(stderr)? })
     }
 
     /// Open the FIFOs once their readers have them open (each waited for
@@ -51,17 +77,17 @@ impl ContainerOutput {
     /// are passed, not opened again, so containerd's reading end never
     /// sees every writer gone, which would end the container's log).
     pub(crate) fn from_descriptors(stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> ContainerOutput {
-        let file = |fd: Option<OwnedFd>| fd.map(|fd| Mutex::new(File::from(fd)));
+        let file = |fd: Option<OwnedFd>| fd.map(|fd| Mutex::new(Fifo::new(File::from(fd))));
         ContainerOutput { stdout: file(stdout), stderr: file(stderr) }
     }
 
     /// Second descriptors of the FIFOs (for a hand-over).
     pub(crate) fn descriptors(&self) -> std::io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
-        let dup = |file: &Option<Mutex<File>>| -> std::io::Result<Option<OwnedFd>> {
-            match file {
-                Some(file) => {
-                    let file = file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    Ok(Some(OwnedFd::from(file.try_clone()?)))
+        let dup = |fifo: &Option<Mutex<Fifo>>| -> std::io::Result<Option<OwnedFd>> {
+            match fifo {
+                Some(fifo) => {
+                    let fifo = fifo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    Ok(Some(OwnedFd::from(fifo.file.try_clone()?)))
                 }
                 None => Ok(None),
             }
@@ -69,19 +95,79 @@ impl ContainerOutput {
         Ok((dup(&self.stdout)?, dup(&self.stderr)?))
     }
 
-    fn write(&self, stream: Stream, text: &str) {
-        let file = match stream {
+    /// Write one line to `stream`'s FIFO. Returns how many lines were
+    /// dropped now (0 or 1): a full FIFO drops the line rather than hold a
+    /// host thread; the next line that fits is preceded by a line saying
+    /// how many went missing.
+    fn write(&self, function: &str, stream: Stream, text: &str) -> u64 {
+        let fifo = match stream {
             Stream::Stdout => &self.stdout,
             Stream::Stderr => &self.stderr,
         };
-        let Some(file) = file else { return };
-        let mut file = file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut line = Vec::with_capacity(text.len() + 1);
-        line.extend_from_slice(text.as_bytes());
-        line.push(b'\n');
-        if let Err(err) = file.write_all(&line) {
-            tracing::debug!(error = %err, "container output line dropped");
+        let Some(fifo) = fifo else { return 0 };
+        let mut fifo = fifo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut bytes = Vec::with_capacity(text.len() + 1);
+        if fifo.torn {
+            bytes.push(b'\n');
         }
+        if fifo.dropped > 0 {
+            bytes.extend_from_slice(
+                format!(
+                    "shoal: dropped {} line(s) of output: the container's log reader did not take them in time\n",
+                    fifo.dropped
+                )
+                .as_bytes(),
+            );
+        }
+        // Where the line begins: what comes before it ends a cut line and
+        // reports the dropped ones.
+        let line_at = bytes.len();
+        bytes.extend_from_slice(text.as_bytes());
+        bytes.push(b'\n');
+        // One write(2) for all of it: a write of up to PIPE_BUF bytes to a
+        // FIFO goes whole or not at all; a longer line can be cut off by a
+        // full FIFO, and the next write then ends it.
+        let mut written = 0;
+        let failure = loop {
+            match fifo.file.write(&bytes[written..]) {
+                Ok(0) => break Some(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    written += n;
+                    if written == bytes.len() {
+                        break None;
+                    }
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => break Some(err),
+            }
+        };
+        let Some(err) = failure else {
+            fifo.dropped = 0;
+            fifo.torn = false;
+            return 0;
+        };
+        // The line counts as dropped; what went out stays out, and what was
+        // cut off part way is ended by the next write (a report cut off is
+        // made again, with the lines it counted).
+        // (A write that stopped right after the report left no line open.)
+        if written > 0 {
+            fifo.torn = written != line_at;
+        }
+        if written >= line_at {
+            fifo.dropped = 0;
+        }
+        fifo.dropped += 1;
+        let now = Instant::now();
+        if fifo.warned.is_none_or(|warned| now.duration_since(warned) >= DROP_WARNING_EVERY) {
+            fifo.warned = Some(now);
+            tracing::warn!(
+                function,
+                stream = stream.as_str(),
+                error = %err,
+                "a container's output is being dropped: its log reader is not taking it in time"
+            );
+        }
+        1
     }
 }
 
@@ -104,9 +190,17 @@ fn open_fifo(path: &str) -> Result<Option<File>, NodeError> {
 #[derive(Default)]
 pub(crate) struct ContainerSinks {
     outputs: Mutex<HashMap<String, Arc<ContainerOutput>>>,
+    /// Where dropped lines are counted, once the host runs.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 impl ContainerSinks {
+    /// Count the lines a full FIFO drops in `metrics`
+    /// (`shoal_log_dropped_lines_total`).
+    pub(crate) fn count_drops_in(&self, metrics: Arc<Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
     /// Route `function`'s lines to `output`.
     pub(crate) fn attach(&self, function: &str, output: Arc<ContainerOutput>) {
         self.lock().insert(function.to_string(), output);
@@ -127,7 +221,12 @@ impl LogSink for ContainerSinks {
     fn line(&self, line: GuestLine<'_>) {
         let output = self.lock().get(line.function).cloned();
         match output {
-            Some(output) => output.write(line.stream, line.text),
+            Some(output) => {
+                let dropped = output.write(line.function, line.stream, line.text);
+                if let Some(metrics) = self.metrics.get().filter(|_| dropped > 0) {
+                    metrics.log_dropped(line.function, dropped);
+                }
+            }
             None => TracingSink.line(line),
         }
     }
@@ -157,4 +256,91 @@ pub(crate) async fn wait_for_reader(path: &str) -> Option<Sender> {
 pub(crate) fn fifo_path(path: &str) -> Option<&str> {
     let path = path.strip_prefix("file://").unwrap_or(path);
     (!path.is_empty()).then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read as _;
+
+    fn read_all(reader: &mut File) -> String {
+        let mut text = Vec::new();
+        let mut buffer = [0; 4096];
+        loop {
+            match reader.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&buffer[..n]),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) => panic!("reading the FIFO: {err}"),
+            }
+        }
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn lines_a_full_fifo_drops_are_counted_and_reported_before_the_next_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // A reader that does not read (containerd falling behind).
+        let mut reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).unwrap();
+        let output = ContainerOutput::open(path.to_str().unwrap(), "").unwrap();
+        let line = "x".repeat(999);
+        let mut written = 0;
+        while output.write("f", Stream::Stdout, &line) == 0 {
+            written += 1;
+            assert!(written < 10_000, "the FIFO never filled");
+        }
+        for _ in 0..9 {
+            assert_eq!(output.write("f", Stream::Stdout, &line), 1, "a full FIFO drops the line");
+        }
+        // A stream with no FIFO drops nothing.
+        assert_eq!(output.write("f", Stream::Stderr, "elsewhere"), 0);
+        let first = read_all(&mut reader);
+        let lines: Vec<&str> = first.lines().collect();
+        assert_eq!(lines.len(), written, "every line that fitted is whole");
+        assert!(lines.iter().all(|got| *got == line), "no line was cut");
+        assert_eq!(output.write("f", Stream::Stdout, "after"), 0);
+        let next = read_all(&mut reader);
+        assert_eq!(
+            next,
+            "shoal: dropped 10 line(s) of output: the container's log reader did not take them in time\nafter\n"
+        );
+        // Once reported, the count starts again.
+        assert_eq!(output.write("f", Stream::Stdout, "again"), 0);
+        assert_eq!(read_all(&mut reader), "again\n");
+    }
+
+    #[test]
+    fn a_long_line_a_full_fifo_cuts_is_ended_before_the_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stderr");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let mut reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).unwrap();
+        let output = ContainerOutput::open("", path.to_str().unwrap()).unwrap();
+        // Linux's FIFO holds 16 pages, a short write in a page of its own:
+        // 14 lines leave room for part of a line longer than PIPE_BUF.
+        let short = "y".repeat(4_000);
+        for _ in 0..14 {
+            assert_eq!(output.write("f", Stream::Stderr, &short), 0);
+        }
+        let long = "z".repeat(16_000);
+        assert_eq!(output.write("f", Stream::Stderr, &long), 1, "the long line did not fit");
+        let first = read_all(&mut reader);
+        assert_eq!(output.write("f", Stream::Stderr, "after"), 0);
+        let text = first + &read_all(&mut reader);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 17, "14 lines, the cut one, the report and the next");
+        assert!(lines[..14].iter().all(|got| *got == short));
+        let cut = lines[14];
+        assert!(
+            !cut.is_empty() && cut.len() < long.len() && cut.bytes().all(|b| b == b'z'),
+            "the cut line is ended: {} bytes",
+            cut.len()
+        );
+        assert_eq!(
+            &lines[15..],
+            ["shoal: dropped 1 line(s) of output: the container's log reader did not take them in time", "after"]
+        );
+    }
 }

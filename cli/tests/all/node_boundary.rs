@@ -85,11 +85,16 @@ async fn device_nodes_and_fifos_in_an_image_cannot_be_opened_by_its_program() {
         let imported = containerd.ctr("default", &["images", "import", tar.to_str().unwrap()]);
         assert!(imported.status.success(), "ctr images import: {}", text(&imported));
         let out = read_specials(&containerd, &format!("hostile-{tag}"), &image, &paths);
-        assert!(out.contains("/plain.txt: read 4 bytes"), "{tag}: a regular file of the image reads: {out}");
+        assert!(
+            out.contains("/plain.txt: read 4 bytes"),
+            "{tag}: a regular file of the image reads: {out}\n{}",
+            containerd.host_log()
+        );
         for special in &paths[1..] {
             assert!(
                 out.contains(&format!("{special}: cannot open: {refused}")),
-                "{tag}: {special} is refused without being opened: {out}"
+                "{tag}: {special} is refused without being opened: {out}\n{}",
+                containerd.host_log()
             );
         }
     }
