@@ -148,8 +148,8 @@ impl ContainerOutput {
         };
         // The line counts as dropped; what went out stays out, and what was
         // cut off part way is ended by the next write (a report cut off is
-        // made again, with the lines it counted).
-        // (A write that stopped right after the report left no line open.)
+        // made again, with the lines it counted; a write that stopped right
+        // after the report left no line open).
         if written > 0 {
             fifo.torn = written != line_at;
         }
@@ -277,14 +277,25 @@ mod tests {
         String::from_utf8(text).unwrap()
     }
 
+    /// A FIFO named `name` with a reader that does not read until asked
+    /// (containerd falling behind), and the container's output on it as
+    /// its `stream` (the other stream discarded).
+    fn fifo_behind_its_reader(name: &str, stream: Stream) -> (tempfile::TempDir, File, ContainerOutput) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).unwrap();
+        let path = path.to_str().unwrap();
+        let output = match stream {
+            Stream::Stdout => ContainerOutput::open(path, ""),
+            Stream::Stderr => ContainerOutput::open("", path),
+        };
+        (dir, reader, output.unwrap())
+    }
+
     #[test]
     fn lines_a_full_fifo_drops_are_counted_and_reported_before_the_next_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stdout");
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        // A reader that does not read (containerd falling behind).
-        let mut reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).unwrap();
-        let output = ContainerOutput::open(path.to_str().unwrap(), "").unwrap();
+        let (_dir, mut reader, output) = fifo_behind_its_reader("stdout", Stream::Stdout);
         let line = "x".repeat(999);
         let mut written = 0;
         while output.write("f", Stream::Stdout, &line) == 0 {
@@ -313,11 +324,7 @@ mod tests {
 
     #[test]
     fn a_long_line_a_full_fifo_cuts_is_ended_before_the_report() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stderr");
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let mut reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).unwrap();
-        let output = ContainerOutput::open("", path.to_str().unwrap()).unwrap();
+        let (_dir, mut reader, output) = fifo_behind_its_reader("stderr", Stream::Stderr);
         // Linux's FIFO holds 16 pages, a short write in a page of its own:
         // 14 lines leave room for part of a line longer than PIPE_BUF.
         let short = "y".repeat(4_000);
