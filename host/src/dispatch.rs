@@ -1,11 +1,13 @@
 //! One request through one function: acquire an instance, call its handler
 //! under the function's limits, meter it, answer.
 //!
-//! The handler runs in its own task, which owns the instance for the whole
-//! call: the response head is returned as soon as the guest sets it, while
-//! the guest may still be writing the body. When the call ends, the task
-//! writes the [`UsageRecord`] to the ledger and returns the instance to its
-//! pool ([`Recorder::finish`]); the response body's end is held back until
+//! The call owns the instance from start to end: the response head is
+//! returned as soon as the guest sets it, while the guest may still be
+//! writing the body. When the call ends, it writes the [`UsageRecord`] to
+//! the ledger and returns the instance to its pool ([`Recorder::finish`]).
+//! It runs to that end whatever becomes of the request's own task: polled
+//! by that task while it waits for the response, in a task of its own
+//! after that ([`CallTask`]); the response body's end is held back until
 //! the record is written (see [`GatedBody`]), so a client that has read a
 //! whole response knows its usage record is already written. The records
 //! of HTTP calls that end together are written together, with one
@@ -110,7 +112,7 @@ struct Recorder {
 /// then a fraction of each, and so is waking a client that sleeps between
 /// responses (the responses leave together, and a client woken by the
 /// first finds the others there; W1 in the Benchmarks chapter). A call that
-/// ends alone waits only for its own task's next poll (a call sharing an
+/// ends alone waits only for its task's next poll (a call sharing an
 /// instance, for its worker's next look for I/O: [`group_closes`]).
 ///
 /// A call's instance goes back to its pool when its record joins the
@@ -365,6 +367,12 @@ impl Dispatcher {
         self.runtime(pool.function().cpu_quota().is_some())
     }
 
+    /// Whether the calls of `pool`'s function run on other threads than
+    /// the one that dispatches them ([`Dispatcher::runtime`]).
+    fn runs_apart(&self, pool: &FunctionPool) -> bool {
+        pool.function().cpu_quota().is_some() && matches!(self.limited_priority, LimitedPriority::Idle)
+    }
+
     /// Where wasm with (`cpu_limited`) or without a CPU share runs: the
     /// former, at idle priority, on the threads kept for those
     /// ([`crate::limits::limited_calls`]); the latter where it was called.
@@ -528,7 +536,7 @@ impl Dispatcher {
         }
         // Any other body is counted as the guest reads it, and cut off past
         // the limit; the client then gets 413, not what the guest made of it.
-        let (head_tx, head_rx) = oneshot::channel::<ResponseResult>();
+        let (head_tx, mut head_rx) = oneshot::channel::<ResponseResult>();
         let exchange = Arc::new(Exchange {
             head: Mutex::new(Some(head_tx)),
             status: AtomicU16::new(0),
@@ -601,11 +609,8 @@ impl Dispatcher {
         let (done_tx, done_rx) = oneshot::channel::<bool>();
         let recorder = self.recorder.clone();
         let started = SystemTime::now();
-        // Boxed: the call's future is several kilobytes, and tokio moves a
-        // task's stage by value as it finishes (≈1.5% of a W1 profile was
-        // that `memmove`); behind a box only the pointer moves.
         let serving = exchange.clone();
-        let task = self.runtime_for(&pool).spawn(Box::pin(crate::spans::in_pending_span(async move {
+        let call = Box::pin(crate::spans::in_pending_span(async move {
             let exchange = ReleaseHeadOnDrop(exchange);
             let mut lease = lease;
             let (stats, result) = lease.handle(request, &meta, respond).await;
@@ -665,27 +670,44 @@ impl Dispatcher {
                 _ if cut => Err((outcome, format!("request body is over max_request_bytes = {body_limit}"))),
                 result => result.map_err(|error| (outcome, error.message)),
             }
-        })));
+        }));
+        let mut call = CallTask::new(call, self.runtime_for(&pool), !self.runs_apart(&pool));
 
-        match head_rx.await {
-            Ok(Ok(response)) => {
-                let (parts, body) = response.into_parts();
-                let mut body = GatedBody::new(body, done_rx);
-                body.settle(SETTLE_WAIT, SETTLE_BYTES, &serving.ended).await;
-                Response::from_parts(parts, body.boxed_unsync())
+        // The response's head, and for a small body its rest and record
+        // too ([`GatedBody::settle`]), polled with the call: once each
+        // time this task is (a call that wakes itself counts on that).
+        let mut answer = std::pin::pin!(async {
+            // No head: the call ended without one (`None`), or with an error.
+            let response = (&mut head_rx).await.map_err(|_| None)?.map_err(Some)?;
+            let (parts, body) = response.into_parts();
+            let mut body = GatedBody::new(body, done_rx);
+            body.settle(SETTLE_WAIT, SETTLE_BYTES, &serving.ended).await;
+            Ok::<_, Option<ErrorCode>>(Response::from_parts(parts, body.boxed_unsync()))
+        });
+        let answer = std::future::poll_fn(|cx| {
+            call.drive(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await;
+        match answer {
+            // A call still under way (a body still streaming) goes on in
+            // a task of its own.
+            Ok(response) => {
+                call.detach();
+                response
             }
-            Ok(Err(ErrorCode::HttpRequestBodySize(_))) => error_response(Outcome::RequestTooLarge, &too_large()),
-            Ok(Err(code)) => {
+            Err(Some(ErrorCode::HttpRequestBodySize(_))) => error_response(Outcome::RequestTooLarge, &too_large()),
+            Err(Some(code)) => {
                 error_response(Outcome::Trap, &format!("function {function:?} answered with an error: {code:?}"))
             }
-            Err(_) => match task.await {
+            Err(None) => match call.finish().await {
                 Ok(Err((Outcome::RequestTooLarge, _))) => error_response(Outcome::RequestTooLarge, &too_large()),
                 Ok(Err((outcome, message))) => error_response(outcome, &format!("function {function:?} {message}")),
                 Ok(Ok(())) => error_response(
                     Outcome::NoResponse,
                     &format!("function {function:?} returned without setting a response"),
                 ),
-                Err(join_error) => error_response(Outcome::HostError, &format!("request task failed: {join_error}")),
+                Err(failed) => error_response(Outcome::HostError, &format!("request task failed: {failed}")),
             },
         }
     }
@@ -710,6 +732,152 @@ impl Dispatcher {
         )
         .in_trace(&trace_id);
         self.recorder.write(&record);
+    }
+}
+
+/// The call of one request, run to its end whatever becomes of the
+/// request's own task.
+///
+/// A call is polled by the task that dispatched it (the connection's, for
+/// HTTP) for as long as that task waits for the response: until its head,
+/// and while [`GatedBody::settle`] waits for a small body and its record.
+/// Most calls end within that, and need no task of their own: a task per
+/// request costs a spawn, a wake-up and a scheduling (for a WASI 0.3
+/// request, a third task beside its connection's and its instance's
+/// driver, where `wasmtime serve` has two). A call still under way then,
+/// or when the dispatching task is dropped (its client gone), moves to a
+/// task of its own: it still ends under its limits (its timeout is a timer
+/// inside it, which only a polled task observes), returns its instance and
+/// writes its record. Calls that run on other threads (CPU-limited ones
+/// on the idle-priority threads) are spawned there from the start.
+struct CallTask<F: Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
+    state: CallState<F>,
+}
+
+enum CallState<F: Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
+    Here {
+        call: Pin<Box<F>>,
+        runtime: tokio::runtime::Handle,
+        wake: Arc<CallWake>,
+        waker: std::task::Waker,
+    },
+    Spawned(tokio::task::JoinHandle<F::Output>),
+    /// Ended here: its output (or why it panicked), until taken.
+    Ended(Option<Result<F::Output, String>>),
+}
+
+impl<F: Future + Send + 'static> CallTask<F>
+where
+    F::Output: Send + 'static,
+{
+    /// `call`, to be polled here (`here`) or at once in a task on `runtime`.
+    fn new(call: Pin<Box<F>>, runtime: tokio::runtime::Handle, here: bool) -> Self {
+        if !here {
+            return CallTask { state: CallState::Spawned(runtime.spawn(call)) };
+        }
+        let wake = Arc::new(CallWake { woken: AtomicBool::new(true), task: futures_util::task::AtomicWaker::new() });
+        let waker = std::task::Waker::from(wake.clone());
+        CallTask { state: CallState::Here { call, runtime, wake, waker } }
+    }
+
+    /// Poll the call if it runs here and was woken since it was last
+    /// polled: it ends here, or waits to be woken, which wakes `cx`.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        let CallState::Here { call, wake, waker, .. } = &mut self.state else { return };
+        wake.task.register(cx.waker());
+        // Polled only when woken, as a task of its own would be, and at
+        // most once in each poll of the dispatching task (the caller's
+        // part): a call that waits for the tasks queued behind it
+        // ([`behind_the_queue`], a group's first record) wakes itself and
+        // counts on its next poll coming after theirs.
+        if !wake.woken.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let mut call_cx = Context::from_waker(waker);
+        // A panic in the call is the call's failure, as it would be in a
+        // task of its own, not its dispatcher's (for HTTP, the connection's).
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call.as_mut().poll(&mut call_cx)));
+        let ended = match polled {
+            Ok(Poll::Pending) => return,
+            Ok(Poll::Ready(output)) => Ok(output),
+            Err(panic) => Err(panic_message(panic.as_ref())),
+        };
+        self.state = CallState::Ended(Some(ended));
+    }
+
+    /// Move a call still under way here to a task of its own.
+    fn detach(&mut self) {
+        if let CallState::Here { .. } = self.state {
+            let CallState::Here { call, runtime, .. } = std::mem::replace(&mut self.state, CallState::Ended(None))
+            else {
+                unreachable!("matched just above")
+            };
+            self.state = CallState::Spawned(runtime.spawn(call));
+        }
+    }
+
+    /// Wait for the call's end: its output, or why it failed (a panic).
+    async fn finish(&mut self) -> Result<F::Output, String> {
+        // The call was just polled, in this poll of the task: it is polled
+        // again in the next (see [`CallTask::drive`]).
+        let mut next_poll = false;
+        std::future::poll_fn(|cx| {
+            if !std::mem::replace(&mut next_poll, true) && matches!(self.state, CallState::Here { .. }) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.drive(cx);
+            match &mut self.state {
+                CallState::Here { .. } => Poll::Pending,
+                CallState::Spawned(task) => Pin::new(task).poll(cx).map_err(|err| err.to_string()),
+                CallState::Ended(output) => {
+                    Poll::Ready(output.take().unwrap_or_else(|| Err("its output was taken".to_string())))
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for CallTask<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// How a call polled by its dispatching task is woken: it notes that the
+/// call is to be polled again, and wakes that task.
+struct CallWake {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for CallWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// What a panic said, as tokio's `JoinError` shows it.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let said = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+    match said {
+        Some(message) => format!("the call panicked with message {message:?}"),
+        None => "the call panicked".to_string(),
     }
 }
 
@@ -760,7 +928,7 @@ struct Exchange {
     ended: AtomicBool,
 }
 
-/// The call task's hold on its [`Exchange`]: however the task ends (a
+/// The call's hold on its [`Exchange`]: however the call ends (a
 /// panic too), the response's sender goes with it, so the client is not
 /// left waiting by what still shares the exchange (the request body and
 /// the response callback, which the guest's store may keep).
@@ -871,7 +1039,7 @@ where
     /// as it comes.
     ///
     /// `ended`: whether the call has returned (its record then comes next,
-    /// written by the call's task with its group's).
+    /// written by the call with its group's).
     async fn settle(&mut self, within: Duration, most: usize, ended: &AtomicBool) {
         let mut held_bytes = 0;
         // Most bodies are complete at once: no timer for those.
@@ -881,7 +1049,7 @@ where
         }
         if self.finished && self.held.iter().all(Result::is_ok) && ended.load(Ordering::Acquire) {
             // The body is complete and the call over: only its record is
-            // to come, from the call's task once its group closes
+            // to come, from the call once its group closes
             // ([`group_closes`]). No timer for that either (a slow write, such as the
             // `fsync` of a partition left behind, holds the head with the
             // end it would hold anyway). (A guest still running
@@ -948,7 +1116,7 @@ where
         }
         // The guest's body is complete; end it once the record is written.
         // A record that could not be written fails the body, and so does a
-        // call task gone without saying (a panic: every path that writes a
+        // call gone without saying (a panic: every path that writes a
         // record says whether it did): the client never sees a complete
         // response that is not on the bill.
         if *this.ended {

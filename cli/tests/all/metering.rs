@@ -1,14 +1,19 @@
 //! One usage record per request, with the numbers billing needs.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use shoal::outcome::Outcome;
 
-use crate::support::{TestHost, spec};
+use crate::support::{TestHost, eventually, spec};
 
 #[tokio::test]
 async fn each_request_gets_a_usage_record_with_time_cpu_fuel_and_memory() {
     let host = TestHost::start_persistent().await;
     let mut spin = spec("endless", "endless", "/endless");
-    spin.limits.timeout = std::time::Duration::from_millis(100);
+    spin.limits.timeout = Duration::from_millis(100);
     // A fuel limit: the function runs on the engine that meters fuel.
     let mut fib = spec("fib", "fib", "/fib");
     fib.limits.fuel_per_request = std::num::NonZeroU64::new(u64::MAX / 4);
@@ -116,4 +121,48 @@ async fn with_fuel_metered_for_every_request_a_function_without_a_limit_carries_
         .find(|line| line.starts_with("shoal_fuel_consumed_total{function=\"fib\"}"))
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(!fuel.ends_with(" 0"), "{fuel}");
+}
+
+/// Send GET `path` over HTTP/2 and cancel it after `after`, as a client
+/// giving up does: its stream is reset, and the host drops its part of it.
+async fn cancel_after(host: &TestHost, path: &str, after: Duration) {
+    let addr = host.running.http_addr().expect("a test host listens");
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://test{path}")).body(Empty::<Bytes>::new()).unwrap();
+    let answer = tokio::time::timeout(after, sender.send_request(request)).await;
+    assert!(answer.is_err(), "{path} was answered within {after:?}, before its client gave up");
+    drop(sender);
+    let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+}
+
+#[tokio::test]
+async fn a_request_whose_client_gives_up_still_runs_to_its_end_and_is_billed() {
+    let host = TestHost::start_persistent().await;
+    let mut endless = spec("endless", "endless", "/endless");
+    endless.limits.timeout = Duration::from_millis(300);
+    // A WASI 0.3 function: its requests share an instance.
+    host.deploy(vec![spec("slow", "slow", "/slow"), spec("shared", "hello-p3", "/shared"), endless]).await;
+
+    for path in ["/slow?ms=400", "/shared/sleep/400", "/endless"] {
+        cancel_after(&host, path, Duration::from_millis(100)).await;
+    }
+    let ledger = host.running.host().ledger().unwrap();
+    let all_billed = eventually(Duration::from_secs(5), || async { ledger.records(None).unwrap().len() == 3 }).await;
+    let records = ledger.records(None).unwrap();
+    assert!(all_billed, "three calls, three records: {records:?}");
+    for record in &records {
+        let expected = match &*record.function {
+            "endless" => (Outcome::Timeout, 504),
+            _ => (Outcome::Ok, 200),
+        };
+        assert_eq!((record.outcome, record.status), expected, "{record:?}");
+        assert!(record.wall_us >= 300_000, "it ran past its client's 100 ms: {record:?}");
+    }
+    // Each call gave its instance back, fit to serve again.
+    let again = host.get("/slow?ms=1").await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(ledger.records(None).unwrap().last().map(|record| record.cold), Some(false), "the instance was reused");
 }

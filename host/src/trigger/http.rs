@@ -63,8 +63,8 @@ pub async fn serve_routed(
     // fresh 8 KiB buffer (and glibc a consolidation of its free lists);
     // ≈2% of W1's CPU at c=16 and ≈4% of the WASI 0.3 hello's. A client
     // that goes away is seen when its answer is written, and its call was
-    // never cancelled by it anyway (it runs in a task of its own to its end
-    // and usage record).
+    // never cancelled by it anyway (it runs to its end and usage record,
+    // in a task of its own once its client's connection is gone).
     builder
         .http1()
         .half_close(true)
