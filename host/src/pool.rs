@@ -170,7 +170,12 @@ impl Lease {
         match &mut self.held {
             Held::Own(instance) => {
                 let instance = instance.as_mut().expect("invariant: a lease holds its instance until it is dropped");
-                instance.handle(request, meta, respond).await
+                // Boxed: a call into wasm is a future of kilobytes, and
+                // without the box every future awaiting this one (the
+                // request's call, for a shared instance too) would be as
+                // large, and copied whole each time it is moved (into its
+                // box, for one).
+                Box::pin(instance.handle(request, meta, respond)).await
             }
             Held::Shared(shared) => shared.handle(request, meta, respond).await,
         }
