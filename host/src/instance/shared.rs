@@ -131,7 +131,8 @@ impl SharedInstance {
         let funcs = Funcs::find(&mut instance)?;
         let meter = Arc::new(Meter::default());
         let hook_meter = meter.clone();
-        instance.store.call_hook(move |store, hook| switch_on_entry(&hook_meter, store, hook));
+        let mut settled = None;
+        instance.store.call_hook(move |store, hook| switch_on_entry(&hook_meter, &mut settled, store, hook));
         let (jobs, receiver) = mpsc::unbounded_channel();
         let (fail, failed) = watch::channel(None);
         let broken = Arc::new(AtomicBool::new(false));
@@ -347,6 +348,9 @@ struct Task {
 #[derive(Default)]
 pub(crate) struct Meter {
     state: Mutex<MeterState>,
+    /// How many times `state` was locked ([`Meter::lock`]): while it has
+    /// not changed, nothing in `state` has.
+    locks: AtomicU64,
 }
 
 #[derive(Default)]
@@ -477,7 +481,15 @@ impl MeterState {
 
 impl Meter {
     fn lock(&self) -> MutexGuard<'_, MeterState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // Counted under the lock: a load and a store do.
+        self.locks.store(self.locks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        state
+    }
+
+    /// The count of [`Meter::lock`]s so far.
+    fn locks(&self) -> u64 {
+        self.locks.load(Ordering::Relaxed)
     }
 
     /// Stop metering job `seq` (task `task`): its requester is gone.
@@ -511,7 +523,18 @@ fn nanos(duration: Duration) -> u64 {
 /// guest, switch the store to the entered task's request if it is another
 /// one, charging CPU time as it goes; on each return from the guest, charge
 /// the task and hand the clock to the event loop.
-fn switch_on_entry(meter: &Meter, mut store: StoreContextMut<'_, GuestState>, hook: CallHook) -> wasmtime::Result<()> {
+///
+/// `settled`: the task found running in its own context at the last entry,
+/// and the meter's lock count then. While no one has locked the meter
+/// since, running and context are still that task, and an entry of the
+/// same task (a return from a host call that let no other task in, the
+/// most frequent entry) needs no lock.
+fn switch_on_entry(
+    meter: &Meter,
+    settled: &mut Option<(GuestTaskId, u64)>,
+    mut store: StoreContextMut<'_, GuestState>,
+    hook: CallHook,
+) -> wasmtime::Result<()> {
     match hook {
         CallHook::CallingHost => Ok(()),
         CallHook::ReturningFromWasm => {
@@ -523,21 +546,38 @@ fn switch_on_entry(meter: &Meter, mut store: StoreContextMut<'_, GuestState>, ho
             Ok(())
         }
         CallHook::CallingWasm | CallHook::ReturningFromHost => {
+            // (Unchanged since settled, so not ended either: the event
+            // loop runs, and the call stack can be asked.)
+            let mut found = None;
+            if let Some((task, locks)) = *settled
+                && locks == meter.locks()
+            {
+                let root = store.async_call_stack()?.last();
+                if root == Some(task) {
+                    return Ok(());
+                }
+                found = Some(root);
+            }
             let mut state = meter.lock();
             if state.ended {
                 return Ok(());
             }
-            let root = store.async_call_stack()?.last();
-            if state.running == root && state.context == root {
-                return Ok(());
+            let root = match found {
+                Some(root) => root,
+                None => store.async_call_stack()?.last(),
+            };
+            if state.running != root || state.context != root {
+                if state.mark.is_some() {
+                    state.charge(Instant::now());
+                }
+                state.running = root;
+                if state.context != root {
+                    switch_context(&mut store, &mut state, root);
+                }
             }
-            if state.mark.is_some() {
-                state.charge(Instant::now());
-            }
-            state.running = root;
-            if state.context != root {
-                switch_context(&mut store, &mut state, root);
-            }
+            // (A task no longer metered is never in context: each of its
+            // entries takes the lock.)
+            *settled = root.filter(|_| state.context == root).map(|root| (root, meter.locks()));
             Ok(())
         }
     }
