@@ -418,7 +418,9 @@ impl MeterState {
                 u64::try_from(u128::from(nanos(used)) * u128::from(part) / u128::from(wall)).unwrap_or(u64::MAX),
             )
         };
-        for id in std::mem::take(&mut self.touched) {
+        // Drained, not taken: the list keeps its room for the next poll
+        // (taken, it was allocated anew in every poll).
+        for id in self.touched.drain(..) {
             if let Some(task) = self.tasks.get_mut(&id) {
                 task.cpu += scale(task.poll_ns);
                 task.poll_ns = 0;
