@@ -29,7 +29,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 
 use crate::abi::bindings::exports::shoal::runtime::events::Message;
 use crate::backends::Delivery;
-use crate::engine::LimitedPriority;
+use crate::engine::{LimitedPriority, behind_the_queue};
 use crate::instance::{InstanceError, ResponseResult};
 use crate::metering::{CallStats, Ledger, RECORD_LINE_BYTES, UsageRecord};
 use crate::metrics::Metrics;
@@ -330,25 +330,6 @@ async fn group_closes(shared_instance: bool) {
     }
 }
 
-/// Return once the tasks queued on this worker thread before this one
-/// have had their turn. A tokio task that wakes itself while it is polled
-/// goes to the back of its worker's run queue; `tokio::task::yield_now`
-/// would also wait for the worker to poll for I/O first, an `epoll_wait`
-/// more for a call that ends alone.
-async fn behind_the_queue() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await;
-}
-
 impl Dispatcher {
     /// A dispatcher writing usage to `ledger` (if any) and `metrics`.
     pub fn new(ledger: Option<Arc<Ledger>>, metrics: Arc<Metrics>, limited_priority: LimitedPriority) -> Dispatcher {
@@ -370,17 +351,20 @@ impl Dispatcher {
     /// Whether the calls of `pool`'s function run on other threads than
     /// the one that dispatches them ([`Dispatcher::runtime`]).
     fn runs_apart(&self, pool: &FunctionPool) -> bool {
-        pool.function().cpu_quota().is_some() && matches!(self.limited_priority, LimitedPriority::Idle)
+        self.apart(pool.function().cpu_quota().is_some())
+    }
+
+    /// Whether wasm with (`cpu_limited`) or without a CPU share runs on
+    /// the idle-priority threads.
+    fn apart(&self, cpu_limited: bool) -> bool {
+        cpu_limited && matches!(self.limited_priority, LimitedPriority::Idle)
     }
 
     /// Where wasm with (`cpu_limited`) or without a CPU share runs: the
     /// former, at idle priority, on the threads kept for those
     /// ([`crate::limits::limited_calls`]); the latter where it was called.
     pub fn runtime(&self, cpu_limited: bool) -> tokio::runtime::Handle {
-        match (cpu_limited, self.limited_priority) {
-            (true, LimitedPriority::Idle) => crate::limits::limited_calls().clone(),
-            _ => tokio::runtime::Handle::current(),
-        }
+        if self.apart(cpu_limited) { crate::limits::limited_calls().clone() } else { tokio::runtime::Handle::current() }
     }
 
     /// Serve `request` (from a trigger) with a version from `pool`. Its
@@ -826,12 +810,10 @@ where
     async fn finish(&mut self) -> Result<F::Output, String> {
         // The call was just polled, in this poll of the task: it is polled
         // again in the next (see [`CallTask::drive`]).
-        let mut next_poll = false;
+        if matches!(self.state, CallState::Here { .. }) {
+            behind_the_queue().await;
+        }
         std::future::poll_fn(|cx| {
-            if !std::mem::replace(&mut next_poll, true) && matches!(self.state, CallState::Here { .. }) {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
             self.drive(cx);
             match &mut self.state {
                 CallState::Here { .. } => Poll::Pending,

@@ -458,14 +458,14 @@ impl Turns {
             // so this slice ran before the request the poll had just queued
             // (traced beside W6's hogs: the request read only once the
             // whole slice had run).
-            BackOfTheQueue(false).await;
+            behind_the_queue().await;
             if arrivals {
                 // Requests are arriving (one ended this slice): those that
                 // came while the worker served the last ones are read and
                 // served too before the slice resumes. Once: a stream of
                 // them holds a CPU-bound call back by two rounds at most.
                 tokio::task::yield_now().await;
-                BackOfTheQueue(false).await;
+                behind_the_queue().await;
             }
             let mut state = seat.state();
             state.permit = permit;
@@ -475,12 +475,20 @@ impl Turns {
     }
 }
 
-/// Ready on its second poll. On its first it wakes its own task, which
-/// tokio then puts at the back of the worker's run queue (a task woken
-/// while it is being polled is rescheduled as a yield), not in its LIFO
-/// slot. No tokio API says "behind the tasks queued now"; this is the
-/// self-wake that tokio's own `yield_now` did before it deferred wakes.
-struct BackOfTheQueue(bool);
+/// Return once the tasks queued on this worker thread before this one
+/// have had their turn: ready on its second poll. On its first it wakes
+/// its own task, which tokio then puts at the back of the worker's run
+/// queue (a task woken while it is being polled is rescheduled as a
+/// yield), not in its LIFO slot. No tokio API says "behind the tasks
+/// queued now"; this is the self-wake that tokio's own `yield_now` did
+/// before it deferred wakes (`yield_now` now also waits for the worker to
+/// poll for I/O first, an `epoll_wait` more for a task alone).
+pub(crate) fn behind_the_queue() -> BackOfTheQueue {
+    BackOfTheQueue(false)
+}
+
+/// See [`behind_the_queue`].
+pub(crate) struct BackOfTheQueue(bool);
 
 impl Future for BackOfTheQueue {
     type Output = ();
