@@ -51,7 +51,7 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,20 @@ pub const BUSY_EPOCH_TICK: Duration = Duration::from_micros(250);
 /// ([`Doorbell`]): a client sending a stream of small segments cannot make
 /// CPU-bound guests yield more often than this.
 const MIN_RING_GAP: Duration = Duration::from_micros(25);
+/// A CPU-bound call's slice lasts at least this fraction of the time it
+/// waited behind the queue for it (up to [`MOST_SLICE_FLOOR`]), whatever
+/// arrives or ticks meanwhile: short requests go ahead of a CPU-bound
+/// call, but leave it about 1/(1 + this) of the thread, not nothing, and
+/// they wait for it about 1/this longer than they wait for each other.
+///
+/// Why: arrivals end a slice at once (see [`Doorbell`]), and a slice
+/// waited one or two rounds of the queue. With 63 connections sending a
+/// Go `hello`, its collections (20–25 ms of CPU) got slices of a few
+/// microseconds between rounds of about 3 ms, and took 4–10 s of wall
+/// time; some passed their 10 s timeout.
+const SLICE_FLOOR_SHARE: u32 = 16;
+/// The longest slice floor: what a request arriving in it waits at most.
+const MOST_SLICE_FLOOR: Duration = Duration::from_millis(5);
 /// How many fast ticks follow the last tick that found a long guest call.
 const BUSY_TICKS: u32 = 400;
 /// How long the clock runs on with no guest call before it sleeps: a host
@@ -330,6 +344,15 @@ struct Computing {
     rang: AtomicBool,
     nap: Mutex<()>,
     slice_began: std::sync::Condvar,
+    /// No arrival ends a slice before this time (nanoseconds since
+    /// [`clock_base`]; see [`SLICE_FLOOR_SHARE`]).
+    no_ring_before: AtomicU64,
+}
+
+/// The instant [`Computing::no_ring_before`] counts from.
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
 }
 
 /// A CPU-bound call inside its slice (counted while alive).
@@ -337,7 +360,10 @@ struct Computing {
 struct InSlice(Arc<Computing>);
 
 impl InSlice {
-    fn begin(computing: &Arc<Computing>) -> InSlice {
+    /// A slice begins; no arrival ends it before `floor_ends`.
+    fn begin(computing: &Arc<Computing>, floor_ends: Instant) -> InSlice {
+        let nanos = floor_ends.saturating_duration_since(clock_base()).as_nanos();
+        computing.no_ring_before.fetch_max(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::SeqCst);
         computing.count.fetch_add(1, Ordering::SeqCst);
         // Pairs with `nap`: either it sees the count, or this sees it
         // napping and wakes it (taking the lock, which `nap` holds from
@@ -372,6 +398,9 @@ struct SeatState {
     /// Between a slice's end (the epoch callback) and the next one: the
     /// permit is kept until the I/O driver has been polled.
     handing_over: bool,
+    /// The slice under way runs on at least until then (see
+    /// [`SLICE_FLOOR_SHARE`]).
+    floor_ends: Option<Instant>,
 }
 
 impl Seat {
@@ -390,6 +419,13 @@ impl Seat {
         }
     }
 
+    /// Whether the slice under way is inside its floor at `now`: the
+    /// call computes on (see [`SLICE_FLOOR_SHARE`]).
+    pub fn in_floor(&self, now: Instant) -> bool {
+        let state = self.state();
+        state.in_slice.is_some() && state.floor_ends.is_some_and(|ends| now < ends)
+    }
+
     /// A new call: nothing of an abandoned one's turn stays.
     pub fn reset(&self) {
         *self.state() = SeatState::default();
@@ -406,6 +442,13 @@ impl Turns {
     /// Whether a CPU-bound call is inside a slice now.
     pub fn computing(&self) -> bool {
         self.computing.count.load(Ordering::SeqCst) > 0
+    }
+
+    /// On the clock thread: how long an arrival must wait before it ends
+    /// the slices under way (see [`SLICE_FLOOR_SHARE`]).
+    fn floor_left(&self) -> Duration {
+        let until = clock_base() + Duration::from_nanos(self.computing.no_ring_before.load(Ordering::SeqCst));
+        until.saturating_duration_since(Instant::now())
     }
 
     /// On the clock thread: an arrival ends the slices under way.
@@ -444,13 +487,18 @@ impl Turns {
         let permits = self.permits.clone();
         let computing = self.computing.clone();
         async move {
+            // How long it waits behind others (not for a turn: the other
+            // CPU-bound calls' slices are not what the floor makes up for).
+            let queued = Instant::now();
             // To the runtime: it polls its I/O driver before this task runs
             // again, which queues the requests that arrived.
             tokio::task::yield_now().await;
+            let mut waited = queued.elapsed();
             let held = seat.state().permit.take();
             drop(held);
             // The semaphore is never closed.
             let permit = permits.acquire_owned().await.ok();
+            let queued = Instant::now();
             // Then behind those requests, and the guest calls they start.
             // Not by a second `yield_now`: tokio wakes the tasks it
             // deferred into its LIFO slot, which runs before the run queue
@@ -467,9 +515,13 @@ impl Turns {
                 tokio::task::yield_now().await;
                 behind_the_queue().await;
             }
+            waited += queued.elapsed();
+            let now = Instant::now();
+            let floor_ends = now + (waited / SLICE_FLOOR_SHARE).min(MOST_SLICE_FLOOR);
             let mut state = seat.state();
             state.permit = permit;
-            state.in_slice = Some(InSlice::begin(&computing));
+            state.in_slice = Some(InSlice::begin(&computing, floor_ends));
+            state.floor_ends = Some(floor_ends);
             state.handing_over = false;
         }
     }
@@ -754,11 +806,18 @@ impl WasmEngine {
                             } else if doorbell.rang_within(left) && clock.turns.computing() {
                                 // At most one early tick per gap, whatever
                                 // clients send (each ends every CPU-bound
-                                // guest's slice).
-                                if let Some(early) = last_ring
+                                // guest's slice), and none before the
+                                // slices' floor.
+                                let gap_left = last_ring
                                     .map(|at| at + MIN_RING_GAP)
                                     .and_then(|gap_ends| gap_ends.checked_duration_since(Instant::now()))
-                                {
+                                    .unwrap_or_default();
+                                // (Never past the tick: deadlines are
+                                // checked at every tick.)
+                                let early = gap_left
+                                    .max(clock.turns.floor_left())
+                                    .min(due.saturating_duration_since(Instant::now()));
+                                if !early.is_zero() {
                                     std::thread::sleep(early);
                                 }
                                 last_ring = Some(Instant::now());

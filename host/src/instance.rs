@@ -219,8 +219,14 @@ impl Instance {
                 // Hand the thread back to the scheduler, so a guest that
                 // computes for long never starves its neighbours: the
                 // requests that arrived go first, then the next CPU-bound
-                // call's slice (see `Turns`).
-                Ok(UpdateDeadline::YieldCustom(1, Box::pin(turns.next_slice(state.call_cpu.seat()))))
+                // call's slice (see `Turns`). Not inside the slice's floor,
+                // so that they do not starve it either.
+                let seat = state.call_cpu.seat();
+                if seat.in_floor(now) {
+                    Ok(UpdateDeadline::Continue(1))
+                } else {
+                    Ok(UpdateDeadline::YieldCustom(1, Box::pin(turns.next_slice(seat))))
+                }
             } else if cpu_bound {
                 // On an idle-priority thread the kernel already gives way
                 // to every other thread; the yield shares this one between

@@ -308,17 +308,37 @@ impl HostProcess {
 
     /// [`HostProcess::spawn`] with extra environment variables.
     pub fn spawn_with_env(state_dir: &Path, manifest: Option<&Path>, env: &[(&str, &str)]) -> HostProcess {
-        HostProcess::launch(state_dir, manifest, env, &[])
+        HostProcess::launch(state_dir, manifest, env, &[], None)
     }
 
     /// [`HostProcess::spawn`] with extra options for `shoal serve`.
     pub fn spawn_with_args(state_dir: &Path, manifest: Option<&Path>, args: &[&str]) -> HostProcess {
-        HostProcess::launch(state_dir, manifest, &[], args)
+        HostProcess::launch(state_dir, manifest, &[], args, None)
     }
 
-    fn launch(state_dir: &Path, manifest: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> HostProcess {
+    /// [`HostProcess::spawn`] on CPU `cpu` alone (`taskset`), as a node
+    /// that gives the host one CPU: its runtime then has one worker thread.
+    pub fn spawn_on_cpu(state_dir: &Path, manifest: Option<&Path>, cpu: usize) -> HostProcess {
+        HostProcess::launch(state_dir, manifest, &[], &[], Some(cpu))
+    }
+
+    fn launch(
+        state_dir: &Path,
+        manifest: Option<&Path>,
+        env: &[(&str, &str)],
+        args: &[&str],
+        cpu: Option<usize>,
+    ) -> HostProcess {
         use std::io::BufRead as _;
-        let mut command = std::process::Command::new(shoal_bin());
+        let mut command = match cpu {
+            // taskset execs the host: the child is the host itself.
+            Some(cpu) => {
+                let mut taskset = std::process::Command::new("taskset");
+                taskset.arg("--cpu-list").arg(cpu.to_string()).arg(shoal_bin());
+                taskset
+            }
+            None => std::process::Command::new(shoal_bin()),
+        };
         command.envs(env.iter().copied());
         command.arg("--state-dir").arg(state_dir).arg("serve").args(["--listen", "127.0.0.1:0"]).args(args);
         if let Some(manifest) = manifest {
