@@ -238,3 +238,67 @@ async fn a_request_head_over_the_limit_gets_431() {
     assert_eq!(many.send().await.unwrap().status(), 431);
     assert_eq!(host.get("/hello").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_route_asked_for_while_the_host_is_starting_is_refused_for_now_not_as_missing() {
+    // `shoal serve` listens before its manifest's functions are deployed
+    // (here a Go function compiled by Cranelift first: a second or more).
+    // A client in that window is told to come back, not that no function
+    // serves the path.
+    let state = tempfile::tempdir().unwrap();
+    let manifest = crate::support::write_manifest(
+        state.path(),
+        &format!(
+            "[[function]]\nname = \"go\"\nwasm = \"{}\"\nroutes = [\"/hello\"]\n",
+            crate::languages::lang_guest("hello-go").display()
+        ),
+    );
+    let port = crate::cluster::free_port();
+    let host = std::process::Command::new(crate::support::shoal_bin())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["serve", "--no-tier-up", "--listen", &format!("127.0.0.1:{port}")])
+        .arg(&manifest)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _host = KillOnDrop(host);
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/hello");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut not_ready = 0;
+    let served = loop {
+        assert!(std::time::Instant::now() < deadline, "served within 60 s ({not_ready} refusals)");
+        let Ok(reply) = client.get(&url).send().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            continue;
+        };
+        let (status, kind) = (reply.status().as_u16(), reply.headers().get("x-shoal-error").cloned());
+        let retry = reply.headers().get("retry-after").cloned();
+        let body = reply.text().await.unwrap();
+        if status == 200 {
+            break body;
+        }
+        assert_eq!(
+            (status, kind.as_ref().and_then(|k| k.to_str().ok()), retry.as_ref().and_then(|r| r.to_str().ok())),
+            (503, Some("not_ready"), Some("1")),
+            "{body}"
+        );
+        assert!(body.contains("no function serves /hello yet: the host is not ready"), "{body}");
+        not_ready += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert!(not_ready > 0, "the window before the deploy was seen");
+    assert!(served.starts_with("hello"), "{served}");
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -232,6 +232,18 @@ async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> 
     let request_host =
         request.uri().host().or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
     let Some(target) = host.registry().route(request_host, path) else {
+        if !host.is_ready() {
+            // The listener is up before the functions it is started with
+            // are deployed (and while it drains): a 404 would tell a
+            // client that nothing will serve the path.
+            let mut response = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("shoal: no function serves {path} yet: the host is not ready (starting, or stopping)\n"),
+                Some("not_ready"),
+            );
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return response;
+        }
         return text_response(StatusCode::NOT_FOUND, format!("shoal: no function serves {path}\n"), Some("no_route"));
     };
     serve_request(host, &target, request).await
