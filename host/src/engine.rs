@@ -83,7 +83,8 @@ pub const RELAXED_EPOCH_TICK: Duration = Duration::from_millis(5);
 pub const STEADY_FOR: Duration = Duration::from_millis(100);
 /// How often it advances while guests run past ticks: the slice a
 /// CPU-bound guest gets before it yields to the other requests on its
-/// thread (benchmark W6).
+/// thread (benchmark W6), unless its floor is longer
+/// ([`SLICE_FLOOR_SHARE`]).
 pub const BUSY_EPOCH_TICK: Duration = Duration::from_micros(250);
 /// The least time between two ticks that an arrival brought early
 /// ([`Doorbell`]): a client sending a stream of small segments cannot make
@@ -93,15 +94,19 @@ const MIN_RING_GAP: Duration = Duration::from_micros(25);
 /// waited behind the queue for it (up to [`MOST_SLICE_FLOOR`]), whatever
 /// arrives or ticks meanwhile: short requests go ahead of a CPU-bound
 /// call, but leave it about 1/(1 + this) of the thread, not nothing, and
-/// they wait for it about 1/this longer than they wait for each other.
+/// they wait for it about 1/this longer than they wait for each other
+/// (until a round of the queue is 16 × [`MOST_SLICE_FLOOR`] long). The
+/// ticks still check its timeout and CPU share inside the floor.
 ///
-/// Why: arrivals end a slice at once (see [`Doorbell`]), and a slice
+/// Why: arrivals ended a slice at once (see [`Doorbell`]), and a slice
 /// waited one or two rounds of the queue. With 63 connections sending a
 /// Go `hello`, its collections (20–25 ms of CPU) got slices of a few
-/// microseconds between rounds of about 3 ms, and took 4–10 s of wall
-/// time; some passed their 10 s timeout.
+/// microseconds between rounds of about 3 ms (0.2–0.5% of the thread),
+/// and took seconds of wall time (up to 10); some passed their 10 s
+/// timeout.
 const SLICE_FLOOR_SHARE: u32 = 16;
-/// The longest slice floor: what a request arriving in it waits at most.
+/// The longest slice floor: what a request arriving in it waits at most
+/// (then the guest's next epoch check).
 const MOST_SLICE_FLOOR: Duration = Duration::from_millis(5);
 /// How many fast ticks follow the last tick that found a long guest call.
 const BUSY_TICKS: u32 = 400;
@@ -378,7 +383,12 @@ impl InSlice {
 
 impl Drop for InSlice {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // No slice left whose floor holds arrivals back (a slice that
+            // begins meanwhile keeps its floor anyway: its epoch callback
+            // computes on inside it).
+            self.0.no_ring_before.store(0, Ordering::SeqCst);
+        }
     }
 }
 
@@ -596,8 +606,9 @@ pub(crate) fn set_own_scheduling(policy: libc::c_int, priority: libc::c_int) -> 
 /// arrives waits for what is left of the guest's slice before it is even
 /// read (benchmark W6). While a CPU-bound call is inside a slice
 /// ([`Turns::computing`]), the clock thread waits on this set as well as
-/// on its tick: an arrival advances the epoch at once, the guest yields
-/// at its next check, and the request is read. Otherwise the set is not
+/// on its tick: an arrival advances the epoch at once (once the slice's
+/// floor has passed: [`SLICE_FLOOR_SHARE`]), the guest yields at its next
+/// check, and the request is read. Otherwise the set is not
 /// looked at: a host serving short requests pays one `epoll_ctl` per
 /// connection.
 ///
@@ -755,6 +766,9 @@ impl WasmEngine {
             run_before_guests();
             let mut fast_ticks = 0;
             let mut last_ring: Option<Instant> = None;
+            // An arrival that a slice's floor held back past a tick: it
+            // ends the slice once the floor has passed (its edge is gone).
+            let mut held_arrival = false;
             // When the last tick found a CPU-bound call.
             let mut last_busy: Option<Instant> = None;
             // Start asleep: nothing runs yet.
@@ -802,8 +816,11 @@ impl WasmEngine {
                         while let Some(left) = due.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
                         {
                             if !clock.turns.computing() {
+                                // Between slices the worker serves what
+                                // arrived.
+                                held_arrival = false;
                                 clock.turns.nap(left);
-                            } else if doorbell.rang_within(left) && clock.turns.computing() {
+                            } else if (held_arrival || doorbell.rang_within(left)) && clock.turns.computing() {
                                 // At most one early tick per gap, whatever
                                 // clients send (each ends every CPU-bound
                                 // guest's slice), and none before the
@@ -812,11 +829,13 @@ impl WasmEngine {
                                     .map(|at| at + MIN_RING_GAP)
                                     .and_then(|gap_ends| gap_ends.checked_duration_since(Instant::now()))
                                     .unwrap_or_default();
-                                // (Never past the tick: deadlines are
-                                // checked at every tick.)
-                                let early = gap_left
-                                    .max(clock.turns.floor_left())
-                                    .min(due.saturating_duration_since(Instant::now()));
+                                let early = gap_left.max(clock.turns.floor_left());
+                                // Never past the tick (deadlines are checked
+                                // at every tick): a floor that ends later
+                                // holds the arrival over to a later pass.
+                                let until_tick = due.saturating_duration_since(Instant::now());
+                                held_arrival = early > until_tick;
+                                let early = early.min(until_tick);
                                 if !early.is_zero() {
                                     std::thread::sleep(early);
                                 }
@@ -963,8 +982,8 @@ impl WasmEngine {
     }
 
     /// Requests arriving on `connection` interrupt CPU-bound guests at
-    /// once (at most every [`MIN_RING_GAP`]) while one of them is inside a
-    /// slice (see [`Doorbell`]). The kernel forgets the connection when it
+    /// once (at most every [`MIN_RING_GAP`], and not inside a slice's
+    /// floor) while one of them is inside a slice (see [`Doorbell`]). The kernel forgets the connection when it
     /// closes.
     pub fn watch_arrivals(&self, connection: &impl AsFd) {
         if let Some(doorbell) = &self.inner.clock.doorbell
@@ -1169,6 +1188,40 @@ mod tests {
         a.poll_ended();
         assert!(!turns.taken(), "a call that stopped computing kept its turn");
         assert!(!turns.computing());
+    }
+
+    #[test]
+    fn a_slice_that_waited_behind_the_queue_has_a_floor_of_a_sixteenth_of_its_wait_up_to_5_ms() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let turns = Turns::new(1);
+        let seat = Arc::new(Seat::default());
+        // `tasks` requests of 4 ms each queued on the thread: the slice
+        // begins after them.
+        let slice_after = |tasks: u32| {
+            runtime.block_on(async {
+                for _ in 0..tasks {
+                    tokio::spawn(async { std::thread::sleep(Duration::from_millis(4)) });
+                }
+                let waiting = Instant::now();
+                turns.next_slice(seat.clone()).await;
+                (waiting.elapsed(), turns.floor_left())
+            })
+        };
+        let (waited, floor) = slice_after(8);
+        assert!(waited >= Duration::from_millis(32), "{waited:?}");
+        assert!(seat.in_floor(Instant::now()), "inside its floor after waiting {waited:?}");
+        assert!(floor > Duration::from_millis(1) && floor <= waited / SLICE_FLOOR_SHARE, "{floor:?} after {waited:?}");
+        // It stops computing: no floor holds arrivals back any more.
+        seat.poll_ended();
+        assert!(!seat.in_floor(Instant::now()) && turns.floor_left().is_zero());
+        // A long wait: the floor stops at 5 ms.
+        let (waited, floor) = slice_after(30);
+        assert!(waited >= Duration::from_millis(120), "{waited:?}");
+        assert!(floor > Duration::from_millis(4) && floor <= MOST_SLICE_FLOOR, "{floor:?} after {waited:?}");
+        seat.poll_ended();
+        // A slice that waited for nothing has next to no floor.
+        let (_, floor) = slice_after(0);
+        assert!(floor < Duration::from_millis(1), "{floor:?}");
     }
 
     #[test]

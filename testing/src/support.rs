@@ -316,9 +316,14 @@ impl HostProcess {
         HostProcess::launch(state_dir, manifest, &[], args, None)
     }
 
-    /// [`HostProcess::spawn`] on CPU `cpu` alone (`taskset`), as a node
-    /// that gives the host one CPU: its runtime then has one worker thread.
-    pub fn spawn_on_cpu(state_dir: &Path, manifest: Option<&Path>, cpu: usize) -> HostProcess {
+    /// [`HostProcess::spawn`] on one CPU alone (`taskset`; the first this
+    /// process may use), as a node that gives the host one CPU: its
+    /// runtime then has one worker thread.
+    pub fn spawn_on_one_cpu(state_dir: &Path, manifest: Option<&Path>) -> HostProcess {
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("this process's CPUs");
+        let cpu = (0..nix::sched::CpuSet::count())
+            .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+            .expect("a CPU this process may use");
         HostProcess::launch(state_dir, manifest, &[], &[], Some(cpu))
     }
 

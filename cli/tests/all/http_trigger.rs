@@ -99,7 +99,7 @@ async fn readyz_says_ready_only_once_the_manifests_functions_answer() {
         .args(["serve", "--listen", &addr])
         .arg(&manifest)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(state.path().join("host.log")).unwrap())
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
@@ -260,7 +260,7 @@ async fn a_route_asked_for_while_the_host_is_starting_is_refused_for_now_not_as_
         .args(["serve", "--no-tier-up", "--listen", &format!("127.0.0.1:{port}")])
         .arg(&manifest)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(state.path().join("host.log")).unwrap())
         .spawn()
         .unwrap();
     let _host = KillOnDrop(host);
@@ -269,7 +269,8 @@ async fn a_route_asked_for_while_the_host_is_starting_is_refused_for_now_not_as_
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut not_ready = 0;
     let served = loop {
-        assert!(std::time::Instant::now() < deadline, "served within 60 s ({not_ready} refusals)");
+        let log = || std::fs::read_to_string(state.path().join("host.log")).unwrap_or_default();
+        assert!(std::time::Instant::now() < deadline, "served within 60 s ({not_ready} refusals): {}", log());
         let Ok(reply) = client.get(&url).send().await else {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             continue;
@@ -285,7 +286,7 @@ async fn a_route_asked_for_while_the_host_is_starting_is_refused_for_now_not_as_
             (503, Some("not_ready"), Some("1")),
             "{body}"
         );
-        assert!(body.contains("no function serves /hello yet: the host is not ready"), "{body}");
+        assert!(body.contains("no function serves /hello now: the host is not ready"), "{body}");
         not_ready += 1;
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     };

@@ -46,34 +46,41 @@ async fn a_cpu_bound_request_finishes_while_many_connections_keep_sending_short_
     // `hello` back to back, and one request computing fib(33) (about 90 ms
     // of CPU). Short requests go ahead of a CPU-bound call's slices, but
     // they do not take the whole thread: the call gets a share of it and
-    // answers within its 5 s timeout: here in 0.3-0.5 s, and in 1.4-1.8 s
-    // beside busy loops on both CPUs; 9-10 s before its slices had a floor.
+    // answers within its 6 s timeout: here in 0.3-0.5 s, and in 1.4-2.0 s
+    // beside busy loops or a build on both CPUs; 9-10 s before its slices
+    // had a floor.
     let state = tempfile::tempdir().unwrap();
     let manifest = write_manifest(
         state.path(),
         &format!(
-            "{}{}[function.limits]\ntimeout_ms = 5000\n",
+            "{}{}[function.limits]\ntimeout_ms = 6000\n",
             manifest_entry("hello", "hello", "/hello"),
             manifest_entry("fib", "fib", "/fib")
         ),
     );
-    let host = HostProcess::spawn_on_cpu(state.path(), Some(&manifest), 0);
+    let host = HostProcess::spawn_on_one_cpu(state.path(), Some(&manifest));
     let client = reqwest::Client::new();
     for path in ["/hello", "/fib?n=1"] {
         assert_eq!(client.get(host.url(path)).send().await.unwrap().status(), 200, "{path}");
     }
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // Set while fib computes: the short requests answered then.
+    let hog_running = std::sync::Arc::new(AtomicBool::new(false));
     let started = std::time::Instant::now();
     let load: Vec<_> = (0..63)
         .map(|_| {
-            let (client, url, stop) = (client.clone(), host.url("/hello?name=load"), stop.clone());
+            let (client, url) = (client.clone(), host.url("/hello?name=load"));
+            let (stop, hog_running) = (stop.clone(), hog_running.clone());
             tokio::spawn(async move {
                 let (mut answered, mut other) = (0u32, Vec::new());
                 // Bounded: the test ends its load long before this.
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
                     match client.get(&url).send().await {
-                        Ok(reply) if reply.status() == 200 => answered += 1,
+                        Ok(reply) if reply.status() == 200 => {
+                            answered += u32::from(hog_running.load(Ordering::Relaxed));
+                        }
                         Ok(reply) => other.push(reply.status().to_string()),
                         Err(err) => other.push(err.to_string()),
                     }
@@ -85,10 +92,12 @@ async fn a_cpu_bound_request_finishes_while_many_connections_keep_sending_short_
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let hog_started = std::time::Instant::now();
+    hog_running.store(true, Ordering::Relaxed);
     let reply = client.get(host.url("/fib?n=33")).send().await.unwrap();
+    hog_running.store(false, Ordering::Relaxed);
     let hog_took = hog_started.elapsed();
     let (status, body) = (reply.status().as_u16(), reply.text().await.unwrap());
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let mut answered = 0;
     for task in load {
         let (count, other) = task.await.unwrap();
@@ -96,7 +105,8 @@ async fn a_cpu_bound_request_finishes_while_many_connections_keep_sending_short_
         answered += count;
     }
     assert_eq!((status, body.as_str()), (200, "fib(33) = 3524578\n"), "after {hog_took:?}");
-    // The load was real: short requests kept coming while fib computed.
-    assert!(answered > 1000, "{answered} short requests answered in {:?}", started.elapsed());
+    // The load was real: short requests kept being answered while fib
+    // computed (about 1,200 here in 0.3 s).
+    assert!(answered > 200, "{answered} short requests answered while fib computed for {hog_took:?}");
     eprintln!("fib(33) answered after {hog_took:?} beside {answered} short requests");
 }

@@ -238,7 +238,7 @@ async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> 
             // client that nothing will serve the path.
             let mut response = text_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("shoal: no function serves {path} yet: the host is not ready (starting, or stopping)\n"),
+                format!("shoal: no function serves {path} now: the host is not ready (starting, or stopping)\n"),
                 Some("not_ready"),
             );
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
