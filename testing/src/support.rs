@@ -308,12 +308,12 @@ impl HostProcess {
 
     /// [`HostProcess::spawn`] with extra environment variables.
     pub fn spawn_with_env(state_dir: &Path, manifest: Option<&Path>, env: &[(&str, &str)]) -> HostProcess {
-        HostProcess::launch(state_dir, manifest, env, &[], None)
+        HostProcess::launch(state_dir, manifest, env, &[], None, None)
     }
 
     /// [`HostProcess::spawn`] with extra options for `shoal serve`.
     pub fn spawn_with_args(state_dir: &Path, manifest: Option<&Path>, args: &[&str]) -> HostProcess {
-        HostProcess::launch(state_dir, manifest, &[], args, None)
+        HostProcess::launch(state_dir, manifest, &[], args, None, None)
     }
 
     /// [`HostProcess::spawn`] on one CPU alone (`taskset`; the first this
@@ -324,15 +324,25 @@ impl HostProcess {
         let cpu = (0..nix::sched::CpuSet::count())
             .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
             .expect("a CPU this process may use");
-        HostProcess::launch(state_dir, manifest, &[], &[], Some(cpu))
+        HostProcess::launch(state_dir, manifest, &[], &[], Some(cpu), None)
     }
 
+    /// `shoal serve [args] [manifest]` on a free port chosen here,
+    /// returned at once: before it listens, deploys or is ready (for what
+    /// clients see while it starts).
+    pub fn spawn_without_waiting(state_dir: &Path, manifest: Option<&Path>, args: &[&str]) -> HostProcess {
+        HostProcess::launch(state_dir, manifest, &[], args, None, Some(crate::cluster::free_port()))
+    }
+
+    /// Start `shoal serve`: on `port` and returned at once, or on a port
+    /// of its own and returned once it says it serves.
     fn launch(
         state_dir: &Path,
         manifest: Option<&Path>,
         env: &[(&str, &str)],
         args: &[&str],
         cpu: Option<usize>,
+        port: Option<u16>,
     ) -> HostProcess {
         use std::io::BufRead as _;
         let mut command = match cpu {
@@ -345,7 +355,8 @@ impl HostProcess {
             None => std::process::Command::new(shoal_bin()),
         };
         command.envs(env.iter().copied());
-        command.arg("--state-dir").arg(state_dir).arg("serve").args(["--listen", "127.0.0.1:0"]).args(args);
+        let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
+        command.arg("--state-dir").arg(state_dir).arg("serve").args(["--listen", &listen]).args(args);
         if let Some(manifest) = manifest {
             command.arg(manifest);
         }
@@ -355,13 +366,19 @@ impl HostProcess {
             .spawn()
             .expect("shoal serve starts");
         let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            let read = stdout.read_line(&mut line).expect("stdout readable");
-            assert!(read > 0, "shoal serve exited before serving: {:?}", child.wait());
-            if let Some(rest) = line.split("on http://").nth(1) {
-                break rest.split_whitespace().next().expect("address").to_string();
+        let addr = match port {
+            Some(_) => listen,
+            // It prints its address once it serves.
+            None => {
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    let read = stdout.read_line(&mut line).expect("stdout readable");
+                    assert!(read > 0, "shoal serve exited before serving: {:?}", child.wait());
+                    if let Some(rest) = line.split("on http://").nth(1) {
+                        break rest.split_whitespace().next().expect("address").to_string();
+                    }
+                }
             }
         };
         HostProcess { child, addr, state_dir: state_dir.to_path_buf(), _stdout: stdout }

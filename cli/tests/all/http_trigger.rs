@@ -91,17 +91,8 @@ async fn readyz_says_ready_only_once_the_manifests_functions_answer() {
     let state = tempfile::tempdir().unwrap();
     let manifest =
         crate::support::write_manifest(state.path(), &crate::support::manifest_entry("hello", "hello", "/hello"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = std::process::Command::new(crate::support::shoal_bin())
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["serve", "--listen", &addr])
-        .arg(&manifest)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(state.path().join("host.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let host = crate::support::HostProcess::spawn_without_waiting(state.path(), Some(&manifest), &[]);
+    let addr = &host.addr;
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let (mut not_ready, mut ready) = (0, false);
@@ -121,8 +112,6 @@ async fn readyz_says_ready_only_once_the_manifests_functions_answer() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(ready, "never ready within 60 s ({not_ready} not-ready answers)");
 }
 
@@ -253,24 +242,13 @@ async fn a_route_asked_for_while_the_host_is_starting_is_refused_for_now_not_as_
             crate::languages::lang_guest("hello-go").display()
         ),
     );
-    let port = crate::cluster::free_port();
-    let host = std::process::Command::new(crate::support::shoal_bin())
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["serve", "--no-tier-up", "--listen", &format!("127.0.0.1:{port}")])
-        .arg(&manifest)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(state.path().join("host.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _host = KillOnDrop(host);
+    let host = crate::support::HostProcess::spawn_without_waiting(state.path(), Some(&manifest), &["--no-tier-up"]);
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/hello");
+    let url = host.url("/hello");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut not_ready = 0;
     let served = loop {
-        let log = || std::fs::read_to_string(state.path().join("host.log")).unwrap_or_default();
-        assert!(std::time::Instant::now() < deadline, "served within 60 s ({not_ready} refusals): {}", log());
+        assert!(std::time::Instant::now() < deadline, "served within 60 s ({not_ready} refusals): {}", host.log());
         let Ok(reply) = client.get(&url).send().await else {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             continue;
@@ -292,14 +270,4 @@ async fn a_route_asked_for_while_the_host_is_starting_is_refused_for_now_not_as_
     };
     assert!(not_ready > 0, "the window before the deploy was seen");
     assert!(served.starts_with("hello"), "{served}");
-}
-
-/// A child process killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
