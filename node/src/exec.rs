@@ -12,6 +12,7 @@
 //!
 //! A terminal (`kubectl exec -t`) is refused: nothing here reads one.
 
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -182,6 +183,16 @@ impl ExecStdio {
         };
         drop(probes);
         Ok(stdio)
+    }
+
+    /// Second descriptors of the output FIFOs, to see when their reader
+    /// has taken everything ([`crate::stdio::drained`]).
+    pub(crate) fn outputs(&self) -> Vec<OwnedFd> {
+        [&self.stdout, &self.stderr]
+            .into_iter()
+            .flatten()
+            .filter_map(|sender| sender.as_fd().try_clone_to_owned().ok())
+            .collect()
     }
 
     /// The streams as a WASI program's (output that is not asked for is

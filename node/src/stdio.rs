@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -93,6 +93,16 @@ impl ContainerOutput {
             }
         };
         Ok((dup(&self.stdout)?, dup(&self.stderr)?))
+    }
+
+    /// Wait until containerd's reader has taken what was written to the
+    /// FIFOs ([`drained`]); the bytes it left.
+    pub(crate) async fn drained(&self) -> usize {
+        let fifos: Vec<OwnedFd> = match self.descriptors() {
+            Ok((stdout, stderr)) => stdout.into_iter().chain(stderr).collect(),
+            Err(_) => return 0,
+        };
+        drained(&fifos, DRAIN_STALL, DRAIN_MOST).await
     }
 
     /// Write one line to `stream`'s FIFO. Returns how many lines were
@@ -253,6 +263,57 @@ pub(crate) async fn wait_for_reader(path: &str) -> Option<Sender> {
     }
 }
 
+/// How long a process's end waits, at most, for the reader of its output
+/// FIFOs to take what is still in them.
+pub(crate) const DRAIN_MOST: Duration = Duration::from_secs(10);
+/// A reader that took nothing for this long is taken to be gone (a
+/// detached `ctr run -d`): the end waits no longer for it.
+pub(crate) const DRAIN_STALL: Duration = Duration::from_secs(2);
+/// How often the wait looks. (Polled: a pipe tells its writer when there
+/// is room, not when it is empty.)
+const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+/// Wait until the readers of `fifos` (descriptors of output FIFOs or
+/// pipes) have taken everything written to them, at most `most`, or until
+/// they took nothing for `stall`. Returns how many bytes were left unread
+/// (0: all taken).
+///
+/// A process's end is told only after this: containerd's client (`ctr
+/// run --rm`, `ctr task exec`, nerdctl), once it hears of the end, closes
+/// its FIFO readers as it deletes the process, so what it had not read by
+/// then would be lost. A short program ends within a millisecond of its
+/// last write, often before the client's copy has read it.
+pub(crate) async fn drained(fifos: &[OwnedFd], stall: Duration, most: Duration) -> usize {
+    let began = Instant::now();
+    let (mut least, mut took_at) = (usize::MAX, began);
+    loop {
+        let left: usize = fifos.iter().map(|fd| unread(fd.as_fd())).sum();
+        if left == 0 {
+            return 0;
+        }
+        let now = Instant::now();
+        if left < least {
+            (least, took_at) = (left, now);
+        }
+        if now.duration_since(took_at) >= stall || now.duration_since(began) >= most {
+            return left;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// Bytes written to the FIFO or pipe `fd` that no reader has taken yet
+/// (either end answers; 0 when it cannot be asked).
+fn unread(fd: BorrowedFd<'_>) -> usize {
+    let mut count: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, which we own, for a descriptor that
+    // is valid for the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut count) } < 0 {
+        return 0;
+    }
+    usize::try_from(count).unwrap_or(0)
+}
+
 pub(crate) fn fifo_path(path: &str) -> Option<&str> {
     let path = path.strip_prefix("file://").unwrap_or(path);
     (!path.is_empty()).then_some(path)
@@ -349,5 +410,36 @@ mod tests {
             &lines[15..],
             ["shoal: dropped 1 line(s) of output: the container's log reader did not take them in time", "after"]
         );
+    }
+
+    #[tokio::test]
+    async fn an_end_waits_until_the_reader_took_the_output_or_stopped_taking_it() {
+        let (_dir, mut reader, output) = fifo_behind_its_reader("stdout", Stream::Stdout);
+        for line in 0..100 {
+            assert_eq!(output.write("f", Stream::Stdout, &format!("line {line}")), 0);
+        }
+        // The reader takes it all after 300 ms: the wait ends then, not before.
+        let began = Instant::now();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let text = read_all(&mut reader);
+            (reader, text)
+        });
+        assert_eq!(output.drained().await, 0, "all of it was taken");
+        assert!(began.elapsed() >= Duration::from_millis(300), "it waited for the reader: {:?}", began.elapsed());
+        let (_reader, text) = late.join().unwrap();
+        assert_eq!(text.lines().count(), 100);
+
+        // A reader that takes nothing is given up on once it took nothing
+        // for the stall time; what it left is told.
+        assert_eq!(output.write("f", Stream::Stdout, "unread"), 0);
+        let (stdout, _) = output.descriptors().unwrap();
+        let began = Instant::now();
+        let left = drained(&[stdout.unwrap()], Duration::from_millis(200), Duration::from_secs(5)).await;
+        assert_eq!(left, "unread\n".len());
+        let waited = began.elapsed();
+        assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(5), "{waited:?}");
+        // A stream with no FIFO has nothing to wait for.
+        assert_eq!(ContainerOutput::open("", "").unwrap().drained().await, 0);
     }
 }

@@ -634,6 +634,20 @@ impl TaskHost {
     /// Record the exit, close the output, tell containerd.
     async fn exit(&self, container: &Container, status: u32) {
         let at = SystemTime::now();
+        // Its output reaches containerd's reader before the end is told
+        // (by Wait or the exit event): the client deletes the task once it
+        // hears of it, closing its readers.
+        let output = container.output.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(output) = output.filter(|_| container.state().is_live()) {
+            let left = output.drained().await;
+            if left > 0 {
+                tracing::warn!(
+                    container = %container.id,
+                    unread_bytes = left,
+                    "the container's output reader stopped taking its output before its end: what it left is lost"
+                );
+            }
+        }
         if !container.stop_with(status, at) {
             return;
         }

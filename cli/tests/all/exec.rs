@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::cluster::{Containerd, SERIAL, cri_node, until};
-use crate::kubernetes::{RUNTIME, text};
+use crate::kubernetes::{RUNTIME, numbered_lines, text};
 use crate::support::guest;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -49,6 +49,27 @@ async fn ctr_task_exec_runs_a_program_of_the_rootfs_and_shoal_invoke_in_the_cont
     assert!(p3.status.success(), "{out}\n{}", containerd.host_log());
     assert!(out.contains(r#"hello from a wasi:cli@0.3 command, args ["three"]"#), "{out}");
     assert!(out.contains("hello, exec"), "the container's environment: {out}");
+
+    // All of an exec's output reaches ctr, even when ctr takes it after
+    // the program ended (ctr closes its readers once it hears the end; see
+    // `ctr_run_gets_all_of_a_programs_output_even_when_it_takes_it_late`).
+    let lines = 7_000;
+    let late = containerd
+        .ctr_command("default")
+        .args(["task", "exec", "--exec-id", "late", "execd", "/tools/cli-hello.wasm", "--lines", &lines.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let late = late.wait_with_output().unwrap();
+    assert!(late.status.success(), "{}\n{}", text(&late), containerd.host_log());
+    assert_eq!(
+        numbered_lines(&String::from_utf8_lossy(&late.stdout)),
+        lines,
+        "every line the exec printed reaches ctr\n{}",
+        containerd.host_log()
+    );
 
     // What cannot run says why, with a shell's exit codes.
     let missing = exec("missing", &["/tools/missing.wasm"]);

@@ -181,6 +181,47 @@ async fn ctr_run_runs_a_wasm_image_and_reports_its_output_and_exit_code() {
     assert_eq!(containerd.shim_processes(), 0, "shims exit after `start`");
 }
 
+/// Lines printed with `--lines N` by `cli-hello`, as `ctr` passed them on.
+pub(crate) fn numbered_lines(out: &str) -> usize {
+    out.lines().filter(|line| line.starts_with("line ")).count()
+}
+
+/// `ctr` closes its readers of a task's FIFOs as soon as it deletes the
+/// task, which it does once it hears the task ended: a program's output
+/// must all be in its hands by then. Here `ctr` takes it late: the test
+/// reads nothing for a second, so `ctr`'s own stdout pipe fills, and what
+/// the program wrote past that waits in the container's FIFO while the
+/// program ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctr_run_gets_all_of_a_programs_output_even_when_it_takes_it_late() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    import(&containerd, &guest("cli-hello"), "localhost/shoal-test/cli-hello:1", &[]);
+    // ≈126 KB: more than ctr's stdout pipe and copy buffer hold (96 KiB),
+    // less than they and the FIFO do (160 KiB: a full FIFO drops lines).
+    let lines = 7_000;
+    let child = containerd
+        .ctr_command("default")
+        .args(["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "late-reader"])
+        .args(["/cli-hello.wasm", "--lines", &lines.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let output = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}\n{}", text(&output), containerd.host_log());
+    let tail: String = out.chars().rev().take(200).collect::<Vec<_>>().into_iter().rev().collect();
+    assert_eq!(
+        numbered_lines(&out),
+        lines,
+        "every line the program printed reaches ctr; its output ends with {tail:?}\n{}",
+        containerd.host_log()
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cli-hello: done"), "{}", text(&output));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ctr_run_of_an_image_whose_wasm_is_missing_fails_with_a_clear_error() {
     let _serial = SERIAL.lock().await;

@@ -3,8 +3,9 @@
 //! its arguments and `GREETING_NAME` from the environment, lists the root
 //! directory it was given, reads the first bytes of each file named in
 //! `READ_FILES` (comma-separated) and says what happened, computes for
-//! `SPIN_MS` milliseconds of wall time when set, and exits with
-//! `EXIT_CODE` (default 0).
+//! `SPIN_MS` milliseconds of wall time when set, prints N numbered lines
+//! when its arguments hold `--lines N`, and exits with `EXIT_CODE`
+//! (default 0).
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +40,12 @@ fn main() {
             rounds = std::hint::black_box(rounds + 1);
         }
         println!("spun {ms} ms ({rounds} rounds)");
+    }
+    let lines = args.iter().position(|arg| arg == "--lines").and_then(|at| args.get(at + 1));
+    if let Some(lines) = lines.and_then(|lines| lines.parse::<u64>().ok()) {
+        for line in 1..=lines {
+            println!("line {line} of {lines}");
+        }
     }
     eprintln!("cli-hello: done");
     let code = std::env::var("EXIT_CODE").ok().and_then(|code| code.parse().ok()).unwrap_or(0);

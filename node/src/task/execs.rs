@@ -58,9 +58,22 @@ impl TaskHost {
         let (running, started) = (container.clone(), exec.clone());
         // It shares its container's CPU share, and so its threads.
         let runtime = self.host.dispatcher().runtime(self.limits(&container).1.is_some());
+        let outputs = stdio.outputs();
         let runner = runtime.spawn(async move {
             let _running = permit;
             let status = tasks.run_exec(&running, &started, stdio).await;
+            // Its output reaches the client before its end is told (the
+            // client closes its readers once it hears of it).
+            let left = crate::stdio::drained(&outputs, crate::stdio::DRAIN_STALL, crate::stdio::DRAIN_MOST).await;
+            if left > 0 {
+                tracing::warn!(
+                    container = %running.id,
+                    exec = %started.id,
+                    unread_bytes = left,
+                    "the exec's output reader stopped taking its output before its end: what it left is lost"
+                );
+            }
+            drop(outputs);
             if started.finish(status) {
                 tasks.exec_exited(&running, &started).await;
             }
