@@ -14,7 +14,7 @@
 
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
 use containerd_shim_protos::api::ExecProcessRequest;
@@ -54,6 +54,9 @@ pub(crate) struct Exec {
     pub stderr: String,
     pub state: watch::Sender<ExecState>,
     pub runner: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How it ended, as first seen: kept while its output is taken, so a
+    /// kill meanwhile changes neither its status nor its time.
+    pub ended: OnceLock<(u32, SystemTime)>,
 }
 
 impl Exec {
@@ -87,6 +90,7 @@ impl Exec {
             stderr: request.stderr.clone(),
             state: watch::Sender::new(ExecState::Created),
             runner: Mutex::new(None),
+            ended: OnceLock::new(),
         })
     }
 
@@ -94,13 +98,21 @@ impl Exec {
         *self.state.borrow()
     }
 
-    /// Record its end; `false` if it had ended already.
+    /// Note that it ended with `status` now, unless an end was noted
+    /// before; the end noted.
+    pub(crate) fn end(&self, status: u32) -> (u32, SystemTime) {
+        *self.ended.get_or_init(|| (status, SystemTime::now()))
+    }
+
+    /// Record its end (the one noted first, else `status` now) for all to
+    /// see; `false` if it had ended already.
     pub(crate) fn finish(&self, status: u32) -> bool {
+        let (status, at) = self.end(status);
         self.state.send_if_modified(|state| {
             if matches!(state, ExecState::Stopped { .. }) {
                 return false;
             }
-            *state = ExecState::Stopped { status, at: SystemTime::now() };
+            *state = ExecState::Stopped { status, at };
             true
         })
     }

@@ -303,8 +303,17 @@ pub(crate) async fn drained(fifos: &[OwnedFd], stall: Duration, most: Duration) 
 }
 
 /// Bytes written to the FIFO or pipe `fd` that no reader has taken yet
-/// (either end answers; 0 when it cannot be asked).
+/// (either end answers; 0 when it cannot be asked, and for anything else:
+/// a log file a `file://` URI names answers with what lies past its
+/// offset, which no one is waiting to read).
 fn unread(fd: BorrowedFd<'_>) -> usize {
+    let is_fifo = nix::sys::stat::fstat(fd).is_ok_and(|stat| {
+        nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            == nix::sys::stat::SFlag::S_IFIFO
+    });
+    if !is_fifo {
+        return 0;
+    }
     let mut count: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int, which we own, for a descriptor that
     // is valid for the call.
@@ -414,7 +423,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_end_waits_until_the_reader_took_the_output_or_stopped_taking_it() {
-        let (_dir, mut reader, output) = fifo_behind_its_reader("stdout", Stream::Stdout);
+        let (dir, mut reader, output) = fifo_behind_its_reader("stdout", Stream::Stdout);
         for line in 0..100 {
             assert_eq!(output.write("f", Stream::Stdout, &format!("line {line}")), 0);
         }
@@ -439,7 +448,16 @@ mod tests {
         assert_eq!(left, "unread\n".len());
         let waited = began.elapsed();
         assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(5), "{waited:?}");
-        // A stream with no FIFO has nothing to wait for.
+        // A stream with no FIFO has nothing to wait for, nor has a log
+        // file (a `file://` URI) holding text past one descriptor's offset.
         assert_eq!(ContainerOutput::open("", "").unwrap().drained().await, 0);
+        let log = dir.path().join("container.log");
+        std::fs::write(&log, "").unwrap();
+        let log = log.to_str().unwrap();
+        let file = ContainerOutput::open(log, log).unwrap();
+        assert_eq!(file.write("f", Stream::Stdout, "a line for the log file"), 0);
+        let began = Instant::now();
+        assert_eq!(file.drained().await, 0);
+        assert!(began.elapsed() < Duration::from_millis(100), "{:?}", began.elapsed());
     }
 }

@@ -568,8 +568,7 @@ impl TaskHost {
                 // A program with a CPU share computes where every such call does.
                 let runtime = self.host.dispatcher().runtime(cpu_quota.is_some());
                 let handle = runtime.spawn(async move {
-                    let _running = permit;
-                    tasks.run_command(running).await;
+                    tasks.run_command(running, permit).await;
                 });
                 *container.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
             }
@@ -603,7 +602,9 @@ impl TaskHost {
         Ok(())
     }
 
-    async fn run_command(self: Arc<Self>, container: Arc<Container>) {
+    /// Run a program container to its end (it counts among its tenant's
+    /// programs, by `permit`, until then).
+    async fn run_command(self: Arc<Self>, container: Arc<Container>, permit: ProgramPermit) {
         let Kind::Command { program, args, env, rootfs, memory_limit, cpu_quota, log_budget } = &container.kind else {
             return;
         };
@@ -628,17 +629,23 @@ impl TaskHost {
         if let Some(trap) = trap {
             self.tell(&container, &format!("the program trapped: {trap}"));
         }
-        self.exit(&container, code as u32).await;
+        container.end(code as u32);
+        drop(permit);
+        tracing::info!(container = %container.id, status = code, "its program ended");
+        self.exit(&container, code as u32, true).await;
     }
 
-    /// Record the exit, close the output, tell containerd.
-    async fn exit(&self, container: &Container, status: u32) {
-        let at = SystemTime::now();
-        // Its output reaches containerd's reader before the end is told
-        // (by Wait or the exit event): the client deletes the task once it
-        // hears of it, closing its readers.
+    /// Record the exit, close the output, tell containerd. The end told is
+    /// the first one noted ([`Container::end`]), else `status` now.
+    ///
+    /// With `wait_for_output`, the end is told only once containerd's
+    /// reader has taken what is in its FIFOs: the client deletes the task
+    /// as soon as it hears of the end (by Wait or the exit event), closing
+    /// its readers. A SIGKILL does not wait (it cuts a wait short).
+    async fn exit(&self, container: &Container, status: u32, wait_for_output: bool) {
+        let (status, at) = container.end(status);
         let output = container.output.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        if let Some(output) = output.filter(|_| container.state().is_live()) {
+        if let Some(output) = output.filter(|_| wait_for_output && container.state().is_live()) {
             let left = output.drained().await;
             if left > 0 {
                 tracing::warn!(
@@ -690,7 +697,7 @@ impl TaskHost {
                 signalled(signal)
             }
         };
-        self.exit(&container, status).await;
+        self.exit(&container, status, true).await;
     }
 
     /// SIGKILL: everything stops now, `destroy` does not run.
@@ -701,7 +708,7 @@ impl TaskHost {
         if matches!(container.kind, Kind::Service { .. }) {
             let _ = self.host.registry().kill(&container.function).await;
         }
-        self.exit(container, signalled(SIGKILL)).await;
+        self.exit(container, signalled(SIGKILL), false).await;
     }
 
     async fn kill(self: &Arc<Self>, container: Arc<Container>, signal: u32) -> Result<(), NodeError> {
@@ -711,7 +718,7 @@ impl TaskHost {
                 if matches!(container.kind, Kind::Service { .. }) {
                     let _ = self.host.registry().kill(&container.function).await;
                 }
-                self.exit(&container, signalled(signal)).await;
+                self.exit(&container, signalled(signal), false).await;
                 Ok(())
             }
             TaskState::Running | TaskState::Paused => {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::cluster::{Containerd, SERIAL, cri_node, until};
-use crate::kubernetes::{RUNTIME, numbered_lines, text};
+use crate::kubernetes::{RUNTIME, last_word_then_wait, numbered_lines, text};
 use crate::support::guest;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -53,15 +53,15 @@ async fn ctr_task_exec_runs_a_program_of_the_rootfs_and_shoal_invoke_in_the_cont
     // All of an exec's output reaches ctr, even when ctr takes it after
     // the program ended (ctr closes its readers once it hears the end; see
     // `ctr_run_gets_all_of_a_programs_output_even_when_it_takes_it_late`).
-    let lines = 7_000;
-    let late = containerd
+    let lines = 6_000;
+    let mut late = containerd
         .ctr_command("default")
         .args(["task", "exec", "--exec-id", "late", "execd", "/tools/cli-hello.wasm", "--lines", &lines.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    last_word_then_wait(&mut late).await;
     let late = late.wait_with_output().unwrap();
     assert!(late.status.success(), "{}\n{}", text(&late), containerd.host_log());
     assert_eq!(

@@ -189,18 +189,18 @@ pub(crate) fn numbered_lines(out: &str) -> usize {
 /// `ctr` closes its readers of a task's FIFOs as soon as it deletes the
 /// task, which it does once it hears the task ended: a program's output
 /// must all be in its hands by then. Here `ctr` takes it late: the test
-/// reads nothing for a second, so `ctr`'s own stdout pipe fills, and what
-/// the program wrote past that waits in the container's FIFO while the
-/// program ends.
+/// reads none of its stdout until the program has ended, so `ctr`'s own
+/// stdout pipe fills, and what the program wrote past that waits in the
+/// container's FIFO.
 #[tokio::test(flavor = "multi_thread")]
 async fn ctr_run_gets_all_of_a_programs_output_even_when_it_takes_it_late() {
     let _serial = SERIAL.lock().await;
     let containerd = Containerd::start(None);
     import(&containerd, &guest("cli-hello"), "localhost/shoal-test/cli-hello:1", &[]);
-    // ≈126 KB: more than ctr's stdout pipe and copy buffer hold (96 KiB),
-    // less than they and the FIFO do (160 KiB: a full FIFO drops lines).
-    let lines = 7_000;
-    let child = containerd
+    // ≈106 KB: more than ctr's stdout pipe holds (64 KiB), less than it
+    // and the FIFO do (128 KiB: a full FIFO drops lines).
+    let lines = 6_000;
+    let mut child = containerd
         .ctr_command("default")
         .args(["run", "--rm", "--runtime", RUNTIME, "localhost/shoal-test/cli-hello:1", "late-reader"])
         .args(["/cli-hello.wasm", "--lines", &lines.to_string()])
@@ -208,10 +208,10 @@ async fn ctr_run_gets_all_of_a_programs_output_even_when_it_takes_it_late() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stderr = last_word_then_wait(&mut child).await;
     let output = child.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}\n{}", text(&output), containerd.host_log());
+    assert!(output.status.success(), "{out}{stderr}\n{}", containerd.host_log());
     let tail: String = out.chars().rev().take(200).collect::<Vec<_>>().into_iter().rev().collect();
     assert_eq!(
         numbered_lines(&out),
@@ -219,7 +219,93 @@ async fn ctr_run_gets_all_of_a_programs_output_even_when_it_takes_it_late() {
         "every line the program printed reaches ctr; its output ends with {tail:?}\n{}",
         containerd.host_log()
     );
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cli-hello: done"), "{}", text(&output));
+}
+
+/// Read `ctr`'s stderr (not its stdout) until `cli-hello` says it is done,
+/// its last word before it ends; then wait half a second, in which `ctr`
+/// hears of the end and deletes the process. What `ctr` wrote to stderr.
+pub(crate) async fn last_word_then_wait(child: &mut std::process::Child) -> String {
+    let stderr = child.stderr.take().unwrap();
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            text.push_str(&line);
+            text.push('\n');
+            if line.contains("cli-hello: done") {
+                break;
+            }
+        }
+        text
+    })
+    .await
+    .unwrap();
+    assert!(text.contains("cli-hello: done"), "the program ran to its end: {text}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    text
+}
+
+/// A program's end waits for its output's reader, up to 2 s of it taking
+/// nothing (`ctr run -d` reads nothing once it returns, and this program
+/// prints its last lines 300 ms after it starts); a kill in that wait
+/// ends the wait, and the program's own exit status is the one told.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_while_a_programs_output_waits_for_a_reader_keeps_the_programs_exit_status() {
+    let _serial = SERIAL.lock().await;
+    let containerd = Containerd::start(None);
+    import(&containerd, &guest("cli-hello"), "localhost/shoal-test/cli-hello:1", &[]);
+    let image = "localhost/shoal-test/cli-hello:1";
+    let run = containerd.ctr(
+        "default",
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--env",
+            "SPIN_MS=300",
+            "--env",
+            "EXIT_CODE=3",
+            image,
+            "unread",
+            "/cli-hello.wasm",
+        ],
+    );
+    assert!(run.status.success(), "{}\n{}", text(&run), containerd.host_log());
+    until(
+        Duration::from_secs(20),
+        || {
+            containerd
+                .host_log()
+                .lines()
+                .any(|line| line.contains("container=unread") && line.contains("program ended"))
+        },
+        || containerd.host_log(),
+    )
+    .await;
+    let kill = containerd.ctr("default", &["task", "kill", "-s", "SIGKILL", "unread"]);
+    assert!(kill.status.success(), "{}", text(&kill));
+    until(
+        Duration::from_secs(20),
+        || {
+            text(&containerd.ctr("default", &["task", "ls"]))
+                .lines()
+                .any(|l| l.contains("unread") && l.contains("STOPPED"))
+        },
+        || text(&containerd.ctr("default", &["task", "ls"])),
+    )
+    .await;
+    // `ctr task rm` says a task's exit status when it is not 0 (a WASI 0.2
+    // program's exit is a success or a failure: EXIT_CODE=3 is 1).
+    let removed = containerd.ctr("default", &["task", "rm", "unread"]);
+    assert!(
+        text(&removed).contains("exit with non-zero exit code 1\""),
+        "the program's own status, not the kill's 137: {}\n{}",
+        text(&removed),
+        containerd.host_log()
+    );
+    let _ = containerd.ctr("default", &["containers", "rm", "unread"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

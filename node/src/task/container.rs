@@ -2,6 +2,7 @@
 //! (created, running, paused, stopped) and what it holds.
 
 use super::*;
+use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TaskState {
@@ -119,6 +120,9 @@ pub(super) struct Container {
     /// A second descriptor of its pod listener (a running HTTP function),
     /// kept so the listener outlives its serving loop in a hand-over.
     pub(super) listener: Mutex<Option<OwnedFd>>,
+    /// How it ended, as first seen: kept while its output is taken, so a
+    /// kill meanwhile changes neither its status nor its time.
+    pub(super) ended: OnceLock<(u32, SystemTime)>,
     /// Its execs (`kubectl exec`), by exec id.
     pub(super) execs: Mutex<HashMap<String, Arc<Exec>>>,
     /// An HTTP function's resolved spec and wasm digest (kept in the node's
@@ -154,6 +158,7 @@ impl Container {
             runner: Mutex::new(None),
             output: Mutex::new(output),
             listener: Mutex::new(None),
+            ended: OnceLock::new(),
             execs: Mutex::new(HashMap::new()),
             kept: None,
         }
@@ -170,6 +175,12 @@ impl Container {
 
     pub(super) fn state(&self) -> TaskState {
         *self.state.borrow()
+    }
+
+    /// Note that it ended with `status` now, unless an end was noted
+    /// before; the end noted.
+    pub(super) fn end(&self, status: u32) -> (u32, SystemTime) {
+        *self.ended.get_or_init(|| (status, SystemTime::now()))
     }
 
     /// End it with `status` at `at`, unless it has ended already (a

@@ -60,10 +60,12 @@ impl TaskHost {
         let runtime = self.host.dispatcher().runtime(self.limits(&container).1.is_some());
         let outputs = stdio.outputs();
         let runner = runtime.spawn(async move {
-            let _running = permit;
             let status = tasks.run_exec(&running, &started, stdio).await;
+            started.end(status);
+            drop(permit);
             // Its output reaches the client before its end is told (the
-            // client closes its readers once it hears of it).
+            // client closes its readers once it hears of it); a kill
+            // meanwhile ends the wait, not the status.
             let left = crate::stdio::drained(&outputs, crate::stdio::DRAIN_STALL, crate::stdio::DRAIN_MOST).await;
             if left > 0 {
                 tracing::warn!(
