@@ -120,6 +120,16 @@ impl Exec {
     pub(crate) fn take_runner(&self) -> Option<tokio::task::JoinHandle<()>> {
         self.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
+
+    /// Stop its runner, unless its program has ended (the runner is then
+    /// telling that end; an end told meanwhile cuts its wait short).
+    pub(crate) fn stop_runner(&self) {
+        if self.ended.get().is_none()
+            && let Some(runner) = self.take_runner()
+        {
+            runner.abort();
+        }
+    }
 }
 
 fn command_of(args: Vec<String>, env: Vec<(String, String)>) -> Result<ExecCommand, NodeError> {

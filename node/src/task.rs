@@ -646,7 +646,12 @@ impl TaskHost {
         let (status, at) = container.end(status);
         let output = container.output.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         if let Some(output) = output.filter(|_| wait_for_output && container.state().is_live()) {
-            let left = output.drained().await;
+            // An end told meanwhile (a SIGKILL's) cuts the wait short.
+            let mut state = container.state.subscribe();
+            let left = tokio::select! {
+                left = output.drained() => left,
+                _ = state.wait_for(|state| !state.is_live()) => 0,
+            };
             if left > 0 {
                 tracing::warn!(
                     container = %container.id,
@@ -661,9 +666,7 @@ impl TaskHost {
         // Its execs end with it.
         let execs: Vec<Arc<Exec>> = container.lock_execs().values().cloned().collect();
         for exec in execs {
-            if let Some(runner) = exec.take_runner() {
-                runner.abort();
-            }
+            exec.stop_runner();
             if exec.finish(signalled(SIGKILL)) {
                 self.exec_exited(container, &exec).await;
             }
@@ -691,9 +694,7 @@ impl TaskHost {
                 0
             }
             Kind::Command { .. } => {
-                if let Some(runner) = container.take_runner() {
-                    runner.abort();
-                }
+                container.stop_runner();
                 signalled(signal)
             }
         };
@@ -702,9 +703,7 @@ impl TaskHost {
 
     /// SIGKILL: everything stops now, `destroy` does not run.
     async fn kill_now(&self, container: &Container) {
-        if let Some(runner) = container.take_runner() {
-            runner.abort();
-        }
+        container.stop_runner();
         if matches!(container.kind, Kind::Service { .. }) {
             let _ = self.host.registry().kill(&container.function).await;
         }

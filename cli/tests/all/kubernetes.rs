@@ -226,7 +226,7 @@ async fn ctr_run_gets_all_of_a_programs_output_even_when_it_takes_it_late() {
 /// hears of the end and deletes the process. What `ctr` wrote to stderr.
 pub(crate) async fn last_word_then_wait(child: &mut std::process::Child) -> String {
     let stderr = child.stderr.take().unwrap();
-    let text = tokio::task::spawn_blocking(move || {
+    let reading = tokio::task::spawn_blocking(move || {
         use std::io::BufRead as _;
         let mut text = String::new();
         for line in std::io::BufReader::new(stderr).lines() {
@@ -238,9 +238,16 @@ pub(crate) async fn last_word_then_wait(child: &mut std::process::Child) -> Stri
             }
         }
         text
-    })
-    .await
-    .unwrap();
+    });
+    // A program that never says it is done leaves ctr waiting on its
+    // full stdout for good: bounded, and ctr killed.
+    let text = match tokio::time::timeout(Duration::from_secs(60), reading).await {
+        Ok(text) => text.unwrap(),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("the program did not say it was done within 60 s");
+        }
+    };
     assert!(text.contains("cli-hello: done"), "the program ran to its end: {text}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     text

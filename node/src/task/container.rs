@@ -207,6 +207,18 @@ impl Container {
     pub(super) fn take_runner(&self) -> Option<tokio::task::JoinHandle<()>> {
         self.runner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
+
+    /// Stop its program's runner, unless the program has ended: the runner
+    /// is then telling that end (waiting for its output's reader, then
+    /// telling containerd), which an abort could cut off half told. It is
+    /// left to finish; an end told meanwhile cuts its wait short.
+    pub(super) fn stop_runner(&self) {
+        if self.ended.get().is_none()
+            && let Some(runner) = self.take_runner()
+        {
+            runner.abort();
+        }
+    }
 }
 
 #[cfg(test)]

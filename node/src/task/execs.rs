@@ -65,8 +65,13 @@ impl TaskHost {
             drop(permit);
             // Its output reaches the client before its end is told (the
             // client closes its readers once it hears of it); a kill
-            // meanwhile ends the wait, not the status.
-            let left = crate::stdio::drained(&outputs, crate::stdio::DRAIN_STALL, crate::stdio::DRAIN_MOST).await;
+            // meanwhile cuts the wait short, not the status.
+            let mut state = started.state.subscribe();
+            let left = tokio::select! {
+                left = crate::stdio::drained(&outputs, crate::stdio::DRAIN_STALL, crate::stdio::DRAIN_MOST) => left,
+                // An end told meanwhile (a kill's) cuts the wait short.
+                _ = state.wait_for(|state| matches!(state, ExecState::Stopped { .. })) => 0,
+            };
             if left > 0 {
                 tracing::warn!(
                     container = %running.id,
@@ -223,9 +228,7 @@ impl TaskHost {
 
     /// Kill an exec: it stops at once, with `128 + signal`.
     pub(super) async fn exec_kill(&self, container: &Container, exec: &Exec, signal: u32) {
-        if let Some(runner) = exec.take_runner() {
-            runner.abort();
-        }
+        exec.stop_runner();
         if exec.finish(signalled(signal)) {
             self.exec_exited(container, exec).await;
         }
