@@ -284,10 +284,14 @@ const DRAIN_POLL: Duration = Duration::from_millis(1);
 /// then would be lost. A short program ends within a millisecond of its
 /// last write, often before the client's copy has read it.
 pub(crate) async fn drained(fifos: &[OwnedFd], stall: Duration, most: Duration) -> usize {
+    // Anything else (a log file a `file://` URI names) is not waited for:
+    // it answers FIONREAD with what lies past its offset, which no one is
+    // waiting to read.
+    let fifos: Vec<BorrowedFd<'_>> = fifos.iter().map(|fd| fd.as_fd()).filter(|&fd| is_fifo(fd)).collect();
     let began = Instant::now();
     let (mut least, mut took_at) = (usize::MAX, began);
     loop {
-        let left: usize = fifos.iter().map(|fd| unread(fd.as_fd())).sum();
+        let left: usize = fifos.iter().map(|&fd| unread(fd)).sum();
         if left == 0 {
             return 0;
         }
@@ -302,18 +306,16 @@ pub(crate) async fn drained(fifos: &[OwnedFd], stall: Duration, most: Duration) 
     }
 }
 
+/// Whether `fd` is a FIFO or pipe.
+fn is_fifo(fd: BorrowedFd<'_>) -> bool {
+    use nix::sys::stat::SFlag;
+    nix::sys::stat::fstat(fd)
+        .is_ok_and(|stat| SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO)
+}
+
 /// Bytes written to the FIFO or pipe `fd` that no reader has taken yet
-/// (either end answers; 0 when it cannot be asked, and for anything else:
-/// a log file a `file://` URI names answers with what lies past its
-/// offset, which no one is waiting to read).
+/// (either end answers; 0 when it cannot be asked).
 fn unread(fd: BorrowedFd<'_>) -> usize {
-    let is_fifo = nix::sys::stat::fstat(fd).is_ok_and(|stat| {
-        nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode) & nix::sys::stat::SFlag::S_IFMT
-            == nix::sys::stat::SFlag::S_IFIFO
-    });
-    if !is_fifo {
-        return 0;
-    }
     let mut count: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int, which we own, for a descriptor that
     // is valid for the call.
