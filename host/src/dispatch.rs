@@ -14,7 +14,7 @@
 //! `write(2)` ([`Batch`]).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -104,6 +104,19 @@ struct Recorder {
     /// The HTTP calls that ended since their batch's first one, whose
     /// records are written together ([`Recorder::join`]).
     batch: Arc<Mutex<Option<Batch>>>,
+    /// HTTP calls under way (each counted by its [`Underway`]): a call
+    /// that ends with none other under way has no one to wait for, and
+    /// its batch is written at once ([`group_closes`]).
+    underway: Arc<AtomicUsize>,
+}
+
+/// One HTTP call counted in [`Recorder::underway`] until it is dropped.
+struct Underway(Arc<AtomicUsize>);
+
+impl Drop for Underway {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Calls that ended close together, their records not written yet: one
@@ -113,7 +126,8 @@ struct Recorder {
 /// responses (the responses leave together, and a client woken by the
 /// first finds the others there; W1 in the Benchmarks chapter). A call that
 /// ends alone waits only for its task's next poll (a call sharing an
-/// instance, for its worker's next look for I/O: [`group_closes`]).
+/// instance, for its worker's next look for I/O: [`group_closes`]), and
+/// not at all when no other HTTP call is under way ([`Recorder::underway`]).
 ///
 /// A call's instance goes back to its pool when its record joins the
 /// batch, not when it is written: the next request in the same pass then
@@ -166,6 +180,17 @@ struct CallEnd<'a> {
 }
 
 impl Recorder {
+    /// Count a call under way until the guard is dropped.
+    fn underway(&self) -> Underway {
+        self.underway.fetch_add(1, Ordering::AcqRel);
+        Underway(self.underway.clone())
+    }
+
+    /// Whether any HTTP call is under way.
+    fn any_underway(&self) -> bool {
+        self.underway.load(Ordering::Acquire) > 0
+    }
+
     /// Finish a call: write its usage record, then give the instance back
     /// to its pool (the lease drops here). The record comes first, so that
     /// whoever waits for the call's end finds it written.
@@ -321,7 +346,8 @@ impl Drop for FlushOnDrop<'_> {
 /// join (1.17 `write(2)`s a request at c=16 with `perf stat`'s system call
 /// tracepoints, as many as ungrouped). Waiting for the worker's I/O poll,
 /// the calls of one pass over the sockets share a write (0.19 a request);
-/// a call that ends alone waits for one `epoll_wait` that returns at once.
+/// a call that ends alone waits for one `epoll_wait` that returns at once
+/// (its caller skips the wait when no other call is under way).
 async fn group_closes(shared_instance: bool) {
     if shared_instance {
         tokio::task::yield_now().await;
@@ -333,7 +359,7 @@ async fn group_closes(shared_instance: bool) {
 impl Dispatcher {
     /// A dispatcher writing usage to `ledger` (if any) and `metrics`.
     pub fn new(ledger: Option<Arc<Ledger>>, metrics: Arc<Metrics>, limited_priority: LimitedPriority) -> Dispatcher {
-        let recorder = Recorder { ledger, metrics: metrics.clone(), batch: Arc::default() };
+        let recorder = Recorder { ledger, metrics: metrics.clone(), batch: Arc::default(), underway: Arc::default() };
         Dispatcher { recorder, metrics, limited_priority }
     }
 
@@ -536,6 +562,9 @@ impl Dispatcher {
             let why = format!("cannot serve {function:?}: its usage record could not be kept ({why})");
             return retry_later(Outcome::LedgerUnavailable, &why, Duration::from_secs(1));
         }
+        // Counted from here: a request waiting for an instance may end in
+        // time to join the group of the call whose instance it takes.
+        let underway = self.recorder.underway();
         let lease = match pool.acquire(&self.runtime_for(&pool)).await {
             Ok(lease) => lease,
             Err(AcquireError::Overloaded { retry_after }) => {
@@ -635,9 +664,13 @@ impl Dispatcher {
                 && !lease.function().engine.turn_taken();
             let (wall_us, cold) = if grouped {
                 let shared = lease.is_shared();
+                drop(underway);
                 let joined = recorder.join(lease, end, done_tx);
                 if let Some(flush) = joined.flush {
-                    group_closes(shared).await;
+                    // With no other call under way, none can join the group.
+                    if recorder.any_underway() {
+                        group_closes(shared).await;
+                    }
                     drop(flush);
                 }
                 (joined.wall_us, joined.cold)
@@ -1029,20 +1062,49 @@ where
         if self.settle_step(&mut Context::from_waker(waker), &mut held_bytes, most).is_ready() {
             return;
         }
-        if self.finished && self.held.iter().all(Result::is_ok) && ended.load(Ordering::Acquire) {
-            // The body is complete and the call over: only its record is
-            // to come, from the call once its group closes
-            // ([`group_closes`]). No timer for that either (a slow write, such as the
-            // `fsync` of a partition left behind, holds the head with the
-            // end it would hold anyway). (A guest still running
-            // after its body ended gets the timer: its head and body go
-            // at once, the end when its record is written.)
-            let written = (&mut self.done).await;
-            self.written = Some(written.unwrap_or(false));
-            return;
-        }
-        let step = std::future::poll_fn(|cx| self.settle_step(cx, &mut held_bytes, most));
-        let _ = tokio::time::timeout(within, step).await;
+        // The rest is waited for without a timer while it is sure to come
+        // soon, since a timer due before the runtime's next one wakes its
+        // I/O driver: a write to its eventfd, and one more `epoll_wait`
+        // (two of the five system calls of a WASI 0.3 request at c = 1).
+        // Sure to come soon: once the body is complete and the call over,
+        // its record, from the call once its group closes ([`group_closes`];
+        // a slow write, such as the `fsync` of a partition left behind,
+        // holds the head with the end it would hold anyway). And what the
+        // tasks queued on this worker bring: a WASI 0.3 guest writes its
+        // body, then returns, in its instance's driver task, woken with
+        // this one, in a turn or two of it. So this task looks again
+        // behind the tasks queued ([`behind_the_queue`]) for as long as
+        // each look found more of the body or the call's end, within
+        // `within`; a look that found nothing new sets the timer for the
+        // rest of `within` (a guest still running after its body ended:
+        // its head and body go then, the end when its record is written).
+        let deadline = tokio::time::Instant::now() + within;
+        let mut last_look = None;
+        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        std::future::poll_fn(|cx| {
+            if self.settle_step(cx, &mut held_bytes, most).is_ready() {
+                return Poll::Ready(());
+            }
+            let ended = ended.load(Ordering::Acquire);
+            if self.finished && ended {
+                // `settle_step` polled the record's channel: its send wakes
+                // this task (a timer set before is not needed any more).
+                timer.set(None);
+                return Poll::Pending;
+            }
+            if timer.is_none() {
+                let seen = (held_bytes, self.finished, ended);
+                if last_look != Some(seen) && tokio::time::Instant::now() < deadline {
+                    last_look = Some(seen);
+                    // Rescheduled behind the tasks queued now, as in `behind_the_queue`.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                timer.set(Some(tokio::time::sleep_until(deadline)));
+            }
+            timer.as_mut().as_pin_mut().expect("invariant: set just above").poll(cx)
+        })
+        .await;
     }
 
     /// One look at [`GatedBody::settle`]'s progress: `Ready` once the body
@@ -1129,5 +1191,121 @@ where
             hint.set_upper(upper.saturating_add(held));
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A response body fed frame by frame through a channel, as a WASI 0.3
+    /// guest's body reaches the host from its instance's task.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx).map(|data| data.map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    fn fed() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, GatedBody<Fed>, oneshot::Sender<bool>) {
+        let (frames, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done, done_rx) = oneshot::channel();
+        (frames, GatedBody::new(Fed(rx), done_rx), done)
+    }
+
+    fn held_text(body: &GatedBody<Fed>) -> String {
+        let held = body.held.iter().map(|frame| frame.as_ref().unwrap().data_ref().unwrap().clone());
+        String::from_utf8(held.flat_map(|data| data.to_vec()).collect()).unwrap()
+    }
+
+    /// `settle` in a task of its own on a one-thread runtime, as a
+    /// connection's task runs it; the body back once it returns, with
+    /// how long it took.
+    async fn settled(
+        mut body: GatedBody<Fed>,
+        within: Duration,
+        most: usize,
+        ended: Arc<AtomicBool>,
+    ) -> (GatedBody<Fed>, Duration) {
+        let began = tokio::time::Instant::now();
+        let settling = tokio::spawn(async move {
+            body.settle(within, most, &ended).await;
+            body
+        });
+        let body = tokio::time::timeout(Duration::from_secs(10), settling)
+            .await
+            .expect("the wait for the rest of the body ends")
+            .unwrap();
+        (body, began.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_body_written_over_a_few_turns_of_another_task_leaves_whole_with_its_record() {
+        let (frames, body, done) = fed();
+        let ended = Arc::new(AtomicBool::new(false));
+        let call = {
+            let ended = ended.clone();
+            // Each frame in a turn of its own, then the call's end a turn
+            // later, then its record, later than `within`: once the call
+            // has ended, only its record is to come, and the head waits
+            // for it.
+            tokio::spawn(async move {
+                for part in ["hello, ", "wor", "ld\n"] {
+                    frames.send(Bytes::from_static(part.as_bytes())).unwrap();
+                    tokio::task::yield_now().await;
+                }
+                drop(frames);
+                tokio::task::yield_now().await;
+                ended.store(true, Ordering::Release);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                done.send(true).unwrap();
+            })
+        };
+        let (body, _) = settled(body, Duration::from_millis(200), SETTLE_BYTES, ended).await;
+        assert_eq!(held_text(&body), "hello, world\n");
+        assert!(body.finished, "the body's end is held too");
+        assert_eq!(body.written, Some(true), "the record's fate is known: the end leaves with the head");
+        call.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_body_that_stops_coming_leaves_what_it_has_once_the_wait_is_over() {
+        let (frames, body, _done) = fed();
+        frames.send(Bytes::from_static(b"first part\n")).unwrap();
+        // The rest never comes (the guest waits for something else).
+        let within = Duration::from_millis(20);
+        let (body, took) = settled(body, within, SETTLE_BYTES, Arc::default()).await;
+        assert!(took >= within, "it waited its `within`: {took:?}");
+        assert_eq!(held_text(&body), "first part\n");
+        assert!(!body.finished);
+        assert_eq!(body.written, None);
+        drop(frames);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_body_that_keeps_coming_leaves_once_its_wait_is_over_or_it_held_enough() {
+        // A byte a turn, for good: each look finds more of it.
+        let (frames, body, _done) = fed();
+        let stream = tokio::spawn(async move {
+            while frames.send(Bytes::from_static(b"x")).is_ok() {
+                tokio::task::yield_now().await;
+            }
+        });
+        let within = Duration::from_millis(20);
+        let (mut body, took) = settled(body, within, 64 << 20, Arc::default()).await;
+        assert!(took >= within, "it waited its `within`: {took:?}");
+        let held = held_text(&body).len();
+        assert!(held < 64 << 20, "it stopped at its `within`, not at `most`: {held} bytes");
+        assert!(!body.finished);
+        body.held.clear();
+        let most = 256;
+        let (body, _) = settled(body, Duration::from_secs(3600), most, Arc::default()).await;
+        assert_eq!(held_text(&body).len(), most + 1, "it stopped once it held more than `most`");
+        drop(body);
+        stream.await.unwrap();
     }
 }
