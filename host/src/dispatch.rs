@@ -126,8 +126,8 @@ impl Drop for Underway {
 /// responses (the responses leave together, and a client woken by the
 /// first finds the others there; W1 in the Benchmarks chapter). A call that
 /// ends alone waits only for its task's next poll (a call sharing an
-/// instance, for its worker's next look for I/O: [`group_closes`]), and
-/// not at all when no other HTTP call is under way ([`Recorder::underway`]).
+/// instance, for its worker's next look for I/O: [`group_closes`], and
+/// not at all when no other HTTP call is under way, [`Recorder::underway`]).
 ///
 /// A call's instance goes back to its pool when its record joins the
 /// batch, not when it is written: the next request in the same pass then
@@ -667,8 +667,12 @@ impl Dispatcher {
                 drop(underway);
                 let joined = recorder.join(lease, end, done_tx);
                 if let Some(flush) = joined.flush {
-                    // With no other call under way, none can join the group.
-                    if recorder.any_underway() {
+                    // A shared instance's call with no other under way has
+                    // no one to wait for. (A call in an instance of its own
+                    // does: the requests whose tasks are queued behind it,
+                    // not yet under way, end in the turns it waits for, and
+                    // that wait is a self-wake, no system call.)
+                    if !shared || recorder.any_underway() {
                         group_closes(shared).await;
                     }
                     drop(flush);
