@@ -104,9 +104,9 @@ struct Recorder {
     /// The HTTP calls that ended since their batch's first one, whose
     /// records are written together ([`Recorder::join`]).
     batch: Arc<Mutex<Option<Batch>>>,
-    /// HTTP calls under way (each counted by its [`Underway`]): a call
-    /// that ends with none other under way has no one to wait for, and
-    /// its batch is written at once ([`group_closes`]).
+    /// HTTP calls under way (each counted by its [`Underway`]): a shared
+    /// instance's call that ends with none other under way has no one to
+    /// wait for, and its batch is written at once ([`group_closes`]).
     underway: Arc<AtomicUsize>,
 }
 
@@ -347,10 +347,15 @@ impl Drop for FlushOnDrop<'_> {
 /// tracepoints, as many as ungrouped). Waiting for the worker's I/O poll,
 /// the calls of one pass over the sockets share a write (0.19 a request);
 /// a call that ends alone waits for one `epoll_wait` that returns at once
-/// (its caller skips the wait when no other call is under way).
-async fn group_closes(shared_instance: bool) {
+/// (none at all when no other call is under way in `recorder`: no one
+/// could join). A call in an instance of its own always waits: the
+/// requests whose tasks are queued behind it, not under way yet, end in
+/// the turns it waits for, and that wait is a self-wake, no system call.
+async fn group_closes(shared_instance: bool, recorder: &Recorder) {
     if shared_instance {
-        tokio::task::yield_now().await;
+        if recorder.any_underway() {
+            tokio::task::yield_now().await;
+        }
     } else {
         behind_the_queue().await;
     }
@@ -667,14 +672,7 @@ impl Dispatcher {
                 drop(underway);
                 let joined = recorder.join(lease, end, done_tx);
                 if let Some(flush) = joined.flush {
-                    // A shared instance's call with no other under way has
-                    // no one to wait for. (A call in an instance of its own
-                    // does: the requests whose tasks are queued behind it,
-                    // not yet under way, end in the turns it waits for, and
-                    // that wait is a self-wake, no system call.)
-                    if !shared || recorder.any_underway() {
-                        group_closes(shared).await;
-                    }
+                    group_closes(shared, &recorder).await;
                     drop(flush);
                 }
                 (joined.wall_us, joined.cold)
