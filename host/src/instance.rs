@@ -57,20 +57,62 @@ pin_project_lite::pin_project! {
     pub enum ResponseBody {
         /// Written through WASI 0.2's `outgoing-body`.
         P2 { #[pin] body: HyperOutgoingBody },
-        /// A WASI 0.3 stream, fed by its instance's event loop, which runs
-        /// until the body ends (`done` fires then, or when it is dropped).
-        P3 { #[pin] body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>, done: Option<tokio::sync::oneshot::Sender<()>> },
+        /// A WASI 0.3 body's frames, moved out of its instance's event loop
+        /// by [`pump`] (the channel's end is the body's end).
+        P3 { frames: tokio::sync::mpsc::Receiver<P3Frame>, ended: bool },
     }
 }
 
+/// One frame of a WASI 0.3 response body, or why it failed.
+pub(crate) type P3Frame = Result<hyper::body::Frame<Bytes>, wasmtime_wasi_http::Error>;
+
 impl ResponseBody {
-    /// A WASI 0.3 body as its instance streams it.
-    pub(crate) fn p3(
-        body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
-        done: tokio::sync::oneshot::Sender<()>,
-    ) -> ResponseBody {
-        ResponseBody::P3 { body, done: Some(done) }
+    /// A WASI 0.3 body whose frames [`pump`] sends.
+    pub(crate) fn p3(frames: tokio::sync::mpsc::Receiver<P3Frame>) -> ResponseBody {
+        ResponseBody::P3 { frames, ended: false }
     }
+}
+
+/// How many frames of a WASI 0.3 body wait for its client beyond the one
+/// [`pump`] holds (each at most the outgoing chunk size Shoal's `wasi:http`
+/// hooks set, 64 KiB).
+const P3_FRAMES_AHEAD: usize = 1;
+
+/// Move a WASI 0.3 response body's frames, as the guest writes them, out
+/// of its instance's event loop (where this runs, in the request's call)
+/// to `frames`, and return at its end, on its failure, or once the client
+/// is gone (the receiver dropped).
+///
+/// Why the call pumps its body rather than the connection reading it
+/// straight from the instance: the call then ends when the guest has
+/// written the whole body, in the event loop's turn that wrote it, and a
+/// small body, its end and the call's record reach the connection's task
+/// together. Read by the connection, each step (the body, its end, the
+/// call's end) took a turn of that task and one of the instance's.
+/// A client that reads slowly still holds the guest back: at most
+/// [`P3_FRAMES_AHEAD`] frames and the one in hand wait for it.
+pub(crate) async fn pump(
+    body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
+    frames: tokio::sync::mpsc::Sender<P3Frame>,
+) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = frames.closed() => return,
+        };
+        let Some(frame) = frame else { return };
+        let failed = frame.is_err();
+        if frames.send(frame).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// A channel for [`pump`] and the [`ResponseBody`] it feeds.
+pub(crate) fn p3_channel() -> (tokio::sync::mpsc::Sender<P3Frame>, tokio::sync::mpsc::Receiver<P3Frame>) {
+    tokio::sync::mpsc::channel(P3_FRAMES_AHEAD)
 }
 
 impl hyper::body::Body for ResponseBody {
@@ -83,14 +125,12 @@ impl hyper::body::Body for ResponseBody {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         match self.project() {
             ResponseBodyProj::P2 { body } => body.poll_frame(cx).map(|frame| frame.map(|f| f.map_err(Into::into))),
-            ResponseBodyProj::P3 { body, done } => {
-                let frame = std::task::ready!(body.poll_frame(cx));
-                if !matches!(frame, Some(Ok(_))) {
-                    // The end, or a failure: either way the instance's part is over.
-                    if let Some(done) = done.take() {
-                        let _ = done.send(());
-                    }
+            ResponseBodyProj::P3 { frames, ended } => {
+                if *ended {
+                    return std::task::Poll::Ready(None);
                 }
+                let frame = std::task::ready!(frames.poll_recv(cx));
+                *ended = frame.is_none();
                 std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
         }
@@ -99,14 +139,16 @@ impl hyper::body::Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::P2 { body } => body.is_end_stream(),
-            ResponseBody::P3 { body, .. } => body.is_end_stream(),
+            ResponseBody::P3 { ended, .. } => *ended,
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             ResponseBody::P2 { body } => body.size_hint(),
-            ResponseBody::P3 { body, .. } => body.size_hint(),
+            // Its length is in its head, if the guest gave one.
+            ResponseBody::P3 { ended: true, .. } => hyper::body::SizeHint::with_exact(0),
+            ResponseBody::P3 { .. } => hyper::body::SizeHint::default(),
         }
     }
 }
@@ -402,7 +444,7 @@ impl Instance {
     /// Serve one HTTP request through a WASI 0.3 `handle` export: one
     /// request at a time in this instance, so its limits and its usage
     /// record are its own, as for WASI 0.2. The call lasts until the
-    /// response body has been sent (the instance's event loop feeds it).
+    /// guest has written the whole response body ([`pump`]).
     async fn handle_p3<B>(
         &mut self,
         service: Arc<Service>,
@@ -433,10 +475,12 @@ impl Instance {
                 }
                 Ok(response) => {
                     let response = accessor.with(|mut access| response.into_http(&mut access, sent))?;
-                    let (done, finished) = tokio::sync::oneshot::channel();
-                    respond(Ok(response.map(|body| ResponseBody::p3(body, done))));
-                    // Until the client has the whole body (or is gone).
-                    let _ = finished.await;
+                    let (response, body) = response.into_parts();
+                    let (frames, receiver) = p3_channel();
+                    respond(Ok(hyper::Response::from_parts(response, ResponseBody::p3(receiver))));
+                    // Until the guest has written the whole body (or the
+                    // client is gone).
+                    pump(body, frames).await;
                     Ok(())
                 }
             }

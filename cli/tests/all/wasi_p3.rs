@@ -421,3 +421,42 @@ async fn a_wasi_0_3_response_with_its_content_length_arrives_whole_on_a_kept_ali
         assert_eq!(length, Some((8 + name.len()).to_string().as_str()), "{:?}", reply.headers);
     }
 }
+
+#[tokio::test]
+async fn a_wasi_0_3_body_streamed_to_a_slow_client_arrives_whole_and_its_call_lasts_until_the_guest_has_written_it() {
+    let host = TestHost::start_persistent().await;
+    host.deploy(vec![p3("big", false)]).await;
+    let ledger = host.running.host().ledger().unwrap();
+    let billed = |id: &str| ledger.records(None).unwrap().into_iter().find(|record| record.request_id == id);
+
+    // 32 MiB: far more than the frames the host holds for a client and
+    // the loopback socket's buffers together. The client stops reading
+    // after its first chunk; the guest, held back, is still writing.
+    let url = host.url("/big/stream/32768");
+    let mut slow = host.client.get(url.clone()).header("x-request-id", "slow").send().await.unwrap();
+    assert_eq!(slow.status(), 200);
+    let mut body = slow.chunk().await.unwrap().expect("a first chunk").to_vec();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(billed("slow").is_none(), "the call ended while its client read nothing: the host buffered the body");
+    while let Some(chunk) = slow.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(body.len(), 32 << 20);
+    for (n, piece) in body.chunks(16 << 10).enumerate() {
+        let letter = b'a' + (n % 26) as u8;
+        assert!(piece.iter().all(|byte| *byte == letter), "write {n} torn or out of order");
+    }
+    // Its end came after its record, which covers the client's pause.
+    let record = billed("slow").expect("billed before its body's end reached the client");
+    assert_eq!((record.outcome, record.status), (Outcome::Ok, 200), "{record:?}");
+    assert!(record.wall_us >= 500_000, "{record:?}");
+
+    // A client gone part-way: the guest's writes fail, its call ends, and
+    // it is billed; the instance serves the next request.
+    let mut gone = host.client.get(url).header("x-request-id", "gone").send().await.unwrap();
+    assert!(gone.chunk().await.unwrap().is_some());
+    drop(gone);
+    let ended = crate::support::eventually(Duration::from_secs(5), || async { billed("gone").is_some() });
+    assert!(ended.await, "a call whose client left mid-body never ended");
+    assert_eq!(host.get("/big?name=next").await.body, "hello, next\n");
+}

@@ -14,6 +14,7 @@
 //! | `GET …/sleep/<ms>` | waits on `wasi:clocks` (other requests run meanwhile) |
 //! | `GET …/spin/<n>` | computes for `n` rounds (fuel, timeouts) |
 //! | `GET …/sized?name=x` | `hello, x` with its `content-length` set |
+//! | `GET …/stream/<kib>` | `kib` KiB (at most 64 MiB) in writes of 16 KiB, the n-th all of letter n mod 26 |
 //!
 //! Requests share an instance (16 at once by default). Key-value, publish,
 //! secrets and invoke are made through their async imports
@@ -62,6 +63,31 @@ fn respond(status: u16, body: String, sized: bool) -> Response {
     let _ = response.set_status_code(status);
     wit_bindgen::spawn_local(async move {
         body_tx.write_all(body.into_bytes()).await;
+    });
+    response
+}
+
+/// `kib` KiB of text written 16 KiB at a time, the n-th write all of
+/// `a` + n mod 26: a body that waits for its client as it streams.
+fn stream(kib: usize) -> Response {
+    const PIECE: usize = 16 << 10;
+    let (mut body_tx, body_rx) = wit_stream::new();
+    let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
+    drop(trailers_tx);
+    let headers = Fields::from_list(&[("content-type".to_string(), b"text/plain".to_vec())]).expect("valid headers");
+    let (response, _sent) = Response::new(headers, Some(body_rx), trailers_rx);
+    wit_bindgen::spawn_local(async move {
+        let mut left = kib.min(64 << 10) << 10;
+        let mut letter = 0u8;
+        while left > 0 {
+            let piece = left.min(PIECE);
+            // What is left unwritten: the client is gone.
+            if !body_tx.write_all(vec![b'a' + letter; piece]).await.is_empty() {
+                return;
+            }
+            left -= piece;
+            letter = (letter + 1) % 26;
+        }
     });
     response
 }
@@ -153,6 +179,9 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
         let (path, query_string) = target.split_once('?').unwrap_or((&target, ""));
         let mut segments = path.rsplit('/');
         let (last, before) = (segments.next().unwrap_or(""), segments.next().unwrap_or(""));
+        if before == "stream" {
+            return Ok(stream(last.parse().unwrap_or(0)));
+        }
         if last == "sized" {
             return Ok(respond(200, format!("hello, {}\n", query(query_string, "name").unwrap_or("world")), true));
         }

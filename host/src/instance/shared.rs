@@ -765,9 +765,10 @@ async fn serve(
                             let response = access.get().http().table.delete(response)?;
                             response.into_http(&mut access, sent)
                         })?;
-                        let (done, finished) = oneshot::channel();
-                        respond(Ok(response.map(|body| ResponseBody::p3(body, done))));
-                        let _ = finished.await;
+                        let (response, body) = response.into_parts();
+                        let (frames, receiver) = super::p3_channel();
+                        respond(Ok(hyper::Response::from_parts(response, ResponseBody::p3(receiver))));
+                        super::pump(body, frames).await;
                         Ok(())
                     }
                 }
