@@ -58,30 +58,24 @@ pin_project_lite::pin_project! {
         /// Written through WASI 0.2's `outgoing-body`.
         P2 { #[pin] body: HyperOutgoingBody },
         /// A WASI 0.3 body's frames, moved out of its instance's event loop
-        /// by [`pump`] (the channel's end is the body's end).
+        /// by [`answer_p3`] (the channel's end is the body's end).
         P3 { frames: tokio::sync::mpsc::Receiver<P3Frame>, ended: bool },
     }
 }
 
 /// One frame of a WASI 0.3 response body, or why it failed.
-pub(crate) type P3Frame = Result<hyper::body::Frame<Bytes>, wasmtime_wasi_http::Error>;
-
-impl ResponseBody {
-    /// A WASI 0.3 body whose frames [`pump`] sends.
-    pub(crate) fn p3(frames: tokio::sync::mpsc::Receiver<P3Frame>) -> ResponseBody {
-        ResponseBody::P3 { frames, ended: false }
-    }
-}
+type P3Frame = Result<hyper::body::Frame<Bytes>, wasmtime_wasi_http::Error>;
 
 /// How many frames of a WASI 0.3 body wait for its client beyond the one
-/// [`pump`] holds (each at most the outgoing chunk size Shoal's `wasi:http`
+/// [`answer_p3`] holds (each at most the outgoing chunk size Shoal's `wasi:http`
 /// hooks set, 64 KiB).
 const P3_FRAMES_AHEAD: usize = 1;
 
-/// Move a WASI 0.3 response body's frames, as the guest writes them, out
-/// of its instance's event loop (where this runs, in the request's call)
-/// to `frames`, and return at its end, on its failure, or once the client
-/// is gone (the receiver dropped).
+/// Hand a WASI 0.3 response's head to the HTTP side (`respond`), then
+/// move its body's frames, as the guest writes them, out of its instance's
+/// event loop (where this runs, in the request's call) to the response,
+/// and return at the body's end, on its failure, or once the client is
+/// gone.
 ///
 /// Why the call pumps its body rather than the connection reading it
 /// straight from the instance: the call then ends when the guest has
@@ -91,12 +85,14 @@ const P3_FRAMES_AHEAD: usize = 1;
 /// call's end) took a turn of that task and one of the instance's.
 /// A client that reads slowly still holds the guest back: at most
 /// [`P3_FRAMES_AHEAD`] frames and the one in hand wait for it.
-pub(crate) async fn pump(
-    body: UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>,
-    frames: tokio::sync::mpsc::Sender<P3Frame>,
+pub(crate) async fn answer_p3(
+    response: hyper::Response<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
+    respond: impl FnOnce(ResponseResult),
 ) {
     use http_body_util::BodyExt;
-    let mut body = body;
+    let (head, mut body) = response.into_parts();
+    let (frames, receiver) = tokio::sync::mpsc::channel(P3_FRAMES_AHEAD);
+    respond(Ok(hyper::Response::from_parts(head, ResponseBody::P3 { frames: receiver, ended: false })));
     loop {
         let frame = tokio::select! {
             frame = body.frame() => frame,
@@ -108,11 +104,6 @@ pub(crate) async fn pump(
             return;
         }
     }
-}
-
-/// A channel for [`pump`] and the [`ResponseBody`] it feeds.
-pub(crate) fn p3_channel() -> (tokio::sync::mpsc::Sender<P3Frame>, tokio::sync::mpsc::Receiver<P3Frame>) {
-    tokio::sync::mpsc::channel(P3_FRAMES_AHEAD)
 }
 
 impl hyper::body::Body for ResponseBody {
@@ -444,7 +435,7 @@ impl Instance {
     /// Serve one HTTP request through a WASI 0.3 `handle` export: one
     /// request at a time in this instance, so its limits and its usage
     /// record are its own, as for WASI 0.2. The call lasts until the
-    /// guest has written the whole response body ([`pump`]).
+    /// guest has written the whole response body ([`answer_p3`]).
     async fn handle_p3<B>(
         &mut self,
         service: Arc<Service>,
@@ -475,12 +466,9 @@ impl Instance {
                 }
                 Ok(response) => {
                     let response = accessor.with(|mut access| response.into_http(&mut access, sent))?;
-                    let (response, body) = response.into_parts();
-                    let (frames, receiver) = p3_channel();
-                    respond(Ok(hyper::Response::from_parts(response, ResponseBody::p3(receiver))));
                     // Until the guest has written the whole body (or the
                     // client is gone).
-                    pump(body, frames).await;
+                    answer_p3(response, respond).await;
                     Ok(())
                 }
             }

@@ -169,7 +169,7 @@ impl WasiHttpHooks for OutboundHttp {
 
     /// A WASI 0.3 body leaves the guest in frames of at most this much
     /// (wasmtime-wasi-http's default is 1 MiB): a response's frames wait
-    /// for its client in [`crate::instance`]'s pump and channel, a few at
+    /// for its client in [`crate::instance::answer_p3`], a few at
     /// a time, so this bounds what a slow client holds on the host.
     fn p3_outgoing_body_chunk_size(&mut self) -> usize {
         P3_BODY_CHUNK

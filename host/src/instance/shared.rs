@@ -52,8 +52,8 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode as P3ErrorCode;
 
 use super::{
-    Declined, Instance, InstanceError, ResponseBody, ResponseResult, UNLIMITED_FUEL, describe, explain_limit,
-    p2_error_code, with_scheme_and_authority,
+    Declined, Instance, InstanceError, ResponseResult, UNLIMITED_FUEL, describe, explain_limit, p2_error_code,
+    with_scheme_and_authority,
 };
 use crate::abi::bindings::exports::shoal::runtime::events;
 use crate::guest::GuestState;
@@ -765,10 +765,7 @@ async fn serve(
                             let response = access.get().http().table.delete(response)?;
                             response.into_http(&mut access, sent)
                         })?;
-                        let (response, body) = response.into_parts();
-                        let (frames, receiver) = super::p3_channel();
-                        respond(Ok(hyper::Response::from_parts(response, ResponseBody::p3(receiver))));
-                        super::pump(body, frames).await;
+                        super::answer_p3(response, respond).await;
                         Ok(())
                     }
                 }
