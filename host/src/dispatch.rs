@@ -417,16 +417,21 @@ impl Dispatcher {
 
     /// Serve `request` with a version from `pool`, as the request `meta`
     /// (a nested call names its parent and depth).
-    pub async fn dispatch_with<B>(
+    ///
+    /// Not an `async fn`: one would keep its own copy of `request` and
+    /// `meta` beside [`Dispatcher::dispatch_inner`]'s, in every request's
+    /// future (which hyper moves whole).
+    pub fn dispatch_with<B>(
         &self,
         pool: Arc<FunctionPool>,
         request: hyper::Request<B>,
         meta: RequestMeta,
-    ) -> Response<ShoalBody>
+    ) -> impl Future<Output = Response<ShoalBody>> + Send + '_
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        use futures_util::FutureExt as _;
         let span = LazySpan::new(RequestFields {
             pool: pool.clone(),
             id: meta.id.clone(),
@@ -434,13 +439,14 @@ impl Dispatcher {
             trace: meta.trace,
         });
         let request_id = meta.id.clone();
-        let mut response = crate::spans::in_span(span, self.dispatch_inner(pool, request, meta)).await;
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            // A name from a static string is not copied (`insert` with a
-            // `&str` copies a name it does not know into a new buffer).
-            response.headers_mut().insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
-        }
-        response
+        crate::spans::in_span(span, self.dispatch_inner(pool, request, meta)).map(move |mut response| {
+            if let Ok(value) = HeaderValue::from_str(&request_id) {
+                // A name from a static string is not copied (`insert` with a
+                // `&str` copies a name it does not know into a new buffer).
+                response.headers_mut().insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
+            }
+            response
+        })
     }
 
     /// Deliver a message to a subscriber function. `Ok` when its handler

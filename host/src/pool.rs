@@ -157,16 +157,20 @@ pub struct Lease {
 impl Lease {
     /// Serve one HTTP request in the leased instance (see
     /// [`Instance::handle`]).
-    pub async fn handle<B>(
+    ///
+    /// Not an `async fn`: one would hold `request` once more, in every
+    /// request's call future.
+    pub fn handle<B>(
         &mut self,
         request: hyper::Request<B>,
         meta: &RequestMeta,
         respond: impl FnOnce(ResponseResult) + Send + Sync + 'static,
-    ) -> (CallStats, Result<(), InstanceError>)
+    ) -> impl Future<Output = (CallStats, Result<(), InstanceError>)> + Send
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        use futures_util::future::Either;
         match &mut self.held {
             Held::Own(instance) => {
                 let instance = instance.as_mut().expect("invariant: a lease holds its instance until it is dropped");
@@ -175,9 +179,9 @@ impl Lease {
                 // request's call, for a shared instance too) would be as
                 // large, and copied whole each time it is moved (into its
                 // box, for one).
-                Box::pin(instance.handle(request, meta, respond)).await
+                Either::Left(Box::pin(instance.handle(request, meta, respond)))
             }
-            Held::Shared(shared) => shared.handle(request, meta, respond).await,
+            Held::Shared(shared) => Either::Right(shared.handle(request, meta, respond)),
         }
     }
 
@@ -372,7 +376,10 @@ impl FunctionPool {
             return Err(AcquireError::Overloaded { retry_after });
         };
         let started = Instant::now();
-        match Instance::create(&self.function, slot).await {
+        // Boxed: making an instance is a future of kilobytes, and inline it
+        // would make every request's future as large (copied whole each
+        // time hyper moves it), for the few requests that make one.
+        match Box::pin(Instance::create(&self.function, slot)).await {
             Ok((instance, _stats)) => {
                 self.add_live(1);
                 claim.keep();
@@ -427,7 +434,8 @@ impl FunctionPool {
             return Err(AcquireError::Overloaded { retry_after });
         };
         let started = Instant::now();
-        let created = match Instance::create(&self.function, slot).await {
+        // Boxed, as in [`FunctionPool::acquire`].
+        let created = match Box::pin(Instance::create(&self.function, slot)).await {
             Ok((instance, _stats)) => {
                 let code = instance.code_arc();
                 let pool = self.clone();

@@ -183,12 +183,15 @@ impl SharedInstance {
     }
 
     /// Serve one HTTP request in this instance (see [`Instance::handle`]).
-    pub(crate) async fn handle<B>(
+    ///
+    /// Not an `async fn`: one would hold `request` twice more (as given,
+    /// and boxed) beside the job's, in every request's call future.
+    pub(crate) fn handle<B>(
         &self,
         request: hyper::Request<B>,
         meta: &RequestMeta,
         respond: impl FnOnce(ResponseResult) + Send + Sync + 'static,
-    ) -> (CallStats, Result<(), InstanceError>)
+    ) -> impl Future<Output = (CallStats, Result<(), InstanceError>)> + Send + '_
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
@@ -198,7 +201,7 @@ impl SharedInstance {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let job = Job::Http { request, meta: meta.clone(), respond: Box::new(respond), reply, seq };
-        self.submit(job, seq, answer).await
+        self.submit(job, seq, answer)
     }
 
     /// Deliver one message in this instance (see [`Instance::deliver`]).

@@ -200,9 +200,17 @@ async fn handle_function(host: &Host, name: &str, request: Request<Incoming>) ->
 }
 
 /// Serve `request` with a version of `target`, as [`request_meta`] says.
-async fn serve_request(host: &Host, target: &Target, request: Request<Incoming>) -> Response<ShoalBody> {
+///
+/// Not an `async fn`: one would keep its own copy of `request` beside the
+/// dispatch's (a few hundred bytes more in every request's future, which
+/// hyper moves whole).
+fn serve_request<'a>(
+    host: &'a Host,
+    target: &Target,
+    request: Request<Incoming>,
+) -> impl Future<Output = Response<ShoalBody>> + Send + 'a {
     let meta = request_meta(&request);
-    host.dispatcher().dispatch_with(target.pick().clone(), request, meta).await
+    host.dispatcher().dispatch_with(target.pick().clone(), request, meta)
 }
 
 async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> {
@@ -227,7 +235,9 @@ async fn handle(host: &Host, request: Request<Incoming>) -> Response<ShoalBody> 
         _ => {}
     }
     if request.headers().contains_key(INVOKE_FUNCTION_HEADER) {
-        return handle_peer_invoke(host, request).await;
+        // Boxed: a peer's call is rare, and its future, inline, would make
+        // every request's larger.
+        return Box::pin(handle_peer_invoke(host, request)).await;
     }
     let request_host =
         request.uri().host().or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
