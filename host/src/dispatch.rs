@@ -1251,6 +1251,43 @@ mod tests {
         (body, began.elapsed())
     }
 
+    /// The size of the future `make` returns (`make` is never called).
+    fn future_size<A, F: Future>(_make: impl FnOnce(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// hyper moves each request's future whole into its connection's slot,
+    /// so what only a few requests do is boxed, and a layer that only
+    /// passes the request on keeps no copy of it (Benchmarks chapter,
+    /// "Every request's future is 3.0 KB").
+    #[test]
+    fn a_requests_future_holds_neither_the_making_of_an_instance_nor_a_second_copy_of_the_request() {
+        use crate::engine::Slot;
+        use crate::function::CompiledFunction;
+        use crate::instance::Instance;
+        type Runtime = tokio::runtime::Handle;
+        let create =
+            future_size(|(function, slot): (&'static CompiledFunction, Slot)| Instance::create(function, slot));
+        let acquire =
+            future_size(|(pool, runtime): (&'static Arc<FunctionPool>, &'static Runtime)| pool.acquire(runtime));
+        assert!(
+            acquire < create / 2,
+            "acquire's future is {acquire} bytes, making an instance {create}: is it inline?"
+        );
+        type Request = hyper::Request<hyper::body::Incoming>;
+        let inner = future_size(|(dispatcher, pool, request, meta): (&'static Dispatcher, _, Request, _)| {
+            dispatcher.dispatch_inner(pool, request, meta)
+        });
+        let with = future_size(|(dispatcher, pool, request, meta): (&'static Dispatcher, _, Request, _)| {
+            dispatcher.dispatch_with(pool, request, meta)
+        });
+        let request = std::mem::size_of::<Request>();
+        assert!(
+            with < inner + request,
+            "dispatch_with's future is {with} bytes, dispatch_inner's {inner}: does it keep its own {request}-byte request?"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_body_written_over_a_few_turns_of_another_task_leaves_whole_with_its_record() {
         let (frames, body, done) = fed();
