@@ -2,6 +2,7 @@
 //! and Shoal (with and without fuel metering), native hyper as the ceiling;
 //! and the same function written in JavaScript and Python under Shoal.
 
+use anyhow::Context;
 use serde_json::json;
 
 use crate::Args;
@@ -28,7 +29,7 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     // Split at 16 connections (or the middle level asked for).
     let profiled_at = if args.concurrency.contains(&16) { 16 } else { args.concurrency[args.concurrency.len() / 2] };
     let mut breakdowns: Vec<(Peer, Result<crate::profile::Breakdown, String>)> = Vec::new();
-    for peer in [
+    let peers = [
         Peer::Native,
         Peer::WasmtimeServe,
         Peer::WasmtimeServeReuse,
@@ -40,15 +41,27 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         Peer::ShoalP3,
         Peer::WasmtimeServeP3,
         Peer::ShoalP3Plain,
-    ] {
-        let server = Server::start(tools, peer)?;
-        for &connections in &args.concurrency {
-            let mut samples = Vec::new();
-            for run in 0..args.runs {
-                let (sample, cpu_us) = server.load("/hello", connections, args.duration)?;
+    ];
+    // Every server is up for the whole workload and the peers take turns,
+    // run by run: this machine's speed drifts by tens of percent within
+    // minutes, and a peer measured a few minutes after another would be
+    // compared with a different machine. Each round starts one peer later
+    // than the last, so none always follows the same one. An idle server
+    // costs the loaded one nothing measurable (W8: Shoal idle uses 0.01 ms
+    // of CPU a second; the others have no timers).
+    let mut servers = Vec::new();
+    for peer in peers {
+        servers.push(Server::start(tools, peer).with_context(|| format!("starting {}", peer.name()))?);
+    }
+    for &connections in &args.concurrency {
+        let mut samples: Vec<Vec<(wrk::Sample, f64)>> = peers.iter().map(|_| Vec::new()).collect();
+        for run in 0..args.runs {
+            for turn in 0..peers.len() {
+                let i = (turn + run) % peers.len();
+                let (sample, cpu_us) = servers[i].load("/hello", connections, args.duration)?;
                 eprintln!(
                     "  {:<14} c={:<3} run {}: {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>6.1} CPU-µs/req",
-                    peer.name(),
+                    peers[i].name(),
                     connections,
                     run + 1,
                     sample.requests_per_second,
@@ -56,11 +69,13 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
                     sample.p99_us,
                     cpu_us
                 );
-                samples.push((sample, cpu_us));
+                samples[i].push((sample, cpu_us));
             }
+        }
+        for (peer, samples) in peers.iter().zip(samples) {
             let spread = |f: &dyn Fn(&(wrk::Sample, f64)) -> f64| Spread::of(samples.iter().map(f).collect());
             cells.push(Cell {
-                peer,
+                peer: *peer,
                 connections,
                 rps: spread(&|(s, _)| s.requests_per_second),
                 p50: spread(&|(s, _)| s.p50_us),
@@ -69,13 +84,17 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
                 errors: samples.iter().map(|(s, _)| s.errors).sum(),
             });
         }
+    }
+    // Table rows by peer, then connections, as before the turns.
+    cells.sort_by_key(|cell| (peers.iter().position(|peer| peer.name() == cell.peer.name()), cell.connections));
+    for (peer, server) in peers.iter().zip(&servers) {
         if PROFILED.iter().any(|profiled| profiled.name() == peer.name()) {
             eprintln!("  {:<14} c={profiled_at:<3} under perf: CPU per request by part", peer.name());
-            let split =
-                crate::profile::breakdown(&server, profiled_at, args.duration).map_err(|err| format!("{err:#}"));
-            breakdowns.push((peer, split));
+            let split = crate::profile::breakdown(server, profiled_at, args.duration).map_err(|err| format!("{err:#}"));
+            breakdowns.push((*peer, split));
         }
     }
+    drop(servers);
 
     let mut section = Section::new(
         "w1",
