@@ -15,7 +15,7 @@ use crate::peers::{FunctionDef, Peer, Server, Tools, http_get};
 use crate::report::{Section, Spread, verdict};
 use crate::{Args, wrk};
 
-/// The rows, in the order they run.
+/// The rows, in the order of the table (and of each round's turns).
 const NATIVE: &str = "native";
 const WASMTIME: &str = "wasmtime serve (no epochs)";
 const WASMTIME_EPOCHS: &str = "wasmtime serve (epoch checks)";
@@ -44,9 +44,11 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     );
     let wasm = tools.guest("fib");
     let probe = "/fib?n=1";
-    let mut medians = Vec::new();
-    // Each server starts when its turn comes (and stops after it): only
-    // one runs at a time on CPU 0.
+    // Every server is up for the whole workload and they take turns, run
+    // by run, each round starting one server later: this machine's speed
+    // drifts by tens of percent within minutes, and the targets are ratios
+    // between these rows. Idle, they cost the loaded one nothing
+    // measurable (W8: an idle Shoal host uses 0.01 ms of CPU a second).
     let servers: [(&str, &dyn Fn() -> anyhow::Result<Server>); 7] = [
         (NATIVE, &|| Server::start(tools, Peer::Native)),
         (WASMTIME, &|| Server::wasmtime_serve(tools, &wasm, probe, &[])),
@@ -60,19 +62,27 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         }),
         (FUEL, &|| Server::shoal(tools, &[fib()], &["--fuel", "every-request"])),
     ];
+    let mut running = Vec::new();
     for (label, start) in servers {
-        let server = start().with_context(|| format!("starting {label}"))?;
-        let mut latencies = Vec::new();
-        for _ in 0..args.runs {
+        running.push((label, start().with_context(|| format!("starting {label}"))?));
+    }
+    let mut latencies: Vec<Vec<f64>> = running.iter().map(|_| Vec::new()).collect();
+    for run in 0..args.runs {
+        for turn in 0..running.len() {
+            let i = (turn + run) % running.len();
+            let (label, server) = &running[i];
             let sample = wrk::run(&server.url(&format!("/fib?n={N}")), 1, args.duration)?;
             anyhow::ensure!(sample.errors == 0, "{label}: {} failed requests", sample.errors);
             // One connection: the mean time per request is 1 / throughput.
-            latencies.push(1e6 / sample.requests_per_second);
+            latencies[i].push(1e6 / sample.requests_per_second);
         }
+    }
+    drop(running);
+    let mut medians = Vec::new();
+    for ((label, _), latencies) in servers.iter().zip(latencies) {
         let spread = Spread::of(latencies);
         eprintln!("  {label:<44} {:.1} µs/request", spread.median);
-        medians.push((label, spread));
-        drop(server);
+        medians.push((*label, spread));
     }
     let median = |label: &str| medians.iter().find(|(l, _)| *l == label).map_or(f64::NAN, |(_, s)| s.median);
     let native = median(NATIVE);
