@@ -11,7 +11,7 @@
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::peers::{FunctionDef, Peer, Server, Tools, http_get};
+use crate::peers::{FunctionDef, Peer, Server, Tools, http_get, turns};
 use crate::report::{Section, Spread, verdict};
 use crate::{Args, wrk};
 
@@ -44,11 +44,8 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
     );
     let wasm = tools.guest("fib");
     let probe = "/fib?n=1";
-    // Every server is up for the whole workload and they take turns, run
-    // by run, each round starting one server later: this machine's speed
-    // drifts by tens of percent within minutes, and the targets are ratios
-    // between these rows. Idle, they cost the loaded one nothing
-    // measurable (W8: an idle Shoal host uses 0.01 ms of CPU a second).
+    // Every server is up for the whole workload and they take turns
+    // ([`turns`]): the targets are ratios between these rows.
     let servers: [(&str, &dyn Fn() -> anyhow::Result<Server>); 7] = [
         (NATIVE, &|| Server::start(tools, Peer::Native)),
         (WASMTIME, &|| Server::wasmtime_serve(tools, &wasm, probe, &[])),
@@ -67,15 +64,12 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         running.push((label, start().with_context(|| format!("starting {label}"))?));
     }
     let mut latencies: Vec<Vec<f64>> = running.iter().map(|_| Vec::new()).collect();
-    for run in 0..args.runs {
-        for turn in 0..running.len() {
-            let i = (turn + run) % running.len();
-            let (label, server) = &running[i];
-            let sample = wrk::run(&server.url(&format!("/fib?n={N}")), 1, args.duration)?;
-            anyhow::ensure!(sample.errors == 0, "{label}: {} failed requests", sample.errors);
-            // One connection: the mean time per request is 1 / throughput.
-            latencies[i].push(1e6 / sample.requests_per_second);
-        }
+    for (_, i) in turns(args.runs, running.len()) {
+        let (label, server) = &running[i];
+        let sample = wrk::run(&server.url(&format!("/fib?n={N}")), 1, args.duration)?;
+        anyhow::ensure!(sample.errors == 0, "{label}: {} failed requests", sample.errors);
+        // One connection: the mean time per request is 1 / throughput.
+        latencies[i].push(1e6 / sample.requests_per_second);
     }
     drop(running);
     let mut medians = Vec::new();

@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::Args;
-use crate::peers::{Peer, Server, Tools};
+use crate::peers::{Peer, Server, Tools, turns};
 use crate::report::{Section, Spread, verdict};
 use crate::wrk;
 
@@ -42,37 +42,33 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
         Peer::WasmtimeServeP3,
         Peer::ShoalP3Plain,
     ];
-    // Every server is up for the whole workload and the peers take turns,
-    // run by run: this machine's speed drifts by tens of percent within
-    // minutes, and a peer measured a few minutes after another would be
-    // compared with a different machine. Each round starts one peer later
-    // than the last, so none always follows the same one. An idle server
-    // costs the loaded one nothing measurable (W8: Shoal idle uses 0.01 ms
-    // of CPU a second; the others have no timers).
+    // Every server is up for the whole workload and the peers take turns
+    // ([`turns`]), at each concurrency level in order.
     let mut servers = Vec::new();
     for peer in peers {
         servers.push(Server::start(tools, peer).with_context(|| format!("starting {}", peer.name()))?);
     }
-    for &connections in &args.concurrency {
-        let mut samples: Vec<Vec<(wrk::Sample, f64)>> = peers.iter().map(|_| Vec::new()).collect();
-        for run in 0..args.runs {
-            for turn in 0..peers.len() {
-                let i = (turn + run) % peers.len();
-                let (sample, cpu_us) = servers[i].load("/hello", connections, args.duration)?;
-                eprintln!(
-                    "  {:<14} c={:<3} run {}: {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>6.1} CPU-µs/req",
-                    peers[i].name(),
-                    connections,
-                    run + 1,
-                    sample.requests_per_second,
-                    sample.p50_us,
-                    sample.p99_us,
-                    cpu_us
-                );
-                samples[i].push((sample, cpu_us));
-            }
+    // Each peer's samples at each level, [peer][level].
+    let mut samples: Vec<Vec<Vec<(wrk::Sample, f64)>>> =
+        peers.iter().map(|_| args.concurrency.iter().map(|_| Vec::new()).collect()).collect();
+    for (level, &connections) in args.concurrency.iter().enumerate() {
+        for (run, i) in turns(args.runs, peers.len()) {
+            let (sample, cpu_us) = servers[i].load("/hello", connections, args.duration)?;
+            eprintln!(
+                "  {:<14} c={:<3} run {}: {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  {:>6.1} CPU-µs/req",
+                peers[i].name(),
+                connections,
+                run + 1,
+                sample.requests_per_second,
+                sample.p50_us,
+                sample.p99_us,
+                cpu_us
+            );
+            samples[i][level].push((sample, cpu_us));
         }
-        for (peer, samples) in peers.iter().zip(samples) {
+    }
+    for (peer, levels) in peers.iter().zip(samples) {
+        for (&connections, samples) in args.concurrency.iter().zip(levels) {
             let spread = |f: &dyn Fn(&(wrk::Sample, f64)) -> f64| Spread::of(samples.iter().map(f).collect());
             cells.push(Cell {
                 peer: *peer,
@@ -85,8 +81,6 @@ pub fn run(tools: &Tools, args: &Args) -> anyhow::Result<Section> {
             });
         }
     }
-    // Table rows by peer, then connections, as before the turns.
-    cells.sort_by_key(|cell| (peers.iter().position(|peer| peer.name() == cell.peer.name()), cell.connections));
     for (peer, server) in peers.iter().zip(&servers) {
         if PROFILED.iter().any(|profiled| profiled.name() == peer.name()) {
             eprintln!("  {:<14} c={profiled_at:<3} under perf: CPU per request by part", peer.name());

@@ -401,6 +401,18 @@ impl Drop for Server {
     }
 }
 
+/// The order in which `servers` servers, all up at once, take their
+/// `runs` turns: `(run, server)`, each round loading every server once and
+/// starting one server later than the round before. This machine's speed
+/// drifts by tens of percent within minutes, so rows compared with each
+/// other are measured in the same minutes, and no server always follows
+/// the same one. An idle server costs the loaded one nothing measurable
+/// (W8: an idle Shoal host uses 0.01 ms of CPU a second; the other peers
+/// have no timers).
+pub fn turns(runs: usize, servers: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..runs).flat_map(move |run| (0..servers).map(move |turn| (run, (turn + run) % servers)))
+}
+
 /// One HTTP/1.1 GET to 127.0.0.1:`port` (a fresh connection); the status
 /// and body, or `None` when nothing answered. Hand-written on std: the
 /// probes time first responses in microseconds, and a client library's
@@ -451,6 +463,14 @@ pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_round_loads_every_server_once_starting_one_later() {
+        let order: Vec<_> = turns(3, 3).collect();
+        assert_eq!(order, [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (1, 0), (2, 2), (2, 0), (2, 1)]);
+        assert_eq!(turns(2, 1).collect::<Vec<_>>(), [(0, 0), (1, 0)]);
+        assert_eq!(turns(0, 4).count(), 0);
+    }
 
     #[test]
     fn a_chunked_body_is_read_whole() {
